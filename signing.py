@@ -1,0 +1,130 @@
+"""Canonical JSON, HMAC signatures and their verification.
+
+Everything a partner needs to reproduce lives here, in plain standard library:
+
+* ``canonical(payload)`` is the partner guide's serialization,
+  ``json.dumps(payload, sort_keys=True, separators=(",", ":"))`` encoded as UTF-8.
+  webhookd puts exactly these bytes on the wire, so a receiver that HMACs the raw
+  body and one that re-serializes the parsed body the guide's way agree.
+* ``X-Webhook-Signature`` is the lowercase hex HMAC-SHA256 of the body, keyed by the
+  shared secret's UTF-8 bytes (the guide's header).
+* ``webhook-signature`` is the Standard Webhooks form (standardwebhooks.com):
+  ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`` with the same key.
+
+Every comparison goes through ``hmac.compare_digest``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from typing import Any, Iterable
+
+MAX_JSON_DEPTH = 32
+
+
+class BadJSON(ValueError):
+    """Raised by ``parse_json`` when a body is not strict, finite, UTF-8 JSON."""
+
+
+def canonical(payload: Any) -> bytes:
+    """The guide's canonical form of ``payload``, as UTF-8 bytes."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def sign_hex(secret: str, body: bytes) -> str:
+    """The ``X-Webhook-Signature`` value: hex HMAC-SHA256 of ``body``."""
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def standard_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """One Standard Webhooks signature: ``v1,<base64 HMAC of "id.timestamp.body">``."""
+    signed = f"{msg_id}.{timestamp}.".encode("utf-8") + body
+    digest = hmac.new(secret.encode("utf-8"), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode("ascii")
+
+
+def standard_signature_header(secrets: Iterable[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: one signature per valid secret, space-separated.
+
+    During a secret rotation both the new and the old secret are valid, so receivers
+    that still hold the old one keep verifying until they switch.
+    """
+    return " ".join(standard_signature(s, msg_id, timestamp, body) for s in secrets)
+
+
+def standard_webhooks_secret(secret: str) -> str:
+    """The ``whsec_`` form of a shared secret, for the official Standard Webhooks libraries."""
+    return "whsec_" + base64.b64encode(secret.encode("utf-8")).decode("ascii")
+
+
+def signature_matches(secret: str, body: bytes, signature: str) -> bool:
+    """Constant-time check of a hex signature header against ``body``.
+
+    The header arrives as text that may hold anything (non-ASCII, wrong length);
+    comparing bytes keeps ``compare_digest`` from raising on such input.
+    """
+    expected = sign_hex(secret, body).encode("ascii")
+    given = signature.strip().lower().encode("utf-8", "replace")
+    return hmac.compare_digest(expected, given)
+
+
+def verify(secret: str, raw_body: bytes, parsed: Any, signature: str) -> bool:
+    """True when ``signature`` matches the raw body or the canonical form of ``parsed``.
+
+    The raw body is what a careful sender signs. The canonical form is what the
+    partner guide's own sender signs while posting ``requests.post(json=payload)``,
+    whose bytes differ; accepting both keeps that sender working. Both comparisons
+    always run, so the time taken does not reveal which one matched.
+    """
+    raw_ok = signature_matches(secret, raw_body, signature)
+    canonical_ok = signature_matches(secret, canonical(parsed), signature)
+    return raw_ok or canonical_ok
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadJSON(f"JSON value {name} is not allowed; send a finite number.")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BadJSON(f"JSON object has the key {key!r} twice; send each key once.")
+        result[key] = value
+    return result
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, walked without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse a request body strictly: UTF-8, no NaN/Infinity, no duplicate keys, bounded depth."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadJSON("Body is not valid UTF-8; send UTF-8 encoded JSON.") from None
+    try:
+        value = json.loads(
+            text,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_object_without_duplicates,
+        )
+    except RecursionError:
+        raise BadJSON(f"JSON is nested too deeply; at most {max_depth} levels are allowed.") from None
+    except json.JSONDecodeError as exc:
+        raise BadJSON(f"Body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.") from None
+    if _depth(value) > max_depth:
+        raise BadJSON(f"JSON is nested too deeply; at most {max_depth} levels are allowed.")
+    return value

@@ -1,0 +1,639 @@
+"""Every SQL statement webhookd runs, behind a narrow face of domain objects.
+
+The data model, in one paragraph: a **partner** subscribes to event types
+(**subscriptions**). Publishing stores one **event** (its canonical body, the exact
+bytes we send) and, in the same transaction, one **delivery** per subscribed
+partner. A delivery is a row with a state — ``pending`` until it is ``delivered``
+or ``failed`` — that is never deleted when it is taken: the delivery loop *claims*
+due rows by pushing their ``next_attempt_at`` forward by a lease and marking
+``leased_until``. If the process dies mid-send the lease simply runs out, the row
+is due again and another claim takes it: at-least-once, nothing lost. Every try
+is an **attempt** row. Events partners send to us are **inbound_events**,
+deduplicated on (partner, dedupe key).
+
+One connection writes, behind a lock; every multi-statement write runs in one
+``BEGIN IMMEDIATE`` transaction. Readers use their own connections (WAL lets them
+read while the writer writes). Nothing outside this module sees a cursor.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS partners (
+        id                    TEXT PRIMARY KEY,
+        name                  TEXT NOT NULL,
+        webhook_url           TEXT NOT NULL,
+        status                TEXT NOT NULL,        -- active | paused | disabled
+        secret                TEXT NOT NULL,
+        previous_secret       TEXT,                 -- still valid until previous_secret_until
+        previous_secret_until REAL,
+        api_key_hash          TEXT NOT NULL UNIQUE, -- sha256 of the partner API key
+        created_at            REAL NOT NULL,
+        updated_at            REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS subscriptions (
+        partner_id TEXT NOT NULL REFERENCES partners(id),
+        event_type TEXT NOT NULL,
+        PRIMARY KEY (event_type, partner_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS events (
+        id              TEXT PRIMARY KEY,
+        type            TEXT NOT NULL,
+        body            BLOB NOT NULL,      -- canonical JSON: exactly the bytes we send
+        idempotency_key TEXT UNIQUE,
+        request_hash    TEXT,               -- sha256 of the request, to spot a reused key
+        fanout          INTEGER NOT NULL,   -- deliveries created at publish time
+        created_at      REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS deliveries (
+        id              TEXT PRIMARY KEY,
+        event_id        TEXT NOT NULL REFERENCES events(id),
+        partner_id      TEXT NOT NULL REFERENCES partners(id),
+        state           TEXT NOT NULL,      -- pending | delivered | failed
+        attempt_count   INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL,
+        next_attempt_at REAL NOT NULL,      -- when pending: due time, or lease end while in flight
+        leased_until    REAL,               -- set while an attempt is in flight
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_by_partner ON deliveries (partner_id, id)",
+    "CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (event_id)",
+    """CREATE TABLE IF NOT EXISTS attempts (
+        delivery_id      TEXT NOT NULL REFERENCES deliveries(id),
+        attempt          INTEGER NOT NULL,
+        started_at       REAL NOT NULL,
+        duration_ms      INTEGER NOT NULL,
+        status_code      INTEGER,           -- null when no HTTP response came back
+        error            TEXT,              -- timeout, connection_refused, http_error, redirect, ...
+        response_snippet TEXT,              -- first 1 KiB of the response body
+        PRIMARY KEY (delivery_id, attempt)
+    )""",
+    """CREATE TABLE IF NOT EXISTS inbound_events (
+        id          TEXT PRIMARY KEY,
+        partner_id  TEXT NOT NULL REFERENCES partners(id),
+        type        TEXT NOT NULL,
+        dedupe_key  TEXT NOT NULL,          -- X-Webhook-Id, else sha256 of the canonical body
+        body        BLOB NOT NULL,          -- canonical JSON of what the partner sent
+        received_at REAL NOT NULL,
+        UNIQUE (partner_id, dedupe_key)
+    )""",
+    """CREATE TABLE IF NOT EXISTS schema_migrations (
+        name       TEXT PRIMARY KEY,
+        applied_at REAL NOT NULL
+    )""",
+]
+
+# Named schema changes, applied once each in order and recorded in schema_migrations.
+MIGRATIONS: list[tuple[str, list[str]]] = []
+
+
+# --- Domain objects ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Partner:
+    id: str
+    name: str
+    webhook_url: str
+    status: str
+    events: tuple[str, ...]
+    secret: str
+    previous_secret: str | None
+    previous_secret_until: float | None
+    created_at: float
+    updated_at: float
+
+    def valid_secrets(self, now: float) -> list[str]:
+        """The current secret, plus the previous one while its rotation overlap lasts."""
+        secrets = [self.secret]
+        if self.previous_secret and (self.previous_secret_until or 0) > now:
+            secrets.append(self.previous_secret)
+        return secrets
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str
+    body: bytes
+    fanout: int
+    created_at: float
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    attempt: int
+    started_at: float
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+    response_snippet: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    event_id: str
+    event: str
+    partner_id: str
+    state: str
+    attempt_count: int
+    max_attempts: int
+    next_attempt_at: float
+    leased_until: float | None
+    created_at: float
+    updated_at: float
+    attempts: tuple[Attempt, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Job:
+    """One claimed delivery with everything needed to send it, read in the claim's transaction."""
+
+    delivery_id: str
+    event_id: str
+    event: str
+    partner_id: str
+    url: str
+    secrets: tuple[str, ...]
+    body: bytes
+    attempt: int        # the number of the attempt about to be made, from 1
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class InboundEvent:
+    id: str
+    partner_id: str
+    type: str
+    dedupe_key: str
+    body: bytes
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_cursor: str | None
+
+
+def _partner_from_row(row: sqlite3.Row, events: tuple[str, ...]) -> Partner:
+    return Partner(
+        id=row["id"], name=row["name"], webhook_url=row["webhook_url"], status=row["status"],
+        events=events, secret=row["secret"], previous_secret=row["previous_secret"],
+        previous_secret_until=row["previous_secret_until"],
+        created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+def _event_from_row(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"], type=row["type"], body=bytes(row["body"]), fanout=row["fanout"],
+        created_at=row["created_at"], idempotency_key=row["idempotency_key"],
+        request_hash=row["request_hash"],
+    )
+
+
+def _delivery_from_row(row: sqlite3.Row, attempts: tuple[Attempt, ...] = ()) -> Delivery:
+    return Delivery(
+        id=row["id"], event_id=row["event_id"], event=row["event"], partner_id=row["partner_id"],
+        state=row["state"], attempt_count=row["attempt_count"], max_attempts=row["max_attempts"],
+        next_attempt_at=row["next_attempt_at"], leased_until=row["leased_until"],
+        created_at=row["created_at"], updated_at=row["updated_at"], attempts=attempts,
+    )
+
+
+def _attempt_from_row(row: sqlite3.Row) -> Attempt:
+    return Attempt(
+        attempt=row["attempt"], started_at=row["started_at"], duration_ms=row["duration_ms"],
+        status_code=row["status_code"], error=row["error"], response_snippet=row["response_snippet"],
+    )
+
+
+def _inbound_from_row(row: sqlite3.Row) -> InboundEvent:
+    return InboundEvent(
+        id=row["id"], partner_id=row["partner_id"], type=row["type"], dedupe_key=row["dedupe_key"],
+        body=bytes(row["body"]), received_at=row["received_at"],
+    )
+
+
+# --- Connections ------------------------------------------------------------------
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open the database the one way webhookd does.
+
+    ``synchronous=FULL`` with WAL makes every commit reach the disk before it
+    returns, so a 202 or a 200 we answer after a commit survives a power cut.
+    """
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+def _create_private_file(path: str) -> None:
+    """Create the database file (and its folder) readable by its owner only: it holds secrets."""
+    folder = Path(path).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+
+
+class Store:
+    """The SQLite store. Thread-safe: one locked writer, a small pool of readers."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if path != ":memory:":
+            _create_private_file(path)
+        self._writer = connect(path)
+        self._write_lock = threading.Lock()
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all_readers: list[sqlite3.Connection] = []
+        self._apply_schema()
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._writer.close()
+        for conn in self._all_readers:
+            conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` on the one writer; roll back on any exception."""
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = connect(self.path)
+            self._all_readers.append(conn)
+        try:
+            yield conn
+        finally:
+            self._readers.put(conn)
+
+    def _apply_schema(self) -> None:
+        with self._transaction() as db:
+            for statement in SCHEMA:
+                db.execute(statement)
+            applied = {row["name"] for row in db.execute("SELECT name FROM schema_migrations")}
+            for name, statements in MIGRATIONS:
+                if name not in applied:
+                    for statement in statements:
+                        db.execute(statement)
+                    db.execute(
+                        "INSERT INTO schema_migrations (name, applied_at) VALUES (:name, unixepoch())",
+                        {"name": name},
+                    )
+
+    def ping(self) -> bool:
+        with self._reader() as db:
+            return db.execute("SELECT 1").fetchone()[0] == 1
+
+    def explain_claim(self) -> str:
+        """The query plan of the claim query, for tests that check it uses an index."""
+        with self._reader() as db:
+            rows = db.execute("EXPLAIN QUERY PLAN " + _DUE_IDS, {"now": 0.0, "limit": 1}).fetchall()
+        return "\n".join(row["detail"] for row in rows)
+
+    # --- Partners -----------------------------------------------------------------
+
+    def add_partner(
+        self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
+        api_key_hash: str, now: float,
+    ) -> Partner:
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
+                                         created_at, updated_at)
+                   VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :now, :now)""",
+                {"id": partner_id, "name": name, "url": webhook_url, "secret": secret,
+                 "api_key_hash": api_key_hash, "now": now},
+            )
+            _write_subscriptions(db, partner_id, events)
+            return _read_partner(db, partner_id)  # type: ignore[return-value]
+
+    def get_partner(self, partner_id: str) -> Partner | None:
+        with self._reader() as db:
+            return _read_partner(db, partner_id)
+
+    def partner_id_for_api_key(self, api_key_hash: str) -> str | None:
+        with self._reader() as db:
+            row = db.execute(
+                "SELECT id FROM partners WHERE api_key_hash = :h", {"h": api_key_hash}
+            ).fetchone()
+        return row["id"] if row else None
+
+    def partners_accepting_inbound(self) -> list[Partner]:
+        """Partners whose secrets may verify an inbound event: all but the disabled ones."""
+        with self._reader() as db:
+            ids = [r["id"] for r in db.execute(
+                "SELECT id FROM partners WHERE status != 'disabled' ORDER BY id")]
+            return [p for p in (_read_partner(db, i) for i in ids) if p is not None]
+
+    def list_partners(self, *, limit: int, cursor: str | None) -> Page:
+        with self._reader() as db:
+            rows = db.execute(
+                """SELECT id FROM partners WHERE (:cursor IS NULL OR id < :cursor)
+                   ORDER BY id DESC LIMIT :n""",
+                {"cursor": cursor, "n": limit + 1},
+            ).fetchall()
+            partners = [_read_partner(db, r["id"]) for r in rows]
+        return _page(partners, limit)
+
+    # --- Events and their fan-out ---------------------------------------------------
+
+    def find_event_by_idempotency_key(self, key: str) -> Event | None:
+        with self._reader() as db:
+            row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": key}).fetchone()
+        return _event_from_row(row) if row else None
+
+    def publish(
+        self, *, event_id: str, event_type: str, body: bytes, now: float, max_attempts: int,
+        new_delivery_id, idempotency_key: str | None = None, request_hash: str | None = None,
+        only_partner: str | None = None,
+    ) -> tuple[Event, bool]:
+        """Store an event and one pending delivery per subscriber, in one transaction.
+
+        Returns ``(event, created)``. With an ``idempotency_key`` already used, nothing is
+        written and the first event comes back with ``created`` False. ``only_partner``
+        targets one partner whatever its subscriptions (the ``webhook.test`` ping).
+        Paused and disabled partners get their rows too: they stay ``pending`` until
+        the partner is active again.
+        """
+        with self._transaction() as db:
+            if idempotency_key is not None:
+                row = db.execute(
+                    "SELECT * FROM events WHERE idempotency_key = :k", {"k": idempotency_key}
+                ).fetchone()
+                if row:
+                    return _event_from_row(row), False
+            if only_partner is not None:
+                partner_ids = [only_partner]
+            else:
+                partner_ids = [r["partner_id"] for r in db.execute(
+                    "SELECT partner_id FROM subscriptions WHERE event_type = :t ORDER BY partner_id",
+                    {"t": event_type})]
+            db.execute(
+                """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, created_at)
+                   VALUES (:id, :type, :body, :key, :hash, :fanout, :now)""",
+                {"id": event_id, "type": event_type, "body": body, "key": idempotency_key,
+                 "hash": request_hash, "fanout": len(partner_ids), "now": now},
+            )
+            db.executemany(
+                """INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts,
+                                           next_attempt_at, created_at, updated_at)
+                   VALUES (:id, :event_id, :partner_id, 'pending', :max_attempts, :now, :now, :now)""",
+                [{"id": new_delivery_id(), "event_id": event_id, "partner_id": pid,
+                  "max_attempts": max_attempts, "now": now} for pid in partner_ids],
+            )
+            row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event_id}).fetchone()
+            return _event_from_row(row), True
+
+    def get_event(self, event_id: str) -> Event | None:
+        with self._reader() as db:
+            row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event_id}).fetchone()
+        return _event_from_row(row) if row else None
+
+    # --- The delivery loop's side: claim, finish, release ---------------------------
+
+    def claim_due(self, *, now: float, lease_s: float, limit: int) -> list[Job]:
+        """Take up to ``limit`` due deliveries of active partners, leasing them for ``lease_s``.
+
+        The lease is written into ``next_attempt_at``: a row whose attempt never
+        finishes (the process died) becomes due again when the lease runs out.
+        """
+        if limit <= 0:
+            return []
+        lease_until = now + lease_s
+        with self._transaction() as db:
+            ids = [r["id"] for r in db.execute(_DUE_IDS, {"now": now, "limit": limit})]
+            if not ids:
+                return []
+            db.executemany(
+                """UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease
+                   WHERE id = :id""",
+                [{"id": i, "lease": lease_until} for i in ids],
+            )
+            placeholders = ",".join(f":id{n}" for n in range(len(ids)))
+            rows = db.execute(
+                f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.webhook_url, p.secret,
+                           p.previous_secret, p.previous_secret_until, e.body,
+                           d.attempt_count, d.max_attempts
+                    FROM deliveries d JOIN events e ON e.id = d.event_id
+                                      JOIN partners p ON p.id = d.partner_id
+                    WHERE d.id IN ({placeholders}) ORDER BY d.next_attempt_at, d.id""",
+                {f"id{n}": i for n, i in enumerate(ids)},
+            ).fetchall()
+        return [_job_from_row(row, now) for row in rows]
+
+    def finish_attempt(
+        self, *, delivery_id: str, attempt: Attempt, state: str, next_attempt_at: float, now: float,
+    ) -> bool:
+        """Record one attempt and move the delivery to ``state``; False if it was not ours.
+
+        The update only applies while the row still expects this attempt number, so an
+        attempt that finishes after its lease ran out and the row was taken again
+        cannot record twice.
+        """
+        with self._transaction() as db:
+            changed = db.execute(
+                """UPDATE deliveries
+                   SET state = :state, attempt_count = :attempt, next_attempt_at = :next,
+                       leased_until = NULL, updated_at = :now
+                   WHERE id = :id AND attempt_count = :attempt - 1 AND state = 'pending'""",
+                {"id": delivery_id, "state": state, "attempt": attempt.attempt,
+                 "next": next_attempt_at, "now": now},
+            ).rowcount > 0
+            if changed:
+                db.execute(
+                    """INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms,
+                                             status_code, error, response_snippet)
+                       VALUES (:id, :attempt, :started_at, :duration_ms, :status_code, :error,
+                               :snippet)""",
+                    {"id": delivery_id, "attempt": attempt.attempt, "started_at": attempt.started_at,
+                     "duration_ms": attempt.duration_ms, "status_code": attempt.status_code,
+                     "error": attempt.error, "snippet": attempt.response_snippet},
+                )
+            return changed
+
+    def release(self, delivery_ids: list[str], now: float) -> None:
+        """Hand back claimed deliveries that were never started (on shutdown): due now."""
+        with self._transaction() as db:
+            db.executemany(
+                """UPDATE deliveries SET leased_until = NULL, next_attempt_at = :now
+                   WHERE id = :id AND state = 'pending' AND leased_until IS NOT NULL""",
+                [{"id": i, "now": now} for i in delivery_ids],
+            )
+
+    def requeue_expired_leases(self, now: float) -> int:
+        """Forget leases that ran out (their holder died); those rows are due again. Returns how many."""
+        with self._transaction() as db:
+            return db.execute(
+                """UPDATE deliveries SET leased_until = NULL
+                   WHERE state = 'pending' AND leased_until IS NOT NULL AND leased_until <= :now""",
+                {"now": now},
+            ).rowcount
+
+    def next_due_at(self) -> float | None:
+        """When the earliest pending delivery of an active partner falls due, if any."""
+        with self._reader() as db:
+            row = db.execute(
+                """SELECT d.next_attempt_at FROM deliveries d JOIN partners p ON p.id = d.partner_id
+                   WHERE d.state = 'pending' AND p.status = 'active'
+                   ORDER BY d.next_attempt_at LIMIT 1""",
+            ).fetchone()
+        return row[0] if row else None
+
+    # --- Reading and retrying deliveries ---------------------------------------------
+
+    def get_delivery(self, delivery_id: str) -> Delivery | None:
+        with self._reader() as db:
+            row = db.execute(_DELIVERY_SELECT + " WHERE d.id = :id", {"id": delivery_id}).fetchone()
+            if row is None:
+                return None
+            attempts = tuple(_attempt_from_row(a) for a in db.execute(
+                "SELECT * FROM attempts WHERE delivery_id = :id ORDER BY attempt", {"id": delivery_id}))
+        return _delivery_from_row(row, attempts)
+
+    def list_deliveries(
+        self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
+        state: str | None = None, event: str | None = None, event_id: str | None = None,
+    ) -> Page:
+        """Deliveries newest first; each filter applies only when given."""
+        with self._reader() as db:
+            rows = db.execute(
+                _DELIVERY_SELECT + """
+                WHERE (:cursor IS NULL OR d.id < :cursor)
+                  AND (:partner_id IS NULL OR d.partner_id = :partner_id)
+                  AND (:state IS NULL OR d.state = :state)
+                  AND (:event IS NULL OR e.type = :event)
+                  AND (:event_id IS NULL OR d.event_id = :event_id)
+                ORDER BY d.id DESC LIMIT :n""",
+                {"cursor": cursor, "partner_id": partner_id, "state": state, "event": event,
+                 "event_id": event_id, "n": limit + 1},
+            ).fetchall()
+        return _page([_delivery_from_row(r) for r in rows], limit)
+
+    def retry_delivery(self, delivery_id: str, now: float) -> bool:
+        """Queue one more attempt of a ``failed`` delivery; False if it is not failed."""
+        with self._transaction() as db:
+            return db.execute(
+                """UPDATE deliveries
+                   SET state = 'pending', max_attempts = attempt_count + 1,
+                       next_attempt_at = :now, leased_until = NULL, updated_at = :now
+                   WHERE id = :id AND state = 'failed'""",
+                {"id": delivery_id, "now": now},
+            ).rowcount > 0
+
+    # --- Inbound partner events --------------------------------------------------------
+
+    def add_inbound(
+        self, *, inbound_id: str, partner_id: str, event_type: str, dedupe_key: str, body: bytes,
+        now: float,
+    ) -> tuple[InboundEvent, bool]:
+        """Store an inbound event once per (partner, dedupe key). Returns ``(event, created)``."""
+        with self._transaction() as db:
+            created = db.execute(
+                """INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at)
+                   VALUES (:id, :partner_id, :type, :key, :body, :now)
+                   ON CONFLICT (partner_id, dedupe_key) DO NOTHING""",
+                {"id": inbound_id, "partner_id": partner_id, "type": event_type, "key": dedupe_key,
+                 "body": body, "now": now},
+            ).rowcount > 0
+            row = db.execute(
+                "SELECT * FROM inbound_events WHERE partner_id = :p AND dedupe_key = :k",
+                {"p": partner_id, "k": dedupe_key},
+            ).fetchone()
+        return _inbound_from_row(row), created
+
+    def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
+                     event: str | None = None) -> Page:
+        with self._reader() as db:
+            rows = db.execute(
+                """SELECT * FROM inbound_events
+                   WHERE (:cursor IS NULL OR id < :cursor)
+                     AND (:partner_id IS NULL OR partner_id = :partner_id)
+                     AND (:event IS NULL OR type = :event)
+                   ORDER BY id DESC LIMIT :n""",
+                {"cursor": cursor, "partner_id": partner_id, "event": event, "n": limit + 1},
+            ).fetchall()
+        return _page([_inbound_from_row(r) for r in rows], limit)
+
+
+# --- Shared SQL and helpers -----------------------------------------------------------
+
+# The claim's search: due pending rows in due order, through the deliveries_due index.
+_DUE_IDS = """
+    SELECT d.id FROM deliveries d JOIN partners p ON p.id = d.partner_id
+    WHERE d.state = 'pending' AND d.next_attempt_at <= :now AND p.status = 'active'
+    ORDER BY d.next_attempt_at LIMIT :limit
+"""
+
+_DELIVERY_SELECT = """
+    SELECT d.*, e.type AS event FROM deliveries d JOIN events e ON e.id = d.event_id
+"""
+
+
+def _job_from_row(row: sqlite3.Row, now: float) -> Job:
+    secrets = [row["secret"]]
+    if row["previous_secret"] and (row["previous_secret_until"] or 0) > now:
+        secrets.append(row["previous_secret"])
+    return Job(
+        delivery_id=row["id"], event_id=row["event_id"], event=row["type"],
+        partner_id=row["partner_id"], url=row["webhook_url"], secrets=tuple(secrets),
+        body=bytes(row["body"]), attempt=row["attempt_count"] + 1, max_attempts=row["max_attempts"],
+    )
+
+
+def _read_partner(db: sqlite3.Connection, partner_id: str) -> Partner | None:
+    row = db.execute("SELECT * FROM partners WHERE id = :id", {"id": partner_id}).fetchone()
+    if row is None:
+        return None
+    events = tuple(r["event_type"] for r in db.execute(
+        "SELECT event_type FROM subscriptions WHERE partner_id = :id ORDER BY event_type",
+        {"id": partner_id}))
+    return _partner_from_row(row, events)
+
+
+def _write_subscriptions(db: sqlite3.Connection, partner_id: str, events: list[str]) -> None:
+    db.execute("DELETE FROM subscriptions WHERE partner_id = :id", {"id": partner_id})
+    db.executemany(
+        "INSERT INTO subscriptions (partner_id, event_type) VALUES (:id, :type)",
+        [{"id": partner_id, "type": t} for t in sorted(set(events))],
+    )
+
+
+def _page(items: list[Any], limit: int) -> Page:
+    """Cut one extra row off a LIMIT n+1 query; its presence means there is a next page."""
+    if len(items) > limit:
+        items = items[:limit]
+        return Page(items=items, next_cursor=items[-1].id)
+    return Page(items=items, next_cursor=None)

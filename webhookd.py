@@ -1,0 +1,899 @@
+"""webhookd: a small, auditable webhook hub.
+
+Partners register an endpoint and receive a shared secret. Our system publishes
+events; webhookd stores each one, signs it with HMAC-SHA256 and delivers it to every
+subscribed partner, durably and with retries. Partners post their own signed events
+back to us.
+
+This module is the outside of the service, read top to bottom:
+
+1. configuration (``webhookd.toml`` plus ``WEBHOOKD_<SECTION>_<KEY>`` variables),
+2. errors and the JSON shape every one of them takes,
+3. who is calling (admin token or partner API key),
+4. the routes — register, publish, read deliveries, receive partner events,
+5. the application and its lifespan (the delivery loop starts and stops there),
+6. the command line (``webhookd serve``, ``webhookd token``, …).
+
+SQL lives in ``store.py``, signatures in ``signing.py``, sending in ``delivery.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import string
+import sys
+import time
+import tomllib
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import delivery
+import signing
+from store import Delivery, Event, InboundEvent, Partner, Store
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("webhookd")
+
+# =====================================================================================
+# 1. Configuration
+# =====================================================================================
+
+EVENT_TYPE = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
+FIELD_TYPES = {
+    "string": (str,),
+    "number": (int, float),
+    "integer": (int,),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+TEST_EVENT = "webhook.test"
+
+
+class ConfigError(Exception):
+    """Raised when the configuration cannot be used; the message names the key and the value."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "data/webhookd.db"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    admin_token: str = ""
+    open_registration: bool = False
+    allow_private_targets: bool = False
+    max_body_bytes: int = 262144
+    inbound_tolerance_s: int = 300
+    secret_overlap_s: int = 86400
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    timeout_s: float = 5.0
+    max_attempts: int = 3
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 3600.0
+    concurrency: int = 16
+    per_partner_concurrency: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    events: dict[str, dict[str, str]] = field(default_factory=dict)  # the catalog: type -> field -> JSON type
+
+    def delivery_settings(self) -> delivery.Settings:
+        return delivery.Settings(
+            **dataclasses.asdict(self.delivery),
+            allow_private_targets=self.security.allow_private_targets,
+            user_agent=f"webhookd/{__version__}",
+        )
+
+
+# Dataclass fields carry their type as a string (``from __future__ import annotations``).
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool}
+
+SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": SecurityConfig,
+            "delivery": DeliveryConfig}
+
+# Keys that must be positive numbers; the message says what the number means.
+POSITIVE = {
+    "server.port": "a TCP port (1-65535)",
+    "security.max_body_bytes": "a size in bytes",
+    "security.inbound_tolerance_s": "a number of seconds",
+    "security.secret_overlap_s": "a number of seconds",
+    "delivery.timeout_s": "a number of seconds",
+    "delivery.max_attempts": "a number of attempts",
+    "delivery.backoff_base_s": "a number of seconds",
+    "delivery.backoff_max_s": "a number of seconds",
+    "delivery.concurrency": "a number of worker threads",
+    "delivery.per_partner_concurrency": "a number of requests",
+}
+
+
+def _coerce(key: str, value: Any, kind: type, from_env: bool) -> Any:
+    """Turn a TOML or environment value into ``kind``, or raise a ConfigError naming the key."""
+    expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
+    if from_env:
+        text = value.strip()
+        if kind is bool and text.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return text.lower() in ("true", "1", "yes", "on")
+        if kind is str:
+            return value
+        try:
+            return kind(text) if kind is not bool else None
+        except ValueError:
+            pass
+    elif kind is bool and isinstance(value, bool):
+        return value
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"Config '{key}' has value {value!r}. Expected {expected}.")
+
+
+def _check_catalog(raw: Any) -> dict[str, dict[str, str]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config 'events' has value {raw!r}. Expected tables like [events.\"payment.success\"].")
+    catalog: dict[str, dict[str, str]] = {}
+    for event_type, fields in raw.items():
+        if not EVENT_TYPE.match(event_type):
+            raise ConfigError(f"Config 'events' has the event type {event_type!r}. Expected the form word.word.")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"Config 'events.{event_type}' has value {fields!r}. Expected a table of field = type.")
+        for name, kind in fields.items():
+            if kind not in FIELD_TYPES:
+                raise ConfigError(
+                    f"Config 'events.{event_type}.{name}' has value {kind!r}. "
+                    f"Expected one of: {', '.join(FIELD_TYPES)}.")
+        catalog[event_type] = dict(fields)
+    return catalog
+
+
+def load_config(path: str | os.PathLike | None, environ: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply ``WEBHOOKD_<SECTION>_<KEY>`` overrides, validate.
+
+    A relative ``storage.path`` is taken relative to the config file's folder, so the
+    service finds the same database whatever directory it is started from.
+    """
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"Config file {str(path)!r} does not exist. Pass --config PATH to a webhookd.toml.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {exc}.") from None
+        base_dir = Path(path).resolve().parent
+    unknown = set(raw) - set(SECTIONS) - {"events"}
+    if unknown:
+        raise ConfigError(f"Config has the unknown section {sorted(unknown)[0]!r}. "
+                          f"Expected: {', '.join([*SECTIONS, 'events'])}.")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"Config '{name}' has value {table!r}. Expected a table [{name}].")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"Config '{name}.{key}' is not a known key. Known keys: {', '.join(known)}.")
+        values = {}
+        for key, fld in known.items():
+            env_name = f"WEBHOOKD_{name.upper()}_{key.upper()}"
+            if env_name in environ:
+                values[key] = _coerce(f"{name}.{key}", environ[env_name], _KINDS[fld.type], from_env=True)
+            elif key in table:
+                values[key] = _coerce(f"{name}.{key}", table[key], _KINDS[fld.type], from_env=False)
+        sections[name] = cls(**values)
+    if "WEBHOOKD_ADMIN_TOKEN" in environ and "WEBHOOKD_SECURITY_ADMIN_TOKEN" not in environ:
+        sections["security"] = dataclasses.replace(sections["security"], admin_token=environ["WEBHOOKD_ADMIN_TOKEN"])
+    for key, meaning in POSITIVE.items():
+        section, name = key.split(".")
+        value = getattr(sections[section], name)
+        if value <= 0 or (key == "server.port" and value > 65535):
+            raise ConfigError(f"Config '{key}' has value {value!r}. Expected {meaning}, greater than zero.")
+    storage_path = sections["storage"].path
+    if storage_path != ":memory:" and not Path(storage_path).is_absolute():
+        sections["storage"] = StorageConfig(path=str(base_dir / storage_path))
+    return Config(**sections, events=_check_catalog(raw.get("events", {})))
+
+
+def admin_token(config: Config) -> str:
+    """The admin token: from the config, else from (or newly into) a 0600 file beside the database."""
+    if config.security.admin_token:
+        return config.security.admin_token
+    token_file = Path(config.storage.path).resolve().parent / "admin_token"
+    if token_file.exists():
+        return token_file.read_text(encoding="utf-8").strip()
+    token_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = "adm_" + secrets.token_urlsafe(32)
+    fd = os.open(token_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    return token
+
+
+# =====================================================================================
+# 2. Errors: one exception, one JSON shape
+# =====================================================================================
+
+
+class ApiError(Exception):
+    """Raised by a route to answer ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    codes = {404: ("not_found", "No such route. See GET /openapi.json for the routes."),
+             405: ("method_not_allowed", f"{request.method} is not allowed on {request.url.path}.")}
+    code, message = codes.get(exc.status_code, ("http_error", str(exc.detail)))
+    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """True bugs only: bad input is refused with a 4xx long before it gets here."""
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "Something went wrong on our side; the error was logged.")
+
+
+# =====================================================================================
+# 3. Identifiers, credentials and who is calling
+# =====================================================================================
+
+_ALPHANUMERIC = string.ascii_lowercase + string.digits
+
+
+def new_id(prefix: str) -> str:
+    """``prefix`` + 9 base-36 digits of the time in ms + 12 random ones: unique, sortable by time."""
+    millis, digits = int(time.time() * 1000), []
+    for _ in range(9):
+        millis, digit = divmod(millis, 36)
+        digits.append(_ALPHANUMERIC[(digit + 26) % 36])  # 0-9 then a-z, in sorting order
+    random_part = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(12))
+    return prefix + "".join(reversed(digits)) + random_part
+
+
+def hash_api_key(api_key: str) -> str:
+    """API keys are stored as SHA-256 only: a copy of the database does not reveal them."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Caller:
+    is_admin: bool
+    partner_id: str | None = None
+
+
+def authenticate(request: Request) -> Caller:
+    """Who sent ``Authorization: Bearer …``: the admin, a partner, or nobody we know (401)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing_credentials",
+                       "Send 'Authorization: Bearer <token>' with the admin token or your partner API key.")
+    token = token.strip()
+    ctx = context(request)
+    if hmac.compare_digest(token.encode("utf-8", "replace"), ctx.admin_token.encode("utf-8")):
+        return Caller(is_admin=True)
+    if token.startswith("pak_"):
+        partner_id = ctx.store.partner_id_for_api_key(hash_api_key(token))
+        if partner_id is not None:
+            return Caller(is_admin=False, partner_id=partner_id)
+    raise ApiError(401, "invalid_credentials", "The bearer token is not valid. Check the admin token or API key.")
+
+
+def require_admin(request: Request) -> Caller:
+    caller = authenticate(request)
+    if not caller.is_admin:
+        raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
+    return caller
+
+
+def require_admin_or_partner(request: Request, partner_id: str) -> Caller:
+    """The admin, or the partner ``partner_id`` itself. Another partner gets 404, so ids do not leak."""
+    caller = authenticate(request)
+    if not caller.is_admin and caller.partner_id != partner_id:
+        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+    return caller
+
+
+# =====================================================================================
+# 4. Routes
+# =====================================================================================
+
+
+@dataclass
+class Context:
+    """What the routes share, built in the lifespan."""
+
+    config: Config
+    store: Store
+    loop: delivery.DeliveryLoop
+    admin_token: str
+    clock: Callable[[], float]
+
+
+def context(request: Request) -> Context:
+    return request.app.state.ctx
+
+
+async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a (blocking) store call in a worker thread, off the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+# --- Reading request bodies -----------------------------------------------------------
+
+
+def _check_content_type(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media = content_type.split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type {media!r} is not accepted. Send 'Content-Type: application/json'.")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it is larger than ``max_bytes``."""
+    too_large = ApiError(413, "body_too_large", f"The body is larger than {max_bytes} bytes. Send a smaller one.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    try:
+        value = signing.parse_json(raw)
+    except signing.BadJSON as exc:
+        raise ApiError(400, "malformed_json", str(exc)) from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "not_an_object", "The body must be a JSON object, like {\"key\": \"value\"}.")
+    return value
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    _check_content_type(request)
+    raw = await read_body(request, context(request).config.security.max_body_bytes)
+    return parse_object(raw)
+
+
+def invalid(field_name: str, message: str) -> ApiError:
+    return ApiError(422, "invalid_field", f"'{field_name}' {message}")
+
+
+def _reject_unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    for name in body:
+        if name not in allowed:
+            raise invalid(name, f"is not a known field. Known fields: {', '.join(sorted(allowed))}.")
+
+
+# --- Query parameters and pagination ----------------------------------------------------
+
+
+def page_params(request: Request) -> tuple[int, str | None]:
+    """``?limit=`` (1-200, default 50) and ``?cursor=`` (opaque: base64 of the last id seen)."""
+    limit_text = request.query_params.get("limit", "50")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 200:
+        raise invalid("limit", f"must be a whole number from 1 to 200, not {limit_text!r}.")
+    cursor = request.query_params.get("cursor")
+    if cursor is None:
+        return int(limit_text), None
+    try:
+        decoded = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
+        decoded = ""
+    if not re.fullmatch(r"[a-z]+_[a-z0-9]+", decoded):
+        raise invalid("cursor", "is not a cursor this server gave out. Use next_cursor from the previous page.")
+    return int(limit_text), decoded
+
+
+def page_json(page, render: Callable[[Any], dict]) -> dict[str, Any]:
+    cursor = page.next_cursor
+    return {"items": [render(item) for item in page.items],
+            "next_cursor": base64.urlsafe_b64encode(cursor.encode()).decode().rstrip("=") if cursor else None}
+
+
+# --- Resource shapes (never a secret) ---------------------------------------------------
+
+
+def partner_json(partner: Partner) -> dict[str, Any]:
+    return {"partner_id": partner.id, "partner_name": partner.name, "webhook_url": partner.webhook_url,
+            "status": partner.status, "events_subscribed": list(partner.events),
+            "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
+
+
+def delivery_json(d: Delivery, with_attempts: bool = False) -> dict[str, Any]:
+    out = {"delivery_id": d.id, "event_id": d.event_id, "event": d.event, "partner_id": d.partner_id,
+           "state": d.state, "attempt_count": d.attempt_count,
+           "next_attempt_at": int(d.next_attempt_at) if d.state == "pending" else None,
+           "created_at": int(d.created_at), "updated_at": int(d.updated_at)}
+    if with_attempts:
+        out["attempts"] = [{"attempt": a.attempt, "started_at": int(a.started_at), "duration_ms": a.duration_ms,
+                            "status_code": a.status_code, "error": a.error,
+                            "response_snippet": a.response_snippet} for a in d.attempts]
+    return out
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return {"event_id": event.id, "event": event.type, "payload": json.loads(event.body),
+            "deliveries": event.fanout, "created_at": int(event.created_at)}
+
+
+def inbound_json(item: InboundEvent) -> dict[str, Any]:
+    return {"inbound_id": item.id, "partner_id": item.partner_id, "event": item.type,
+            "payload": json.loads(item.body), "received_at": int(item.received_at)}
+
+
+# --- Partners ------------------------------------------------------------------------------
+
+
+async def check_webhook_url(url: Any, allow_private: bool) -> str:
+    """A partner's URL: http(s), a host, no user:password@, at most 2048 characters, and —
+    unless private targets are allowed — a host that resolves only to public addresses."""
+    if not isinstance(url, str) or not url:
+        raise invalid("webhook_url", "must be a non-empty string like 'https://example.com/webhooks'.")
+    if len(url) > 2048:
+        raise invalid("webhook_url", "must be at most 2048 characters long.")
+    if any(ord(c) < 33 or ord(c) == 127 for c in url):
+        raise invalid("webhook_url", "must not contain spaces or control characters.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise invalid("webhook_url", "is not a valid URL.") from None
+    if parts.scheme not in ("http", "https"):
+        raise invalid("webhook_url", "must start with http:// or https://.")
+    if not parts.hostname:
+        raise invalid("webhook_url", "must name a host, like https://example.com/webhooks.")
+    if parts.username is not None or parts.password is not None:
+        raise invalid("webhook_url", "must not contain user:password@; authenticate with the signature instead.")
+    if not allow_private:
+        try:
+            await asyncio.to_thread(delivery.resolve_target, parts.hostname, port or 443, False)
+        except delivery.TargetRefused as exc:
+            raise invalid("webhook_url", f"must point at a public address: {exc}.") from None
+        except OSError:
+            raise invalid("webhook_url", f"has a host that does not resolve: {parts.hostname!r}.") from None
+    return url
+
+
+def check_events(events: Any, catalog: dict[str, dict[str, str]]) -> list[str]:
+    valid = ", ".join(sorted(catalog))
+    if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+        raise invalid("events", f"must be a non-empty list of event types. Valid types: {valid}.")
+    for event_type in events:
+        if event_type not in catalog:
+            raise invalid("events", f"has the unknown event type {event_type[:100]!r}. Valid types: {valid}.")
+    return sorted(set(events))
+
+
+def check_partner_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise invalid("partner_name", "must be a non-empty string.")
+    if len(name) > 200:
+        raise invalid("partner_name", "must be at most 200 characters long.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise invalid("partner_name", "must not contain control characters.")
+    return name.strip()
+
+
+async def register_partner(request: Request) -> JSONResponse:
+    """``POST /partners/register``: the only response that ever shows the secret and the API key."""
+    ctx = context(request)
+    if not ctx.config.security.open_registration:
+        require_admin(request)
+    body = await read_json_object(request)
+    _reject_unknown_fields(body, {"partner_name", "webhook_url", "events"})
+    name = check_partner_name(body.get("partner_name"))
+    url = await check_webhook_url(body.get("webhook_url"), ctx.config.security.allow_private_targets)
+    events = check_events(body.get("events"), ctx.config.events)
+    shared_secret = "sk_live_" + secrets.token_urlsafe(32)
+    api_key = "pak_" + secrets.token_urlsafe(32)
+    partner = await db(ctx.store.add_partner, partner_id=new_id("partner_"), name=name, webhook_url=url,
+                       events=events, secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock())
+    logger.info("registered partner %s for %s", partner.id, ",".join(events))
+    return JSONResponse({
+        **partner_json(partner),
+        "shared_secret": shared_secret,
+        "standard_webhooks_secret": signing.standard_webhooks_secret(shared_secret),
+        "api_key": api_key,
+    }, status_code=201)
+
+
+async def list_partners(request: Request) -> JSONResponse:
+    require_admin(request)
+    limit, cursor = page_params(request)
+    page = await db(context(request).store.list_partners, limit=limit, cursor=cursor)
+    return JSONResponse(page_json(page, partner_json))
+
+
+async def get_partner(request: Request) -> JSONResponse:
+    partner_id = request.path_params["partner_id"]
+    require_admin_or_partner(request, partner_id)
+    partner = await db(context(request).store.get_partner, partner_id)
+    if partner is None:
+        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+    return JSONResponse(partner_json(partner))
+
+
+# --- Publishing -------------------------------------------------------------------------------
+
+
+def check_payload(payload: dict[str, Any], catalog: dict[str, dict[str, str]]) -> str:
+    """The event type of a publishable payload, after checking it against the catalog (422)."""
+    event_type = payload.get("event")
+    valid = ", ".join(sorted(catalog))
+    if not isinstance(event_type, str) or event_type not in catalog:
+        shown = repr(event_type)[:100] if event_type is not None else "missing"
+        raise invalid("event", f"must be a known event type ({shown} is not). Valid types: {valid}.")
+    for name, kind in catalog[event_type].items():
+        if name not in payload:
+            raise invalid(name, f"is required for {event_type} ({kind}).")
+        value = payload[name]
+        wrong_bool = isinstance(value, bool) and kind != "boolean"
+        if wrong_bool or not isinstance(value, FIELD_TYPES[kind]):
+            raise invalid(name, f"must be of type {kind} for {event_type}.")
+    timestamp = payload.get("timestamp")
+    if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, (int, float))):
+        raise invalid("timestamp", "must be unix seconds (a number), or be left out to be filled in.")
+    return event_type
+
+
+def idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
+        raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
+    return key
+
+
+async def publish_event(request: Request) -> JSONResponse:
+    """``POST /events``: store the event and its deliveries in one transaction, then answer 202.
+
+    The 202 comes only after the commit: an accepted event is on disk. The same
+    ``Idempotency-Key`` again answers the first event's 202 and stores nothing; with
+    a different body it is a 409 (Stripe does the same), since the caller is confused.
+    """
+    require_admin(request)
+    ctx = context(request)
+    key = idempotency_key(request)
+    payload = await read_json_object(request)
+    event_type = check_payload(payload, ctx.config.events)
+    request_hash = hashlib.sha256(signing.canonical(payload)).hexdigest()
+    payload.setdefault("timestamp", int(ctx.clock()))
+    event, created = await db(
+        ctx.store.publish, event_id=new_id("evt_"), event_type=event_type, body=signing.canonical(payload),
+        now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=lambda: new_id("dlv_"),
+        idempotency_key=key, request_hash=request_hash)
+    if not created and event.request_hash != request_hash:
+        raise ApiError(409, "idempotency_key_reused",
+                       "This Idempotency-Key was used with a different body. Use a new key for a new event.")
+    if created:
+        ctx.loop.wake()
+        logger.info("published %s %s to %d partners", event.id, event.type, event.fanout)
+    return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
+
+
+async def get_event(request: Request) -> JSONResponse:
+    require_admin(request)
+    ctx = context(request)
+    event_id = request.path_params["event_id"]
+    event = await db(ctx.store.get_event, event_id)
+    if event is None:
+        raise ApiError(404, "event_not_found", f"No event with id {event_id!r}.")
+    page = await db(ctx.store.list_deliveries, limit=200, event_id=event_id)
+    return JSONResponse({**event_json(event), "deliveries": [delivery_json(d) for d in page.items]})
+
+
+# --- Deliveries ----------------------------------------------------------------------------------
+
+
+async def list_deliveries(request: Request) -> JSONResponse:
+    """``GET /deliveries``: newest first. A partner sees only its own, whatever it asks for."""
+    caller = authenticate(request)
+    limit, cursor = page_params(request)
+    q = request.query_params
+    partner_id = q.get("partner_id")
+    if not caller.is_admin:
+        if partner_id not in (None, caller.partner_id):
+            raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+        partner_id = caller.partner_id
+    state = q.get("state") or q.get("status")
+    if state is not None and state not in ("pending", "delivered", "failed"):
+        raise invalid("state", "must be one of pending, delivered, failed.")
+    page = await db(context(request).store.list_deliveries, limit=limit, cursor=cursor, partner_id=partner_id,
+                    state=state, event=q.get("event"), event_id=q.get("event_id"))
+    return JSONResponse(page_json(page, delivery_json))
+
+
+async def _owned_delivery(request: Request) -> Delivery:
+    """The delivery in the path, if the caller is the admin or its partner (404 otherwise)."""
+    caller = authenticate(request)
+    delivery_id = request.path_params["delivery_id"]
+    found = await db(context(request).store.get_delivery, delivery_id)
+    if found is None or not (caller.is_admin or caller.partner_id == found.partner_id):
+        raise ApiError(404, "delivery_not_found", f"No delivery with id {delivery_id!r}.")
+    return found
+
+
+async def get_delivery(request: Request) -> JSONResponse:
+    return JSONResponse(delivery_json(await _owned_delivery(request), with_attempts=True))
+
+
+async def retry_delivery(request: Request) -> JSONResponse:
+    """``POST /deliveries/{id}/retry``: one more attempt of a ``failed`` delivery (409 otherwise)."""
+    ctx = context(request)
+    found = await _owned_delivery(request)
+    if not await db(ctx.store.retry_delivery, found.id, ctx.clock()):
+        raise ApiError(409, "not_failed", f"Delivery {found.id} is {found.state}; only a failed delivery can be retried.")
+    ctx.loop.wake()
+    return JSONResponse(delivery_json(await db(ctx.store.get_delivery, found.id)), status_code=202)
+
+
+# --- Inbound partner events -----------------------------------------------------------------
+
+
+def _find_sender(partners: list[Partner], raw: bytes, payload: dict, signature: str, now: float) -> Partner | None:
+    """The partner whose (current or overlapping previous) secret verifies the request."""
+    for partner in partners:
+        if any(signing.verify(s, raw, payload, signature) for s in partner.valid_secrets(now)):
+            return partner
+    return None
+
+
+async def receive_partner_event(request: Request) -> JSONResponse:
+    """``POST /webhooks/partners``: a partner's signed event, stored once, then acknowledged.
+
+    Checks run in the SPEC's order: headers (400), size (413), JSON object (400),
+    signature and partner (401), timestamp (401). The 200 comes after the commit.
+    """
+    ctx = context(request)
+    signature = request.headers.get("x-webhook-signature")
+    event_type = request.headers.get("x-webhook-event")
+    if not signature or not event_type:
+        raise ApiError(400, "missing_headers", "Send both X-Webhook-Signature and X-Webhook-Event headers.")
+    if not EVENT_TYPE.match(event_type):
+        raise ApiError(400, "bad_event_header", "X-Webhook-Event must look like 'tour.promoted' (word.word).")
+    _check_content_type(request)
+    raw = await read_body(request, ctx.config.security.max_body_bytes)
+    payload = parse_object(raw)
+
+    now = ctx.clock()
+    partner_id = request.headers.get("x-partner-id")
+    if partner_id is not None:
+        named = await db(ctx.store.get_partner, partner_id)
+        candidates = [named] if named is not None and named.status != "disabled" else []
+    else:
+        candidates = await db(ctx.store.partners_accepting_inbound)
+    partner = _find_sender(candidates, raw, payload, signature, now)
+    if partner is None:
+        raise ApiError(401, "invalid_signature",
+                       "The signature does not verify for any partner. Sign the body with your shared secret "
+                       "(hex HMAC-SHA256) and send it as X-Webhook-Signature.")
+
+    timestamp = payload.get("timestamp")
+    if timestamp is not None:
+        if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+            raise ApiError(401, "bad_timestamp", "'timestamp' must be unix seconds (a number).")
+        tolerance = ctx.config.security.inbound_tolerance_s
+        if abs(now - timestamp) > tolerance:
+            raise ApiError(401, "stale_timestamp",
+                           f"'timestamp' is more than {tolerance} s away from our clock; send a fresh event.")
+
+    webhook_id = request.headers.get("x-webhook-id")
+    canonical_body = signing.canonical(payload)
+    dedupe_key = f"id:{webhook_id}" if webhook_id else "sha256:" + hashlib.sha256(canonical_body).hexdigest()
+    stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
+                               event_type=event_type, dedupe_key=dedupe_key, body=canonical_body, now=now)
+    logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)")
+    return JSONResponse({"status": "received", "timestamp": int(stored.received_at)})
+
+
+async def list_inbound(request: Request) -> JSONResponse:
+    require_admin(request)
+    limit, cursor = page_params(request)
+    q = request.query_params
+    page = await db(context(request).store.list_inbound, limit=limit, cursor=cursor,
+                    partner_id=q.get("partner_id"), event=q.get("event"))
+    return JSONResponse(page_json(page, inbound_json))
+
+
+# --- Health ---------------------------------------------------------------------------------
+
+
+async def health(request: Request) -> JSONResponse:
+    try:
+        ok = await db(context(request).store.ping)
+    except Exception:
+        ok = False
+    if not ok:
+        return error_response(503, "database_unavailable", "The database does not answer.")
+    return JSONResponse({"status": "ok"})
+
+
+ROUTES = [
+    Route("/health", health, methods=["GET"]),
+    Route("/partners/register", register_partner, methods=["POST"]),
+    Route("/partners", list_partners, methods=["GET"]),
+    Route("/partners/{partner_id}", get_partner, methods=["GET"]),
+    Route("/events", publish_event, methods=["POST"]),
+    Route("/events/{event_id}", get_event, methods=["GET"]),
+    Route("/deliveries", list_deliveries, methods=["GET"]),
+    Route("/deliveries/{delivery_id}", get_delivery, methods=["GET"]),
+    Route("/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
+    Route("/webhooks/partners", receive_partner_event, methods=["POST"]),
+    Route("/inbound", list_inbound, methods=["GET"]),
+]
+
+
+# =====================================================================================
+# 5. The application
+# =====================================================================================
+
+
+def create_app(config: Config, *, clock: Callable[[], float] = time.time,
+               rng: Any = None) -> Starlette:
+    """The Starlette app. The store opens and the delivery loop starts in its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        store = Store(config.storage.path)
+        loop = delivery.DeliveryLoop(store, config.delivery_settings(), rng=rng, clock=clock)
+        app.state.ctx = Context(config=config, store=store, loop=loop, admin_token=admin_token(config), clock=clock)
+        await loop.start()
+        logger.info("webhookd %s ready; database %s", __version__, config.storage.path)
+        try:
+            yield
+        finally:
+            await loop.stop()
+            store.close()
+
+    return Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_exception, Exception: _on_unexpected},
+    )
+
+
+# =====================================================================================
+# 6. The command line
+# =====================================================================================
+
+
+def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    import uvicorn
+
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    admin_token(config)  # created now, so `webhookd token` works at once
+    if not _is_loopback(host) and config.security.allow_private_targets:
+        logger.warning("listening on %s with allow_private_targets = true: partners could reach your "
+                       "internal network. Set [security] allow_private_targets = false.", host)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=config.server.log_level,
+                access_log=False, timeout_graceful_shutdown=int(config.delivery.timeout_s) + 2)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _cmd_token(args: argparse.Namespace, config: Config) -> int:
+    print(admin_token(config))
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace, config: Config) -> int:
+    text = args.json
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text(encoding="utf-8")
+    payload = signing.parse_json(text.encode("utf-8"))
+    print(signing.sign_hex(args.secret, signing.canonical(payload)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="webhookd", description="A small, auditable webhook hub.")
+    parser.add_argument("--config", default=os.environ.get("WEBHOOKD_CONFIG", "webhookd.toml"),
+                        help="path to webhookd.toml (default: ./webhookd.toml, or $WEBHOOKD_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP API and the delivery loop")
+    serve.add_argument("--host", help="listen address (default: [server] host)")
+    serve.add_argument("--port", type=int, help="listen port (default: [server] port)")
+    serve.set_defaults(handler=_cmd_serve)
+
+    token = commands.add_parser("token", help="print the admin token (creating it on first use)")
+    token.set_defaults(handler=_cmd_token)
+
+    sign = commands.add_parser("sign", help="print the X-Webhook-Signature of a JSON payload")
+    sign.add_argument("--secret", required=True, help="the partner's shared secret")
+    sign.add_argument("json", nargs="?", default="{}", help="the payload, or @file to read it from a file")
+    sign.set_defaults(handler=_cmd_sign, needs_config=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = Config()
+    if getattr(args, "needs_config", True):
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"webhookd: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return args.handler(args, config)
+    except (signing.BadJSON, OSError) as exc:
+        print(f"webhookd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
