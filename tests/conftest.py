@@ -1,0 +1,335 @@
+"""Shared test set-up: real servers on 127.0.0.1, and a guard that keeps every packet there.
+
+* ``loopback_guard`` (``tests/guard/sitecustomize.py``) refuses any connect to an address
+  outside 127.0.0.0/8 and ::1, in this process and — through PYTHONPATH — in every
+  ``webhookd serve`` subprocess the tests start. Even a bug in the SSRF protection
+  cannot send a packet beyond this machine.
+* ``Receiver`` is a real uvicorn server playing a partner: it verifies each webhook the
+  way the partner guide's Python receiver does (re-serialize the parsed body) *and*
+  over the raw body, records everything, and answers what the test scripts.
+* ``webhookd`` runs the app under test on a real uvicorn server, with a tmp database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+ROOT = Path(__file__).resolve().parent.parent
+GUARD_DIR = Path(__file__).resolve().parent / "guard"
+sys.path.insert(0, str(GUARD_DIR))
+import sitecustomize  # noqa: E402  (installs the loopback guard in this process)
+
+ADMIN_TOKEN = "adm_test_token_0123456789abcdefghijklmnop"
+
+assert sitecustomize.GUARD_INSTALLED
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    """A uvicorn server for ``app`` on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any, port: int | None = None):
+        self.port = port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ThreadServer":
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=10)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+# --- A partner's receiver -------------------------------------------------------------
+
+
+def guide_python_verify(secret: str, body: bytes, signature: str) -> bool:
+    """Exactly the partner guide's verify_signature(): re-serialize the parsed body."""
+    payload = json.loads(body)
+    payload_str = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    expected = hmac.new(secret.encode("utf-8"), payload_str.encode("utf-8"), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(signature, expected)
+
+
+def raw_body_verify(secret: str, body: bytes, signature: str) -> bool:
+    expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(signature.encode(), expected.encode())
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    guide_ok: bool | None
+    raw_ok: bool | None
+    at: float = field(default_factory=time.time)
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A scripted partner endpoint. ``script`` holds (status, delay_s) answers, used in
+    order; when it runs out, every request gets ``default``."""
+
+    def __init__(self, secret: str | None = None, default: tuple[int, float] = (200, 0.0)):
+        self.secret = secret
+        self.default = default
+        self.script: list[tuple[int, float]] = []
+        self.received: list[Received] = []
+        self._lock = threading.Lock()
+        app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST"])])
+        self.server = ThreadServer(app)
+
+    @property
+    def url(self) -> str:
+        return self.server.url + "/webhooks/events"
+
+    async def _handle(self, request: Request) -> Response:
+        body = await request.body()
+        signature = request.headers.get("x-webhook-signature", "")
+        guide_ok = raw_ok = None
+        if self.secret:
+            guide_ok = guide_python_verify(self.secret, body, signature)
+            raw_ok = raw_body_verify(self.secret, body, signature)
+        with self._lock:
+            self.received.append(Received(dict(request.headers), body, guide_ok, raw_ok))
+            status, delay = self.script.pop(0) if self.script else self.default
+        if delay:
+            import asyncio
+            await asyncio.sleep(delay)
+        if 300 <= status < 400:
+            return Response(status_code=status, headers={"Location": "http://127.0.0.1:9/elsewhere"})
+        return JSONResponse({"status": "received" if status < 300 else "error"}, status_code=status)
+
+    def start(self) -> "Receiver":
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def receiver_factory():
+    started: list[Receiver] = []
+
+    def make(secret: str | None = None, default: tuple[int, float] = (200, 0.0)) -> Receiver:
+        r = Receiver(secret, default).start()
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.stop()
+
+
+# --- webhookd under test ------------------------------------------------------------------
+
+
+def make_config(tmp_path: Path, **overrides: Any):
+    """A config for tests: tmp database, fixed admin token, local receivers allowed, fast retries.
+
+    ``overrides`` are ``section__key=value``, e.g. ``delivery__max_attempts=2``.
+    """
+    import dataclasses
+
+    import webhookd
+
+    cfg = webhookd.load_config(ROOT / "webhookd.toml", environ={})
+    security = dict(admin_token=ADMIN_TOKEN, allow_private_targets=True)
+    deliveryc = dict(timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.2)
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        {"security": security, "delivery": deliveryc}[section][name] = value
+    return dataclasses.replace(
+        cfg,
+        storage=webhookd.StorageConfig(path=str(tmp_path / "webhookd.db")),
+        security=dataclasses.replace(cfg.security, **security),
+        delivery=dataclasses.replace(cfg.delivery, **deliveryc),
+    )
+
+
+class Webhookd:
+    """webhookd on a real uvicorn server, plus an httpx client that speaks to it."""
+
+    def __init__(self, config):
+        import webhookd
+
+        self.config = config
+        self.app = webhookd.create_app(config)
+        self.server = ThreadServer(self.app).start()
+        self.http = httpx.Client(base_url=self.server.url, timeout=10)
+        self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def store(self):
+        return self.app.state.ctx.store
+
+    def register(self, url: str, events: list[str], name: str = "Tour Group") -> dict:
+        r = self.http.post("/partners/register", headers=self.admin,
+                           json={"partner_name": name, "webhook_url": url, "events": events})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def publish(self, payload: dict, headers: dict | None = None) -> httpx.Response:
+        return self.http.post("/events", headers={**self.admin, **(headers or {})}, json=payload)
+
+    def delivery(self, delivery_id: str) -> dict:
+        r = self.http.get(f"/deliveries/{delivery_id}", headers=self.admin)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def deliveries(self, **filters: str) -> list[dict]:
+        r = self.http.get("/deliveries", headers=self.admin, params=filters)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.stop()
+
+
+@pytest.fixture
+def webhookd_factory(tmp_path):
+    started: list[Webhookd] = []
+
+    def make(**overrides: Any) -> Webhookd:
+        w = Webhookd(make_config(tmp_path, **overrides))
+        started.append(w)
+        return w
+
+    yield make
+    for w in started:
+        w.stop()
+
+
+@pytest.fixture
+def hub(webhookd_factory) -> Webhookd:
+    return webhookd_factory()
+
+
+# --- webhookd serve as a subprocess ------------------------------------------------------
+
+
+class ServeProcess:
+    """``webhookd serve`` in its own process, with the loopback guard loaded through PYTHONPATH."""
+
+    def __init__(self, tmp_path: Path, port: int, extra_env: dict[str, str] | None = None):
+        self.port = port
+        self.log = open(tmp_path / f"serve-{port}-{time.time_ns()}.log", "w+")
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(GUARD_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "WEBHOOKD_STORAGE_PATH": str(tmp_path / "serve.db"),
+            "WEBHOOKD_ADMIN_TOKEN": ADMIN_TOKEN,
+            "WEBHOOKD_SECURITY_ALLOW_PRIVATE_TARGETS": "true",
+            "WEBHOOKD_DELIVERY_TIMEOUT_S": "1",
+            "WEBHOOKD_DELIVERY_BACKOFF_BASE_S": "0.05",
+            "WEBHOOKD_DELIVERY_BACKOFF_MAX_S": "0.2",
+            **(extra_env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ServeProcess":
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"),
+             "serve", "--port", str(self.port)],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        wait_for(self._responds, timeout=20, interval=0.1)
+        return self
+
+    def _responds(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, self.output()
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, sig: int | None = None) -> int:
+        import signal
+
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def serve_factory(tmp_path):
+    started: list[ServeProcess] = []
+
+    def make(port: int | None = None, **env: str) -> ServeProcess:
+        p = ServeProcess(tmp_path, port or free_port(), env).start()
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(timeout=5)
+        p.log.close()

@@ -1,0 +1,96 @@
+"""Canonical JSON and signatures, against vectors computed independently with openssl:
+
+    printf '%s' '<canonical body>' | openssl dgst -sha256 -hmac '<secret>'
+"""
+
+import json
+
+import pytest
+import standardwebhooks
+
+import signing
+
+SECRET = "sk_live_test_secret"
+GUIDE_PAYLOAD = {"event": "payment.success", "amount": 150.0, "currency": "USD", "user_name": "Juan Pérez"}
+GUIDE_CANONICAL = b'{"amount":150.0,"currency":"USD","event":"payment.success","user_name":"Juan P\\u00e9rez"}'
+
+
+def test_canonical_is_the_guides_serialization_with_accents_and_float_150_0():
+    assert signing.canonical(GUIDE_PAYLOAD) == GUIDE_CANONICAL
+    assert signing.canonical(GUIDE_PAYLOAD) == json.dumps(
+        GUIDE_PAYLOAD, sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_hex_signature_matches_openssl_vector():
+    assert signing.sign_hex(SECRET, GUIDE_CANONICAL) == (
+        "a8f205beed4fb92af9db6a2b58f1e66340279b4d46ce1f07561de9ab9d6aa685")
+
+
+def test_guide_troubleshooting_example_vector():
+    body = signing.canonical({"event": "test", "data": 123})
+    assert signing.sign_hex("test_secret", body) == (
+        "6d2c88f3cf5e2ab91f79fbde2f24d550ba260b1271f66ddf45bcd7de350ac9cc")
+
+
+def test_standard_webhooks_signature_matches_openssl_vector():
+    assert signing.standard_signature(SECRET, "evt_1", 1704186000, GUIDE_CANONICAL) == (
+        "v1,GSF8QRpCKEp5h6tVBgAaVHolp/xFpq/COkG7MqxO+6Y=")
+    assert signing.standard_webhooks_secret(SECRET) == "whsec_c2tfbGl2ZV90ZXN0X3NlY3JldA=="
+
+
+def test_official_standardwebhooks_library_verifies_our_headers():
+    import time
+
+    ts = int(time.time())
+    header = signing.standard_signature_header([SECRET, "sk_live_old"], "evt_42", ts, GUIDE_CANONICAL)
+    assert header.count("v1,") == 2
+    verifier = standardwebhooks.Webhook(signing.standard_webhooks_secret(SECRET))
+    headers = {"webhook-id": "evt_42", "webhook-timestamp": str(ts), "webhook-signature": header}
+    assert verifier.verify(GUIDE_CANONICAL, headers) == GUIDE_PAYLOAD
+    old_only = standardwebhooks.Webhook(signing.standard_webhooks_secret("sk_live_old"))
+    assert old_only.verify(GUIDE_CANONICAL, headers) == GUIDE_PAYLOAD
+    stranger = standardwebhooks.Webhook(signing.standard_webhooks_secret("sk_live_other"))
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        stranger.verify(GUIDE_CANONICAL, headers)
+
+
+def test_verify_accepts_raw_body_and_the_guides_requests_json_body():
+    # The guide's sender signs the canonical string but posts json.dumps(payload) bytes.
+    sent_body = json.dumps(GUIDE_PAYLOAD).encode()
+    assert sent_body != GUIDE_CANONICAL
+    signature = signing.sign_hex(SECRET, GUIDE_CANONICAL)
+    assert signing.verify(SECRET, sent_body, json.loads(sent_body), signature)
+    raw_signature = signing.sign_hex(SECRET, sent_body)
+    assert signing.verify(SECRET, sent_body, json.loads(sent_body), raw_signature)
+
+
+@pytest.mark.parametrize("bad", ["", "00", "é" * 64, "a8f2" * 100, "zz" * 32,
+                                 "a8f205beed4fb92af9db6a2b58f1e66340279b4d46ce1f07561de9ab9d6aa686"])
+def test_verify_refuses_wrong_or_odd_signatures_without_raising(bad):
+    assert signing.verify(SECRET, GUIDE_CANONICAL, GUIDE_PAYLOAD, bad) is False
+
+
+def test_verify_refuses_the_right_signature_under_another_secret():
+    signature = signing.sign_hex(SECRET, GUIDE_CANONICAL)
+    assert not signing.verify("sk_live_other", GUIDE_CANONICAL, GUIDE_PAYLOAD, signature)
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b'{"a": NaN}', "NaN"),
+    (b'{"a": Infinity}', "Infinity"),
+    (b'{"a": -Infinity}', "-Infinity"),
+    (b'{"a": 1, "a": 2}', "twice"),
+    (b'\xff\xfe{}', "UTF-8"),
+    (b'{"a": ', "not valid JSON"),
+    (b"[" * 40 + b"]" * 40, "nested too deeply"),
+    (b"[" * 100000, "nested too deeply"),
+])
+def test_parse_json_is_strict(raw, fragment):
+    with pytest.raises(signing.BadJSON) as caught:
+        signing.parse_json(raw)
+    assert fragment in str(caught.value)
+
+
+def test_parse_json_keeps_unicode_and_floats():
+    assert signing.parse_json('{"name":"Juan Pérez","amount":150.0}'.encode()) == {
+        "name": "Juan Pérez", "amount": 150.0}
