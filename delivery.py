@@ -262,6 +262,9 @@ class DeliveryLoop:
             grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
             await asyncio.wait(running, timeout=grace)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        unfinished = sum(1 for f in running if not f.done())
+        logger.info("delivery loop stopped; %d attempts left unfinished (their leases will run out "
+                    "and they will be sent again)", unfinished)
 
     @property
     def in_flight(self) -> int:

@@ -145,27 +145,25 @@ POSITIVE = {
 }
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 def _coerce(key: str, value: Any, kind: type, from_env: bool) -> Any:
     """Turn a TOML or environment value into ``kind``, or raise a ConfigError naming the key."""
     expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
-    if from_env:
-        text = value.strip()
-        if kind is bool and text.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return text.lower() in ("true", "1", "yes", "on")
-        if kind is str:
-            return value
-        try:
-            return kind(text) if kind is not bool else None
-        except ValueError:
-            pass
-    elif kind is bool and isinstance(value, bool):
+    if from_env and kind is not str:
+        text = value.strip().lower()
+        if kind is bool and text in _TRUE + _FALSE:
+            return text in _TRUE
+        if kind is not bool:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    elif from_env or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    elif kind is str and isinstance(value, str):
-        return value
     raise ConfigError(f"Config '{key}' has value {value!r}. Expected {expected}.")
 
 

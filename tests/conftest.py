@@ -118,14 +118,15 @@ class Receiver:
     """A scripted partner endpoint. ``script`` holds (status, delay_s) answers, used in
     order; when it runs out, every request gets ``default``."""
 
-    def __init__(self, secret: str | None = None, default: tuple[int, float] = (200, 0.0)):
+    def __init__(self, secret: str | None = None, default: tuple[int, float] = (200, 0.0),
+                 port: int | None = None):
         self.secret = secret
         self.default = default
         self.script: list[tuple[int, float]] = []
         self.received: list[Received] = []
         self._lock = threading.Lock()
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST"])])
-        self.server = ThreadServer(app)
+        self.server = ThreadServer(app, port)
 
     @property
     def url(self) -> str:

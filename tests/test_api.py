@@ -1,0 +1,199 @@
+"""The HTTP API: registration, publishing rules, credentials and the error shape."""
+
+import sqlite3
+
+import pytest
+
+from conftest import ADMIN_TOKEN
+from payloads import PAYMENT_SUCCESS
+
+GOOD = {"partner_name": "Tu Grupo - Nombre", "webhook_url": "https://127.0.0.1:9443/webhooks/events",
+        "events": ["payment.success", "payment.failed"]}
+
+
+def _error(r, status, code=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+def _rows(hub, table):
+    with sqlite3.connect(hub.config.storage.path) as db:
+        return db.execute(f"SELECT * FROM {table}").fetchall()
+
+
+def test_registration_returns_the_secret_once_and_stores_only_a_hash_of_the_api_key(hub):
+    r = hub.http.post("/partners/register", headers=hub.admin, json=GOOD)
+    assert r.status_code == 201
+    body = r.json()
+    assert set(body) >= {"partner_id", "partner_name", "webhook_url", "shared_secret", "standard_webhooks_secret",
+                         "api_key", "status", "events_subscribed", "created_at"}
+    assert body["partner_id"].startswith("partner_") and len(body["partner_id"]) >= len("partner_") + 12
+    assert body["shared_secret"].startswith("sk_live_") and len(body["shared_secret"]) >= 8 + 32
+    assert body["api_key"].startswith("pak_") and len(body["api_key"]) >= 4 + 32
+    assert body["standard_webhooks_secret"].startswith("whsec_")
+    assert body["status"] == "active"
+    assert body["events_subscribed"] == ["payment.failed", "payment.success"]
+    (row,) = _rows(hub, "partners")
+    assert body["api_key"] not in str(row)
+    shown = hub.http.get(f"/partners/{body['partner_id']}", headers=hub.admin)
+    assert shown.status_code == 200
+    assert body["shared_secret"] not in shown.text and "secret" not in shown.text and "api_key" not in shown.text
+    assert shown.json()["webhook_url"] == GOOD["webhook_url"]
+
+
+def test_a_partner_reads_itself_with_its_api_key_but_not_others(hub):
+    a = hub.register("http://127.0.0.1:9/a", ["payment.success"], name="A")
+    b = hub.register("http://127.0.0.1:9/b", ["payment.success"], name="B")
+    key = {"Authorization": f"Bearer {a['api_key']}"}
+    assert hub.http.get(f"/partners/{a['partner_id']}", headers=key).status_code == 200
+    _error(hub.http.get(f"/partners/{b['partner_id']}", headers=key), 404, "partner_not_found")
+    _error(hub.http.get("/partners", headers=key), 403, "admin_only")
+    _error(hub.http.post("/events", headers=key, json=PAYMENT_SUCCESS), 403, "admin_only")
+
+
+def test_registration_needs_the_admin_token_by_default(hub):
+    _error(hub.http.post("/partners/register", json=GOOD), 401, "missing_credentials")
+    _error(hub.http.post("/partners/register", json=GOOD, headers={"Authorization": "Bearer nope"}),
+           401, "invalid_credentials")
+    _error(hub.http.post("/partners/register", json=GOOD, headers={"Authorization": f"Basic {ADMIN_TOKEN}"}), 401)
+    assert _rows(hub, "partners") == []
+
+
+def test_open_registration_lets_anyone_register(webhookd_factory):
+    hub = webhookd_factory(security__open_registration=True)
+    assert hub.http.post("/partners/register", json=GOOD).status_code == 201
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"partner_name": ""}, "partner_name"),
+    ({"partner_name": 5}, "partner_name"),
+    ({"partner_name": "x" * 201}, "partner_name"),
+    ({"partner_name": "bad\x00name"}, "partner_name"),
+    ({"webhook_url": "ftp://127.0.0.1/x"}, "webhook_url"),
+    ({"webhook_url": "http://user:pw@127.0.0.1/x"}, "webhook_url"),
+    ({"webhook_url": "http://127.0.0.1/" + "a" * 2048}, "webhook_url"),
+    ({"webhook_url": "http:///nohost"}, "webhook_url"),
+    ({"webhook_url": "http://127.0.0.1:99999/x"}, "webhook_url"),
+    ({"webhook_url": None}, "webhook_url"),
+    ({"events": []}, "events"),
+    ({"events": "payment.success"}, "events"),
+    ({"events": ["payment.success", 3]}, "events"),
+    ({"surprise": 1}, "surprise"),
+])
+def test_invalid_registrations_are_422_naming_the_field(hub, change, field):
+    err = _error(hub.http.post("/partners/register", headers=hub.admin, json={**GOOD, **change}), 422, "invalid_field")
+    assert f"'{field}'" in err["message"]
+    assert _rows(hub, "partners") == []
+
+
+def test_unknown_event_type_lists_the_valid_ones(hub):
+    err = _error(hub.http.post("/partners/register", headers=hub.admin,
+                               json={**GOOD, "events": ["payment.refunded"]}), 422)
+    for valid in ("payment.success", "payment.failed", "booking.confirmed", "booking.cancelled"):
+        assert valid in err["message"]
+
+
+def test_private_targets_are_refused_when_not_allowed(webhookd_factory):
+    hub = webhookd_factory(security__allow_private_targets=False)
+    for url in ("http://127.0.0.1/x", "http://10.0.0.5/x", "http://169.254.169.254/latest",
+                "http://[::1]/x", "http://localhost/x"):
+        err = _error(hub.http.post("/partners/register", headers=hub.admin, json={**GOOD, "webhook_url": url}), 422)
+        assert "public address" in err["message"]
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"event": "payment.refunded"}, "event"),
+    ({}, "event"),
+    ({**PAYMENT_SUCCESS, "amount": "150"}, "amount"),
+    ({**PAYMENT_SUCCESS, "amount": True}, "amount"),
+    ({k: v for k, v in PAYMENT_SUCCESS.items() if k != "currency"}, "currency"),
+    ({**PAYMENT_SUCCESS, "timestamp": "yesterday"}, "timestamp"),
+])
+def test_publishing_checks_the_catalog(hub, payload, field):
+    err = _error(hub.publish(payload), 422, "invalid_field")
+    assert f"'{field}'" in err["message"]
+    assert _rows(hub, "events") == []
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (b"{", 400, "malformed_json"),
+    (b'{"event": NaN}', 400, "malformed_json"),
+    (b'{"event": "a", "event": "b"}', 400, "malformed_json"),
+    (b"[]", 400, "not_an_object"),
+    (b'"text"', 400, "not_an_object"),
+    (b"\xff\xfe", 400, "malformed_json"),
+    (b"", 400, "malformed_json"),
+])
+def test_malformed_bodies_are_400(hub, body, status, code):
+    r = hub.http.post("/events", headers={**hub.admin, "Content-Type": "application/json"}, content=body)
+    _error(r, status, code)
+
+
+def test_wrong_content_type_is_415_and_too_large_is_413(hub):
+    _error(hub.http.post("/events", headers={**hub.admin, "Content-Type": "text/plain"}, content=b"{}"), 415)
+    big = b'{"event":"payment.success","pad":"' + b"x" * 300_000 + b'"}'
+    _error(hub.http.post("/events", headers={**hub.admin, "Content-Type": "application/json"}, content=big), 413)
+
+
+def test_unknown_routes_and_methods_answer_the_json_error_shape(hub):
+    _error(hub.http.get("/nowhere"), 404, "not_found")
+    _error(hub.http.delete("/events", headers=hub.admin), 405, "method_not_allowed")
+    _error(hub.http.get("/deliveries/dlv_nosuch", headers=hub.admin), 404, "delivery_not_found")
+    _error(hub.http.get("/events/evt_nosuch", headers=hub.admin), 404, "event_not_found")
+
+
+def test_pagination_parameters_are_checked(hub):
+    _error(hub.http.get("/deliveries?limit=0", headers=hub.admin), 422)
+    _error(hub.http.get("/deliveries?limit=201", headers=hub.admin), 422)
+    _error(hub.http.get("/deliveries?limit=ten", headers=hub.admin), 422)
+    _error(hub.http.get("/deliveries?cursor=!!!", headers=hub.admin), 422)
+    _error(hub.http.get("/deliveries?state=lost", headers=hub.admin), 422)
+
+
+def test_partners_list_pages_with_a_cursor(hub):
+    ids = [hub.register("http://127.0.0.1:9/x", ["payment.success"], name=f"P{i}")["partner_id"] for i in range(5)]
+    seen, cursor = [], None
+    while True:
+        r = hub.http.get("/partners", headers=hub.admin, params={"limit": 2, **({"cursor": cursor} if cursor else {})})
+        assert r.status_code == 200
+        seen += [p["partner_id"] for p in r.json()["items"]]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(ids, reverse=True)
+
+
+def test_a_partner_sees_only_its_own_deliveries(hub, receiver_factory):
+    from conftest import wait_for
+
+    ra, rb = receiver_factory(), receiver_factory()
+    a = hub.register(ra.url, ["payment.success"], name="A")
+    b = hub.register(rb.url, ["payment.success"], name="B")
+    assert hub.publish(PAYMENT_SUCCESS).status_code == 202
+    wait_for(lambda: ra.received and rb.received)
+    key = {"Authorization": f"Bearer {a['api_key']}"}
+    mine = hub.http.get("/deliveries", headers=key).json()["items"]
+    assert [d["partner_id"] for d in mine] == [a["partner_id"]]
+    _error(hub.http.get("/deliveries", headers=key, params={"partner_id": b["partner_id"]}), 404)
+    theirs = hub.deliveries(partner_id=b["partner_id"])[0]["delivery_id"]
+    _error(hub.http.get(f"/deliveries/{theirs}", headers=key), 404)
+    _error(hub.http.post(f"/deliveries/{theirs}/retry", headers=key), 404)
+
+
+def test_event_shows_its_deliveries(hub, receiver_factory):
+    r = receiver_factory()
+    hub.register(r.url, ["payment.success"])
+    event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
+    shown = hub.http.get(f"/events/{event_id}", headers=hub.admin).json()
+    assert shown["event_id"] == event_id and shown["payload"] == PAYMENT_SUCCESS
+    assert len(shown["deliveries"]) == 1 and shown["deliveries"][0]["event_id"] == event_id
+
+
+def test_health(hub):
+    r = hub.http.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}

@@ -1,0 +1,135 @@
+"""POST /webhooks/partners: partners' signed events, as the guide's own sender sends them."""
+
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+import requests
+
+import guide_sender
+import signing
+
+
+@pytest.fixture
+def partner(hub):
+    return hub.register("http://127.0.0.1:9/unused", ["payment.success"], name="Montaña Tours")
+
+
+def _inbound(hub):
+    r = hub.http.get("/inbound", headers=hub.admin)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+def _post(hub, body: bytes, signature: str | None, event: str | None = "tour.purchased", **extra):
+    headers = {"Content-Type": "application/json", **extra}
+    if signature is not None:
+        headers["X-Webhook-Signature"] = signature
+    if event is not None:
+        headers["X-Webhook-Event"] = event
+    return hub.http.post("/webhooks/partners", content=body, headers=headers)
+
+
+def test_the_guides_sender_as_written_gets_200_and_is_stored_once(hub, partner, monkeypatch):
+    monkeypatch.setenv("PARTNER_SHARED_SECRET", partner["shared_secret"])
+    monkeypatch.setattr(guide_sender, "WEBHOOK_URL", hub.url + "/webhooks/partners")
+    payload = guide_sender.tour_payload()
+    assert guide_sender.send_webhook_to_partner("tour.purchased", payload) is True
+    assert guide_sender.send_webhook_to_partner("tour.purchased", payload) is True  # a partner retry
+    stored = _inbound(hub)
+    assert len(stored) == 1
+    assert stored[0]["partner_id"] == partner["partner_id"]
+    assert stored[0]["event"] == "tour.purchased"
+    assert stored[0]["payload"] == payload
+
+
+def test_the_sender_response_is_received_with_a_timestamp(hub, partner):
+    payload = {"event": "tour.promoted", "tour_id": "t1", "timestamp": int(time.time())}
+    body = json.dumps(payload).encode()
+    r = _post(hub, body, signing.sign_hex(partner["shared_secret"], body), event="tour.promoted")
+    assert r.status_code == 200
+    assert r.json()["status"] == "received" and abs(r.json()["timestamp"] - time.time()) < 5
+    again = _post(hub, body, signing.sign_hex(partner["shared_secret"], body), event="tour.promoted")
+    assert again.json() == r.json()  # the duplicate gets the same 200
+    assert len(_inbound(hub)) == 1
+
+
+def test_x_webhook_id_deduplicates_even_when_the_body_changes(hub, partner):
+    secret = partner["shared_secret"]
+    for price in (1, 2):
+        body = json.dumps({"event": "tour.purchased", "price": price}).encode()
+        r = _post(hub, body, signing.sign_hex(secret, body), **{"X-Webhook-Id": "msg_1"})
+        assert r.status_code == 200
+    assert len(_inbound(hub)) == 1 and _inbound(hub)[0]["payload"]["price"] == 1
+
+
+def test_the_partner_is_found_by_x_partner_id(hub, partner):
+    other = hub.register("http://127.0.0.1:9/other", ["payment.success"], name="Other")
+    body = b'{"event":"tour.purchased","tour_id":"t9"}'
+    signature = signing.sign_hex(other["shared_secret"], body)
+    ok = _post(hub, body, signature, **{"X-Partner-Id": other["partner_id"]})
+    assert ok.status_code == 200
+    wrong = _post(hub, body, signature, **{"X-Partner-Id": partner["partner_id"]})
+    assert wrong.status_code == 401
+    unknown = _post(hub, body, signature, **{"X-Partner-Id": "partner_nosuchpartner00"})
+    assert unknown.status_code == 401 and unknown.json()["error"]["code"] == "invalid_signature"
+    assert [i["partner_id"] for i in _inbound(hub)] == [other["partner_id"]]
+
+
+def test_a_wrong_secret_is_401_and_stores_nothing(hub, partner):
+    body = b'{"event":"tour.purchased"}'
+    r = _post(hub, body, signing.sign_hex("sk_live_not_the_secret", body))
+    assert r.status_code == 401
+    assert set(r.json()["error"]) == {"code", "message"}
+    assert partner["shared_secret"] not in r.text
+    assert _inbound(hub) == []
+
+
+@pytest.mark.parametrize("missing", ["signature", "event", "both"])
+def test_missing_headers_are_400(hub, partner, missing):
+    body = b'{"event":"tour.purchased"}'
+    signature = None if missing in ("signature", "both") else signing.sign_hex(partner["shared_secret"], body)
+    event = None if missing in ("event", "both") else "tour.purchased"
+    r = _post(hub, body, signature, event=event)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_headers"
+
+
+def test_checks_run_in_the_specs_order(hub, partner):
+    big = b'{"pad":"' + b"x" * 300_000 + b'"}'
+    assert _post(hub, big, None).status_code == 400          # headers before size
+    assert _post(hub, big, "00").status_code == 413          # size before JSON and signature
+    assert _post(hub, b"[1,2]", "00").status_code == 400     # JSON object before signature
+    assert _post(hub, b"{oops", "00").status_code == 400
+    stale = json.dumps({"event": "tour.purchased", "timestamp": int(time.time()) - 3600}).encode()
+    assert _post(hub, stale, "00").json()["error"]["code"] == "invalid_signature"  # signature before timestamp
+    r = _post(hub, stale, signing.sign_hex(partner["shared_secret"], stale))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "stale_timestamp"
+    assert _inbound(hub) == []
+
+
+def test_a_non_ascii_signature_header_is_401_not_500(hub, partner):
+    body = b'{"event":"tour.purchased"}'
+    r = hub.http.post("/webhooks/partners", content=body, headers=[
+        (b"X-Webhook-Signature", "é".encode("latin-1") * 64), (b"X-Webhook-Event", b"tour.purchased"),
+        (b"Content-Type", b"application/json")])
+    assert r.status_code == 401
+
+
+def test_a_badly_formed_event_header_is_400(hub, partner):
+    body = b'{"event":"tour.purchased"}'
+    r = _post(hub, body, signing.sign_hex(partner["shared_secret"], body), event="not an event")
+    assert r.status_code == 400
+
+
+def test_requests_json_body_differs_from_the_signed_string():
+    """Why raw-body-only verification would refuse the guide's sender."""
+    payload = guide_sender.tour_payload()
+    sent = requests.Request("POST", "http://127.0.0.1/", json=payload).prepare().body
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    assert sent != canonical
+    secret = "sk_live_x"
+    sig = hmac.new(secret.encode(), canonical, hashlib.sha256).hexdigest()
+    assert not signing.signature_matches(secret, sent, sig)
+    assert signing.verify(secret, sent, json.loads(sent), sig)

@@ -1,0 +1,77 @@
+"""`webhookd serve` as a real process: stop, crash (kill -9) and restart lose nothing."""
+
+import signal
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from conftest import ADMIN_TOKEN, Receiver, free_port, wait_for
+from payloads import PAYMENT_SUCCESS
+
+pytestmark = pytest.mark.slow
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _register(url, receiver_url):
+    r = httpx.post(url + "/partners/register", headers=ADMIN, json={
+        "partner_name": "Restart", "webhook_url": receiver_url, "events": ["payment.success"]})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _deliveries(url):
+    r = httpx.get(url + "/deliveries", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+def test_pending_deliveries_survive_a_stop_and_restart(serve_factory):
+    receiver_port = free_port()
+    # Nobody listens yet: attempts fail with connection_refused and the delivery stays pending.
+    serve = serve_factory(WEBHOOKD_DELIVERY_MAX_ATTEMPTS="50", WEBHOOKD_DELIVERY_BACKOFF_BASE_S="0.5",
+                          WEBHOOKD_DELIVERY_BACKOFF_MAX_S="1")
+    partner = _register(serve.url, f"http://127.0.0.1:{receiver_port}/hook")
+    r = httpx.post(serve.url + "/events", headers=ADMIN, json=PAYMENT_SUCCESS)
+    assert r.status_code == 202
+    event_id = r.json()["event_id"]
+    wait_for(lambda: _deliveries(serve.url)[0]["attempt_count"] >= 1)
+    serve.stop(signal.SIGTERM)
+    assert "delivery loop stopped" in serve.output() and "Traceback" not in serve.output()
+
+    receiver = Receiver(secret=partner["shared_secret"], port=receiver_port).start()
+    try:
+        again = serve_factory(port=serve.port, WEBHOOKD_DELIVERY_MAX_ATTEMPTS="50",
+                              WEBHOOKD_DELIVERY_BACKOFF_BASE_S="0.5", WEBHOOKD_DELIVERY_BACKOFF_MAX_S="1")
+        wait_for(lambda: receiver.received, timeout=15)
+        got = receiver.received[0]
+        assert got.headers["x-webhook-id"] == event_id and got.guide_ok and got.raw_ok
+        wait_for(lambda: _deliveries(again.url)[0]["state"] == "delivered")
+    finally:
+        receiver.stop()
+
+
+def test_a_send_cut_by_kill_9_is_sent_again_once_its_lease_runs_out(serve_factory, receiver_factory, tmp_path):
+    receiver = receiver_factory(default=(200, 0.7))   # slow enough to kill the sender mid-request
+    serve = serve_factory()
+    partner = _register(serve.url, receiver.url)
+    receiver.secret = partner["shared_secret"]
+    event_id = httpx.post(serve.url + "/events", headers=ADMIN, json=PAYMENT_SUCCESS).json()["event_id"]
+    wait_for(lambda: receiver.received)              # the request is in flight now
+    serve.stop(signal.SIGKILL)
+
+    db_path = serve.env["WEBHOOKD_STORAGE_PATH"]
+    with sqlite3.connect(db_path) as db:
+        (state, leased_until, attempts) = db.execute(
+            "SELECT state, leased_until, attempt_count FROM deliveries").fetchone()
+        assert state == "pending" and leased_until is not None and attempts == 0  # claimed, never finished
+        # Let the lease run out without waiting for it: move it into the past.
+        db.execute("UPDATE deliveries SET leased_until = :t, next_attempt_at = :t", {"t": time.time() - 1})
+
+    receiver.default = (200, 0)
+    again = serve_factory(port=serve.port)
+    wait_for(lambda: len(receiver.received) == 2, timeout=15)
+    assert {r.headers["x-webhook-id"] for r in receiver.received} == {event_id}
+    wait_for(lambda: _deliveries(again.url)[0]["state"] == "delivered")
+    assert "re-queued 1 deliveries whose lease ran out" in again.output()

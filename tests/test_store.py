@@ -1,0 +1,179 @@
+"""The store on a real SQLite file: claims, leases, transactions, file modes."""
+
+import os
+import stat
+import threading
+import time
+
+import pytest
+
+from store import Attempt, Store
+
+_counter = iter(range(10**9))
+
+
+def _id(prefix):
+    return f"{prefix}{next(_counter):012d}"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(str(tmp_path / "data" / "w.db"))
+    yield s
+    s.close()
+
+
+def _partner(store, events=("payment.success",), status_secret="sk_live_s"):
+    return store.add_partner(partner_id=_id("partner_"), name="P", webhook_url="http://127.0.0.1:9/x",
+                             events=list(events), secret=status_secret, api_key_hash=_id("h"), now=1000.0)
+
+
+def _publish(store, now=1000.0, **kw):
+    return store.publish(event_id=_id("evt_"), event_type="payment.success", body=b'{"a":1}', now=now,
+                         max_attempts=3, new_delivery_id=lambda: _id("dlv_"), **kw)
+
+
+def test_database_file_and_folder_are_private(tmp_path, store):
+    path = tmp_path / "data" / "w.db"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
+def test_wal_and_full_sync_are_on(store):
+    with store._reader() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_the_claim_query_uses_the_due_index(store):
+    plan = store.explain_claim()
+    assert "USING INDEX deliveries_due" in plan
+    assert "SCAN d" not in plan  # never a full scan of deliveries
+
+
+def test_publish_creates_one_delivery_per_subscriber_in_one_transaction(store):
+    subscribed = [_partner(store) for _ in range(3)]
+    _partner(store, events=["booking.confirmed"])
+    event, created = _publish(store)
+    assert created and event.fanout == 3
+    page = store.list_deliveries(limit=50, event_id=event.id)
+    assert sorted(d.partner_id for d in page.items) == sorted(p.id for p in subscribed)
+    assert all(d.state == "pending" and d.attempt_count == 0 for d in page.items)
+
+
+def test_a_failing_publish_leaves_nothing_behind(store):
+    _partner(store)
+
+    def broken_id():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        store.publish(event_id="evt_x", event_type="payment.success", body=b"{}", now=1.0,
+                      max_attempts=3, new_delivery_id=broken_id)
+    assert store.get_event("evt_x") is None
+    assert store.list_deliveries(limit=10).items == []
+
+
+def test_claimed_rows_are_leased_not_deleted_and_come_back_when_the_lease_runs_out(store):
+    _partner(store)
+    _publish(store, now=1000.0)
+    jobs = store.claim_due(now=1000.0, lease_s=30, limit=10)
+    assert len(jobs) == 1 and jobs[0].attempt == 1
+    assert store.claim_due(now=1001.0, lease_s=30, limit=10) == []  # held by the lease
+    d = store.get_delivery(jobs[0].delivery_id)
+    assert d.state == "pending" and d.leased_until == 1030.0
+    # the holder "crashed": after the lease the same delivery is claimed again, same attempt number
+    again = store.claim_due(now=1031.0, lease_s=30, limit=10)
+    assert [j.delivery_id for j in again] == [jobs[0].delivery_id] and again[0].attempt == 1
+
+
+def test_a_late_finish_after_the_lease_was_taken_over_records_once(store):
+    _partner(store)
+    _publish(store)
+    first = store.claim_due(now=1000.0, lease_s=30, limit=1)[0]
+    second = store.claim_due(now=1031.0, lease_s=30, limit=1)[0]
+    ok = Attempt(attempt=1, started_at=1031.0, duration_ms=5, status_code=200, error=None, response_snippet="")
+    assert store.finish_attempt(delivery_id=second.delivery_id, attempt=ok, state="delivered",
+                                next_attempt_at=1032.0, now=1032.0)
+    assert not store.finish_attempt(delivery_id=first.delivery_id, attempt=ok, state="delivered",
+                                    next_attempt_at=1033.0, now=1033.0)
+    assert len(store.get_delivery(first.delivery_id).attempts) == 1
+
+
+def test_requeue_expired_leases_counts_and_clears_them(store):
+    _partner(store)
+    _publish(store)
+    store.claim_due(now=1000.0, lease_s=30, limit=1)
+    assert store.requeue_expired_leases(now=1010.0) == 0
+    assert store.requeue_expired_leases(now=1031.0) == 1
+    assert store.list_deliveries(limit=1).items[0].leased_until is None
+
+
+def test_paused_partners_hold_their_deliveries(store):
+    p = _partner(store)
+    _publish(store)
+    with store._transaction() as db:
+        db.execute("UPDATE partners SET status = 'paused' WHERE id = :id", {"id": p.id})
+    assert store.claim_due(now=2000.0, lease_s=30, limit=10) == []
+    assert store.next_due_at() is None
+    assert store.list_deliveries(limit=10).items[0].state == "pending"
+
+
+def test_concurrent_claimers_never_claim_the_same_delivery_twice(tmp_path):
+    path = str(tmp_path / "c.db")
+    setup = Store(path)
+    for _ in range(5):
+        _partner(setup)
+    for _ in range(200):
+        _publish(setup)  # 1000 deliveries
+    setup.close()
+    stores = [Store(path) for _ in range(4)]  # separate writers, like separate processes
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(s):
+        while True:
+            jobs = s.claim_due(now=time.time(), lease_s=60, limit=7)
+            if not jobs:
+                return
+            with lock:
+                claimed.extend(j.delivery_id for j in jobs)
+
+    threads = [threading.Thread(target=claimer, args=(stores[i % 4],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for s in stores:
+        s.close()
+    assert len(claimed) == 1000
+    assert len(set(claimed)) == 1000
+
+
+def test_idempotency_key_returns_the_first_event(store):
+    _partner(store)
+    first, created = _publish(store, idempotency_key="k1", request_hash="h1")
+    again, created_again = _publish(store, idempotency_key="k1", request_hash="h1")
+    assert created and not created_again and again.id == first.id
+    assert len(store.list_deliveries(limit=10).items) == 1
+
+
+def test_inbound_is_stored_once_per_partner_and_key(store):
+    p = _partner(store)
+    first, created = store.add_inbound(inbound_id="inb_1", partner_id=p.id, event_type="tour.purchased",
+                                       dedupe_key="id:x", body=b"{}", now=5.0)
+    again, created_again = store.add_inbound(inbound_id="inb_2", partner_id=p.id, event_type="tour.purchased",
+                                             dedupe_key="id:x", body=b"{}", now=6.0)
+    assert created and not created_again and again.id == "inb_1" and again.received_at == 5.0
+
+
+def test_list_deliveries_pages_newest_first(store):
+    _partner(store)
+    for _ in range(5):
+        _publish(store)
+    page1 = store.list_deliveries(limit=2)
+    page2 = store.list_deliveries(limit=2, cursor=page1.next_cursor)
+    page3 = store.list_deliveries(limit=2, cursor=page2.next_cursor)
+    ids = [d.id for d in page1.items + page2.items + page3.items]
+    assert ids == sorted(ids, reverse=True) and len(set(ids)) == 5
+    assert page3.next_cursor is None
