@@ -19,6 +19,7 @@ once and its lease only has to cover one attempt.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import http.client
 import ipaddress
@@ -215,7 +216,8 @@ class DeliveryLoop:
         self.clock = clock
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.concurrency, thread_name_prefix="webhookd-send")
-        self._in_flight: dict[asyncio.Future, str] = {}
+        self._in_flight: dict[asyncio.Future, Job] = {}
+        self._busy: collections.Counter[str] = collections.Counter()  # in flight per partner
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -254,7 +256,7 @@ class DeliveryLoop:
         self.wake()
         if self._task is not None:
             await self._task
-        never_started = [self._in_flight[f] for f in list(self._in_flight) if f.cancel()]
+        never_started = [self._in_flight[f].delivery_id for f in list(self._in_flight) if f.cancel()]
         if never_started:
             await asyncio.to_thread(self.store.release, never_started, self.clock())
         running = [f for f in self._in_flight if not f.done()]
@@ -291,15 +293,21 @@ class DeliveryLoop:
         if free <= 0:
             return 0
         jobs = await asyncio.to_thread(
-            self.store.claim_due, now=self.clock(), lease_s=self.settings.lease_s, limit=free)
+            self.store.claim_due, now=self.clock(), lease_s=self.settings.lease_s, limit=free,
+            per_partner=self.settings.per_partner_concurrency, busy=dict(self._busy))
         for job in jobs:
             future = self._loop.run_in_executor(self._pool, self._attempt, job)
-            self._in_flight[future] = job.delivery_id
+            self._in_flight[future] = job
+            self._busy[job.partner_id] += 1
             future.add_done_callback(self._attempt_done)
         return len(jobs)
 
     def _attempt_done(self, future: asyncio.Future) -> None:
-        self._in_flight.pop(future, None)
+        job = self._in_flight.pop(future, None)
+        if job is not None:
+            self._busy[job.partner_id] -= 1
+            if not self._busy[job.partner_id]:
+                del self._busy[job.partner_id]
         if not future.cancelled() and future.exception() is not None:
             logger.error("delivery attempt crashed", exc_info=future.exception())
         self._wakeup.set()  # a worker is free again

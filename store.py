@@ -25,7 +25,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS partners (
@@ -67,6 +67,7 @@ SCHEMA = [
         updated_at      REAL NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_partner_due ON deliveries (partner_id, state, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS deliveries_by_partner ON deliveries (partner_id, id)",
     "CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (event_id)",
     """CREATE TABLE IF NOT EXISTS attempts (
@@ -267,6 +268,7 @@ class Store:
         self._write_lock = threading.Lock()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
+        self._claim_round = 0  # which partner the next claim starts with
         self._apply_schema()
 
     def close(self) -> None:
@@ -318,9 +320,10 @@ class Store:
             return db.execute("SELECT 1").fetchone()[0] == 1
 
     def explain_claim(self) -> str:
-        """The query plan of the claim query, for tests that check it uses an index."""
+        """The query plan of the claim's search, for tests that check it uses an index."""
         with self._reader() as db:
-            rows = db.execute("EXPLAIN QUERY PLAN " + _DUE_IDS, {"now": 0.0, "limit": 1}).fetchall()
+            rows = db.execute("EXPLAIN QUERY PLAN " + _DUE_FOR_PARTNER,
+                              {"partner_id": "", "now": 0.0, "limit": 1}).fetchall()
         return "\n".join(row["detail"] for row in rows)
 
     # --- Partners -----------------------------------------------------------------
@@ -424,24 +427,44 @@ class Store:
 
     # --- The delivery loop's side: claim, finish, release ---------------------------
 
-    def claim_due(self, *, now: float, lease_s: float, limit: int) -> list[Job]:
-        """Take up to ``limit`` due deliveries of active partners, leasing them for ``lease_s``.
+    def claim_due(self, *, now: float, lease_s: float, limit: int, per_partner: int,
+                  busy: Mapping[str, int] | None = None) -> list[Job]:
+        """Take up to ``limit`` due deliveries, at most ``per_partner`` in flight per partner.
 
-        The lease is written into ``next_attempt_at``: a row whose attempt never
-        finishes (the process died) becomes due again when the lease runs out.
+        ``busy`` counts what each partner already has in flight. Partners are visited
+        in turn, starting one further along at each call, and each gets its oldest due
+        rows up to its free room: one partner with a huge backlog cannot crowd out the
+        others. The lease is written into ``next_attempt_at``, so a row whose attempt
+        never finishes (the process died) becomes due again when the lease runs out.
         """
-        if limit <= 0:
-            return []
+        busy = busy or {}
         lease_until = now + lease_s
         with self._transaction() as db:
-            ids = [r["id"] for r in db.execute(_DUE_IDS, {"now": now, "limit": limit})]
+            partners = [r["id"] for r in db.execute("SELECT id FROM partners WHERE status = 'active' ORDER BY id")]
+            if not partners or limit <= 0:
+                return []
+            self._claim_round = (self._claim_round + 1) % len(partners)
+            in_turn = partners[self._claim_round:] + partners[:self._claim_round]
+            taken = {p: 0 for p in partners}
+            ids: list[str] = []
+            # First pass: an equal share each; second pass: fill what is left, up to the cap.
+            # Leasing each batch at once takes it out of the next search.
+            for cap in (max(1, limit // len(partners)), per_partner):
+                for partner_id in in_turn:
+                    room = min(cap - taken[partner_id], per_partner - busy.get(partner_id, 0) - taken[partner_id],
+                               limit - len(ids))
+                    if room <= 0:
+                        continue
+                    batch = [r["id"] for r in db.execute(
+                        _DUE_FOR_PARTNER, {"partner_id": partner_id, "now": now, "limit": room})]
+                    db.executemany(
+                        "UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease WHERE id = :id",
+                        [{"id": i, "lease": lease_until} for i in batch],
+                    )
+                    taken[partner_id] += len(batch)
+                    ids += batch
             if not ids:
                 return []
-            db.executemany(
-                """UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease
-                   WHERE id = :id""",
-                [{"id": i, "lease": lease_until} for i in ids],
-            )
             placeholders = ",".join(f":id{n}" for n in range(len(ids)))
             rows = db.execute(
                 f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.webhook_url, p.secret,
@@ -449,7 +472,7 @@ class Store:
                            d.attempt_count, d.max_attempts
                     FROM deliveries d JOIN events e ON e.id = d.event_id
                                       JOIN partners p ON p.id = d.partner_id
-                    WHERE d.id IN ({placeholders}) ORDER BY d.next_attempt_at, d.id""",
+                    WHERE d.id IN ({placeholders})""",
                 {f"id{n}": i for n, i in enumerate(ids)},
             ).fetchall()
         return [_job_from_row(row, now) for row in rows]
@@ -590,11 +613,11 @@ class Store:
 
 # --- Shared SQL and helpers -----------------------------------------------------------
 
-# The claim's search: due pending rows in due order, through the deliveries_due index.
-_DUE_IDS = """
-    SELECT d.id FROM deliveries d JOIN partners p ON p.id = d.partner_id
-    WHERE d.state = 'pending' AND d.next_attempt_at <= :now AND p.status = 'active'
-    ORDER BY d.next_attempt_at LIMIT :limit
+# The claim's search: one partner's due rows, oldest first, through deliveries_partner_due.
+_DUE_FOR_PARTNER = """
+    SELECT id FROM deliveries
+    WHERE partner_id = :partner_id AND state = 'pending' AND next_attempt_at <= :now
+    ORDER BY next_attempt_at LIMIT :limit
 """
 
 _DELIVERY_SELECT = """

@@ -855,6 +855,60 @@ def _cmd_sign(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _listen_verdicts(secret: str, headers: Any, body: bytes, now: float) -> dict[str, bool]:
+    """How a receiver holding ``secret`` judges one webhook, each way a partner might check it."""
+    signature = headers.get("X-Webhook-Signature") or ""
+    try:
+        canonical_ok = signing.signature_matches(secret, signing.canonical(signing.parse_json(body)), signature)
+    except signing.BadJSON:
+        canonical_ok = False
+    msg_id, stamp = headers.get("webhook-id") or "", headers.get("webhook-timestamp") or ""
+    standard_ok = False
+    if stamp.isdigit() and abs(now - int(stamp)) <= 300:
+        expected = signing.standard_signature(secret, msg_id, int(stamp), body)
+        given = (headers.get("webhook-signature") or "").split()
+        standard_ok = any(hmac.compare_digest(expected.encode(), g.encode("utf-8", "replace")) for g in given)
+    return {"raw": signing.signature_matches(secret, body, signature), "canonical": canonical_ok,
+            "standard": standard_ok}
+
+
+def _cmd_listen(args: argparse.Namespace, config: Config) -> int:
+    """A local receiver that verifies every webhook and prints what it got."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(min(length, 1 << 20))
+            verdicts = _listen_verdicts(args.secret, self.headers, body, time.time())
+            ok = verdicts["raw"] or verdicts["canonical"]
+            print(f"{self.headers.get('X-Webhook-Event', '?'):<20} {self.headers.get('X-Webhook-Id', '?')}  "
+                  + "  ".join(f"{k}={'ok' if v else 'BAD'}" for k, v in verdicts.items()), flush=True)
+            if args.verbose:
+                print("  " + body.decode("utf-8", "replace"), flush=True)
+            answer = {"status": "received"} if ok else {"error": {"code": "invalid_signature",
+                                                                  "message": "The signature does not verify."}}
+            data = json.dumps(answer).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *log_args: Any) -> None:
+            pass  # one line per webhook is printed above
+
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    print(f"listening on http://{args.host}:{args.port}/ — register this URL; Ctrl+C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="webhookd", description="A small, auditable webhook hub.")
     parser.add_argument("--config", default=os.environ.get("WEBHOOKD_CONFIG", "webhookd.toml"),
@@ -873,6 +927,13 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--secret", required=True, help="the partner's shared secret")
     sign.add_argument("json", nargs="?", default="{}", help="the payload, or @file to read it from a file")
     sign.set_defaults(handler=_cmd_sign, needs_config=False)
+
+    listen = commands.add_parser("listen", help="run a local receiver that verifies and prints webhooks")
+    listen.add_argument("--secret", required=True, help="the shared secret registration gave you")
+    listen.add_argument("--port", type=int, default=9000, help="port to listen on (default: 9000)")
+    listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    listen.add_argument("--verbose", "-v", action="store_true", help="print each body too")
+    listen.set_defaults(handler=_cmd_listen, needs_config=False)
     return parser
 
 

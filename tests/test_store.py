@@ -47,7 +47,7 @@ def test_wal_and_full_sync_are_on(store):
 
 def test_the_claim_query_uses_the_due_index(store):
     plan = store.explain_claim()
-    assert "USING INDEX deliveries_due" in plan
+    assert "USING INDEX deliveries_partner_due" in plan
     assert "SCAN d" not in plan  # never a full scan of deliveries
 
 
@@ -77,21 +77,21 @@ def test_a_failing_publish_leaves_nothing_behind(store):
 def test_claimed_rows_are_leased_not_deleted_and_come_back_when_the_lease_runs_out(store):
     _partner(store)
     _publish(store, now=1000.0)
-    jobs = store.claim_due(now=1000.0, lease_s=30, limit=10)
+    jobs = store.claim_due(now=1000.0, lease_s=30, limit=10, per_partner=100)
     assert len(jobs) == 1 and jobs[0].attempt == 1
-    assert store.claim_due(now=1001.0, lease_s=30, limit=10) == []  # held by the lease
+    assert store.claim_due(now=1001.0, lease_s=30, limit=10, per_partner=100) == []  # held by the lease
     d = store.get_delivery(jobs[0].delivery_id)
     assert d.state == "pending" and d.leased_until == 1030.0
     # the holder "crashed": after the lease the same delivery is claimed again, same attempt number
-    again = store.claim_due(now=1031.0, lease_s=30, limit=10)
+    again = store.claim_due(now=1031.0, lease_s=30, limit=10, per_partner=100)
     assert [j.delivery_id for j in again] == [jobs[0].delivery_id] and again[0].attempt == 1
 
 
 def test_a_late_finish_after_the_lease_was_taken_over_records_once(store):
     _partner(store)
     _publish(store)
-    first = store.claim_due(now=1000.0, lease_s=30, limit=1)[0]
-    second = store.claim_due(now=1031.0, lease_s=30, limit=1)[0]
+    first = store.claim_due(now=1000.0, lease_s=30, limit=1, per_partner=100)[0]
+    second = store.claim_due(now=1031.0, lease_s=30, limit=1, per_partner=100)[0]
     ok = Attempt(attempt=1, started_at=1031.0, duration_ms=5, status_code=200, error=None, response_snippet="")
     assert store.finish_attempt(delivery_id=second.delivery_id, attempt=ok, state="delivered",
                                 next_attempt_at=1032.0, now=1032.0)
@@ -103,7 +103,7 @@ def test_a_late_finish_after_the_lease_was_taken_over_records_once(store):
 def test_requeue_expired_leases_counts_and_clears_them(store):
     _partner(store)
     _publish(store)
-    store.claim_due(now=1000.0, lease_s=30, limit=1)
+    store.claim_due(now=1000.0, lease_s=30, limit=1, per_partner=100)
     assert store.requeue_expired_leases(now=1010.0) == 0
     assert store.requeue_expired_leases(now=1031.0) == 1
     assert store.list_deliveries(limit=1).items[0].leased_until is None
@@ -114,7 +114,7 @@ def test_paused_partners_hold_their_deliveries(store):
     _publish(store)
     with store._transaction() as db:
         db.execute("UPDATE partners SET status = 'paused' WHERE id = :id", {"id": p.id})
-    assert store.claim_due(now=2000.0, lease_s=30, limit=10) == []
+    assert store.claim_due(now=2000.0, lease_s=30, limit=10, per_partner=100) == []
     assert store.next_due_at() is None
     assert store.list_deliveries(limit=10).items[0].state == "pending"
 
@@ -133,7 +133,7 @@ def test_concurrent_claimers_never_claim_the_same_delivery_twice(tmp_path):
 
     def claimer(s):
         while True:
-            jobs = s.claim_due(now=time.time(), lease_s=60, limit=7)
+            jobs = s.claim_due(now=time.time(), lease_s=60, limit=7, per_partner=3)
             if not jobs:
                 return
             with lock:
@@ -177,3 +177,23 @@ def test_list_deliveries_pages_newest_first(store):
     ids = [d.id for d in page1.items + page2.items + page3.items]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == 5
     assert page3.next_cursor is None
+
+
+def test_claims_respect_the_per_partner_cap_and_what_is_already_in_flight(store):
+    p = _partner(store)
+    for _ in range(20):
+        _publish(store)
+    assert len(store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4)) == 4
+    assert len(store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4, busy={p.id: 3})) == 1
+    assert store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4, busy={p.id: 4}) == []
+
+
+def test_a_partner_with_a_huge_backlog_does_not_crowd_out_the_others(store):
+    big = _partner(store)
+    for _ in range(100):
+        _publish(store, now=500.0)  # older than anything the small partner has
+    small = _partner(store)
+    _publish(store, now=900.0)       # reaches both partners
+    jobs = store.claim_due(now=1000.0, lease_s=30, limit=8, per_partner=8)
+    partners = [j.partner_id for j in jobs]
+    assert small.id in partners and partners.count(big.id) <= 7
