@@ -21,24 +21,30 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import email.utils
+import heapq
 import http.client
 import ipaddress
 import logging
+import queue
 import random
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
 import signing
-from store import Attempt, Job, Store
+from store import Attempt, Job, Outcome, Store
 
 logger = logging.getLogger("webhookd.delivery")
 
 SNIPPET_BYTES = 1024
-IDLE_RECHECK_S = 30.0  # even with nothing due, look again now and then (e.g. a partner resumed)
+DRAIN_BYTES = 64 * 1024  # read at most this much of a response to reuse its connection
+IDLE_RECHECK_S = 30.0    # even with nothing due, look again now and then
+RECORD_BATCH = 500       # results written per group commit, at most
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,25 @@ class Settings:
     backoff_max_s: float = 3600.0
     concurrency: int = 16
     per_partner_concurrency: int = 4
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 30.0
+    breaker_cooldown_max_s: float = 600.0
+    disable_after_s: float = 259200.0
+    retry_after_max_s: float = 3600.0
+    idle_connection_s: float = 30.0
+    retention_s: float = 2592000.0
+    purge_batch: int = 500
+    purge_interval_s: float = 300.0
     allow_private_targets: bool = False
     user_agent: str = "webhookd"
 
     @property
     def lease_s(self) -> float:
-        """How long a claim holds a row. Far longer than one attempt can take, so a slow
-        attempt is never taken over (and sent twice) while it is still running."""
-        return max(30.0, 3 * self.timeout_s + 10)
+        """How long a claim holds a row. An attempt is cut off after ``timeout_s`` (plus at
+        most one ``timeout_s`` to connect), so three timeouts and a margin for DNS and for
+        recording the result mean a slow attempt is never taken over — and sent twice —
+        while it is still running."""
+        return 3 * self.timeout_s + 10
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -130,7 +147,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-# --- Sending one attempt -------------------------------------------------------------
+# --- Sending one attempt ---------------------------------------------------------------
 
 
 def build_headers(job: Job, timestamp: int, user_agent: str) -> dict[str, str]:
@@ -168,38 +185,289 @@ def classify_error(exc: BaseException) -> str:
     return "connection_error"
 
 
-def send(job: Job, settings: Settings, clock: Callable[[], float] = time.time) -> Attempt:
-    """Make one HTTP attempt of ``job`` and describe what happened. Never raises for I/O."""
-    started = clock()
-    status: int | None = None
-    error: str | None = None
-    snippet: str | None = None
-    conn: http.client.HTTPConnection | None = None
-    try:
-        url = urlsplit(job.url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError("not an http(s) URL")
-        port = url.port or (443 if url.scheme == "https" else 80)
-        ip = resolve_target(url.hostname, port, settings.allow_private_targets)
-        connection_class = _PinnedHTTPSConnection if url.scheme == "https" else _PinnedHTTPConnection
-        conn = connection_class(url.hostname, port, ip, settings.timeout_s)
-        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        conn.request("POST", path, body=job.body, headers=build_headers(job, int(started), settings.user_agent))
-        response = conn.getresponse()
-        status = response.status
-        snippet = response.read(SNIPPET_BYTES).decode("utf-8", "replace")
-        if 300 <= status < 400:
-            error = "redirect"  # redirects are never followed: the partner must fix its URL
-        elif not 200 <= status < 300:
-            error = "http_error"
-    except Exception as exc:  # one bad endpoint must never take the worker down
-        error = classify_error(exc)
-    finally:
-        if conn is not None:
+def parse_retry_after(value: str | None, now: float, max_s: float) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), clamped to [0, max_s]."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return min(max(seconds, 0.0), max_s)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one attempt produced: the attempt row, and the partner's Retry-After if any."""
+
+    attempt: Attempt
+    retry_after_s: float | None = None
+
+
+_STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+class _Deadlines:
+    """Cuts off requests that run past their deadline.
+
+    ``http.client``'s timeout bounds each socket operation, not the request: a
+    partner that drips one header byte every few seconds could hold a worker for
+    minutes. One watchdog thread shuts down the socket of any request past its
+    deadline, so an attempt lasts at most ``timeout_s`` once connected.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[list] = []  # [deadline, seq, connection, still watched]
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, conn: http.client.HTTPConnection) -> list:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="webhookd-deadlines", daemon=True)
+                self._thread.start()
+            self._seq += 1
+            entry = [deadline, self._seq, conn, True]
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._cond.notify()
+            return entry
+
+    @staticmethod
+    def release(entry: list) -> bool:
+        """Stop watching; True if the deadline had already cut the request off."""
+        entry[3] = False
+        return entry[2] is None
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and not self._heap[0][3]:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                wait = self._heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                entry = heapq.heappop(self._heap)
+                conn, entry[2] = entry[2], None
+                if conn.sock is not None:
+                    try:
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+
+_deadlines = _Deadlines()
+
+
+class Sender:
+    """Sends attempts over keep-alive connections: one pool per worker thread, keyed by origin.
+
+    A connection is reused only while healthy: it is closed after any error, when the
+    partner says ``Connection: close``, when a response is too large to drain, and
+    when it has been idle longer than ``idle_connection_s`` (servers drop idle ones).
+    """
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.clock = clock
+        self._local = threading.local()
+
+    def _connections(self) -> dict[tuple, tuple[http.client.HTTPConnection, float]]:
+        if not hasattr(self._local, "connections"):
+            self._local.connections = {}
+        return self._local.connections
+
+    def _checkout(self, scheme: str, host: str, port: int) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to the origin: the thread's idle one if fresh, else a new one (checked, pinned)."""
+        key = (scheme, host, port)
+        kept = self._connections().pop(key, None)
+        if kept is not None:
+            conn, last_used = kept
+            if time.monotonic() - last_used < self.settings.idle_connection_s:
+                return conn, True
             conn.close()
-    duration_ms = int((clock() - started) * 1000)
-    return Attempt(attempt=job.attempt, started_at=started, duration_ms=duration_ms,
-                   status_code=status, error=error, response_snippet=snippet)
+        ip = resolve_target(host, port, self.settings.allow_private_targets)
+        connection_class = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+        return connection_class(host, port, ip, self.settings.timeout_s), False
+
+    def _keep(self, scheme: str, host: str, port: int, conn: http.client.HTTPConnection) -> None:
+        self._connections()[(scheme, host, port)] = (conn, time.monotonic())
+
+    def close_all(self) -> None:
+        """Close this thread's connections."""
+        for conn, _ in self._connections().values():
+            conn.close()
+        self._connections().clear()
+
+    def send(self, job: Job) -> Sent:
+        """Make one HTTP attempt of ``job`` and describe what happened. Never raises for I/O."""
+        started = self.clock()
+        status: int | None = None
+        error: str | None = None
+        snippet: str | None = None
+        retry_after: float | None = None
+        try:
+            url = urlsplit(job.url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError("not an http(s) URL")
+            port = url.port or (443 if url.scheme == "https" else 80)
+            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            headers = build_headers(job, int(started), self.settings.user_agent)
+            conn, reused = self._checkout(url.scheme, url.hostname, port)
+            watch = _deadlines.watch(time.monotonic() + self.settings.timeout_s, conn)
+            try:
+                try:
+                    conn.request("POST", path, body=job.body, headers=headers)
+                    response = conn.getresponse()
+                except _STALE_CONNECTION:
+                    if not reused or watch[2] is None:
+                        raise
+                    # The partner closed our idle connection as we reused it: nothing was
+                    # processed, so one fresh connection is safe (as urllib3 does).
+                    conn.close()
+                    _deadlines.release(watch)
+                    conn, reused = self._checkout(url.scheme, url.hostname, port)
+                    watch = _deadlines.watch(time.monotonic() + self.settings.timeout_s, conn)
+                    conn.request("POST", path, body=job.body, headers=headers)
+                    response = conn.getresponse()
+                status = response.status
+                snippet = response.read(SNIPPET_BYTES).decode("utf-8", "replace")
+                response.read(DRAIN_BYTES)
+                cut_off = _deadlines.release(watch)
+                if response.isclosed() and not response.will_close and not cut_off:
+                    self._keep(url.scheme, url.hostname, port, conn)
+                else:
+                    conn.close()
+            except BaseException as exc:
+                conn.close()
+                if _deadlines.release(watch):
+                    raise TimeoutError("the attempt ran past its deadline") from exc
+                raise
+            if 300 <= status < 400:
+                error = "redirect"  # never followed: the partner must fix its URL
+            elif not 200 <= status < 300:
+                error = "http_error"
+                if status in (429, 503):
+                    retry_after = parse_retry_after(response.getheader("Retry-After"), self.clock(),
+                                                    self.settings.retry_after_max_s)
+        except Exception as exc:  # one bad endpoint must never take the worker down
+            error = classify_error(exc)
+        duration_ms = int((self.clock() - started) * 1000)
+        attempt = Attempt(attempt=job.attempt, started_at=started, duration_ms=duration_ms,
+                          status_code=status, error=error, response_snippet=snippet)
+        return Sent(attempt, retry_after)
+
+
+def send(job: Job, settings: Settings, clock: Callable[[], float] = time.time) -> Attempt:
+    """One attempt on a fresh connection (for tools and tests; the loop uses a Sender)."""
+    sender = Sender(settings, clock)
+    try:
+        return sender.send(job).attempt
+    finally:
+        sender.close_all()
+
+
+def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: float) -> tuple[str, float]:
+    """The delivery's next state and due time after one attempt."""
+    if sent.attempt.error is None:
+        return "delivered", now
+    if job.attempt >= job.max_attempts:
+        return "failed", now
+    delay = backoff_delay(job.attempt, settings.backoff_base_s, settings.backoff_max_s, rng)
+    return "pending", now + max(delay, sent.retry_after_s or 0.0)
+
+
+# --- Keeping bad partners in their lane ----------------------------------------------------
+
+
+@dataclass
+class Health:
+    """What the loop knows of one partner's endpoint."""
+
+    failures: int = 0                  # failed attempts in a row
+    failing_since: float | None = None  # start of the current failing streak (kept in the store)
+    open_until: float = 0.0            # claim nothing for this partner before this time
+
+
+class Breakers:
+    """Per-partner circuit breakers, ``Retry-After`` pauses and the auto-disable rule.
+
+    Closed (fewer than ``breaker_threshold`` failures in a row): up to the per-partner
+    cap in flight. Open: nothing until ``open_until``. Half-open (open, and the
+    cool-down is over): one probe at a time; a success closes the circuit, a failure
+    opens it again for twice as long (up to ``breaker_cooldown_max_s``).
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._health: dict[str, Health] = {}
+        self._lock = threading.Lock()
+
+    def room(self, partner_id: str, busy: int, now: float) -> int:
+        """How many more of this partner's deliveries may be claimed now."""
+        with self._lock:
+            health = self._health.get(partner_id)
+        cap = self.settings.per_partner_concurrency - busy
+        if health is None:
+            return cap
+        if now < health.open_until:
+            return 0
+        if health.failures >= self.settings.breaker_threshold:
+            return 1 if busy == 0 else 0  # half-open: one probe
+        return cap
+
+    def constrained(self) -> list[str]:
+        with self._lock:
+            return list(self._health)
+
+    def reopens_at(self) -> float | None:
+        """The earliest time a paused partner may be claimed again."""
+        with self._lock:
+            times = [h.open_until for h in self._health.values() if h.open_until]
+        return min(times) if times else None
+
+    def forget(self, partner_id: str) -> None:
+        """Start afresh (the partner was re-activated by hand)."""
+        with self._lock:
+            self._health.pop(partner_id, None)
+
+    def record(self, job: Job, sent: Sent, now: float) -> tuple[float | None, bool, str | None]:
+        """Count one attempt. Returns (failing_since, whether it changed, reason to disable or None)."""
+        ok = sent.attempt.error is None
+        with self._lock:
+            health = self._health.get(job.partner_id)
+            if ok:
+                self._health.pop(job.partner_id, None)
+                return None, job.partner_failing_since is not None or health is not None, None
+            if health is None:
+                health = self._health[job.partner_id] = Health(failing_since=job.partner_failing_since)
+            changed = health.failing_since is None
+            if changed:
+                health.failing_since = now
+            health.failures += 1
+            over = health.failures - self.settings.breaker_threshold
+            if over >= 0:
+                cooldown = min(self.settings.breaker_cooldown_max_s, self.settings.breaker_cooldown_s * 2 ** min(over, 30))
+                health.open_until = max(health.open_until, now + cooldown)
+            if sent.retry_after_s:
+                health.open_until = max(health.open_until, now + sent.retry_after_s)
+            reason = None
+            if sent.attempt.status_code == 410:
+                reason = "the endpoint answered 410 Gone"
+            elif now - health.failing_since >= self.settings.disable_after_s:
+                reason = f"every attempt failed for {int(now - health.failing_since)} s"
+            if reason:
+                self._health.pop(job.partner_id, None)
+            return health.failing_since, changed, reason
 
 
 # --- The loop -------------------------------------------------------------------------
@@ -214,13 +482,18 @@ class DeliveryLoop:
         self.settings = settings
         self.rng = rng or random.Random()
         self.clock = clock
+        self.sender = Sender(settings, clock)
+        self.breakers = Breakers(settings)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.concurrency, thread_name_prefix="webhookd-send")
+        self._results: "queue.SimpleQueue[Outcome | None]" = queue.SimpleQueue()
+        self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
         self._in_flight: dict[asyncio.Future, Job] = {}
         self._busy: collections.Counter[str] = collections.Counter()  # in flight per partner
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
+        self._run_task: asyncio.Task | None = None
+        self._purge_task: asyncio.Task | None = None
         self._stopping = False
 
     # Starting, waking and stopping ---------------------------------------------------
@@ -231,7 +504,9 @@ class DeliveryLoop:
         requeued = await asyncio.to_thread(self.store.requeue_expired_leases, self.clock())
         if requeued:
             logger.warning("re-queued %d deliveries whose lease ran out (an earlier run stopped mid-send)", requeued)
-        self._task = asyncio.create_task(self.run(), name="webhookd-delivery-loop")
+        self._recorder.start()
+        self._run_task = asyncio.create_task(self.run(), name="webhookd-delivery-loop")
+        self._purge_task = asyncio.create_task(self._purge_old(), name="webhookd-retention")
 
     def wake(self) -> None:
         """Tell the loop there may be work now. Safe to call from any thread."""
@@ -246,16 +521,22 @@ class DeliveryLoop:
         else:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
+    def partner_reactivated(self, partner_id: str) -> None:
+        """A partner was made active again by hand: forget its failures and look for work."""
+        self.breakers.forget(partner_id)
+        self.wake()
+
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop claiming, wait (bounded) for attempts in flight, and hand back the rest.
+        """Stop claiming, wait (bounded) for attempts in flight, record them, and hand back the rest.
 
         An attempt still running after the grace period keeps its lease; the next
         run takes it again once the lease runs out. Nothing is lost either way.
         """
         self._stopping = True
         self.wake()
-        if self._task is not None:
-            await self._task
+        if self._purge_task is not None:
+            self._purge_task.cancel()
+        await asyncio.gather(*(t for t in (self._run_task, self._purge_task) if t), return_exceptions=True)
         never_started = [self._in_flight[f].delivery_id for f in list(self._in_flight) if f.cancel()]
         if never_started:
             await asyncio.to_thread(self.store.release, never_started, self.clock())
@@ -264,6 +545,8 @@ class DeliveryLoop:
             grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
             await asyncio.wait(running, timeout=grace)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._results.put(None)  # the recorder writes what is queued, then stops
+        await asyncio.to_thread(self._recorder.join, 10)
         unfinished = sum(1 for f in running if not f.done())
         logger.info("delivery loop stopped; %d attempts left unfinished (their leases will run out "
                     "and they will be sent again)", unfinished)
@@ -280,21 +563,27 @@ class DeliveryLoop:
             self._wakeup.clear()
             try:
                 started = await self._claim_and_start()
+                if started:
+                    continue  # there may be more due right now
+                pause = await self._seconds_until_next_due()
             except Exception:
                 logger.exception("claiming deliveries failed; trying again shortly")
-                await self._sleep(1.0)
-                continue
-            if started:
-                continue  # there may be more due right now
-            await self._sleep(await self._seconds_until_next_due())
+                pause = 1.0
+            await self._sleep(pause)
+
+    def _room(self, now: float) -> dict[str, int]:
+        """Room of every partner that is not simply idle and healthy (those get the full cap)."""
+        partners = set(self._busy) | set(self.breakers.constrained())
+        return {p: self.breakers.room(p, self._busy[p], now) for p in partners}
 
     async def _claim_and_start(self) -> int:
         free = self.settings.concurrency - len(self._in_flight)
         if free <= 0:
             return 0
+        now = self.clock()
         jobs = await asyncio.to_thread(
-            self.store.claim_due, now=self.clock(), lease_s=self.settings.lease_s, limit=free,
-            per_partner=self.settings.per_partner_concurrency, busy=dict(self._busy))
+            self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
+            per_partner=self.settings.per_partner_concurrency, room=self._room(now))
         for job in jobs:
             future = self._loop.run_in_executor(self._pool, self._attempt, job)
             self._in_flight[future] = job
@@ -313,10 +602,14 @@ class DeliveryLoop:
         self._wakeup.set()  # a worker is free again
 
     async def _seconds_until_next_due(self) -> float:
-        next_due = await asyncio.to_thread(self.store.next_due_at)
-        if next_due is None:
+        """Sleep until the next due row of a partner with room, or until a paused partner reopens."""
+        now = self.clock()
+        full = [p for p, room in self._room(now).items() if room <= 0]
+        candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at()]
+        times = [t for t in candidates if t is not None]
+        if not times:
             return IDLE_RECHECK_S
-        return min(IDLE_RECHECK_S, max(0.0, next_due - self.clock()))
+        return min(IDLE_RECHECK_S, max(0.0, min(times) - now))
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep until ``seconds`` pass or someone calls ``wake()``."""
@@ -328,18 +621,67 @@ class DeliveryLoop:
     # One attempt, in a worker thread -------------------------------------------------------
 
     def _attempt(self, job: Job) -> None:
-        attempt = send(job, self.settings, self.clock)
+        sent = self.sender.send(job)
         now = self.clock()
-        if attempt.error is None:
-            state, next_at = "delivered", now
-        elif job.attempt < job.max_attempts:
-            delay = backoff_delay(job.attempt, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng)
-            state, next_at = "pending", now + delay
-        else:
-            state, next_at = "failed", now
-        recorded = self.store.finish_attempt(
-            delivery_id=job.delivery_id, attempt=attempt, state=state, next_attempt_at=next_at, now=now)
-        logger.info(
-            "delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s%s",
-            job.delivery_id, job.event_id, job.partner_id, job.attempt, attempt.status_code,
-            attempt.error, attempt.duration_ms, state, "" if recorded else " (not recorded: lease lost)")
+        state, next_at = decide(job, sent, self.settings, self.rng, now)
+        failing_since, failing_changed, disable_reason = self.breakers.record(job, sent, now)
+        self._results.put(Outcome(
+            delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=sent.attempt, state=state,
+            next_attempt_at=next_at, partner_failing_since=failing_since,
+            partner_failing_changed=failing_changed, disable_reason=disable_reason))
+        a = sent.attempt
+        logger.info("delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
+                    job.delivery_id, job.event_id, job.partner_id, job.attempt, a.status_code, a.error,
+                    a.duration_ms, state)
+        if disable_reason:
+            logger.warning("partner %s disabled: %s; its deliveries wait until it is made active again",
+                           job.partner_id, disable_reason)
+
+    # The recorder: many results, one commit -------------------------------------------------
+
+    def _record_results(self) -> None:
+        """Write queued attempt results in batches (group commit) until the stop sentinel."""
+        stopping = False
+        while not stopping:
+            batch = [self._results.get()]
+            while len(batch) < RECORD_BATCH:
+                try:
+                    batch.append(self._results.get_nowait())
+                except queue.Empty:
+                    break
+            if None in batch:
+                stopping = True
+                batch = [o for o in batch if o is not None]
+            if not batch:
+                continue
+            try:
+                lost = self.store.finish_attempts(batch, now=self.clock())
+            except Exception:
+                logger.exception("recording %d attempts failed; their leases will run out and they "
+                                 "will be sent again", len(batch))
+                continue
+            for delivery_id in lost:
+                logger.warning("delivery %s: result not recorded, its lease had been taken over", delivery_id)
+            self.wake()  # retries may now be due earlier than the loop thought
+
+    # Retention ----------------------------------------------------------------------------
+
+    async def _purge_old(self) -> None:
+        """Every ``purge_interval_s``, delete delivered events older than ``retention_s``, in small batches."""
+        while not self._stopping:
+            try:
+                cutoff = self.clock() - self.settings.retention_s
+                total = 0
+                while True:
+                    purged = await asyncio.to_thread(self.store.purge_delivered, before=cutoff,
+                                                     batch=self.settings.purge_batch)
+                    total += purged
+                    if purged < self.settings.purge_batch:
+                        break
+                    await asyncio.sleep(0.05)  # let other writers in between batches
+                if total:
+                    logger.info("retention: purged %d delivered events older than %d s", total,
+                                int(self.settings.retention_s))
+            except Exception:
+                logger.exception("retention purge failed; will try again")
+            await asyncio.sleep(self.settings.purge_interval_s)

@@ -37,6 +37,8 @@ SCHEMA = [
         previous_secret       TEXT,                 -- still valid until previous_secret_until
         previous_secret_until REAL,
         api_key_hash          TEXT NOT NULL UNIQUE, -- sha256 of the partner API key
+        failing_since         REAL,                 -- first failed attempt of the current failing streak
+        disabled_reason       TEXT,                 -- why the delivery loop disabled it
         created_at            REAL NOT NULL,
         updated_at            REAL NOT NULL
     )""",
@@ -54,6 +56,7 @@ SCHEMA = [
         fanout          INTEGER NOT NULL,   -- deliveries created at publish time
         created_at      REAL NOT NULL
     )""",
+    "CREATE INDEX IF NOT EXISTS events_by_age ON events (created_at)",
     """CREATE TABLE IF NOT EXISTS deliveries (
         id              TEXT PRIMARY KEY,
         event_id        TEXT NOT NULL REFERENCES events(id),
@@ -89,6 +92,7 @@ SCHEMA = [
         received_at REAL NOT NULL,
         UNIQUE (partner_id, dedupe_key)
     )""",
+    "CREATE INDEX IF NOT EXISTS inbound_by_age ON inbound_events (received_at)",
     """CREATE TABLE IF NOT EXISTS schema_migrations (
         name       TEXT PRIMARY KEY,
         applied_at REAL NOT NULL
@@ -114,6 +118,8 @@ class Partner:
     previous_secret_until: float | None
     created_at: float
     updated_at: float
+    failing_since: float | None = None
+    disabled_reason: str | None = None
 
     def valid_secrets(self, now: float) -> list[str]:
         """The current secret, plus the previous one while its rotation overlap lasts."""
@@ -173,6 +179,21 @@ class Job:
     body: bytes
     attempt: int        # the number of the attempt about to be made, from 1
     max_attempts: int
+    partner_failing_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one attempt, as the delivery loop wants it written."""
+
+    delivery_id: str
+    partner_id: str
+    attempt: Attempt
+    state: str                          # the delivery's new state
+    next_attempt_at: float
+    partner_failing_since: float | None = None
+    partner_failing_changed: bool = False
+    disable_reason: str | None = None   # set: disable the partner
 
 
 @dataclass(frozen=True)
@@ -197,6 +218,7 @@ def _partner_from_row(row: sqlite3.Row, events: tuple[str, ...]) -> Partner:
         events=events, secret=row["secret"], previous_secret=row["previous_secret"],
         previous_secret_until=row["previous_secret_until"],
         created_at=row["created_at"], updated_at=row["updated_at"],
+        failing_since=row["failing_since"], disabled_reason=row["disabled_reason"],
     )
 
 
@@ -343,6 +365,24 @@ class Store:
             _write_subscriptions(db, partner_id, events)
             return _read_partner(db, partner_id)  # type: ignore[return-value]
 
+    def update_partner(self, partner_id: str, *, now: float, webhook_url: str | None = None,
+                       events: list[str] | None = None, status: str | None = None) -> Partner | None:
+        """Change what is given; None if there is no such partner. Made active again, a
+        partner starts with a clean failure record."""
+        with self._transaction() as db:
+            if _read_partner(db, partner_id) is None:
+                return None
+            if webhook_url is not None:
+                db.execute("UPDATE partners SET webhook_url = :url WHERE id = :id", {"id": partner_id, "url": webhook_url})
+            if events is not None:
+                _write_subscriptions(db, partner_id, events)
+            if status is not None:
+                db.execute(
+                    """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL
+                       WHERE id = :id""", {"id": partner_id, "status": status})
+            db.execute("UPDATE partners SET updated_at = :now WHERE id = :id", {"id": partner_id, "now": now})
+            return _read_partner(db, partner_id)
+
     def get_partner(self, partner_id: str) -> Partner | None:
         with self._reader() as db:
             return _read_partner(db, partner_id)
@@ -428,16 +468,17 @@ class Store:
     # --- The delivery loop's side: claim, finish, release ---------------------------
 
     def claim_due(self, *, now: float, lease_s: float, limit: int, per_partner: int,
-                  busy: Mapping[str, int] | None = None) -> list[Job]:
-        """Take up to ``limit`` due deliveries, at most ``per_partner`` in flight per partner.
+                  room: Mapping[str, int] | None = None) -> list[Job]:
+        """Take up to ``limit`` due deliveries, at most ``per_partner`` per partner.
 
-        ``busy`` counts what each partner already has in flight. Partners are visited
+        ``room`` overrides how many a given partner may get now (fewer when some are
+        already in flight, none while its circuit is open). Partners are visited
         in turn, starting one further along at each call, and each gets its oldest due
         rows up to its free room: one partner with a huge backlog cannot crowd out the
         others. The lease is written into ``next_attempt_at``, so a row whose attempt
         never finishes (the process died) becomes due again when the lease runs out.
         """
-        busy = busy or {}
+        room = room or {}
         lease_until = now + lease_s
         with self._transaction() as db:
             partners = [r["id"] for r in db.execute("SELECT id FROM partners WHERE status = 'active' ORDER BY id")]
@@ -451,12 +492,12 @@ class Store:
             # Leasing each batch at once takes it out of the next search.
             for cap in (max(1, limit // len(partners)), per_partner):
                 for partner_id in in_turn:
-                    room = min(cap - taken[partner_id], per_partner - busy.get(partner_id, 0) - taken[partner_id],
-                               limit - len(ids))
-                    if room <= 0:
+                    allowed = min(cap, room.get(partner_id, per_partner)) - taken[partner_id]
+                    wanted = min(allowed, limit - len(ids))
+                    if wanted <= 0:
                         continue
                     batch = [r["id"] for r in db.execute(
-                        _DUE_FOR_PARTNER, {"partner_id": partner_id, "now": now, "limit": room})]
+                        _DUE_FOR_PARTNER, {"partner_id": partner_id, "now": now, "limit": wanted})]
                     db.executemany(
                         "UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease WHERE id = :id",
                         [{"id": i, "lease": lease_until} for i in batch],
@@ -468,7 +509,7 @@ class Store:
             placeholders = ",".join(f":id{n}" for n in range(len(ids)))
             rows = db.execute(
                 f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.webhook_url, p.secret,
-                           p.previous_secret, p.previous_secret_until, e.body,
+                           p.previous_secret, p.previous_secret_until, p.failing_since, e.body,
                            d.attempt_count, d.max_attempts
                     FROM deliveries d JOIN events e ON e.id = d.event_id
                                       JOIN partners p ON p.id = d.partner_id
@@ -477,35 +518,54 @@ class Store:
             ).fetchall()
         return [_job_from_row(row, now) for row in rows]
 
-    def finish_attempt(
-        self, *, delivery_id: str, attempt: Attempt, state: str, next_attempt_at: float, now: float,
-    ) -> bool:
-        """Record one attempt and move the delivery to ``state``; False if it was not ours.
+    def finish_attempts(self, outcomes: list[Outcome], now: float) -> list[str]:
+        """Record many attempts in one transaction (group commit); return the ids not recorded.
 
-        The update only applies while the row still expects this attempt number, so an
-        attempt that finishes after its lease ran out and the row was taken again
-        cannot record twice.
+        Each update applies only while the row still expects that attempt number, so
+        an attempt that finishes after its lease ran out and the row was taken again
+        cannot record twice. Partner health (failing streak, auto-disable) is written
+        in the same transaction.
         """
+        lost: list[str] = []
         with self._transaction() as db:
-            changed = db.execute(
-                """UPDATE deliveries
-                   SET state = :state, attempt_count = :attempt, next_attempt_at = :next,
-                       leased_until = NULL, updated_at = :now
-                   WHERE id = :id AND attempt_count = :attempt - 1 AND state = 'pending'""",
-                {"id": delivery_id, "state": state, "attempt": attempt.attempt,
-                 "next": next_attempt_at, "now": now},
-            ).rowcount > 0
-            if changed:
+            for o in outcomes:
+                changed = db.execute(
+                    """UPDATE deliveries
+                       SET state = :state, attempt_count = :attempt, next_attempt_at = :next,
+                           leased_until = NULL, updated_at = :now
+                       WHERE id = :id AND attempt_count = :attempt - 1 AND state = 'pending'""",
+                    {"id": o.delivery_id, "state": o.state, "attempt": o.attempt.attempt,
+                     "next": o.next_attempt_at, "now": now},
+                ).rowcount > 0
+                if not changed:
+                    lost.append(o.delivery_id)
+                    continue
+                a = o.attempt
                 db.execute(
                     """INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms,
                                              status_code, error, response_snippet)
-                       VALUES (:id, :attempt, :started_at, :duration_ms, :status_code, :error,
-                               :snippet)""",
-                    {"id": delivery_id, "attempt": attempt.attempt, "started_at": attempt.started_at,
-                     "duration_ms": attempt.duration_ms, "status_code": attempt.status_code,
-                     "error": attempt.error, "snippet": attempt.response_snippet},
+                       VALUES (:id, :attempt, :started_at, :duration_ms, :status_code, :error, :snippet)""",
+                    {"id": o.delivery_id, "attempt": a.attempt, "started_at": a.started_at,
+                     "duration_ms": a.duration_ms, "status_code": a.status_code, "error": a.error,
+                     "snippet": a.response_snippet},
                 )
-            return changed
+                if o.partner_failing_changed:
+                    db.execute("UPDATE partners SET failing_since = :since WHERE id = :id",
+                               {"id": o.partner_id, "since": o.partner_failing_since})
+                if o.disable_reason:
+                    db.execute(
+                        """UPDATE partners SET status = 'disabled', disabled_reason = :reason, updated_at = :now
+                           WHERE id = :id AND status = 'active'""",
+                        {"id": o.partner_id, "reason": o.disable_reason, "now": now},
+                    )
+        return lost
+
+    def finish_attempt(self, *, delivery_id: str, attempt: Attempt, state: str, next_attempt_at: float,
+                       now: float) -> bool:
+        """Record one attempt (``finish_attempts`` for a single result); False if it was not ours."""
+        outcome = Outcome(delivery_id=delivery_id, partner_id="", attempt=attempt, state=state,
+                          next_attempt_at=next_attempt_at)
+        return not self.finish_attempts([outcome], now)
 
     def release(self, delivery_ids: list[str], now: float) -> None:
         """Hand back claimed deliveries that were never started (on shutdown): due now."""
@@ -525,15 +585,37 @@ class Store:
                 {"now": now},
             ).rowcount
 
-    def next_due_at(self) -> float | None:
-        """When the earliest pending delivery of an active partner falls due, if any."""
+    def next_due_at(self, skip: list[str] | None = None) -> float | None:
+        """When the earliest pending delivery of an active partner not in ``skip`` falls due."""
+        skipped = set(skip or ())
         with self._reader() as db:
-            row = db.execute(
-                """SELECT d.next_attempt_at FROM deliveries d JOIN partners p ON p.id = d.partner_id
-                   WHERE d.state = 'pending' AND p.status = 'active'
-                   ORDER BY d.next_attempt_at LIMIT 1""",
-            ).fetchone()
-        return row[0] if row else None
+            partners = [r["id"] for r in db.execute("SELECT id FROM partners WHERE status = 'active'")]
+            times = [db.execute(_NEXT_DUE_FOR_PARTNER, {"partner_id": p}).fetchone()
+                     for p in partners if p not in skipped]
+        due = [row[0] for row in times if row is not None]
+        return min(due) if due else None
+
+    def purge_delivered(self, *, before: float, batch: int) -> int:
+        """Delete up to ``batch`` events older than ``before`` whose every delivery was delivered,
+        with their deliveries and attempts, and inbound events older than ``before``.
+        Returns how many outbound events went. Failed and pending ones are always kept."""
+        with self._transaction() as db:
+            ids = [r["id"] for r in db.execute(
+                """SELECT id FROM events e WHERE created_at < :before
+                     AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                     WHERE d.event_id = e.id AND d.state != 'delivered')
+                   ORDER BY created_at LIMIT :batch""",
+                {"before": before, "batch": batch})]
+            for event_id in ids:
+                db.execute("""DELETE FROM attempts WHERE delivery_id IN
+                              (SELECT id FROM deliveries WHERE event_id = :id)""", {"id": event_id})
+                db.execute("DELETE FROM deliveries WHERE event_id = :id", {"id": event_id})
+                db.execute("DELETE FROM events WHERE id = :id", {"id": event_id})
+            db.execute(
+                """DELETE FROM inbound_events WHERE id IN
+                   (SELECT id FROM inbound_events WHERE received_at < :before ORDER BY received_at LIMIT :batch)""",
+                {"before": before, "batch": batch})
+        return len(ids)
 
     # --- Reading and retrying deliveries ---------------------------------------------
 
@@ -620,6 +702,12 @@ _DUE_FOR_PARTNER = """
     ORDER BY next_attempt_at LIMIT :limit
 """
 
+_NEXT_DUE_FOR_PARTNER = """
+    SELECT next_attempt_at FROM deliveries
+    WHERE partner_id = :partner_id AND state = 'pending'
+    ORDER BY next_attempt_at LIMIT 1
+"""
+
 _DELIVERY_SELECT = """
     SELECT d.*, e.type AS event FROM deliveries d JOIN events e ON e.id = d.event_id
 """
@@ -633,6 +721,7 @@ def _job_from_row(row: sqlite3.Row, now: float) -> Job:
         delivery_id=row["id"], event_id=row["event_id"], event=row["type"],
         partner_id=row["partner_id"], url=row["webhook_url"], secrets=tuple(secrets),
         body=bytes(row["body"]), attempt=row["attempt_count"] + 1, max_attempts=row["max_attempts"],
+        partner_failing_since=row["failing_since"],
     )
 
 

@@ -106,6 +106,19 @@ class DeliveryConfig:
     backoff_max_s: float = 3600.0
     concurrency: int = 16
     per_partner_concurrency: int = 4
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 30.0
+    breaker_cooldown_max_s: float = 600.0
+    disable_after_s: float = 259200.0
+    retry_after_max_s: float = 3600.0
+    idle_connection_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    max_age_s: float = 2592000.0
+    batch_size: int = 500
+    interval_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -114,11 +127,15 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     events: dict[str, dict[str, str]] = field(default_factory=dict)  # the catalog: type -> field -> JSON type
 
     def delivery_settings(self) -> delivery.Settings:
         return delivery.Settings(
             **dataclasses.asdict(self.delivery),
+            retention_s=self.retention.max_age_s,
+            purge_batch=self.retention.batch_size,
+            purge_interval_s=self.retention.interval_s,
             allow_private_targets=self.security.allow_private_targets,
             user_agent=f"webhookd/{__version__}",
         )
@@ -128,7 +145,7 @@ class Config:
 _KINDS = {"str": str, "int": int, "float": float, "bool": bool}
 
 SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": SecurityConfig,
-            "delivery": DeliveryConfig}
+            "delivery": DeliveryConfig, "retention": RetentionConfig}
 
 # Keys that must be positive numbers; the message says what the number means.
 POSITIVE = {
@@ -142,6 +159,15 @@ POSITIVE = {
     "delivery.backoff_max_s": "a number of seconds",
     "delivery.concurrency": "a number of worker threads",
     "delivery.per_partner_concurrency": "a number of requests",
+    "delivery.breaker_threshold": "a number of failed attempts",
+    "delivery.breaker_cooldown_s": "a number of seconds",
+    "delivery.breaker_cooldown_max_s": "a number of seconds",
+    "delivery.disable_after_s": "a number of seconds",
+    "delivery.retry_after_max_s": "a number of seconds",
+    "delivery.idle_connection_s": "a number of seconds",
+    "retention.max_age_s": "a number of seconds",
+    "retention.batch_size": "a number of events",
+    "retention.interval_s": "a number of seconds",
 }
 
 
@@ -458,6 +484,8 @@ def page_json(page, render: Callable[[Any], dict]) -> dict[str, Any]:
 def partner_json(partner: Partner) -> dict[str, Any]:
     return {"partner_id": partner.id, "partner_name": partner.name, "webhook_url": partner.webhook_url,
             "status": partner.status, "events_subscribed": list(partner.events),
+            "disabled_reason": partner.disabled_reason,
+            "failing_since": int(partner.failing_since) if partner.failing_since else None,
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
 
@@ -572,6 +600,35 @@ async def get_partner(request: Request) -> JSONResponse:
     partner = await db(context(request).store.get_partner, partner_id)
     if partner is None:
         raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+    return JSONResponse(partner_json(partner))
+
+
+async def update_partner(request: Request) -> JSONResponse:
+    """``PATCH /partners/{id}``: ``webhook_url``, ``events`` and ``status`` (``active``/``paused``).
+
+    Setting ``active`` resumes a paused or disabled partner: its held deliveries go out.
+    """
+    partner_id = request.path_params["partner_id"]
+    require_admin_or_partner(request, partner_id)
+    ctx = context(request)
+    body = await read_json_object(request)
+    _reject_unknown_fields(body, {"webhook_url", "events", "status"})
+    if not body:
+        raise ApiError(422, "invalid_field", "Send at least one of 'webhook_url', 'events', 'status'.")
+    url = None
+    if "webhook_url" in body:
+        url = await check_webhook_url(body["webhook_url"], ctx.config.security.allow_private_targets)
+    events = check_events(body["events"], ctx.config.events) if "events" in body else None
+    status = body.get("status")
+    if "status" in body and status not in ("active", "paused"):
+        raise invalid("status", "must be 'active' or 'paused'.")
+    partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
+                       status=status)
+    if partner is None:
+        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+    if status == "active":
+        ctx.loop.partner_reactivated(partner_id)
+    logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
     return JSONResponse(partner_json(partner))
 
 
@@ -776,6 +833,7 @@ ROUTES = [
     Route("/partners/register", register_partner, methods=["POST"]),
     Route("/partners", list_partners, methods=["GET"]),
     Route("/partners/{partner_id}", get_partner, methods=["GET"]),
+    Route("/partners/{partner_id}", update_partner, methods=["PATCH"]),
     Route("/events", publish_event, methods=["POST"]),
     Route("/events/{event_id}", get_event, methods=["GET"]),
     Route("/deliveries", list_deliveries, methods=["GET"]),

@@ -184,8 +184,8 @@ def test_claims_respect_the_per_partner_cap_and_what_is_already_in_flight(store)
     for _ in range(20):
         _publish(store)
     assert len(store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4)) == 4
-    assert len(store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4, busy={p.id: 3})) == 1
-    assert store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4, busy={p.id: 4}) == []
+    assert len(store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4, room={p.id: 1})) == 1
+    assert store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4, room={p.id: 0}) == []
 
 
 def test_a_partner_with_a_huge_backlog_does_not_crowd_out_the_others(store):
