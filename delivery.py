@@ -527,7 +527,7 @@ class DeliveryLoop:
         self.wake()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop claiming, wait (bounded) for attempts in flight, record them, and hand back the rest.
+        """Stop claiming, wait (bounded) for attempts in flight, and record their results.
 
         An attempt still running after the grace period keeps its lease; the next
         run takes it again once the lease runs out. Nothing is lost either way.
@@ -537,9 +537,7 @@ class DeliveryLoop:
         if self._purge_task is not None:
             self._purge_task.cancel()
         await asyncio.gather(*(t for t in (self._run_task, self._purge_task) if t), return_exceptions=True)
-        never_started = [self._in_flight[f].delivery_id for f in list(self._in_flight) if f.cancel()]
-        if never_started:
-            await asyncio.to_thread(self.store.release, never_started, self.clock())
+        # Every claimed job started at once (claims never exceed free workers): wait for them.
         running = [f for f in self._in_flight if not f.done()]
         if running:
             grace = self.settings.timeout_s + 1 if grace_s is None else grace_s

@@ -567,15 +567,6 @@ class Store:
                           next_attempt_at=next_attempt_at)
         return not self.finish_attempts([outcome], now)
 
-    def release(self, delivery_ids: list[str], now: float) -> None:
-        """Hand back claimed deliveries that were never started (on shutdown): due now."""
-        with self._transaction() as db:
-            db.executemany(
-                """UPDATE deliveries SET leased_until = NULL, next_attempt_at = :now
-                   WHERE id = :id AND state = 'pending' AND leased_until IS NOT NULL""",
-                [{"id": i, "now": now} for i in delivery_ids],
-            )
-
     def requeue_expired_leases(self, now: float) -> int:
         """Forget leases that ran out (their holder died); those rows are due again. Returns how many."""
         with self._transaction() as db:

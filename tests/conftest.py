@@ -107,6 +107,8 @@ class Received:
     body: bytes
     guide_ok: bool | None
     raw_ok: bool | None
+    client: tuple[str, int] | None = None
+    path: str = ""
     at: float = field(default_factory=time.time)
 
     @property
@@ -115,15 +117,18 @@ class Received:
 
 
 class Receiver:
-    """A scripted partner endpoint. ``script`` holds (status, delay_s) answers, used in
-    order; when it runs out, every request gets ``default``."""
+    """A scripted partner endpoint. ``script`` holds answers — (status, delay_s) or
+    (status, delay_s, headers) — used in order; when it runs out, every request gets
+    ``default``. It records every request, which connection it came on, and the most
+    requests it ever had in flight at once."""
 
-    def __init__(self, secret: str | None = None, default: tuple[int, float] = (200, 0.0),
-                 port: int | None = None):
+    def __init__(self, secret: str | None = None, default: tuple = (200, 0.0), port: int | None = None):
         self.secret = secret
         self.default = default
-        self.script: list[tuple[int, float]] = []
+        self.script: list[tuple] = []
         self.received: list[Received] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST"])])
         self.server = ThreadServer(app, port)
@@ -132,22 +137,40 @@ class Receiver:
     def url(self) -> str:
         return self.server.url + "/webhooks/events"
 
+    @property
+    def connections(self) -> set[tuple[str, int]]:
+        return {r.client for r in self.received}
+
+    @property
+    def event_ids(self) -> list[str]:
+        return [r.headers.get("x-webhook-id", "") for r in self.received]
+
     async def _handle(self, request: Request) -> Response:
+        import asyncio
+
         body = await request.body()
         signature = request.headers.get("x-webhook-signature", "")
         guide_ok = raw_ok = None
         if self.secret:
             guide_ok = guide_python_verify(self.secret, body, signature)
             raw_ok = raw_body_verify(self.secret, body, signature)
+        client = (request.client.host, request.client.port) if request.client else None
         with self._lock:
-            self.received.append(Received(dict(request.headers), body, guide_ok, raw_ok))
-            status, delay = self.script.pop(0) if self.script else self.default
-        if delay:
-            import asyncio
-            await asyncio.sleep(delay)
+            self.received.append(Received(dict(request.headers), body, guide_ok, raw_ok, client, request.url.path))
+            answer = self.script.pop(0) if self.script else self.default
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        status, delay, headers = (tuple(answer) + ({},))[:3]
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
         if 300 <= status < 400:
-            return Response(status_code=status, headers={"Location": "http://127.0.0.1:9/elsewhere"})
-        return JSONResponse({"status": "received" if status < 300 else "error"}, status_code=status)
+            return Response(status_code=status, headers={"Location": "http://127.0.0.1:9/elsewhere", **headers})
+        return JSONResponse({"status": "received" if status < 300 else "error"}, status_code=status,
+                            headers=headers)
 
     def start(self) -> "Receiver":
         self.server.start()
@@ -157,11 +180,52 @@ class Receiver:
         self.server.stop()
 
 
+class BlackHole:
+    """A partner endpoint that accepts connections and never answers a byte."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/webhooks/events"
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+                self.accepted.append(conn)
+            except OSError:
+                continue
+
+    def stop(self) -> None:
+        self._stop = True
+        self.thread.join(timeout=5)
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def black_hole():
+    hole = BlackHole()
+    yield hole
+    hole.stop()
+
+
 @pytest.fixture
 def receiver_factory():
     started: list[Receiver] = []
 
-    def make(secret: str | None = None, default: tuple[int, float] = (200, 0.0)) -> Receiver:
+    def make(secret: str | None = None, default: tuple = (200, 0.0)) -> Receiver:
         r = Receiver(secret, default).start()
         started.append(r)
         return r
@@ -185,7 +249,8 @@ def make_config(tmp_path: Path, **overrides: Any):
 
     cfg = webhookd.load_config(ROOT / "webhookd.toml", environ={})
     security = dict(admin_token=ADMIN_TOKEN, allow_private_targets=True)
-    deliveryc = dict(timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.2)
+    deliveryc = dict(timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.2, breaker_cooldown_s=0.2,
+                     breaker_cooldown_max_s=0.5)
     for key, value in overrides.items():
         section, name = key.split("__")
         {"security": security, "delivery": deliveryc}[section][name] = value
@@ -278,6 +343,8 @@ class ServeProcess:
             "WEBHOOKD_DELIVERY_TIMEOUT_S": "1",
             "WEBHOOKD_DELIVERY_BACKOFF_BASE_S": "0.05",
             "WEBHOOKD_DELIVERY_BACKOFF_MAX_S": "0.2",
+            "WEBHOOKD_DELIVERY_BREAKER_COOLDOWN_S": "0.2",
+            "WEBHOOKD_DELIVERY_BREAKER_COOLDOWN_MAX_S": "0.5",
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None

@@ -49,3 +49,20 @@ PAYMENT_FAILED = {
 
 GUIDE_EVENTS = [PAYMENT_SUCCESS, BOOKING_CONFIRMED, PAYMENT_FAILED]
 ALL_OUTBOUND = ["payment.success", "payment.failed", "booking.confirmed", "booking.cancelled"]
+
+# Not in the guide: "/" in strings (URLs) and nested metadata with a 50.0 deposit. PHP's
+# json_encode prints "/" as "\/", so the guide's PHP receiver cannot verify this one.
+BOOKING_CANCELLED_WITH_URL = {
+    "event": "booking.cancelled",
+    "timestamp": 1704186000,
+    "booking_id": "res_uuid_here",
+    "user_id": "user_uuid_here",
+    "reason": "weather",
+    "refund_url": "https://pagos.example.com/refunds/res_uuid_here?lang=es",
+    "metadata": {
+        "tour_name": "Montaña Blanca",
+        "links": {"itinerary": "https://example.com/tours/montana-blanca/itinerary"},
+        "num_people": 3,
+        "deposit": 50.0,
+    },
+}

@@ -75,3 +75,50 @@ def test_a_send_cut_by_kill_9_is_sent_again_once_its_lease_runs_out(serve_factor
     assert {r.headers["x-webhook-id"] for r in receiver.received} == {event_id}
     wait_for(lambda: _deliveries(again.url)[0]["state"] == "delivered")
     assert "re-queued 1 deliveries whose lease ran out" in again.output()
+
+
+def test_sigterm_drains_attempts_in_flight(serve_factory, receiver_factory):
+    receiver = receiver_factory(default=(200, 0.6))
+    serve = serve_factory()
+    _register(serve.url, receiver.url)
+    for i in range(3):
+        assert httpx.post(serve.url + "/events", headers=ADMIN,
+                          json={**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
+    wait_for(lambda: len(receiver.received) == 3)   # all three are in flight now
+    serve.stop(signal.SIGTERM)
+    assert "delivery loop stopped; 0 attempts left unfinished" in serve.output()
+    with sqlite3.connect(serve.env["WEBHOOKD_STORAGE_PATH"]) as db:
+        rows = db.execute("SELECT state, leased_until FROM deliveries").fetchall()
+    assert rows == [("delivered", None)] * 3
+
+
+def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, receiver_factory):
+    receiver = receiver_factory(default=(200, 0.03))   # slow enough that the burst is still going
+    env = {"WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5"}       # lease = 3 x 0.5 + 10 = 11.5 s
+    serve = serve_factory(**env)
+    for i in range(5):
+        r = httpx.post(serve.url + "/partners/register", headers=ADMIN, json={
+            "partner_name": f"P{i}", "webhook_url": f"{receiver.server.url}/p{i}", "events": ["payment.success"]})
+        assert r.status_code == 201
+    event_ids = []
+    with httpx.Client(base_url=serve.url, headers=ADMIN) as client:
+        for i in range(400):
+            r = client.post("/events", json={**PAYMENT_SUCCESS, "transaction_id": f"t{i}"})
+            assert r.status_code == 202
+            event_ids.append(r.json()["event_id"])
+    expected = {(f"/p{p}", e) for p in range(5) for e in event_ids}   # 2,000 deliveries
+    wait_for(lambda: len(receiver.received) >= 600, timeout=30)
+    serve.stop(signal.SIGKILL)
+    received_at_kill = len(receiver.received)
+    assert received_at_kill < 2000, "the burst finished before the kill; slow the receiver down"
+    with sqlite3.connect(serve.env["WEBHOOKD_STORAGE_PATH"]) as db:
+        (in_flight,) = db.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND leased_until IS NOT NULL").fetchone()
+
+    serve_factory(port=serve.port, **env)              # leases run out by themselves (11.5 s)
+    wait_for(lambda: {(r.path, r.headers["x-webhook-id"]) for r in receiver.received} >= expected, timeout=60)
+    time.sleep(0.5)
+    got = [(r.path, r.headers["x-webhook-id"]) for r in receiver.received]
+    assert set(got) == expected
+    duplicates = len(got) - len(expected)
+    assert duplicates <= in_flight, (duplicates, in_flight)

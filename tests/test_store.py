@@ -197,3 +197,27 @@ def test_a_partner_with_a_huge_backlog_does_not_crowd_out_the_others(store):
     jobs = store.claim_due(now=1000.0, lease_s=30, limit=8, per_partner=8)
     partners = [j.partner_id for j in jobs]
     assert small.id in partners and partners.count(big.id) <= 7
+
+
+def test_retention_purges_old_delivered_events_in_batches_and_keeps_the_rest(store):
+    _partner(store)
+    old = [_publish(store, now=100.0)[0] for _ in range(5)]
+    fresh = _publish(store, now=5000.0)[0]
+    ok = Attempt(attempt=1, started_at=100.0, duration_ms=1, status_code=200, error=None, response_snippet="")
+    bad = Attempt(attempt=1, started_at=100.0, duration_ms=1, status_code=500, error="http_error", response_snippet="")
+    jobs = store.claim_due(now=6000.0, lease_s=30, limit=10, per_partner=10)
+    by_event = {j.event_id: j for j in jobs}
+    for event in old[:4] + [fresh]:
+        assert store.finish_attempt(delivery_id=by_event[event.id].delivery_id, attempt=ok, state="delivered",
+                                    next_attempt_at=0, now=6000.0)
+    assert store.finish_attempt(delivery_id=by_event[old[4].id].delivery_id, attempt=bad, state="failed",
+                                next_attempt_at=0, now=6000.0)
+    assert store.purge_delivered(before=1000.0, batch=3) == 3
+    assert store.purge_delivered(before=1000.0, batch=3) == 1
+    assert store.purge_delivered(before=1000.0, batch=3) == 0
+    assert store.get_event(fresh.id) is not None          # too young
+    assert store.get_event(old[4].id) is not None         # failed: kept, visible, retryable
+    remaining = store.list_deliveries(limit=50).items
+    assert {d.event_id for d in remaining} == {fresh.id, old[4].id}
+    with store._reader() as db:
+        assert db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 2

@@ -1,0 +1,138 @@
+"""The delivery engine under misbehaving partners: reuse, isolation, breakers, Retry-After, 410."""
+
+import random
+import time
+
+from conftest import wait_for
+from payloads import PAYMENT_SUCCESS
+
+
+def _publish(hub, n, **extra):
+    ids = []
+    for i in range(n):
+        r = hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"txn_{i}", **extra})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["event_id"])
+    return ids
+
+
+def _states(hub, partner_id):
+    items, cursor = [], None
+    while True:
+        params = {"partner_id": partner_id, "limit": 200, **({"cursor": cursor} if cursor else {})}
+        page = hub.http.get("/deliveries", headers=hub.admin, params=params).json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return items
+
+
+def _partner(hub, partner_id):
+    return hub.http.get(f"/partners/{partner_id}", headers=hub.admin).json()
+
+
+def test_healthy_partners_get_kept_alive_connections(hub, receiver_factory):
+    receiver = receiver_factory()
+    partner = hub.register(receiver.url, ["payment.success"])
+    _publish(hub, 100)
+    wait_for(lambda: len(receiver.received) == 100)
+    wait_for(lambda: all(d["state"] == "delivered" for d in _states(hub, partner["partner_id"])))
+    # One connection per sending thread at most, not one per delivery.
+    assert len(receiver.connections) <= hub.config.delivery.concurrency
+    assert len(receiver.connections) < 100 / 4
+
+
+def test_a_black_hole_partner_does_not_slow_the_healthy_one(webhookd_factory, receiver_factory, black_hole):
+    hub = webhookd_factory(delivery__timeout_s=1.0, delivery__concurrency=8, delivery__per_partner_concurrency=4)
+    healthy = receiver_factory()
+    hub.register(black_hole.url, ["payment.success"], name="Black hole")
+    good = hub.register(healthy.url, ["payment.success"], name="Healthy")
+    started = time.monotonic()
+    _publish(hub, 60)
+    wait_for(lambda: len(healthy.received) == 60, timeout=5)
+    elapsed = time.monotonic() - started
+    # The black hole holds at most its cap of workers, each for one timeout: it is still
+    # being tried (nothing of it is delivered) while every healthy delivery has arrived.
+    states = [d["state"] for d in _states(hub, good["partner_id"])]
+    assert states.count("delivered") == 60
+    hole_id = next(p["partner_id"] for p in hub.http.get("/partners", headers=hub.admin).json()["items"]
+                   if p["partner_name"] == "Black hole")
+    assert all(d["state"] == "pending" for d in _states(hub, hole_id))
+    assert len(black_hole.accepted) <= 4 * (int(elapsed / 1.0) + 2)
+
+
+def test_the_circuit_opens_probes_one_at_a_time_and_closes(webhookd_factory, receiver_factory):
+    hub = webhookd_factory(delivery__breaker_threshold=3, delivery__breaker_cooldown_s=0.5,
+                           delivery__breaker_cooldown_max_s=1.0, delivery__max_attempts=50,
+                           delivery__per_partner_concurrency=4)
+    receiver = receiver_factory(default=(500, 0.1))
+    partner = hub.register(receiver.url, ["payment.success"])
+    _publish(hub, 10)
+    wait_for(lambda: len(receiver.received) >= 4)
+    wait_for(lambda: _partner(hub, partner["partner_id"])["failing_since"] is not None)
+    time.sleep(0.3)  # let the first wave finish; the circuit is open now
+    first_wave = len(receiver.received)
+    receiver.max_in_flight = 0
+    time.sleep(2.0)
+    probes = len(receiver.received) - first_wave
+    # Without a breaker 10 deliveries with 0.05-0.2 s backoffs would make dozens of attempts
+    # in 2 s; with it, one probe per cool-down (0.5 s, then 1 s).
+    assert 1 <= probes <= 4
+    assert receiver.max_in_flight == 1  # one probe at a time
+    receiver.default = (200, 0)
+    wait_for(lambda: all(d["state"] == "delivered" for d in _states(hub, partner["partner_id"])), timeout=10)
+    shown = _partner(hub, partner["partner_id"])
+    assert shown["status"] == "active" and shown["failing_since"] is None
+
+
+def test_410_gone_disables_the_partner_and_patch_resumes_it(hub, receiver_factory):
+    receiver = receiver_factory(default=(410, 0))
+    partner = hub.register(receiver.url, ["payment.success"])
+    _publish(hub, 5)
+    wait_for(lambda: _partner(hub, partner["partner_id"])["status"] == "disabled")
+    shown = _partner(hub, partner["partner_id"])
+    assert "410" in shown["disabled_reason"]
+    time.sleep(0.5)
+    tried = len(receiver.received)
+    assert tried <= 4  # at most the cap that was already in flight
+    assert all(d["state"] == "pending" for d in _states(hub, partner["partner_id"]))  # held, not lost
+    time.sleep(0.5)
+    assert len(receiver.received) == tried  # nothing more is sent to a disabled partner
+    receiver.default = (200, 0)
+    r = hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin, json={"status": "active"})
+    assert r.status_code == 200 and r.json()["status"] == "active" and r.json()["disabled_reason"] is None
+    wait_for(lambda: all(d["state"] == "delivered" for d in _states(hub, partner["partner_id"])))
+
+
+def test_retry_after_is_honoured(hub, receiver_factory):
+    receiver = receiver_factory()
+    receiver.script = [(429, 0, {"Retry-After": "1"})]
+    partner = hub.register(receiver.url, ["payment.success"])
+    _publish(hub, 1)
+    wait_for(lambda: _states(hub, partner["partner_id"])[0]["state"] == "delivered", timeout=10)
+    d = hub.store.get_delivery(_states(hub, partner["partner_id"])[0]["delivery_id"])
+    assert [a.status_code for a in d.attempts] == [429, 200]
+    assert d.attempts[1].started_at - d.attempts[0].started_at >= 0.95  # not the 0.05 s backoff
+
+
+def test_a_flaky_receiver_ends_with_every_delivery_delivered_or_failed(webhookd_factory, receiver_factory):
+    hub = webhookd_factory(delivery__breaker_threshold=1000)
+    receiver = receiver_factory()
+    rng = random.Random(7)
+    receiver.script = [(500 if rng.random() < 0.5 else 200, 0) for _ in range(2000)]
+    partner = hub.register(receiver.url, ["payment.success"])
+    _publish(hub, 120)
+
+    def settled():
+        items = _states(hub, partner["partner_id"])
+        return items if all(d["state"] != "pending" for d in items) else None
+
+    items = wait_for(settled, timeout=30)
+    delivered = sum(d["state"] == "delivered" for d in items)
+    failed = sum(d["state"] == "failed" for d in items)
+    assert delivered + failed == 120 == len(items)
+    assert failed > 0 and delivered > 0
+    assert all(1 <= d["attempt_count"] <= 3 for d in items)
+    with hub.store._reader() as db:
+        assert db.execute("SELECT COUNT(*) FROM deliveries WHERE leased_until IS NOT NULL").fetchone()[0] == 0
+        assert db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == len(receiver.received)
