@@ -383,6 +383,18 @@ class Store:
             db.execute("UPDATE partners SET updated_at = :now WHERE id = :id", {"id": partner_id, "now": now})
             return _read_partner(db, partner_id)
 
+    def rotate_secret(self, partner_id: str, *, new_secret: str, previous_until: float,
+                      now: float) -> Partner | None:
+        """Make ``new_secret`` current; the current one stays valid until ``previous_until``."""
+        with self._transaction() as db:
+            changed = db.execute(
+                """UPDATE partners SET previous_secret = secret, previous_secret_until = :until,
+                                       secret = :secret, updated_at = :now
+                   WHERE id = :id""",
+                {"id": partner_id, "secret": new_secret, "until": previous_until, "now": now},
+            ).rowcount
+            return _read_partner(db, partner_id) if changed else None
+
     def get_partner(self, partner_id: str) -> Partner | None:
         with self._reader() as db:
             return _read_partner(db, partner_id)
@@ -648,6 +660,18 @@ class Store:
                    WHERE id = :id AND state = 'failed'""",
                 {"id": delivery_id, "now": now},
             ).rowcount > 0
+
+    def recover_failed(self, partner_id: str, *, since: float, extra_attempts: int, now: float) -> int:
+        """Give every ``failed`` delivery of the partner created at or after ``since`` a fresh
+        round of ``extra_attempts``. Returns how many were re-queued."""
+        with self._transaction() as db:
+            return db.execute(
+                """UPDATE deliveries
+                   SET state = 'pending', max_attempts = attempt_count + :extra,
+                       next_attempt_at = :now, leased_until = NULL, updated_at = :now
+                   WHERE partner_id = :partner_id AND state = 'failed' AND created_at >= :since""",
+                {"partner_id": partner_id, "since": since, "extra": extra_attempts, "now": now},
+            ).rowcount
 
     # --- Inbound partner events --------------------------------------------------------
 

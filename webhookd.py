@@ -358,19 +358,46 @@ def authenticate(request: Request) -> Caller:
     raise ApiError(401, "invalid_credentials", "The bearer token is not valid. Check the admin token or API key.")
 
 
-def require_admin(request: Request) -> Caller:
+# Who may call a route. Every route declares one (see ``route()``), and the check runs
+# before the handler, so a route cannot be added without deciding who may call it.
+PUBLIC = "public"              # anyone
+ADMIN = "admin"                # the admin token only (a partner key gets 403)
+CALLER = "admin_or_partner"    # the admin token or a partner API key; the handler checks ownership
+SIGNED = "signed"              # a partner, proven by the body's signature (checked by the handler)
+REGISTRATION = "registration"  # the admin token, or anyone when open_registration = true
+
+
+def check_access(request: Request, who: str) -> Caller | None:
+    """Apply a route's access rule; the caller it found, or None where no credentials are asked."""
+    if who in (PUBLIC, SIGNED) or (who == REGISTRATION and context(request).config.security.open_registration):
+        return None
     caller = authenticate(request)
-    if not caller.is_admin:
+    if who in (ADMIN, REGISTRATION) and not caller.is_admin:
         raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
     return caller
 
 
-def require_admin_or_partner(request: Request, partner_id: str) -> Caller:
+def caller_of(request: Request) -> Caller:
+    return request.state.caller
+
+
+def check_owner(request: Request, partner_id: str) -> None:
     """The admin, or the partner ``partner_id`` itself. Another partner gets 404, so ids do not leak."""
-    caller = authenticate(request)
+    caller = caller_of(request)
     if not caller.is_admin and caller.partner_id != partner_id:
         raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
-    return caller
+
+
+def route(method: str, path: str, endpoint: Callable, who: str) -> Route:
+    """A Starlette route whose access rule ``who`` is checked before ``endpoint`` runs."""
+
+    async def guarded(request: Request) -> JSONResponse:
+        request.state.caller = check_access(request, who)
+        return await endpoint(request)
+
+    declared = Route(path, guarded, methods=[method], name=endpoint.__name__)
+    declared.who = who  # read by the test that walks the route table
+    return declared
 
 
 # =====================================================================================
@@ -567,8 +594,6 @@ def check_partner_name(name: Any) -> str:
 async def register_partner(request: Request) -> JSONResponse:
     """``POST /partners/register``: the only response that ever shows the secret and the API key."""
     ctx = context(request)
-    if not ctx.config.security.open_registration:
-        require_admin(request)
     body = await read_json_object(request)
     _reject_unknown_fields(body, {"partner_name", "webhook_url", "events"})
     name = check_partner_name(body.get("partner_name"))
@@ -588,7 +613,6 @@ async def register_partner(request: Request) -> JSONResponse:
 
 
 async def list_partners(request: Request) -> JSONResponse:
-    require_admin(request)
     limit, cursor = page_params(request)
     page = await db(context(request).store.list_partners, limit=limit, cursor=cursor)
     return JSONResponse(page_json(page, partner_json))
@@ -596,7 +620,7 @@ async def list_partners(request: Request) -> JSONResponse:
 
 async def get_partner(request: Request) -> JSONResponse:
     partner_id = request.path_params["partner_id"]
-    require_admin_or_partner(request, partner_id)
+    check_owner(request, partner_id)
     partner = await db(context(request).store.get_partner, partner_id)
     if partner is None:
         raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
@@ -609,7 +633,7 @@ async def update_partner(request: Request) -> JSONResponse:
     Setting ``active`` resumes a paused or disabled partner: its held deliveries go out.
     """
     partner_id = request.path_params["partner_id"]
-    require_admin_or_partner(request, partner_id)
+    check_owner(request, partner_id)
     ctx = context(request)
     body = await read_json_object(request)
     _reject_unknown_fields(body, {"webhook_url", "events", "status"})
@@ -630,6 +654,67 @@ async def update_partner(request: Request) -> JSONResponse:
         ctx.loop.partner_reactivated(partner_id)
     logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
     return JSONResponse(partner_json(partner))
+
+
+async def rotate_secret(request: Request) -> JSONResponse:
+    """``POST /partners/{id}/rotate-secret``: a new secret, shown this once.
+
+    The old secret stays valid for ``secret_overlap_s``: outgoing webhooks carry a
+    Standard Webhooks signature for both, and inbound events verify with either, so
+    the partner can switch without losing a webhook. ``X-Webhook-Signature`` uses
+    the new secret at once.
+    """
+    partner_id = request.path_params["partner_id"]
+    check_owner(request, partner_id)
+    ctx = context(request)
+    new_secret = "sk_live_" + secrets.token_urlsafe(32)
+    overlap_until = ctx.clock() + ctx.config.security.secret_overlap_s
+    partner = await db(ctx.store.rotate_secret, partner_id, new_secret=new_secret, previous_until=overlap_until,
+                       now=ctx.clock())
+    if partner is None:
+        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+    logger.info("partner %s rotated its secret; the old one stays valid until %d", partner_id, int(overlap_until))
+    return JSONResponse({
+        **partner_json(partner),
+        "shared_secret": new_secret,
+        "standard_webhooks_secret": signing.standard_webhooks_secret(new_secret),
+        "previous_secret_expires_at": int(overlap_until),
+    })
+
+
+async def send_test_event(request: Request) -> JSONResponse:
+    """``POST /partners/{id}/test``: a ``webhook.test`` event to this partner alone (GitHub's ping)."""
+    partner_id = request.path_params["partner_id"]
+    check_owner(request, partner_id)
+    ctx = context(request)
+    if await db(ctx.store.get_partner, partner_id) is None:
+        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+    payload = {"event": TEST_EVENT, "timestamp": int(ctx.clock()), "partner_id": partner_id,
+               "message": "This is a test webhook from webhookd."}
+    event, _ = await db(ctx.store.publish, event_id=new_id("evt_"), event_type=TEST_EVENT,
+                        body=signing.canonical(payload), now=ctx.clock(),
+                        max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=lambda: new_id("dlv_"),
+                        only_partner=partner_id)
+    ctx.loop.wake()
+    return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
+
+
+async def recover_failed(request: Request) -> JSONResponse:
+    """``POST /partners/{id}/recover?since=``: every ``failed`` delivery created since then gets a
+    fresh round of attempts (Svix's recover). Answers how many were re-queued."""
+    partner_id = request.path_params["partner_id"]
+    check_owner(request, partner_id)
+    ctx = context(request)
+    since_text = request.query_params.get("since", "")
+    if not since_text.isdigit() or len(since_text) > 12:
+        raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
+    if await db(ctx.store.get_partner, partner_id) is None:
+        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+    count = await db(ctx.store.recover_failed, partner_id, since=int(since_text),
+                     extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock())
+    ctx.loop.wake()
+    logger.info("partner %s: re-queued %d failed deliveries since %s", partner_id, count, since_text)
+    return JSONResponse({"requeued": count})
 
 
 # --- Publishing -------------------------------------------------------------------------------
@@ -671,7 +756,6 @@ async def publish_event(request: Request) -> JSONResponse:
     ``Idempotency-Key`` again answers the first event's 202 and stores nothing; with
     a different body it is a 409 (Stripe does the same), since the caller is confused.
     """
-    require_admin(request)
     ctx = context(request)
     key = idempotency_key(request)
     payload = await read_json_object(request)
@@ -692,7 +776,6 @@ async def publish_event(request: Request) -> JSONResponse:
 
 
 async def get_event(request: Request) -> JSONResponse:
-    require_admin(request)
     ctx = context(request)
     event_id = request.path_params["event_id"]
     event = await db(ctx.store.get_event, event_id)
@@ -707,7 +790,7 @@ async def get_event(request: Request) -> JSONResponse:
 
 async def list_deliveries(request: Request) -> JSONResponse:
     """``GET /deliveries``: newest first. A partner sees only its own, whatever it asks for."""
-    caller = authenticate(request)
+    caller = caller_of(request)
     limit, cursor = page_params(request)
     q = request.query_params
     partner_id = q.get("partner_id")
@@ -725,7 +808,7 @@ async def list_deliveries(request: Request) -> JSONResponse:
 
 async def _owned_delivery(request: Request) -> Delivery:
     """The delivery in the path, if the caller is the admin or its partner (404 otherwise)."""
-    caller = authenticate(request)
+    caller = caller_of(request)
     delivery_id = request.path_params["delivery_id"]
     found = await db(context(request).store.get_delivery, delivery_id)
     if found is None or not (caller.is_admin or caller.partner_id == found.partner_id):
@@ -807,7 +890,6 @@ async def receive_partner_event(request: Request) -> JSONResponse:
 
 
 async def list_inbound(request: Request) -> JSONResponse:
-    require_admin(request)
     limit, cursor = page_params(request)
     q = request.query_params
     page = await db(context(request).store.list_inbound, limit=limit, cursor=cursor,
@@ -829,18 +911,21 @@ async def health(request: Request) -> JSONResponse:
 
 
 ROUTES = [
-    Route("/health", health, methods=["GET"]),
-    Route("/partners/register", register_partner, methods=["POST"]),
-    Route("/partners", list_partners, methods=["GET"]),
-    Route("/partners/{partner_id}", get_partner, methods=["GET"]),
-    Route("/partners/{partner_id}", update_partner, methods=["PATCH"]),
-    Route("/events", publish_event, methods=["POST"]),
-    Route("/events/{event_id}", get_event, methods=["GET"]),
-    Route("/deliveries", list_deliveries, methods=["GET"]),
-    Route("/deliveries/{delivery_id}", get_delivery, methods=["GET"]),
-    Route("/deliveries/{delivery_id}/retry", retry_delivery, methods=["POST"]),
-    Route("/webhooks/partners", receive_partner_event, methods=["POST"]),
-    Route("/inbound", list_inbound, methods=["GET"]),
+    route("GET", "/health", health, PUBLIC),
+    route("POST", "/partners/register", register_partner, REGISTRATION),
+    route("GET", "/partners", list_partners, ADMIN),
+    route("GET", "/partners/{partner_id}", get_partner, CALLER),
+    route("PATCH", "/partners/{partner_id}", update_partner, CALLER),
+    route("POST", "/partners/{partner_id}/rotate-secret", rotate_secret, CALLER),
+    route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
+    route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
+    route("POST", "/events", publish_event, ADMIN),
+    route("GET", "/events/{event_id}", get_event, ADMIN),
+    route("GET", "/deliveries", list_deliveries, CALLER),
+    route("GET", "/deliveries/{delivery_id}", get_delivery, CALLER),
+    route("POST", "/deliveries/{delivery_id}/retry", retry_delivery, CALLER),
+    route("POST", "/webhooks/partners", receive_partner_event, SIGNED),
+    route("GET", "/inbound", list_inbound, ADMIN),
 ]
 
 

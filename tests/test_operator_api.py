@@ -1,0 +1,91 @@
+"""The operator's API: ping a partner, recover failed deliveries, change a partner, read inbound."""
+
+import json
+import time
+
+from conftest import wait_for
+from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
+
+import signing
+
+
+def test_test_ping_goes_to_that_partner_alone_without_a_subscription(hub, receiver_factory):
+    target, other = receiver_factory(), receiver_factory()
+    partner = hub.register(target.url, ["booking.cancelled"], name="Target")
+    hub.register(other.url, ["booking.cancelled"], name="Other")
+    r = hub.http.post(f"/partners/{partner['partner_id']}/test", headers={"Authorization": f"Bearer {partner['api_key']}"})
+    assert r.status_code == 202 and r.json()["deliveries"] == 1
+    wait_for(lambda: target.received)
+    got = target.received[0]
+    assert got.headers["x-webhook-event"] == "webhook.test" and got.json["partner_id"] == partner["partner_id"]
+    time.sleep(0.3)
+    assert other.received == []
+
+
+def test_recover_requeues_failed_deliveries_since_a_time(hub, receiver_factory):
+    receiver = receiver_factory(default=(500, 0))
+    partner = hub.register(receiver.url, ["payment.success"])
+    for i in range(3):
+        hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"t{i}"})
+    wait_for(lambda: len(hub.deliveries(state="failed")) == 3)
+    receiver.default = (200, 0)
+    future = hub.http.post(f"/partners/{partner['partner_id']}/recover", headers=hub.admin,
+                           params={"since": int(time.time()) + 60})
+    assert future.status_code == 200 and future.json() == {"requeued": 0}
+    r = hub.http.post(f"/partners/{partner['partner_id']}/recover", headers=hub.admin, params={"since": 0})
+    assert r.status_code == 200 and r.json() == {"requeued": 3}
+    wait_for(lambda: len(hub.deliveries(state="delivered")) == 3)
+    bad = hub.http.post(f"/partners/{partner['partner_id']}/recover", headers=hub.admin, params={"since": "yesterday"})
+    assert bad.status_code == 422
+
+
+def test_patch_changes_url_and_events_with_the_same_validation(hub, receiver_factory):
+    first, second = receiver_factory(), receiver_factory()
+    partner = hub.register(first.url, ["payment.success"])
+    pid = partner["partner_id"]
+    bad = hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"webhook_url": "ftp://x/"})
+    assert bad.status_code == 422 and "'webhook_url'" in bad.json()["error"]["message"]
+    bad_events = hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"events": ["nope.nope"]})
+    assert bad_events.status_code == 422
+    bad_status = hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "disabled"})
+    assert bad_status.status_code == 422
+    assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={}).status_code == 422
+    r = hub.http.patch(f"/partners/{pid}", headers={"Authorization": f"Bearer {partner['api_key']}"},
+                       json={"webhook_url": second.url, "events": ["booking.confirmed"]})
+    assert r.status_code == 200 and r.json()["events_subscribed"] == ["booking.confirmed"]
+    assert hub.publish(PAYMENT_SUCCESS).json()["deliveries"] == 0
+    assert hub.publish(BOOKING_CONFIRMED).json()["deliveries"] == 1
+    wait_for(lambda: second.received)
+    assert first.received == []
+
+
+def test_a_paused_partner_holds_deliveries_until_resumed(hub, receiver_factory):
+    receiver = receiver_factory()
+    partner = hub.register(receiver.url, ["payment.success"])
+    pid = partner["partner_id"]
+    assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "paused"}).json()["status"] == "paused"
+    hub.publish(PAYMENT_SUCCESS)
+    time.sleep(0.5)
+    assert receiver.received == [] and hub.deliveries()[0]["state"] == "pending"
+    hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "active"})
+    wait_for(lambda: receiver.received)
+    wait_for(lambda: hub.deliveries()[0]["state"] == "delivered")
+
+
+def test_inbound_list_filters_and_pages(hub):
+    a = hub.register("http://127.0.0.1:9/a", ["payment.success"], name="A")
+    b = hub.register("http://127.0.0.1:9/b", ["payment.success"], name="B")
+    for partner, event, n in [(a, "tour.purchased", 1), (a, "tour.promoted", 2), (b, "tour.purchased", 3)]:
+        body = json.dumps({"event": event, "n": n}).encode()
+        r = hub.http.post("/webhooks/partners", content=body, headers={
+            "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": event})
+        assert r.status_code == 200
+    everything = hub.http.get("/inbound", headers=hub.admin).json()["items"]
+    assert [i["payload"]["n"] for i in everything] == [3, 2, 1]
+    only_a = hub.http.get("/inbound", headers=hub.admin, params={"partner_id": a["partner_id"]}).json()["items"]
+    assert {i["partner_id"] for i in only_a} == {a["partner_id"]} and len(only_a) == 2
+    promoted = hub.http.get("/inbound", headers=hub.admin, params={"event": "tour.promoted"}).json()["items"]
+    assert [i["payload"]["n"] for i in promoted] == [2]
+    page = hub.http.get("/inbound", headers=hub.admin, params={"limit": 2}).json()
+    rest = hub.http.get("/inbound", headers=hub.admin, params={"limit": 2, "cursor": page["next_cursor"]}).json()
+    assert len(page["items"]) == 2 and len(rest["items"]) == 1 and rest["next_cursor"] is None

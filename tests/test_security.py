@@ -1,0 +1,135 @@
+"""Security properties, each with a test that fails without it: access rules on every route,
+secret rotation, the replay window."""
+
+import json
+import re
+import time
+
+import pytest
+import standardwebhooks
+
+import signing
+import webhookd
+from conftest import wait_for
+from payloads import PAYMENT_SUCCESS
+
+WHO = {webhookd.PUBLIC, webhookd.ADMIN, webhookd.CALLER, webhookd.SIGNED, webhookd.REGISTRATION}
+
+
+def _routes(app):
+    for r in app.routes:
+        if hasattr(r, "methods"):
+            for method in sorted(r.methods - {"HEAD"}):
+                yield method, r
+
+
+def _concrete(path):
+    return re.sub(r"\{[^}]+\}", "x_0000000000000", path)
+
+
+def test_every_route_declares_who_may_call_it(hub):
+    routes = list(_routes(hub.app))
+    assert len(routes) >= 15
+    for method, r in routes:
+        assert getattr(r, "who", None) in WHO, f"{method} {r.path} has no access rule"
+
+
+def test_every_protected_route_refuses_missing_and_wrong_credentials(hub):
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    partner_key = {"Authorization": f"Bearer {partner['api_key']}"}
+    checked = 0
+    for method, r in _routes(hub.app):
+        if r.who in (webhookd.PUBLIC, webhookd.SIGNED):
+            continue
+        url = _concrete(r.path)
+        for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "Basic abc"},
+                        {"Authorization": "Bearer pak_not_a_real_key_0000000000000000000000"}):
+            got = hub.http.request(method, url, headers=headers, json={})
+            assert got.status_code == 401, (method, r.path, headers, got.text)
+            assert got.json()["error"]["code"] in ("missing_credentials", "invalid_credentials")
+        if r.who in (webhookd.ADMIN, webhookd.REGISTRATION):
+            got = hub.http.request(method, url, headers=partner_key, json={})
+            assert got.status_code == 403, (method, r.path, got.text)
+        checked += 1
+    assert checked >= 12
+
+
+def test_the_signed_route_refuses_missing_and_wrong_signatures(hub):
+    hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    body = b'{"event":"tour.promoted"}'
+    assert hub.http.post("/webhooks/partners", content=body).status_code == 400
+    wrong = hub.http.post("/webhooks/partners", content=body, headers={
+        "X-Webhook-Signature": "ab" * 32, "X-Webhook-Event": "tour.promoted"})
+    assert wrong.status_code == 401
+
+
+def test_registration_is_open_only_when_configured(webhookd_factory):
+    closed = webhookd_factory()
+    body = {"partner_name": "P", "webhook_url": "http://127.0.0.1:9/x", "events": ["payment.success"]}
+    assert closed.http.post("/partners/register", json=body).status_code == 401
+    opened = webhookd_factory(security__open_registration=True)
+    assert opened.http.post("/partners/register", json=body).status_code == 201
+
+
+def test_a_partner_key_cannot_touch_another_partner(hub):
+    a = hub.register("http://127.0.0.1:9/a", ["payment.success"], name="A")
+    b = hub.register("http://127.0.0.1:9/b", ["payment.success"], name="B")
+    key = {"Authorization": f"Bearer {a['api_key']}"}
+    for method, path, body in [
+        ("GET", f"/partners/{b['partner_id']}", None),
+        ("PATCH", f"/partners/{b['partner_id']}", {"status": "paused"}),
+        ("POST", f"/partners/{b['partner_id']}/rotate-secret", None),
+        ("POST", f"/partners/{b['partner_id']}/test", None),
+        ("POST", f"/partners/{b['partner_id']}/recover?since=0", None),
+    ]:
+        got = hub.http.request(method, path, headers=key, json=body)
+        assert got.status_code == 404, (method, path, got.text)
+    assert hub.http.get(f"/partners/{b['partner_id']}", headers=hub.admin).json()["status"] == "active"
+
+
+def test_rotation_overlap_signs_with_both_then_only_the_new_secret(webhookd_factory, receiver_factory):
+    hub = webhookd_factory(security__secret_overlap_s=1)
+    receiver = receiver_factory()
+    partner = hub.register(receiver.url, ["payment.success"])
+    old_secret, old_whsec = partner["shared_secret"], partner["standard_webhooks_secret"]
+    r = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret",
+                      headers={"Authorization": f"Bearer {partner['api_key']}"})
+    assert r.status_code == 200
+    rotated = r.json()
+    new_secret = rotated["shared_secret"]
+    assert new_secret != old_secret and rotated["standard_webhooks_secret"].startswith("whsec_")
+    assert old_secret not in r.text
+
+    hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: receiver.received)
+    got = receiver.received[0]
+    assert got.headers["webhook-signature"].count("v1,") == 2
+    assert got.headers["x-webhook-signature"] == signing.sign_hex(new_secret, got.body)
+    for whsec in (old_whsec, rotated["standard_webhooks_secret"]):
+        assert standardwebhooks.Webhook(whsec).verify(got.body, got.headers) == PAYMENT_SUCCESS
+
+    def inbound(secret, n):
+        body = json.dumps({"event": "tour.purchased", "n": n}).encode()
+        return hub.http.post("/webhooks/partners", content=body, headers={
+            "X-Webhook-Signature": signing.sign_hex(secret, body), "X-Webhook-Event": "tour.purchased"})
+
+    assert inbound(old_secret, 1).status_code == 200
+    assert inbound(new_secret, 2).status_code == 200
+    time.sleep(1.2)  # the overlap ends
+    assert inbound(old_secret, 3).status_code == 401
+    assert inbound(new_secret, 4).status_code == 200
+    hub.publish({**PAYMENT_SUCCESS, "transaction_id": "after"})
+    wait_for(lambda: len(receiver.received) == 2)
+    later = receiver.received[1]
+    assert later.headers["webhook-signature"].count("v1,") == 1
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(old_whsec).verify(later.body, later.headers)
+
+
+@pytest.mark.parametrize("offset", [-301, 301, -10**6])
+def test_inbound_outside_the_replay_window_is_refused(hub, offset):
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    body = json.dumps({"event": "tour.purchased", "timestamp": int(time.time()) + offset}).encode()
+    r = hub.http.post("/webhooks/partners", content=body, headers={
+        "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": "tour.purchased"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "stale_timestamp"
