@@ -46,9 +46,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.background import BackgroundTask
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 import delivery
+import realtime
 import signing
 from store import Delivery, Event, InboundEvent, Partner, Store
 
@@ -122,12 +125,19 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class RealtimeConfig:
+    token_ttl_s: int = 900
+    client_queue: int = 100
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     events: dict[str, dict[str, str]] = field(default_factory=dict)  # the catalog: type -> field -> JSON type
 
     def delivery_settings(self) -> delivery.Settings:
@@ -145,7 +155,7 @@ class Config:
 _KINDS = {"str": str, "int": int, "float": float, "bool": bool}
 
 SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": SecurityConfig,
-            "delivery": DeliveryConfig, "retention": RetentionConfig}
+            "delivery": DeliveryConfig, "retention": RetentionConfig, "realtime": RealtimeConfig}
 
 # Keys that must be positive numbers; the message says what the number means.
 POSITIVE = {
@@ -168,6 +178,8 @@ POSITIVE = {
     "retention.max_age_s": "a number of seconds",
     "retention.batch_size": "a number of events",
     "retention.interval_s": "a number of seconds",
+    "realtime.token_ttl_s": "a number of seconds",
+    "realtime.client_queue": "a number of messages",
 }
 
 
@@ -414,6 +426,8 @@ class Context:
     loop: delivery.DeliveryLoop
     admin_token: str
     clock: Callable[[], float]
+    notifier: realtime.Notifier
+    tokens: realtime.Tokens
 
 
 def context(request: Request) -> Context:
@@ -886,7 +900,16 @@ async def receive_partner_event(request: Request) -> JSONResponse:
     stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
                                event_type=event_type, dedupe_key=dedupe_key, body=canonical_body, now=now)
     logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)")
-    return JSONResponse({"status": "received", "timestamp": int(stored.received_at)})
+    after = BackgroundTask(process_inbound, ctx, partner.id, event_type, payload) if created else None
+    return JSONResponse({"status": "received", "timestamp": int(stored.received_at)}, background=after)
+
+
+def process_inbound(ctx: Context, partner_id: str, event_type: str, payload: dict[str, Any]) -> None:
+    """What an inbound event sets off, after its 200 went out: a promoted tour reaches our users live."""
+    if event_type == "tour.promoted":
+        message, user_id = realtime.offer_from(partner_id, payload)
+        reached = ctx.notifier.notify(message, user_id)
+        logger.info("offer from %s sent to %d live connections (%s)", partner_id, reached, user_id or "everyone")
 
 
 async def list_inbound(request: Request) -> JSONResponse:
@@ -895,6 +918,34 @@ async def list_inbound(request: Request) -> JSONResponse:
     page = await db(context(request).store.list_inbound, limit=limit, cursor=cursor,
                     partner_id=q.get("partner_id"), event=q.get("event"))
     return JSONResponse(page_json(page, inbound_json))
+
+
+# --- Live notifications -----------------------------------------------------------------------
+
+
+async def mint_realtime_token(request: Request) -> JSONResponse:
+    """``POST /realtime/tokens``: a short-lived token with which one user opens ``/ws``."""
+    ctx = context(request)
+    body = await read_json_object(request)
+    _reject_unknown_fields(body, {"user_id"})
+    user_id = body.get("user_id")
+    if not isinstance(user_id, str) or not user_id.strip() or len(user_id) > 200:
+        raise invalid("user_id", "must be a non-empty string of at most 200 characters.")
+    token, expires_at = ctx.tokens.mint(user_id, ctx.clock())
+    return JSONResponse({"token": token, "expires_at": expires_at}, status_code=201)
+
+
+async def live_notifications(websocket: WebSocket) -> None:
+    """``GET /ws?token=``: offers pushed live. A bad or expired token is closed with 1008."""
+    ctx: Context = websocket.app.state.ctx
+    try:
+        user_id = ctx.tokens.user_for(websocket.query_params.get("token", ""), ctx.clock())
+    except realtime.TokenError as exc:
+        await websocket.accept()
+        await websocket.close(code=realtime.POLICY_VIOLATION, reason=str(exc))
+        return
+    await websocket.accept()
+    await ctx.notifier.serve(websocket, user_id)
 
 
 # --- Health ---------------------------------------------------------------------------------
@@ -926,6 +977,8 @@ ROUTES = [
     route("POST", "/deliveries/{delivery_id}/retry", retry_delivery, CALLER),
     route("POST", "/webhooks/partners", receive_partner_event, SIGNED),
     route("GET", "/inbound", list_inbound, ADMIN),
+    route("POST", "/realtime/tokens", mint_realtime_token, ADMIN),
+    WebSocketRoute("/ws", live_notifications),
 ]
 
 
@@ -942,7 +995,11 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     async def lifespan(app: Starlette):
         store = Store(config.storage.path)
         loop = delivery.DeliveryLoop(store, config.delivery_settings(), rng=rng, clock=clock)
-        app.state.ctx = Context(config=config, store=store, loop=loop, admin_token=admin_token(config), clock=clock)
+        token = admin_token(config)
+        tokens = realtime.Tokens(hmac.new(token.encode(), b"webhookd realtime tokens", hashlib.sha256).digest(),
+                                 config.realtime.token_ttl_s)
+        app.state.ctx = Context(config=config, store=store, loop=loop, admin_token=token, clock=clock,
+                                notifier=realtime.Notifier(queue_size=config.realtime.client_queue), tokens=tokens)
         await loop.start()
         logger.info("webhookd %s ready; database %s", __version__, config.storage.path)
         try:

@@ -133,3 +133,17 @@ def test_inbound_outside_the_replay_window_is_refused(hub, offset):
     r = hub.http.post("/webhooks/partners", content=body, headers={
         "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": "tour.purchased"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "stale_timestamp"
+
+
+def test_every_websocket_route_refuses_a_missing_token(hub):
+    from starlette.routing import WebSocketRoute
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    ws_routes = [r for r in hub.app.routes if isinstance(r, WebSocketRoute)]
+    assert ws_routes
+    for r in ws_routes:
+        with connect(hub.url.replace("http://", "ws://") + r.path, open_timeout=5) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1008

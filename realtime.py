@@ -1,0 +1,133 @@
+"""Live notifications to our users over WebSocket (step 5 of the partner guide).
+
+When a partner posts ``tour.promoted``, the users connected on ``/ws`` see the offer at
+once: the user named by the payload's ``user_id``, or everyone when it names nobody.
+
+Two rules keep this safe:
+
+* **Short-lived signed tokens.** ``POST /realtime/tokens`` (admin) mints
+  ``<base64 claims>.<hex HMAC>`` for one user; ``/ws?token=`` accepts it until it
+  expires. Nothing is stored: the signature is the proof.
+* **A slow client never blocks anyone.** Each connection has a bounded queue and its
+  own sender task. Publishing only puts into queues (never waits); when a client's
+  queue is full the message is dropped for that client and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+logger = logging.getLogger("webhookd.realtime")
+
+POLICY_VIOLATION = 1008  # the WebSocket close code for a refused token
+
+
+class TokenError(Exception):
+    """Raised when a realtime token is malformed, forged or expired."""
+
+
+class Tokens:
+    """Mint and check ``/ws`` tokens, signed with a key only this server knows."""
+
+    def __init__(self, key: bytes, ttl_s: float):
+        self._key = key
+        self.ttl_s = ttl_s
+
+    def mint(self, user_id: str, now: float) -> tuple[str, int]:
+        expires_at = int(now + self.ttl_s)
+        claims = json.dumps({"u": user_id, "exp": expires_at}, separators=(",", ":")).encode()
+        body = base64.urlsafe_b64encode(claims).decode().rstrip("=")
+        return f"{body}.{self._sign(body)}", expires_at
+
+    def user_for(self, token: str, now: float) -> str:
+        """The user a valid token names; TokenError otherwise."""
+        body, _, signature = token.partition(".")
+        if not body or not hmac.compare_digest(self._sign(body).encode(), signature.encode("utf-8", "replace")):
+            raise TokenError("the token is not one this server signed")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            user_id, expires_at = claims["u"], claims["exp"]
+        except (ValueError, KeyError, TypeError):
+            raise TokenError("the token is malformed") from None
+        if now >= expires_at:
+            raise TokenError("the token has expired; ask for a new one")
+        return user_id
+
+    def _sign(self, body: str) -> str:
+        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(eq=False)
+class Client:
+    user_id: str
+    queue: asyncio.Queue
+    dropped: int = 0
+
+
+@dataclass
+class Notifier:
+    """Who is connected, and a non-blocking way to reach them."""
+
+    queue_size: int = 100
+    clients: set[Client] = field(default_factory=set)
+    sent: int = 0
+    dropped: int = 0
+
+    def notify(self, message: dict[str, Any], user_id: str | None = None) -> int:
+        """Queue ``message`` for one user's connections, or for everyone. Never waits.
+        Returns how many connections it was queued for."""
+        text = json.dumps(message, ensure_ascii=False)
+        queued = 0
+        for client in list(self.clients):
+            if user_id is not None and client.user_id != user_id:
+                continue
+            try:
+                client.queue.put_nowait(text)
+                queued += 1
+            except asyncio.QueueFull:
+                client.dropped += 1
+                self.dropped += 1
+        return queued
+
+    async def serve(self, websocket: WebSocket, user_id: str) -> None:
+        """Hold one accepted connection: send what is queued for it until it goes away."""
+        client = Client(user_id=user_id, queue=asyncio.Queue(maxsize=self.queue_size))
+        self.clients.add(client)
+        sender = asyncio.create_task(self._send_queued(websocket, client))
+        try:
+            while True:  # we expect nothing from the client; reading notices when it leaves
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.clients.discard(client)
+            sender.cancel()
+            if client.dropped:
+                logger.warning("realtime client of user %s dropped %d messages (it did not read them)",
+                               user_id, client.dropped)
+
+    async def _send_queued(self, websocket: WebSocket, client: Client) -> None:
+        try:
+            while True:
+                text = await client.queue.get()
+                await websocket.send_text(text)
+                self.sent += 1
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+
+
+def offer_from(partner_id: str, payload: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The notification for an inbound ``tour.promoted``, and the user it is for (None: everyone)."""
+    user_id = payload.get("user_id")
+    message = {"type": "offer", "message": "Nueva oferta disponible", "partner_id": partner_id,
+               "tour_id": payload.get("tour_id"), "data": payload}
+    return message, user_id if isinstance(user_id, str) and user_id else None
