@@ -65,6 +65,7 @@ class Settings:
     purge_batch: int = 500
     purge_interval_s: float = 300.0
     allow_private_targets: bool = False
+    allowed_ports: tuple[int, ...] = ()
     user_agent: str = "webhookd"
 
     @property
@@ -320,6 +321,8 @@ class Sender:
             if url.scheme not in ("http", "https") or not url.hostname:
                 raise ValueError("not an http(s) URL")
             port = url.port or (443 if url.scheme == "https" else 80)
+            if self.settings.allowed_ports and port not in self.settings.allowed_ports:
+                raise TargetRefused(f"port {port} is not in the allowed ports")
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
             headers = build_headers(job, int(started), self.settings.user_agent)
             conn, reused = self._checkout(url.scheme, url.hostname, port)

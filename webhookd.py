@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -99,6 +100,9 @@ class SecurityConfig:
     max_body_bytes: int = 262144
     inbound_tolerance_s: int = 300
     secret_overlap_s: int = 86400
+    allowed_ports: tuple[int, ...] = ()   # empty: any port
+    inbound_rate_per_s: float = 50.0      # per partner
+    registration_rate_per_min: float = 10.0  # per client address, when registration is open
 
 
 @dataclass(frozen=True)
@@ -147,12 +151,13 @@ class Config:
             purge_batch=self.retention.batch_size,
             purge_interval_s=self.retention.interval_s,
             allow_private_targets=self.security.allow_private_targets,
+            allowed_ports=self.security.allowed_ports,
             user_agent=f"webhookd/{__version__}",
         )
 
 
 # Dataclass fields carry their type as a string (``from __future__ import annotations``).
-_KINDS = {"str": str, "int": int, "float": float, "bool": bool}
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "tuple[int, ...]": tuple}
 
 SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": SecurityConfig,
             "delivery": DeliveryConfig, "retention": RetentionConfig, "realtime": RealtimeConfig}
@@ -163,6 +168,8 @@ POSITIVE = {
     "security.max_body_bytes": "a size in bytes",
     "security.inbound_tolerance_s": "a number of seconds",
     "security.secret_overlap_s": "a number of seconds",
+    "security.inbound_rate_per_s": "a number of requests per second",
+    "security.registration_rate_per_min": "a number of registrations per minute",
     "delivery.timeout_s": "a number of seconds",
     "delivery.max_attempts": "a number of attempts",
     "delivery.backoff_base_s": "a number of seconds",
@@ -186,8 +193,22 @@ POSITIVE = {
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
+def _coerce_ports(key: str, value: Any, from_env: bool) -> tuple[int, ...]:
+    """A list of TCP ports: a TOML array, or comma-separated in the environment."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if from_env else value
+    try:
+        ports = tuple(int(p) for p in items if not isinstance(p, bool))
+        if isinstance(items, (str, dict)) or len(ports) != len(items) or not all(0 < p < 65536 for p in ports):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"Config '{key}' has value {value!r}. Expected a list of TCP ports like [443, 8443].") from None
+    return ports
+
+
 def _coerce(key: str, value: Any, kind: type, from_env: bool) -> Any:
     """Turn a TOML or environment value into ``kind``, or raise a ConfigError naming the key."""
+    if kind is tuple:
+        return _coerce_ports(key, value, from_env)
     expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
     if from_env and kind is not str:
         text = value.strip().lower()
@@ -370,6 +391,30 @@ def authenticate(request: Request) -> Caller:
     raise ApiError(401, "invalid_credentials", "The bearer token is not valid. Check the admin token or API key.")
 
 
+class RateLimiter:
+    """Token buckets, one per key: ``rate_per_s`` tokens a second, at most ``burst`` saved up."""
+
+    MAX_KEYS = 10_000  # beyond this, buckets that are full again are forgotten
+
+    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float]):
+        self.rate, self.burst, self.clock = rate_per_s, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def check(self, key: str, what: str) -> None:
+        """Take one token for ``key``, or raise a 429 that says when to come back."""
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1:
+            wait = math.ceil((1 - tokens) / self.rate)
+            raise ApiError(429, "rate_limited", f"Too many {what}; try again in {wait} s.",
+                           headers={"Retry-After": str(wait)})
+        self._buckets[key] = (tokens - 1, now)
+        if len(self._buckets) > self.MAX_KEYS:
+            self._buckets = {k: v for k, v in self._buckets.items()
+                             if v[0] + (now - v[1]) * self.rate < self.burst}
+
+
 # Who may call a route. Every route declares one (see ``route()``), and the check runs
 # before the handler, so a route cannot be added without deciding who may call it.
 PUBLIC = "public"              # anyone
@@ -381,8 +426,12 @@ REGISTRATION = "registration"  # the admin token, or anyone when open_registrati
 
 def check_access(request: Request, who: str) -> Caller | None:
     """Apply a route's access rule; the caller it found, or None where no credentials are asked."""
-    if who in (PUBLIC, SIGNED) or (who == REGISTRATION and context(request).config.security.open_registration):
+    if who in (PUBLIC, SIGNED):
         return None
+    if who == REGISTRATION and context(request).config.security.open_registration:
+        if "authorization" not in request.headers:
+            return None  # anyone may register; rate-limited per client address
+        who = CALLER   # credentials sent: check them, so the admin is recognised
     caller = authenticate(request)
     if who in (ADMIN, REGISTRATION) and not caller.is_admin:
         raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
@@ -428,6 +477,8 @@ class Context:
     clock: Callable[[], float]
     notifier: realtime.Notifier
     tokens: realtime.Tokens
+    inbound_limit: RateLimiter
+    registration_limit: RateLimiter
 
 
 def context(request: Request) -> Context:
@@ -555,7 +606,7 @@ def inbound_json(item: InboundEvent) -> dict[str, Any]:
 # --- Partners ------------------------------------------------------------------------------
 
 
-async def check_webhook_url(url: Any, allow_private: bool) -> str:
+async def check_webhook_url(url: Any, allow_private: bool, allowed_ports: tuple[int, ...] = ()) -> str:
     """A partner's URL: http(s), a host, no user:password@, at most 2048 characters, and —
     unless private targets are allowed — a host that resolves only to public addresses."""
     if not isinstance(url, str) or not url:
@@ -575,9 +626,12 @@ async def check_webhook_url(url: Any, allow_private: bool) -> str:
         raise invalid("webhook_url", "must name a host, like https://example.com/webhooks.")
     if parts.username is not None or parts.password is not None:
         raise invalid("webhook_url", "must not contain user:password@; authenticate with the signature instead.")
+    effective_port = port or (443 if parts.scheme == "https" else 80)
+    if allowed_ports and effective_port not in allowed_ports:
+        raise invalid("webhook_url", f"must use one of the ports {', '.join(map(str, allowed_ports))}.")
     if not allow_private:
         try:
-            await asyncio.to_thread(delivery.resolve_target, parts.hostname, port or 443, False)
+            await asyncio.to_thread(delivery.resolve_target, parts.hostname, effective_port, False)
         except delivery.TargetRefused as exc:
             raise invalid("webhook_url", f"must point at a public address: {exc}.") from None
         except OSError:
@@ -608,10 +662,14 @@ def check_partner_name(name: Any) -> str:
 async def register_partner(request: Request) -> JSONResponse:
     """``POST /partners/register``: the only response that ever shows the secret and the API key."""
     ctx = context(request)
+    caller = caller_of(request)
+    if caller is None or not caller.is_admin:  # open registration: limit each client address
+        ctx.registration_limit.check(request.client.host if request.client else "unknown", "registrations")
     body = await read_json_object(request)
     _reject_unknown_fields(body, {"partner_name", "webhook_url", "events"})
     name = check_partner_name(body.get("partner_name"))
-    url = await check_webhook_url(body.get("webhook_url"), ctx.config.security.allow_private_targets)
+    url = await check_webhook_url(body.get("webhook_url"), ctx.config.security.allow_private_targets,
+                                  ctx.config.security.allowed_ports)
     events = check_events(body.get("events"), ctx.config.events)
     shared_secret = "sk_live_" + secrets.token_urlsafe(32)
     api_key = "pak_" + secrets.token_urlsafe(32)
@@ -655,7 +713,8 @@ async def update_partner(request: Request) -> JSONResponse:
         raise ApiError(422, "invalid_field", "Send at least one of 'webhook_url', 'events', 'status'.")
     url = None
     if "webhook_url" in body:
-        url = await check_webhook_url(body["webhook_url"], ctx.config.security.allow_private_targets)
+        url = await check_webhook_url(body["webhook_url"], ctx.config.security.allow_private_targets,
+                                      ctx.config.security.allowed_ports)
     events = check_events(body["events"], ctx.config.events) if "events" in body else None
     status = body.get("status")
     if "status" in body and status not in ("active", "paused"):
@@ -885,6 +944,8 @@ async def receive_partner_event(request: Request) -> JSONResponse:
                        "The signature does not verify for any partner. Sign the body with your shared secret "
                        "(hex HMAC-SHA256) and send it as X-Webhook-Signature.")
 
+    ctx.inbound_limit.check(partner.id, "events from this partner")
+
     timestamp = payload.get("timestamp")
     if timestamp is not None:
         if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
@@ -998,8 +1059,13 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
         token = admin_token(config)
         tokens = realtime.Tokens(hmac.new(token.encode(), b"webhookd realtime tokens", hashlib.sha256).digest(),
                                  config.realtime.token_ttl_s)
-        app.state.ctx = Context(config=config, store=store, loop=loop, admin_token=token, clock=clock,
-                                notifier=realtime.Notifier(queue_size=config.realtime.client_queue), tokens=tokens)
+        sec = config.security
+        app.state.ctx = Context(
+            config=config, store=store, loop=loop, admin_token=token, clock=clock,
+            notifier=realtime.Notifier(queue_size=config.realtime.client_queue), tokens=tokens,
+            inbound_limit=RateLimiter(sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s, time.monotonic),
+            registration_limit=RateLimiter(sec.registration_rate_per_min / 60, sec.registration_rate_per_min,
+                                           time.monotonic))
         await loop.start()
         logger.info("webhookd %s ready; database %s", __version__, config.storage.path)
         try:

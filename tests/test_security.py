@@ -147,3 +147,146 @@ def test_every_websocket_route_refuses_a_missing_token(hub):
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=5)
         assert closed.value.rcvd.code == 1008
+
+
+# --- SSRF -------------------------------------------------------------------------------
+
+import ipaddress  # noqa: E402
+
+import delivery  # noqa: E402
+import sitecustomize  # noqa: E402  (the loopback guard, with its FAKE_DNS resolver)
+
+PUBLIC_IP = "93.184.216.34"   # never reached: the guard refuses every non-loopback connect
+
+
+@pytest.fixture
+def fake_dns():
+    yield sitecustomize.FAKE_DNS
+    sitecustomize.FAKE_DNS.clear()
+
+
+@pytest.mark.parametrize("address, public", [
+    ("93.184.216.34", True), ("2606:2800:220:1:248:1893:25c8:1946", True),
+    ("127.0.0.1", False), ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+    ("100.64.0.1", False), ("169.254.169.254", False), ("224.0.0.1", False), ("239.255.255.250", False),
+    ("0.0.0.0", False), ("255.255.255.255", False), ("::1", False), ("::", False), ("fd00::1", False),
+    ("fe80::1", False), ("ff02::1", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False),
+    ("64:ff9b::a00:1", False), ("2002:a00:1::", False), ("2002:5db8:d822::", True),
+])
+def test_is_public_address(address, public):
+    assert delivery.is_public_address(ipaddress.ip_address(address)) is public
+
+
+@pytest.mark.parametrize("answer", [["10.0.0.7"], ["169.254.169.254"], ["::ffff:127.0.0.1"], ["fd12::1"],
+                                    ["100.64.1.1"], [PUBLIC_IP, "192.168.0.10"]])
+def test_registration_refuses_names_that_resolve_to_private_addresses(webhookd_factory, fake_dns, answer):
+    hub = webhookd_factory(security__allow_private_targets=False)
+    fake_dns["hooks.partner.example"] = answer
+    r = hub.http.post("/partners/register", headers=hub.admin, json={
+        "partner_name": "P", "webhook_url": "https://hooks.partner.example/in", "events": ["payment.success"]})
+    assert r.status_code == 422 and "public address" in r.json()["error"]["message"]
+
+
+def test_a_name_rebound_to_loopback_after_registration_is_refused_at_send_time(webhookd_factory, fake_dns,
+                                                                             receiver_factory):
+    hub = webhookd_factory(security__allow_private_targets=False, delivery__max_attempts=1)
+    receiver = receiver_factory()
+    fake_dns["rebind.example"] = [PUBLIC_IP]
+    hub.register(f"http://rebind.example:{receiver.server.port}/hook", ["payment.success"])
+    fake_dns["rebind.example"] = ["127.0.0.1"]           # the attacker's DNS now points at us
+    hub.publish(PAYMENT_SUCCESS)
+    d = wait_for(lambda: (x := hub.deliveries()) and x[0]["state"] == "failed" and x[0])
+    assert hub.delivery(d["delivery_id"])["attempts"][0]["error"] == "ssrf_blocked"
+    assert receiver.received == []
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(webhookd_factory, fake_dns, receiver_factory):
+    """One lookup, then a connect to that very address: a second lookup (which would answer
+    127.0.0.1, where a receiver waits) never happens."""
+    hub = webhookd_factory(security__allow_private_targets=False, delivery__max_attempts=1)
+    receiver = receiver_factory()
+    lookups: list[str] = []
+
+    def answer():
+        lookups.append("lookup")
+        return [PUBLIC_IP] if len(lookups) % 2 == 1 else ["127.0.0.1"]
+
+    fake_dns["pinned.example"] = [PUBLIC_IP]
+    hub.register(f"http://pinned.example:{receiver.server.port}/hook", ["payment.success"])
+    fake_dns["pinned.example"] = answer
+    hub.publish(PAYMENT_SUCCESS)
+    d = wait_for(lambda: (x := hub.deliveries()) and x[0]["state"] == "failed" and x[0])
+    attempt = hub.delivery(d["delivery_id"])["attempts"][0]
+    assert attempt["error"] == "connection_refused"       # the guard refused the public address
+    assert lookups == ["lookup"] and receiver.received == []
+
+
+def test_ports_outside_the_allowed_set_are_refused(webhookd_factory):
+    hub = webhookd_factory(security__allowed_ports=(443, 8443))
+    r = hub.http.post("/partners/register", headers=hub.admin, json={
+        "partner_name": "P", "webhook_url": "http://127.0.0.1:8080/in", "events": ["payment.success"]})
+    assert r.status_code == 422 and "443, 8443" in r.json()["error"]["message"]
+    ok = hub.http.post("/partners/register", headers=hub.admin, json={
+        "partner_name": "P", "webhook_url": "https://127.0.0.1:8443/in", "events": ["payment.success"]})
+    assert ok.status_code == 201
+
+
+# --- Rate limits --------------------------------------------------------------------------
+
+
+def test_open_registration_is_rate_limited_per_client_address(webhookd_factory):
+    hub = webhookd_factory(security__open_registration=True, security__registration_rate_per_min=3.0)
+    body = {"partner_name": "P", "webhook_url": "http://127.0.0.1:9/x", "events": ["payment.success"]}
+    assert [hub.http.post("/partners/register", json=body).status_code for _ in range(3)] == [201] * 3
+    limited = hub.http.post("/partners/register", json=body)
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+    assert hub.http.post("/partners/register", json=body, headers=hub.admin).status_code == 201  # admin is not
+
+
+def test_inbound_events_are_rate_limited_per_partner(webhookd_factory):
+    hub = webhookd_factory(security__inbound_rate_per_s=2.0)
+    a = hub.register("http://127.0.0.1:9/a", ["payment.success"], name="A")
+    b = hub.register("http://127.0.0.1:9/b", ["payment.success"], name="B")
+
+    def send(partner, n):
+        body = json.dumps({"event": "tour.purchased", "n": n}).encode()
+        return hub.http.post("/webhooks/partners", content=body, headers={
+            "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": "tour.purchased"})
+
+    codes = [send(a, n).status_code for n in range(6)]
+    assert codes[:4] == [200] * 4 and 429 in codes[4:]      # a burst of 2 x rate, then limited
+    assert send(b, 0).status_code == 200                    # another partner has its own bucket
+    limited = next(r for r in (send(a, 10 + n) for n in range(3)) if r.status_code == 429)
+    assert int(limited.headers["Retry-After"]) >= 1
+
+
+# --- Secrets never in logs ---------------------------------------------------------------------
+
+
+def test_no_secret_appears_in_any_log_line_of_a_full_flow(webhookd_factory, receiver_factory, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    hub = webhookd_factory()
+    receiver = receiver_factory(default=(500, 0))
+    partner = hub.register(receiver.url, ["payment.success"])
+    pid, key = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    rotated = hub.http.post(f"/partners/{pid}/rotate-secret", headers=key).json()
+    hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: len(hub.deliveries(state="failed")) == 1)
+    body = b'{"event":"tour.purchased"}'
+    hub.http.post("/webhooks/partners", content=body, headers={
+        "X-Webhook-Signature": signing.sign_hex(rotated["shared_secret"], body), "X-Webhook-Event": "tour.purchased"})
+    hub.http.post("/webhooks/partners", content=body, headers={   # a refused one too
+        "X-Webhook-Signature": signing.sign_hex("sk_live_wrong", body), "X-Webhook-Event": "tour.purchased"})
+    token = hub.http.post("/realtime/tokens", headers=hub.admin, json={"user_id": "u"}).json()["token"]
+    hub.http.get("/deliveries", headers=key)
+    hub.http.get("/partners", headers={"Authorization": "Bearer wrong"})
+    secrets_issued = [partner["shared_secret"], partner["standard_webhooks_secret"], partner["api_key"],
+                      rotated["shared_secret"], rotated["standard_webhooks_secret"], token, hub.admin["Authorization"][7:]]
+    logged = "\n".join(r.getMessage() + " " + str(r.args) for r in caplog.records)
+    assert len(caplog.records) > 5
+    for secret in secrets_issued:
+        assert secret not in logged
+        assert secret[:20] not in logged

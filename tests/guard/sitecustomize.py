@@ -47,9 +47,10 @@ GUARD_INSTALLED = True
 
 # Name resolution is guarded too: a lookup of a real name would send a DNS query off
 # this machine. IP literals and "localhost" resolve as usual; any other name resolves
-# only through FAKE_DNS, which a test fills in ({"partner.example": ["203.0.113.7"]}).
+# only through FAKE_DNS, which a test fills in ({"partner.example": ["203.0.113.7"]}, or a
+# function returning such a list, to give different answers to successive lookups).
 _real_getaddrinfo = socket.getaddrinfo
-FAKE_DNS: dict[str, list[str]] = {}
+FAKE_DNS: dict = {}
 
 
 def _guarded_getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
@@ -63,8 +64,9 @@ def _guarded_getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
         pass
     if name not in FAKE_DNS:
         raise socket.gaierror(socket.EAI_NONAME, f"test guard: {name!r} is not in FAKE_DNS")
+    answer = FAKE_DNS[name]
     results = []
-    for address in FAKE_DNS[name]:
+    for address in (answer() if callable(answer) else answer):
         fam = socket.AF_INET6 if ":" in address else socket.AF_INET
         sockaddr = (address, int(port or 0), 0, 0) if fam == socket.AF_INET6 else (address, int(port or 0))
         results.append((fam, type or socket.SOCK_STREAM, proto or 6, "", sockaddr))
