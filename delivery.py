@@ -37,6 +37,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 import signing
+from metrics import Metrics
 from store import Attempt, Job, Outcome, Store
 
 logger = logging.getLogger("webhookd.delivery")
@@ -51,7 +52,7 @@ RECORD_BATCH = 500       # results written per group commit, at most
 class Settings:
     timeout_s: float = 5.0
     max_attempts: int = 3
-    backoff_base_s: float = 2.0
+    backoff_base_s: float = 30.0
     backoff_max_s: float = 3600.0
     concurrency: int = 16
     per_partner_concurrency: int = 4
@@ -428,6 +429,12 @@ class Breakers:
             return 1 if busy == 0 else 0  # half-open: one probe
         return cap
 
+    def open_count(self, now: float) -> int:
+        """Partners whose circuit is open or half-open now."""
+        with self._lock:
+            return sum(1 for h in self._health.values()
+                       if h.failures >= self.settings.breaker_threshold or h.open_until > now)
+
     def constrained(self) -> list[str]:
         with self._lock:
             return list(self._health)
@@ -480,8 +487,9 @@ class DeliveryLoop:
     """Claims due deliveries, sends them from a thread pool and records every attempt."""
 
     def __init__(self, store: Store, settings: Settings, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
         self.store = store
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.rng = rng or random.Random()
         self.clock = clock
@@ -630,13 +638,26 @@ class DeliveryLoop:
             delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=sent.attempt, state=state,
             next_attempt_at=next_at, partner_failing_since=failing_since,
             partner_failing_changed=failing_changed, disable_reason=disable_reason))
+        self._count(job, sent.attempt, state, now)
         a = sent.attempt
         logger.info("delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
                     job.delivery_id, job.event_id, job.partner_id, job.attempt, a.status_code, a.error,
-                    a.duration_ms, state)
+                    a.duration_ms, state,
+                    extra={"delivery_id": job.delivery_id, "event_id": job.event_id, "partner_id": job.partner_id,
+                           "attempt": job.attempt, "status_code": a.status_code, "error": a.error,
+                           "duration_ms": a.duration_ms, "state": state})
         if disable_reason:
             logger.warning("partner %s disabled: %s; its deliveries wait until it is made active again",
                            job.partner_id, disable_reason)
+
+    def _count(self, job: Job, attempt: Attempt, state: str, now: float) -> None:
+        m = self.metrics
+        m.attempts.inc(result=attempt.error or "success")
+        m.attempt_seconds.observe(attempt.duration_ms / 1000)
+        if state != "pending":
+            m.deliveries.inc(partner=job.partner_id, outcome=state)
+        if state == "delivered":
+            m.delivered_seconds.observe(max(0.0, now - job.created_at))
 
     # The recorder: many results, one commit -------------------------------------------------
 

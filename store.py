@@ -180,6 +180,7 @@ class Job:
     attempt: int        # the number of the attempt about to be made, from 1
     max_attempts: int
     partner_failing_since: float | None = None
+    created_at: float = 0.0   # when the delivery was created (publish time)
 
 
 @dataclass(frozen=True)
@@ -522,7 +523,7 @@ class Store:
             rows = db.execute(
                 f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.webhook_url, p.secret,
                            p.previous_secret, p.previous_secret_until, p.failing_since, e.body,
-                           d.attempt_count, d.max_attempts
+                           d.attempt_count, d.max_attempts, d.created_at
                     FROM deliveries d JOIN events e ON e.id = d.event_id
                                       JOIN partners p ON p.id = d.partner_id
                     WHERE d.id IN ({placeholders})""",
@@ -587,6 +588,12 @@ class Store:
                    WHERE state = 'pending' AND leased_until IS NOT NULL AND leased_until <= :now""",
                 {"now": now},
             ).rowcount
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many deliveries are in each state (for the metrics gauges)."""
+        with self._reader() as db:
+            rows = db.execute("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state").fetchall()
+        return {row["state"]: row["n"] for row in rows}
 
     def next_due_at(self, skip: list[str] | None = None) -> float | None:
         """When the earliest pending delivery of an active partner not in ``skip`` falls due."""
@@ -736,7 +743,7 @@ def _job_from_row(row: sqlite3.Row, now: float) -> Job:
         delivery_id=row["id"], event_id=row["event_id"], event=row["type"],
         partner_id=row["partner_id"], url=row["webhook_url"], secrets=tuple(secrets),
         body=bytes(row["body"]), attempt=row["attempt_count"] + 1, max_attempts=row["max_attempts"],
-        partner_failing_since=row["failing_since"],
+        partner_failing_since=row["failing_since"], created_at=row["created_at"],
     )
 
 

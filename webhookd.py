@@ -46,12 +46,13 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import delivery
+import metrics
 import realtime
 import signing
 from store import Delivery, Event, InboundEvent, Partner, Store
@@ -85,6 +86,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "info"
+    log_format: str = "text"   # text | json
 
 
 @dataclass(frozen=True)
@@ -103,13 +105,14 @@ class SecurityConfig:
     allowed_ports: tuple[int, ...] = ()   # empty: any port
     inbound_rate_per_s: float = 50.0      # per partner
     registration_rate_per_min: float = 10.0  # per client address, when registration is open
+    metrics_public: bool = False             # true: GET /metrics without the admin token
 
 
 @dataclass(frozen=True)
 class DeliveryConfig:
     timeout_s: float = 5.0
     max_attempts: int = 3
-    backoff_base_s: float = 2.0
+    backoff_base_s: float = 30.0
     backoff_max_s: float = 3600.0
     concurrency: int = 16
     per_partner_concurrency: int = 4
@@ -421,19 +424,20 @@ PUBLIC = "public"              # anyone
 ADMIN = "admin"                # the admin token only (a partner key gets 403)
 CALLER = "admin_or_partner"    # the admin token or a partner API key; the handler checks ownership
 SIGNED = "signed"              # a partner, proven by the body's signature (checked by the handler)
+METRICS = "metrics"            # the admin token, or anyone when metrics_public = true
 REGISTRATION = "registration"  # the admin token, or anyone when open_registration = true
 
 
 def check_access(request: Request, who: str) -> Caller | None:
     """Apply a route's access rule; the caller it found, or None where no credentials are asked."""
-    if who in (PUBLIC, SIGNED):
+    if who in (PUBLIC, SIGNED) or (who == METRICS and context(request).config.security.metrics_public):
         return None
     if who == REGISTRATION and context(request).config.security.open_registration:
         if "authorization" not in request.headers:
             return None  # anyone may register; rate-limited per client address
         who = CALLER   # credentials sent: check them, so the admin is recognised
     caller = authenticate(request)
-    if who in (ADMIN, REGISTRATION) and not caller.is_admin:
+    if who in (ADMIN, REGISTRATION, METRICS) and not caller.is_admin:
         raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
     return caller
 
@@ -479,6 +483,7 @@ class Context:
     tokens: realtime.Tokens
     inbound_limit: RateLimiter
     registration_limit: RateLimiter
+    metrics: metrics.Metrics
 
 
 def context(request: Request) -> Context:
@@ -844,6 +849,7 @@ async def publish_event(request: Request) -> JSONResponse:
                        "This Idempotency-Key was used with a different body. Use a new key for a new event.")
     if created:
         ctx.loop.wake()
+        ctx.metrics.events_published.inc(event=event.type)
         logger.info("published %s %s to %d partners", event.id, event.type, event.fanout)
     return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
 
@@ -920,6 +926,15 @@ async def receive_partner_event(request: Request) -> JSONResponse:
     Checks run in the SPEC's order: headers (400), size (413), JSON object (400),
     signature and partner (401), timestamp (401). The 200 comes after the commit.
     """
+    try:
+        return await _receive_partner_event(request)
+    except ApiError as refused:
+        context(request).metrics.inbound.inc(result="refused", reason=refused.code)
+        logger.info("inbound refused: %s %s", refused.status, refused.code)
+        raise
+
+
+async def _receive_partner_event(request: Request) -> JSONResponse:
     ctx = context(request)
     signature = request.headers.get("x-webhook-signature")
     event_type = request.headers.get("x-webhook-event")
@@ -960,7 +975,10 @@ async def receive_partner_event(request: Request) -> JSONResponse:
     dedupe_key = f"id:{webhook_id}" if webhook_id else "sha256:" + hashlib.sha256(canonical_body).hexdigest()
     stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
                                event_type=event_type, dedupe_key=dedupe_key, body=canonical_body, now=now)
-    logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)")
+    ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
+    logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
+                extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,
+                       "duplicate": not created})
     after = BackgroundTask(process_inbound, ctx, partner.id, event_type, payload) if created else None
     return JSONResponse({"status": "received", "timestamp": int(stored.received_at)}, background=after)
 
@@ -1009,6 +1027,15 @@ async def live_notifications(websocket: WebSocket) -> None:
     await ctx.notifier.serve(websocket, user_id)
 
 
+# --- Metrics and health ----------------------------------------------------------------------
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text format."""
+    text = await db(context(request).metrics.render)
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 # --- Health ---------------------------------------------------------------------------------
 
 
@@ -1039,6 +1066,7 @@ ROUTES = [
     route("POST", "/webhooks/partners", receive_partner_event, SIGNED),
     route("GET", "/inbound", list_inbound, ADMIN),
     route("POST", "/realtime/tokens", mint_realtime_token, ADMIN),
+    route("GET", "/metrics", prometheus_metrics, METRICS),
     WebSocketRoute("/ws", live_notifications),
 ]
 
@@ -1055,14 +1083,26 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     @asynccontextmanager
     async def lifespan(app: Starlette):
         store = Store(config.storage.path)
-        loop = delivery.DeliveryLoop(store, config.delivery_settings(), rng=rng, clock=clock)
+        counters = metrics.Metrics()
+        loop = delivery.DeliveryLoop(store, config.delivery_settings(), rng=rng, clock=clock, metrics=counters)
         token = admin_token(config)
         tokens = realtime.Tokens(hmac.new(token.encode(), b"webhookd realtime tokens", hashlib.sha256).digest(),
                                  config.realtime.token_ttl_s)
         sec = config.security
+        notifier = realtime.Notifier(queue_size=config.realtime.client_queue)
+        counters.gauge("webhookd_deliveries", "Deliveries stored, by state.",
+                       lambda: {(("state", s),): float(n) for s, n in store.count_by_state().items()})
+        counters.gauge("webhookd_deliveries_in_flight", "Attempts being sent right now.",
+                       lambda: {(): float(loop.in_flight)})
+        counters.gauge("webhookd_circuit_breakers_open", "Partners whose circuit is open or half-open.",
+                       lambda: {(): float(loop.breakers.open_count(clock()))})
+        counters.gauge("webhookd_websocket_clients", "Connected /ws clients.",
+                       lambda: {(): float(len(notifier.clients))})
+        counters.gauge("webhookd_websocket_dropped_messages", "Messages dropped for /ws clients that did not read.",
+                       lambda: {(): float(notifier.dropped)})
         app.state.ctx = Context(
-            config=config, store=store, loop=loop, admin_token=token, clock=clock,
-            notifier=realtime.Notifier(queue_size=config.realtime.client_queue), tokens=tokens,
+            config=config, store=store, loop=loop, admin_token=token, clock=clock, metrics=counters,
+            notifier=notifier, tokens=tokens,
             inbound_limit=RateLimiter(sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s, time.monotonic),
             registration_limit=RateLimiter(sec.registration_rate_per_min / 60, sec.registration_rate_per_min,
                                            time.monotonic))

@@ -13,7 +13,7 @@ import webhookd
 from conftest import wait_for
 from payloads import PAYMENT_SUCCESS
 
-WHO = {webhookd.PUBLIC, webhookd.ADMIN, webhookd.CALLER, webhookd.SIGNED, webhookd.REGISTRATION}
+WHO = {webhookd.PUBLIC, webhookd.ADMIN, webhookd.CALLER, webhookd.SIGNED, webhookd.REGISTRATION, webhookd.METRICS}
 
 
 def _routes(app):
@@ -47,7 +47,7 @@ def test_every_protected_route_refuses_missing_and_wrong_credentials(hub):
             got = hub.http.request(method, url, headers=headers, json={})
             assert got.status_code == 401, (method, r.path, headers, got.text)
             assert got.json()["error"]["code"] in ("missing_credentials", "invalid_credentials")
-        if r.who in (webhookd.ADMIN, webhookd.REGISTRATION):
+        if r.who in (webhookd.ADMIN, webhookd.REGISTRATION, webhookd.METRICS):
             got = hub.http.request(method, url, headers=partner_key, json={})
             assert got.status_code == 403, (method, r.path, got.text)
         checked += 1

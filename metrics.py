@@ -1,0 +1,118 @@
+"""Prometheus metrics in the text exposition format, with no dependency.
+
+Counters and histograms are updated where things happen (the routes, the delivery
+workers); gauges are read when ``/metrics`` is scraped. Every update takes one lock:
+worker threads and the event loop both write here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable
+
+# Seconds: from a fast loopback receiver to the 5 s timeout and beyond.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _labels(labels: Labels, extra: str = "") -> str:
+    parts = [f'{k}="{_escape(v)}"' for k, v in labels]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str):
+        self.name, self.help = name, help_text
+        self._values: dict[Labels, float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        with self._lock:
+            for key, value in sorted(self._values.items()):
+                yield f"{self.name}{_labels(key)} {value}"
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]):
+        self.name, self.help, self.buckets = name, help_text, buckets
+        self._series: dict[Labels, list[float]] = {}  # per bucket counts, then sum, then count
+        self._lock = threading.Lock()
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            series = self._series.setdefault(key, [0.0] * (len(self.buckets) + 2))
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    series[i] += 1
+            series[-2] += value
+            series[-1] += 1
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        with self._lock:
+            for key, series in sorted(self._series.items()):
+                for bound, count in zip(self.buckets, series):
+                    le = 'le="%s"' % bound
+                    yield f"{self.name}_bucket{_labels(key, le)} {count}"
+                le = 'le="+Inf"'
+                yield f"{self.name}_bucket{_labels(key, le)} {series[-1]}"
+                yield f"{self.name}_sum{_labels(key)} {series[-2]}"
+                yield f"{self.name}_count{_labels(key)} {series[-1]}"
+
+
+class Gauge:
+    """A value read at scrape time from ``read()``, which returns {labels: value}."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], dict[Labels, float]]):
+        self.name, self.help, self.read = name, help_text, read
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        for key, value in sorted(self.read().items()):
+            yield f"{self.name}{_labels(key)} {value}"
+
+
+class Metrics:
+    """Everything webhookd counts. One instance per app."""
+
+    def __init__(self) -> None:
+        self.events_published = Counter("webhookd_events_published_total", "Events accepted by POST /events.")
+        self.deliveries = Counter("webhookd_deliveries_total",
+                                  "Deliveries that reached a final state, by partner and outcome.")
+        self.attempts = Counter("webhookd_attempts_total", "Delivery attempts by result class.")
+        self.inbound = Counter("webhookd_inbound_total", "Inbound partner events by result.")
+        self.attempt_seconds = Histogram("webhookd_attempt_duration_seconds", "Duration of one delivery attempt.",
+                                         DURATION_BUCKETS)
+        self.delivered_seconds = Histogram("webhookd_publish_to_delivered_seconds",
+                                           "Time from publish to a successful delivery.", LATENCY_BUCKETS)
+        self.gauges: list[Gauge] = []
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], dict[Labels, float]]) -> None:
+        self.gauges.append(Gauge(name, help_text, read))
+
+    def render(self) -> str:
+        """The text format. Gauges read their sources now, so call it off the event loop."""
+        families = [self.events_published, self.deliveries, self.attempts, self.inbound,
+                    self.attempt_seconds, self.delivered_seconds, *self.gauges]
+        return "\n".join(line for family in families for line in family.render()) + "\n"

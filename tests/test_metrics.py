@@ -1,0 +1,63 @@
+"""GET /metrics, parsed with prometheus_client's own parser, moving with a real flow."""
+
+import json
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import signing
+from conftest import wait_for
+from payloads import PAYMENT_SUCCESS
+
+
+def _samples(hub):
+    r = hub.http.get("/metrics", headers=hub.admin)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_need_the_admin_token_unless_public(webhookd_factory):
+    hub = webhookd_factory()
+    assert hub.http.get("/metrics").status_code == 401
+    public = webhookd_factory(security__metrics_public=True)
+    assert public.http.get("/metrics").status_code == 200
+
+
+def test_metrics_move_with_a_real_flow(hub, receiver_factory):
+    good = receiver_factory()
+    bad = receiver_factory(default=(500, 0))
+    p_good = hub.register(good.url, ["payment.success"], name="Good")
+    p_bad = hub.register(bad.url, ["payment.success"], name="Bad")
+    before = _samples(hub)
+    assert _value(before, "webhookd_events_published_total", event="payment.success") == 0
+    for i in range(2):
+        assert hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
+    wait_for(lambda: len(hub.deliveries(state="delivered")) == 2 and len(hub.deliveries(state="failed")) == 2)
+    body = json.dumps({"event": "tour.purchased"}).encode()
+    sig = signing.sign_hex(p_good["shared_secret"], body)
+    for signature in (sig, sig, "00" * 32):
+        hub.http.post("/webhooks/partners", content=body,
+                      headers={"X-Webhook-Signature": signature, "X-Webhook-Event": "tour.purchased"})
+
+    after = _samples(hub)
+    assert _value(after, "webhookd_events_published_total", event="payment.success") == 2
+    assert _value(after, "webhookd_deliveries_total", partner=p_good["partner_id"], outcome="delivered") == 2
+    assert _value(after, "webhookd_deliveries_total", partner=p_bad["partner_id"], outcome="failed") == 2
+    assert _value(after, "webhookd_attempts_total", result="success") == 2
+    assert _value(after, "webhookd_attempts_total", result="http_error") == 6
+    assert _value(after, "webhookd_attempt_duration_seconds_count") == 8
+    assert _value(after, "webhookd_publish_to_delivered_seconds_count") == 2
+    assert _value(after, "webhookd_inbound_total", result="accepted") == 1
+    assert _value(after, "webhookd_inbound_total", result="duplicate") == 1
+    assert _value(after, "webhookd_inbound_total", result="refused", reason="invalid_signature") == 1
+    assert _value(after, "webhookd_deliveries", state="delivered") == 2
+    assert _value(after, "webhookd_deliveries", state="failed") == 2
+    assert _value(after, "webhookd_deliveries_in_flight") == 0
+    assert ("webhookd_circuit_breakers_open", ()) in after
