@@ -47,3 +47,85 @@ def test_listen_refuses_a_wrong_signature_with_401(tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
         out.close()
+
+
+# --- Operator commands against a running `webhookd serve` --------------------------------
+
+import json  # noqa: E402
+
+from payloads import PAYMENT_SUCCESS as _PAYMENT  # noqa: E402
+
+
+def _run(serve, *args):
+    env = {**serve.env, "WEBHOOKD_SERVER_PORT": str(serve.port)}
+    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"), *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_factory):
+    receiver = receiver_factory(default=(500, 0))
+    serve = serve_factory()
+    added = json.loads(_ok(_run(serve, "partners", "add", "--name", "CLI Tours", "--url", receiver.url,
+                                "--events", "payment.success,booking.confirmed", "--json")))
+    pid = added["partner_id"]
+    assert added["shared_secret"].startswith("sk_live_") and added["events_subscribed"] == [
+        "booking.confirmed", "payment.success"]
+
+    table = _ok(_run(serve, "partners", "list"))
+    assert table.splitlines()[0].split()[:3] == ["PARTNER_ID", "PARTNER_NAME", "STATUS"] and pid in table
+    assert json.loads(_ok(_run(serve, "partners", "show", pid, "--json")))["status"] == "active"
+    shown = _ok(_run(serve, "partners", "show", pid))
+    assert "partner_name" in shown and "shared_secret" not in shown
+
+    event = json.loads(_ok(_run(serve, "publish", "payment.success", "--data", json.dumps(
+        {k: v for k, v in _PAYMENT.items() if k != "event"}), "--json")))
+    assert event["deliveries"] == 1
+    wait_for(lambda: "failed" in _ok(_run(serve, "deliveries", "--status", "failed")))
+    failed = json.loads(_ok(_run(serve, "deliveries", "--status", "failed", "--partner", pid, "--json")))["items"]
+    assert len(failed) == 1 and failed[0]["event_id"] == event["event_id"]
+
+    receiver.default = (200, 0)
+    assert "pending" in _ok(_run(serve, "retry", failed[0]["delivery_id"]))
+    wait_for(lambda: failed[0]["delivery_id"] in _ok(_run(serve, "deliveries", "--status", "delivered")))
+    again = _run(serve, "retry", failed[0]["delivery_id"])
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "only a failed delivery" in again.stderr
+
+    assert json.loads(_ok(_run(serve, "recover", pid, "--since", "0", "--json"))) == {"requeued": 0}
+    assert json.loads(_ok(_run(serve, "partners", "pause", pid, "--json")))["status"] == "paused"
+    assert json.loads(_ok(_run(serve, "partners", "resume", pid, "--json")))["status"] == "active"
+    rotated = json.loads(_ok(_run(serve, "partners", "rotate", pid, "--json")))
+    assert rotated["shared_secret"] != added["shared_secret"]
+
+
+def test_commands_fail_with_one_clear_line(serve_factory, tmp_path):
+    serve = serve_factory()
+    bad_json = _run(serve, "publish", "payment.success", "--data", "{oops")
+    assert bad_json.returncode == 1 and bad_json.stderr.startswith("webhookd: the JSON given is not valid")
+    invalid = _run(serve, "publish", "payment.success", "--data", "{}")
+    assert invalid.returncode == 1 and "'transaction_id' is required" in invalid.stderr
+    assert invalid.stderr.count("\n") == 1
+    missing = _run(serve, "partners", "show")
+    assert missing.returncode == 1 and "needs a PARTNER_ID" in missing.stderr
+    serve.stop()
+    down = _run(serve, "partners", "list")
+    assert down.returncode == 1 and "cannot reach webhookd" in down.stderr and down.stderr.count("\n") == 1
+
+
+def test_json_log_format_prints_one_json_object_per_line(serve_factory, receiver_factory):
+    receiver = receiver_factory()
+    serve = serve_factory(WEBHOOKD_SERVER_LOG_FORMAT="json")
+    added = json.loads(_ok(_run(serve, "partners", "add", "--name", "J", "--url", receiver.url,
+                                "--events", "payment.success", "--json")))
+    _ok(_run(serve, "publish", "payment.success", "--data", json.dumps(
+        {k: v for k, v in _PAYMENT.items() if k != "event"})))
+    wait_for(lambda: receiver.received)
+    wait_for(lambda: '"delivery_id"' in serve.output())
+    lines = [json.loads(line) for line in serve.output().splitlines() if line.startswith("{")]
+    attempt = next(line for line in lines if "delivery_id" in line)
+    assert attempt["partner_id"] == added["partner_id"] and attempt["status_code"] == 200
+    assert attempt["state"] == "delivered" and isinstance(attempt["duration_ms"], int)

@@ -98,6 +98,6 @@ def test_sign_prints_the_guides_troubleshooting_signature(tmp_path):
 
 
 def test_every_command_has_help():
-    for command in ("serve", "token", "sign", "listen"):
+    for command in ("serve", "token", "partners", "publish", "deliveries", "retry", "recover", "sign", "listen"):
         result = _cli(command, "--help")
         assert result.returncode == 0 and "usage: webhookd" in result.stdout
