@@ -595,6 +595,23 @@ class Store:
             rows = db.execute("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state").fetchall()
         return {row["state"]: row["n"] for row in rows}
 
+    def partner_delivery_counts(self) -> dict[str, dict[str, int]]:
+        """For each partner: how many of its deliveries are in each state."""
+        counts: dict[str, dict[str, int]] = {}
+        with self._reader() as db:
+            for row in db.execute("SELECT partner_id, state, COUNT(*) AS n FROM deliveries GROUP BY partner_id, state"):
+                counts.setdefault(row["partner_id"], {})[row["state"]] = row["n"]
+        return counts
+
+    def outcomes_per_minute(self, since: float) -> list[tuple[int, str, int]]:
+        """(minute, final state, count) for deliveries that ended since ``since``."""
+        with self._reader() as db:
+            rows = db.execute(
+                """SELECT CAST(updated_at / 60 AS INTEGER) * 60 AS minute, state, COUNT(*) AS n
+                   FROM deliveries WHERE state IN ('delivered', 'failed') AND updated_at >= :since
+                   GROUP BY minute, state ORDER BY minute""", {"since": since}).fetchall()
+        return [(row["minute"], row["state"], row["n"]) for row in rows]
+
     def next_due_at(self, skip: list[str] | None = None) -> float | None:
         """When the earliest pending delivery of an active partner not in ``skip`` falls due."""
         skipped = set(skip or ())

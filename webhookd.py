@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.background import BackgroundTask
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
@@ -1039,6 +1039,40 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+# --- The dashboard ---------------------------------------------------------------------------
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+async def dashboard(request: Request) -> Response:
+    """``GET /dashboard``: one static page; it asks for the admin token and calls the API itself."""
+    return FileResponse(STATIC / "dashboard.html", media_type="text/html")
+
+
+async def stats(request: Request) -> JSONResponse:
+    """``GET /stats``: what the dashboard draws — partners' success rates, totals, outcomes per minute."""
+    ctx = context(request)
+    partners = await db(ctx.store.list_partners, limit=200, cursor=None)
+    counts = await db(ctx.store.partner_delivery_counts)
+    now = ctx.clock()
+    minutes = await db(ctx.store.outcomes_per_minute, now - 3600)
+    rows = []
+    for p in partners.items:
+        c = counts.get(p.id, {})
+        done = c.get("delivered", 0) + c.get("failed", 0)
+        rows.append({"partner_id": p.id, "partner_name": p.name, "status": p.status,
+                     "disabled_reason": p.disabled_reason, "delivered": c.get("delivered", 0),
+                     "failed": c.get("failed", 0), "pending": c.get("pending", 0),
+                     "success_rate": round(c.get("delivered", 0) / done, 4) if done else None})
+    per_minute: dict[int, dict[str, int]] = {}
+    for minute, state, n in minutes:
+        per_minute.setdefault(minute, {"minute": minute, "delivered": 0, "failed": 0})[state] = n
+    totals = {state: sum(c.get(state, 0) for c in counts.values()) for state in ("pending", "delivered", "failed")}
+    return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
+                         "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
+                         "now": int(now)})
+
+
 # --- Health ---------------------------------------------------------------------------------
 
 
@@ -1070,6 +1104,8 @@ ROUTES = [
     route("GET", "/inbound", list_inbound, ADMIN),
     route("POST", "/realtime/tokens", mint_realtime_token, ADMIN),
     route("GET", "/metrics", prometheus_metrics, METRICS),
+    route("GET", "/stats", stats, ADMIN),
+    route("GET", "/dashboard", dashboard, PUBLIC),
     WebSocketRoute("/ws", live_notifications),
 ]
 
