@@ -192,7 +192,7 @@ def parse_retry_after(value: str | None, now: float, max_s: float) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit() and len(value) <= 10:
         seconds = float(value)
     else:
         try:

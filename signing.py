@@ -97,16 +97,32 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, walked without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise BadJSON(f"JSON number {text[:40]} is too large for a float; send a finite number.")
+    return value
+
+
+def _check_structure(value: Any, max_depth: int) -> None:
+    """Walk the parsed value once, without recursion: bounded depth, and every string
+    encodable as UTF-8 (a lone surrogate like \\ud800 parses, but cannot be stored or sent)."""
+    stack = [(value, 1)]
     while stack:
         item, level = stack.pop()
         if isinstance(item, (dict, list)):
-            deepest = max(deepest, level)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, level + 1) for child in children)
-    return deepest
+            if level > max_depth:
+                raise BadJSON(f"JSON is nested too deeply; at most {max_depth} levels are allowed.")
+            if isinstance(item, dict):
+                stack.extend((key, level) for key in item)
+                stack.extend((child, level + 1) for child in item.values())
+            else:
+                stack.extend((child, level + 1) for child in item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadJSON("JSON text holds a lone UTF-16 surrogate (like \\ud800); send valid Unicode.") from None
 
 
 def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -119,12 +135,14 @@ def parse_json(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
         value = json.loads(
             text,
             parse_constant=_reject_constant,
+            parse_float=_finite_float,
             object_pairs_hook=_object_without_duplicates,
         )
     except RecursionError:
         raise BadJSON(f"JSON is nested too deeply; at most {max_depth} levels are allowed.") from None
     except json.JSONDecodeError as exc:
         raise BadJSON(f"Body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.") from None
-    if _depth(value) > max_depth:
-        raise BadJSON(f"JSON is nested too deeply; at most {max_depth} levels are allowed.")
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise BadJSON(f"Body is not acceptable JSON: {str(exc)[:120]}") from None
+    _check_structure(value, max_depth)
     return value

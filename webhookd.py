@@ -53,6 +53,7 @@ from starlette.websockets import WebSocket
 
 import delivery
 import metrics
+import openapi
 import realtime
 import signing
 from store import Delivery, Event, InboundEvent, Partner, Store
@@ -515,7 +516,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, refused with 413 as soon as it is larger than ``max_bytes``."""
     too_large = ApiError(413, "body_too_large", f"The body is larger than {max_bytes} bytes. Send a smaller one.")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if re.fullmatch(r"[0-9]+", declared) and int(declared) > max_bytes:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -555,10 +556,15 @@ def _reject_unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
 # --- Query parameters and pagination ----------------------------------------------------
 
 
+def is_small_number(text: str) -> bool:
+    """ASCII digits only, at most 12 of them (``str.isdigit`` also says yes to '²')."""
+    return re.fullmatch(r"[0-9]{1,12}", text) is not None
+
+
 def page_params(request: Request) -> tuple[int, str | None]:
     """``?limit=`` (1-200, default 50) and ``?cursor=`` (opaque: base64 of the last id seen)."""
     limit_text = request.query_params.get("limit", "50")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 200:
+    if not is_small_number(limit_text) or not 1 <= int(limit_text) <= 200:
         raise invalid("limit", f"must be a whole number from 1 to 200, not {limit_text!r}.")
     cursor = request.query_params.get("cursor")
     if cursor is None:
@@ -787,7 +793,7 @@ async def recover_failed(request: Request) -> JSONResponse:
     check_owner(request, partner_id)
     ctx = context(request)
     since_text = request.query_params.get("since", "")
-    if not since_text.isdigit() or len(since_text) > 12:
+    if not is_small_number(since_text):
         raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
     if await db(ctx.store.get_partner, partner_id) is None:
         raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
@@ -1073,6 +1079,11 @@ async def stats(request: Request) -> JSONResponse:
                          "now": int(now)})
 
 
+async def openapi_document(request: Request) -> JSONResponse:
+    """``GET /openapi.json``: the API described, with this server's event catalog."""
+    return JSONResponse(openapi.document(context(request).config.events, __version__))
+
+
 # --- Health ---------------------------------------------------------------------------------
 
 
@@ -1106,6 +1117,7 @@ ROUTES = [
     route("GET", "/metrics", prometheus_metrics, METRICS),
     route("GET", "/stats", stats, ADMIN),
     route("GET", "/dashboard", dashboard, PUBLIC),
+    route("GET", "/openapi.json", openapi_document, PUBLIC),
     WebSocketRoute("/ws", live_notifications),
 ]
 
@@ -1206,7 +1218,7 @@ def _listen_verdicts(secret: str, headers: Any, body: bytes, now: float) -> dict
         canonical_ok = False
     msg_id, stamp = headers.get("webhook-id") or "", headers.get("webhook-timestamp") or ""
     standard_ok = False
-    if stamp.isdigit() and len(stamp) <= 12 and abs(now - int(stamp)) <= 300:
+    if is_small_number(stamp) and abs(now - int(stamp)) <= 300:
         expected = signing.standard_signature(secret, msg_id, int(stamp), body)
         given = (headers.get("webhook-signature") or "").split()
         standard_ok = any(hmac.compare_digest(expected.encode(), g.encode("utf-8", "replace")) for g in given)

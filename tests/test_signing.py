@@ -84,6 +84,11 @@ def test_verify_refuses_the_right_signature_under_another_secret():
     (b'{"a": ', "not valid JSON"),
     (b"[" * 40 + b"]" * 40, "nested too deeply"),
     (b"[" * 100000, "nested too deeply"),
+    (b'{"a": 1e400}', "too large for a float"),
+    (b'{"a": -1e400}', "too large for a float"),
+    (b'{"a": ' + b"9" * 5000 + b"}", "not acceptable JSON"),
+    (b'{"a": "x\\ud800"}', "surrogate"),
+    (b'{"\\udfff": 1}', "surrogate"),
 ])
 def test_parse_json_is_strict(raw, fragment):
     with pytest.raises(signing.BadJSON) as caught:
@@ -94,3 +99,13 @@ def test_parse_json_is_strict(raw, fragment):
 def test_parse_json_keeps_unicode_and_floats():
     assert signing.parse_json('{"name":"Juan Pérez","amount":150.0}'.encode()) == {
         "name": "Juan Pérez", "amount": 150.0}
+
+
+def test_retry_after_parsing_is_strict_and_clamped():
+    from delivery import parse_retry_after
+
+    assert parse_retry_after("120", now=0, max_s=3600) == 120
+    assert parse_retry_after("99999999", now=0, max_s=3600) == 3600
+    assert parse_retry_after("²", now=0, max_s=3600) is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0, max_s=3600) == 10.0
+    assert parse_retry_after("soon", now=0, max_s=3600) is None

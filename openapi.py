@@ -1,0 +1,192 @@
+"""The OpenAPI 3.1 description of webhookd's HTTP API, served at ``GET /openapi.json``.
+
+Kept apart from ``webhookd.py`` because it is a document, not behaviour: one entry per
+route, in the order of the route table, with the request and response shapes the
+routes produce. ``tests/test_openapi.py`` checks it covers every route and runs
+schemathesis against a live server with it. The WebSocket ``/ws`` is described in
+the info text (OpenAPI has no WebSocket operations).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TIME = {"type": "integer", "description": "unix seconds"}
+MAYBE_TIME = {"type": ["integer", "null"], "description": "unix seconds"}
+STRING = {"type": "string"}
+
+
+def _obj(properties: dict[str, Any], required: list[str] | None = None, extra: bool = False) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties) if required is None else required,
+            "additionalProperties": extra}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _list_of(name: str) -> dict[str, Any]:
+    return _obj({"items": {"type": "array", "items": _ref(name)}, "next_cursor": {"type": ["string", "null"]}})
+
+
+def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
+    events = sorted(catalog)
+    partner = {
+        "partner_id": {"type": "string", "pattern": "^partner_[a-z0-9]{12,}$"},
+        "partner_name": STRING, "webhook_url": STRING,
+        "status": {"enum": ["active", "paused", "disabled"]},
+        "events_subscribed": {"type": "array", "items": STRING},
+        "disabled_reason": {"type": ["string", "null"]}, "failing_since": MAYBE_TIME,
+        "created_at": TIME, "updated_at": TIME,
+    }
+    delivery = {
+        "delivery_id": STRING, "event_id": STRING, "event": STRING, "partner_id": STRING,
+        "state": {"enum": ["pending", "delivered", "failed"]}, "attempt_count": {"type": "integer"},
+        "next_attempt_at": MAYBE_TIME, "created_at": TIME, "updated_at": TIME,
+    }
+    attempt = {
+        "attempt": {"type": "integer"}, "started_at": TIME, "duration_ms": {"type": "integer"},
+        "status_code": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]},
+        "response_snippet": {"type": ["string", "null"]},
+    }
+    return {
+        "Error": _obj({"error": _obj({"code": {"type": "string", "pattern": "^[a-z_]+$"},
+                                      "message": {"type": "string", "minLength": 1}})}),
+        "Registration": _obj({
+            "partner_name": {"type": "string", "minLength": 1, "maxLength": 200},
+            "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
+            "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
+        }),
+        "Partner": _obj(partner),
+        "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
+                                "api_key": STRING}),
+        "PartnerRotated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
+                                "previous_secret_expires_at": TIME}),
+        "PartnerUpdate": {**_obj({"webhook_url": {"type": "string", "maxLength": 2048},
+                                  "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
+                                  "status": {"enum": ["active", "paused"]}}, required=[]),
+                          "minProperties": 1},
+        "PartnerList": _list_of("Partner"),
+        "EventPayload": {**_obj({"event": {"enum": events}, "timestamp": {"type": "number"}},
+                                required=["event"], extra=True),
+                         "description": "The event's fields; the catalog in webhookd.toml says which are required."},
+        "EventAccepted": _obj({"event_id": STRING, "deliveries": {"type": "integer"}}),
+        "Event": _obj({"event_id": STRING, "event": STRING, "payload": {"type": "object"},
+                       "deliveries": {"type": "array", "items": _ref("Delivery")}, "created_at": TIME}),
+        "Delivery": _obj(delivery),
+        "DeliveryDetail": _obj({**delivery, "attempts": {"type": "array", "items": _obj(attempt)}}),
+        "DeliveryList": _list_of("Delivery"),
+        "Recovered": _obj({"requeued": {"type": "integer"}}),
+        "InboundAck": _obj({"status": {"const": "received"}, "timestamp": TIME}),
+        "Inbound": _obj({"inbound_id": STRING, "partner_id": STRING, "event": STRING,
+                         "payload": {"type": "object"}, "received_at": TIME}),
+        "InboundList": _list_of("Inbound"),
+        "TokenRequest": _obj({"user_id": {"type": "string", "minLength": 1, "maxLength": 200}}),
+        "Token": _obj({"token": STRING, "expires_at": TIME}),
+        "Health": _obj({"status": {"const": "ok"}}),
+        "Stats": _obj({"partners": {"type": "array", "items": {"type": "object"}}, "totals": {"type": "object"},
+                       "per_minute": {"type": "array", "items": {"type": "object"}}, "now": TIME}),
+    }
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _op(summary: str, status: int, response: str | None, *, auth: bool = True, body: str | None = None,
+        params: list[dict] | None = None, media: str = "application/json") -> dict[str, Any]:
+    if response is None:
+        ok = {"description": summary, "content": {media: {"schema": {"type": "string"}}}}
+    else:
+        ok = {"description": summary, **_json(response)}
+    op: dict[str, Any] = {"summary": summary, "responses": {str(status): ok, "default": {
+        "description": "An error: the code says what went wrong, the message what to send instead.",
+        **_json("Error")}}}
+    if body:
+        op["requestBody"] = {"required": True, **_json(body)}
+    if params:
+        op["parameters"] = params
+    op["security"] = [{"bearer": []}] if auth else []
+    return op
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200},
+            "description": description}
+
+
+def _query(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+PAGE = [_query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size (default 50)"),
+        _query("cursor", {"type": "string"}, "next_cursor from the previous page")]
+PARTNER = _path("partner_id", "a partner id")
+DELIVERY = _path("delivery_id", "a delivery id")
+
+
+def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]:
+    """The whole OpenAPI document for a server whose event catalog is ``catalog``."""
+    states = {"type": "string", "enum": ["pending", "delivered", "failed"]}
+    inbound_headers = [
+        {"name": "X-Webhook-Signature", "in": "header", "required": True, "schema": STRING,
+         "description": "hex HMAC-SHA256 of the body (or of its canonical JSON) with your shared secret"},
+        {"name": "X-Webhook-Event", "in": "header", "required": True,
+         "schema": {"type": "string", "pattern": "^[A-Za-z0-9_]+\\.[A-Za-z0-9_]+$"}},
+        {"name": "X-Webhook-Id", "in": "header", "required": False, "schema": STRING,
+         "description": "your id for this event; repeats are stored once"},
+        {"name": "X-Partner-Id", "in": "header", "required": False, "schema": STRING},
+    ]
+    paths = {
+        "/health": {"get": _op("The database answers", 200, "Health", auth=False)},
+        "/partners/register": {"post": _op("Register a partner; the only time its secret is shown", 201,
+                                           "PartnerCreated", body="Registration")},
+        "/partners": {"get": _op("List partners, newest first", 200, "PartnerList", params=PAGE)},
+        "/partners/{partner_id}": {
+            "get": _op("One partner (never its secret)", 200, "Partner", params=[PARTNER]),
+            "patch": _op("Change webhook_url, events or status", 200, "Partner", body="PartnerUpdate",
+                         params=[PARTNER]),
+        },
+        "/partners/{partner_id}/rotate-secret": {"post": _op(
+            "A new secret; the old one stays valid for the overlap", 200, "PartnerRotated", params=[PARTNER])},
+        "/partners/{partner_id}/test": {"post": _op("Send webhook.test to this partner", 202, "EventAccepted",
+                                                    params=[PARTNER])},
+        "/partners/{partner_id}/recover": {"post": _op(
+            "Re-queue failed deliveries created since `since`", 200, "Recovered",
+            params=[PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True)])},
+        "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
+                                   params=[{"name": "Idempotency-Key", "in": "header", "required": False,
+                                            "schema": {"type": "string", "maxLength": 255}}])}},
+        "/events/{event_id}": {"get": _op("An event and its deliveries", 200, "Event",
+                                          params=[_path("event_id", "an event id")])},
+        "/deliveries": {"get": _op("Deliveries, newest first", 200, "DeliveryList", params=[
+            *PAGE, _query("partner_id", STRING, "only this partner"), _query("state", states, "only this state"),
+            _query("event", STRING, "only this event type"), _query("event_id", STRING, "only this event")])},
+        "/deliveries/{delivery_id}": {"get": _op("A delivery with its attempts", 200, "DeliveryDetail",
+                                                 params=[DELIVERY])},
+        "/deliveries/{delivery_id}/retry": {"post": _op("One more attempt of a failed delivery", 202, "Delivery",
+                                                        params=[DELIVERY])},
+        "/webhooks/partners": {"post": _op("Receive a partner's signed event", 200, "InboundAck", auth=False,
+                                           body="EventPayload", params=inbound_headers)},
+        "/inbound": {"get": _op("Received partner events, newest first", 200, "InboundList", params=[
+            *PAGE, _query("partner_id", STRING, "only this partner"), _query("event", STRING, "only this type")])},
+        "/realtime/tokens": {"post": _op("A short-lived token for GET /ws", 201, "Token", body="TokenRequest")},
+        "/metrics": {"get": _op("Prometheus metrics", 200, None, media="text/plain")},
+        "/stats": {"get": _op("What the dashboard draws", 200, "Stats")},
+        "/dashboard": {"get": _op("The operator's dashboard (a static page)", 200, None, auth=False,
+                                  media="text/html")},
+        "/openapi.json": {"get": _op("This document", 200, None, auth=False)},
+    }
+    paths["/openapi.json"]["get"]["responses"]["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
+    paths["/webhooks/partners"]["post"]["requestBody"]["content"]["application/json"]["schema"] = {
+        "type": "object", "description": "your event; any type of the form word.word"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "webhookd", "version": version, "description": (
+            "Signed, durable webhooks. Authenticate with `Authorization: Bearer <admin token | partner API key>`. "
+            "Live offers: open a WebSocket on `/ws?token=<token from POST /realtime/tokens>`; a bad or expired "
+            "token is closed with code 1008.")},
+        "paths": paths,
+        "components": {"schemas": _schemas(catalog),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
