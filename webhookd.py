@@ -380,7 +380,7 @@ class Caller:
     partner_id: str | None = None
 
 
-def authenticate(request: Request) -> Caller:
+async def authenticate(request: Request) -> Caller:
     """Who sent ``Authorization: Bearer …``: the admin, a partner, or nobody we know (401)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -392,7 +392,7 @@ def authenticate(request: Request) -> Caller:
     if hmac.compare_digest(token.encode("utf-8", "replace"), ctx.admin_token.encode("utf-8")):
         return Caller(is_admin=True)
     if token.startswith("pak_"):
-        partner_id = ctx.store.partner_id_for_api_key(hash_api_key(token))
+        partner_id = await db(ctx.store.partner_id_for_api_key, hash_api_key(token))
         if partner_id is not None:
             return Caller(is_admin=False, partner_id=partner_id)
     raise ApiError(401, "invalid_credentials", "The bearer token is not valid. Check the admin token or API key.")
@@ -432,7 +432,7 @@ METRICS = "metrics"            # the admin token, or anyone when metrics_public 
 REGISTRATION = "registration"  # the admin token, or anyone when open_registration = true
 
 
-def check_access(request: Request, who: str) -> Caller | None:
+async def check_access(request: Request, who: str) -> Caller | None:
     """Apply a route's access rule; the caller it found, or None where no credentials are asked."""
     if who in (PUBLIC, SIGNED) or (who == METRICS and context(request).config.security.metrics_public):
         return None
@@ -440,7 +440,7 @@ def check_access(request: Request, who: str) -> Caller | None:
         if "authorization" not in request.headers:
             return None  # anyone may register; rate-limited per client address
         who = CALLER   # credentials sent: check them, so the admin is recognised
-    caller = authenticate(request)
+    caller = await authenticate(request)
     if who in (ADMIN, REGISTRATION, METRICS) and not caller.is_admin:
         raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
     return caller
@@ -461,7 +461,7 @@ def route(method: str, path: str, endpoint: Callable, who: str) -> Route:
     """A Starlette route whose access rule ``who`` is checked before ``endpoint`` runs."""
 
     async def guarded(request: Request) -> JSONResponse:
-        request.state.caller = check_access(request, who)
+        request.state.caller = await check_access(request, who)
         return await endpoint(request)
 
     declared = Route(path, guarded, methods=[method], name=endpoint.__name__)
