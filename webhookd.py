@@ -1052,22 +1052,32 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 async def dashboard(request: Request) -> Response:
     """``GET /dashboard``: one static page; it asks for the admin token and calls the API itself."""
-    return FileResponse(STATIC / "dashboard.html", media_type="text/html")
+    return FileResponse(STATIC / "dashboard.html", media_type="text/html", headers={
+        "Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
 
 async def stats(request: Request) -> JSONResponse:
     """``GET /stats``: what the dashboard draws — partners' success rates, totals, outcomes per minute."""
     ctx = context(request)
-    partners = await db(ctx.store.list_partners, limit=200, cursor=None)
+    partners, cursor = [], None
+    while True:  # every partner, page by page
+        page = await db(ctx.store.list_partners, limit=200, cursor=cursor)
+        partners += page.items
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
     counts = await db(ctx.store.partner_delivery_counts)
     now = ctx.clock()
     minutes = await db(ctx.store.outcomes_per_minute, now - 3600)
     rows = []
-    for p in partners.items:
+    for p in partners:
         c = counts.get(p.id, {})
         done = c.get("delivered", 0) + c.get("failed", 0)
         rows.append({"partner_id": p.id, "partner_name": p.name, "status": p.status,
-                     "disabled_reason": p.disabled_reason, "delivered": c.get("delivered", 0),
+                     "disabled_reason": p.disabled_reason,
+                     "failing_since": int(p.failing_since) if p.failing_since else None,
+                     "delivered": c.get("delivered", 0),
                      "failed": c.get("failed", 0), "pending": c.get("pending", 0),
                      "success_rate": round(c.get("delivered", 0) / done, 4) if done else None})
     per_minute: dict[int, dict[str, int]] = {}
