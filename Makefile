@@ -21,5 +21,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The benchmark (bench/README.md): nginx from the OS packages as the receiver, everything on
+# 127.0.0.1, a few minutes. BENCH_ARGS="--quick" for a one-run smoke check, "--only NAME" for one scenario.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/pip install --quiet requests
+	bash bench/ensure-nginx.sh
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) data .pytest_cache

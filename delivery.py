@@ -126,6 +126,14 @@ def resolve_target(host: str, port: int, allow_private: bool) -> str:
     return addresses[0]
 
 
+def _connect_no_delay(ip: str, port: int, timeout: float) -> socket.socket:
+    """Connect with Nagle off, as ``http.client`` does: it sends headers and body in two
+    writes, and with Nagle on a kept-alive connection waits ~40 ms for a delayed ACK."""
+    sock = socket.create_connection((ip, port), timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
     """An HTTP connection to a given IP address, keeping the URL's host for the Host header."""
 
@@ -134,7 +142,7 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self._ip = ip
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = _connect_no_delay(self._ip, self.port, self.timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -145,7 +153,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self._ip = ip
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        sock = _connect_no_delay(self._ip, self.port, self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -611,7 +619,10 @@ class DeliveryLoop:
         self._wakeup.set()  # a worker is free again
 
     async def _seconds_until_next_due(self) -> float:
-        """Sleep until the next due row of a partner with room, or until a paused partner reopens."""
+        """Sleep until the next due row of a partner with room, or until a paused partner reopens.
+        With every worker busy, sleep until one is free (its completion wakes the loop)."""
+        if len(self._in_flight) >= self.settings.concurrency:
+            return IDLE_RECHECK_S
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
         candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at()]

@@ -288,6 +288,7 @@ class Store:
         if path != ":memory:":
             _create_private_file(path)
         self._writer = connect(path)
+        self._sync_mode = "FULL"
         self._write_lock = threading.Lock()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
@@ -301,9 +302,19 @@ class Store:
             conn.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` on the one writer; roll back on any exception."""
+    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` on the one writer; roll back on any exception.
+
+        ``durable=False`` commits with ``synchronous=NORMAL``: atomic and ordered, but the
+        last such commits may be lost on a power cut. Only bookkeeping whose loss is a
+        harmless resend uses it (claims, attempt results, purges); whatever we answered a
+        202 or 200 for is committed with ``FULL``, which also flushes every commit before it.
+        """
         with self._write_lock:
+            mode = "FULL" if durable else "NORMAL"
+            if mode != self._sync_mode:
+                self._writer.execute(f"PRAGMA synchronous = {mode}")
+                self._sync_mode = mode
             self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield self._writer
@@ -493,7 +504,7 @@ class Store:
         """
         room = room or {}
         lease_until = now + lease_s
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             partners = [r["id"] for r in db.execute("SELECT id FROM partners WHERE status = 'active' ORDER BY id")]
             if not partners or limit <= 0:
                 return []
@@ -540,7 +551,7 @@ class Store:
         in the same transaction.
         """
         lost: list[str] = []
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             for o in outcomes:
                 changed = db.execute(
                     """UPDATE deliveries
@@ -582,7 +593,7 @@ class Store:
 
     def requeue_expired_leases(self, now: float) -> int:
         """Forget leases that ran out (their holder died); those rows are due again. Returns how many."""
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             return db.execute(
                 """UPDATE deliveries SET leased_until = NULL
                    WHERE state = 'pending' AND leased_until IS NOT NULL AND leased_until <= :now""",
@@ -626,7 +637,7 @@ class Store:
         """Delete up to ``batch`` events older than ``before`` whose every delivery was delivered,
         with their deliveries and attempts, and inbound events older than ``before``.
         Returns how many outbound events went. Failed and pending ones are always kept."""
-        with self._transaction() as db:
+        with self._transaction(durable=False) as db:
             ids = [r["id"] for r in db.execute(
                 """SELECT id FROM events e WHERE created_at < :before
                      AND NOT EXISTS (SELECT 1 FROM deliveries d

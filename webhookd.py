@@ -356,17 +356,21 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 # 3. Identifiers, credentials and who is calling
 # =====================================================================================
 
-_ALPHANUMERIC = string.ascii_lowercase + string.digits
+_BASE36 = string.digits + string.ascii_lowercase  # in sorting order
+
+
+def _base36(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 36)
+        digits.append(_BASE36[digit])
+    return "".join(reversed(digits))
 
 
 def new_id(prefix: str) -> str:
-    """``prefix`` + 9 base-36 digits of the time in ms + 12 random ones: unique, sortable by time."""
-    millis, digits = int(time.time() * 1000), []
-    for _ in range(9):
-        millis, digit = divmod(millis, 36)
-        digits.append(_ALPHANUMERIC[(digit + 26) % 36])  # 0-9 then a-z, in sorting order
-    random_part = "".join(secrets.choice(_ALPHANUMERIC) for _ in range(12))
-    return prefix + "".join(reversed(digits)) + random_part
+    """``prefix`` + 9 base-36 digits of the time in ms + 12 random ones (62 bits from
+    ``secrets``): unique, and sortable by creation time."""
+    return prefix + _base36(int(time.time() * 1000), 9) + _base36(secrets.randbits(62), 12)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -988,16 +992,21 @@ async def _receive_partner_event(request: Request) -> JSONResponse:
     logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,
                        "duplicate": not created})
-    after = BackgroundTask(process_inbound, ctx, partner.id, event_type, payload) if created else None
+    after = None
+    if created and event_type in INBOUND_ACTIONS:
+        after = BackgroundTask(INBOUND_ACTIONS[event_type], ctx, partner.id, payload)
     return JSONResponse({"status": "received", "timestamp": int(stored.received_at)}, background=after)
 
 
-def process_inbound(ctx: Context, partner_id: str, event_type: str, payload: dict[str, Any]) -> None:
-    """What an inbound event sets off, after its 200 went out: a promoted tour reaches our users live."""
-    if event_type == "tour.promoted":
-        message, user_id = realtime.offer_from(partner_id, payload)
-        reached = ctx.notifier.notify(message, user_id)
-        logger.info("offer from %s sent to %d live connections (%s)", partner_id, reached, user_id or "everyone")
+def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> None:
+    """A promoted tour reaches our users live (after the partner's 200 went out)."""
+    message, user_id = realtime.offer_from(partner_id, payload)
+    reached = ctx.notifier.notify(message, user_id)
+    logger.info("offer from %s sent to %d live connections (%s)", partner_id, reached, user_id or "everyone")
+
+
+# What an inbound event sets off once it is stored, by type. Other types are only stored.
+INBOUND_ACTIONS: dict[str, Callable[[Context, str, dict[str, Any]], None]] = {"tour.promoted": push_offer}
 
 
 async def list_inbound(request: Request) -> JSONResponse:

@@ -1,0 +1,635 @@
+"""webhookd's benchmark: `make bench` (or `.venv/bin/python bench/run.py [--quick] [--only NAME]`).
+
+One nginx receiver (OS package, own config, 127.0.0.1) for every scenario; the guide's
+payment.success payload everywhere. Scenarios (``--only`` takes one or more, comma-separated):
+
+  throughput  deliveries/s of the guide's sender, a 32-thread urllib pool and webhookd
+  latency     publish -> delivered p50/p99 at a fixed offered 1,000 deliveries/s
+  blackhole   healthy partners' deliveries/s with and without a black-hole partner
+  backlog     drain rate and peak RSS with 1,000,000 vs 10,000 pending deliveries
+  inbound     POST /webhooks/partners requests/s vs GET /health
+
+Each figure is the median of ``--runs`` runs (3 by default) with its min–max; a ratio is taken
+within one round (the two runs it compares ran back to back) and then its median is reported.
+Every load loop is bounded in count and time; every process started here is stopped by PID,
+also on Ctrl+C. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import backlog  # noqa: E402
+import baselines  # noqa: E402
+import loadgen  # noqa: E402
+from common import (ADMIN_HEADERS, EVENT_TYPE, PAYLOAD_BYTES, PAYMENT_SUCCESS, ROOT, BlackHole, LogLine,  # noqa: E402
+                    Nginx, Procs, Series, Webhookd, collect, percentile)
+
+SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound"]
+PARTNERS = 5
+PATHS = [f"/p{k}" for k in range(PARTNERS)]
+
+
+@dataclass
+class Params:
+    runs: int = 3
+    deliveries: int = 5000            # per throughput run, for each sender
+    publish_threads: int = 4          # keep-alive connections publishing to webhookd
+    latency_rate: float = 1000.0      # deliveries/s offered (events/s x 5 partners)
+    latency_s: float = 5.0
+    blackhole_deliveries: int = 5000  # healthy deliveries per black-hole run
+    backlog_small: int = 10_000
+    backlog_large: int = 1_000_000
+    backlog_window_s: float = 20.0
+    inbound_requests: int = 4000
+    inbound_threads: int = 8
+
+    @classmethod
+    def quick(cls) -> "Params":
+        return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500,
+                   backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500)
+
+
+@dataclass
+class Bench:
+    procs: Procs
+    workdir: Path
+    nginx: Nginx
+    params: Params
+    results: dict[str, Any] = field(default_factory=dict)
+    _seq: int = 0
+
+    def rundir(self, name: str) -> Path:
+        self._seq += 1
+        path = self.workdir / f"{self._seq:03d}-{name}"
+        path.mkdir(parents=True)
+        return path
+
+    def urls(self) -> list[str]:
+        return [self.nginx.url(p) for p in PATHS]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- Publishing to webhookd ---------------------------------------------------------------------
+
+
+def publish_request(i: int) -> tuple[str, str, bytes, dict[str, str]]:
+    return "POST", "/events", PAYLOAD_BYTES, ADMIN_HEADERS
+
+
+class Published:
+    """Event ids webhookd answered 202 with, and when each publish request was sent."""
+
+    def __init__(self) -> None:
+        self.sent_at: dict[str, float] = {}
+        self.answered_in: list[float] = []
+        self.failures = 0
+        self._lock = threading.Lock()
+
+    def on_response(self, i: int, sent_at: float, status: int, body: bytes) -> None:
+        if status != 202:
+            with self._lock:
+                self.failures += 1
+            return
+        event_id = json.loads(body)["event_id"]
+        answered = time.time() - sent_at
+        with self._lock:
+            self.sent_at[event_id] = sent_at
+            self.answered_in.append(answered)
+
+
+def start_webhookd(bench: Bench, name: str, *, black_hole: BlackHole | None = None, **kwargs: Any) -> Webhookd:
+    wd = Webhookd(bench.procs, bench.rundir(name), **kwargs).start()
+    for k, url in enumerate(bench.urls()):
+        wd.register(url, f"Bench partner {k}")
+    if black_hole is not None:
+        wd.register(black_hole.url(), "Black hole")
+    return wd
+
+
+def webhookd_throughput(bench: Bench, deliveries: int, *, name: str = "webhookd", black_hole: bool = False,
+                        around: Callable[[Webhookd], contextlib.AbstractContextManager] | None = None) -> dict:
+    """Publish deliveries/5 events (each fans out to the 5 nginx partners) from several
+    keep-alive connections; deliveries/s = healthy deliveries / (first publish -> last one logged)."""
+    hole = BlackHole() if black_hole else None
+    wd = start_webhookd(bench, name, black_hole=hole)
+    try:
+        tail = bench.nginx.tail()
+        published = Published()
+        events = deliveries // PARTNERS
+        cpu_before = wd.cpu_seconds()
+        with (around(wd) if around else contextlib.nullcontext()):
+            pub = loadgen.closed_loop(wd.port, threads=bench.params.publish_threads, total=events,
+                                      time_limit_s=120, build=publish_request, on_response=published.on_response)
+            lines = collect(tail, len(published.sent_at) * PARTNERS, timeout=120, alive=wd.alive,
+                            accept=lambda l: l.uri in PATHS)
+        cpu = (wd.cpu_seconds() or 0) - (cpu_before or 0)
+        rss = wd.peak_rss_mb()
+        ids = published.sent_at
+        ours = [l for l in lines if l.webhook_id in ids]
+        unique = {(l.webhook_id, l.uri) for l in ours}
+        end = max((l.msec for l in ours), default=pub.started)
+        result = {
+            "deliveries": len(ours), "expected": events * PARTNERS, "duplicates": len(ours) - len(unique),
+            "non_200": sum(l.status != 200 for l in ours), "publish_failures": published.failures + pub.sent - pub.ok,
+            "seconds": end - pub.started, "rate": len(ours) / max(end - pub.started, 1e-9),
+            "publish_rate": pub.rate * PARTNERS, "rss_mb": rss, "cpu_s": cpu,
+            "cpu_ms_per_delivery": 1000 * cpu / max(len(ours), 1),
+        }
+        if hole is not None:
+            result["black_hole_connections"] = len(hole.accepted)
+        if result["duplicates"]:
+            log(f"  {name}: {result['duplicates']} deliveries arrived twice")
+        if len(ours) < events * PARTNERS:
+            log(f"  {name}: only {len(ours)} of {events * PARTNERS} deliveries arrived; log tail:\n{wd.log_tail(10)}")
+        return result
+    finally:
+        if hole is not None:
+            hole.stop()  # in-flight attempts to it fail at once, so webhookd stops quickly
+        wd.stop()
+
+
+# --- 1. Throughput --------------------------------------------------------------------------
+
+
+def scenario_throughput(bench: Bench) -> None:
+    p = bench.params
+    n = p.deliveries
+    secret = "sk_live_bench_secret_for_the_baselines"
+    series = {k: Series() for k in ("guide", "pool", "webhookd", "vs_pool", "vs_guide", "rss", "cpu_ms")}
+    runs: list[dict] = []
+    for r in range(p.runs):
+        order = ["guide", "pool", "webhookd"]
+        order = order[r % 3:] + order[:r % 3]
+        rates: dict[str, float] = {}
+        for sender in order:
+            tail = bench.nginx.tail()
+            if sender == "guide":
+                ok, seconds = baselines.guide_sender(bench.urls(), secret, PAYMENT_SUCCESS, n, time_limit_s=60)
+                logged = collect(tail, n, timeout=5, accept=lambda l: l.uri in PATHS)
+                rates[sender] = ok / seconds
+                runs.append({"round": r, "sender": sender, "ok": ok, "logged": len(logged), "seconds": seconds})
+            elif sender == "pool":
+                ok, seconds = baselines.stdlib_pool(bench.urls(), secret, PAYLOAD_BYTES, EVENT_TYPE, n, time_limit_s=60)
+                logged = collect(tail, n, timeout=5, accept=lambda l: l.uri in PATHS)
+                rates[sender] = ok / seconds
+                runs.append({"round": r, "sender": sender, "ok": ok, "logged": len(logged), "seconds": seconds})
+            else:
+                res = webhookd_throughput(bench, n, name=f"throughput-{r}")
+                rates[sender] = res["rate"]
+                series["rss"].add(res["rss_mb"])
+                series["cpu_ms"].add(res["cpu_ms_per_delivery"])
+                runs.append({"round": r, "sender": sender, **res})
+            log(f"  round {r + 1}/{p.runs} {sender:<8} {rates[sender]:8.0f} deliveries/s")
+        for k in ("guide", "pool", "webhookd"):
+            series[k].add(rates[k])
+        series["vs_pool"].add(rates["webhookd"] / rates["pool"])
+        series["vs_guide"].add(rates["webhookd"] / rates["guide"])
+    bench.results["throughput"] = {"series": series, "runs": runs}
+
+
+# --- 2. Latency at a fixed offered rate --------------------------------------------------------
+
+
+def scenario_latency(bench: Bench) -> None:
+    p = bench.params
+    events_per_s = p.latency_rate / PARTNERS
+    total_events = int(events_per_s * p.latency_s)
+    series = {k: Series() for k in ("p50", "p99", "max", "publish_p99", "offered", "rss")}
+    runs = []
+    for r in range(p.runs):
+        wd = start_webhookd(bench, f"latency-{r}")
+        try:
+            # Warm-up (not measured): connections to nginx opened, code paths warm.
+            tail = bench.nginx.tail()
+            warm = Published()
+            loadgen.closed_loop(wd.port, threads=2, total=50, time_limit_s=20, build=publish_request,
+                                on_response=warm.on_response)
+            collect(tail, len(warm.sent_at) * PARTNERS, timeout=20, alive=wd.alive)
+            tail.mark()
+            published = Published()
+            pub = loadgen.paced(wd.port, threads=8, total=total_events, rate=events_per_s, build=publish_request,
+                                on_response=published.on_response)
+            lines = collect(tail, len(published.sent_at) * PARTNERS, timeout=30, alive=wd.alive,
+                            accept=lambda l: l.webhook_id in published.sent_at)
+            rss = wd.peak_rss_mb()
+        finally:
+            wd.stop()
+        latencies = sorted(1000 * (l.msec - published.sent_at[l.webhook_id]) for l in lines)
+        answered = sorted(1000 * a for a in published.answered_in)
+        res = {
+            "deliveries": len(lines), "expected": total_events * PARTNERS,
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "max_ms": latencies[-1] if latencies else float("nan"),
+            "publish_p50_ms": percentile(answered, 50), "publish_p99_ms": percentile(answered, 99),
+            "offered_per_s": pub.ok * PARTNERS / pub.elapsed, "late_sends": pub.late, "rss_mb": rss,
+        }
+        runs.append(res)
+        series["p50"].add(res["p50_ms"])
+        series["p99"].add(res["p99_ms"])
+        series["max"].add(res["max_ms"])
+        series["publish_p99"].add(res["publish_p99_ms"])
+        series["offered"].add(res["offered_per_s"])
+        series["rss"].add(rss)
+        log(f"  round {r + 1}/{p.runs} latency p50 {res['p50_ms']:.1f} ms p99 {res['p99_ms']:.1f} ms "
+            f"(offered {res['offered_per_s']:.0f}/s, {len(lines)}/{res['expected']} delivered, "
+            f"publish 202 p99 {res['publish_p99_ms']:.1f} ms, {pub.late} sends late)")
+    bench.results["latency"] = {"series": series, "runs": runs}
+
+
+# --- 3. (a) A black-hole partner -----------------------------------------------------------------
+
+
+def scenario_blackhole(bench: Bench) -> None:
+    p = bench.params
+    series = {k: Series() for k in ("without", "with", "ratio")}
+    runs = []
+    for r in range(p.runs):
+        without = webhookd_throughput(bench, p.blackhole_deliveries, name=f"healthy-{r}")
+        with_hole = webhookd_throughput(bench, p.blackhole_deliveries, name=f"blackhole-{r}", black_hole=True)
+        series["without"].add(without["rate"])
+        series["with"].add(with_hole["rate"])
+        series["ratio"].add(with_hole["rate"] / without["rate"])
+        runs.append({"round": r, "without": without, "with": with_hole})
+        log(f"  round {r + 1}/{p.runs} healthy partners {without['rate']:.0f}/s alone, {with_hole['rate']:.0f}/s "
+            f"beside a black hole ({with_hole['rate'] / without['rate']:.0%}; "
+            f"{with_hole.get('black_hole_connections')} connections to the hole)")
+    bench.results["blackhole"] = {"series": series, "runs": runs}
+
+
+# --- 4. (b) A backlog of pending deliveries -------------------------------------------------------
+
+
+def drain(bench: Bench, template: Path, size: int, window_s: float, name: str) -> dict:
+    """Start webhookd on a copy of ``template`` and count deliveries at nginx: until drained, or for
+    ``window_s`` seconds after the first one. Rate = deliveries in the window / window length."""
+    rundir = bench.rundir(name)
+    db_path = rundir / "webhookd.db"
+    backlog.copy(template, db_path)
+    tail = bench.nginx.tail()
+    wd = Webhookd(bench.procs, rundir, db_path=db_path)
+    try:
+        wd.start(timeout=120)
+        lines: list[LogLine] = []
+        deadline = time.monotonic() + window_s + 60
+        while len(lines) < size and time.monotonic() < deadline and wd.alive():
+            lines += [l for l in tail.read() if l.uri in PATHS]
+            if lines and time.time() > lines[0].msec + window_s + 0.3:
+                break
+            time.sleep(0.05)
+        rss = wd.peak_rss_mb()
+    finally:
+        wd.stop()
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db_path) + suffix).unlink(missing_ok=True)
+    if not lines:
+        raise RuntimeError(f"{name}: nothing was delivered; webhookd log:\n{wd.log_tail()}")
+    first = lines[0].msec
+    drained = len(lines) >= size
+    if drained:
+        span = max(lines[-1].msec - first, 1e-3)
+        counted = len(lines)
+    else:
+        span = window_s
+        counted = sum(l.msec <= first + window_s for l in lines)
+    return {"size": size, "delivered": counted, "drained": drained, "seconds": span, "rate": counted / span,
+            "rss_mb": rss, "startup_s": wd.startup_s}
+
+
+def scenario_backlog(bench: Bench) -> None:
+    p = bench.params
+    bdir = bench.workdir / "backlog-templates"
+    secrets = [f"sk_live_bench_backlog_{k}" for k in range(PARTNERS)]
+    templates = {}
+    for size in (p.backlog_small, p.backlog_large):
+        templates[size] = bdir / f"backlog-{size}.db"
+        seconds = backlog.build(templates[size], deliveries=size, urls=bench.urls(), secrets=secrets,
+                                body=PAYLOAD_BYTES, event_type=EVENT_TYPE)
+        log(f"  built a backlog of {size:,} pending deliveries in {seconds:.1f} s "
+            f"({templates[size].stat().st_size / 2**20:.0f} MiB)")
+    series = {k: Series() for k in ("small_rate", "large_rate", "ratio", "small_rss", "large_rss",
+                                    "small_startup", "large_startup")}
+    runs = []
+    for r in range(p.runs):
+        small = drain(bench, templates[p.backlog_small], p.backlog_small, p.backlog_window_s, f"backlog-small-{r}")
+        large = drain(bench, templates[p.backlog_large], p.backlog_large, p.backlog_window_s, f"backlog-large-{r}")
+        runs.append({"round": r, "small": small, "large": large})
+        series["small_rate"].add(small["rate"])
+        series["large_rate"].add(large["rate"])
+        series["ratio"].add(large["rate"] / small["rate"])
+        series["small_rss"].add(small["rss_mb"])
+        series["large_rss"].add(large["rss_mb"])
+        series["small_startup"].add(small["startup_s"])
+        series["large_startup"].add(large["startup_s"])
+        log(f"  round {r + 1}/{p.runs} backlog {p.backlog_small:,}: {small['rate']:.0f}/s "
+            f"({small['delivered']:,} in {small['seconds']:.1f} s), RSS {small['rss_mb']:.0f} MiB; "
+            f"{p.backlog_large:,}: {large['rate']:.0f}/s ({large['delivered']:,} in {large['seconds']:.1f} s), "
+            f"RSS {large['rss_mb']:.0f} MiB, start-up {large['startup_s']:.1f} s")
+    shutil.rmtree(bdir, ignore_errors=True)
+    bench.results["backlog"] = {"series": series, "runs": runs}
+
+
+# --- 5. (c) Inbound partner events vs a trivial route ----------------------------------------------
+
+
+def start_inbound_webhookd(bench: Bench) -> Webhookd:
+    # The per-partner inbound rate limit (when this webhookd has one) is raised out of the way:
+    # this row measures what the route costs, not the limit.
+    return start_webhookd(bench, "inbound", overrides={"security": {"inbound_rate_per_s": 1_000_000.0}})
+
+
+def inbound_requests(wd: Webhookd) -> Callable[[int], tuple[str, str, bytes, dict[str, str]]]:
+    """Request *i*: the guide's payment.success from partner 0 (fresh timestamp, as the 300 s window
+    wants), hex HMAC-SHA256 of the body with its shared secret, a unique X-Webhook-Id."""
+    partner = wd.partners[0]
+    payload = dict(PAYMENT_SUCCESS, timestamp=int(time.time()))
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    signature = hmac.new(partner["shared_secret"].encode(), body, hashlib.sha256).hexdigest()
+    prefix = f"inb_bench_{os.getpid()}_{time.monotonic_ns()}_"
+    unique = itertools.count()  # across every load run on this server: each request is stored anew
+
+    def build(i: int) -> tuple[str, str, bytes, dict[str, str]]:
+        return "POST", "/webhooks/partners", body, {
+            "Content-Type": "application/json", "X-Webhook-Signature": signature,
+            "X-Webhook-Event": EVENT_TYPE, "X-Partner-Id": partner["partner_id"],
+            "X-Webhook-Id": f"{prefix}{next(unique)}"}
+
+    return build
+
+
+def scenario_inbound(bench: Bench) -> None:
+    p = bench.params
+    series = {k: Series() for k in ("inbound", "health", "ratio")}
+    runs = []
+    wd = start_inbound_webhookd(bench)
+    try:
+        inbound = inbound_requests(wd)
+
+        def health(i: int) -> tuple[str, str, None, dict[str, str]]:
+            return "GET", "/health", None, {}
+
+        def load(build: Callable, total: int) -> loadgen.LoadResult:
+            return loadgen.closed_loop(wd.port, threads=p.inbound_threads, total=total, time_limit_s=30, build=build)
+
+        def measured(build: Callable, total: int) -> tuple[loadgen.LoadResult, float, float]:
+            """The run, with the CPU seconds the load generator (this process) and webhookd used."""
+            client0, server0 = time.process_time(), wd.cpu_seconds() or 0.0
+            res = load(build, total)
+            return res, time.process_time() - client0, (wd.cpu_seconds() or 0.0) - server0
+
+        load(health, 300)
+        load(inbound, 300)
+        for r in range(p.runs):
+            rates, cpu = {}, {}
+            for kind in (["health", "inbound"] if r % 2 == 0 else ["inbound", "health"]):
+                res, client_cpu, server_cpu = measured(health if kind == "health" else inbound, p.inbound_requests)
+                rates[kind] = res.rate
+                cpu[kind] = (client_cpu / res.elapsed, server_cpu / res.elapsed)
+                runs.append({"round": r, "route": kind, "ok": res.ok, "sent": res.sent,
+                             "statuses": dict(res.statuses), "errors": dict(res.errors), "rate": res.rate,
+                             "seconds": res.elapsed, "client_cores": cpu[kind][0], "server_cores": cpu[kind][1]})
+                if res.ok != res.sent:
+                    log(f"  {kind}: {res.sent - res.ok} of {res.sent} requests failed: {dict(res.statuses)} "
+                        f"{dict(res.errors)}")
+            series["inbound"].add(rates["inbound"])
+            series["health"].add(rates["health"])
+            series["ratio"].add(rates["inbound"] / rates["health"])
+            log(f"  round {r + 1}/{p.runs} inbound {rates['inbound']:.0f} req/s, /health {rates['health']:.0f} req/s "
+                f"(CPU cores used, load generator/webhookd: inbound {cpu['inbound'][0]:.2f}/{cpu['inbound'][1]:.2f}, "
+                f"/health {cpu['health'][0]:.2f}/{cpu['health'][1]:.2f})")
+    finally:
+        wd.stop()
+    bench.results["inbound"] = {"series": series, "runs": runs}
+
+
+# --- The table ------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None or value != value:
+        return "n/a"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    if unit == "x":
+        return f"{value:.2f}×"
+    if unit == "%":
+        return f"{100 * value:.0f}%"
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    if unit == "MiB":
+        return f"{value:.0f} MiB"
+    if unit == "s":
+        return f"{value:.1f} s"
+    return f"{value:g}"
+
+
+def _row(label: str, s: Series | None, unit: str, goal: str = "", ok: Callable[[float], bool] | None = None) -> list[str]:
+    if s is None or s.median is None:
+        return [label, "n/a", "", goal, "" if ok is None else "n/a"]
+    spread = "" if len(s.values) < 2 else f"{_fmt(s.lo, unit)} – {_fmt(s.hi, unit)}"
+    met = "" if ok is None else ("yes" if ok(s.median) else "NO")
+    return [label, _fmt(s.median, unit), spread, goal, met]
+
+
+def table(bench: Bench) -> str:
+    p = bench.params
+    res = bench.results
+    rows: list[list[str]] = []
+    if "throughput" in res:
+        s = res["throughput"]["series"]
+        rows += [
+            _row("deliveries/s  guide sender (sec. 4, sequential requests.post)", s["guide"], "/s"),
+            _row("deliveries/s  stdlib pool (32 threads urllib.request)", s["pool"], "/s"),
+            _row(f"deliveries/s  webhookd (POST /events x {PARTNERS} partners)", s["webhookd"], "/s"),
+            _row("  webhookd / stdlib pool", s["vs_pool"], "x", "≥ 1.50×", lambda v: v >= 1.5),
+            _row("  webhookd / guide sender", s["vs_guide"], "x", "≥ 4.00×", lambda v: v >= 4.0),
+            _row("webhookd peak RSS (VmHWM, throughput runs)", s["rss"], "MiB"),
+            _row("webhookd CPU per delivery (all threads, publish included)", s["cpu_ms"], "ms"),
+        ]
+    if "latency" in res:
+        s = res["latency"]["series"]
+        rate = f"{p.latency_rate:,.0f}/s"
+        rows += [
+            _row(f"publish→delivered p50 at {rate} offered", s["p50"], "ms"),
+            _row(f"publish→delivered p99 at {rate} offered", s["p99"], "ms", "≤ 25 ms", lambda v: v <= 25),
+            _row("  max", s["max"], "ms"),
+            _row("  POST /events answered (202) p99", s["publish_p99"], "ms"),
+            _row("  offered rate achieved", s["offered"], "/s"),
+            _row("  webhookd peak RSS", s["rss"], "MiB"),
+        ]
+    if "blackhole" in res:
+        s = res["blackhole"]["series"]
+        rows += [
+            _row("(a) healthy partners alone", s["without"], "/s"),
+            _row("(a) healthy partners beside a black hole", s["with"], "/s"),
+            _row("(a)   with / without", s["ratio"], "%", "≥ 90%", lambda v: v >= 0.9),
+        ]
+    if "backlog" in res:
+        s = res["backlog"]["series"]
+        small, large = f"{p.backlog_small:,}", f"{p.backlog_large:,}"
+        rows += [
+            _row(f"(b) drain rate, backlog {small}", s["small_rate"], "/s"),
+            _row(f"(b) drain rate, backlog {large} (first {p.backlog_window_s:.0f} s)", s["large_rate"], "/s"),
+            _row(f"(b)   {large} / {small}", s["ratio"], "%", "≥ 80%", lambda v: v >= 0.8),
+            _row(f"(b) peak RSS, backlog {small}", s["small_rss"], "MiB"),
+            _row(f"(b) peak RSS, backlog {large}", s["large_rss"], "MiB", "≤ 150 MiB", lambda v: v <= 150),
+            _row(f"(b) start-up to /health, backlog {large}", s["large_startup"], "s"),
+        ]
+    if "inbound" in res:
+        s = res["inbound"]["series"]
+        rows += [
+            _row("(c) POST /webhooks/partners (signed, stored)", s["inbound"], "/s"),
+            _row("(c) GET /health (trivial route)", s["health"], "/s"),
+            _row("(c)   inbound / trivial", s["ratio"], "%", "≥ 50%", lambda v: v >= 0.5),
+        ]
+    header = ["", "median", f"min – max ({p.runs} run{'s' if p.runs > 1 else ''})", "goal", "met"]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    out = []
+    for n, r in enumerate([header] + rows):
+        out.append("  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].ljust(widths[2]),
+                              r[3].ljust(widths[3]), r[4]]).rstrip())
+        if n == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def source_state() -> str:
+    """The commit measured, and which tracked files differ from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "webhookd (not a git checkout)"
+    files = [line[3:] for line in changed if line.strip() and not line[3:].startswith("bench/")]
+    return f"webhookd at {head or '?'}" + (f" + uncommitted changes to {', '.join(files)}" if files else "")
+
+
+def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
+    p = bench.params
+    source_now = source_state()
+    lines = [
+        f"webhookd benchmark — {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, receiver nginx {bench.nginx.version()} (1 worker, 127.0.0.1, "
+        f"answers 200)",
+        source_at_start + ("" if source_now == source_at_start else f" (at the end: {source_now})"),
+        f"payload: the guide's payment.success example ({len(PAYLOAD_BYTES)} bytes, canonical JSON), "
+        f"{PARTNERS} partners /p0../p4 on nginx",
+    ]
+    if "throughput" in only:
+        lines.append(f"throughput: {p.deliveries:,} deliveries per sender per run; webhookd: {p.deliveries // PARTNERS:,} "
+                     f"events via POST /events from {p.publish_threads} keep-alive connections, timed from the first "
+                     f"publish to the last delivery in nginx's access log")
+    if "latency" in only:
+        lines.append(f"latency: {p.latency_rate / PARTNERS:.0f} events/s x {PARTNERS} partners for {p.latency_s:.0f} s "
+                     f"(paced, 8 connections); latency = nginx $msec (ms resolution) - time the publish was sent")
+    if "blackhole" in only:
+        lines.append(f"(a): {p.blackhole_deliveries:,} healthy deliveries per run; the 6th partner accepts connections "
+                     f"and never answers; webhookd's default 5 s timeout")
+    if "backlog" in only:
+        lines.append(f"(b): rows written into a fresh SQLite file before webhookd starts; rate = deliveries logged "
+                     f"until drained or for {p.backlog_window_s:.0f} s after the first one")
+    if "inbound" in only:
+        lines.append(f"(c): Python load generator (bench/loadgen.py): {p.inbound_threads} threads, one keep-alive "
+                     f"http.client connection each, {p.inbound_requests:,} requests per run; every inbound request "
+                     f"signed, with a unique X-Webhook-Id (so each is stored); the per-partner inbound rate limit "
+                     f"raised out of the way")
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Series):
+        return {"median": value.median, "min": value.lo, "max": value.hi, "values": value.values}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one smaller run of everything (a smoke check)")
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help=f"scenarios to run, comma-separated: {', '.join(SCENARIOS)}")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs) for inspection")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "last.json",
+                        help="where to write every run's numbers (default bench/out/last.json)")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}")
+    params = Params.quick() if args.quick else Params()
+    if args.runs:
+        params = dataclasses.replace(params, runs=args.runs)
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        os.environ.pop(var, None)
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    procs = Procs()
+    workdir = Path(tempfile.mkdtemp(prefix="webhookd-bench-"))
+    started = time.monotonic()
+    source_at_start = source_state()
+    try:
+        nginx = Nginx(procs, workdir).start()
+        bench = Bench(procs, workdir, nginx, params)
+        log(f"nginx {nginx.version()} on 127.0.0.1:{nginx.port} (pid {nginx.proc.pid}); work dir {workdir}")
+        for name in SCENARIOS:
+            if name in only:
+                log(f"{name} ...")
+                globals()[f"scenario_{name}"](bench)
+        elapsed = time.monotonic() - started
+        print()
+        print(describe(bench, only, source_at_start))
+        print()
+        print(table(bench))
+        print(f"\n(total {elapsed:.0f} s; every run's numbers in {args.json})")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"params": dataclasses.asdict(params), "seconds": elapsed,
+                                         "results": _jsonable(bench.results)}, indent=1, default=str))
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted; stopping what was started")
+        return 130
+    finally:
+        procs.stop_all()
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
