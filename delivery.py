@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import signing
 from metrics import Metrics
@@ -70,12 +70,20 @@ class Settings:
     user_agent: str = "webhookd"
 
     @property
+    def claim_ahead(self) -> int:
+        """How many claimed deliveries the loop holds: one per worker, plus one more round
+        waiting in the pool's queue, so a worker that finishes starts its next attempt at
+        once instead of waiting for the loop's next claim."""
+        return 2 * self.concurrency
+
+    @property
     def lease_s(self) -> float:
-        """How long a claim holds a row. An attempt is cut off after ``timeout_s`` (plus at
-        most one ``timeout_s`` to connect), so three timeouts and a margin for DNS and for
+        """How long a claim holds a row. An attempt lasts at most ``timeout_s`` to connect plus
+        ``timeout_s`` once connected (the watchdog cuts it off), and a claimed row waits at
+        most one attempt before a worker takes it: four timeouts and a margin for DNS and for
         recording the result mean a slow attempt is never taken over — and sent twice —
         while it is still running."""
-        return 3 * self.timeout_s + 10
+        return 4 * self.timeout_s + 10
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -221,6 +229,33 @@ class Sent:
 _STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
+def _request_bytes(url: SplitResult, port: int, headers: dict[str, str], body: bytes) -> bytes:
+    """The whole HTTP/1.1 request, head and body, to be written in one ``sendall``.
+
+    ``http.client``'s ``request()`` builds the same head one ``putheader`` at a time and
+    writes head and body separately; on the hot path that bookkeeping costs more than
+    the write itself. Its response parser reads the answer (``_exchange``).
+    """
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    if any(ord(c) < 33 or ord(c) == 127 for c in path):
+        raise ValueError("the URL's path holds spaces or control characters")
+    host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
+    default_port = 443 if url.scheme == "https" else 80
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}" + ("" if port == default_port else f":{port}"),
+             f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in headers.items()), "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
+
+
+def _exchange(conn: http.client.HTTPConnection, request: bytes) -> http.client.HTTPResponse:
+    """Write ``request`` on the (pinned) connection and read the response head."""
+    if conn.sock is None:
+        conn.connect()
+    conn.sock.sendall(request)
+    response = http.client.HTTPResponse(conn.sock, method="POST")
+    response.begin()
+    return response
+
+
 class _Deadlines:
     """Cuts off requests that run past their deadline.
 
@@ -332,14 +367,13 @@ class Sender:
             port = url.port or (443 if url.scheme == "https" else 80)
             if self.settings.allowed_ports and port not in self.settings.allowed_ports:
                 raise TargetRefused(f"port {port} is not in the allowed ports")
-            path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            headers = build_headers(job, int(started), self.settings.user_agent)
+            request = _request_bytes(url, port, build_headers(job, int(started), self.settings.user_agent),
+                                     job.body)
             conn, reused = self._checkout(url.scheme, url.hostname, port)
             watch = _deadlines.watch(time.monotonic() + self.settings.timeout_s, conn)
             try:
                 try:
-                    conn.request("POST", path, body=job.body, headers=headers)
-                    response = conn.getresponse()
+                    response = _exchange(conn, request)
                 except _STALE_CONNECTION:
                     if not reused or watch[2] is None:
                         raise
@@ -349,8 +383,7 @@ class Sender:
                     _deadlines.release(watch)
                     conn, reused = self._checkout(url.scheme, url.hostname, port)
                     watch = _deadlines.watch(time.monotonic() + self.settings.timeout_s, conn)
-                    conn.request("POST", path, body=job.body, headers=headers)
-                    response = conn.getresponse()
+                    response = _exchange(conn, request)
                 status = response.status
                 snippet = response.read(SNIPPET_BYTES).decode("utf-8", "replace")
                 response.read(DRAIN_BYTES)
@@ -594,7 +627,7 @@ class DeliveryLoop:
         return {p: self.breakers.room(p, self._busy[p], now) for p in partners}
 
     async def _claim_and_start(self) -> int:
-        free = self.settings.concurrency - len(self._in_flight)
+        free = self.settings.claim_ahead - len(self._in_flight)
         if free <= 0:
             return 0
         now = self.clock()
@@ -621,7 +654,7 @@ class DeliveryLoop:
     async def _seconds_until_next_due(self) -> float:
         """Sleep until the next due row of a partner with room, or until a paused partner reopens.
         With every worker busy, sleep until one is free (its completion wakes the loop)."""
-        if len(self._in_flight) >= self.settings.concurrency:
+        if len(self._in_flight) >= self.settings.claim_ahead:
             return IDLE_RECHECK_S
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]

@@ -94,7 +94,7 @@ def test_sigterm_drains_attempts_in_flight(serve_factory, receiver_factory):
 
 def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, receiver_factory):
     receiver = receiver_factory(default=(200, 0.03))   # slow enough that the burst is still going
-    env = {"WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5"}       # lease = 3 x 0.5 + 10 = 11.5 s
+    env = {"WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5"}       # lease = 4 x 0.5 + 10 = 12 s
     serve = serve_factory(**env)
     for i in range(5):
         r = httpx.post(serve.url + "/partners/register", headers=ADMIN, json={
@@ -115,7 +115,7 @@ def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, recei
         (in_flight,) = db.execute(
             "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND leased_until IS NOT NULL").fetchone()
 
-    serve_factory(port=serve.port, **env)              # leases run out by themselves (11.5 s)
+    serve_factory(port=serve.port, **env)              # leases run out by themselves (12 s)
     wait_for(lambda: {(r.path, r.headers["x-webhook-id"]) for r in receiver.received} >= expected, timeout=60)
     time.sleep(0.5)
     got = [(r.path, r.headers["x-webhook-id"]) for r in receiver.received]
