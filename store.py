@@ -25,7 +25,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS partners (
@@ -280,6 +280,29 @@ def _create_private_file(path: str) -> None:
     os.close(fd)
 
 
+GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
+T = TypeVar("T")
+
+
+class _GroupWrite:
+    """One request waiting for the group-commit writer: its work, then its result or error."""
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any]):
+        self.work = work
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def run(self, db: sqlite3.Connection) -> None:
+        db.execute("SAVEPOINT request")
+        try:
+            self.result = self.work(db)
+        except Exception as exc:
+            db.execute("ROLLBACK TO request")
+            self.error = exc
+        db.execute("RELEASE request")
+
+
 class Store:
     """The SQLite store. Thread-safe: one locked writer, a small pool of readers."""
 
@@ -294,8 +317,13 @@ class Store:
         self._all_readers: list[sqlite3.Connection] = []
         self._claim_round = 0  # which partner the next claim starts with
         self._apply_schema()
+        self._group_queue: queue.SimpleQueue[_GroupWrite | None] = queue.SimpleQueue()
+        self._group_thread = threading.Thread(target=self._group_writer, name="webhookd-group-commit", daemon=True)
+        self._group_thread.start()
 
     def close(self) -> None:
+        self._group_queue.put(None)
+        self._group_thread.join(timeout=10)
         with self._write_lock:
             self._writer.close()
         for conn in self._all_readers:
@@ -334,6 +362,43 @@ class Store:
             yield conn
         finally:
             self._readers.put(conn)
+
+    def _in_group_commit(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work(db)`` in the group-commit writer's next transaction; return after its commit.
+
+        Requests that arrive while a commit is being flushed to disk wait for the next one
+        together, so under load one ``FULL`` flush covers many publishes and inbound
+        events (the write-thread pattern). Each runs in its own SAVEPOINT: one that fails
+        is rolled back alone and its caller gets the exception.
+        """
+        request = _GroupWrite(work)
+        self._group_queue.put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _group_writer(self) -> None:
+        while True:
+            batch = [self._group_queue.get()]
+            while len(batch) < GROUP_COMMIT_MAX:
+                try:
+                    batch.append(self._group_queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            batch = [r for r in batch if r is not None]
+            try:
+                with self._transaction() as db:
+                    for request in batch:
+                        request.run(db)
+            except Exception as exc:  # the commit itself failed: every request in it did
+                for request in batch:
+                    request.result, request.error = None, request.error or exc
+            for request in batch:
+                request.done.set()
+            if stopping:
+                return
 
     def _apply_schema(self) -> None:
         with self._transaction() as db:
@@ -455,7 +520,7 @@ class Store:
         Paused and disabled partners get their rows too: they stay ``pending`` until
         the partner is active again.
         """
-        with self._transaction() as db:
+        def work(db: sqlite3.Connection) -> tuple[Event, bool]:
             if idempotency_key is not None:
                 row = db.execute(
                     "SELECT * FROM events WHERE idempotency_key = :k", {"k": idempotency_key}
@@ -483,6 +548,8 @@ class Store:
             )
             row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event_id}).fetchone()
             return _event_from_row(row), True
+
+        return self._in_group_commit(work)
 
     def get_event(self, event_id: str) -> Event | None:
         with self._reader() as db:
@@ -715,7 +782,8 @@ class Store:
         now: float,
     ) -> tuple[InboundEvent, bool]:
         """Store an inbound event once per (partner, dedupe key). Returns ``(event, created)``."""
-        with self._transaction() as db:
+
+        def work(db: sqlite3.Connection) -> tuple[InboundEvent, bool]:
             created = db.execute(
                 """INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at)
                    VALUES (:id, :partner_id, :type, :key, :body, :now)
@@ -727,7 +795,9 @@ class Store:
                 "SELECT * FROM inbound_events WHERE partner_id = :p AND dedupe_key = :k",
                 {"p": partner_id, "k": dedupe_key},
             ).fetchone()
-        return _inbound_from_row(row), created
+            return _inbound_from_row(row), created
+
+        return self._in_group_commit(work)
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:

@@ -221,3 +221,29 @@ def test_retention_purges_old_delivered_events_in_batches_and_keeps_the_rest(sto
     assert {d.event_id for d in remaining} == {fresh.id, old[4].id}
     with store._reader() as db:
         assert db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0] == 2
+
+
+def test_group_commit_isolates_a_failing_request_from_the_others_in_its_batch(store):
+    _partner(store)
+    results: dict[int, object] = {}
+
+    def publish(n):
+        def ids():
+            if n == 7:
+                raise RuntimeError("boom")
+            return _id("dlv_")
+        try:
+            results[n] = store.publish(event_id=f"evt_g{n:03d}", event_type="payment.success", body=b"{}",
+                                       now=1.0, max_attempts=3, new_delivery_id=ids)[0].id
+        except RuntimeError as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert isinstance(results[7], RuntimeError)
+    assert sorted(v for k, v in results.items() if k != 7) == sorted(f"evt_g{n:03d}" for n in range(20) if n != 7)
+    assert store.get_event("evt_g007") is None
+    assert len(store.list_deliveries(limit=50).items) == 19
