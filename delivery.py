@@ -49,7 +49,9 @@ RECORD_BATCH = 500       # results written per group commit, at most
 
 
 @dataclass(frozen=True)
-class Settings:
+class Limits:
+    """The ``[delivery]`` section of webhookd.toml (webhookd.py reads it into this class)."""
+
     timeout_s: float = 5.0
     max_attempts: int = 3
     backoff_base_s: float = 30.0
@@ -62,6 +64,12 @@ class Settings:
     disable_after_s: float = 259200.0
     retry_after_max_s: float = 3600.0
     idle_connection_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Settings(Limits):
+    """Everything the loop needs: the ``[delivery]`` limits plus a few keys of other sections."""
+
     retention_s: float = 2592000.0
     purge_batch: int = 500
     purge_interval_s: float = 300.0

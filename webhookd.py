@@ -101,6 +101,7 @@ class SecurityConfig:
     open_registration: bool = False
     allow_private_targets: bool = False
     max_body_bytes: int = 262144
+    max_json_depth: int = 32
     inbound_tolerance_s: int = 300
     secret_overlap_s: int = 86400
     allowed_ports: tuple[int, ...] = ()   # empty: any port
@@ -109,20 +110,7 @@ class SecurityConfig:
     metrics_public: bool = False             # true: GET /metrics without the admin token
 
 
-@dataclass(frozen=True)
-class DeliveryConfig:
-    timeout_s: float = 5.0
-    max_attempts: int = 3
-    backoff_base_s: float = 30.0
-    backoff_max_s: float = 3600.0
-    concurrency: int = 16
-    per_partner_concurrency: int = 4
-    breaker_threshold: int = 5
-    breaker_cooldown_s: float = 30.0
-    breaker_cooldown_max_s: float = 600.0
-    disable_after_s: float = 259200.0
-    retry_after_max_s: float = 3600.0
-    idle_connection_s: float = 30.0
+DeliveryConfig = delivery.Limits  # [delivery]: defined beside the loop that uses it
 
 
 @dataclass(frozen=True)
@@ -170,6 +158,7 @@ SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": Securi
 POSITIVE = {
     "server.port": "a TCP port (1-65535)",
     "security.max_body_bytes": "a size in bytes",
+    "security.max_json_depth": "a number of nesting levels",
     "security.inbound_tolerance_s": "a number of seconds",
     "security.secret_overlap_s": "a number of seconds",
     "security.inbound_rate_per_s": "a number of requests per second",
@@ -531,9 +520,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_object(raw: bytes) -> dict[str, Any]:
+def parse_object(raw: bytes, max_depth: int) -> dict[str, Any]:
     try:
-        value = signing.parse_json(raw)
+        value = signing.parse_json(raw, max_depth)
     except signing.BadJSON as exc:
         raise ApiError(400, "malformed_json", str(exc)) from None
     if not isinstance(value, dict):
@@ -544,7 +533,7 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 async def read_json_object(request: Request) -> dict[str, Any]:
     _check_content_type(request)
     raw = await read_body(request, context(request).config.security.max_body_bytes)
-    return parse_object(raw)
+    return parse_object(raw, context(request).config.security.max_json_depth)
 
 
 def invalid(field_name: str, message: str) -> ApiError:
@@ -957,7 +946,7 @@ async def _receive_partner_event(request: Request) -> JSONResponse:
         raise ApiError(400, "bad_event_header", "X-Webhook-Event must look like 'tour.promoted' (word.word).")
     _check_content_type(request)
     raw = await read_body(request, ctx.config.security.max_body_bytes)
-    payload = parse_object(raw)
+    payload = parse_object(raw, ctx.config.security.max_json_depth)
 
     now = ctx.clock()
     partner_id = request.headers.get("x-partner-id")
