@@ -38,7 +38,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import signing
 from metrics import Metrics
-from store import Attempt, Job, Outcome, Store
+from store import Attempt, Job, Outcome, Store, take_batch
 
 logger = logging.getLogger("webhookd.delivery")
 
@@ -717,15 +717,7 @@ class DeliveryLoop:
         """Write queued attempt results in batches (group commit) until the stop sentinel."""
         stopping = False
         while not stopping:
-            batch = [self._results.get()]
-            while len(batch) < RECORD_BATCH:
-                try:
-                    batch.append(self._results.get_nowait())
-                except queue.Empty:
-                    break
-            if None in batch:
-                stopping = True
-                batch = [o for o in batch if o is not None]
+            batch, stopping = take_batch(self._results, RECORD_BATCH)
             if not batch:
                 continue
             try:

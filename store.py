@@ -281,6 +281,18 @@ def _create_private_file(path: str) -> None:
 
 
 GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
+
+
+def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]:
+    """Wait for one item, then take whatever else is already queued, up to ``limit``.
+    A ``None`` in the queue means stop: returns the real items and whether to stop."""
+    batch = [waiting.get()]
+    while len(batch) < limit:
+        try:
+            batch.append(waiting.get_nowait())
+        except queue.Empty:
+            break
+    return [item for item in batch if item is not None], None in batch
 T = TypeVar("T")
 
 
@@ -380,14 +392,7 @@ class Store:
 
     def _group_writer(self) -> None:
         while True:
-            batch = [self._group_queue.get()]
-            while len(batch) < GROUP_COMMIT_MAX:
-                try:
-                    batch.append(self._group_queue.get_nowait())
-                except queue.Empty:
-                    break
-            stopping = None in batch
-            batch = [r for r in batch if r is not None]
+            batch, stopping = take_batch(self._group_queue, GROUP_COMMIT_MAX)
             try:
                 with self._transaction() as db:
                     for request in batch:
