@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import email.utils
 import heapq
 import http.client
@@ -533,7 +532,13 @@ class Breakers:
 
 
 class DeliveryLoop:
-    """Claims due deliveries, sends them from a thread pool and records every attempt."""
+    """Claims due deliveries, hands them to sender threads and records every attempt.
+
+    The loop (a task in the server's event loop) claims rows and puts them on a queue;
+    ``concurrency`` sender threads take them one at a time. Completions are counted under
+    a lock, and a sender wakes the loop only when the claimed work runs low, so under load
+    the loop claims in batches instead of once per delivery.
+    """
 
     def __init__(self, store: Store, settings: Settings, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
@@ -544,12 +549,16 @@ class DeliveryLoop:
         self.clock = clock
         self.sender = Sender(settings, clock)
         self.breakers = Breakers(settings)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=settings.concurrency, thread_name_prefix="webhookd-send")
+        self._jobs: "queue.SimpleQueue[Job | None]" = queue.SimpleQueue()
+        self._senders = [threading.Thread(target=self._send_jobs, name=f"webhookd-send-{n}", daemon=True)
+                         for n in range(settings.concurrency)]
         self._results: "queue.SimpleQueue[Outcome | None]" = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
-        self._in_flight: dict[asyncio.Future, Job] = {}
-        self._busy: collections.Counter[str] = collections.Counter()  # in flight per partner
+        self._lock = threading.Lock()       # guards the two counts below
+        self._claimed = 0                   # claimed and not finished (queued or being sent)
+        self._busy: collections.Counter[str] = collections.Counter()  # the same, per partner
+        self._all_done = threading.Event()  # set whenever nothing is claimed
+        self._all_done.set()
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task | None = None
@@ -565,6 +574,8 @@ class DeliveryLoop:
         if requeued:
             logger.warning("re-queued %d deliveries whose lease ran out (an earlier run stopped mid-send)", requeued)
         self._recorder.start()
+        for thread in self._senders:
+            thread.start()
         self._run_task = asyncio.create_task(self.run(), name="webhookd-delivery-loop")
         self._purge_task = asyncio.create_task(self._purge_old(), name="webhookd-retention")
 
@@ -587,7 +598,7 @@ class DeliveryLoop:
         self.wake()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop claiming, wait (bounded) for attempts in flight, and record their results.
+        """Stop claiming, wait (bounded) for the claimed attempts, and record their results.
 
         An attempt still running after the grace period keeps its lease; the next
         run takes it again once the lease runs out. Nothing is lost either way.
@@ -597,21 +608,19 @@ class DeliveryLoop:
         if self._purge_task is not None:
             self._purge_task.cancel()
         await asyncio.gather(*(t for t in (self._run_task, self._purge_task) if t), return_exceptions=True)
-        # Every claimed job started at once (claims never exceed free workers): wait for them.
-        running = [f for f in self._in_flight if not f.done()]
-        if running:
-            grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
-            await asyncio.wait(running, timeout=grace)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._results.put(None)  # the recorder writes what is queued, then stops
+        grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
+        await asyncio.to_thread(self._all_done.wait, grace)
+        unfinished = self.in_flight
+        for _ in self._senders:
+            self._jobs.put(None)  # each sender stops after the jobs already queued
+        self._results.put(None)   # the recorder writes what is queued, then stops
         await asyncio.to_thread(self._recorder.join, 10)
-        unfinished = sum(1 for f in running if not f.done())
         logger.info("delivery loop stopped; %d attempts left unfinished (their leases will run out "
                     "and they will be sent again)", unfinished)
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return self._claimed
 
     # The loop itself ---------------------------------------------------------------------
 
@@ -631,38 +640,46 @@ class DeliveryLoop:
 
     def _room(self, now: float) -> dict[str, int]:
         """Room of every partner that is not simply idle and healthy (those get the full cap)."""
-        partners = set(self._busy) | set(self.breakers.constrained())
-        return {p: self.breakers.room(p, self._busy[p], now) for p in partners}
+        with self._lock:
+            busy = dict(self._busy)
+        partners = set(busy) | set(self.breakers.constrained())
+        return {p: self.breakers.room(p, busy.get(p, 0), now) for p in partners}
 
     async def _claim_and_start(self) -> int:
-        free = self.settings.claim_ahead - len(self._in_flight)
+        free = self.settings.claim_ahead - self._claimed
         if free <= 0:
             return 0
         now = self.clock()
         jobs = await asyncio.to_thread(
             self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
             per_partner=self.settings.per_partner_concurrency, room=self._room(now))
+        with self._lock:
+            self._claimed += len(jobs)
+            for job in jobs:
+                self._busy[job.partner_id] += 1
+            if jobs:
+                self._all_done.clear()
         for job in jobs:
-            future = self._loop.run_in_executor(self._pool, self._attempt, job)
-            self._in_flight[future] = job
-            self._busy[job.partner_id] += 1
-            future.add_done_callback(self._attempt_done)
+            self._jobs.put(job)
         return len(jobs)
 
-    def _attempt_done(self, future: asyncio.Future) -> None:
-        job = self._in_flight.pop(future, None)
-        if job is not None:
+    def _finished(self, job: Job) -> None:
+        """A sender is done with ``job``: count it, and wake the loop when work runs low."""
+        with self._lock:
+            self._claimed -= 1
             self._busy[job.partner_id] -= 1
             if not self._busy[job.partner_id]:
                 del self._busy[job.partner_id]
-        if not future.cancelled() and future.exception() is not None:
-            logger.error("delivery attempt crashed", exc_info=future.exception())
-        self._wakeup.set()  # a worker is free again
+            if not self._claimed:
+                self._all_done.set()
+            running_low = self._claimed <= self.settings.concurrency
+        if running_low:
+            self.wake()
 
     async def _seconds_until_next_due(self) -> float:
         """Sleep until the next due row of a partner with room, or until a paused partner reopens.
-        With every worker busy, sleep until one is free (its completion wakes the loop)."""
-        if len(self._in_flight) >= self.settings.claim_ahead:
+        With the claimed work at its limit, sleep until a sender finishes (it wakes the loop)."""
+        if self._claimed >= self.settings.claim_ahead:
             return IDLE_RECHECK_S
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
@@ -679,6 +696,16 @@ class DeliveryLoop:
         except asyncio.TimeoutError:
             pass
 
+    def _send_jobs(self) -> None:
+        """A sender thread: one claimed job after another, until the stop sentinel."""
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._attempt(job)
+            except Exception:  # never die on one delivery: its lease brings it back
+                logger.exception("delivery %s: the attempt crashed; it will be retried", job.delivery_id)
+            finally:
+                self._finished(job)
+
     # One attempt, in a worker thread -------------------------------------------------------
 
     def _attempt(self, job: Job) -> None:
@@ -689,27 +716,27 @@ class DeliveryLoop:
         self._results.put(Outcome(
             delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=sent.attempt, state=state,
             next_attempt_at=next_at, partner_failing_since=failing_since,
-            partner_failing_changed=failing_changed, disable_reason=disable_reason))
-        self._count(job, sent.attempt, state, now)
-        a = sent.attempt
-        logger.info("delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
-                    job.delivery_id, job.event_id, job.partner_id, job.attempt, a.status_code, a.error,
-                    a.duration_ms, state,
-                    extra={"delivery_id": job.delivery_id, "event_id": job.event_id, "partner_id": job.partner_id,
-                           "attempt": job.attempt, "status_code": a.status_code, "error": a.error,
-                           "duration_ms": a.duration_ms, "state": state})
-        if disable_reason:
-            logger.warning("partner %s disabled: %s; its deliveries wait until it is made active again",
-                           job.partner_id, disable_reason)
+            partner_failing_changed=failing_changed, disable_reason=disable_reason,
+            event_id=job.event_id, created_at=job.created_at))
 
-    def _count(self, job: Job, attempt: Attempt, state: str, now: float) -> None:
+    def _report(self, o: Outcome, now: float) -> None:
+        """One log line and the metrics of one attempt (in the recorder: one thread, no lock fights)."""
+        a = o.attempt
+        logger.info("delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
+                    o.delivery_id, o.event_id, o.partner_id, a.attempt, a.status_code, a.error, a.duration_ms,
+                    o.state, extra={"delivery_id": o.delivery_id, "event_id": o.event_id, "partner_id": o.partner_id,
+                                    "attempt": a.attempt, "status_code": a.status_code, "error": a.error,
+                                    "duration_ms": a.duration_ms, "state": o.state})
+        if o.disable_reason:
+            logger.warning("partner %s disabled: %s; its deliveries wait until it is made active again",
+                           o.partner_id, o.disable_reason)
         m = self.metrics
-        m.attempts.inc(result=attempt.error or "success")
-        m.attempt_seconds.observe(attempt.duration_ms / 1000)
-        if state != "pending":
-            m.deliveries.inc(partner=job.partner_id, outcome=state)
-        if state == "delivered":
-            m.delivered_seconds.observe(max(0.0, now - job.created_at))
+        m.attempts.inc(result=a.error or "success")
+        m.attempt_seconds.observe(a.duration_ms / 1000)
+        if o.state != "pending":
+            m.deliveries.inc(partner=o.partner_id, outcome=o.state)
+        if o.state == "delivered":
+            m.delivered_seconds.observe(max(0.0, now - o.created_at))
 
     # The recorder: many results, one commit -------------------------------------------------
 
@@ -720,15 +747,19 @@ class DeliveryLoop:
             batch, stopping = take_batch(self._results, RECORD_BATCH)
             if not batch:
                 continue
+            now = self.clock()
+            for outcome in batch:
+                self._report(outcome, now)
             try:
-                lost = self.store.finish_attempts(batch, now=self.clock())
+                lost = self.store.finish_attempts(batch, now=now)
             except Exception:
                 logger.exception("recording %d attempts failed; their leases will run out and they "
                                  "will be sent again", len(batch))
                 continue
             for delivery_id in lost:
                 logger.warning("delivery %s: result not recorded, its lease had been taken over", delivery_id)
-            self.wake()  # retries may now be due earlier than the loop thought
+            if any(o.state == "pending" for o in batch):
+                self.wake()  # a retry may now be due earlier than the loop thought
 
     # Retention ----------------------------------------------------------------------------
 

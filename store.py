@@ -195,6 +195,8 @@ class Outcome:
     partner_failing_since: float | None = None
     partner_failing_changed: bool = False
     disable_reason: str | None = None   # set: disable the partner
+    event_id: str = ""                  # for the log line and metrics
+    created_at: float = 0.0             # the delivery's creation (publish) time
 
 
 @dataclass(frozen=True)
