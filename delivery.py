@@ -419,15 +419,6 @@ class Sender:
         return Sent(attempt, retry_after)
 
 
-def send(job: Job, settings: Settings, clock: Callable[[], float] = time.time) -> Attempt:
-    """One attempt on a fresh connection (for tools and tests; the loop uses a Sender)."""
-    sender = Sender(settings, clock)
-    try:
-        return sender.send(job).attempt
-    finally:
-        sender.close_all()
-
-
 def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: float) -> tuple[str, float]:
     """The delivery's next state and due time after one attempt."""
     if sent.attempt.error is None:

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import string
@@ -356,10 +357,17 @@ def _base36(number: int, width: int) -> str:
     return "".join(reversed(digits))
 
 
-def new_id(prefix: str) -> str:
-    """``prefix`` + 9 base-36 digits of the time in ms + 12 random ones (62 bits from
-    ``secrets``): unique, and sortable by creation time."""
-    return prefix + _base36(int(time.time() * 1000), 9) + _base36(secrets.randbits(62), 12)
+# Event, delivery and inbound ids are not secrets and are made on the hot path: a generator
+# seeded once from the OS saves a system call per id. Partner ids, which partners see and
+# which must not hint at each other, come from the OS every time.
+_FAST_BITS = random.Random(secrets.randbits(256))
+
+
+def new_id(prefix: str, unpredictable: bool = False) -> str:
+    """``prefix`` + 9 base-36 digits of the time in ms + 12 random ones (62 bits): unique,
+    and sortable by creation time."""
+    bits = secrets.randbits(62) if unpredictable else _FAST_BITS.getrandbits(62)
+    return prefix + _base36(int(time.time() * 1000), 9) + _base36(bits, 12)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -680,7 +688,7 @@ async def register_partner(request: Request) -> JSONResponse:
     events = check_events(body.get("events"), ctx.config.events)
     shared_secret = "sk_live_" + secrets.token_urlsafe(32)
     api_key = "pak_" + secrets.token_urlsafe(32)
-    partner = await db(ctx.store.add_partner, partner_id=new_id("partner_"), name=name, webhook_url=url,
+    partner = await db(ctx.store.add_partner, partner_id=new_id("partner_", unpredictable=True), name=name, webhook_url=url,
                        events=events, secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock())
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({
