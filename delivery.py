@@ -31,8 +31,8 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from urllib.parse import SplitResult, urlsplit
 
 import signing
@@ -540,10 +540,10 @@ class DeliveryLoop:
         self.clock = clock
         self.sender = Sender(settings, clock)
         self.breakers = Breakers(settings)
-        self._jobs: "queue.SimpleQueue[Job | None]" = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._senders = [threading.Thread(target=self._send_jobs, name=f"webhookd-send-{n}", daemon=True)
                          for n in range(settings.concurrency)]
-        self._results: "queue.SimpleQueue[Outcome | None]" = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
         self._lock = threading.Lock()       # guards the two counts below
         self._claimed = 0                   # claimed and not finished (queued or being sent)
@@ -684,7 +684,7 @@ class DeliveryLoop:
         """Sleep until ``seconds`` pass or someone calls ``wake()``."""
         try:
             await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _send_jobs(self) -> None:

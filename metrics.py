@@ -8,7 +8,7 @@ worker threads and the event loop both write here.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 # Seconds: from a fast loopback receiver to the 5 s timeout and beyond.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -72,7 +72,7 @@ class Histogram:
         with self._lock:
             for key, series in sorted(self._series.items()):
                 for bound, count in zip(self.buckets, series):
-                    le = 'le="%s"' % bound
+                    le = f'le="{bound}"'
                     yield f"{self.name}_bucket{_labels(key, le)} {count}"
                 le = 'le="+Inf"'
                 yield f"{self.name}_bucket{_labels(key, le)} {series[-1]}"

@@ -20,7 +20,8 @@ import base64
 import hashlib
 import hmac
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 MAX_JSON_DEPTH = 32
 
@@ -41,7 +42,7 @@ def sign_hex(secret: str, body: bytes) -> str:
 
 def standard_signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """One Standard Webhooks signature: ``v1,<base64 HMAC of "id.timestamp.body">``."""
-    signed = f"{msg_id}.{timestamp}.".encode("utf-8") + body
+    signed = f"{msg_id}.{timestamp}.".encode() + body
     digest = hmac.new(secret.encode("utf-8"), signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode("ascii")
 

@@ -22,10 +22,11 @@ import os
 import queue
 import sqlite3
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS partners (

@@ -38,17 +38,18 @@ import string
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.background import BackgroundTask
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 

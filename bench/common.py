@@ -19,9 +19,10 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -29,9 +30,8 @@ ADMIN_TOKEN = "adm_bench_token_0123456789abcdefghijklmnop"
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from payloads import PAYMENT_SUCCESS  # noqa: E402  (the guide's own example: 150.0 and accents)
-
 import signing  # noqa: E402
+from payloads import PAYMENT_SUCCESS  # noqa: E402  (the guide's own example: 150.0 and accents)
 
 # The bytes webhookd stores and sends for PAYMENT_SUCCESS (canonical JSON). Every sender in the
 # benchmark puts exactly these bytes on the wire, so the receiver sees the same payload.
@@ -81,7 +81,7 @@ class Procs:
 
     def also_kill(self, proc: subprocess.Popen, pids: Iterable[int]) -> None:
         """Remember child PIDs (nginx workers) to kill if their parent must be SIGKILLed."""
-        for name, p, extra in self._procs:
+        for _, p, extra in self._procs:
             if p is proc:
                 extra.extend(pids)
 
@@ -235,7 +235,7 @@ class Nginx:
         out = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=10)
         return (out.stderr or out.stdout).strip().split("/")[-1]
 
-    def start(self) -> "Nginx":
+    def start(self) -> Nginx:
         if not os.path.exists(self.binary):
             raise RuntimeError("nginx is not installed: run bench/ensure-nginx.sh (make bench does)")
         self.prefix.mkdir(parents=True, exist_ok=True)
@@ -264,20 +264,20 @@ class Nginx:
             self.proc = None
 
 
-def collect(tail: LogTail, want: int, timeout: float, accept: Callable[[LogLine], bool] = lambda l: True,
+def collect(tail: LogTail, want: int, timeout: float, accept: Callable[[LogLine], bool] = lambda line: True,
             alive: Callable[[], bool] = lambda: True, stop_after_msec: float | None = None) -> list[LogLine]:
     """Lines from ``tail`` that ``accept`` takes, until ``want`` of them, ``timeout`` s, the
     watched process dies, or (with ``stop_after_msec``) nginx logged a line past that time."""
     got: list[LogLine] = []
     deadline = time.monotonic() + timeout
     while len(got) < want and time.monotonic() < deadline:
-        new = [l for l in tail.read() if accept(l)]
+        new = [line for line in tail.read() if accept(line)]
         got += new
         if stop_after_msec is not None and got and got[-1].msec > stop_after_msec:
             break
         if not new:
             if not alive():
-                got += [l for l in tail.read() if accept(l)]
+                got += [line for line in tail.read() if accept(line)]
                 break
             time.sleep(0.02)
     return got
@@ -431,7 +431,7 @@ class Webhookd:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 120.0) -> "Webhookd":
+    def start(self, timeout: float = 120.0) -> Webhookd:
         # `python webhookd.py` rather than the console script: the script's editable install lists
         # its modules as of the last `pip install -e`, the source folder always has them all.
         argv = [sys.executable, str(ROOT / "webhookd.py"), "--config", str(self.config_path), "serve"]

@@ -34,17 +34,31 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import backlog  # noqa: E402
 import baselines  # noqa: E402
 import loadgen  # noqa: E402
-from common import (ADMIN_HEADERS, EVENT_TYPE, PAYLOAD_BYTES, PAYMENT_SUCCESS, ROOT, BlackHole, LogLine,  # noqa: E402
-                    Nginx, Procs, Series, Webhookd, collect, percentile)
+from common import (  # noqa: E402
+    ADMIN_HEADERS,
+    EVENT_TYPE,
+    PAYLOAD_BYTES,
+    PAYMENT_SUCCESS,
+    ROOT,
+    BlackHole,
+    LogLine,
+    Nginx,
+    Procs,
+    Series,
+    Webhookd,
+    collect,
+    percentile,
+)
 
 SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound"]
 PARTNERS = 5
@@ -66,7 +80,7 @@ class Params:
     inbound_threads: int = 8
 
     @classmethod
-    def quick(cls) -> "Params":
+    def quick(cls) -> Params:
         return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500,
                    backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500)
 
@@ -146,16 +160,16 @@ def webhookd_throughput(bench: Bench, deliveries: int, *, name: str = "webhookd"
             pub = loadgen.closed_loop(wd.port, threads=bench.params.publish_threads, total=events,
                                       time_limit_s=120, build=publish_request, on_response=published.on_response)
             lines = collect(tail, len(published.sent_at) * PARTNERS, timeout=120, alive=wd.alive,
-                            accept=lambda l: l.uri in PATHS)
+                            accept=lambda line: line.uri in PATHS)
         cpu = (wd.cpu_seconds() or 0) - (cpu_before or 0)
         rss = wd.peak_rss_mb()
         ids = published.sent_at
-        ours = [l for l in lines if l.webhook_id in ids]
-        unique = {(l.webhook_id, l.uri) for l in ours}
-        end = max((l.msec for l in ours), default=pub.started)
+        ours = [line for line in lines if line.webhook_id in ids]
+        unique = {(line.webhook_id, line.uri) for line in ours}
+        end = max((line.msec for line in ours), default=pub.started)
         result = {
             "deliveries": len(ours), "expected": events * PARTNERS, "duplicates": len(ours) - len(unique),
-            "non_200": sum(l.status != 200 for l in ours), "publish_failures": published.failures + pub.sent - pub.ok,
+            "non_200": sum(line.status != 200 for line in ours), "publish_failures": published.failures + pub.sent - pub.ok,
             "seconds": end - pub.started, "rate": len(ours) / max(end - pub.started, 1e-9),
             "publish_rate": pub.rate * PARTNERS, "rss_mb": rss, "cpu_s": cpu,
             "cpu_ms_per_delivery": 1000 * cpu / max(len(ours), 1),
@@ -190,12 +204,12 @@ def scenario_throughput(bench: Bench) -> None:
             tail = bench.nginx.tail()
             if sender == "guide":
                 ok, seconds = baselines.guide_sender(bench.urls(), secret, PAYMENT_SUCCESS, n, time_limit_s=60)
-                logged = collect(tail, n, timeout=5, accept=lambda l: l.uri in PATHS)
+                logged = collect(tail, n, timeout=5, accept=lambda line: line.uri in PATHS)
                 rates[sender] = ok / seconds
                 runs.append({"round": r, "sender": sender, "ok": ok, "logged": len(logged), "seconds": seconds})
             elif sender == "pool":
                 ok, seconds = baselines.stdlib_pool(bench.urls(), secret, PAYLOAD_BYTES, EVENT_TYPE, n, time_limit_s=60)
-                logged = collect(tail, n, timeout=5, accept=lambda l: l.uri in PATHS)
+                logged = collect(tail, n, timeout=5, accept=lambda line: line.uri in PATHS)
                 rates[sender] = ok / seconds
                 runs.append({"round": r, "sender": sender, "ok": ok, "logged": len(logged), "seconds": seconds})
             else:
@@ -235,11 +249,11 @@ def scenario_latency(bench: Bench) -> None:
             pub = loadgen.paced(wd.port, threads=8, total=total_events, rate=events_per_s, build=publish_request,
                                 on_response=published.on_response)
             lines = collect(tail, len(published.sent_at) * PARTNERS, timeout=30, alive=wd.alive,
-                            accept=lambda l: l.webhook_id in published.sent_at)
+                            accept=lambda line, sent=published.sent_at: line.webhook_id in sent)
             rss = wd.peak_rss_mb()
         finally:
             wd.stop()
-        latencies = sorted(1000 * (l.msec - published.sent_at[l.webhook_id]) for l in lines)
+        latencies = sorted(1000 * (line.msec - published.sent_at[line.webhook_id]) for line in lines)
         answered = sorted(1000 * a for a in published.answered_in)
         res = {
             "deliveries": len(lines), "expected": total_events * PARTNERS,
@@ -297,7 +311,7 @@ def drain(bench: Bench, template: Path, size: int, window_s: float, name: str) -
         lines: list[LogLine] = []
         deadline = time.monotonic() + window_s + 60
         while len(lines) < size and time.monotonic() < deadline and wd.alive():
-            lines += [l for l in tail.read() if l.uri in PATHS]
+            lines += [line for line in tail.read() if line.uri in PATHS]
             if lines and time.time() > lines[0].msec + window_s + 0.3:
                 break
             time.sleep(0.05)
@@ -315,7 +329,7 @@ def drain(bench: Bench, template: Path, size: int, window_s: float, name: str) -
         counted = len(lines)
     else:
         span = window_s
-        counted = sum(l.msec <= first + window_s for l in lines)
+        counted = sum(line.msec <= first + window_s for line in lines)
     return {"size": size, "delivered": counted, "drained": drained, "seconds": span, "rate": counted / span,
             "rss_mb": rss, "startup_s": wd.startup_s}
 

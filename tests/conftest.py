@@ -21,9 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -75,7 +76,7 @@ class ThreadServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "ThreadServer":
+    def start(self) -> ThreadServer:
         self.thread.start()
         wait_for(lambda: self.server.started, timeout=10)
         return self
@@ -172,7 +173,7 @@ class Receiver:
         return JSONResponse({"status": "received" if status < 300 else "error"}, status_code=status,
                             headers=headers)
 
-    def start(self) -> "Receiver":
+    def start(self) -> Receiver:
         self.server.start()
         return self
 
@@ -354,7 +355,7 @@ class ServeProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "ServeProcess":
+    def start(self) -> ServeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"),
              "serve", "--port", str(self.port)],

@@ -31,7 +31,8 @@ import json
 import re
 import sqlite3
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import httpx
@@ -169,7 +170,6 @@ def build_rows(w: World) -> list[Row]:
     A, B = w.a["partner_id"], w.b["partner_id"]
     secret_a = w.a["shared_secret"]
     adm_raw = (b"authorization", f"Bearer {ADMIN_TOKEN}".encode())
-    ka_raw = (b"authorization", f"Bearer {w.a['api_key']}".encode())
     json_ct = (b"content-type", b"application/json")
 
     good_partner = {"partner_name": "Gamma", "webhook_url": "http://127.0.0.1:9/in", "events": ["payment.success"]}

@@ -19,8 +19,8 @@ def test_listen_verifies_a_real_delivery_three_ways(hub, tmp_path):
     try:
         wait_for(lambda: "listening on" in (tmp_path / "listen.out").read_text())
         event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
-        line = wait_for(lambda: next((l for l in (tmp_path / "listen.out").read_text().splitlines()
-                                      if event_id in l), None))
+        line = wait_for(lambda: next((text for text in (tmp_path / "listen.out").read_text().splitlines()
+                                      if event_id in text), None))
         assert "payment.success" in line and "raw=ok" in line and "canonical=ok" in line and "standard=ok" in line
         wait_for(lambda: hub.deliveries(event_id=event_id)[0]["state"] == "delivered")
     finally:

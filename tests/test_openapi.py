@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ADMIN_TOKEN, GUARD_DIR, ROOT
+from conftest import ADMIN_TOKEN, GUARD_DIR
 
 
 def test_the_document_covers_every_route(hub):

@@ -3,10 +3,9 @@
 import json
 import time
 
+import signing
 from conftest import wait_for
 from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
-
-import signing
 
 
 def test_test_ping_goes_to_that_partner_alone_without_a_subscription(hub, receiver_factory):

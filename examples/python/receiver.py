@@ -56,7 +56,7 @@ def standard_signature_ok(body: bytes, msg_id: str, timestamp: str, header: str)
         return False  # missing or not a number
     if abs(time.time() - int(timestamp)) > TOLERANCE_S:
         return False  # too old (a replay?) or too far in the future
-    signed = f"{msg_id}.{timestamp}.".encode("utf-8") + body
+    signed = f"{msg_id}.{timestamp}.".encode() + body
     expected = base64.b64encode(hmac.new(SECRET.encode("utf-8"), signed, hashlib.sha256).digest())
     for entry in header.split():
         version, _, signature = entry.partition(",")
