@@ -72,16 +72,17 @@ def signature_matches(secret: str, body: bytes, signature: str) -> bool:
     return hmac.compare_digest(expected, given)
 
 
-def verify(secret: str, raw_body: bytes, parsed: Any, signature: str) -> bool:
+def verify(secret: str, raw_body: bytes, parsed: Any, signature: str, canonical_body: bytes | None = None) -> bool:
     """True when ``signature`` matches the raw body or the canonical form of ``parsed``.
 
     The raw body is what a careful sender signs. The canonical form is what the
     partner guide's own sender signs while posting ``requests.post(json=payload)``,
     whose bytes differ; accepting both keeps that sender working. Both comparisons
-    always run, so the time taken does not reveal which one matched.
+    always run, so the time taken does not reveal which one matched. A caller that
+    already has ``canonical(parsed)`` passes it as ``canonical_body``.
     """
     raw_ok = signature_matches(secret, raw_body, signature)
-    canonical_ok = signature_matches(secret, canonical(parsed), signature)
+    canonical_ok = signature_matches(secret, canonical_body or canonical(parsed), signature)
     return raw_ok or canonical_ok
 
 

@@ -331,6 +331,8 @@ class Store:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
         self._claim_round = 0  # which partner the next claim starts with
+        self._partners: dict[str, Partner] | None = None
+        self._partners_generation = 0
         self._apply_schema()
         self._group_queue: queue.SimpleQueue[_GroupWrite | None] = queue.SimpleQueue()
         self._group_thread = threading.Thread(target=self._group_writer, name="webhookd-group-commit", daemon=True)
@@ -439,7 +441,7 @@ class Store:
         self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
         api_key_hash: str, now: float,
     ) -> Partner:
-        with self._transaction() as db:
+        with self._partner_write() as db:
             db.execute(
                 """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
                                          created_at, updated_at)
@@ -454,7 +456,7 @@ class Store:
                        events: list[str] | None = None, status: str | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
         partner starts with a clean failure record."""
-        with self._transaction() as db:
+        with self._partner_write() as db:
             if _read_partner(db, partner_id) is None:
                 return None
             if webhook_url is not None:
@@ -471,7 +473,7 @@ class Store:
     def rotate_secret(self, partner_id: str, *, new_secret: str, previous_until: float,
                       now: float) -> Partner | None:
         """Make ``new_secret`` current; the current one stays valid until ``previous_until``."""
-        with self._transaction() as db:
+        with self._partner_write() as db:
             changed = db.execute(
                 """UPDATE partners SET previous_secret = secret, previous_secret_until = :until,
                                        secret = :secret, updated_at = :now
@@ -481,8 +483,39 @@ class Store:
             return _read_partner(db, partner_id) if changed else None
 
     def get_partner(self, partner_id: str) -> Partner | None:
+        """One partner, from the in-memory copy of the partners table (see ``_all_partners``)."""
+        return self._all_partners().get(partner_id)
+
+    def _all_partners(self) -> dict[str, Partner]:
+        """Every partner, read once and kept until a write to the partners table.
+
+        Inbound events look up their partner on every request; partners change rarely.
+        The generation check keeps a read that raced with a write from keeping stale rows.
+        (Several processes on one database would need a time limit on this copy too.)
+        """
+        cached = self._partners
+        if cached is not None:
+            return cached
+        generation = self._partners_generation
         with self._reader() as db:
-            return _read_partner(db, partner_id)
+            ids = [r["id"] for r in db.execute("SELECT id FROM partners")]
+            fresh = {i: p for i, p in ((i, _read_partner(db, i)) for i in ids) if p is not None}
+        if generation == self._partners_generation:
+            self._partners = fresh
+        return fresh
+
+    def _partners_changed(self) -> None:
+        self._partners_generation += 1
+        self._partners = None
+
+    @contextmanager
+    def _partner_write(self) -> Iterator[sqlite3.Connection]:
+        """A transaction that changes partners; the in-memory copy is dropped after it."""
+        try:
+            with self._transaction() as db:
+                yield db
+        finally:
+            self._partners_changed()
 
     def partner_id_for_api_key(self, api_key_hash: str) -> str | None:
         with self._reader() as db:
@@ -493,10 +526,7 @@ class Store:
 
     def partners_accepting_inbound(self) -> list[Partner]:
         """Partners whose secrets may verify an inbound event: all but the disabled ones."""
-        with self._reader() as db:
-            ids = [r["id"] for r in db.execute(
-                "SELECT id FROM partners WHERE status != 'disabled' ORDER BY id")]
-            return [p for p in (_read_partner(db, i) for i in ids) if p is not None]
+        return sorted((p for p in self._all_partners().values() if p.status != "disabled"), key=lambda p: p.id)
 
     def list_partners(self, *, limit: int, cursor: str | None) -> Page:
         with self._reader() as db:
@@ -657,6 +687,8 @@ class Store:
                            WHERE id = :id AND status = 'active'""",
                         {"id": o.partner_id, "reason": o.disable_reason, "now": now},
                     )
+        if any(o.partner_failing_changed or o.disable_reason for o in outcomes):
+            self._partners_changed()
         return lost
 
     def finish_attempt(self, *, delivery_id: str, attempt: Attempt, state: str, next_attempt_at: float,

@@ -923,10 +923,11 @@ async def retry_delivery(request: Request) -> JSONResponse:
 # --- Inbound partner events -----------------------------------------------------------------
 
 
-def _find_sender(partners: list[Partner], raw: bytes, payload: dict, signature: str, now: float) -> Partner | None:
+def _find_sender(partners: list[Partner], raw: bytes, payload: dict, canonical_body: bytes, signature: str,
+                 now: float) -> Partner | None:
     """The partner whose (current or overlapping previous) secret verifies the request."""
     for partner in partners:
-        if any(signing.verify(s, raw, payload, signature) for s in partner.valid_secrets(now)):
+        if any(signing.verify(s, raw, payload, signature, canonical_body) for s in partner.valid_secrets(now)):
             return partner
     return None
 
@@ -958,13 +959,14 @@ async def _receive_partner_event(request: Request) -> JSONResponse:
     payload = parse_object(raw, ctx.config.security.max_json_depth)
 
     now = ctx.clock()
+    canonical_body = signing.canonical(payload)
     partner_id = request.headers.get("x-partner-id")
-    if partner_id is not None:
-        named = await db(ctx.store.get_partner, partner_id)
+    if partner_id is not None:  # partners are kept in memory by the store: no thread hop needed
+        named = ctx.store.get_partner(partner_id)
         candidates = [named] if named is not None and named.status != "disabled" else []
     else:
-        candidates = await db(ctx.store.partners_accepting_inbound)
-    partner = _find_sender(candidates, raw, payload, signature, now)
+        candidates = ctx.store.partners_accepting_inbound()
+    partner = _find_sender(candidates, raw, payload, canonical_body, signature, now)
     if partner is None:
         raise ApiError(401, "invalid_signature",
                        "The signature does not verify for any partner. Sign the body with your shared secret "
@@ -982,7 +984,6 @@ async def _receive_partner_event(request: Request) -> JSONResponse:
                            f"'timestamp' is more than {tolerance} s away from our clock; send a fresh event.")
 
     webhook_id = request.headers.get("x-webhook-id")
-    canonical_body = signing.canonical(payload)
     dedupe_key = f"id:{webhook_id}" if webhook_id else "sha256:" + hashlib.sha256(canonical_body).hexdigest()
     stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
                                event_type=event_type, dedupe_key=dedupe_key, body=canonical_body, now=now)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from store import Attempt, Store
+from store import Attempt, Outcome, Store
 
 _counter = iter(range(10**9))
 
@@ -247,3 +247,24 @@ def test_group_commit_isolates_a_failing_request_from_the_others_in_its_batch(st
     assert sorted(v for k, v in results.items() if k != 7) == sorted(f"evt_g{n:03d}" for n in range(20) if n != 7)
     assert store.get_event("evt_g007") is None
     assert len(store.list_deliveries(limit=50).items) == 19
+
+
+def test_the_in_memory_partners_follow_every_write(store):
+    p = _partner(store)
+    assert store.get_partner(p.id).secret == "sk_live_s"
+    store.rotate_secret(p.id, new_secret="sk_live_new", previous_until=2000.0, now=1000.0)
+    assert store.get_partner(p.id).secret == "sk_live_new"
+    assert store.get_partner(p.id).valid_secrets(1500.0) == ["sk_live_new", "sk_live_s"]
+    store.update_partner(p.id, now=1001.0, status="paused")
+    assert store.get_partner(p.id).status == "paused"
+    store.update_partner(p.id, now=1002.0, status="active")
+    _publish(store)
+    job = store.claim_due(now=1003.0, lease_s=30, limit=1, per_partner=1)[0]
+    gone = Attempt(attempt=1, started_at=1003.0, duration_ms=1, status_code=410, error="http_error",
+                   response_snippet="")
+    store.finish_attempts([Outcome(delivery_id=job.delivery_id, partner_id=p.id, attempt=gone, state="pending",
+                                   next_attempt_at=1004.0, partner_failing_since=1003.0,
+                                   partner_failing_changed=True, disable_reason="410 Gone")], now=1003.0)
+    shown = store.get_partner(p.id)
+    assert shown.status == "disabled" and shown.disabled_reason == "410 Gone" and shown.failing_since == 1003.0
+    assert store.partners_accepting_inbound() == []
