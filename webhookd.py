@@ -10,11 +10,14 @@ This module is the outside of the service, read top to bottom:
 1. configuration (``webhookd.toml`` plus ``WEBHOOKD_<SECTION>_<KEY>`` variables),
 2. errors and the JSON shape every one of them takes,
 3. who is calling (admin token or partner API key),
-4. the routes — register, publish, read deliveries, receive partner events,
+4. the routes — register, publish, read deliveries, receive partner events, live
+   offers, metrics, the dashboard — and the table that says who may call each,
 5. the application and its lifespan (the delivery loop starts and stops there),
-6. the command line (``webhookd serve``, ``webhookd token``, …).
+6. the command line (``webhookd serve``, ``token``, ``partners``, ``publish``, …).
 
-SQL lives in ``store.py``, signatures in ``signing.py``, sending in ``delivery.py``.
+SQL lives in ``store.py``, signatures in ``signing.py``, sending in ``delivery.py``,
+WebSocket fan-out in ``realtime.py``, counters in ``metrics.py``, the API's
+description in ``openapi.py``.
 """
 
 from __future__ import annotations
@@ -1044,7 +1047,7 @@ async def live_notifications(websocket: WebSocket) -> None:
     await ctx.notifier.serve(websocket, user_id)
 
 
-# --- Metrics and health ----------------------------------------------------------------------
+# --- Metrics ----------------------------------------------------------------------------------
 
 
 async def prometheus_metrics(request: Request) -> Response:
