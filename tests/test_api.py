@@ -11,7 +11,7 @@ GOOD = {"partner_name": "Tu Grupo - Nombre", "webhook_url": "https://127.0.0.1:9
         "events": ["payment.success", "payment.failed"]}
 
 
-def _error(r, status, code=None):
+def check_error(r, status, code=None):
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
@@ -51,16 +51,16 @@ def test_a_partner_reads_itself_with_its_api_key_but_not_others(hub):
     b = hub.register("http://127.0.0.1:9/b", ["payment.success"], name="B")
     key = {"Authorization": f"Bearer {a['api_key']}"}
     assert hub.http.get(f"/partners/{a['partner_id']}", headers=key).status_code == 200
-    _error(hub.http.get(f"/partners/{b['partner_id']}", headers=key), 404, "partner_not_found")
-    _error(hub.http.get("/partners", headers=key), 403, "admin_only")
-    _error(hub.http.post("/events", headers=key, json=PAYMENT_SUCCESS), 403, "admin_only")
+    check_error(hub.http.get(f"/partners/{b['partner_id']}", headers=key), 404, "partner_not_found")
+    check_error(hub.http.get("/partners", headers=key), 403, "admin_only")
+    check_error(hub.http.post("/events", headers=key, json=PAYMENT_SUCCESS), 403, "admin_only")
 
 
 def test_registration_needs_the_admin_token_by_default(hub):
-    _error(hub.http.post("/partners/register", json=GOOD), 401, "missing_credentials")
-    _error(hub.http.post("/partners/register", json=GOOD, headers={"Authorization": "Bearer nope"}),
+    check_error(hub.http.post("/partners/register", json=GOOD), 401, "missing_credentials")
+    check_error(hub.http.post("/partners/register", json=GOOD, headers={"Authorization": "Bearer nope"}),
            401, "invalid_credentials")
-    _error(hub.http.post("/partners/register", json=GOOD, headers={"Authorization": f"Basic {ADMIN_TOKEN}"}), 401)
+    check_error(hub.http.post("/partners/register", json=GOOD, headers={"Authorization": f"Basic {ADMIN_TOKEN}"}), 401)
     assert _rows(hub, "partners") == []
 
 
@@ -86,13 +86,13 @@ def test_open_registration_lets_anyone_register(webhookd_factory):
     ({"surprise": 1}, "surprise"),
 ])
 def test_invalid_registrations_are_422_naming_the_field(hub, change, field):
-    err = _error(hub.http.post("/partners/register", headers=hub.admin, json={**GOOD, **change}), 422, "invalid_field")
+    err = check_error(hub.http.post("/partners/register", headers=hub.admin, json={**GOOD, **change}), 422, "invalid_field")
     assert f"'{field}'" in err["message"]
     assert _rows(hub, "partners") == []
 
 
 def test_unknown_event_type_lists_the_valid_ones(hub):
-    err = _error(hub.http.post("/partners/register", headers=hub.admin,
+    err = check_error(hub.http.post("/partners/register", headers=hub.admin,
                                json={**GOOD, "events": ["payment.refunded"]}), 422)
     for valid in ("payment.success", "payment.failed", "booking.confirmed", "booking.cancelled"):
         assert valid in err["message"]
@@ -102,7 +102,7 @@ def test_private_targets_are_refused_when_not_allowed(webhookd_factory):
     hub = webhookd_factory(security__allow_private_targets=False)
     for url in ("http://127.0.0.1/x", "http://10.0.0.5/x", "http://169.254.169.254/latest",
                 "http://[::1]/x", "http://localhost/x"):
-        err = _error(hub.http.post("/partners/register", headers=hub.admin, json={**GOOD, "webhook_url": url}), 422)
+        err = check_error(hub.http.post("/partners/register", headers=hub.admin, json={**GOOD, "webhook_url": url}), 422)
         assert "public address" in err["message"]
 
 
@@ -115,7 +115,7 @@ def test_private_targets_are_refused_when_not_allowed(webhookd_factory):
     ({**PAYMENT_SUCCESS, "timestamp": "yesterday"}, "timestamp"),
 ])
 def test_publishing_checks_the_catalog(hub, payload, field):
-    err = _error(hub.publish(payload), 422, "invalid_field")
+    err = check_error(hub.publish(payload), 422, "invalid_field")
     assert f"'{field}'" in err["message"]
     assert _rows(hub, "events") == []
 
@@ -131,28 +131,28 @@ def test_publishing_checks_the_catalog(hub, payload, field):
 ])
 def test_malformed_bodies_are_400(hub, body, status, code):
     r = hub.http.post("/events", headers={**hub.admin, "Content-Type": "application/json"}, content=body)
-    _error(r, status, code)
+    check_error(r, status, code)
 
 
 def test_wrong_content_type_is_415_and_too_large_is_413(hub):
-    _error(hub.http.post("/events", headers={**hub.admin, "Content-Type": "text/plain"}, content=b"{}"), 415)
+    check_error(hub.http.post("/events", headers={**hub.admin, "Content-Type": "text/plain"}, content=b"{}"), 415)
     big = b'{"event":"payment.success","pad":"' + b"x" * 300_000 + b'"}'
-    _error(hub.http.post("/events", headers={**hub.admin, "Content-Type": "application/json"}, content=big), 413)
+    check_error(hub.http.post("/events", headers={**hub.admin, "Content-Type": "application/json"}, content=big), 413)
 
 
 def test_unknown_routes_and_methods_answer_the_json_error_shape(hub):
-    _error(hub.http.get("/nowhere"), 404, "not_found")
-    _error(hub.http.delete("/events", headers=hub.admin), 405, "method_not_allowed")
-    _error(hub.http.get("/deliveries/dlv_nosuch", headers=hub.admin), 404, "delivery_not_found")
-    _error(hub.http.get("/events/evt_nosuch", headers=hub.admin), 404, "event_not_found")
+    check_error(hub.http.get("/nowhere"), 404, "not_found")
+    check_error(hub.http.delete("/events", headers=hub.admin), 405, "method_not_allowed")
+    check_error(hub.http.get("/deliveries/dlv_nosuch", headers=hub.admin), 404, "delivery_not_found")
+    check_error(hub.http.get("/events/evt_nosuch", headers=hub.admin), 404, "event_not_found")
 
 
 def test_pagination_parameters_are_checked(hub):
-    _error(hub.http.get("/deliveries?limit=0", headers=hub.admin), 422)
-    _error(hub.http.get("/deliveries?limit=201", headers=hub.admin), 422)
-    _error(hub.http.get("/deliveries?limit=ten", headers=hub.admin), 422)
-    _error(hub.http.get("/deliveries?cursor=!!!", headers=hub.admin), 422)
-    _error(hub.http.get("/deliveries?state=lost", headers=hub.admin), 422)
+    check_error(hub.http.get("/deliveries?limit=0", headers=hub.admin), 422)
+    check_error(hub.http.get("/deliveries?limit=201", headers=hub.admin), 422)
+    check_error(hub.http.get("/deliveries?limit=ten", headers=hub.admin), 422)
+    check_error(hub.http.get("/deliveries?cursor=!!!", headers=hub.admin), 422)
+    check_error(hub.http.get("/deliveries?state=lost", headers=hub.admin), 422)
 
 
 def test_partners_list_pages_with_a_cursor(hub):
@@ -179,10 +179,10 @@ def test_a_partner_sees_only_its_own_deliveries(hub, receiver_factory):
     key = {"Authorization": f"Bearer {a['api_key']}"}
     mine = hub.http.get("/deliveries", headers=key).json()["items"]
     assert [d["partner_id"] for d in mine] == [a["partner_id"]]
-    _error(hub.http.get("/deliveries", headers=key, params={"partner_id": b["partner_id"]}), 404)
+    check_error(hub.http.get("/deliveries", headers=key, params={"partner_id": b["partner_id"]}), 404)
     theirs = hub.deliveries(partner_id=b["partner_id"])[0]["delivery_id"]
-    _error(hub.http.get(f"/deliveries/{theirs}", headers=key), 404)
-    _error(hub.http.post(f"/deliveries/{theirs}/retry", headers=key), 404)
+    check_error(hub.http.get(f"/deliveries/{theirs}", headers=key), 404)
+    check_error(hub.http.post(f"/deliveries/{theirs}/retry", headers=key), 404)
 
 
 def test_event_shows_its_deliveries(hub, receiver_factory):
