@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import email.utils
+import functools
 import heapq
 import http.client
 import ipaddress
@@ -33,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import signing
 from metrics import Metrics
@@ -123,16 +125,42 @@ def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
     return ip.is_global and not ip.is_multicast
 
 
-def resolve_target(host: str, port: int, allow_private: bool) -> str:
-    """Resolve ``host`` once and return the address to connect to.
+# Name lookups run here, never in the threads that serve requests or send: a resolver
+# that never answers can then hold these few threads, and nothing else.
+_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhookd-dns")
+
+
+def resolve_target(host: str, port: int, allow_private: bool, timeout: float = 5.0) -> str:
+    """Resolve ``host`` once, within ``timeout`` seconds, and return the address to connect to.
 
     The caller connects to exactly this address, so a DNS answer that changes
     between the check and the connect (rebinding) cannot slip a private address in.
     """
+    lookup = _RESOLVERS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
+        infos = lookup.result(timeout=max(timeout, 0.001))
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"resolving {host!r} took longer than {timeout:.1f} s") from None
+    except (socket.gaierror, UnicodeError, ValueError) as exc:  # IDNA refuses empty or long labels
         raise OSError(f"cannot resolve {host!r}") from exc
+    return _checked_address(host, infos, allow_private)
+
+
+async def resolve_target_async(host: str, port: int, allow_private: bool, timeout: float = 5.0) -> str:
+    """``resolve_target`` for the event loop (registration): waits without holding a thread."""
+    lookup = asyncio.get_running_loop().run_in_executor(
+        _RESOLVERS, functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
+    try:
+        infos = await asyncio.wait_for(lookup, timeout)
+    except TimeoutError:
+        raise TimeoutError(f"resolving {host!r} took longer than {timeout:.1f} s") from None
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise OSError(f"cannot resolve {host!r}") from exc
+    return _checked_address(host, infos, allow_private)
+
+
+def _checked_address(host: str, infos: list, allow_private: bool) -> str:
+    """The first address of a lookup, after refusing the lot if any one is not public."""
     addresses = [info[4][0] for info in infos]
     if not allow_private:
         for address in addresses:
@@ -246,6 +274,7 @@ def _request_bytes(url: SplitResult, port: int, headers: dict[str, str], body: b
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     if any(ord(c) < 33 or ord(c) == 127 for c in path):
         raise ValueError("the URL's path holds spaces or control characters")
+    path = quote(path, safe="/%?=&:@!$'()*+,;~-._")  # non-ASCII as UTF-8 %XX, the rest as it was
     host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
     default_port = 443 if url.scheme == "https" else 80
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}" + ("" if port == default_port else f":{port}"),
@@ -299,22 +328,29 @@ class _Deadlines:
     def _run(self) -> None:
         with self._cond:
             while True:
-                while self._heap and not self._heap[0][3]:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                wait = self._heap[0][0] - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                entry = heapq.heappop(self._heap)
-                conn, entry[2] = entry[2], None
-                if conn.sock is not None:
-                    try:
-                        conn.sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                try:
+                    self._cut_off_expired()
+                except Exception:  # this thread must outlive anything one request does
+                    logger.exception("the deadline watchdog failed on one request; it goes on")
+
+    def _cut_off_expired(self) -> None:
+        while self._heap and not self._heap[0][3]:
+            heapq.heappop(self._heap)
+        if not self._heap:
+            self._cond.wait()
+            return
+        wait = self._heap[0][0] - time.monotonic()
+        if wait > 0:
+            self._cond.wait(wait)
+            return
+        entry = heapq.heappop(self._heap)
+        conn, entry[2] = entry[2], None
+        sock = conn.sock  # read once: the sender may close the connection at this very moment
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 _deadlines = _Deadlines()
@@ -338,8 +374,9 @@ class Sender:
             self._local.connections = {}
         return self._local.connections
 
-    def _checkout(self, scheme: str, host: str, port: int) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection to the origin: the thread's idle one if fresh, else a new one (checked, pinned)."""
+    def _checkout(self, scheme: str, host: str, port: int, deadline: float) -> tuple[http.client.HTTPConnection, bool]:
+        """A connection to the origin: the thread's idle one if fresh, else a new one (checked,
+        pinned), whose lookup and connect must both finish before ``deadline``."""
         key = (scheme, host, port)
         kept = self._connections().pop(key, None)
         if kept is not None:
@@ -347,9 +384,9 @@ class Sender:
             if time.monotonic() - last_used < self.settings.idle_connection_s:
                 return conn, True
             conn.close()
-        ip = resolve_target(host, port, self.settings.allow_private_targets)
+        ip = resolve_target(host, port, self.settings.allow_private_targets, deadline - time.monotonic())
         connection_class = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-        return connection_class(host, port, ip, self.settings.timeout_s), False
+        return connection_class(host, port, ip, max(deadline - time.monotonic(), 0.001)), False
 
     def _keep(self, scheme: str, host: str, port: int, conn: http.client.HTTPConnection) -> None:
         self._connections()[(scheme, host, port)] = (conn, time.monotonic())
@@ -376,8 +413,9 @@ class Sender:
                 raise TargetRefused(f"port {port} is not in the allowed ports")
             request = _request_bytes(url, port, build_headers(job, int(started), self.settings.user_agent),
                                      job.body)
-            conn, reused = self._checkout(url.scheme, url.hostname, port)
-            watch = _deadlines.watch(time.monotonic() + self.settings.timeout_s, conn)
+            deadline = time.monotonic() + self.settings.timeout_s  # lookup, connect and answer together
+            conn, reused = self._checkout(url.scheme, url.hostname, port, deadline)
+            watch = _deadlines.watch(deadline, conn)
             try:
                 try:
                     response = _exchange(conn, request)
@@ -388,8 +426,8 @@ class Sender:
                     # processed, so one fresh connection is safe (as urllib3 does).
                     conn.close()
                     _deadlines.release(watch)
-                    conn, reused = self._checkout(url.scheme, url.hostname, port)
-                    watch = _deadlines.watch(time.monotonic() + self.settings.timeout_s, conn)
+                    conn, reused = self._checkout(url.scheme, url.hostname, port, deadline)
+                    watch = _deadlines.watch(deadline, conn)
                     response = _exchange(conn, request)
                 status = response.status
                 snippet = response.read(SNIPPET_BYTES).decode("utf-8", "replace")
@@ -453,6 +491,7 @@ class Breakers:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._health: dict[str, Health] = {}
+        self._last_success: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def room(self, partner_id: str, busy: int, now: float) -> int:
@@ -478,10 +517,11 @@ class Breakers:
         with self._lock:
             return list(self._health)
 
-    def reopens_at(self) -> float | None:
-        """The earliest time a paused partner may be claimed again."""
+    def reopens_at(self, now: float) -> float | None:
+        """The earliest future time a paused partner may be claimed again. (A pause that has
+        ended is no reason to wake: the partner's due rows are.)"""
         with self._lock:
-            times = [h.open_until for h in self._health.values() if h.open_until]
+            times = [h.open_until for h in self._health.values() if h.open_until > now]
         return min(times) if times else None
 
     def forget(self, partner_id: str) -> None:
@@ -496,12 +536,18 @@ class Breakers:
             health = self._health.get(job.partner_id)
             if ok:
                 self._health.pop(job.partner_id, None)
+                self._last_success[job.partner_id] = now
                 return None, job.partner_failing_since is not None or health is not None, None
+            changed = False
             if health is None:
-                health = self._health[job.partner_id] = Health(failing_since=job.partner_failing_since)
-            changed = health.failing_since is None
-            if changed:
-                health.failing_since = now
+                # A streak read with the job may predate a success recorded since its claim.
+                since = job.partner_failing_since
+                if since is not None and since < self._last_success.get(job.partner_id, 0.0):
+                    since = None
+                health = self._health[job.partner_id] = Health(failing_since=since)
+                changed = since != job.partner_failing_since
+            if health.failing_since is None:
+                health.failing_since, changed = now, True
             health.failures += 1
             over = health.failures - self.settings.breaker_threshold
             if over >= 0:
@@ -674,7 +720,7 @@ class DeliveryLoop:
             return IDLE_RECHECK_S
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
-        candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at()]
+        candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at(now)]
         times = [t for t in candidates if t is not None]
         if not times:
             return IDLE_RECHECK_S

@@ -104,8 +104,10 @@ class Notifier:
         self.clients.add(client)
         sender = asyncio.create_task(self._send_queued(websocket, client))
         try:
-            while True:  # we expect nothing from the client; reading notices when it leaves
-                await websocket.receive_text()
+            while True:  # we expect nothing from the client (text or binary); reading notices when it leaves
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
         except WebSocketDisconnect:
             pass
         finally:
@@ -125,9 +127,21 @@ class Notifier:
             pass
 
 
-def offer_from(partner_id: str, payload: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """The notification for an inbound ``tour.promoted``, and the user it is for (None: everyone)."""
-    user_id = payload.get("user_id")
+EVERYONE = None
+
+
+def offer_from(partner_id: str, payload: dict[str, Any]) -> tuple[dict[str, Any], str | None] | None:
+    """The notification for an inbound ``tour.promoted`` and whom it is for: the user named
+    by ``user_id``, or ``EVERYONE`` when the payload names nobody. A ``user_id`` that is
+    present but names no one (null, empty, an object) reaches nobody: a mistaken target
+    must not turn into a broadcast of someone's offer. Returns None then."""
     message = {"type": "offer", "message": "Nueva oferta disponible", "partner_id": partner_id,
                "tour_id": payload.get("tour_id"), "data": payload}
-    return message, user_id if isinstance(user_id, str) and user_id else None
+    if "user_id" not in payload:
+        return message, EVERYONE
+    user_id = payload["user_id"]
+    if isinstance(user_id, int) and not isinstance(user_id, bool):
+        user_id = str(user_id)
+    if isinstance(user_id, str) and user_id:
+        return message, user_id
+    return None

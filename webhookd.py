@@ -111,6 +111,7 @@ class SecurityConfig:
     secret_overlap_s: int = 86400
     allowed_ports: tuple[int, ...] = ()   # empty: any port
     inbound_rate_per_s: float = 50.0      # per partner
+    inbound_failures_per_s: float = 5.0   # refused signatures per client address
     registration_rate_per_min: float = 10.0  # per client address, when registration is open
     metrics_public: bool = False             # true: GET /metrics without the admin token
 
@@ -167,6 +168,7 @@ POSITIVE = {
     "security.inbound_tolerance_s": "a number of seconds",
     "security.secret_overlap_s": "a number of seconds",
     "security.inbound_rate_per_s": "a number of requests per second",
+    "security.inbound_failures_per_s": "a number of refused requests per second",
     "security.registration_rate_per_min": "a number of registrations per minute",
     "delivery.timeout_s": "a number of seconds",
     "delivery.max_attempts": "a number of attempts",
@@ -286,13 +288,16 @@ def load_config(path: str | os.PathLike | None, environ: dict[str, str] | None =
     for key, meaning in POSITIVE.items():
         section, name = key.split(".")
         value = getattr(sections[section], name)
-        if value <= 0 or (key == "server.port" and value > 65535):
+        if not math.isfinite(value) or value <= 0 or (key == "server.port" and value > 65535):
             raise ConfigError(f"Config '{key}' has value {value!r}. Expected {meaning}, greater than zero.")
     if sections["server"].log_format not in ("text", "json"):
         raise ConfigError(f"Config 'server.log_format' has value {sections['server'].log_format!r}. "
                           "Expected 'text' or 'json'.")
     storage_path = sections["storage"].path
-    if storage_path != ":memory:" and not Path(storage_path).is_absolute():
+    if storage_path == ":memory:" or storage_path.startswith("file:"):
+        raise ConfigError(f"Config 'storage.path' has value {storage_path!r}. Expected a file path: "
+                          "webhookd's threads each open the file, so it must be on disk.")
+    if not Path(storage_path).is_absolute():
         sections["storage"] = StorageConfig(path=str(base_dir / storage_path))
     return Config(**sections, events=_check_catalog(raw.get("events", {})))
 
@@ -414,17 +419,28 @@ class RateLimiter:
 
     def check(self, key: str, what: str) -> None:
         """Take one token for ``key``, or raise a 429 that says when to come back."""
-        now = self.clock()
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        self.refuse_if_empty(key, what)
+        self.take(key)
+
+    def refuse_if_empty(self, key: str, what: str) -> None:
+        """Raise a 429 if ``key`` has no token left, without taking one."""
+        tokens = self._tokens(key, self.clock())
         if tokens < 1:
             wait = math.ceil((1 - tokens) / self.rate)
             raise ApiError(429, "rate_limited", f"Too many {what}; try again in {wait} s.",
                            headers={"Retry-After": str(wait)})
-        self._buckets[key] = (tokens - 1, now)
+
+    def take(self, key: str) -> None:
+        """Spend one token of ``key`` (down to zero)."""
+        now = self.clock()
+        self._buckets[key] = (max(0.0, self._tokens(key, now) - 1), now)
         if len(self._buckets) > self.MAX_KEYS:
             self._buckets = {k: v for k, v in self._buckets.items()
                              if v[0] + (now - v[1]) * self.rate < self.burst}
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
 
 
 # Who may call a route. Every route declares one (see ``route()``), and the check runs
@@ -491,6 +507,7 @@ class Context:
     notifier: realtime.Notifier
     tokens: realtime.Tokens
     inbound_limit: RateLimiter
+    inbound_failure_limit: RateLimiter
     registration_limit: RateLimiter
     metrics: metrics.Metrics
 
@@ -614,7 +631,7 @@ def delivery_json(d: Delivery, with_attempts: bool = False) -> dict[str, Any]:
 
 def event_json(event: Event) -> dict[str, Any]:
     return {"event_id": event.id, "event": event.type, "payload": json.loads(event.body),
-            "deliveries": event.fanout, "created_at": int(event.created_at)}
+            "created_at": int(event.created_at)}
 
 
 def inbound_json(item: InboundEvent) -> dict[str, Any]:
@@ -650,9 +667,11 @@ async def check_webhook_url(url: Any, allow_private: bool, allowed_ports: tuple[
         raise invalid("webhook_url", f"must use one of the ports {', '.join(map(str, allowed_ports))}.")
     if not allow_private:
         try:
-            await asyncio.to_thread(delivery.resolve_target, parts.hostname, effective_port, False)
+            await delivery.resolve_target_async(parts.hostname, effective_port, False)
         except delivery.TargetRefused as exc:
             raise invalid("webhook_url", f"must point at a public address: {exc}.") from None
+        except TimeoutError:
+            raise invalid("webhook_url", f"has a host whose DNS did not answer in time: {parts.hostname!r}.") from None
         except OSError:
             raise invalid("webhook_url", f"has a host that does not resolve: {parts.hostname!r}.") from None
     return url
@@ -875,7 +894,9 @@ async def get_event(request: Request) -> JSONResponse:
     if event is None:
         raise ApiError(404, "event_not_found", f"No event with id {event_id!r}.")
     page = await db(ctx.store.list_deliveries, limit=200, event_id=event_id)
-    return JSONResponse({**event_json(event), "deliveries": [delivery_json(d) for d in page.items]})
+    return JSONResponse({**event_json(event), "fanout": event.fanout,
+                         "deliveries": [delivery_json(d) for d in page.items],
+                         "more_deliveries": page.next_cursor is not None})
 
 
 # --- Deliveries ----------------------------------------------------------------------------------
@@ -926,6 +947,14 @@ async def retry_delivery(request: Request) -> JSONResponse:
 # --- Inbound partner events -----------------------------------------------------------------
 
 
+def _finite(number: int | float) -> bool:
+    """True if ``number`` converts to a finite float (a 400-digit integer does not)."""
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:
+        return False
+
+
 def _find_sender(partners: list[Partner], raw: bytes, payload: dict, canonical_body: bytes, signature: str,
                  now: float) -> Partner | None:
     """The partner whose (current or overlapping previous) secret verifies the request."""
@@ -960,8 +989,13 @@ async def _receive_partner_event(request: Request) -> JSONResponse:
     _check_content_type(request)
     raw = await read_body(request, ctx.config.security.max_body_bytes)
     payload = parse_object(raw, ctx.config.security.max_json_depth)
+    if "event" in payload and payload["event"] != event_type:
+        # The signature covers the body, not the headers: the type we act on must be the signed one.
+        raise ApiError(400, "event_mismatch", "X-Webhook-Event must equal the payload's 'event' field.")
 
     now = ctx.clock()
+    client = request.client.host if request.client else "unknown"
+    ctx.inbound_failure_limit.refuse_if_empty(client, "refused signatures from this address")
     canonical_body = signing.canonical(payload)
     partner_id = request.headers.get("x-partner-id")
     if partner_id is not None:  # partners are kept in memory by the store: no thread hop needed
@@ -969,8 +1003,13 @@ async def _receive_partner_event(request: Request) -> JSONResponse:
         candidates = [named] if named is not None and named.status != "disabled" else []
     else:
         candidates = ctx.store.partners_accepting_inbound()
-    partner = _find_sender(candidates, raw, payload, canonical_body, signature, now)
+    args = (candidates, raw, payload, canonical_body, signature, now)
+    if len(candidates) * len(raw) > 65536:  # many HMACs over a large body: keep them off the event loop
+        partner = await asyncio.to_thread(_find_sender, *args)
+    else:
+        partner = _find_sender(*args)
     if partner is None:
+        ctx.inbound_failure_limit.take(client)
         raise ApiError(401, "invalid_signature",
                        "The signature does not verify for any partner. Sign the body with your shared secret "
                        "(hex HMAC-SHA256) and send it as X-Webhook-Signature.")
@@ -979,7 +1018,7 @@ async def _receive_partner_event(request: Request) -> JSONResponse:
 
     timestamp = payload.get("timestamp")
     if timestamp is not None:
-        if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+        if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not _finite(timestamp):
             raise ApiError(401, "bad_timestamp", "'timestamp' must be unix seconds (a number).")
         tolerance = ctx.config.security.inbound_tolerance_s
         if abs(now - timestamp) > tolerance:
@@ -1002,7 +1041,11 @@ async def _receive_partner_event(request: Request) -> JSONResponse:
 
 def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> None:
     """A promoted tour reaches our users live (after the partner's 200 went out)."""
-    message, user_id = realtime.offer_from(partner_id, payload)
+    offer = realtime.offer_from(partner_id, payload)
+    if offer is None:
+        logger.warning("offer from %s names no valid user_id; sent to nobody", partner_id)
+        return
+    message, user_id = offer
     reached = ctx.notifier.notify(message, user_id)
     logger.info("offer from %s sent to %d live connections (%s)", partner_id, reached, user_id or "everyone")
 
@@ -1176,6 +1219,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
             config=config, store=store, loop=loop, admin_token=token, clock=clock, metrics=counters,
             notifier=notifier, tokens=tokens,
             inbound_limit=RateLimiter(sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s, time.monotonic),
+            inbound_failure_limit=RateLimiter(sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s,
+                                              time.monotonic),
             registration_limit=RateLimiter(sec.registration_rate_per_min / 60, sec.registration_rate_per_min,
                                            time.monotonic))
         await loop.start()
@@ -1413,21 +1458,24 @@ def _cmd_recover(args: argparse.Namespace, config: Config) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="webhookd", description="A small, auditable webhook hub.")
-    parser.add_argument("--config", default=os.environ.get("WEBHOOKD_CONFIG", "webhookd.toml"),
-                        help="path to webhookd.toml (default: ./webhookd.toml, or $WEBHOOKD_CONFIG)")
+    config_help = "path to webhookd.toml (default: ./webhookd.toml, or $WEBHOOKD_CONFIG)"
+    parser.add_argument("--config", default=os.environ.get("WEBHOOKD_CONFIG", "webhookd.toml"), help=config_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `webhookd serve --config X` works as well as `webhookd --config X serve`.
+    with_config = argparse.ArgumentParser(add_help=False)
+    with_config.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
 
-    serve = commands.add_parser("serve", help="run the HTTP API and the delivery loop")
+    serve = commands.add_parser("serve", parents=[with_config], help="run the HTTP API and the delivery loop")
     serve.add_argument("--host", help="listen address (default: [server] host)")
     serve.add_argument("--port", type=int, help="listen port (default: [server] port)")
     serve.set_defaults(handler=_cmd_serve)
 
-    token = commands.add_parser("token", help="print the admin token (creating it on first use)")
+    token = commands.add_parser("token", parents=[with_config], help="print the admin token (creating it on first use)")
     token.set_defaults(handler=_cmd_token)
 
-    partners = commands.add_parser("partners", parents=[as_json], help="list, show, add, pause, resume, rotate")
+    partners = commands.add_parser("partners", parents=[with_config, as_json], help="list, show, add, pause, resume, rotate")
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "rotate"])
     partners.add_argument("partner_id", nargs="?", help="the partner (show, pause, resume, rotate)")
     partners.add_argument("--name", help="partner name (add)")
@@ -1436,34 +1484,34 @@ def build_parser() -> argparse.ArgumentParser:
     partners.add_argument("--limit", type=int, default=50, help="how many to list (default 50)")
     partners.set_defaults(handler=_cmd_partners)
 
-    publish = commands.add_parser("publish", parents=[as_json], help="publish an event to its subscribers")
+    publish = commands.add_parser("publish", parents=[with_config, as_json], help="publish an event to its subscribers")
     publish.add_argument("type", help="the event type, e.g. payment.success (fills 'event')")
     publish.add_argument("--data", default="{}", help="the payload fields as JSON, or @file")
     publish.add_argument("--idempotency-key", help="publishing twice with the same key fans out once")
     publish.set_defaults(handler=_cmd_publish)
 
-    deliveries = commands.add_parser("deliveries", parents=[as_json], help="list deliveries, newest first")
+    deliveries = commands.add_parser("deliveries", parents=[with_config, as_json], help="list deliveries, newest first")
     deliveries.add_argument("--status", choices=["pending", "delivered", "failed"], help="only this state")
     deliveries.add_argument("--partner", help="only this partner id")
     deliveries.add_argument("--event", help="only this event type")
     deliveries.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
     deliveries.set_defaults(handler=_cmd_deliveries)
 
-    retry = commands.add_parser("retry", parents=[as_json], help="one more attempt of a failed delivery")
+    retry = commands.add_parser("retry", parents=[with_config, as_json], help="one more attempt of a failed delivery")
     retry.add_argument("delivery_id")
     retry.set_defaults(handler=_cmd_retry)
 
-    recover = commands.add_parser("recover", parents=[as_json], help="re-queue a partner's failed deliveries")
+    recover = commands.add_parser("recover", parents=[with_config, as_json], help="re-queue a partner's failed deliveries")
     recover.add_argument("partner_id")
     recover.add_argument("--since", type=int, required=True, help="unix seconds: failed deliveries created since")
     recover.set_defaults(handler=_cmd_recover)
 
-    sign = commands.add_parser("sign", help="print the X-Webhook-Signature of a JSON payload")
+    sign = commands.add_parser("sign", parents=[with_config], help="print the X-Webhook-Signature of a JSON payload")
     sign.add_argument("--secret", required=True, help="the partner's shared secret")
     sign.add_argument("json", nargs="?", default="{}", help="the payload, or @file to read it from a file")
     sign.set_defaults(handler=_cmd_sign, needs_config=False)
 
-    listen = commands.add_parser("listen", help="run a local receiver that verifies and prints webhooks")
+    listen = commands.add_parser("listen", parents=[with_config], help="run a local receiver that verifies and prints webhooks")
     listen.add_argument("--secret", required=True, help="the shared secret registration gave you")
     listen.add_argument("--port", type=int, default=9000, help="port to listen on (default: 9000)")
     listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")

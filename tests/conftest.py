@@ -250,7 +250,7 @@ def make_config(tmp_path: Path, **overrides: Any):
 
     cfg = webhookd.load_config(ROOT / "webhookd.toml", environ={})
     security = dict(admin_token=ADMIN_TOKEN, allow_private_targets=True, inbound_rate_per_s=10_000.0,
-                    registration_rate_per_min=10_000.0)
+                    inbound_failures_per_s=10_000.0, registration_rate_per_min=10_000.0)
     deliveryc = dict(timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.2, breaker_cooldown_s=0.2,
                      breaker_cooldown_max_s=0.5)
     for key, value in overrides.items():
@@ -342,6 +342,7 @@ class ServeProcess:
             "WEBHOOKD_STORAGE_PATH": str(tmp_path / "serve.db"),
             "WEBHOOKD_ADMIN_TOKEN": ADMIN_TOKEN,
             "WEBHOOKD_SECURITY_ALLOW_PRIVATE_TARGETS": "true",
+            "WEBHOOKD_SECURITY_INBOUND_FAILURES_PER_S": "10000",
             "WEBHOOKD_DELIVERY_TIMEOUT_S": "1",
             "WEBHOOKD_DELIVERY_BACKOFF_BASE_S": "0.05",
             "WEBHOOKD_DELIVERY_BACKOFF_MAX_S": "0.2",
