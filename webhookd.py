@@ -82,6 +82,16 @@ FIELD_TYPES = {
 }
 TEST_EVENT = "webhook.test"
 
+# The outbound catalog when the config has no [events] tables: the partner guide's four events
+# and the fields the SPEC names for each.
+GUIDE_CATALOG = {
+    "payment.success": {"transaction_id": "string", "amount": "number", "currency": "string", "user_id": "string"},
+    "payment.failed": {"transaction_id": "string", "reason": "string", "user_id": "string", "amount": "number"},
+    "booking.confirmed": {"booking_id": "string", "tour_id": "string", "user_id": "string",
+                          "start_date": "string", "end_date": "string"},
+    "booking.cancelled": {"booking_id": "string", "user_id": "string"},
+}
+
 
 class ConfigError(Exception):
     """Raised when the configuration cannot be used; the message names the key and the value."""
@@ -140,7 +150,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
-    events: dict[str, dict[str, str]] = field(default_factory=dict)  # the catalog: type -> field -> JSON type
+    events: dict[str, dict[str, str]] = field(default_factory=lambda: dict(GUIDE_CATALOG))  # type -> field -> JSON type
 
     def delivery_settings(self) -> delivery.Settings:
         return delivery.Settings(
@@ -299,7 +309,7 @@ def load_config(path: str | os.PathLike | None, environ: dict[str, str] | None =
                           "webhookd's threads each open the file, so it must be on disk.")
     if not Path(storage_path).is_absolute():
         sections["storage"] = StorageConfig(path=str(base_dir / storage_path))
-    return Config(**sections, events=_check_catalog(raw.get("events", {})))
+    return Config(**sections, events=_check_catalog(raw.get("events", GUIDE_CATALOG)))
 
 
 def admin_token(config: Config) -> str:
@@ -1275,8 +1285,13 @@ def _cmd_sign(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _listen_verdicts(secret: str, headers: Any, body: bytes, now: float) -> dict[str, bool]:
-    """How a receiver holding ``secret`` judges one webhook, each way a partner might check it."""
+def _listen_verdicts(secrets_held: list[str], headers: Any, body: bytes, now: float) -> dict[str, bool]:
+    """How a receiver holding these secrets judges one webhook, each way a partner might check it."""
+    verdicts = [_verdicts_for(s, headers, body, now) for s in secrets_held]
+    return {check: any(v[check] for v in verdicts) for check in ("raw", "canonical", "standard")}
+
+
+def _verdicts_for(secret: str, headers: Any, body: bytes, now: float) -> dict[str, bool]:
     signature = headers.get("X-Webhook-Signature") or ""
     try:
         canonical_ok = signing.signature_matches(secret, signing.canonical(signing.parse_json(body)), signature)
@@ -1296,11 +1311,13 @@ def _cmd_listen(args: argparse.Namespace, config: Config) -> int:
     """A local receiver that verifies every webhook and prints what it got."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    held = [s.strip() for s in args.secret.split(",") if s.strip()]  # new,old during a rotation
+
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(min(length, 1 << 20))
-            verdicts = _listen_verdicts(args.secret, self.headers, body, time.time())
+            verdicts = _listen_verdicts(held, self.headers, body, time.time())
             ok = verdicts["raw"] or verdicts["canonical"]
             print(f"{self.headers.get('X-Webhook-Event', '?'):<20} {self.headers.get('X-Webhook-Id', '?')}  "
                   + "  ".join(f"{k}={'ok' if v else 'BAD'}" for k, v in verdicts.items()), flush=True)
@@ -1364,17 +1381,20 @@ def _api(config: Config, method: str, path: str, body: Any = None, query: dict[s
                        f"or pass the --config it runs with") from None
 
 
+def _cell(column: str, value: Any) -> str:
+    """One value as a person reads it: times as dates, lists joined, nothing as '-'."""
+    if (column.endswith("_at") or column.endswith("_since")) and isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return ",".join(map(str, value))
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return "-" if value is None else str(value)
+
+
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     """Rows as an aligned plain-text table; times as ISO dates."""
-    def cell(row: dict, column: str) -> str:
-        value = row.get(column)
-        if column.endswith("_at") and isinstance(value, (int, float)):
-            return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-        if isinstance(value, list):
-            return ",".join(map(str, value))
-        return "-" if value is None else str(value)
-
-    cells = [[cell(row, c) for c in columns] for row in rows]
+    cells = [[_cell(c, row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for r in cells:
@@ -1392,7 +1412,7 @@ def _show(args: argparse.Namespace, answer: Any, columns: list[str] | None = Non
     elif isinstance(answer, dict):
         width = max(map(len, answer), default=0)
         for key, value in answer.items():
-            print(f"{key.ljust(width)}  {json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value}")
+            print(f"{key.ljust(width)}  {_cell(key, value)}")
     else:
         print(answer)
     return 0
@@ -1512,7 +1532,8 @@ def build_parser() -> argparse.ArgumentParser:
     sign.set_defaults(handler=_cmd_sign, needs_config=False)
 
     listen = commands.add_parser("listen", parents=[with_config], help="run a local receiver that verifies and prints webhooks")
-    listen.add_argument("--secret", required=True, help="the shared secret registration gave you")
+    listen.add_argument("--secret", required=True,
+                        help="the shared secret registration gave you (during a rotation: NEW,OLD)")
     listen.add_argument("--port", type=int, default=9000, help="port to listen on (default: 9000)")
     listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     listen.add_argument("--verbose", "-v", action="store_true", help="print each body too")

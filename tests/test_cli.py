@@ -29,6 +29,27 @@ def test_listen_verifies_a_real_delivery_three_ways(hub, tmp_path):
         out.close()
 
 
+def test_listen_accepts_either_secret_during_a_rotation(hub, tmp_path):
+    port = free_port()
+    partner = hub.register(f"http://127.0.0.1:{port}/", ["payment.success"])
+    rotated = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=hub.admin).json()
+    out = open(tmp_path / "listen.out", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "webhookd.py"), "listen", "--secret",
+         f"{rotated['shared_secret']},{partner['shared_secret']}", "--port", str(port)],
+        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(GUARD_DIR)})
+    try:
+        wait_for(lambda: "listening on" in (tmp_path / "listen.out").read_text())
+        event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
+        wait_for(lambda: hub.deliveries(event_id=event_id)[0]["state"] == "delivered")
+        line = next(text for text in (tmp_path / "listen.out").read_text().splitlines() if event_id in text)
+        assert "raw=ok" in line and "standard=ok" in line
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        out.close()
+
+
 def test_listen_refuses_a_wrong_signature_with_401(tmp_path):
     import httpx
 

@@ -101,3 +101,12 @@ def test_every_command_has_help():
     for command in ("serve", "token", "partners", "publish", "deliveries", "retry", "recover", "sign", "listen"):
         result = _cli(command, "--help")
         assert result.returncode == 0 and "usage: webhookd" in result.stdout
+
+
+def test_without_events_tables_the_catalog_is_the_guides(tmp_path):
+    path = tmp_path / "plain.toml"
+    path.write_text("[server]\nport = 9999\n")
+    cfg = webhookd.load_config(path, environ={})
+    assert set(cfg.events) == {"payment.success", "payment.failed", "booking.confirmed", "booking.cancelled"}
+    assert cfg.events["booking.cancelled"] == {"booking_id": "string", "user_id": "string"}
+    assert webhookd.Config().events == cfg.events
