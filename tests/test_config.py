@@ -43,6 +43,9 @@ def test_environment_overrides_every_section():
     ({"WEBHOOKD_DELIVERY_TIMEOUT_S": "0"}, "Config 'delivery.timeout_s' has value 0.0"),
     ({"WEBHOOKD_SERVER_PORT": "70000"}, "Config 'server.port' has value 70000"),
     ({"WEBHOOKD_SECURITY_OPEN_REGISTRATION": "maybe"}, "Config 'security.open_registration'"),
+    ({"WEBHOOKD_DELIVERY_TIMEOUT_S": "nan"}, "Config 'delivery.timeout_s' has value nan"),
+    ({"WEBHOOKD_DELIVERY_BACKOFF_BASE_S": "inf"}, "Config 'delivery.backoff_base_s' has value inf"),
+    ({"WEBHOOKD_STORAGE_PATH": ":memory:"}, "Config 'storage.path' has value ':memory:'"),
 ])
 def test_bad_values_name_the_key_and_the_value(environ, fragment):
     with pytest.raises(webhookd.ConfigError) as caught:
