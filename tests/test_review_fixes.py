@@ -11,7 +11,6 @@ from websockets.sync.client import connect
 import delivery
 import signing
 import sitecustomize
-import webhookd
 from conftest import ROOT, wait_for
 from payloads import PAYMENT_SUCCESS
 from store import Job
