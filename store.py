@@ -524,6 +524,10 @@ class Store:
             ).fetchone()
         return row["id"] if row else None
 
+    def all_partners(self) -> list[Partner]:
+        """Every partner, newest first (from the in-memory copy)."""
+        return sorted(self._all_partners().values(), key=lambda p: p.id, reverse=True)
+
     def partners_accepting_inbound(self) -> list[Partner]:
         """Partners whose secrets may verify an inbound event: all but the disabled ones."""
         return sorted((p for p in self._all_partners().values() if p.status != "disabled"), key=lambda p: p.id)

@@ -481,11 +481,16 @@ def caller_of(request: Request) -> Caller:
     return request.state.caller
 
 
+def partner_not_found(partner_id: str | None) -> ApiError:
+    """The 404 for an unknown partner id — also what another partner's id gets."""
+    return ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+
+
 def check_owner(request: Request, partner_id: str) -> None:
     """The admin, or the partner ``partner_id`` itself. Another partner gets 404, so ids do not leak."""
     caller = caller_of(request)
     if not caller.is_admin and caller.partner_id != partner_id:
-        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+        raise partner_not_found(partner_id)
 
 
 def route(method: str, path: str, endpoint: Callable, who: str) -> Route:
@@ -743,7 +748,7 @@ async def get_partner(request: Request) -> JSONResponse:
     check_owner(request, partner_id)
     partner = await db(context(request).store.get_partner, partner_id)
     if partner is None:
-        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+        raise partner_not_found(partner_id)
     return JSONResponse(partner_json(partner))
 
 
@@ -770,7 +775,7 @@ async def update_partner(request: Request) -> JSONResponse:
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
                        status=status)
     if partner is None:
-        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+        raise partner_not_found(partner_id)
     if status == "active":
         ctx.loop.partner_reactivated(partner_id)
     logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
@@ -793,7 +798,7 @@ async def rotate_secret(request: Request) -> JSONResponse:
     partner = await db(ctx.store.rotate_secret, partner_id, new_secret=new_secret, previous_until=overlap_until,
                        now=ctx.clock())
     if partner is None:
-        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+        raise partner_not_found(partner_id)
     logger.info("partner %s rotated its secret; the old one stays valid until %d", partner_id, int(overlap_until))
     return JSONResponse({
         **partner_json(partner),
@@ -809,7 +814,7 @@ async def send_test_event(request: Request) -> JSONResponse:
     check_owner(request, partner_id)
     ctx = context(request)
     if await db(ctx.store.get_partner, partner_id) is None:
-        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+        raise partner_not_found(partner_id)
     payload = {"event": TEST_EVENT, "timestamp": int(ctx.clock()), "partner_id": partner_id,
                "message": "This is a test webhook from webhookd."}
     event, _ = await db(ctx.store.publish, event_id=new_id("evt_"), event_type=TEST_EVENT,
@@ -830,7 +835,7 @@ async def recover_failed(request: Request) -> JSONResponse:
     if not is_small_number(since_text):
         raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
     if await db(ctx.store.get_partner, partner_id) is None:
-        raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+        raise partner_not_found(partner_id)
     count = await db(ctx.store.recover_failed, partner_id, since=int(since_text),
                      extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock())
     ctx.loop.wake()
@@ -920,7 +925,7 @@ async def list_deliveries(request: Request) -> JSONResponse:
     partner_id = q.get("partner_id")
     if not caller.is_admin:
         if partner_id not in (None, caller.partner_id):
-            raise ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+            raise partner_not_found(partner_id)
         partner_id = caller.partner_id
     state = q.get("state") or q.get("status")
     if state is not None and state not in ("pending", "delivered", "failed"):
@@ -1124,13 +1129,7 @@ async def dashboard(request: Request) -> Response:
 async def stats(request: Request) -> JSONResponse:
     """``GET /stats``: what the dashboard draws — partners' success rates, totals, outcomes per minute."""
     ctx = context(request)
-    partners, cursor = [], None
-    while True:  # every partner, page by page
-        page = await db(ctx.store.list_partners, limit=200, cursor=cursor)
-        partners += page.items
-        if page.next_cursor is None:
-            break
-        cursor = page.next_cursor
+    partners = await db(ctx.store.all_partners)
     counts = await db(ctx.store.partner_delivery_counts)
     now = ctx.clock()
     minutes = await db(ctx.store.outcomes_per_minute, now - 3600)
