@@ -1,75 +1,53 @@
-"""The delivery loop and the HTTP sender.
+"""The delivery loop: claim due deliveries, hand them to sender threads, record the results.
 
-How one delivery travels::
+How one delivery travels (the event loop on the left, threads on the right)::
 
-    POST /events ──► store.publish() ──► wake() ──► DeliveryLoop.run()
-                                                      │ store.claim_due()   (lease the row)
-                                                      ▼
-                                             worker thread: send()      (one HTTP POST)
-                                                      │ store.finish_attempt()
-                                                      ▼
-                         delivered │ pending again after a backoff │ failed after the last attempt
+    POST /events ─► store.publish() ──────────────► group-commit thread: INSERT event + deliveries,
+                                                     one FULL commit for the batch; then the 202
+    loop.wake() ─► DeliveryLoop.run()  (a task on the event loop)
+                     │ store.claim_due()  in a thread: lease due rows, fair across partners
+                     ▼
+                   job queue ─────────────────────► sender threads (``concurrency``): Sender.send(job)
+                                                     one HTTP POST (sender.py), then decide() and
+                                                     Breakers.record(): delivered, pending after a
+                                                     backoff, or failed after the last attempt
+                   results queue ◄────────────────┘
+                     ▼
+                   recorder thread: a log line and metrics per attempt, then
+                   store.finish_attempts(batch)  (many results, one commit)
 
-The loop runs in the server's event loop; the blocking work — SQLite and
-``http.client`` — runs in worker threads, at most ``concurrency`` at a time. The
-loop only claims as many rows as it has free workers, so a claimed row starts at
-once and its lease only has to cover one attempt.
+The loop only claims as many rows as its senders can start soon (``claim_ahead``), so
+a claimed row starts at once and its lease only has to cover one attempt. A lease
+that runs out (the process died mid-send) makes the row due again: nothing is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
-import email.utils
-import functools
-import heapq
-import http.client
-import ipaddress
+import dataclasses
 import logging
 import queue
 import random
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import SplitResult, quote, urlsplit
 
-import signing
+from config import Config, DeliveryConfig
 from metrics import Metrics
-from store import Attempt, Job, Outcome, Store, take_batch
+from sender import Sender, Sent
+from store import Job, Outcome, Store, take_batch
 
 logger = logging.getLogger("webhookd.delivery")
 
-SNIPPET_BYTES = 1024
-DRAIN_BYTES = 64 * 1024  # read at most this much of a response to reuse its connection
 IDLE_RECHECK_S = 30.0    # even with nothing due, look again now and then
 RECORD_BATCH = 500       # results written per group commit, at most
 
 
 @dataclass(frozen=True)
-class Limits:
-    """The ``[delivery]`` section of webhookd.toml (webhookd.py reads it into this class)."""
-
-    timeout_s: float = 5.0
-    max_attempts: int = 3
-    backoff_base_s: float = 30.0
-    backoff_max_s: float = 3600.0
-    concurrency: int = 16
-    per_partner_concurrency: int = 4
-    breaker_threshold: int = 5
-    breaker_cooldown_s: float = 30.0
-    breaker_cooldown_max_s: float = 600.0
-    disable_after_s: float = 259200.0
-    retry_after_max_s: float = 3600.0
-    idle_connection_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class Settings(Limits):
-    """Everything the loop needs: the ``[delivery]`` limits plus a few keys of other sections."""
+class Settings(DeliveryConfig):
+    """Everything the loop needs: the ``[delivery]`` keys plus a few keys of other sections."""
 
     retention_s: float = 2592000.0
     purge_batch: int = 500
@@ -77,6 +55,18 @@ class Settings(Limits):
     allow_private_targets: bool = False
     allowed_ports: tuple[int, ...] = ()
     user_agent: str = "webhookd"
+
+    @classmethod
+    def from_config(cls, config: Config, user_agent: str) -> Settings:
+        return cls(
+            **dataclasses.asdict(config.delivery),
+            retention_s=config.retention.max_age_s,
+            purge_batch=config.retention.batch_size,
+            purge_interval_s=config.retention.interval_s,
+            allow_private_targets=config.security.allow_private_targets,
+            allowed_ports=config.security.allowed_ports,
+            user_agent=user_agent,
+        )
 
     @property
     def claim_ahead(self) -> int:
@@ -104,357 +94,6 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random)
     """
     delay = min(max_s, base_s * 2 ** (attempt - 1))
     return delay / 2 + rng.uniform(0, delay / 2)
-
-
-# --- Where a request may go (SSRF) -------------------------------------------------
-
-
-class TargetRefused(Exception):
-    """Raised when a webhook URL points at an address we must not connect to."""
-
-
-def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True for globally routable unicast addresses, seen through IPv6 wrappings of IPv4."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return is_public_address(ip.ipv4_mapped)
-        if ip.sixtofour is not None:
-            return is_public_address(ip.sixtofour)
-        if ip in ipaddress.ip_network("64:ff9b::/96"):  # NAT64: the IPv4 address is the last 32 bits
-            return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    return ip.is_global and not ip.is_multicast
-
-
-# Name lookups run here, never in the threads that serve requests or send: a resolver
-# that never answers can then hold these few threads, and nothing else.
-_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhookd-dns")
-
-
-def resolve_target(host: str, port: int, allow_private: bool, timeout: float = 5.0) -> str:
-    """Resolve ``host`` once, within ``timeout`` seconds, and return the address to connect to.
-
-    The caller connects to exactly this address, so a DNS answer that changes
-    between the check and the connect (rebinding) cannot slip a private address in.
-    """
-    lookup = _RESOLVERS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
-    try:
-        infos = lookup.result(timeout=max(timeout, 0.001))
-    except concurrent.futures.TimeoutError:
-        raise TimeoutError(f"resolving {host!r} took longer than {timeout:.1f} s") from None
-    except (socket.gaierror, UnicodeError, ValueError) as exc:  # IDNA refuses empty or long labels
-        raise OSError(f"cannot resolve {host!r}") from exc
-    return _checked_address(host, infos, allow_private)
-
-
-async def resolve_target_async(host: str, port: int, allow_private: bool, timeout: float = 5.0) -> str:
-    """``resolve_target`` for the event loop (registration): waits without holding a thread."""
-    lookup = asyncio.get_running_loop().run_in_executor(
-        _RESOLVERS, functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
-    try:
-        infos = await asyncio.wait_for(lookup, timeout)
-    except TimeoutError:
-        raise TimeoutError(f"resolving {host!r} took longer than {timeout:.1f} s") from None
-    except (socket.gaierror, UnicodeError, ValueError) as exc:
-        raise OSError(f"cannot resolve {host!r}") from exc
-    return _checked_address(host, infos, allow_private)
-
-
-def _checked_address(host: str, infos: list, allow_private: bool) -> str:
-    """The first address of a lookup, after refusing the lot if any one is not public."""
-    addresses = [info[4][0] for info in infos]
-    if not allow_private:
-        for address in addresses:
-            if not is_public_address(ipaddress.ip_address(address.split("%")[0])):
-                raise TargetRefused(f"{host} resolves to the non-public address {address}")
-    return addresses[0]
-
-
-def _connect_no_delay(ip: str, port: int, timeout: float) -> socket.socket:
-    """Connect with Nagle off, as ``http.client`` does: it sends headers and body in two
-    writes, and with Nagle on a kept-alive connection waits ~40 ms for a delayed ACK."""
-    sock = socket.create_connection((ip, port), timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """An HTTP connection to a given IP address, keeping the URL's host for the Host header."""
-
-    def __init__(self, host: str, port: int, ip: str, timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self._ip = ip
-
-    def connect(self) -> None:
-        self.sock = _connect_no_delay(self._ip, self.port, self.timeout)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """The same for HTTPS: TLS is checked against the URL's host name (SNI and certificate)."""
-
-    def __init__(self, host: str, port: int, ip: str, timeout: float):
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._ip = ip
-
-    def connect(self) -> None:
-        sock = _connect_no_delay(self._ip, self.port, self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
-
-
-# --- Sending one attempt ---------------------------------------------------------------
-
-
-def build_headers(job: Job, timestamp: int, user_agent: str) -> dict[str, str]:
-    """Every header of an outgoing webhook, as the SPEC lists them."""
-    current_secret = job.secrets[0]
-    return {
-        "Content-Type": "application/json",
-        "User-Agent": user_agent,
-        "X-Webhook-Event": job.event,
-        "X-Webhook-Signature": signing.sign_hex(current_secret, job.body),
-        "X-Webhook-Id": job.event_id,
-        "X-Webhook-Timestamp": str(timestamp),
-        "webhook-id": job.event_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": signing.standard_signature_header(job.secrets, job.event_id, timestamp, job.body),
-    }
-
-
-def classify_error(exc: BaseException) -> str:
-    """A short, stable class for an attempt that got no HTTP response."""
-    if isinstance(exc, TargetRefused):
-        return "ssrf_blocked"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return "timeout"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection_refused"
-    if isinstance(exc, (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError)):
-        return "connection_reset"
-    if isinstance(exc, ssl.SSLError):
-        return "tls_error"
-    if isinstance(exc, http.client.HTTPException):
-        return "protocol_error"
-    if isinstance(exc, ValueError):
-        return "invalid_url"
-    return "connection_error"
-
-
-def parse_retry_after(value: str | None, now: float, max_s: float) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), clamped to [0, max_s]."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit() and len(value) <= 10:
-        seconds = float(value)
-    else:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-    return min(max(seconds, 0.0), max_s)
-
-
-@dataclass(frozen=True)
-class Sent:
-    """What one attempt produced: the attempt row, and the partner's Retry-After if any."""
-
-    attempt: Attempt
-    retry_after_s: float | None = None
-
-
-_STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-
-
-def _request_bytes(url: SplitResult, port: int, headers: dict[str, str], body: bytes) -> bytes:
-    """The whole HTTP/1.1 request, head and body, to be written in one ``sendall``.
-
-    ``http.client``'s ``request()`` builds the same head one ``putheader`` at a time and
-    writes head and body separately; on the hot path that bookkeeping costs more than
-    the write itself. Its response parser reads the answer (``_exchange``).
-    """
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    if any(ord(c) < 33 or ord(c) == 127 for c in path):
-        raise ValueError("the URL's path holds spaces or control characters")
-    path = quote(path, safe="/%?=&:@!$'()*+,;~-._")  # non-ASCII as UTF-8 %XX, the rest as it was
-    host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
-    default_port = 443 if url.scheme == "https" else 80
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}" + ("" if port == default_port else f":{port}"),
-             f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in headers.items()), "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
-
-
-def _exchange(conn: http.client.HTTPConnection, request: bytes) -> http.client.HTTPResponse:
-    """Write ``request`` on the (pinned) connection and read the response head."""
-    if conn.sock is None:
-        conn.connect()
-    conn.sock.sendall(request)
-    response = http.client.HTTPResponse(conn.sock, method="POST")
-    response.begin()
-    return response
-
-
-class _Deadlines:
-    """Cuts off requests that run past their deadline.
-
-    ``http.client``'s timeout bounds each socket operation, not the request: a
-    partner that drips one header byte every few seconds could hold a worker for
-    minutes. One watchdog thread shuts down the socket of any request past its
-    deadline, so an attempt lasts at most ``timeout_s`` once connected.
-    """
-
-    def __init__(self) -> None:
-        self._heap: list[list] = []  # [deadline, seq, connection, still watched]
-        self._seq = 0
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, deadline: float, conn: http.client.HTTPConnection) -> list:
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="webhookd-deadlines", daemon=True)
-                self._thread.start()
-            self._seq += 1
-            entry = [deadline, self._seq, conn, True]
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:
-                self._cond.notify()
-            return entry
-
-    @staticmethod
-    def release(entry: list) -> bool:
-        """Stop watching; True if the deadline had already cut the request off."""
-        entry[3] = False
-        return entry[2] is None
-
-    def _run(self) -> None:
-        with self._cond:
-            while True:
-                try:
-                    self._cut_off_expired()
-                except Exception:  # this thread must outlive anything one request does
-                    logger.exception("the deadline watchdog failed on one request; it goes on")
-
-    def _cut_off_expired(self) -> None:
-        while self._heap and not self._heap[0][3]:
-            heapq.heappop(self._heap)
-        if not self._heap:
-            self._cond.wait()
-            return
-        wait = self._heap[0][0] - time.monotonic()
-        if wait > 0:
-            self._cond.wait(wait)
-            return
-        entry = heapq.heappop(self._heap)
-        conn, entry[2] = entry[2], None
-        sock = conn.sock  # read once: the sender may close the connection at this very moment
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-_deadlines = _Deadlines()
-
-
-class Sender:
-    """Sends attempts over keep-alive connections: one pool per worker thread, keyed by origin.
-
-    A connection is reused only while healthy: it is closed after any error, when the
-    partner says ``Connection: close``, when a response is too large to drain, and
-    when it has been idle longer than ``idle_connection_s`` (servers drop idle ones).
-    """
-
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time):
-        self.settings = settings
-        self.clock = clock
-        self._local = threading.local()
-
-    def _connections(self) -> dict[tuple, tuple[http.client.HTTPConnection, float]]:
-        if not hasattr(self._local, "connections"):
-            self._local.connections = {}
-        return self._local.connections
-
-    def _checkout(self, scheme: str, host: str, port: int, deadline: float) -> tuple[http.client.HTTPConnection, bool]:
-        """A connection to the origin: the thread's idle one if fresh, else a new one (checked,
-        pinned), whose lookup and connect must both finish before ``deadline``."""
-        key = (scheme, host, port)
-        kept = self._connections().pop(key, None)
-        if kept is not None:
-            conn, last_used = kept
-            if time.monotonic() - last_used < self.settings.idle_connection_s:
-                return conn, True
-            conn.close()
-        ip = resolve_target(host, port, self.settings.allow_private_targets, deadline - time.monotonic())
-        connection_class = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
-        return connection_class(host, port, ip, max(deadline - time.monotonic(), 0.001)), False
-
-    def _keep(self, scheme: str, host: str, port: int, conn: http.client.HTTPConnection) -> None:
-        self._connections()[(scheme, host, port)] = (conn, time.monotonic())
-
-    def close_all(self) -> None:
-        """Close this thread's connections."""
-        for conn, _ in self._connections().values():
-            conn.close()
-        self._connections().clear()
-
-    def send(self, job: Job) -> Sent:
-        """Make one HTTP attempt of ``job`` and describe what happened. Never raises for I/O."""
-        started = self.clock()
-        status: int | None = None
-        error: str | None = None
-        snippet: str | None = None
-        retry_after: float | None = None
-        try:
-            url = urlsplit(job.url)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                raise ValueError("not an http(s) URL")
-            port = url.port or (443 if url.scheme == "https" else 80)
-            if self.settings.allowed_ports and port not in self.settings.allowed_ports:
-                raise TargetRefused(f"port {port} is not in the allowed ports")
-            request = _request_bytes(url, port, build_headers(job, int(started), self.settings.user_agent),
-                                     job.body)
-            deadline = time.monotonic() + self.settings.timeout_s  # lookup, connect and answer together
-            conn, reused = self._checkout(url.scheme, url.hostname, port, deadline)
-            watch = _deadlines.watch(deadline, conn)
-            try:
-                try:
-                    response = _exchange(conn, request)
-                except _STALE_CONNECTION:
-                    if not reused or watch[2] is None:
-                        raise
-                    # The partner closed our idle connection as we reused it: nothing was
-                    # processed, so one fresh connection is safe (as urllib3 does).
-                    conn.close()
-                    _deadlines.release(watch)
-                    conn, reused = self._checkout(url.scheme, url.hostname, port, deadline)
-                    watch = _deadlines.watch(deadline, conn)
-                    response = _exchange(conn, request)
-                status = response.status
-                snippet = response.read(SNIPPET_BYTES).decode("utf-8", "replace")
-                response.read(DRAIN_BYTES)
-                cut_off = _deadlines.release(watch)
-                if response.isclosed() and not response.will_close and not cut_off:
-                    self._keep(url.scheme, url.hostname, port, conn)
-                else:
-                    conn.close()
-            except BaseException as exc:
-                conn.close()
-                if _deadlines.release(watch):
-                    raise TimeoutError("the attempt ran past its deadline") from exc
-                raise
-            if 300 <= status < 400:
-                error = "redirect"  # never followed: the partner must fix its URL
-            elif not 200 <= status < 300:
-                error = "http_error"
-                if status in (429, 503):
-                    retry_after = parse_retry_after(response.getheader("Retry-After"), self.clock(),
-                                                    self.settings.retry_after_max_s)
-        except Exception as exc:  # one bad endpoint must never take the worker down
-            error = classify_error(exc)
-        duration_ms = int((self.clock() - started) * 1000)
-        attempt = Attempt(attempt=job.attempt, started_at=started, duration_ms=duration_ms,
-                          status_code=status, error=error, response_snippet=snippet)
-        return Sent(attempt, retry_after)
 
 
 def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: float) -> tuple[str, float]:

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,6 +55,17 @@ def standard_signature_header(secrets: Iterable[str], msg_id: str, timestamp: in
     that still hold the old one keep verifying until they switch.
     """
     return " ".join(standard_signature(s, msg_id, timestamp, body) for s in secrets)
+
+
+def standard_signature_matches(secret: str, msg_id: str, timestamp: str, body: bytes, header: str,
+                               now: float, tolerance_s: float = 300) -> bool:
+    """Verify a Standard Webhooks request the way a receiver does: ``timestamp`` (the
+    ``webhook-timestamp`` header, unix seconds) is within ``tolerance_s`` of ``now``, and one
+    of the space-separated signatures of the ``webhook-signature`` ``header`` matches."""
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp) or abs(now - int(timestamp)) > tolerance_s:
+        return False
+    expected = standard_signature(secret, msg_id, int(timestamp), body).encode("ascii")
+    return any(hmac.compare_digest(expected, given.encode("utf-8", "replace")) for given in header.split())
 
 
 def standard_webhooks_secret(secret: str) -> str:

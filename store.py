@@ -12,8 +12,10 @@ is an **attempt** row. Events partners send to us are **inbound_events**,
 deduplicated on (partner, dedupe key).
 
 One connection writes, behind a lock; every multi-statement write runs in one
-``BEGIN IMMEDIATE`` transaction. Readers use their own connections (WAL lets them
-read while the writer writes). Nothing outside this module sees a cursor.
+``BEGIN IMMEDIATE`` transaction. Publishes and inbound events — the writes we answer a
+202 or a 200 for — queue for the group-commit thread, which writes whatever has queued
+in one transaction and one ``FULL`` flush. Readers use their own connections (WAL lets
+them read while the writer writes). Nothing outside this module sees a cursor.
 """
 
 from __future__ import annotations
@@ -123,11 +125,14 @@ class Partner:
     disabled_reason: str | None = None
 
     def valid_secrets(self, now: float) -> list[str]:
-        """The current secret, plus the previous one while its rotation overlap lasts."""
-        secrets = [self.secret]
-        if self.previous_secret and (self.previous_secret_until or 0) > now:
-            secrets.append(self.previous_secret)
-        return secrets
+        return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
+
+
+def valid_secrets(secret: str, previous: str | None, previous_until: float | None, now: float) -> list[str]:
+    """The current secret, plus the previous one while its rotation overlap lasts: what signs
+    an outgoing webhook (``webhook-signature`` carries one signature per secret) and what
+    verifies an inbound one."""
+    return [secret, previous] if previous and (previous_until or 0) > now else [secret]
 
 
 @dataclass(frozen=True)
@@ -319,7 +324,14 @@ class _GroupWrite:
 
 
 class Store:
-    """The SQLite store. Thread-safe: one locked writer, a small pool of readers."""
+    """The SQLite store. Thread-safe: one locked writer, a small pool of readers.
+
+    Which calls may run on the event loop: only ``get_partner``, ``all_partners`` and
+    ``partners_accepting_inbound``, which read the in-memory copy of the partners table
+    and never touch SQLite. Every other method blocks on the database, so it is called
+    from a thread: a route writes ``await db(store.method, ...)``, the delivery loop
+    ``asyncio.to_thread``, and its sender and recorder threads call it directly.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -331,9 +343,10 @@ class Store:
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
         self._claim_round = 0  # which partner the next claim starts with
-        self._partners: dict[str, Partner] | None = None
-        self._partners_generation = 0
+        self._partners: dict[str, Partner] = {}  # see _reload_partners
+        self._partners_lock = threading.Lock()
         self._apply_schema()
+        self._reload_partners()
         self._group_queue: queue.SimpleQueue[_GroupWrite | None] = queue.SimpleQueue()
         self._group_thread = threading.Thread(target=self._group_writer, name="webhookd-group-commit", daemon=True)
         self._group_thread.start()
@@ -482,40 +495,50 @@ class Store:
             ).rowcount
             return _read_partner(db, partner_id) if changed else None
 
-    def get_partner(self, partner_id: str) -> Partner | None:
-        """One partner, from the in-memory copy of the partners table (see ``_all_partners``)."""
-        return self._all_partners().get(partner_id)
-
-    def _all_partners(self) -> dict[str, Partner]:
-        """Every partner, read once and kept until a write to the partners table.
-
-        Inbound events look up their partner on every request; partners change rarely.
-        The generation check keeps a read that raced with a write from keeping stale rows.
-        (Several processes on one database would need a time limit on this copy too.)
-        """
-        cached = self._partners
-        if cached is not None:
-            return cached
-        generation = self._partners_generation
-        with self._reader() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM partners")]
-            fresh = {i: p for i, p in ((i, _read_partner(db, i)) for i in ids) if p is not None}
-        if generation == self._partners_generation:
-            self._partners = fresh
-        return fresh
-
-    def _partners_changed(self) -> None:
-        self._partners_generation += 1
-        self._partners = None
-
     @contextmanager
     def _partner_write(self) -> Iterator[sqlite3.Connection]:
-        """A transaction that changes partners; the in-memory copy is dropped after it."""
+        """A transaction that changes partners; the in-memory copy is read again after it."""
         try:
             with self._transaction() as db:
                 yield db
         finally:
-            self._partners_changed()
+            self._reload_partners()
+
+    def _reload_partners(self) -> None:
+        """Read every partner into memory, in one read transaction.
+
+        Runs in the thread that has just written (or in ``__init__``), never on the event
+        loop, and before that write returns: whoever wrote reads its own write. Reloads
+        take turns, so the last one to finish read after every commit before it. Readers
+        keep the previous copy until the new one is complete. (Several processes on one
+        database would need a time limit on this copy too.)
+        """
+        with self._partners_lock, self._reader() as db:
+            db.execute("BEGIN")
+            try:
+                rows = db.execute("SELECT * FROM partners").fetchall()
+                events: dict[str, list[str]] = {}
+                for sub in db.execute("SELECT partner_id, event_type FROM subscriptions ORDER BY event_type"):
+                    events.setdefault(sub["partner_id"], []).append(sub["event_type"])
+            finally:
+                db.execute("COMMIT")
+            self._partners = {row["id"]: _partner_from_row(row, tuple(events.get(row["id"], ()))) for row in rows}
+
+    # Memory only: the three reads below never touch SQLite, so they may run on the event loop.
+
+    def get_partner(self, partner_id: str) -> Partner | None:
+        """One partner (memory only)."""
+        return self._partners.get(partner_id)
+
+    def all_partners(self) -> list[Partner]:
+        """Every partner, newest first (memory only)."""
+        return sorted(self._partners.values(), key=lambda p: p.id, reverse=True)
+
+    def partners_accepting_inbound(self) -> list[Partner]:
+        """Partners whose secrets may verify an inbound event: all but the disabled ones (memory only)."""
+        return sorted((p for p in self._partners.values() if p.status != "disabled"), key=lambda p: p.id)
+
+    # From here on every method reads or writes SQLite: call it from a thread.
 
     def partner_id_for_api_key(self, api_key_hash: str) -> str | None:
         with self._reader() as db:
@@ -523,14 +546,6 @@ class Store:
                 "SELECT id FROM partners WHERE api_key_hash = :h", {"h": api_key_hash}
             ).fetchone()
         return row["id"] if row else None
-
-    def all_partners(self) -> list[Partner]:
-        """Every partner, newest first (from the in-memory copy)."""
-        return sorted(self._all_partners().values(), key=lambda p: p.id, reverse=True)
-
-    def partners_accepting_inbound(self) -> list[Partner]:
-        """Partners whose secrets may verify an inbound event: all but the disabled ones."""
-        return sorted((p for p in self._all_partners().values() if p.status != "disabled"), key=lambda p: p.id)
 
     def list_partners(self, *, limit: int, cursor: str | None) -> Page:
         with self._reader() as db:
@@ -543,11 +558,6 @@ class Store:
         return _page(partners, limit)
 
     # --- Events and their fan-out ---------------------------------------------------
-
-    def find_event_by_idempotency_key(self, key: str) -> Event | None:
-        with self._reader() as db:
-            row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": key}).fetchone()
-        return _event_from_row(row) if row else None
 
     def publish(
         self, *, event_id: str, event_type: str, body: bytes, now: float, max_attempts: int,
@@ -692,15 +702,8 @@ class Store:
                         {"id": o.partner_id, "reason": o.disable_reason, "now": now},
                     )
         if any(o.partner_failing_changed or o.disable_reason for o in outcomes):
-            self._partners_changed()
+            self._reload_partners()
         return lost
-
-    def finish_attempt(self, *, delivery_id: str, attempt: Attempt, state: str, next_attempt_at: float,
-                       now: float) -> bool:
-        """Record one attempt (``finish_attempts`` for a single result); False if it was not ours."""
-        outcome = Outcome(delivery_id=delivery_id, partner_id="", attempt=attempt, state=state,
-                          next_attempt_at=next_attempt_at)
-        return not self.finish_attempts([outcome], now)
 
     def requeue_expired_leases(self, now: float) -> int:
         """Forget leases that ran out (their holder died); those rows are due again. Returns how many."""
@@ -878,9 +881,7 @@ _DELIVERY_SELECT = """
 
 
 def _job_from_row(row: sqlite3.Row, now: float) -> Job:
-    secrets = [row["secret"]]
-    if row["previous_secret"] and (row["previous_secret_until"] or 0) > now:
-        secrets.append(row["previous_secret"])
+    secrets = valid_secrets(row["secret"], row["previous_secret"], row["previous_secret_until"], now)
     return Job(
         delivery_id=row["id"], event_id=row["event_id"], event=row["type"],
         partner_id=row["partner_id"], url=row["webhook_url"], secrets=tuple(secrets),

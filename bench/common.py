@@ -339,8 +339,11 @@ def known_key(section: str, key: str) -> bool:
     """Whether this webhookd's config has ``section.key`` (the benchmark runs on older and newer
     trees alike: an override of a key a version lacks is left out, not refused at start-up)."""
     try:
-        import webhookd
-        return any(f.name == key for f in dataclasses.fields(webhookd.SECTIONS[section]))
+        try:
+            import config as sections_module  # since the split of webhookd.py
+        except ImportError:
+            import webhookd as sections_module
+        return any(f.name == key for f in dataclasses.fields(sections_module.SECTIONS[section]))
     except Exception:
         return True
 

@@ -246,9 +246,9 @@ def make_config(tmp_path: Path, **overrides: Any):
     """
     import dataclasses
 
-    import webhookd
+    import config
 
-    cfg = webhookd.load_config(ROOT / "webhookd.toml", environ={})
+    cfg = config.load_config(ROOT / "webhookd.toml", environ={})
     security = dict(admin_token=ADMIN_TOKEN, allow_private_targets=True, inbound_rate_per_s=10_000.0,
                     inbound_failures_per_s=10_000.0, registration_rate_per_min=10_000.0)
     deliveryc = dict(timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.2, breaker_cooldown_s=0.2,
@@ -258,7 +258,7 @@ def make_config(tmp_path: Path, **overrides: Any):
         {"security": security, "delivery": deliveryc}[section][name] = value
     return dataclasses.replace(
         cfg,
-        storage=webhookd.StorageConfig(path=str(tmp_path / "webhookd.db")),
+        storage=config.StorageConfig(path=str(tmp_path / "webhookd.db")),
         security=dataclasses.replace(cfg.security, **security),
         delivery=dataclasses.replace(cfg.delivery, **deliveryc),
     )

@@ -197,3 +197,11 @@ def test_event_shows_its_deliveries(hub, receiver_factory):
 def test_health(hub):
     r = hub.http.get("/health")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_event_detail_says_how_many_deliveries_there_are(hub):
+    for i in range(3):
+        hub.register("http://127.0.0.1:9/x", ["payment.success"], name=f"P{i}")
+    event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
+    shown = hub.http.get(f"/events/{event_id}", headers=hub.admin).json()
+    assert shown["fanout"] == 3 and len(shown["deliveries"]) == 3 and shown["more_deliveries"] is False

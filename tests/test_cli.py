@@ -1,11 +1,64 @@
-"""Command-line tools that partners and students run: `webhookd listen`."""
+"""The command line (cli.py), run as a user runs it: `python webhookd.py ...` in a subprocess.
 
+Starting and configuring (`serve`, `token`, `sign`, `--help`), the partner's local receiver
+(`listen`), and the operator commands against a running `webhookd serve`."""
+
+import json
 import os
+import stat
 import subprocess
 import sys
 
 from conftest import GUARD_DIR, ROOT, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
+
+# --- Starting: serve, token, sign, help ---------------------------------------------------
+
+
+def _cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=30)
+
+
+def test_serve_with_a_bad_value_stops_with_one_line(tmp_path):
+    result = _cli("--config", str(ROOT / "webhookd.toml"), "serve",
+                  env={"WEBHOOKD_DELIVERY_MAX_ATTEMPTS": "three", "WEBHOOKD_STORAGE_PATH": str(tmp_path / "x.db")})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["webhookd: Config 'delivery.max_attempts' has value 'three'. Expected a whole number."]
+
+
+def test_config_can_follow_the_subcommand(tmp_path):
+    env = {"WEBHOOKD_STORAGE_PATH": str(tmp_path / "w.db"), "WEBHOOKD_ADMIN_TOKEN": "adm_x"}
+    result = _cli("token", "--config", str(ROOT / "webhookd.toml"), env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "adm_x"
+
+
+def test_token_is_generated_once_into_a_private_file(tmp_path):
+    env = {"WEBHOOKD_STORAGE_PATH": str(tmp_path / "d" / "w.db")}
+    first = _cli("--config", str(ROOT / "webhookd.toml"), "token", env=env)
+    second = _cli("--config", str(ROOT / "webhookd.toml"), "token", env=env)
+    assert first.returncode == 0 and first.stdout == second.stdout
+    token = first.stdout.strip()
+    assert len(token) >= 32
+    token_file = tmp_path / "d" / "admin_token"
+    assert token_file.read_text().strip() == token
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+
+
+def test_sign_prints_the_guides_troubleshooting_signature(tmp_path):
+    result = _cli("sign", "--secret", "test_secret", '{"event": "test", "data": 123}', cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == "6d2c88f3cf5e2ab91f79fbde2f24d550ba260b1271f66ddf45bcd7de350ac9cc"
+
+
+def test_every_command_has_help():
+    for command in ("serve", "token", "partners", "publish", "deliveries", "retry", "recover", "sign", "listen"):
+        result = _cli(command, "--help")
+        assert result.returncode == 0 and "usage: webhookd" in result.stdout
+
+
+# --- listen: a partner's local receiver ---------------------------------------------------
 
 
 def test_listen_verifies_a_real_delivery_three_ways(hub, tmp_path):
@@ -70,11 +123,7 @@ def test_listen_refuses_a_wrong_signature_with_401(tmp_path):
         out.close()
 
 
-# --- Operator commands against a running `webhookd serve` --------------------------------
-
-import json  # noqa: E402
-
-from payloads import PAYMENT_SUCCESS as _PAYMENT  # noqa: E402
+# --- Operator commands against a running `webhookd serve` ---------------------------------
 
 
 def _run(serve, *args):
@@ -104,7 +153,7 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     assert "partner_name" in shown and "shared_secret" not in shown
 
     event = json.loads(_ok(_run(serve, "publish", "payment.success", "--data", json.dumps(
-        {k: v for k, v in _PAYMENT.items() if k != "event"}), "--json")))
+        {k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"}), "--json")))
     assert event["deliveries"] == 1
     wait_for(lambda: "failed" in _ok(_run(serve, "deliveries", "--status", "failed")))
     failed = json.loads(_ok(_run(serve, "deliveries", "--status", "failed", "--partner", pid, "--json")))["items"]
@@ -143,7 +192,7 @@ def test_json_log_format_prints_one_json_object_per_line(serve_factory, receiver
     added = json.loads(_ok(_run(serve, "partners", "add", "--name", "J", "--url", receiver.url,
                                 "--events", "payment.success", "--json")))
     _ok(_run(serve, "publish", "payment.success", "--data", json.dumps(
-        {k: v for k, v in _PAYMENT.items() if k != "event"})))
+        {k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"})))
     wait_for(lambda: receiver.received)
     wait_for(lambda: '"delivery_id"' in serve.output())
     lines = [json.loads(line) for line in serve.output().splitlines() if line.startswith("{")]

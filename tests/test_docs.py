@@ -3,7 +3,8 @@
 import dataclasses
 import re
 
-import webhookd
+import cli
+import config
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -11,7 +12,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 def test_every_config_key_is_in_the_readme_and_the_bundled_file():
     bundled = (ROOT / "webhookd.toml").read_text()
-    for section, cls in webhookd.SECTIONS.items():
+    for section, cls in config.SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert f"`{section}.{f.name}`" in README, f"{section}.{f.name} missing from the README"
             if f.name != "admin_token":
@@ -19,7 +20,7 @@ def test_every_config_key_is_in_the_readme_and_the_bundled_file():
 
 
 def test_every_command_is_in_the_readme_with_help():
-    parser = webhookd.build_parser()
+    parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert set(commands) >= {"serve", "token", "partners", "publish", "deliveries", "retry", "recover", "sign", "listen"}
     for name, sub in commands.items():

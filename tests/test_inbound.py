@@ -133,3 +133,34 @@ def test_requests_json_body_differs_from_the_signed_string():
     sig = hmac.new(secret.encode(), canonical, hashlib.sha256).hexdigest()
     assert not signing.signature_matches(secret, sent, sig)
     assert signing.verify(secret, sent, json.loads(sent), sig)
+
+
+def _signed(hub, partner, payload, event=None, **headers):
+    body = json.dumps(payload).encode()
+    return hub.http.post("/webhooks/partners", content=body, headers={
+        "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body),
+        "X-Webhook-Event": event or payload.get("event", "tour.purchased"), **headers})
+
+
+def test_event_header_must_match_the_signed_payload(hub):
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    r = _signed(hub, partner, {"event": "tour.promoted", "tour_id": "t"}, event="booking.cancelled")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "event_mismatch"
+
+
+def test_a_huge_integer_timestamp_is_refused_not_a_500(hub):
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    r = _signed(hub, partner, {"event": "tour.promoted", "timestamp": 10 ** 400})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "bad_timestamp"
+
+
+def test_refused_signatures_are_rate_limited_per_address(webhookd_factory):
+    hub = webhookd_factory(security__inbound_failures_per_s=1.0)
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    body = b'{"event":"tour.purchased"}'
+    bad = {"X-Webhook-Signature": "00" * 32, "X-Webhook-Event": "tour.purchased"}
+    codes = [hub.http.post("/webhooks/partners", content=body, headers=bad).status_code for _ in range(6)]
+    assert codes[:4] == [401] * 4 and codes[-1] == 429
+    assert _signed(hub, partner, {"event": "tour.purchased", "n": 1}).status_code == 429  # until the bucket refills
+    time.sleep(1.1)
+    assert _signed(hub, partner, {"event": "tour.purchased", "n": 2}).status_code == 200

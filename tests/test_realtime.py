@@ -152,3 +152,17 @@ def test_the_guides_whole_scenario_end_to_end(serve_factory, receiver_factory, m
         assert offer["type"] == "offer" and offer["message"] == "Nueva oferta disponible"
         assert offer["partner_id"] == partner["partner_id"] and offer["tour_id"] == "combo_1"
         assert offer["data"] == combo
+
+
+def test_user_id_that_names_no_one_reaches_no_one(hub):
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    with _ws(hub, _token(hub, "42")) as user42, _ws(hub, _token(hub, "alice")) as alice:
+        _wait_connected(hub, 2)
+        alice.send(b"\x00binary frames are ignored")
+        _promote(hub, partner, {"tour_id": "t1", "user_id": 42})
+        assert json.loads(user42.recv(timeout=5))["tour_id"] == "t1"
+        for bad in (None, "", {"id": 1}):
+            _promote(hub, partner, {"tour_id": "t-bad", "user_id": bad})
+        _promote(hub, partner, {"tour_id": "t2"})  # no user_id: everyone
+        assert json.loads(alice.recv(timeout=5))["tour_id"] == "t2"
+        assert json.loads(user42.recv(timeout=5))["tour_id"] == "t2"

@@ -101,11 +101,3 @@ def test_parse_json_keeps_unicode_and_floats():
         "name": "Juan Pérez", "amount": 150.0}
 
 
-def test_retry_after_parsing_is_strict_and_clamped():
-    from delivery import parse_retry_after
-
-    assert parse_retry_after("120", now=0, max_s=3600) == 120
-    assert parse_retry_after("99999999", now=0, max_s=3600) == 3600
-    assert parse_retry_after("²", now=0, max_s=3600) is None
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0, max_s=3600) == 10.0
-    assert parse_retry_after("soon", now=0, max_s=3600) is None

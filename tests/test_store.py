@@ -28,6 +28,12 @@ def _partner(store, events=("payment.success",), status_secret="sk_live_s"):
                              events=list(events), secret=status_secret, api_key_hash=_id("h"), now=1000.0)
 
 
+def _finish(store, delivery_id, attempt, state, now):
+    """Record one attempt through ``finish_attempts``; True if it was recorded."""
+    outcome = Outcome(delivery_id=delivery_id, partner_id="", attempt=attempt, state=state, next_attempt_at=now)
+    return not store.finish_attempts([outcome], now=now)
+
+
 def _publish(store, now=1000.0, **kw):
     return store.publish(event_id=_id("evt_"), event_type="payment.success", body=b'{"a":1}', now=now,
                          max_attempts=3, new_delivery_id=lambda: _id("dlv_"), **kw)
@@ -93,10 +99,8 @@ def test_a_late_finish_after_the_lease_was_taken_over_records_once(store):
     first = store.claim_due(now=1000.0, lease_s=30, limit=1, per_partner=100)[0]
     second = store.claim_due(now=1031.0, lease_s=30, limit=1, per_partner=100)[0]
     ok = Attempt(attempt=1, started_at=1031.0, duration_ms=5, status_code=200, error=None, response_snippet="")
-    assert store.finish_attempt(delivery_id=second.delivery_id, attempt=ok, state="delivered",
-                                next_attempt_at=1032.0, now=1032.0)
-    assert not store.finish_attempt(delivery_id=first.delivery_id, attempt=ok, state="delivered",
-                                    next_attempt_at=1033.0, now=1033.0)
+    assert _finish(store, second.delivery_id, ok, "delivered", now=1032.0)
+    assert not _finish(store, first.delivery_id, ok, "delivered", now=1033.0)
     assert len(store.get_delivery(first.delivery_id).attempts) == 1
 
 
@@ -208,10 +212,8 @@ def test_retention_purges_old_delivered_events_in_batches_and_keeps_the_rest(sto
     jobs = store.claim_due(now=6000.0, lease_s=30, limit=10, per_partner=10)
     by_event = {j.event_id: j for j in jobs}
     for event in old[:4] + [fresh]:
-        assert store.finish_attempt(delivery_id=by_event[event.id].delivery_id, attempt=ok, state="delivered",
-                                    next_attempt_at=0, now=6000.0)
-    assert store.finish_attempt(delivery_id=by_event[old[4].id].delivery_id, attempt=bad, state="failed",
-                                next_attempt_at=0, now=6000.0)
+        assert _finish(store, by_event[event.id].delivery_id, ok, "delivered", now=6000.0)
+    assert _finish(store, by_event[old[4].id].delivery_id, bad, "failed", now=6000.0)
     assert store.purge_delivered(before=1000.0, batch=3) == 3
     assert store.purge_delivered(before=1000.0, batch=3) == 1
     assert store.purge_delivered(before=1000.0, batch=3) == 0

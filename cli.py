@@ -1,0 +1,377 @@
+"""The command line: ``webhookd serve`` and the tools around it.
+
+* ``serve`` runs the HTTP API and the delivery loop (``webhookd.create_app`` on uvicorn);
+* ``token`` prints the admin token, creating it on first use;
+* ``sign`` and ``listen`` are for partners and students: sign a payload the way the
+  guide does, or run a local receiver that verifies every webhook three ways;
+* ``partners``, ``publish``, ``deliveries``, ``retry`` and ``recover`` talk to the running
+  server's HTTP API with the admin token, and print tables (or ``--json``).
+
+``main`` is the console script; ``python webhookd.py ...`` calls it too. A command that
+cannot do its job prints one line saying why and exits 1 (2 for a bad config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import signing
+from config import Config, ConfigError, admin_token, load_config
+
+logger = logging.getLogger("webhookd")
+
+
+class CliError(Exception):
+    """Raised by a command to stop with one clear line and exit status 1."""
+
+
+def _read_json_argument(text: str) -> Any:
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text(encoding="utf-8")
+    try:
+        return signing.parse_json(text.encode("utf-8"))
+    except signing.BadJSON as exc:
+        raise CliError(f"the JSON given is not valid: {exc}") from None
+
+
+# =====================================================================================
+# Running the service
+# =====================================================================================
+
+
+def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    import uvicorn
+
+    from webhookd import create_app
+
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    admin_token(config)  # created now, so `webhookd token` works at once
+    if not _is_loopback(host) and config.security.allow_private_targets:
+        logger.warning("listening on %s with allow_private_targets = true: partners could reach your "
+                       "internal network. Set [security] allow_private_targets = false.", host)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=config.server.log_level, log_config=None,
+                access_log=False, timeout_graceful_shutdown=int(config.delivery.timeout_s) + 2)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _cmd_token(args: argparse.Namespace, config: Config) -> int:
+    print(admin_token(config))
+    return 0
+
+
+# =====================================================================================
+# For partners and students: sign and listen
+# =====================================================================================
+
+
+def _cmd_sign(args: argparse.Namespace, config: Config) -> int:
+    payload = _read_json_argument(args.json)
+    print(signing.sign_hex(args.secret, signing.canonical(payload)))
+    return 0
+
+
+def _listen_verdicts(secrets_held: list[str], headers: Any, body: bytes, now: float) -> dict[str, bool]:
+    """How a receiver holding these secrets judges one webhook, each way a partner might check it."""
+    verdicts = [_verdicts_for(s, headers, body, now) for s in secrets_held]
+    return {check: any(v[check] for v in verdicts) for check in ("raw", "canonical", "standard")}
+
+
+def _verdicts_for(secret: str, headers: Any, body: bytes, now: float) -> dict[str, bool]:
+    signature = headers.get("X-Webhook-Signature") or ""
+    try:
+        canonical_ok = signing.signature_matches(secret, signing.canonical(signing.parse_json(body)), signature)
+    except signing.BadJSON:
+        canonical_ok = False
+    standard_ok = signing.standard_signature_matches(
+        secret, headers.get("webhook-id") or "", headers.get("webhook-timestamp") or "", body,
+        headers.get("webhook-signature") or "", now)
+    return {"raw": signing.signature_matches(secret, body, signature), "canonical": canonical_ok,
+            "standard": standard_ok}
+
+
+def _cmd_listen(args: argparse.Namespace, config: Config) -> int:
+    """A local receiver that verifies every webhook and prints what it got."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    held = [s.strip() for s in args.secret.split(",") if s.strip()]  # new,old during a rotation
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(min(length, 1 << 20))
+            verdicts = _listen_verdicts(held, self.headers, body, time.time())
+            ok = verdicts["raw"] or verdicts["canonical"]
+            print(f"{self.headers.get('X-Webhook-Event', '?'):<20} {self.headers.get('X-Webhook-Id', '?')}  "
+                  + "  ".join(f"{k}={'ok' if v else 'BAD'}" for k, v in verdicts.items()), flush=True)
+            if args.verbose:
+                print("  " + body.decode("utf-8", "replace"), flush=True)
+            answer = {"status": "received"} if ok else {"error": {"code": "invalid_signature",
+                                                                  "message": "The signature does not verify."}}
+            data = json.dumps(answer).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *log_args: Any) -> None:
+            pass  # one line per webhook is printed above
+
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    print(f"listening on http://{args.host}:{args.port}/ — register this URL; Ctrl+C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+# =====================================================================================
+# Talking to the running server (every operator command)
+# =====================================================================================
+
+
+def _api(config: Config, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
+         headers: dict[str, str] | None = None) -> Any:
+    """Call the running server's API with the admin token; its JSON answer, or CliError."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
+    base = f"http://{host}:{config.server.port}"
+    params = {k: v for k, v in (query or {}).items() if v is not None}
+    url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": f"Bearer {admin_token(config)}", "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read())["error"]
+            raise CliError(f"{error['message']} ({exc.code} {error['code']})") from None
+        except (ValueError, KeyError, TypeError):
+            raise CliError(f"the server answered {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise CliError(f"cannot reach webhookd at {base} ({exc.reason}); start it with 'webhookd serve' "
+                       f"or pass the --config it runs with") from None
+
+
+def _cell(column: str, value: Any) -> str:
+    """One value as a person reads it: times as dates, lists joined, nothing as '-'."""
+    if (column.endswith("_at") or column.endswith("_since")) and isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return ",".join(map(str, value))
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return "-" if value is None else str(value)
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Rows as an aligned plain-text table; times as ISO dates."""
+    cells = [[_cell(c, row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    if not rows:
+        print("(none)")
+
+
+def _show(args: argparse.Namespace, answer: Any, columns: list[str] | None = None) -> int:
+    """Print ``answer`` as JSON (--json), as a table (lists), or as key: value lines."""
+    if args.json:
+        print(json.dumps(answer, indent=2, ensure_ascii=False))
+    elif isinstance(answer, dict) and "items" in answer:
+        _print_table(answer["items"], columns or [])
+    elif isinstance(answer, dict):
+        width = max(map(len, answer), default=0)
+        for key, value in answer.items():
+            print(f"{key.ljust(width)}  {_cell(key, value)}")
+    else:
+        print(answer)
+    return 0
+
+
+PARTNER_COLUMNS = ["partner_id", "partner_name", "status", "events_subscribed", "webhook_url"]
+DELIVERY_COLUMNS = ["delivery_id", "event", "partner_id", "state", "attempt_count", "updated_at"]
+
+
+def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
+    action = args.action
+    if action == "list":
+        return _show(args, _api(config, "GET", "/partners", query={"limit": args.limit}), PARTNER_COLUMNS)
+    if action == "add":
+        events = [e.strip() for e in args.events.split(",") if e.strip()]
+        answer = _api(config, "POST", "/partners/register",
+                      {"partner_name": args.name, "webhook_url": args.url, "events": events})
+        if not args.json:
+            print("Save shared_secret and api_key now: they are not shown again.", file=sys.stderr)
+        return _show(args, answer)
+    if not args.partner_id:
+        raise CliError(f"'partners {action}' needs a PARTNER_ID")
+    path = f"/partners/{args.partner_id}"
+    if action == "show":
+        return _show(args, _api(config, "GET", path))
+    if action in ("pause", "resume"):
+        status = "paused" if action == "pause" else "active"
+        return _show(args, _api(config, "PATCH", path, {"status": status}))
+    if action == "rotate":
+        return _show(args, _api(config, "POST", path + "/rotate-secret"))
+    raise CliError(f"unknown action {action!r}")
+
+
+def _cmd_publish(args: argparse.Namespace, config: Config) -> int:
+    payload = _read_json_argument(args.data)
+    if not isinstance(payload, dict):
+        raise CliError("--data must be a JSON object of the event's fields")
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
+    return _show(args, _api(config, "POST", "/events", {**payload, "event": args.type}, headers=headers))
+
+
+def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
+    query = {"state": args.status, "partner_id": args.partner, "event": args.event, "limit": args.limit}
+    return _show(args, _api(config, "GET", "/deliveries", query=query), DELIVERY_COLUMNS)
+
+
+def _cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    return _show(args, _api(config, "POST", f"/deliveries/{args.delivery_id}/retry"))
+
+
+def _cmd_recover(args: argparse.Namespace, config: Config) -> int:
+    return _show(args, _api(config, "POST", f"/partners/{args.partner_id}/recover", query={"since": args.since}))
+
+
+# =====================================================================================
+# The parser, logging and main
+# =====================================================================================
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="webhookd", description="A small, auditable webhook hub.")
+    config_help = "path to webhookd.toml (default: ./webhookd.toml, or $WEBHOOKD_CONFIG)"
+    parser.add_argument("--config", default=os.environ.get("WEBHOOKD_CONFIG", "webhookd.toml"), help=config_help)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `webhookd serve --config X` works as well as `webhookd --config X serve`.
+    with_config = argparse.ArgumentParser(add_help=False)
+    with_config.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+
+    serve = commands.add_parser("serve", parents=[with_config], help="run the HTTP API and the delivery loop")
+    serve.add_argument("--host", help="listen address (default: [server] host)")
+    serve.add_argument("--port", type=int, help="listen port (default: [server] port)")
+    serve.set_defaults(handler=_cmd_serve)
+
+    token = commands.add_parser("token", parents=[with_config], help="print the admin token (creating it on first use)")
+    token.set_defaults(handler=_cmd_token)
+
+    partners = commands.add_parser("partners", parents=[with_config, as_json], help="list, show, add, pause, resume, rotate")
+    partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "rotate"])
+    partners.add_argument("partner_id", nargs="?", help="the partner (show, pause, resume, rotate)")
+    partners.add_argument("--name", help="partner name (add)")
+    partners.add_argument("--url", help="webhook URL (add)")
+    partners.add_argument("--events", default="", help="comma-separated event types (add)")
+    partners.add_argument("--limit", type=int, default=50, help="how many to list (default 50)")
+    partners.set_defaults(handler=_cmd_partners)
+
+    publish = commands.add_parser("publish", parents=[with_config, as_json], help="publish an event to its subscribers")
+    publish.add_argument("type", help="the event type, e.g. payment.success (fills 'event')")
+    publish.add_argument("--data", default="{}", help="the payload fields as JSON, or @file")
+    publish.add_argument("--idempotency-key", help="publishing twice with the same key fans out once")
+    publish.set_defaults(handler=_cmd_publish)
+
+    deliveries = commands.add_parser("deliveries", parents=[with_config, as_json], help="list deliveries, newest first")
+    deliveries.add_argument("--status", choices=["pending", "delivered", "failed"], help="only this state")
+    deliveries.add_argument("--partner", help="only this partner id")
+    deliveries.add_argument("--event", help="only this event type")
+    deliveries.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
+    deliveries.set_defaults(handler=_cmd_deliveries)
+
+    retry = commands.add_parser("retry", parents=[with_config, as_json], help="one more attempt of a failed delivery")
+    retry.add_argument("delivery_id")
+    retry.set_defaults(handler=_cmd_retry)
+
+    recover = commands.add_parser("recover", parents=[with_config, as_json], help="re-queue a partner's failed deliveries")
+    recover.add_argument("partner_id")
+    recover.add_argument("--since", type=int, required=True, help="unix seconds: failed deliveries created since")
+    recover.set_defaults(handler=_cmd_recover)
+
+    sign = commands.add_parser("sign", parents=[with_config], help="print the X-Webhook-Signature of a JSON payload")
+    sign.add_argument("--secret", required=True, help="the partner's shared secret")
+    sign.add_argument("json", nargs="?", default="{}", help="the payload, or @file to read it from a file")
+    sign.set_defaults(handler=_cmd_sign, needs_config=False)
+
+    listen = commands.add_parser("listen", parents=[with_config], help="run a local receiver that verifies and prints webhooks")
+    listen.add_argument("--secret", required=True,
+                        help="the shared secret registration gave you (during a rotation: NEW,OLD)")
+    listen.add_argument("--port", type=int, default=9000, help="port to listen on (default: 9000)")
+    listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    listen.add_argument("--verbose", "-v", action="store_true", help="print each body too")
+    listen.set_defaults(handler=_cmd_listen, needs_config=False)
+    return parser
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's structured fields."""
+
+    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                "message": record.getMessage()}
+        line.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = Config()
+    if getattr(args, "needs_config", True):
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"webhookd: {exc}", file=sys.stderr)
+            return 2
+    configure_logging(config.server.log_format)
+    try:
+        return args.handler(args, config)
+    except (CliError, signing.BadJSON, OSError) as exc:
+        print(f"webhookd: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Every configuration key webhookd knows, its default, and how a file becomes a ``Config``.
+
+Read this file to answer "what can I set, and what happens if I don't". It imports
+nothing of webhookd's own, so it reads on its own:
+
+1. the event catalog (what ``POST /events`` accepts) and the partner guide's default,
+2. one frozen dataclass per section of ``webhookd.toml``: field = key, value = default,
+3. ``load_config``: the TOML file, then ``WEBHOOKD_<SECTION>_<KEY>`` variables, then checks
+   that stop start-up with one line naming the key and the value,
+4. ``admin_token``: the token from the config, or a 0600 file created beside the database.
+
+The defaults are the safe ones: registration closed, private targets refused, metrics
+behind the admin token. The bundled ``webhookd.toml`` allows private targets only so a
+receiver on the same box works out of the box.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# --- The event catalog ------------------------------------------------------------------
+
+EVENT_TYPE = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")  # word.word, like payment.success
+FIELD_TYPES = {
+    "string": (str,),
+    "number": (int, float),
+    "integer": (int,),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+}
+
+# The outbound catalog when the config has no [events] tables: the partner guide's four events
+# and the fields the SPEC names for each.
+GUIDE_CATALOG = {
+    "payment.success": {"transaction_id": "string", "amount": "number", "currency": "string", "user_id": "string"},
+    "payment.failed": {"transaction_id": "string", "reason": "string", "user_id": "string", "amount": "number"},
+    "booking.confirmed": {"booking_id": "string", "tour_id": "string", "user_id": "string",
+                          "start_date": "string", "end_date": "string"},
+    "booking.cancelled": {"booking_id": "string", "user_id": "string"},
+}
+
+
+class ConfigError(Exception):
+    """Raised when the configuration cannot be used; the message names the key and the value."""
+
+
+# --- The sections of webhookd.toml ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "info"
+    log_format: str = "text"   # text | json
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "data/webhookd.db"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    admin_token: str = ""
+    open_registration: bool = False
+    allow_private_targets: bool = False
+    max_body_bytes: int = 262144
+    max_json_depth: int = 32
+    inbound_tolerance_s: int = 300
+    secret_overlap_s: int = 86400
+    allowed_ports: tuple[int, ...] = ()   # empty: any port
+    inbound_rate_per_s: float = 50.0      # per partner
+    inbound_failures_per_s: float = 5.0   # refused signatures per client address
+    registration_rate_per_min: float = 10.0  # per client address, when registration is open
+    metrics_public: bool = False             # true: GET /metrics without the admin token
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    timeout_s: float = 5.0
+    max_attempts: int = 3
+    backoff_base_s: float = 30.0
+    backoff_max_s: float = 3600.0
+    concurrency: int = 16
+    per_partner_concurrency: int = 4
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 30.0
+    breaker_cooldown_max_s: float = 600.0
+    disable_after_s: float = 259200.0
+    retry_after_max_s: float = 3600.0
+    idle_connection_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    max_age_s: float = 2592000.0
+    batch_size: int = 500
+    interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class RealtimeConfig:
+    token_ttl_s: int = 900
+    client_queue: int = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
+    events: dict[str, dict[str, str]] = field(default_factory=lambda: dict(GUIDE_CATALOG))  # type -> field -> JSON type
+
+
+SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": SecurityConfig,
+            "delivery": DeliveryConfig, "retention": RetentionConfig, "realtime": RealtimeConfig}
+
+# Keys that must be positive numbers; the message says what the number means.
+POSITIVE = {
+    "server.port": "a TCP port (1-65535)",
+    "security.max_body_bytes": "a size in bytes",
+    "security.max_json_depth": "a number of nesting levels",
+    "security.inbound_tolerance_s": "a number of seconds",
+    "security.secret_overlap_s": "a number of seconds",
+    "security.inbound_rate_per_s": "a number of requests per second",
+    "security.inbound_failures_per_s": "a number of refused requests per second",
+    "security.registration_rate_per_min": "a number of registrations per minute",
+    "delivery.timeout_s": "a number of seconds",
+    "delivery.max_attempts": "a number of attempts",
+    "delivery.backoff_base_s": "a number of seconds",
+    "delivery.backoff_max_s": "a number of seconds",
+    "delivery.concurrency": "a number of worker threads",
+    "delivery.per_partner_concurrency": "a number of requests",
+    "delivery.breaker_threshold": "a number of failed attempts",
+    "delivery.breaker_cooldown_s": "a number of seconds",
+    "delivery.breaker_cooldown_max_s": "a number of seconds",
+    "delivery.disable_after_s": "a number of seconds",
+    "delivery.retry_after_max_s": "a number of seconds",
+    "delivery.idle_connection_s": "a number of seconds",
+    "retention.max_age_s": "a number of seconds",
+    "retention.batch_size": "a number of events",
+    "retention.interval_s": "a number of seconds",
+    "realtime.token_ttl_s": "a number of seconds",
+    "realtime.client_queue": "a number of messages",
+}
+
+
+# --- Reading a file and the environment --------------------------------------------------
+
+
+def load_config(path: str | os.PathLike | None, environ: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply ``WEBHOOKD_<SECTION>_<KEY>`` overrides, validate.
+
+    A relative ``storage.path`` is taken relative to the config file's folder, so the
+    service finds the same database whatever directory it is started from.
+    """
+    environ = os.environ if environ is None else environ
+    raw = _read_toml(path) if path is not None else {}
+    unknown = set(raw) - set(SECTIONS) - {"events"}
+    if unknown:
+        raise ConfigError(f"Config has the unknown section {sorted(unknown)[0]!r}. "
+                          f"Expected: {', '.join([*SECTIONS, 'events'])}.")
+    sections = {name: _read_section(name, cls, raw.get(name, {}), environ) for name, cls in SECTIONS.items()}
+    if "WEBHOOKD_ADMIN_TOKEN" in environ and "WEBHOOKD_SECURITY_ADMIN_TOKEN" not in environ:
+        sections["security"] = dataclasses.replace(sections["security"], admin_token=environ["WEBHOOKD_ADMIN_TOKEN"])
+    _check_values(sections)
+    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    if not Path(sections["storage"].path).is_absolute():
+        sections["storage"] = StorageConfig(path=str(base_dir / sections["storage"].path))
+    return Config(**sections, events=_check_catalog(raw.get("events", GUIDE_CATALOG)))
+
+
+def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {str(path)!r} does not exist. Pass --config PATH to a webhookd.toml.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {str(path)!r} is not valid TOML: {exc}.") from None
+
+
+# Dataclass fields carry their type as a string (``from __future__ import annotations``).
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "tuple[int, ...]": tuple}
+
+
+def _read_section(name: str, cls: type, table: Any, environ: dict[str, str]) -> Any:
+    """One section: its table's keys (none unknown), each overridden by its environment variable."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"Config '{name}' has value {table!r}. Expected a table [{name}].")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"Config '{name}.{key}' is not a known key. Known keys: {', '.join(known)}.")
+    values = {}
+    for key, fld in known.items():
+        env_name = f"WEBHOOKD_{name.upper()}_{key.upper()}"
+        if env_name in environ:
+            values[key] = _coerce(f"{name}.{key}", environ[env_name], _KINDS[fld.type], from_env=True)
+        elif key in table:
+            values[key] = _coerce(f"{name}.{key}", table[key], _KINDS[fld.type], from_env=False)
+    return cls(**values)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _coerce(key: str, value: Any, kind: type, from_env: bool) -> Any:
+    """Turn a TOML or environment value into ``kind``, or raise a ConfigError naming the key."""
+    if kind is tuple:
+        return _coerce_ports(key, value, from_env)
+    expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
+    if from_env and kind is not str:
+        text = value.strip().lower()
+        if kind is bool and text in _TRUE + _FALSE:
+            return text in _TRUE
+        if kind is not bool:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    elif from_env or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"Config '{key}' has value {value!r}. Expected {expected}.")
+
+
+def _coerce_ports(key: str, value: Any, from_env: bool) -> tuple[int, ...]:
+    """A list of TCP ports: a TOML array, or comma-separated in the environment."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if from_env else value
+    try:
+        ports = tuple(int(p) for p in items if not isinstance(p, bool))
+        if isinstance(items, (str, dict)) or len(ports) != len(items) or not all(0 < p < 65536 for p in ports):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"Config '{key}' has value {value!r}. Expected a list of TCP ports like [443, 8443].") from None
+    return ports
+
+
+def _check_values(sections: dict[str, Any]) -> None:
+    """The rules a well-typed value can still break: positive numbers, known words, a file on disk."""
+    for key, meaning in POSITIVE.items():
+        section, name = key.split(".")
+        value = getattr(sections[section], name)
+        if not math.isfinite(value) or value <= 0 or (key == "server.port" and value > 65535):
+            raise ConfigError(f"Config '{key}' has value {value!r}. Expected {meaning}, greater than zero.")
+    if sections["server"].log_format not in ("text", "json"):
+        raise ConfigError(f"Config 'server.log_format' has value {sections['server'].log_format!r}. "
+                          "Expected 'text' or 'json'.")
+    storage_path = sections["storage"].path
+    if storage_path == ":memory:" or storage_path.startswith("file:"):
+        raise ConfigError(f"Config 'storage.path' has value {storage_path!r}. Expected a file path: "
+                          "webhookd's threads each open the file, so it must be on disk.")
+
+
+def _check_catalog(raw: Any) -> dict[str, dict[str, str]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config 'events' has value {raw!r}. Expected tables like [events.\"payment.success\"].")
+    catalog: dict[str, dict[str, str]] = {}
+    for event_type, fields in raw.items():
+        if not EVENT_TYPE.match(event_type):
+            raise ConfigError(f"Config 'events' has the event type {event_type!r}. Expected the form word.word.")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"Config 'events.{event_type}' has value {fields!r}. Expected a table of field = type.")
+        for name, kind in fields.items():
+            if kind not in FIELD_TYPES:
+                raise ConfigError(
+                    f"Config 'events.{event_type}.{name}' has value {kind!r}. "
+                    f"Expected one of: {', '.join(FIELD_TYPES)}.")
+        catalog[event_type] = dict(fields)
+    return catalog
+
+
+# --- The admin token -----------------------------------------------------------------------
+
+
+def admin_token(config: Config) -> str:
+    """The admin token: from the config, else from (or newly into) a 0600 file beside the database."""
+    if config.security.admin_token:
+        return config.security.admin_token
+    token_file = Path(config.storage.path).resolve().parent / "admin_token"
+    if token_file.exists():
+        return token_file.read_text(encoding="utf-8").strip()
+    token_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = "adm_" + secrets.token_urlsafe(32)
+    fd = os.open(token_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(token + "\n")
+    return token

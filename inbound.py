@@ -1,0 +1,228 @@
+"""The other direction: a partner's signed event comes in, and an offer goes out live.
+
+Read top to bottom, one inbound event:
+
+1. **Verify.** ``POST /webhooks/partners`` checks, in the SPEC's order: the headers (400),
+   the size (413), a JSON object (400), a signature that some partner's secret makes
+   (401; refused signatures are rate-limited per client address), the partner's own rate
+   (429), and a fresh ``timestamp`` (401).
+2. **Store once.** The canonical body is stored once per (partner, ``X-Webhook-Id`` or
+   body hash), through the store's group commit.
+3. **200.** ``{"status": "received"}`` goes out only after the commit.
+4. **Offer on /ws.** After the 200, a ``tour.promoted`` is pushed to the users connected
+   on ``/ws`` (``realtime.py``): the user the payload names, or everyone. A user's page
+   gets its ``/ws`` token from ``POST /realtime/tokens``.
+
+Finding the partner needs no database read: the store keeps partners in memory
+(``store.partners_accepting_inbound``), so the verification runs on the event loop, and
+only many HMACs over a large body move to a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
+
+import realtime
+import signing
+from config import EVENT_TYPE
+from store import InboundEvent, Partner
+from web import (
+    ApiError,
+    Context,
+    check_content_type,
+    client_address,
+    context,
+    db,
+    invalid,
+    new_id,
+    page_json,
+    page_params,
+    parse_object,
+    read_body,
+    read_json_object,
+)
+
+logger = logging.getLogger("webhookd")
+
+HMAC_ON_LOOP_BYTES = 65536  # more HMAC input than this per request moves to a thread
+
+
+async def receive_partner_event(request: Request) -> JSONResponse:
+    """``POST /webhooks/partners``: a partner's signed event, stored once, then acknowledged."""
+    try:
+        return await _receive(request)
+    except ApiError as refused:
+        context(request).metrics.inbound.inc(result="refused", reason=refused.code)
+        logger.info("inbound refused: %s %s", refused.status, refused.code)
+        raise
+
+
+async def _receive(request: Request) -> JSONResponse:
+    ctx = context(request)
+    signature, event_type = _signed_headers(request)
+    check_content_type(request)
+    raw = await read_body(request, ctx.config.security.max_body_bytes)
+    payload = parse_object(raw, ctx.config.security.max_json_depth)
+    if "event" in payload and payload["event"] != event_type:
+        # The signature covers the body, not the headers: the type we act on must be the signed one.
+        raise ApiError(400, "event_mismatch", "X-Webhook-Event must equal the payload's 'event' field.")
+    now = ctx.clock()
+    canonical_body = signing.canonical(payload)
+    partner = await _verified_sender(request, ctx, raw, payload, canonical_body, signature, now)
+    ctx.inbound_limit.check(partner.id, "events from this partner")
+    _check_timestamp(payload.get("timestamp"), now, ctx.config.security.inbound_tolerance_s)
+
+    stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
+                               event_type=event_type, dedupe_key=_dedupe_key(request, canonical_body),
+                               body=canonical_body, now=now)
+    ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
+    logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
+                extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,
+                       "duplicate": not created})
+    after = None
+    if created and event_type in INBOUND_ACTIONS:
+        after = BackgroundTask(INBOUND_ACTIONS[event_type], ctx, partner.id, payload)
+    return JSONResponse({"status": "received", "timestamp": int(stored.received_at)}, background=after)
+
+
+def _signed_headers(request: Request) -> tuple[str, str]:
+    """``X-Webhook-Signature`` and a well-formed ``X-Webhook-Event``, or a 400."""
+    signature = request.headers.get("x-webhook-signature")
+    event_type = request.headers.get("x-webhook-event")
+    if not signature or not event_type:
+        raise ApiError(400, "missing_headers", "Send both X-Webhook-Signature and X-Webhook-Event headers.")
+    if not EVENT_TYPE.match(event_type):
+        raise ApiError(400, "bad_event_header", "X-Webhook-Event must look like 'tour.promoted' (word.word).")
+    return signature, event_type
+
+
+async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: dict, canonical_body: bytes,
+                           signature: str, now: float) -> Partner:
+    """The partner whose secret made ``signature``: the one ``X-Partner-Id`` names, else any
+    partner that is not disabled. A client address whose signatures keep failing gets 429s."""
+    client = client_address(request)
+    ctx.inbound_failure_limit.refuse_if_empty(client, "refused signatures from this address")
+    partner_id = request.headers.get("x-partner-id")
+    if partner_id is not None:  # memory only, like partners_accepting_inbound: no thread hop
+        named = ctx.store.get_partner(partner_id)
+        candidates = [named] if named is not None and named.status != "disabled" else []
+    else:
+        candidates = ctx.store.partners_accepting_inbound()
+    args = (candidates, raw, payload, canonical_body, signature, now)
+    if len(candidates) * len(raw) > HMAC_ON_LOOP_BYTES:
+        partner = await asyncio.to_thread(_find_sender, *args)
+    else:
+        partner = _find_sender(*args)
+    if partner is None:
+        ctx.inbound_failure_limit.take(client)
+        raise ApiError(401, "invalid_signature",
+                       "The signature does not verify for any partner. Sign the body with your shared secret "
+                       "(hex HMAC-SHA256) and send it as X-Webhook-Signature.")
+    return partner
+
+
+def _find_sender(partners: list[Partner], raw: bytes, payload: dict, canonical_body: bytes, signature: str,
+                 now: float) -> Partner | None:
+    """The partner whose (current or overlapping previous) secret verifies the request."""
+    for partner in partners:
+        if any(signing.verify(s, raw, payload, signature, canonical_body) for s in partner.valid_secrets(now)):
+            return partner
+    return None
+
+
+def _check_timestamp(timestamp: Any, now: float, tolerance_s: float) -> None:
+    """A ``timestamp`` in the payload must be unix seconds within the tolerance (replays get 401)."""
+    if timestamp is None:
+        return
+    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not _finite(timestamp):
+        raise ApiError(401, "bad_timestamp", "'timestamp' must be unix seconds (a number).")
+    if abs(now - timestamp) > tolerance_s:
+        raise ApiError(401, "stale_timestamp",
+                       f"'timestamp' is more than {tolerance_s} s away from our clock; send a fresh event.")
+
+
+def _finite(number: int | float) -> bool:
+    """True if ``number`` converts to a finite float (a 400-digit integer does not)."""
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:
+        return False
+
+
+def _dedupe_key(request: Request, canonical_body: bytes) -> str:
+    """What makes a resend the same event: its ``X-Webhook-Id``, else the body's hash."""
+    webhook_id = request.headers.get("x-webhook-id")
+    return f"id:{webhook_id}" if webhook_id else "sha256:" + hashlib.sha256(canonical_body).hexdigest()
+
+
+# --- What a stored event sets off ---------------------------------------------------------
+
+
+def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> None:
+    """A promoted tour reaches our users live (after the partner's 200 went out)."""
+    offer = realtime.offer_from(partner_id, payload)
+    if offer is None:
+        logger.warning("offer from %s names no valid user_id; sent to nobody", partner_id)
+        return
+    message, user_id = offer
+    reached = ctx.notifier.notify(message, user_id)
+    logger.info("offer from %s sent to %d live connections (%s)", partner_id, reached, user_id or "everyone")
+
+
+# What an inbound event sets off once it is stored, by type. Other types are only stored.
+INBOUND_ACTIONS: dict[str, Callable[[Context, str, dict[str, Any]], None]] = {"tour.promoted": push_offer}
+
+
+# --- Live offers over WebSocket ---------------------------------------------------------------
+
+
+async def mint_realtime_token(request: Request) -> JSONResponse:
+    """``POST /realtime/tokens``: a short-lived token with which one user opens ``/ws``."""
+    ctx = context(request)
+    body = await read_json_object(request, allowed={"user_id"})
+    user_id = body.get("user_id")
+    if not isinstance(user_id, str) or not user_id.strip() or len(user_id) > 200:
+        raise invalid("user_id", "must be a non-empty string of at most 200 characters.")
+    token, expires_at = ctx.tokens.mint(user_id, ctx.clock())
+    return JSONResponse({"token": token, "expires_at": expires_at}, status_code=201)
+
+
+async def live_notifications(websocket: WebSocket) -> None:
+    """``GET /ws?token=``: offers pushed live. A bad or expired token is closed with 1008."""
+    ctx: Context = websocket.app.state.ctx
+    try:
+        user_id = ctx.tokens.user_for(websocket.query_params.get("token", ""), ctx.clock())
+    except realtime.TokenError as exc:
+        await websocket.accept()
+        await websocket.close(code=realtime.POLICY_VIOLATION, reason=str(exc))
+        return
+    await websocket.accept()
+    await ctx.notifier.serve(websocket, user_id)
+
+
+# --- Reading what came in ------------------------------------------------------------------------
+
+
+def inbound_json(item: InboundEvent) -> dict[str, Any]:
+    return {"inbound_id": item.id, "partner_id": item.partner_id, "event": item.type,
+            "payload": json.loads(item.body), "received_at": int(item.received_at)}
+
+
+async def list_inbound(request: Request) -> JSONResponse:
+    """``GET /inbound``: stored partner events, newest first."""
+    limit, cursor = page_params(request)
+    q = request.query_params
+    page = await db(context(request).store.list_inbound, limit=limit, cursor=cursor,
+                    partner_id=q.get("partner_id"), event=q.get("event"))
+    return JSONResponse(page_json(page, inbound_json))

@@ -1,0 +1,369 @@
+"""What every route stands on: errors, credentials, access rules, reading requests, paging.
+
+A route in ``webhookd.py`` or ``inbound.py`` is short because the common work is here:
+
+1. **Errors.** A route raises ``ApiError``; every error, ours or Starlette's, leaves as
+   ``{"error": {"code", "message"}}`` with its status. A 500 means a bug, and is logged.
+2. **Ids and credentials.** ``new_id`` for events, deliveries and partners; shared secrets
+   and API keys minted in one place; API keys stored as SHA-256 only.
+3. **Who is calling.** Every route is declared with ``route(method, path, handler, who)``,
+   and ``who`` (``PUBLIC``, ``ADMIN``, ``CALLER``, …) is checked before the handler runs,
+   so a route cannot be added without deciding who may call it.
+4. **Rate limits.** Token buckets per key (client address, partner).
+5. **Reading requests.** Size-limited bodies, strict JSON objects, ``?limit=&cursor=`` pages.
+
+``Context`` is what the routes share, built once in ``create_app``'s lifespan. The store
+is blocking: a route calls it through ``db()``, which runs it in a worker thread (see
+``store.Store`` for the few memory-only reads that may run on the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import math
+import random
+import re
+import secrets
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import signing
+
+if TYPE_CHECKING:
+    import metrics
+    import realtime
+    from config import Config
+    from delivery import DeliveryLoop
+    from store import Store
+
+logger = logging.getLogger("webhookd")
+
+
+# --- 1. Errors: one exception, one JSON shape ---------------------------------------------
+
+
+class ApiError(Exception):
+    """Raised by a route to answer ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def invalid(field_name: str, message: str) -> ApiError:
+    """The 422 for one field: the message starts with the field's name."""
+    return ApiError(422, "invalid_field", f"'{field_name}' {message}")
+
+
+def partner_not_found(partner_id: str | None) -> ApiError:
+    """The 404 for an unknown partner id — also what another partner's id gets."""
+    return ApiError(404, "partner_not_found", f"No partner with id {partner_id!r}.")
+
+
+async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+
+async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    codes = {404: ("not_found", "No such route. See GET /openapi.json for the routes."),
+             405: ("method_not_allowed", f"{request.method} is not allowed on {request.url.path}.")}
+    code, message = codes.get(exc.status_code, ("http_error", str(exc.detail)))
+    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """True bugs only: bad input is refused with a 4xx long before it gets here."""
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "Something went wrong on our side; the error was logged.")
+
+
+EXCEPTION_HANDLERS = {ApiError: _on_api_error, HTTPException: _on_http_exception, Exception: _on_unexpected}
+
+
+# --- 2. Identifiers and credentials ---------------------------------------------------------
+
+_BASE36 = string.digits + string.ascii_lowercase  # in sorting order
+
+
+def _base36(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, digit = divmod(number, 36)
+        digits.append(_BASE36[digit])
+    return "".join(reversed(digits))
+
+
+# Event, delivery and inbound ids are not secrets and are made on the hot path: a generator
+# seeded once from the OS saves a system call per id. Partner ids, which partners see and
+# which must not hint at each other, come from the OS every time.
+_FAST_BITS = random.Random(secrets.randbits(256))
+
+
+def new_id(prefix: str, unpredictable: bool = False) -> str:
+    """``prefix`` + 9 base-36 digits of the time in ms + 12 random ones (62 bits): unique,
+    and sortable by creation time."""
+    bits = secrets.randbits(62) if unpredictable else _FAST_BITS.getrandbits(62)
+    return prefix + _base36(int(time.time() * 1000), 9) + _base36(bits, 12)
+
+
+def new_shared_secret() -> str:
+    """A partner's HMAC key: 256 bits from the OS, shown to the partner once."""
+    return "sk_live_" + secrets.token_urlsafe(32)
+
+
+def new_api_key() -> str:
+    """A partner's API key, shown once; only its ``hash_api_key`` is stored."""
+    return "pak_" + secrets.token_urlsafe(32)
+
+
+def hash_api_key(api_key: str) -> str:
+    """API keys are stored as SHA-256 only: a copy of the database does not reveal them."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def secret_json(shared_secret: str) -> dict[str, str]:
+    """A newly minted secret as the partner receives it: as is, and in Standard Webhooks form."""
+    return {"shared_secret": shared_secret,
+            "standard_webhooks_secret": signing.standard_webhooks_secret(shared_secret)}
+
+
+# --- What the routes share -------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What the routes share, built in the lifespan."""
+
+    config: Config
+    store: Store
+    loop: DeliveryLoop
+    admin_token: str
+    clock: Callable[[], float]
+    notifier: realtime.Notifier
+    tokens: realtime.Tokens
+    inbound_limit: RateLimiter
+    inbound_failure_limit: RateLimiter
+    registration_limit: RateLimiter
+    metrics: metrics.Metrics
+
+
+def context(request: Request) -> Context:
+    return request.app.state.ctx
+
+
+async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a (blocking) store call in a worker thread, off the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+# --- 3. Who is calling ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    is_admin: bool
+    partner_id: str | None = None
+
+
+async def authenticate(request: Request) -> Caller:
+    """Who sent ``Authorization: Bearer …``: the admin, a partner, or nobody we know (401)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing_credentials",
+                       "Send 'Authorization: Bearer <token>' with the admin token or your partner API key.")
+    token = token.strip()
+    ctx = context(request)
+    if hmac.compare_digest(token.encode("utf-8", "replace"), ctx.admin_token.encode("utf-8")):
+        return Caller(is_admin=True)
+    if token.startswith("pak_"):
+        partner_id = await db(ctx.store.partner_id_for_api_key, hash_api_key(token))
+        if partner_id is not None:
+            return Caller(is_admin=False, partner_id=partner_id)
+    raise ApiError(401, "invalid_credentials", "The bearer token is not valid. Check the admin token or API key.")
+
+
+# Who may call a route. Every route declares one (see ``route()``), and the check runs
+# before the handler, so a route cannot be added without deciding who may call it.
+PUBLIC = "public"              # anyone
+ADMIN = "admin"                # the admin token only (a partner key gets 403)
+CALLER = "admin_or_partner"    # the admin token or a partner API key; the handler checks ownership
+SIGNED = "signed"              # a partner, proven by the body's signature (checked by the handler)
+METRICS = "metrics"            # the admin token, or anyone when metrics_public = true
+REGISTRATION = "registration"  # the admin token, or anyone when open_registration = true
+
+
+async def check_access(request: Request, who: str) -> Caller | None:
+    """Apply a route's access rule; the caller it found, or None where no credentials are asked."""
+    if who in (PUBLIC, SIGNED) or (who == METRICS and context(request).config.security.metrics_public):
+        return None
+    if who == REGISTRATION and context(request).config.security.open_registration:
+        if "authorization" not in request.headers:
+            return None  # anyone may register; rate-limited per client address
+        who = CALLER   # credentials sent: check them, so the admin is recognised
+    caller = await authenticate(request)
+    if who in (ADMIN, REGISTRATION, METRICS) and not caller.is_admin:
+        raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
+    return caller
+
+
+def route(method: str, path: str, endpoint: Callable, who: str) -> Route:
+    """A Starlette route whose access rule ``who`` is checked before ``endpoint`` runs."""
+
+    async def guarded(request: Request) -> JSONResponse:
+        request.state.caller = await check_access(request, who)
+        return await endpoint(request)
+
+    declared = Route(path, guarded, methods=[method], name=endpoint.__name__)
+    declared.who = who  # read by the test that walks the route table
+    return declared
+
+
+def caller_of(request: Request) -> Caller:
+    return request.state.caller
+
+
+def owned_partner_id(request: Request) -> str:
+    """The ``{partner_id}`` in the path, if the caller is the admin or that partner itself.
+    Another partner gets the same 404 as an unknown id, so ids do not leak."""
+    partner_id = request.path_params["partner_id"]
+    caller = caller_of(request)
+    if not caller.is_admin and caller.partner_id != partner_id:
+        raise partner_not_found(partner_id)
+    return partner_id
+
+
+# --- 4. Rate limits -----------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Token buckets, one per key: ``rate_per_s`` tokens a second, at most ``burst`` saved up."""
+
+    MAX_KEYS = 10_000  # beyond this, buckets that are full again are forgotten
+
+    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float]):
+        self.rate, self.burst, self.clock = rate_per_s, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def check(self, key: str, what: str) -> None:
+        """Take one token for ``key``, or raise a 429 that says when to come back."""
+        self.refuse_if_empty(key, what)
+        self.take(key)
+
+    def refuse_if_empty(self, key: str, what: str) -> None:
+        """Raise a 429 if ``key`` has no token left, without taking one."""
+        tokens = self._tokens(key, self.clock())
+        if tokens < 1:
+            wait = math.ceil((1 - tokens) / self.rate)
+            raise ApiError(429, "rate_limited", f"Too many {what}; try again in {wait} s.",
+                           headers={"Retry-After": str(wait)})
+
+    def take(self, key: str) -> None:
+        """Spend one token of ``key`` (down to zero)."""
+        now = self.clock()
+        self._buckets[key] = (max(0.0, self._tokens(key, now) - 1), now)
+        if len(self._buckets) > self.MAX_KEYS:
+            self._buckets = {k: v for k, v in self._buckets.items()
+                             if v[0] + (now - v[1]) * self.rate < self.burst}
+
+    def _tokens(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+
+# --- 5. Reading requests ---------------------------------------------------------------------------------
+
+
+def check_content_type(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media = content_type.split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type {media!r} is not accepted. Send 'Content-Type: application/json'.")
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it is larger than ``max_bytes``."""
+    too_large = ApiError(413, "body_too_large", f"The body is larger than {max_bytes} bytes. Send a smaller one.")
+    declared = request.headers.get("content-length", "")
+    if re.fullmatch(r"[0-9]+", declared) and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_object(raw: bytes, max_depth: int) -> dict[str, Any]:
+    try:
+        value = signing.parse_json(raw, max_depth)
+    except signing.BadJSON as exc:
+        raise ApiError(400, "malformed_json", str(exc)) from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "not_an_object", "The body must be a JSON object, like {\"key\": \"value\"}.")
+    return value
+
+
+async def read_json_object(request: Request, allowed: set[str] | None = None) -> dict[str, Any]:
+    """The body as a JSON object; with ``allowed``, a field outside it is a 422 naming it."""
+    check_content_type(request)
+    security = context(request).config.security
+    body = parse_object(await read_body(request, security.max_body_bytes), security.max_json_depth)
+    for name in body if allowed is not None else ():
+        if name not in allowed:
+            raise invalid(name, f"is not a known field. Known fields: {', '.join(sorted(allowed))}.")
+    return body
+
+
+def is_small_number(text: str) -> bool:
+    """ASCII digits only, at most 12 of them (``str.isdigit`` also says yes to '²')."""
+    return re.fullmatch(r"[0-9]{1,12}", text) is not None
+
+
+def page_params(request: Request) -> tuple[int, str | None]:
+    """``?limit=`` (1-200, default 50) and ``?cursor=`` (opaque: base64 of the last id seen)."""
+    limit_text = request.query_params.get("limit", "50")
+    if not is_small_number(limit_text) or not 1 <= int(limit_text) <= 200:
+        raise invalid("limit", f"must be a whole number from 1 to 200, not {limit_text!r}.")
+    cursor = request.query_params.get("cursor")
+    if cursor is None:
+        return int(limit_text), None
+    try:
+        decoded = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
+        decoded = ""
+    if not re.fullmatch(r"[a-z]+_[a-z0-9]+", decoded):
+        raise invalid("cursor", "is not a cursor this server gave out. Use next_cursor from the previous page.")
+    return int(limit_text), decoded
+
+
+def page_json(page, render: Callable[[Any], dict]) -> dict[str, Any]:
+    cursor = page.next_cursor
+    return {"items": [render(item) for item in page.items],
+            "next_cursor": base64.urlsafe_b64encode(cursor.encode()).decode().rstrip("=") if cursor else None}
