@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 from config import Config, DeliveryConfig
 from metrics import Metrics
+from models import Job, Outcome
 from sender import Sender, Sent
-from store import Job, Outcome, Store, take_batch
+from store import Store, take_batch
 
 logger = logging.getLogger("webhookd.delivery")
 

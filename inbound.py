@@ -36,7 +36,7 @@ from starlette.websockets import WebSocket
 import realtime
 import signing
 from config import EVENT_TYPE
-from store import InboundEvent, Partner
+from models import InboundEvent, Partner
 from web import (
     ApiError,
     Context,

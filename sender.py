@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import signing
-from store import Attempt, Job
+from models import Attempt, Job
 from targets import Target, TargetRefused, parse_target, resolve_target
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Every SQL statement webhookd runs, behind a narrow face of domain objects.
+"""Every SQL statement webhookd runs, behind a narrow face of domain objects (models.py).
 
 The data model, in one paragraph: a **partner** subscribes to event types
 (**subscriptions**). Publishing stores one **event** (its canonical body, the exact
@@ -26,9 +26,10 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from models import Attempt, Delivery, Event, InboundEvent, Job, Outcome, Page, Partner, valid_secrets
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS partners (
@@ -104,121 +105,6 @@ SCHEMA = [
 
 # Named schema changes, applied once each in order and recorded in schema_migrations.
 MIGRATIONS: list[tuple[str, list[str]]] = []
-
-
-# --- Domain objects ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Partner:
-    id: str
-    name: str
-    webhook_url: str
-    status: str
-    events: tuple[str, ...]
-    secret: str
-    previous_secret: str | None
-    previous_secret_until: float | None
-    created_at: float
-    updated_at: float
-    failing_since: float | None = None
-    disabled_reason: str | None = None
-
-    def valid_secrets(self, now: float) -> list[str]:
-        return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
-
-
-def valid_secrets(secret: str, previous: str | None, previous_until: float | None, now: float) -> list[str]:
-    """The current secret, plus the previous one while its rotation overlap lasts: what signs
-    an outgoing webhook (``webhook-signature`` carries one signature per secret) and what
-    verifies an inbound one."""
-    return [secret, previous] if previous and (previous_until or 0) > now else [secret]
-
-
-@dataclass(frozen=True)
-class Event:
-    id: str
-    type: str
-    body: bytes
-    fanout: int
-    created_at: float
-    idempotency_key: str | None = None
-    request_hash: str | None = None
-
-
-@dataclass(frozen=True)
-class Attempt:
-    attempt: int
-    started_at: float
-    duration_ms: int
-    status_code: int | None
-    error: str | None
-    response_snippet: str | None
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: str
-    event_id: str
-    event: str
-    partner_id: str
-    state: str
-    attempt_count: int
-    max_attempts: int
-    next_attempt_at: float
-    leased_until: float | None
-    created_at: float
-    updated_at: float
-    attempts: tuple[Attempt, ...] = field(default=())
-
-
-@dataclass(frozen=True)
-class Job:
-    """One claimed delivery with everything needed to send it, read in the claim's transaction."""
-
-    delivery_id: str
-    event_id: str
-    event: str
-    partner_id: str
-    url: str
-    secrets: tuple[str, ...]
-    body: bytes
-    attempt: int        # the number of the attempt about to be made, from 1
-    max_attempts: int
-    partner_failing_since: float | None = None
-    created_at: float = 0.0   # when the delivery was created (publish time)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The result of one attempt, as the delivery loop wants it written."""
-
-    delivery_id: str
-    partner_id: str
-    attempt: Attempt
-    state: str                          # the delivery's new state
-    next_attempt_at: float
-    partner_failing_since: float | None = None
-    partner_failing_changed: bool = False
-    disable_reason: str | None = None   # set: disable the partner
-    event_id: str = ""                  # for the log line and metrics
-    created_at: float = 0.0             # the delivery's creation (publish) time
-
-
-@dataclass(frozen=True)
-class InboundEvent:
-    id: str
-    partner_id: str
-    type: str
-    dedupe_key: str
-    body: bytes
-    received_at: float
-
-
-@dataclass(frozen=True)
-class Page:
-    items: list[Any]
-    next_cursor: str | None
 
 
 def _partner_from_row(row: sqlite3.Row, events: tuple[str, ...]) -> Partner:
@@ -647,19 +533,7 @@ class Store:
                     )
                     taken[partner_id] += len(batch)
                     ids += batch
-            if not ids:
-                return []
-            placeholders = ",".join(f":id{n}" for n in range(len(ids)))
-            rows = db.execute(
-                f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.webhook_url, p.secret,
-                           p.previous_secret, p.previous_secret_until, p.failing_since, e.body,
-                           d.attempt_count, d.max_attempts, d.created_at
-                    FROM deliveries d JOIN events e ON e.id = d.event_id
-                                      JOIN partners p ON p.id = d.partner_id
-                    WHERE d.id IN ({placeholders})""",
-                {f"id{n}": i for n, i in enumerate(ids)},
-            ).fetchall()
-        return [_job_from_row(row, now) for row in rows]
+            return _read_jobs(db, ids, now)
 
     def finish_attempts(self, outcomes: list[Outcome], now: float) -> list[str]:
         """Record many attempts in one transaction (group commit); return the ids not recorded.
@@ -878,6 +752,23 @@ _NEXT_DUE_FOR_PARTNER = """
 _DELIVERY_SELECT = """
     SELECT d.*, e.type AS event FROM deliveries d JOIN events e ON e.id = d.event_id
 """
+
+
+def _read_jobs(db: sqlite3.Connection, ids: list[str], now: float) -> list[Job]:
+    """The claimed deliveries with everything a sender needs, read in the claim's transaction."""
+    if not ids:
+        return []
+    placeholders = ",".join(f":id{n}" for n in range(len(ids)))
+    rows = db.execute(
+        f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.webhook_url, p.secret,
+                   p.previous_secret, p.previous_secret_until, p.failing_since, e.body,
+                   d.attempt_count, d.max_attempts, d.created_at
+            FROM deliveries d JOIN events e ON e.id = d.event_id
+                              JOIN partners p ON p.id = d.partner_id
+            WHERE d.id IN ({placeholders})""",
+        {f"id{n}": i for n, i in enumerate(ids)},
+    ).fetchall()
+    return [_job_from_row(row, now) for row in rows]
 
 
 def _job_from_row(row: sqlite3.Row, now: float) -> Job:

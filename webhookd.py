@@ -58,7 +58,8 @@ import signing
 import targets
 from config import FIELD_TYPES, Config, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event
-from store import Delivery, Event, Partner, Store
+from models import Delivery, Event, Partner
+from store import Store
 from web import (
     ADMIN,
     CALLER,

@@ -5,9 +5,9 @@ import time
 
 import delivery
 from conftest import free_port, wait_for
+from models import Attempt, Job
 from payloads import PAYMENT_SUCCESS
 from sender import Sent
-from store import Attempt, Job
 
 
 def _publish(hub, n, **extra):

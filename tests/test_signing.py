@@ -54,6 +54,24 @@ def test_official_standardwebhooks_library_verifies_our_headers():
         stranger.verify(GUIDE_CANONICAL, headers)
 
 
+def test_standard_signature_matches_agrees_with_the_official_library():
+    """Our receiver-side check (used by `webhookd listen`) accepts what the official library
+    signs, and refuses another secret, a stale or malformed timestamp and a changed body."""
+    from datetime import datetime, timezone
+
+    now = 1704186000
+    official = standardwebhooks.Webhook(signing.standard_webhooks_secret(SECRET))
+    header = official.sign("evt_42", datetime.fromtimestamp(now, tz=timezone.utc), GUIDE_CANONICAL.decode())
+    assert signing.standard_signature_matches(SECRET, "evt_42", str(now), GUIDE_CANONICAL, header, now + 299)
+    assert signing.standard_signature_matches(SECRET, "evt_42", str(now), GUIDE_CANONICAL,
+                                              "v1,bm90IGl0 " + header, now)  # any one of several
+    assert not signing.standard_signature_matches("sk_live_other", "evt_42", str(now), GUIDE_CANONICAL, header, now)
+    assert not signing.standard_signature_matches(SECRET, "evt_42", str(now), GUIDE_CANONICAL, header, now + 301)
+    assert not signing.standard_signature_matches(SECRET, "evt_42", "17e8", GUIDE_CANONICAL, header, now)
+    assert not signing.standard_signature_matches(SECRET, "evt_43", str(now), GUIDE_CANONICAL, header, now)
+    assert not signing.standard_signature_matches(SECRET, "evt_42", str(now), GUIDE_CANONICAL + b" ", header, now)
+
+
 def test_verify_accepts_raw_body_and_the_guides_requests_json_body():
     # The guide's sender signs the canonical string but posts json.dumps(payload) bytes.
     sent_body = json.dumps(GUIDE_PAYLOAD).encode()

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from store import Attempt, Outcome, Store
+from models import Attempt, Outcome
+from store import Store
 
 _counter = iter(range(10**9))
 
@@ -270,3 +271,19 @@ def test_the_in_memory_partners_follow_every_write(store):
     shown = store.get_partner(p.id)
     assert shown.status == "disabled" and shown.disabled_reason == "410 Gone" and shown.failing_since == 1003.0
     assert store.partners_accepting_inbound() == []
+
+
+def test_memory_only_reads_never_touch_sqlite(store, monkeypatch):
+    """The three reads the event loop may call directly (see ``Store``) must not block on the
+    database: with every connection made unusable they still answer, after a write too."""
+    p = _partner(store)
+    store.update_partner(p.id, now=1001.0, webhook_url="http://127.0.0.1:9/y")
+
+    def no_sqlite(*args, **kwargs):
+        raise AssertionError("a memory-only read touched SQLite")
+
+    monkeypatch.setattr(store, "_reader", no_sqlite)
+    monkeypatch.setattr(store, "_transaction", no_sqlite)
+    assert store.get_partner(p.id).webhook_url == "http://127.0.0.1:9/y"
+    assert [x.id for x in store.all_partners()] == [p.id]
+    assert [x.id for x in store.partners_accepting_inbound()] == [p.id]

@@ -1,0 +1,128 @@
+"""The nouns of webhookd: what the store hands out and the delivery loop passes around.
+
+A **partner** subscribes to event types. Publishing stores one **event** (its canonical
+body: exactly the bytes we send) and one **delivery** per subscribed partner. Every try
+of a delivery is an **attempt**. The delivery loop claims a delivery as a **job** (all it
+needs to send, read in one transaction) and hands back an **outcome** (the attempt and
+the delivery's next state). Events that partners post to us are **inbound events**.
+
+Plain frozen dataclasses, no behaviour beyond reading themselves: ``store.py`` turns
+rows into them, and nothing outside the store sees a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Partner:
+    id: str
+    name: str
+    webhook_url: str
+    status: str
+    events: tuple[str, ...]
+    secret: str
+    previous_secret: str | None
+    previous_secret_until: float | None
+    created_at: float
+    updated_at: float
+    failing_since: float | None = None
+    disabled_reason: str | None = None
+
+    def valid_secrets(self, now: float) -> list[str]:
+        return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
+
+
+def valid_secrets(secret: str, previous: str | None, previous_until: float | None, now: float) -> list[str]:
+    """The current secret, plus the previous one while its rotation overlap lasts: what signs
+    an outgoing webhook (``webhook-signature`` carries one signature per secret) and what
+    verifies an inbound one."""
+    return [secret, previous] if previous and (previous_until or 0) > now else [secret]
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str
+    body: bytes
+    fanout: int
+    created_at: float
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    attempt: int
+    started_at: float
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+    response_snippet: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    event_id: str
+    event: str
+    partner_id: str
+    state: str
+    attempt_count: int
+    max_attempts: int
+    next_attempt_at: float
+    leased_until: float | None
+    created_at: float
+    updated_at: float
+    attempts: tuple[Attempt, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Job:
+    """One claimed delivery with everything needed to send it, read in the claim's transaction."""
+
+    delivery_id: str
+    event_id: str
+    event: str
+    partner_id: str
+    url: str
+    secrets: tuple[str, ...]
+    body: bytes
+    attempt: int        # the number of the attempt about to be made, from 1
+    max_attempts: int
+    partner_failing_since: float | None = None
+    created_at: float = 0.0   # when the delivery was created (publish time)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one attempt, as the delivery loop wants it written."""
+
+    delivery_id: str
+    partner_id: str
+    attempt: Attempt
+    state: str                          # the delivery's new state
+    next_attempt_at: float
+    partner_failing_since: float | None = None
+    partner_failing_changed: bool = False
+    disable_reason: str | None = None   # set: disable the partner
+    event_id: str = ""                  # for the log line and metrics
+    created_at: float = 0.0             # the delivery's creation (publish) time
+
+
+@dataclass(frozen=True)
+class InboundEvent:
+    id: str
+    partner_id: str
+    type: str
+    dedupe_key: str
+    body: bytes
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_cursor: str | None
