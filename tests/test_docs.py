@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import tomllib
 
 import cli
 import config
@@ -38,3 +39,16 @@ def test_the_readme_opens_with_the_two_commands():
     head = README[:600]
     assert "make run" in head and "make test" in head
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_module_is_in_the_layout_the_architecture_page_and_the_install():
+    """A module added without a row in the README's layout, in docs/architecture.md's table, or in
+    pyproject's py-modules (which the installed `webhookd` command imports from) fails here."""
+    modules = sorted(p.stem for p in ROOT.glob("*.py"))
+    layout = README[README.index("## Layout"):]
+    architecture = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for module in modules:
+        assert f"`{module}.py`" in layout, f"{module}.py missing from the README's layout table"
+        assert f"`{module}.py`" in architecture, f"{module}.py missing from docs/architecture.md"
+    installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(installed) == modules
