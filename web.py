@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     import realtime
     from config import Config
     from delivery import DeliveryLoop
+    from models import Partner
     from store import Store
 
 logger = logging.getLogger("webhookd")
@@ -252,6 +253,16 @@ def owned_partner_id(request: Request) -> str:
     if not caller.is_admin and caller.partner_id != partner_id:
         raise partner_not_found(partner_id)
     return partner_id
+
+
+def owned_partner(request: Request) -> Partner:
+    """The partner in the path, under the same rule, read from the store's in-memory
+    partners (no thread hop); an unknown id is a 404."""
+    partner_id = owned_partner_id(request)
+    partner = context(request).store.get_partner(partner_id)
+    if partner is None:
+        raise partner_not_found(partner_id)
+    return partner
 
 
 # --- 4. Rate limits -----------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import openapi
 import realtime
 import signing
 import targets
-from config import FIELD_TYPES, Config, admin_token
+from config import FIELD_TYPES, Config, SecurityConfig, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event
 from models import Delivery, Event, Partner
 from store import Store
@@ -82,6 +82,7 @@ from web import (
     new_api_key,
     new_id,
     new_shared_secret,
+    owned_partner,
     owned_partner_id,
     page_json,
     page_params,
@@ -133,7 +134,7 @@ def event_json(event: Event) -> dict[str, Any]:
 # =====================================================================================
 
 
-async def check_webhook_url(url: Any, allow_private: bool, allowed_ports: tuple[int, ...] = ()) -> str:
+async def check_webhook_url(url: Any, security: SecurityConfig) -> str:
     """A partner's URL: at most 2048 characters, no spaces, and ``targets.parse_target``'s rule
     (http(s), a host, no user:password@, an allowed port); unless private targets are allowed,
     a host that resolves only to public addresses. The sender checks the same before sending."""
@@ -144,10 +145,10 @@ async def check_webhook_url(url: Any, allow_private: bool, allowed_ports: tuple[
     if any(ord(c) < 33 or ord(c) == 127 for c in url):
         raise invalid("webhook_url", "must not contain spaces or control characters.")
     try:
-        target = targets.parse_target(url, allowed_ports)
+        target = targets.parse_target(url, security.allowed_ports)
     except (targets.BadURL, targets.TargetRefused) as exc:
         raise invalid("webhook_url", str(exc)) from None
-    if not allow_private:
+    if not security.allow_private_targets:
         try:
             await targets.resolve_target_async(target.host, target.port, False)
         except targets.TargetRefused as exc:
@@ -187,8 +188,7 @@ async def register_partner(request: Request) -> JSONResponse:
         ctx.registration_limit.check(client_address(request), "registrations")
     body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events"})
     name = check_partner_name(body.get("partner_name"))
-    url = await check_webhook_url(body.get("webhook_url"), ctx.config.security.allow_private_targets,
-                                  ctx.config.security.allowed_ports)
+    url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
     events = check_events(body.get("events"), ctx.config.events)
     shared_secret, api_key = new_shared_secret(), new_api_key()
     partner = await db(ctx.store.add_partner, partner_id=new_id("partner_", unpredictable=True), name=name,
@@ -203,16 +203,6 @@ async def list_partners(request: Request) -> JSONResponse:
     limit, cursor = page_params(request)
     page = await db(context(request).store.list_partners, limit=limit, cursor=cursor)
     return JSONResponse(page_json(page, partner_json))
-
-
-def owned_partner(request: Request) -> Partner:
-    """The partner in the path, if the caller is the admin or that partner (404 otherwise).
-    Reads the store's in-memory partners: no thread hop."""
-    partner_id = owned_partner_id(request)
-    partner = context(request).store.get_partner(partner_id)
-    if partner is None:
-        raise partner_not_found(partner_id)
-    return partner
 
 
 async def get_partner(request: Request) -> JSONResponse:
@@ -231,8 +221,7 @@ async def update_partner(request: Request) -> JSONResponse:
         raise ApiError(422, "invalid_field", "Send at least one of 'webhook_url', 'events', 'status'.")
     url = None
     if "webhook_url" in body:
-        url = await check_webhook_url(body["webhook_url"], ctx.config.security.allow_private_targets,
-                                      ctx.config.security.allowed_ports)
+        url = await check_webhook_url(body["webhook_url"], ctx.config.security)
     events = check_events(body["events"], ctx.config.events) if "events" in body else None
     status = body.get("status")
     if "status" in body and status not in ("active", "paused"):
