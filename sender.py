@@ -9,9 +9,11 @@ One attempt, step by step:
 1. ``targets.parse_target`` checks the URL and the allowed ports again;
 2. ``build_headers`` signs the stored bytes (``X-Webhook-Signature`` and the Standard
    Webhooks headers), and ``_request_bytes`` writes the whole request in one buffer;
-3. the thread's kept-alive connection to that origin is reused if it is fresh, else a
-   new one is opened to the address ``targets.resolve_target`` checked (pinned: TLS
-   still checks the URL's host name);
+3. the thread's kept-alive connection to that origin is reused if it is fresh and the
+   partner has not closed it, else a new one is opened to the address
+   ``targets.resolve_target`` checked (pinned: TLS still checks the URL's host name);
+   a request is written again on a new connection only if the kept one broke before the
+   whole request went out — once written, the partner may have acted on it;
 4. the watchdog ``_Deadlines`` cuts the request off ``timeout_s`` after it began,
    however slowly the partner drips its answer;
 5. the first 1 KiB of the answer is kept, redirects are never followed, and a 429/503
@@ -24,6 +26,7 @@ import email.utils
 import heapq
 import http.client
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -88,7 +91,7 @@ def _request_bytes(target: Target, headers: dict[str, str], body: bytes) -> byte
 
     ``http.client``'s ``request()`` builds the same head one ``putheader`` at a time and
     writes head and body separately; on the hot path that bookkeeping costs more than
-    the write itself. Its response parser reads the answer (``_exchange``).
+    the write itself. Its response parser reads the answer (``_read_head``).
     """
     if any(ord(c) < 33 or ord(c) == 127 for c in target.path):
         raise ValueError("the URL's path holds spaces or control characters")
@@ -178,14 +181,28 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-def _exchange(conn: http.client.HTTPConnection, request: bytes) -> http.client.HTTPResponse:
-    """Write ``request`` on the (pinned) connection and read the response head."""
+def _write(conn: http.client.HTTPConnection, request: bytes) -> None:
+    """Connect if need be, and write ``request`` whole."""
     if conn.sock is None:
         conn.connect()
     conn.sock.sendall(request)
+
+
+def _read_head(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+    """Read the status line and headers of the answer (``http.client``'s parser)."""
     response = http.client.HTTPResponse(conn.sock, method="POST")
     response.begin()
     return response
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """True if an idle kept-alive connection is readable: the partner closed it (or sent bytes
+    nobody asked for). Either way it must not carry the next request."""
+    if conn.sock is None:
+        return True
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _Deadlines:
@@ -250,7 +267,7 @@ class _Deadlines:
 
 
 _deadlines = _Deadlines()
-_STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_BROKEN_WRITE = (ConnectionResetError, BrokenPipeError)
 
 
 # --- The sender -----------------------------------------------------------------------------------
@@ -295,17 +312,20 @@ class Sender:
         watch = _deadlines.watch(deadline, conn)
         try:
             try:
-                response = _exchange(conn, request)
-            except _STALE_CONNECTION:
+                _write(conn, request)
+            except _BROKEN_WRITE:
                 if not reused or watch[2] is None:
                     raise
-                # The partner closed our idle connection as we reused it: nothing was
-                # processed, so one fresh connection is safe (as urllib3 does).
+                # The kept connection broke before the whole request went out, so the partner
+                # cannot have read it: one fresh connection is safe. Once the request is written,
+                # a connection that closes without an answer fails the attempt instead (the
+                # partner may have acted on it); the next attempt comes after a backoff.
                 conn.close()
                 _deadlines.release(watch)
                 conn, reused = self._checkout(target, deadline)
                 watch = _deadlines.watch(deadline, conn)
-                response = _exchange(conn, request)
+                _write(conn, request)
+            response = _read_head(conn)
             answer.status, answer.retry_after = response.status, response.getheader("Retry-After")
             answer.snippet = response.read(SNIPPET_BYTES).decode("utf-8", "replace")
             response.read(DRAIN_BYTES)
@@ -331,7 +351,7 @@ class Sender:
         kept = self._connections().pop((target.scheme, target.host, target.port), None)
         if kept is not None:
             conn, last_used = kept
-            if time.monotonic() - last_used < self.settings.idle_connection_s:
+            if time.monotonic() - last_used < self.settings.idle_connection_s and not _dropped(conn):
                 return conn, True
             conn.close()
         ip = resolve_target(target.host, target.port, self.settings.allow_private_targets,

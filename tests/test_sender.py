@@ -1,7 +1,10 @@
 """One HTTP attempt (sender.py): the request on the wire, the watchdog's deadline, Retry-After."""
 
 import socket
+import threading
 import time
+
+import pytest
 
 import sender
 from conftest import wait_for
@@ -48,3 +51,123 @@ def test_retry_after_parsing_is_strict_and_clamped():
     assert parse_retry_after("²", now=0, max_s=3600) is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0, max_s=3600) == 10.0
     assert parse_retry_after("soon", now=0, max_s=3600) is None
+
+
+# --- Kept-alive connections and what a partner may have read ----------------------------------
+
+
+class RawReceiver:
+    """A partner endpoint on a raw socket, to script what HTTP servers do to kept-alive
+    connections. ``actions`` are taken one per request, in order (then ``"answer"``):
+
+    * ``"answer"``: 200, and keep the connection open;
+    * ``"answer_then_close"``: 200, then close the connection (an idle timeout, at once);
+    * ``"read_then_close"``: read the whole request, then close without a byte of answer.
+
+    It records the ``X-Webhook-Id`` of every complete request it read."""
+
+    def __init__(self, actions):
+        self.actions = list(actions)
+        self.requests: list[str] = []
+        self.closed = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        conn.settimeout(10)
+        buffer = b""
+        with conn:
+            while not self._stop:
+                while b"\r\n\r\n" not in buffer:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                headers = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:])
+                length = int(headers.get("Content-Length", "0"))
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                buffer = buffer[length:]
+                self.requests.append(headers.get("X-Webhook-Id", "?"))
+                action = self.actions.pop(0) if self.actions else "answer"
+                if action == "read_then_close":
+                    self.closed += 1
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
+                if action == "answer_then_close":
+                    self.closed += 1
+                    return
+
+    def stop(self):
+        self._stop = True
+        self.sock.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+@pytest.fixture
+def raw_receiver_factory():
+    started = []
+
+    def make(actions):
+        receiver = RawReceiver(actions)
+        started.append(receiver)
+        return receiver
+
+    yield make
+    for receiver in started:
+        receiver.stop()
+
+
+def test_a_request_the_partner_read_is_not_written_again_in_the_same_attempt(webhookd_factory,
+                                                                               raw_receiver_factory):
+    """The partner reads the second request on a kept-alive connection, then closes it without an
+    answer: it may have acted on it, so that attempt fails (connection_reset) and the request is
+    sent again only by the next attempt, after a backoff — never twice inside one attempt."""
+    hub = webhookd_factory(delivery__concurrency=1)
+    receiver = raw_receiver_factory(["answer", "read_then_close"])
+    hub.register(receiver.url, ["payment.success"])
+    first = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_1"}).json()["event_id"]
+    wait_for(lambda: hub.deliveries(state="delivered"))
+    second = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_2"}).json()["event_id"]
+    done = wait_for(lambda: [d for d in hub.deliveries(event_id=second) if d["state"] == "delivered"])
+    attempts = hub.delivery(done[0]["delivery_id"])["attempts"]
+    assert receiver.requests.count(first) == 1
+    assert receiver.requests.count(second) == len(attempts) == 2, (receiver.requests, attempts)
+    assert attempts[0]["error"] == "connection_reset" and attempts[1]["status_code"] == 200
+
+
+def test_a_kept_connection_the_partner_closed_while_idle_is_replaced_before_writing(webhookd_factory,
+                                                                                   raw_receiver_factory):
+    """A partner that closes idle connections at once costs no failed attempt: the sender sees the
+    closed connection before it writes, and opens a new one."""
+    hub = webhookd_factory(delivery__concurrency=1)
+    receiver = raw_receiver_factory(["answer_then_close"])
+    hub.register(receiver.url, ["payment.success"])
+    hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_1"})
+    wait_for(lambda: hub.deliveries(state="delivered") and receiver.closed == 1)
+    second = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_2"}).json()["event_id"]
+    done = wait_for(lambda: [d for d in hub.deliveries(event_id=second) if d["state"] == "delivered"])
+    assert [a["status_code"] for a in hub.delivery(done[0]["delivery_id"])["attempts"]] == [200]
+    assert receiver.requests.count(second) == 1
