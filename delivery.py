@@ -234,6 +234,7 @@ class DeliveryLoop:
         self._lock = threading.Lock()       # guards the two counts below
         self._claimed = 0                   # claimed and not finished (queued or being sent)
         self._busy: collections.Counter[str] = collections.Counter()  # the same, per partner
+        self._released: list[Job] = []      # claimed, then given up unsent because of a stop
         self._all_done = threading.Event()  # set whenever nothing is claimed
         self._all_done.set()
         self._wakeup: asyncio.Event | None = None
@@ -275,7 +276,9 @@ class DeliveryLoop:
         self.wake()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop claiming, wait (bounded) for the claimed attempts, and record their results.
+        """Stop at once: no new claim and no new send. Claimed jobs that no sender has started
+        are released (due again at once, their attempt count unchanged); attempts already on
+        the wire get the grace period, and every result that comes back is recorded.
 
         An attempt still running after the grace period keeps its lease; the next
         run takes it again once the lease runs out. Nothing is lost either way.
@@ -285,11 +288,22 @@ class DeliveryLoop:
         if self._purge_task is not None:
             self._purge_task.cancel()
         await asyncio.gather(*(t for t in (self._run_task, self._purge_task) if t), return_exceptions=True)
+        while True:  # the queued jobs; a sender that took one just now releases it itself
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._release(job)
+        for _ in self._senders:
+            self._jobs.put(None)
         grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
         await asyncio.to_thread(self._all_done.wait, grace)
         unfinished = self.in_flight
-        for _ in self._senders:
-            self._jobs.put(None)  # each sender stops after the jobs already queued
+        with self._lock:
+            released = [job.delivery_id for job in self._released]
+        if released:
+            await asyncio.to_thread(self.store.release_claims, released, self.clock())
         self._results.put(None)   # the recorder writes what is queued, then stops
         await asyncio.to_thread(self._recorder.join, 10)
         logger.info("delivery loop stopped; %d attempts left unfinished (their leases will run out "
@@ -376,12 +390,21 @@ class DeliveryLoop:
     def _send_jobs(self) -> None:
         """A sender thread: one claimed job after another, until the stop sentinel."""
         while (job := self._jobs.get()) is not None:
+            if self._stopping:  # claimed before the stop, not started: it is not sent now
+                self._release(job)
+                continue
             try:
                 self._attempt(job)
             except Exception:  # never die on one delivery: its lease brings it back
                 logger.exception("delivery %s: the attempt crashed; it will be retried", job.delivery_id)
             finally:
                 self._finished(job)
+
+    def _release(self, job: Job) -> None:
+        """Give up a claimed job without sending it; ``stop`` releases its lease in the store."""
+        with self._lock:
+            self._released.append(job)
+        self._finished(job)
 
     # One attempt, in a worker thread -------------------------------------------------------
 

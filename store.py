@@ -579,6 +579,15 @@ class Store:
             self._reload_partners()
         return lost
 
+    def release_claims(self, delivery_ids: list[str], now: float) -> int:
+        """Give back claimed deliveries that were never sent (the process is stopping): due
+        again at ``now``, attempt count unchanged. Returns how many were released."""
+        with self._transaction(durable=False) as db:
+            return sum(db.execute(
+                """UPDATE deliveries SET leased_until = NULL, next_attempt_at = :now
+                   WHERE id = :id AND state = 'pending' AND leased_until IS NOT NULL""",
+                {"id": delivery_id, "now": now}).rowcount for delivery_id in delivery_ids)
+
     def requeue_expired_leases(self, now: float) -> int:
         """Forget leases that ran out (their holder died); those rows are due again. Returns how many."""
         with self._transaction(durable=False) as db:

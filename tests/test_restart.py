@@ -92,6 +92,35 @@ def test_sigterm_drains_attempts_in_flight(serve_factory, receiver_factory):
     assert rows == [("delivered", None)] * 3
 
 
+def test_sigterm_starts_no_queued_send_and_releases_its_lease(serve_factory, receiver_factory):
+    """One sender, one attempt in flight and one claimed behind it when SIGTERM comes: the one in
+    flight finishes and is recorded; the queued one is not sent, and its lease is released, so a
+    restart sends it at once and exactly once."""
+    receiver = receiver_factory(default=(200, 0.8))
+    serve = serve_factory(WEBHOOKD_DELIVERY_CONCURRENCY="1", WEBHOOKD_DELIVERY_TIMEOUT_S="5")
+    _register(serve.url, receiver.url)
+    for i in range(3):
+        assert httpx.post(serve.url + "/events", headers=ADMIN,
+                          json={**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
+    db_path = serve.env["WEBHOOKD_STORAGE_PATH"]
+
+    def leased():
+        with sqlite3.connect(db_path) as db:
+            return db.execute("SELECT COUNT(*) FROM deliveries WHERE leased_until IS NOT NULL").fetchone()[0]
+
+    wait_for(lambda: len(receiver.received) == 1 and leased() == 2)  # one in flight, one queued behind it
+    serve.stop(signal.SIGTERM)
+    assert len(receiver.received) == 1
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT state, attempt_count, leased_until FROM deliveries ORDER BY id").fetchall()
+    assert sorted(rows) == [("delivered", 1, None), ("pending", 0, None), ("pending", 0, None)]
+
+    restarted = serve_factory(port=serve.port, WEBHOOKD_STORAGE_PATH=db_path)
+    wait_for(lambda: all(d["state"] == "delivered" for d in _deliveries(restarted.url)), timeout=30)
+    ids = [r.headers["x-webhook-id"] for r in receiver.received]
+    assert len(ids) == 3 == len(set(ids))
+
+
 def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, receiver_factory):
     receiver = receiver_factory(default=(200, 0.03))   # slow enough that the burst is still going
     env = {"WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5"}       # lease = 4 x 0.5 + 10 = 12 s
