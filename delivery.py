@@ -400,6 +400,17 @@ class DeliveryLoop:
             finally:
                 self._finished(job)
 
+    def _as_partner_is_now(self, job: Job) -> Job | None:
+        """The job with its partner's URL and secrets as they are now, or None (and the claim
+        released) if the partner is no longer active. A change answered 200 before this
+        moment — a new URL, a rotation, a pause — so reaches every attempt that starts after
+        it, even of jobs claimed before it (memory only: the store's copy of partners)."""
+        partner = self.store.get_partner(job.partner_id)
+        if partner is None or partner.status != "active":
+            self.store.release_claims([job.delivery_id], self.clock())
+            return None
+        return dataclasses.replace(job, url=partner.webhook_url, secrets=tuple(partner.valid_secrets(self.clock())))
+
     def _release(self, job: Job) -> None:
         """Give up a claimed job without sending it; ``stop`` releases its lease in the store."""
         with self._lock:
@@ -409,6 +420,9 @@ class DeliveryLoop:
     # One attempt, in a worker thread -------------------------------------------------------
 
     def _attempt(self, job: Job) -> None:
+        job = self._as_partner_is_now(job)
+        if job is None:
+            return
         sent = self.sender.send(job)
         now = self.clock()
         state, next_at = decide(job, sent, self.settings, self.rng, now)

@@ -61,6 +61,7 @@ class Attempt:
     status_code: int | None
     error: str | None
     response_snippet: str | None
+    url: str | None = None   # where this attempt went (a partner's URL can change between attempts)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "attempt": {"type": "integer"}, "started_at": TIME, "duration_ms": {"type": "integer"},
         "status_code": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]},
         "response_snippet": {"type": ["string", "null"]},
+        "url": {"type": ["string", "null"], "description": "where this attempt was sent"},
     }
     return {
         "Error": _obj({"error": _obj({"code": {"type": "string", "pattern": "^[a-z_]+$"},

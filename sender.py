@@ -301,7 +301,7 @@ class Sender:
         except Exception as exc:  # one bad endpoint must never take the worker down
             error = classify_error(exc)
         attempt = Attempt(attempt=job.attempt, started_at=started, duration_ms=int((self.clock() - started) * 1000),
-                          status_code=answer.status, error=error, response_snippet=answer.snippet)
+                          status_code=answer.status, error=error, response_snippet=answer.snippet, url=job.url)
         return Sent(attempt, retry_after)
 
     def _post(self, target: Target, request: bytes, answer: _Answer) -> None:

@@ -104,7 +104,9 @@ SCHEMA = [
 ]
 
 # Named schema changes, applied once each in order and recorded in schema_migrations.
-MIGRATIONS: list[tuple[str, list[str]]] = []
+MIGRATIONS: list[tuple[str, list[str]]] = [
+    ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
+]
 
 
 def _partner_from_row(row: sqlite3.Row, events: tuple[str, ...]) -> Partner:
@@ -138,6 +140,7 @@ def _attempt_from_row(row: sqlite3.Row) -> Attempt:
     return Attempt(
         attempt=row["attempt"], started_at=row["started_at"], duration_ms=row["duration_ms"],
         status_code=row["status_code"], error=row["error"], response_snippet=row["response_snippet"],
+        url=row["url"],
     )
 
 
@@ -560,11 +563,11 @@ class Store:
                 a = o.attempt
                 db.execute(
                     """INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms,
-                                             status_code, error, response_snippet)
-                       VALUES (:id, :attempt, :started_at, :duration_ms, :status_code, :error, :snippet)""",
+                                             status_code, error, response_snippet, url)
+                       VALUES (:id, :attempt, :started_at, :duration_ms, :status_code, :error, :snippet, :url)""",
                     {"id": o.delivery_id, "attempt": a.attempt, "started_at": a.started_at,
                      "duration_ms": a.duration_ms, "status_code": a.status_code, "error": a.error,
-                     "snippet": a.response_snippet},
+                     "snippet": a.response_snippet, "url": a.url},
                 )
                 if o.partner_failing_changed:
                     db.execute("UPDATE partners SET failing_since = :since WHERE id = :id",

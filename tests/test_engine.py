@@ -168,3 +168,52 @@ def test_a_success_resets_the_failing_streak_even_for_jobs_claimed_before_it():
     assert breakers.record(_job(1000.0), ok, now=1090.0)[0] is None
     since, changed, disable = breakers.record(_job(1000.0), fail, now=1101.0)  # claimed before the success
     assert (since, changed, disable) == (1101.0, True, None)
+
+
+# --- A partner's change reaches every attempt that starts after the answer --------------------
+
+
+def _one_in_flight_one_queued(hub, receiver):
+    """Two deliveries to one partner with one sender thread: the first held by the receiver, the
+    second claimed (leased) and queued behind it."""
+    partner = hub.register(receiver.url, ["payment.success"])
+    _publish(hub, 2)
+
+    def leased():
+        with hub.store._reader() as db:
+            return db.execute("SELECT COUNT(*) FROM deliveries WHERE leased_until IS NOT NULL").fetchone()[0]
+
+    wait_for(lambda: len(receiver.received) == 1 and leased() == 2)
+    return partner
+
+
+def test_a_new_url_and_secret_reach_jobs_claimed_before_the_change(webhookd_factory, receiver_factory):
+    hub = webhookd_factory(delivery__concurrency=1)
+    old = receiver_factory(default=(200, 0.6))  # under the 1 s timeout of the tests
+    new = receiver_factory()
+    partner = _one_in_flight_one_queued(hub, old)
+    rotated = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=hub.admin).json()
+    new.secret = rotated["shared_secret"]
+    r = hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin, json={"webhook_url": new.url})
+    assert r.status_code == 200
+    wait_for(lambda: len(hub.deliveries(state="delivered")) == 2)
+    assert len(old.received) == 1 and len(new.received) == 1
+    assert new.received[0].guide_ok and new.received[0].raw_ok  # signed with the new secret
+    urls = {d["event_id"]: hub.delivery(d["delivery_id"])["attempts"][0]["url"] for d in hub.deliveries()}
+    assert sorted(urls.values()) == sorted([old.url, new.url])
+
+
+def test_a_pause_stops_jobs_claimed_before_it_and_resume_sends_them(webhookd_factory, receiver_factory):
+    hub = webhookd_factory(delivery__concurrency=1)
+    receiver = receiver_factory(default=(200, 0.6))  # under the 1 s timeout of the tests
+    partner = _one_in_flight_one_queued(hub, receiver)
+    path = f"/partners/{partner['partner_id']}"
+    assert hub.http.patch(path, headers=hub.admin, json={"status": "paused"}).status_code == 200
+    wait_for(lambda: len(hub.deliveries(state="delivered")) == 1)
+    held = wait_for(lambda: [d for d in hub.deliveries(state="pending")
+                             if hub.store.get_delivery(d["delivery_id"]).leased_until is None])
+    assert len(receiver.received) == 1 and held[0]["attempt_count"] == 0
+    receiver.default = (200, 0.0)
+    assert hub.http.patch(path, headers=hub.admin, json={"status": "active"}).status_code == 200
+    wait_for(lambda: len(hub.deliveries(state="delivered")) == 2)
+    assert len(receiver.received) == 2
