@@ -320,6 +320,8 @@ class DeliveryLoop:
         while not self._stopping:
             self._wakeup.clear()
             try:
+                if self.store.partners_stale:  # a reload after a partner write failed: try again
+                    await asyncio.to_thread(self.store.reload_partners_if_stale)
                 started = await self._claim_and_start()
                 if started:
                     continue  # there may be more due right now

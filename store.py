@@ -20,6 +20,7 @@ them read while the writer writes). Nothing outside this module sees a cursor.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import sqlite3
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from models import Attempt, Delivery, Event, InboundEvent, Job, Outcome, Page, Partner, valid_secrets
+
+logger = logging.getLogger("webhookd.store")
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS partners (
@@ -224,8 +227,7 @@ class Store:
 
     def __init__(self, path: str):
         self.path = path
-        if path != ":memory:":
-            _create_private_file(path)
+        _create_private_file(path)
         self._writer = connect(path)
         self._sync_mode = "FULL"
         self._write_lock = threading.Lock()
@@ -233,6 +235,7 @@ class Store:
         self._all_readers: list[sqlite3.Connection] = []
         self._claim_round = 0  # which partner the next claim starts with
         self._partners: dict[str, Partner] = {}  # see _reload_partners
+        self.partners_stale = False              # a reload after a write failed (see below)
         self._partners_lock = threading.Lock()
         self._apply_schema()
         self._reload_partners()
@@ -386,11 +389,23 @@ class Store:
 
     @contextmanager
     def _partner_write(self) -> Iterator[sqlite3.Connection]:
-        """A transaction that changes partners; the in-memory copy is read again after it."""
+        """A transaction that changes partners; the in-memory copy is read again after its commit."""
+        with self._transaction() as db:
+            yield db
+        self._reload_partners_after_write()
+
+    def _reload_partners_after_write(self) -> None:
+        """Reload after a commit. The write is on disk whatever happens here, so a failed
+        reload must not fail it: it is logged, and ``reload_partners_if_stale`` (which the
+        delivery loop calls from a thread) tries again."""
         try:
-            with self._transaction() as db:
-                yield db
-        finally:
+            self._reload_partners()
+        except Exception:
+            self.partners_stale = True
+            logger.exception("reading partners into memory failed; the delivery loop will try again")
+
+    def reload_partners_if_stale(self) -> None:
+        if self.partners_stale:
             self._reload_partners()
 
     def _reload_partners(self) -> None:
@@ -412,6 +427,7 @@ class Store:
             finally:
                 db.execute("COMMIT")
             self._partners = {row["id"]: _partner_from_row(row, tuple(events.get(row["id"], ()))) for row in rows}
+            self.partners_stale = False
 
     # Memory only: the three reads below never touch SQLite, so they may run on the event loop.
 
@@ -579,7 +595,7 @@ class Store:
                         {"id": o.partner_id, "reason": o.disable_reason, "now": now},
                     )
         if any(o.partner_failing_changed or o.disable_reason for o in outcomes):
-            self._reload_partners()
+            self._reload_partners_after_write()
         return lost
 
     def release_claims(self, delivery_ids: list[str], now: float) -> int:

@@ -474,6 +474,10 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+# =====================================================================================
+# 5. The route table — who may call each route — and the application
+# =====================================================================================
+
 ROUTES = [
     route("GET", "/health", health, PUBLIC),
     route("POST", "/partners/register", register_partner, REGISTRATION),
@@ -497,17 +501,6 @@ ROUTES = [
     route("GET", "/openapi.json", openapi_document, PUBLIC),
     WebSocketRoute("/ws", live_notifications),
 ]
-
-
-# =====================================================================================
-# 5. The application
-# =====================================================================================
-
-
-
-# =====================================================================================
-# The application
-# =====================================================================================
 
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.time,

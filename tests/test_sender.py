@@ -6,8 +6,10 @@ import time
 
 import pytest
 
+import delivery
 import sender
 from conftest import wait_for
+from models import Job
 from payloads import PAYMENT_SUCCESS
 
 
@@ -171,3 +173,18 @@ def test_a_kept_connection_the_partner_closed_while_idle_is_replaced_before_writ
     done = wait_for(lambda: [d for d in hub.deliveries(event_id=second) if d["state"] == "delivered"])
     assert [a["status_code"] for a in hub.delivery(done[0]["delivery_id"])["attempts"]] == [200]
     assert receiver.requests.count(second) == 1
+
+
+@pytest.mark.parametrize("url, error", [
+    ("ftp://127.0.0.1:443/x", "invalid_url"),
+    ("http://user:pass@127.0.0.1:443/x", "invalid_url"),   # registration refuses these; a row edited by hand too
+    ("http://127.0.0.1:8080/x", "ssrf_blocked"),           # not in allowed_ports
+    ("http://127.0.0.1:443/a b", "invalid_url"),           # a space in the path
+])
+def test_the_sender_checks_the_url_again_before_connecting(url, error):
+    """targets.parse_target runs at send time too: a URL that registration would refuse never
+    gets a connection (the attempt has no status code)."""
+    job = Job(delivery_id="dlv_1", event_id="evt_1", event="payment.success", partner_id="partner_1", url=url,
+              secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
+    sent = sender.Sender(delivery.Settings(allowed_ports=(443,))).send(job)
+    assert (sent.attempt.error, sent.attempt.status_code, sent.attempt.url) == (error, None, url)

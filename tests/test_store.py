@@ -287,3 +287,19 @@ def test_memory_only_reads_never_touch_sqlite(store, monkeypatch):
     assert store.get_partner(p.id).webhook_url == "http://127.0.0.1:9/y"
     assert [x.id for x in store.all_partners()] == [p.id]
     assert [x.id for x in store.partners_accepting_inbound()] == [p.id]
+
+
+def test_a_failed_reload_of_partners_does_not_fail_the_committed_write(store, monkeypatch):
+    """The partner write is on disk once it commits: if reading partners back into memory fails,
+    the write still returns its partner, and the next reload (the delivery loop's) catches up."""
+    real_reload = store._reload_partners
+
+    def broken():
+        raise OSError("disk went away for a moment")
+
+    monkeypatch.setattr(store, "_reload_partners", broken)
+    p = _partner(store)
+    assert p.id and store.partners_stale and store.get_partner(p.id) is None
+    monkeypatch.setattr(store, "_reload_partners", real_reload)
+    store.reload_partners_if_stale()
+    assert not store.partners_stale and store.get_partner(p.id).id == p.id
