@@ -480,21 +480,29 @@ class DeliveryLoop:
     # Retention ----------------------------------------------------------------------------
 
     async def _purge_old(self) -> None:
-        """Every ``purge_interval_s``, delete delivered events older than ``retention_s``, in small batches."""
+        """Every ``purge_interval_s``, one retention pass (``purge_expired``)."""
         while not self._stopping:
             try:
-                cutoff = self.clock() - self.settings.retention_s
-                total = 0
-                while True:
-                    purged = await asyncio.to_thread(self.store.purge_delivered, before=cutoff,
-                                                     batch=self.settings.purge_batch)
-                    total += purged
-                    if purged < self.settings.purge_batch:
-                        break
-                    await asyncio.sleep(0.05)  # let other writers in between batches
-                if total:
-                    logger.info("retention: purged %d delivered events older than %d s", total,
-                                int(self.settings.retention_s))
+                events, inbound = await self.purge_expired()
+                if events or inbound:
+                    logger.info("retention: purged %d delivered events and %d inbound events older than %d s",
+                                events, inbound, int(self.settings.retention_s))
             except Exception:
                 logger.exception("retention purge failed; will try again")
             await asyncio.sleep(self.settings.purge_interval_s)
+
+    async def purge_expired(self) -> tuple[int, int]:
+        """Delete what is older than ``retention_s`` — delivered events, then inbound events —
+        each table in batches of ``purge_batch`` until nothing old is left. Returns the counts."""
+        cutoff = self.clock() - self.settings.retention_s
+        counts = []
+        for purge in (self.store.purge_delivered, self.store.purge_inbound):
+            total = 0
+            while True:
+                purged = await asyncio.to_thread(purge, before=cutoff, batch=self.settings.purge_batch)
+                total += purged
+                if purged < self.settings.purge_batch or self._stopping:
+                    break
+                await asyncio.sleep(0.05)  # let other writers in between batches
+            counts.append(total)
+        return counts[0], counts[1]

@@ -650,14 +650,15 @@ class Store:
         return min(due) if due else None
 
     def purge_delivered(self, *, before: float, batch: int) -> int:
-        """Delete up to ``batch`` events older than ``before`` whose every delivery was delivered,
-        with their deliveries and attempts, and inbound events older than ``before``.
-        Returns how many outbound events went. Failed and pending ones are always kept."""
+        """Delete up to ``batch`` events whose every delivery was delivered before ``before``
+        (deliveries age by when they ended, not by when their event was published), with
+        their deliveries and attempts. Failed and pending ones are always kept. Returns how
+        many events went."""
         with self._transaction(durable=False) as db:
             ids = [r["id"] for r in db.execute(
                 """SELECT id FROM events e WHERE created_at < :before
-                     AND NOT EXISTS (SELECT 1 FROM deliveries d
-                                     WHERE d.event_id = e.id AND d.state != 'delivered')
+                     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                                     AND (d.state != 'delivered' OR d.updated_at >= :before))
                    ORDER BY created_at LIMIT :batch""",
                 {"before": before, "batch": batch})]
             for event_id in ids:
@@ -665,11 +666,15 @@ class Store:
                               (SELECT id FROM deliveries WHERE event_id = :id)""", {"id": event_id})
                 db.execute("DELETE FROM deliveries WHERE event_id = :id", {"id": event_id})
                 db.execute("DELETE FROM events WHERE id = :id", {"id": event_id})
-            db.execute(
+        return len(ids)
+
+    def purge_inbound(self, *, before: float, batch: int) -> int:
+        """Delete up to ``batch`` inbound events received before ``before``; returns how many."""
+        with self._transaction(durable=False) as db:
+            return db.execute(
                 """DELETE FROM inbound_events WHERE id IN
                    (SELECT id FROM inbound_events WHERE received_at < :before ORDER BY received_at LIMIT :batch)""",
-                {"before": before, "batch": batch})
-        return len(ids)
+                {"before": before, "batch": batch}).rowcount
 
     # --- Reading and retrying deliveries ---------------------------------------------
 

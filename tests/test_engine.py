@@ -217,3 +217,25 @@ def test_a_pause_stops_jobs_claimed_before_it_and_resume_sends_them(webhookd_fac
     assert hub.http.patch(path, headers=hub.admin, json={"status": "active"}).status_code == 200
     wait_for(lambda: len(hub.deliveries(state="delivered")) == 2)
     assert len(receiver.received) == 2
+
+
+def test_one_retention_pass_purges_every_table_until_done(tmp_path):
+    """A pass deletes in batches until nothing old is left — inbound events too, even when there is
+    no outbound work — instead of one batch per interval."""
+    import asyncio
+
+    from store import Store
+
+    store = Store(str(tmp_path / "w.db"))
+    try:
+        partner = store.add_partner(partner_id="partner_1", name="P", webhook_url="http://127.0.0.1:9/x",
+                                    events=["payment.success"], secret="sk_live_s", api_key_hash="h", now=100.0)
+        for i in range(7):
+            store.add_inbound(inbound_id=f"inb_{i}", partner_id=partner.id, event_type="tour.purchased",
+                              dedupe_key=f"k{i}", body=b"{}", now=100.0)
+        settings = delivery.Settings(retention_s=1000.0, purge_batch=2)
+        loop = delivery.DeliveryLoop(store, settings, clock=lambda: 5000.0)
+        assert asyncio.run(loop.purge_expired()) == (0, 7)
+        assert store.list_inbound(limit=10).items == []
+    finally:
+        store.close()

@@ -210,11 +210,12 @@ def test_retention_purges_old_delivered_events_in_batches_and_keeps_the_rest(sto
     fresh = _publish(store, now=5000.0)[0]
     ok = Attempt(attempt=1, started_at=100.0, duration_ms=1, status_code=200, error=None, response_snippet="")
     bad = Attempt(attempt=1, started_at=100.0, duration_ms=1, status_code=500, error="http_error", response_snippet="")
-    jobs = store.claim_due(now=6000.0, lease_s=30, limit=10, per_partner=10)
-    by_event = {j.event_id: j for j in jobs}
-    for event in old[:4] + [fresh]:
-        assert _finish(store, by_event[event.id].delivery_id, ok, "delivered", now=6000.0)
-    assert _finish(store, by_event[old[4].id].delivery_id, bad, "failed", now=6000.0)
+    by_event = {j.event_id: j for j in store.claim_due(now=500.0, lease_s=30, limit=10, per_partner=10)}
+    for event in old[:4]:
+        assert _finish(store, by_event[event.id].delivery_id, ok, "delivered", now=500.0)   # ended long ago
+    assert _finish(store, by_event[old[4].id].delivery_id, bad, "failed", now=500.0)
+    fresh_job = store.claim_due(now=6000.0, lease_s=30, limit=10, per_partner=10)[0]
+    assert _finish(store, fresh_job.delivery_id, ok, "delivered", now=6000.0)
     assert store.purge_delivered(before=1000.0, batch=3) == 3
     assert store.purge_delivered(before=1000.0, batch=3) == 1
     assert store.purge_delivered(before=1000.0, batch=3) == 0
@@ -303,3 +304,27 @@ def test_a_failed_reload_of_partners_does_not_fail_the_committed_write(store, mo
     monkeypatch.setattr(store, "_reload_partners", real_reload)
     store.reload_partners_if_stale()
     assert not store.partners_stale and store.get_partner(p.id).id == p.id
+
+
+def test_inbound_events_are_purged_by_their_own_age_without_outbound_work(store):
+    partner = _partner(store)
+    for i in range(5):
+        store.add_inbound(inbound_id=_id("inb_"), partner_id=partner.id, event_type="tour.purchased",
+                          dedupe_key=f"k{i}", body=b"{}", now=100.0)
+    assert store.purge_inbound(before=1000.0, batch=2) == 2
+    assert store.purge_inbound(before=1000.0, batch=2) == 2
+    assert store.purge_inbound(before=1000.0, batch=2) == 1
+    assert store.list_inbound(limit=10).items == []
+
+
+def test_a_delivery_that_ended_recently_is_kept_even_when_its_event_is_old(store):
+    """Deliveries age by when they ended: an event published long ago and delivered a moment ago
+    (after a long outage, or a manual retry) keeps its delivery and attempts for the full age."""
+    _partner(store)
+    event = _publish(store, now=100.0)[0]
+    job = store.claim_due(now=9000.0, lease_s=30, limit=1, per_partner=1)[0]
+    ok = Attempt(attempt=1, started_at=9000.0, duration_ms=1, status_code=200, error=None, response_snippet="")
+    assert _finish(store, job.delivery_id, ok, "delivered", now=9000.0)
+    assert store.purge_delivered(before=5000.0, batch=10) == 0     # the event is old, its delivery is not
+    assert store.get_event(event.id) is not None
+    assert store.purge_delivered(before=9001.0, batch=10) == 1
