@@ -179,6 +179,8 @@ def _api(config: Config, method: str, path: str, body: Any = None, query: dict[s
 
 def _cell(column: str, value: Any) -> str:
     """One value as a person reads it: times as dates, lists joined, nothing as '-'."""
+    if column == "circuit" and isinstance(value, dict):  # closed | open | half_open
+        return str(value.get("state"))
     if (column.endswith("_at") or column.endswith("_since")) and isinstance(value, (int, float)):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
     if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
@@ -214,7 +216,7 @@ def _show(args: argparse.Namespace, answer: Any, columns: list[str] | None = Non
     return 0
 
 
-PARTNER_COLUMNS = ["partner_id", "partner_name", "status", "events_subscribed", "webhook_url"]
+PARTNER_COLUMNS = ["partner_id", "partner_name", "status", "circuit", "events_subscribed", "webhook_url"]
 DELIVERY_COLUMNS = ["delivery_id", "event", "partner_id", "state", "attempt_count", "updated_at"]
 
 

@@ -94,8 +94,9 @@ class DeliveryConfig:
     concurrency: int = 16
     per_partner_concurrency: int = 4
     breaker_threshold: int = 5
-    breaker_cooldown_s: float = 30.0
-    breaker_cooldown_max_s: float = 600.0
+    breaker_span_s: float = 10.0
+    breaker_cooldown_s: float | None = None      # unset: the smaller of 30 s and backoff_max_s
+    breaker_cooldown_max_s: float | None = None  # unset: the smaller of 600 s and backoff_max_s
     disable_after_s: float = 259200.0
     retry_after_max_s: float = 3600.0
     idle_connection_s: float = 30.0
@@ -145,6 +146,7 @@ POSITIVE = {
     "delivery.concurrency": "a number of worker threads",
     "delivery.per_partner_concurrency": "a number of requests",
     "delivery.breaker_threshold": "a number of failed attempts",
+    "delivery.breaker_span_s": "a number of seconds",
     "delivery.breaker_cooldown_s": "a number of seconds",
     "delivery.breaker_cooldown_max_s": "a number of seconds",
     "delivery.disable_after_s": "a number of seconds",
@@ -194,7 +196,7 @@ def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # Dataclass fields carry their type as a string (``from __future__ import annotations``).
-_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "tuple[int, ...]": tuple}
+_KINDS = {"str": str, "int": int, "float": float, "float | None": float, "bool": bool, "tuple[int, ...]": tuple}
 
 
 def _read_section(name: str, cls: type, table: Any, environ: dict[str, str]) -> Any:
@@ -256,6 +258,8 @@ def _check_values(sections: dict[str, Any]) -> None:
     for key, meaning in POSITIVE.items():
         section, name = key.split(".")
         value = getattr(sections[section], name)
+        if value is None:  # unset, and its default follows another key
+            continue
         if not math.isfinite(value) or value <= 0 or (key == "server.port" and value > 65535):
             raise ConfigError(f"Config '{key}' has value {value!r}. Expected {meaning}, greater than zero.")
     if sections["server"].log_format not in ("text", "json"):

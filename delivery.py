@@ -27,12 +27,14 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from config import Config, DeliveryConfig
 from metrics import Metrics
@@ -68,6 +70,19 @@ class Settings(DeliveryConfig):
             allowed_ports=config.security.allowed_ports,
             user_agent=user_agent,
         )
+
+    @property
+    def cooldown_s(self) -> float:
+        """The first pause of an open circuit: ``breaker_cooldown_s``, or by default the
+        smaller of 30 s and ``backoff_max_s`` (no longer than the retry schedule's)."""
+        return self.breaker_cooldown_s if self.breaker_cooldown_s is not None else min(30.0, self.backoff_max_s)
+
+    @property
+    def cooldown_max_s(self) -> float:
+        """The longest pause: ``breaker_cooldown_max_s``, or the smaller of 600 s and ``backoff_max_s``."""
+        if self.breaker_cooldown_max_s is not None:
+            return self.breaker_cooldown_max_s
+        return min(600.0, self.backoff_max_s)
 
     @property
     def claim_ahead(self) -> int:
@@ -112,27 +127,44 @@ def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: fl
 
 @dataclass
 class Health:
-    """What the loop knows of one partner's endpoint."""
+    """What the loop knows of one partner's endpoint: its failing streak and its circuit."""
 
-    failures: int = 0                  # failed attempts in a row
-    failing_since: float | None = None  # start of the current failing streak (kept in the store)
-    open_until: float = 0.0            # claim nothing for this partner before this time
+    failures: int = 0                   # failed attempts in the current streak
+    failing_since: float | None = None  # first failure of the streak (kept in the store)
+    last_failure_at: float = 0.0
+    opened_at: float | None = None      # when the circuit opened; None while it is closed
+    probes_failed: int = 0              # failed probes since it opened: each doubles the pause
+    open_until: float = 0.0             # claim nothing for this partner before this time
+    reason: str | None = None           # why it is paused: "failures" or "retry_after"
 
 
 class Breakers:
     """Per-partner circuit breakers, ``Retry-After`` pauses and the auto-disable rule.
 
-    Closed (fewer than ``breaker_threshold`` failures in a row): up to the per-partner
-    cap in flight. Open: nothing until ``open_until``. Half-open (open, and the
-    cool-down is over): one probe at a time; a success closes the circuit, a failure
-    opens it again for twice as long (up to ``breaker_cooldown_max_s``).
+    **A failing streak** is the partner's failed attempts with no success between them and
+    no quiet spell longer than ``quiet_gap_s`` (a third of ``disable_after_s``, at least the
+    retry schedule's longest wait): two isolated failures days apart are two streaks.
+
+    **The circuit** opens on sustained failure: ``breaker_threshold`` failures in a streak
+    that has lasted ``breaker_span_s`` — a burst of concurrent attempts failing within
+    moments does not open it. Open: nothing is claimed until the pause ends. Half-open
+    (the pause is over): one probe at a time; a success closes the circuit, a failure opens
+    it again for twice as long, up to ``cooldown_max_s``. An operator's retry or recover
+    probes at once (``probe_now``); making the partner active again forgets it all.
+
+    **Disabled**: a streak that has lasted ``disable_after_s``, or a ``410 Gone``.
     """
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._health: dict[str, Health] = {}
-        self._last_success: dict[str, float] = {}
+        self._streak_broken_at: dict[str, float] = {}  # last success or reset: older streaks are over
         self._lock = threading.Lock()
+
+    @property
+    def quiet_gap_s(self) -> float:
+        s = self.settings
+        return max(s.disable_after_s / 3, s.backoff_max_s, s.cooldown_max_s)
 
     def room(self, partner_id: str, busy: int, now: float) -> int:
         """How many more of this partner's deliveries may be claimed now."""
@@ -143,15 +175,33 @@ class Breakers:
             return cap
         if now < health.open_until:
             return 0
-        if health.failures >= self.settings.breaker_threshold:
+        if health.opened_at is not None:
             return 1 if busy == 0 else 0  # half-open: one probe
         return cap
 
+    def state(self, partner_id: str, now: float) -> str:
+        """``closed``, ``open`` (paused) or ``half_open`` (probing)."""
+        with self._lock:
+            health = self._health.get(partner_id)
+        if health is None:
+            return "closed"
+        if now < health.open_until:
+            return "open"
+        return "half_open" if health.opened_at is not None else "closed"
+
+    def describe(self, partner_id: str, now: float) -> dict[str, Any]:
+        """The circuit as the API shows it."""
+        state = self.state(partner_id, now)
+        with self._lock:
+            health = self._health.get(partner_id) or Health()
+        return {"state": state, "reason": health.reason if state != "closed" else None,
+                "opened_at": int(health.opened_at) if health.opened_at is not None else None,
+                "next_probe_at": int(math.ceil(health.open_until)) if state == "open" else None,
+                "recent_failures": health.failures}
+
     def open_count(self, now: float) -> int:
         """Partners whose circuit is open or half-open now."""
-        with self._lock:
-            return sum(1 for h in self._health.values()
-                       if h.failures >= self.settings.breaker_threshold or h.open_until > now)
+        return sum(1 for p in self.constrained() if self.state(p, now) != "closed")
 
     def constrained(self) -> list[str]:
         with self._lock:
@@ -164,37 +214,33 @@ class Breakers:
             times = [h.open_until for h in self._health.values() if h.open_until > now]
         return min(times) if times else None
 
-    def forget(self, partner_id: str) -> None:
-        """Start afresh (the partner was re-activated by hand)."""
+    def forget(self, partner_id: str, now: float) -> None:
+        """Start afresh (the partner was made active again by hand): the circuit closes, and
+        a failure of an attempt that started before now cannot bring the old streak back."""
         with self._lock:
             self._health.pop(partner_id, None)
+            self._streak_broken_at[partner_id] = now
+
+    def probe_now(self, partner_id: str, now: float) -> None:
+        """End an open circuit's pause now: the next claim sends one probe (an operator's retry)."""
+        with self._lock:
+            health = self._health.get(partner_id)
+            if health is not None and health.open_until > now:
+                health.open_until = now
+                if health.opened_at is None:  # a Retry-After pause: simply over
+                    health.reason = None
 
     def record(self, job: Job, sent: Sent, now: float) -> tuple[float | None, bool, str | None]:
         """Count one attempt. Returns (failing_since, whether it changed, reason to disable or None)."""
-        ok = sent.attempt.error is None
         with self._lock:
-            health = self._health.get(job.partner_id)
-            if ok:
-                self._health.pop(job.partner_id, None)
-                self._last_success[job.partner_id] = now
-                return None, job.partner_failing_since is not None or health is not None, None
-            changed = False
-            if health is None:
-                # A streak read with the job may predate a success recorded since its claim.
-                since = job.partner_failing_since
-                if since is not None and since < self._last_success.get(job.partner_id, 0.0):
-                    since = None
-                health = self._health[job.partner_id] = Health(failing_since=since)
-                changed = since != job.partner_failing_since
-            if health.failing_since is None:
-                health.failing_since, changed = now, True
+            if sent.attempt.error is None:
+                was = self._health.pop(job.partner_id, None)
+                self._streak_broken_at[job.partner_id] = now
+                return None, job.partner_failing_since is not None or was is not None, None
+            health, changed = self._streak(job, now)
             health.failures += 1
-            over = health.failures - self.settings.breaker_threshold
-            if over >= 0:
-                cooldown = min(self.settings.breaker_cooldown_max_s, self.settings.breaker_cooldown_s * 2 ** min(over, 30))
-                health.open_until = max(health.open_until, now + cooldown)
-            if sent.retry_after_s:
-                health.open_until = max(health.open_until, now + sent.retry_after_s)
+            health.last_failure_at = now
+            self._update_circuit(health, sent, now)
             reason = None
             if sent.attempt.status_code == 410:
                 reason = "the endpoint answered 410 Gone"
@@ -203,6 +249,44 @@ class Breakers:
             if reason:
                 self._health.pop(job.partner_id, None)
             return health.failing_since, changed, reason
+
+    def _streak(self, job: Job, now: float) -> tuple[Health, bool]:
+        """The partner's health with its streak brought up to ``now`` (under the lock)."""
+        health = self._health.get(job.partner_id)
+        changed = False
+        if health is None:
+            # A streak read with the job (from the store) may predate a success or a reset
+            # recorded since its claim; a restored streak's last failure is not known, so it
+            # counts from its start (the quiet-spell rule then ends it rather than extend it).
+            since = job.partner_failing_since
+            if since is not None and since < self._streak_broken_at.get(job.partner_id, 0.0):
+                since = None
+            health = self._health[job.partner_id] = Health(failing_since=since, last_failure_at=since or 0.0)
+            changed = since != job.partner_failing_since
+        if health.failing_since is not None and now - health.last_failure_at > self.quiet_gap_s:
+            health.failing_since, health.failures = None, 0  # a quiet spell ended the old streak
+        if health.failing_since is None:
+            health.failing_since, changed = now, True
+        return health, changed
+
+    def _update_circuit(self, health: Health, sent: Sent, now: float) -> None:
+        s = self.settings
+        if health.opened_at is not None and sent.attempt.started_at >= health.opened_at:
+            health.probes_failed += 1  # a probe (or an attempt made after opening) failed
+            health.open_until = max(health.open_until, now + self._pause(health.probes_failed))
+            health.reason = "failures"
+        elif (health.opened_at is None and health.failures >= s.breaker_threshold
+              and now - health.failing_since >= s.breaker_span_s):
+            health.opened_at, health.probes_failed, health.reason = now, 0, "failures"
+            health.open_until = max(health.open_until, now + self._pause(0))
+        if sent.retry_after_s:
+            health.open_until = max(health.open_until, now + sent.retry_after_s)
+            if health.opened_at is None:
+                health.reason = "retry_after"
+
+    def _pause(self, probes_failed: int) -> float:
+        s = self.settings
+        return min(s.cooldown_max_s, s.cooldown_s * 2 ** min(probes_failed, 30))
 
 
 # --- The loop -------------------------------------------------------------------------
@@ -272,7 +356,12 @@ class DeliveryLoop:
 
     def partner_reactivated(self, partner_id: str) -> None:
         """A partner was made active again by hand: forget its failures and look for work."""
-        self.breakers.forget(partner_id)
+        self.breakers.forget(partner_id, self.clock())
+        self.wake()
+
+    def probe_partner(self, partner_id: str) -> None:
+        """An operator asked for another attempt (retry, recover): an open circuit probes now."""
+        self.breakers.probe_now(partner_id, self.clock())
         self.wake()
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -37,6 +37,13 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "status": {"enum": ["active", "paused", "disabled"]},
         "events_subscribed": {"type": "array", "items": STRING},
         "disabled_reason": {"type": ["string", "null"]}, "failing_since": MAYBE_TIME,
+        "circuit": _obj({
+            "state": {"enum": ["closed", "open", "half_open"],
+                      "description": "open: nothing is sent until next_probe_at; half_open: one probe at a time"},
+            "reason": {"enum": ["failures", "retry_after", None]},
+            "opened_at": MAYBE_TIME, "next_probe_at": MAYBE_TIME,
+            "recent_failures": {"type": "integer", "description": "failed attempts in the current failing streak"},
+        }),
         "created_at": TIME, "updated_at": TIME,
     }
     delivery = {

@@ -104,11 +104,13 @@ TEST_EVENT = "webhook.test"
 # =====================================================================================
 
 
-def partner_json(partner: Partner) -> dict[str, Any]:
+def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
+    """A partner as the API shows it, with its circuit as the delivery loop sees it now."""
     return {"partner_id": partner.id, "partner_name": partner.name, "webhook_url": partner.webhook_url,
             "status": partner.status, "events_subscribed": list(partner.events),
             "disabled_reason": partner.disabled_reason,
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
+            "circuit": ctx.loop.breakers.describe(partner.id, ctx.clock()),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
 
@@ -195,18 +197,19 @@ async def register_partner(request: Request) -> JSONResponse:
                        webhook_url=url, events=events, secret=shared_secret, api_key_hash=hash_api_key(api_key),
                        now=ctx.clock())
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
-    return JSONResponse({**partner_json(partner), **secret_json(shared_secret), "api_key": api_key},
+    return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
                         status_code=201)
 
 
 async def list_partners(request: Request) -> JSONResponse:
     limit, cursor = page_params(request)
-    page = await db(context(request).store.list_partners, limit=limit, cursor=cursor)
-    return JSONResponse(page_json(page, partner_json))
+    ctx = context(request)
+    page = await db(ctx.store.list_partners, limit=limit, cursor=cursor)
+    return JSONResponse(page_json(page, lambda partner: partner_json(partner, ctx)))
 
 
 async def get_partner(request: Request) -> JSONResponse:
-    return JSONResponse(partner_json(owned_partner(request)))
+    return JSONResponse(partner_json(owned_partner(request), context(request)))
 
 
 async def update_partner(request: Request) -> JSONResponse:
@@ -233,7 +236,7 @@ async def update_partner(request: Request) -> JSONResponse:
     if status == "active":
         ctx.loop.partner_reactivated(partner_id)
     logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
-    return JSONResponse(partner_json(partner))
+    return JSONResponse(partner_json(partner, ctx))
 
 
 async def rotate_secret(request: Request) -> JSONResponse:
@@ -253,7 +256,7 @@ async def rotate_secret(request: Request) -> JSONResponse:
     if partner is None:
         raise partner_not_found(partner_id)
     logger.info("partner %s rotated its secret; the old one stays valid until %d", partner_id, int(overlap_until))
-    return JSONResponse({**partner_json(partner), **secret_json(new_secret),
+    return JSONResponse({**partner_json(partner, ctx), **secret_json(new_secret),
                          "previous_secret_expires_at": int(overlap_until)})
 
 
@@ -282,7 +285,7 @@ async def recover_failed(request: Request) -> JSONResponse:
     owned_partner(request)  # an unknown partner: 404, after the 422 for a bad 'since'
     count = await db(ctx.store.recover_failed, partner_id, since=int(since_text),
                      extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock())
-    ctx.loop.wake()
+    ctx.loop.probe_partner(partner_id)
     logger.info("partner %s: re-queued %d failed deliveries since %s", partner_id, count, since_text)
     return JSONResponse({"requeued": count})
 
@@ -403,7 +406,7 @@ async def retry_delivery(request: Request) -> JSONResponse:
     found = await _owned_delivery(request)
     if not await db(ctx.store.retry_delivery, found.id, ctx.clock()):
         raise ApiError(409, "not_failed", f"Delivery {found.id} is {found.state}; only a failed delivery can be retried.")
-    ctx.loop.wake()
+    ctx.loop.probe_partner(found.partner_id)
     return JSONResponse(delivery_json(await db(ctx.store.get_delivery, found.id)), status_code=202)
 
 
@@ -444,6 +447,7 @@ async def stats(request: Request) -> JSONResponse:
         rows.append({"partner_id": p.id, "partner_name": p.name, "status": p.status,
                      "disabled_reason": p.disabled_reason,
                      "failing_since": int(p.failing_since) if p.failing_since else None,
+                     "circuit": ctx.loop.breakers.describe(p.id, now),
                      "delivered": c.get("delivered", 0),
                      "failed": c.get("failed", 0), "pending": c.get("pending", 0),
                      "success_rate": round(c.get("delivered", 0) / done, 4) if done else None})
@@ -552,6 +556,9 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
                    lambda: {(): float(loop.in_flight)})
     counters.gauge("webhookd_circuit_breakers_open", "Partners whose circuit is open or half-open.",
                    lambda: {(): float(loop.breakers.open_count(clock()))})
+    counters.gauge("webhookd_partner_circuit_open", "1 while a partner's circuit is open or half-open, else 0.",
+                   lambda: {(("partner_id", p.id),): float(loop.breakers.state(p.id, clock()) != "closed")
+                            for p in store.all_partners()})
     counters.gauge("webhookd_websocket_clients", "Connected /ws clients.",
                    lambda: {(): float(len(notifier.clients))})
     counters.gauge("webhookd_websocket_dropped_messages", "Messages dropped for /ws clients that did not read.",

@@ -137,9 +137,19 @@ def _ok(result):
     return result.stdout
 
 
+def _column(table, row_key, column):
+    """The cell of ``column`` in the row holding ``row_key`` of a printed table."""
+    lines = table.splitlines()
+    start = lines[0].index(column)
+    return next(line for line in lines if row_key in line)[start:].split()[0]
+
+
 def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_factory):
     receiver = receiver_factory(default=(500, 0))
-    serve = serve_factory()
+    # Two failed attempts open the circuit for a minute: only an operator's retry probes sooner.
+    serve = serve_factory(WEBHOOKD_DELIVERY_MAX_ATTEMPTS="2", WEBHOOKD_DELIVERY_BREAKER_THRESHOLD="2",
+                          WEBHOOKD_DELIVERY_BREAKER_SPAN_S="0.01", WEBHOOKD_DELIVERY_BREAKER_COOLDOWN_S="60",
+                          WEBHOOKD_DELIVERY_BREAKER_COOLDOWN_MAX_S="60")
     added = json.loads(_ok(_run(serve, "partners", "add", "--name", "CLI Tours", "--url", receiver.url,
                                 "--events", "payment.success,booking.confirmed", "--json")))
     pid = added["partner_id"]
@@ -147,7 +157,8 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
         "booking.confirmed", "payment.success"]
 
     table = _ok(_run(serve, "partners", "list"))
-    assert table.splitlines()[0].split()[:3] == ["PARTNER_ID", "PARTNER_NAME", "STATUS"] and pid in table
+    assert table.splitlines()[0].split()[:4] == ["PARTNER_ID", "PARTNER_NAME", "STATUS", "CIRCUIT"] and pid in table
+    assert _column(table, pid, "CIRCUIT") == "closed"
     assert json.loads(_ok(_run(serve, "partners", "show", pid, "--json")))["status"] == "active"
     shown = _ok(_run(serve, "partners", "show", pid))
     assert "partner_name" in shown and "shared_secret" not in shown
@@ -158,10 +169,12 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     wait_for(lambda: "failed" in _ok(_run(serve, "deliveries", "--status", "failed")))
     failed = json.loads(_ok(_run(serve, "deliveries", "--status", "failed", "--partner", pid, "--json")))["items"]
     assert len(failed) == 1 and failed[0]["event_id"] == event["event_id"]
+    assert _column(_ok(_run(serve, "partners", "list")), pid, "CIRCUIT") == "open"
 
     receiver.default = (200, 0)
     assert "pending" in _ok(_run(serve, "retry", failed[0]["delivery_id"]))
     wait_for(lambda: failed[0]["delivery_id"] in _ok(_run(serve, "deliveries", "--status", "delivered")))
+    assert _column(_ok(_run(serve, "partners", "list")), pid, "CIRCUIT") == "closed"  # the probe closed it
     again = _run(serve, "retry", failed[0]["delivery_id"])
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "only a failed delivery" in again.stderr
 

@@ -78,8 +78,14 @@ def _no_placeholder_words(page) -> None:
     assert not re.search(r"\b(null|undefined|NaN|\[object Object\])\b", text), text
 
 
-def test_dashboard_shows_a_failed_delivery_and_retries_it(browser_ready, hub, receiver_factory, tmp_path):
+def test_dashboard_shows_a_failed_delivery_and_retries_it(browser_ready, webhookd_factory, receiver_factory,
+                                                          tmp_path):
     from playwright.sync_api import expect, sync_playwright
+
+    # The failing partner's three failed attempts open its circuit for a minute; the dashboard's
+    # Retry probes at once all the same.
+    hub = webhookd_factory(delivery__breaker_threshold=3, delivery__breaker_span_s=0.01,
+                           delivery__breaker_cooldown_s=60.0, delivery__breaker_cooldown_max_s=60.0)
 
     healthy = receiver_factory()
     failing = receiver_factory(default=(500, 0))
@@ -136,6 +142,8 @@ def test_dashboard_shows_a_failed_delivery_and_retries_it(browser_ready, hub, re
             expect(bad_row.get_by_test_id("partner-name")).to_have_text(bad_name)
             expect(bad_row.get_by_test_id("partner-rate")).to_have_text("0%")
             expect(bad_row.get_by_test_id("partner-failed")).to_have_text("1")
+            expect(bad_row.get_by_test_id("partner-circuit")).to_contain_text("circuit open · probe in ")
+            expect(good_row.get_by_test_id("partner-circuit")).to_have_count(0)
             assert page.locator("img").count() == 0 and page.evaluate("window.__xss") is None
 
             # The chart: drawn, with delivered (green) and failed (red) bars.

@@ -65,15 +65,18 @@ def test_a_black_hole_partner_does_not_slow_the_healthy_one(webhookd_factory, re
 
 
 def test_the_circuit_opens_probes_one_at_a_time_and_closes(webhookd_factory, receiver_factory):
-    hub = webhookd_factory(delivery__breaker_threshold=3, delivery__breaker_cooldown_s=0.5,
-                           delivery__breaker_cooldown_max_s=1.0, delivery__max_attempts=50,
-                           delivery__per_partner_concurrency=4)
+    hub = webhookd_factory(delivery__breaker_threshold=3, delivery__breaker_span_s=0.3,
+                           delivery__breaker_cooldown_s=0.5, delivery__breaker_cooldown_max_s=1.0,
+                           delivery__max_attempts=50, delivery__per_partner_concurrency=4)
     receiver = receiver_factory(default=(500, 0.1))
     partner = hub.register(receiver.url, ["payment.success"])
     _publish(hub, 10)
     wait_for(lambda: len(receiver.received) >= 4)
     wait_for(lambda: _partner(hub, partner["partner_id"])["failing_since"] is not None)
-    time.sleep(0.3)  # let the first wave finish; the circuit is open now
+    circuit = wait_for(lambda: (c := _partner(hub, partner["partner_id"])["circuit"])["state"] == "open" and c)
+    assert circuit["reason"] == "failures" and circuit["recent_failures"] >= 3
+    assert circuit["next_probe_at"] >= circuit["opened_at"]
+    time.sleep(0.2)  # let the attempts in flight when it opened finish
     first_wave = len(receiver.received)
     receiver.max_in_flight = 0
     time.sleep(2.0)
@@ -86,6 +89,8 @@ def test_the_circuit_opens_probes_one_at_a_time_and_closes(webhookd_factory, rec
     wait_for(lambda: all(d["state"] == "delivered" for d in _states(hub, partner["partner_id"])), timeout=10)
     shown = _partner(hub, partner["partner_id"])
     assert shown["status"] == "active" and shown["failing_since"] is None
+    assert shown["circuit"] == {"state": "closed", "reason": None, "opened_at": None, "next_probe_at": None,
+                                "recent_failures": 0}
 
 
 def test_410_gone_disables_the_partner_and_patch_resumes_it(hub, receiver_factory):
@@ -239,3 +244,77 @@ def test_one_retention_pass_purges_every_table_until_done(tmp_path):
         assert store.list_inbound(limit=10).items == []
     finally:
         store.close()
+
+
+# --- The breaker's rules, with the clock in the test's hands ---------------------------------
+
+
+def _failed(started_at, status=500, retry_after=None):
+    return Sent(Attempt(1, started_at, 1, status, "http_error", ""), retry_after)
+
+
+def _breakers(**settings):
+    return delivery.Breakers(delivery.Settings(**{"breaker_threshold": 5, "breaker_span_s": 10.0,
+                                                  "disable_after_s": 3 * 86400.0, **settings}))
+
+
+def test_a_burst_of_concurrent_failures_does_not_open_the_circuit():
+    breakers = _breakers()
+    for n in range(6):  # six attempts in flight together, all refused within 50 ms
+        breakers.record(_job(None), _failed(started_at=0.0), now=0.01 * n)
+    assert breakers.state("p", now=0.1) == "closed" and breakers.room("p", busy=0, now=0.1) == 4
+
+
+def test_sustained_failure_opens_the_circuit_and_a_probe_doubles_the_pause():
+    breakers = _breakers(breaker_cooldown_s=30.0, breaker_cooldown_max_s=600.0)
+    for t in (0.0, 3.0, 6.0, 9.0):
+        breakers.record(_job(None), _failed(started_at=t), now=t + 0.5)
+    assert breakers.state("p", now=10.0) == "closed"           # four failures: below the threshold
+    breakers.record(_job(None), _failed(started_at=12.0), now=12.5)
+    shown = breakers.describe("p", now=13.0)
+    assert shown == {"state": "open", "reason": "failures", "opened_at": 12, "next_probe_at": 43,
+                     "recent_failures": 5}
+    assert breakers.room("p", busy=0, now=20.0) == 0
+    assert breakers.state("p", now=43.0) == "half_open" and breakers.room("p", busy=0, now=43.0) == 1
+    breakers.record(_job(None), _failed(started_at=43.0), now=43.5)   # the probe failed
+    assert breakers.describe("p", now=44.0)["next_probe_at"] == 104   # 43.5 + 60
+    breakers.probe_now("p", now=50.0)                                 # an operator's retry
+    assert breakers.state("p", now=50.0) == "half_open" and breakers.room("p", busy=0, now=50.0) == 1
+
+
+def test_the_breakers_pause_follows_the_retry_schedule_unless_set():
+    assert delivery.Settings(backoff_max_s=8.0).cooldown_s == 8.0
+    assert delivery.Settings(backoff_max_s=8.0).cooldown_max_s == 8.0
+    assert delivery.Settings().cooldown_s == 30.0 and delivery.Settings().cooldown_max_s == 600.0
+    assert delivery.Settings(backoff_max_s=8.0, breaker_cooldown_s=20.0).cooldown_s == 20.0
+
+
+def test_a_retry_after_pause_ends_without_a_probe():
+    breakers = _breakers()
+    breakers.record(_job(None), _failed(started_at=0.0, status=429, retry_after=5.0), now=0.0)
+    assert breakers.describe("p", now=1.0)["reason"] == "retry_after"
+    assert breakers.room("p", busy=0, now=1.0) == 0 and breakers.room("p", busy=0, now=5.0) == 4
+
+
+def test_two_isolated_failures_days_apart_do_not_disable_the_partner():
+    breakers = _breakers()
+    day = 86400.0
+    assert breakers.record(_job(None), _failed(0.0), now=0.0)[2] is None
+    since, _, disable = breakers.record(_job(0.0), _failed(3 * day + 60), now=3 * day + 60)
+    assert disable is None and since == 3 * day + 60   # a new streak, not three days of failure
+
+
+def test_failures_spread_over_the_whole_span_do_disable_the_partner():
+    breakers = _breakers()
+    hour = 3600.0
+    reasons = [breakers.record(_job(None), _failed(h * hour), now=h * hour)[2] for h in range(0, 73, 6)]
+    assert reasons[:-1] == [None] * 12 and reasons[-1].startswith("every attempt failed for 259200 s")
+
+
+def test_an_attempt_started_before_a_reset_does_not_bring_the_old_streak_back():
+    breakers = _breakers(disable_after_s=150.0)
+    for t in range(0, 100, 5):
+        breakers.record(_job(None if t == 0 else 0.0), _failed(float(t)), now=float(t))
+    breakers.forget("p", now=100.5)                           # PATCH {"status": "active"}
+    since, changed, disable = breakers.record(_job(0.0), _failed(100.0), now=151.0)  # claimed before it
+    assert (since, changed, disable) == (151.0, True, None)

@@ -61,3 +61,20 @@ def test_metrics_move_with_a_real_flow(hub, receiver_factory):
     assert _value(after, "webhookd_deliveries", state="failed") == 2
     assert _value(after, "webhookd_deliveries_in_flight") == 0
     assert ("webhookd_circuit_breakers_open", ()) in after
+
+
+def test_a_partners_open_circuit_is_a_labelled_gauge_and_a_probe_clears_it(webhookd_factory, receiver_factory):
+    hub = webhookd_factory(delivery__max_attempts=50, delivery__breaker_threshold=2, delivery__breaker_span_s=0.01,
+                           delivery__breaker_cooldown_s=60.0, delivery__breaker_cooldown_max_s=60.0)
+    receiver = receiver_factory(default=(500, 0))
+    partner = hub.register(receiver.url, ["payment.success"])
+    pid = partner["partner_id"]
+    assert _value(_samples(hub), "webhookd_partner_circuit_open", partner_id=pid) == 0.0
+    hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: hub.http.get(f"/partners/{pid}", headers=hub.admin).json()["circuit"]["state"] == "open")
+    assert _value(_samples(hub), "webhookd_partner_circuit_open", partner_id=pid) == 1.0
+    receiver.default = (200, 0)
+    r = hub.http.post(f"/partners/{pid}/recover", headers=hub.admin, params={"since": 0})
+    assert r.status_code == 200   # nothing failed yet; the open circuit probes at once all the same
+    wait_for(lambda: hub.deliveries(state="delivered"))   # long before the minute's pause would end
+    assert _value(_samples(hub), "webhookd_partner_circuit_open", partner_id=pid) == 0.0
