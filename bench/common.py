@@ -373,6 +373,46 @@ def write_config(path: Path, *, port: int, db_path: Path, overrides: dict[str, d
     path.write_text("\n".join(lines) + "\n")
 
 
+class SlowReceiver:
+    """bench/slow_receiver.py in its own process: answers every POST after ``delay_s``."""
+
+    def __init__(self, procs: Procs, delay_s: float):
+        self.procs = procs
+        self.delay_s = delay_s
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
+    def start(self) -> SlowReceiver:
+        self.proc = self.procs.start("slow receiver", [sys.executable, str(ROOT / "bench" / "slow_receiver.py"),
+                                                       str(self.port), str(self.delay_s)])
+        wait_until(lambda: port_open(self.port), 10, what="slow receiver listening")
+        return self
+
+    def stats(self, reset: bool = False) -> dict[str, float]:
+        client = Client(self.port)
+        try:
+            return json.loads(client.request("GET", "/reset" if reset else "/stats")[1])
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.procs.stop(self.proc)
+
+
+def thread_count(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 class Client:
     """One keep-alive HTTP/1.1 connection (``http.client``) to 127.0.0.1:port."""
 

@@ -8,6 +8,7 @@ payment.success payload everywhere. Scenarios (``--only`` takes one or more, com
   blackhole   healthy partners' deliveries/s with and without a black-hole partner
   backlog     drain rate and peak RSS with 1,000,000 vs 10,000 pending deliveries
   inbound     POST /webhooks/partners requests/s vs GET /health
+  fanout      (d) partners 100 ms and 500 ms away: 50 partners on a slow receiver, bundled config
 
 Each figure is the median of ``--runs`` runs (3 by default) with its min–max; a ratio is taken
 within one round (the two runs it compares ran back to back) and then its median is reported.
@@ -55,12 +56,14 @@ from common import (  # noqa: E402
     Nginx,
     Procs,
     Series,
+    SlowReceiver,
     Webhookd,
     collect,
     percentile,
+    thread_count,
 )
 
-SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound"]
+SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound", "fanout"]
 PARTNERS = 5
 PATHS = [f"/p{k}" for k in range(PARTNERS)]
 
@@ -78,11 +81,15 @@ class Params:
     backlog_window_s: float = 20.0
     inbound_requests: int = 4000
     inbound_threads: int = 8
+    fanout_partners: int = 50
+    fanout_delays: tuple[float, ...] = (0.1, 0.5)
+    fanout_deliveries: int = 2000     # per webhookd run at 100 ms (fewer at 500 ms, see fanout_total)
+    fanout_time_limit_s: float = 60.0
 
     @classmethod
     def quick(cls) -> Params:
         return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500,
-                   backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500)
+                   backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500, fanout_deliveries=1000)
 
 
 @dataclass
@@ -440,6 +447,130 @@ def scenario_inbound(bench: Bench) -> None:
     bench.results["inbound"] = {"series": series, "runs": runs}
 
 
+# --- 6. (d) Partners far away: latency, not CPU, sets the pace ----------------------------------
+
+PROBE_PAYLOAD = json.dumps({"event": "booking.cancelled", "booking_id": "probe", "user_id": "probe"}).encode()
+
+
+def fanout_total(p: Params, delay_s: float) -> int:
+    """Deliveries per run: fewer when each takes longer, so a run stays within its time limit."""
+    return max(p.fanout_partners, int(p.fanout_deliveries * min(1.0, 0.1 / delay_s) * 2) // 2)
+
+
+class Probe:
+    """While a run goes on: POST /events (a type nobody subscribes to, so it adds no delivery)
+    and GET /health every 50 ms, timing each answer; webhookd's in-flight count and threads."""
+
+    def __init__(self, wd: Webhookd):
+        self.wd = wd
+        self.publish_ms: list[float] = []
+        self.health_ms: list[float] = []
+        self.in_flight = 0
+        self.threads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from common import Client
+
+        client = Client(self.wd.port, timeout=10)
+        try:
+            while not self._stop.wait(0.05):
+                for path, body, into in (("/events", PROBE_PAYLOAD, self.publish_ms), ("/health", None, self.health_ms)):
+                    started = time.perf_counter()
+                    status, data = client.request("POST" if body else "GET", path, body, ADMIN_HEADERS)
+                    into.append(1000 * (time.perf_counter() - started))
+                status, data = client.request("GET", "/stats", None, ADMIN_HEADERS)
+                if status == 200:
+                    self.in_flight = max(self.in_flight, json.loads(data)["totals"]["in_flight"])
+                self.threads = max(self.threads, thread_count(self.wd.pid) or 0)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+
+def webhookd_fanout(bench: Bench, receiver: SlowReceiver, total: int, name: str,
+                    overrides: dict[str, dict[str, Any]] | None = None) -> dict:
+    """Publish total/partners events, each to every partner on the slow receiver; deliveries/s =
+    requests the receiver counted / (first publish -> the receiver's count reaching ``total``)."""
+    p = bench.params
+    wd = Webhookd(bench.procs, bench.rundir(name), overrides=overrides).start()  # bundled config unless overridden
+    try:
+        for k in range(p.fanout_partners):
+            wd.register(receiver.url(f"/p{k}"), f"Far partner {k}")
+        receiver.stats(reset=True)
+        cpu_before = receiver.stats()["cpu_s"]
+        published = Published()
+        with Probe(wd) as probe:
+            started = time.monotonic()
+            loadgen.closed_loop(wd.port, threads=bench.params.publish_threads, total=total // p.fanout_partners,
+                                time_limit_s=30, build=publish_request, on_response=published.on_response)
+            deadline = started + p.fanout_time_limit_s
+            while (count := receiver.stats()["requests"]) < total and time.monotonic() < deadline and wd.alive():
+                time.sleep(0.02)
+            elapsed = time.monotonic() - started
+        stats = receiver.stats()
+        return {"deliveries": count, "expected": total, "seconds": elapsed, "rate": count / elapsed,
+                "publish_p99_ms": percentile(sorted(probe.publish_ms), 99),
+                "health_p99_ms": percentile(sorted(probe.health_ms), 99),
+                "in_flight": stats["max_in_flight"], "claimed": probe.in_flight, "threads": probe.threads,
+                "rss_mb": wd.peak_rss_mb(), "receiver_cpu_s": stats["cpu_s"] - cpu_before}
+    finally:
+        wd.stop()
+
+
+def scenario_fanout(bench: Bench) -> None:
+    p = bench.params
+    secret = "sk_live_bench_secret_for_the_baselines"
+    bench.results["fanout"] = {}
+    for delay in p.fanout_delays:
+        key = f"{int(delay * 1000)}ms"
+        receiver = SlowReceiver(bench.procs, delay).start()
+        loopback = SlowReceiver(bench.procs, 0.0).start()
+        urls = [receiver.url(f"/p{k}") for k in range(p.fanout_partners)]
+        total = fanout_total(p, delay)
+        names = ("webhookd", "pool", "guide", "vs_pool", "vs_guide", "vs_loopback", "publish_p99", "health_p99",
+                 "in_flight", "rss", "threads", "receiver_cpu")
+        series = {k: Series() for k in names}
+        runs = []
+        try:
+            for r in range(p.runs):
+                res = webhookd_fanout(bench, receiver, total, f"fanout-{key}-{r}")
+                own = webhookd_fanout(bench, loopback, total, f"fanout-loopback-{key}-{r}")
+                receiver.stats(reset=True)
+                ok, seconds = baselines.stdlib_pool(urls, secret, PAYLOAD_BYTES, EVENT_TYPE, total,
+                                                    time_limit_s=p.fanout_time_limit_s)
+                pool = ok / seconds
+                guide_n = max(5, int(3 / delay))  # about 3 s of it: sequential, one partner after the other
+                ok, seconds = baselines.guide_sender(urls, secret, PAYMENT_SUCCESS, guide_n, time_limit_s=30)
+                guide = ok / seconds
+                for k, v in (("webhookd", res["rate"]), ("pool", pool), ("guide", guide),
+                             ("vs_pool", res["rate"] / pool), ("vs_guide", res["rate"] / guide),
+                             ("vs_loopback", res["rate"] / own["rate"]), ("publish_p99", res["publish_p99_ms"]),
+                             ("health_p99", res["health_p99_ms"]), ("in_flight", res["in_flight"]),
+                             ("rss", res["rss_mb"]), ("threads", res["threads"]),
+                             ("receiver_cpu", res["receiver_cpu_s"] / res["seconds"])):
+                    series[k].add(v)
+                runs.append({"round": r, "webhookd": res, "loopback": own, "pool": pool, "guide": guide})
+                log(f"  round {r + 1}/{p.runs} {key}: webhookd {res['rate']:.0f}/s ({res['deliveries']}/{total}, "
+                    f"{own['rate']:.0f}/s at 0 ms), pool {pool:.0f}/s, guide {guide:.1f}/s; in flight "
+                    f"{res['in_flight']}, POST /events p99 {res['publish_p99_ms']:.1f} ms, RSS {res['rss_mb']:.0f} MiB, "
+                    f"{res['threads']} threads, receiver CPU {res['receiver_cpu_s'] / res['seconds']:.0%}")
+        finally:
+            receiver.stop()
+            loopback.stop()
+        bench.results["fanout"][key] = {"series": series, "runs": runs}
+
+
 # --- The table ------------------------------------------------------------------------------------
 
 
@@ -520,6 +651,21 @@ def table(bench: Bench) -> str:
             _row("(c) GET /health (trivial route)", s["health"], "/s"),
             _row("(c)   inbound / trivial", s["ratio"], "%", "≥ 50%", lambda v: v >= 0.5),
         ]
+    for key, found in res.get("fanout", {}).items():
+        s = found["series"]
+        rows += [
+            _row(f"(d) {key} away: webhookd, {p.fanout_partners} partners, bundled config", s["webhookd"], "/s"),
+            _row(f"(d) {key}: stdlib pool (32 threads)", s["pool"], "/s"),
+            _row(f"(d) {key}: guide sender", s["guide"], "/s"),
+            _row(f"(d) {key}:   webhookd / stdlib pool", s["vs_pool"], "x", "≥ 5.00×", lambda v: v >= 5.0),
+            _row(f"(d) {key}:   webhookd / its own rate at 0 ms", s["vs_loopback"], "%", "≥ 70%", lambda v: v >= 0.7),
+            _row(f"(d) {key}:   POST /events p99 during the run", s["publish_p99"], "ms", "≤ 25 ms", lambda v: v <= 25),
+            _row(f"(d) {key}:   GET /health p99 during the run", s["health_p99"], "ms"),
+            _row(f"(d) {key}:   peak attempts in flight", s["in_flight"], ""),
+            _row(f"(d) {key}:   peak RSS", s["rss"], "MiB", "≤ 200 MiB", lambda v: v <= 200),
+            _row(f"(d) {key}:   threads", s["threads"], ""),
+            _row(f"(d) {key}:   receiver CPU (of one core)", s["receiver_cpu"], "%"),
+        ]
     header = ["", "median", f"min – max ({p.runs} run{'s' if p.runs > 1 else ''})", "goal", "met"]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
     out = []
@@ -573,6 +719,10 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
                      f"http.client connection each, {p.inbound_requests:,} requests per run; every inbound request "
                      f"signed, with a unique X-Webhook-Id (so each is stored); the per-partner inbound rate limit "
                      f"raised out of the way")
+    if "fanout" in only:
+        lines.append(f"(d): bench/slow_receiver.py (asyncio, keep-alive) answers every POST after 100 ms or 500 ms; "
+                     f"{p.fanout_partners} partners on it; webhookd on the bundled webhookd.toml; a probe times "
+                     f"POST /events (no subscriber) and GET /health every 50 ms during each run")
     return "\n".join(lines)
 
 
