@@ -76,6 +76,7 @@ class SecurityConfig:
     allow_private_targets: bool = False
     max_body_bytes: int = 262144
     max_json_depth: int = 32
+    max_batch_events: int = 500           # events in one POST /events/batch
     inbound_tolerance_s: int = 300
     secret_overlap_s: int = 86400
     allowed_ports: tuple[int, ...] = ()   # empty: any port
@@ -134,6 +135,7 @@ POSITIVE = {
     "server.port": "a TCP port (1-65535)",
     "security.max_body_bytes": "a size in bytes",
     "security.max_json_depth": "a number of nesting levels",
+    "security.max_batch_events": "a number of events",
     "security.inbound_tolerance_s": "a number of seconds",
     "security.secret_overlap_s": "a number of seconds",
     "security.inbound_rate_per_s": "a number of requests per second",

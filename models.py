@@ -54,6 +54,18 @@ class Event:
 
 
 @dataclass(frozen=True)
+class NewEvent:
+    """An event about to be published: what ``Store.publish`` writes."""
+
+    id: str
+    type: str
+    body: bytes                         # canonical JSON: exactly the bytes partners get
+    idempotency_key: str | None = None
+    request_hash: str | None = None     # sha256 of the request, to spot a reused key
+    only_partner: str | None = None     # one partner whatever its subscriptions (webhook.test)
+
+
+@dataclass(frozen=True)
 class Attempt:
     attempt: int
     started_at: float

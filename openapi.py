@@ -79,6 +79,13 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                 required=["event"], extra=True),
                          "description": "The event's fields; the catalog in webhookd.toml says which are required."},
         "EventAccepted": _obj({"event_id": STRING, "deliveries": {"type": "integer"}}),
+        "EventBatch": _obj({"events": {"type": "array", "minItems": 1, "items": _ref("EventPayload")}}),
+        "BatchAccepted": _obj({
+            "accepted": {"type": "integer"}, "refused": {"type": "integer"},
+            "results": {"type": "array", "description": "one per event, in order", "items": {"oneOf": [
+                _ref("EventAccepted"),
+                _obj({"error": _obj({"code": STRING, "message": STRING}), "status": {"type": "integer"}}),
+            ]}}}),
         "Event": _obj({"event_id": STRING, "event": STRING, "payload": {"type": "object"}, "created_at": TIME,
                        "fanout": {"type": "integer", "description": "deliveries made at publish time"},
                        "deliveries": {"type": "array", "items": _ref("Delivery"),
@@ -168,6 +175,12 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
                                    params=[{"name": "Idempotency-Key", "in": "header", "required": False,
                                             "schema": {"type": "string", "maxLength": 255}}])}},
+        "/events/batch": {"post": {**_op(
+            "Publish many events in one request and one durable commit; one result per event", 202,
+            "BatchAccepted", body="EventBatch",
+            params=[{"name": "Idempotency-Key", "in": "header", "required": False,
+                     "schema": {"type": "string", "maxLength": 255},
+                     "description": "event i gets the key <key>#<i>"}])}},
         "/events/{event_id}": {"get": _op("An event and its deliveries", 200, "Event",
                                           params=[_path("event_id", "an event id")])},
         "/deliveries": {"get": _op("Deliveries, newest first", 200, "DeliveryList", params=[

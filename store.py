@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from models import Attempt, Delivery, Event, InboundEvent, Job, Outcome, Page, Partner, valid_secrets
+from models import Attempt, Delivery, Event, InboundEvent, Job, NewEvent, Outcome, Page, Partner, valid_secrets
 
 logger = logging.getLogger("webhookd.store")
 
@@ -464,11 +464,8 @@ class Store:
 
     # --- Events and their fan-out ---------------------------------------------------
 
-    def publish(
-        self, *, event_id: str, event_type: str, body: bytes, now: float, max_attempts: int,
-        new_delivery_id, idempotency_key: str | None = None, request_hash: str | None = None,
-        only_partner: str | None = None,
-    ) -> tuple[Event, bool]:
+    def publish(self, event: NewEvent, *, now: float, max_attempts: int,
+                new_delivery_id: Callable[[], str]) -> tuple[Event, bool]:
         """Store an event and one pending delivery per subscriber, in one transaction.
 
         Returns ``(event, created)``. With an ``idempotency_key`` already used, nothing is
@@ -477,36 +474,13 @@ class Store:
         Paused and disabled partners get their rows too: they stay ``pending`` until
         the partner is active again.
         """
-        def work(db: sqlite3.Connection) -> tuple[Event, bool]:
-            if idempotency_key is not None:
-                row = db.execute(
-                    "SELECT * FROM events WHERE idempotency_key = :k", {"k": idempotency_key}
-                ).fetchone()
-                if row:
-                    return _event_from_row(row), False
-            if only_partner is not None:
-                partner_ids = [only_partner]
-            else:
-                partner_ids = [r["partner_id"] for r in db.execute(
-                    "SELECT partner_id FROM subscriptions WHERE event_type = :t ORDER BY partner_id",
-                    {"t": event_type})]
-            db.execute(
-                """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, created_at)
-                   VALUES (:id, :type, :body, :key, :hash, :fanout, :now)""",
-                {"id": event_id, "type": event_type, "body": body, "key": idempotency_key,
-                 "hash": request_hash, "fanout": len(partner_ids), "now": now},
-            )
-            db.executemany(
-                """INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts,
-                                           next_attempt_at, created_at, updated_at)
-                   VALUES (:id, :event_id, :partner_id, 'pending', :max_attempts, :now, :now, :now)""",
-                [{"id": new_delivery_id(), "event_id": event_id, "partner_id": pid,
-                  "max_attempts": max_attempts, "now": now} for pid in partner_ids],
-            )
-            row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event_id}).fetchone()
-            return _event_from_row(row), True
+        return self._in_group_commit(lambda db: _insert_event(db, event, now, max_attempts, new_delivery_id))
 
-        return self._in_group_commit(work)
+    def publish_batch(self, events: list[NewEvent], *, now: float, max_attempts: int,
+                      new_delivery_id: Callable[[], str]) -> list[tuple[Event, bool]]:
+        """``publish`` for many events, in one transaction and one durable commit."""
+        return self._in_group_commit(
+            lambda db: [_insert_event(db, event, now, max_attempts, new_delivery_id) for event in events])
 
     def get_event(self, event_id: str) -> Event | None:
         with self._reader() as db:
@@ -785,6 +759,35 @@ _NEXT_DUE_FOR_PARTNER = """
 _DELIVERY_SELECT = """
     SELECT d.*, e.type AS event FROM deliveries d JOIN events e ON e.id = d.event_id
 """
+
+
+def _insert_event(db: sqlite3.Connection, event: NewEvent, now: float, max_attempts: int,
+                  new_delivery_id: Callable[[], str]) -> tuple[Event, bool]:
+    """One event and its fan-out (see ``Store.publish``), inside the caller's transaction."""
+    if event.idempotency_key is not None:
+        row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
+        if row:
+            return _event_from_row(row), False
+    if event.only_partner is not None:
+        partner_ids = [event.only_partner]
+    else:
+        partner_ids = [r["partner_id"] for r in db.execute(
+            "SELECT partner_id FROM subscriptions WHERE event_type = :t ORDER BY partner_id", {"t": event.type})]
+    db.execute(
+        """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, created_at)
+           VALUES (:id, :type, :body, :key, :hash, :fanout, :now)""",
+        {"id": event.id, "type": event.type, "body": event.body, "key": event.idempotency_key,
+         "hash": event.request_hash, "fanout": len(partner_ids), "now": now},
+    )
+    db.executemany(
+        """INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts,
+                                   next_attempt_at, created_at, updated_at)
+           VALUES (:id, :event_id, :partner_id, 'pending', :max_attempts, :now, :now, :now)""",
+        [{"id": new_delivery_id(), "event_id": event.id, "partner_id": pid, "max_attempts": max_attempts,
+          "now": now} for pid in partner_ids],
+    )
+    row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event.id}).fetchone()
+    return _event_from_row(row), True
 
 
 def _read_jobs(db: sqlite3.Connection, ids: list[str], now: float) -> list[Job]:

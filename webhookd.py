@@ -58,7 +58,7 @@ import signing
 import targets
 from config import FIELD_TYPES, Config, SecurityConfig, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event
-from models import Delivery, Event, Partner
+from models import Delivery, Event, NewEvent, Partner
 from store import Store
 from web import (
     ADMIN,
@@ -266,10 +266,9 @@ async def send_test_event(request: Request) -> JSONResponse:
     ctx = context(request)
     payload = {"event": TEST_EVENT, "timestamp": int(ctx.clock()), "partner_id": partner_id,
                "message": "This is a test webhook from webhookd."}
-    event, _ = await db(ctx.store.publish, event_id=new_id("evt_"), event_type=TEST_EVENT,
-                        body=signing.canonical(payload), now=ctx.clock(),
-                        max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=lambda: new_id("dlv_"),
-                        only_partner=partner_id)
+    ping = NewEvent(id=new_id("evt_"), type=TEST_EVENT, body=signing.canonical(payload), only_partner=partner_id)
+    event, _ = await db(ctx.store.publish, ping, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
+                        new_delivery_id=new_delivery_id)
     ctx.loop.wake()
     return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
 
@@ -324,6 +323,28 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
+def new_event(payload: dict[str, Any], ctx: Context, key: str | None) -> NewEvent:
+    """A checked payload (422 otherwise) as the event to store: ``timestamp`` filled in when
+    absent, canonical bytes, and the hash that tells a reused ``Idempotency-Key`` apart."""
+    event_type = check_payload(payload, ctx.config.events)
+    request_hash = hashlib.sha256(signing.canonical(payload)).hexdigest()
+    payload.setdefault("timestamp", int(ctx.clock()))
+    return NewEvent(id=new_id("evt_"), type=event_type, body=signing.canonical(payload), idempotency_key=key,
+                    request_hash=request_hash)
+
+
+def new_delivery_id() -> str:
+    return new_id("dlv_")
+
+
+def key_reused(event: Event, created: bool, new: NewEvent) -> bool:
+    """The same ``Idempotency-Key`` with a different body: the caller is confused (409)."""
+    return not created and event.request_hash != new.request_hash
+
+
+KEY_REUSED = "This Idempotency-Key was used with a different body. Use a new key for a new event."
+
+
 async def publish_event(request: Request) -> JSONResponse:
     """``POST /events``: store the event and its deliveries in one transaction, then answer 202.
 
@@ -333,22 +354,64 @@ async def publish_event(request: Request) -> JSONResponse:
     """
     ctx = context(request)
     key = idempotency_key(request)
-    payload = await read_json_object(request)
-    event_type = check_payload(payload, ctx.config.events)
-    request_hash = hashlib.sha256(signing.canonical(payload)).hexdigest()
-    payload.setdefault("timestamp", int(ctx.clock()))
-    event, created = await db(
-        ctx.store.publish, event_id=new_id("evt_"), event_type=event_type, body=signing.canonical(payload),
-        now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=lambda: new_id("dlv_"),
-        idempotency_key=key, request_hash=request_hash)
-    if not created and event.request_hash != request_hash:
-        raise ApiError(409, "idempotency_key_reused",
-                       "This Idempotency-Key was used with a different body. Use a new key for a new event.")
+    new = new_event(await read_json_object(request), ctx, key)
+    event, created = await db(ctx.store.publish, new, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
+                              new_delivery_id=new_delivery_id)
+    if key_reused(event, created, new):
+        raise ApiError(409, "idempotency_key_reused", KEY_REUSED)
     if created:
-        ctx.loop.wake()
+        _published(ctx, [event])
+    return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
+
+
+async def publish_batch(request: Request) -> JSONResponse:
+    """``POST /events/batch``: ``{"events": [payload, ...]}``, each payload what ``POST /events``
+    takes, up to ``security.max_batch_events``; all the accepted ones in one durable commit.
+
+    The answer (202) has one result per event, in order: ``{"event_id", "deliveries"}`` or
+    ``{"error": {...}, "status": 4xx}``; one bad event refuses only itself. With an
+    ``Idempotency-Key`` header, event *i* gets the key ``<key>#<i>``: the same batch sent
+    again stores nothing twice and answers the same ids.
+    """
+    ctx = context(request)
+    key = idempotency_key(request)
+    items = (await read_json_object(request, allowed={"events"})).get("events")
+    most = ctx.config.security.max_batch_events
+    if not isinstance(items, list) or not items or len(items) > most:
+        raise invalid("events", f"must be a list of 1 to {most} events, each what POST /events takes.")
+    results: list[dict[str, Any]] = [{} for _ in items]
+    checked: list[tuple[int, NewEvent]] = []
+    for i, payload in enumerate(items):
+        try:
+            if not isinstance(payload, dict):
+                raise ApiError(400, "not_an_object", "The event must be a JSON object, like {\"event\": ...}.")
+            checked.append((i, new_event(payload, ctx, f"{key}#{i}" if key else None)))
+        except ApiError as refused:
+            results[i] = _refused(refused)
+    stored = await db(ctx.store.publish_batch, [new for _, new in checked], now=ctx.clock(),
+                      max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id)
+    for (i, new), (event, created) in zip(checked, stored):
+        if key_reused(event, created, new):
+            results[i] = _refused(ApiError(409, "idempotency_key_reused", KEY_REUSED))
+        else:
+            results[i] = {"event_id": event.id, "deliveries": event.fanout}
+    _published(ctx, [event for event, created in stored if created])
+    accepted = sum("event_id" in r for r in results)
+    return JSONResponse({"accepted": accepted, "refused": len(items) - accepted, "results": results}, status_code=202)
+
+
+def _refused(error: ApiError) -> dict[str, Any]:
+    return {"error": {"code": error.code, "message": error.message}, "status": error.status}
+
+
+def _published(ctx: Context, events: list[Event]) -> None:
+    """After the commit: wake the delivery loop, count, log."""
+    if not events:
+        return
+    ctx.loop.wake()
+    for event in events:
         ctx.metrics.events_published.inc(event=event.type)
         logger.info("published %s %s to %d partners", event.id, event.type, event.fanout)
-    return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
 
 
 async def get_event(request: Request) -> JSONResponse:
@@ -492,6 +555,7 @@ ROUTES = [
     route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
     route("POST", "/events", publish_event, ADMIN),
+    route("POST", "/events/batch", publish_batch, ADMIN),
     route("GET", "/events/{event_id}", get_event, ADMIN),
     route("GET", "/deliveries", list_deliveries, CALLER),
     route("GET", "/deliveries/{delivery_id}", get_delivery, CALLER),

@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from conftest import ADMIN_TOKEN
+from conftest import ADMIN_TOKEN, wait_for
 from payloads import PAYMENT_SUCCESS
 
 GOOD = {"partner_name": "Tu Grupo - Nombre", "webhook_url": "https://127.0.0.1:9443/webhooks/events",
@@ -205,3 +205,50 @@ def test_event_detail_says_how_many_deliveries_there_are(hub):
     event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
     shown = hub.http.get(f"/events/{event_id}", headers=hub.admin).json()
     assert shown["fanout"] == 3 and len(shown["deliveries"]) == 3 and shown["more_deliveries"] is False
+
+
+# --- Batch publish -------------------------------------------------------------------------------
+
+
+def test_a_batch_answers_one_result_per_event_and_a_bad_one_refuses_only_itself(hub, receiver_factory):
+    receiver = receiver_factory()
+    hub.register(receiver.url, ["payment.success"])
+    no_amount = {k: v for k, v in PAYMENT_SUCCESS.items() if k != "amount"}
+    batch = {"events": [PAYMENT_SUCCESS, no_amount, "not an object", {**PAYMENT_SUCCESS, "transaction_id": "txn_2"}]}
+    r = hub.http.post("/events/batch", headers=hub.admin, json=batch)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["accepted"], body["refused"]) == (2, 2)
+    ok_first, missing, not_object, ok_last = body["results"]
+    assert ok_first["deliveries"] == 1 and ok_last["deliveries"] == 1
+    assert missing["status"] == 422 and missing["error"]["code"] == "invalid_field"
+    assert "'amount'" in missing["error"]["message"]
+    assert not_object["status"] == 400 and not_object["error"]["code"] == "not_an_object"
+    wait_for(lambda: len(receiver.received) == 2)
+    assert sorted(r.headers["x-webhook-id"] for r in receiver.received) == sorted(
+        [ok_first["event_id"], ok_last["event_id"]])
+    for result in (ok_first, ok_last):
+        assert hub.http.get(f"/events/{result['event_id']}", headers=hub.admin).status_code == 200
+
+
+def test_a_batch_sent_again_with_its_idempotency_key_stores_nothing_twice(hub):
+    hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    events = [{**PAYMENT_SUCCESS, "transaction_id": f"txn_{i}"} for i in range(3)]
+    key = {**hub.admin, "Idempotency-Key": "bookings-2026-11-30"}
+    first = hub.http.post("/events/batch", headers=key, json={"events": events}).json()["results"]
+    again = hub.http.post("/events/batch", headers=key, json={"events": events}).json()["results"]
+    assert again == first and len(_rows(hub, "events")) == 3
+    events[1] = {**events[1], "amount": 1.0}            # the same key for another body: that event alone is 409
+    changed = hub.http.post("/events/batch", headers=key, json={"events": events}).json()["results"]
+    assert changed[0] == first[0] and changed[2] == first[2]
+    assert changed[1]["status"] == 409 and changed[1]["error"]["code"] == "idempotency_key_reused"
+    assert len(_rows(hub, "events")) == 3
+
+
+@pytest.mark.parametrize("body", [{}, {"events": []}, {"events": {"a": 1}}, {"events": [PAYMENT_SUCCESS] * 4},
+                                  {"events": [PAYMENT_SUCCESS], "extra": 1}])
+def test_a_batch_that_is_not_a_list_of_1_to_max_events_is_422_and_stores_nothing(webhookd_factory, body):
+    hub = webhookd_factory(security__max_batch_events=3)
+    r = hub.http.post("/events/batch", headers=hub.admin, json=body)
+    check_error(r, 422, "invalid_field")
+    assert _rows(hub, "events") == []

@@ -151,3 +151,16 @@ def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, recei
     assert set(got) == expected
     duplicates = len(got) - len(expected)
     assert duplicates <= in_flight, (duplicates, in_flight)
+
+
+def test_kill_9_right_after_a_batch_answer_loses_none_of_its_events(serve_factory):
+    serve = serve_factory()
+    _register(serve.url, f"http://127.0.0.1:{free_port()}/nobody")  # deliveries stay pending; events matter here
+    events = [{**PAYMENT_SUCCESS, "transaction_id": f"txn_{i}"} for i in range(200)]
+    r = httpx.post(serve.url + "/events/batch", headers=ADMIN, json={"events": events}, timeout=30)
+    serve.stop(signal.SIGKILL)                         # at once: the 202 is all the proof there is
+    assert r.status_code == 202 and r.json()["accepted"] == 200
+    ids = [result["event_id"] for result in r.json()["results"]]
+    restarted = serve_factory(port=serve.port, WEBHOOKD_STORAGE_PATH=serve.env["WEBHOOKD_STORAGE_PATH"])
+    for event_id in ids:
+        assert httpx.get(f"{restarted.url}/events/{event_id}", headers=ADMIN).status_code == 200

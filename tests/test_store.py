@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from models import Attempt, Outcome
+from models import Attempt, NewEvent, Outcome
 from store import Store
 
 _counter = iter(range(10**9))
@@ -36,8 +36,8 @@ def _finish(store, delivery_id, attempt, state, now):
 
 
 def _publish(store, now=1000.0, **kw):
-    return store.publish(event_id=_id("evt_"), event_type="payment.success", body=b'{"a":1}', now=now,
-                         max_attempts=3, new_delivery_id=lambda: _id("dlv_"), **kw)
+    event = NewEvent(id=_id("evt_"), type="payment.success", body=b'{"a":1}', **kw)
+    return store.publish(event, now=now, max_attempts=3, new_delivery_id=lambda: _id("dlv_"))
 
 
 def test_database_file_and_folder_are_private(tmp_path, store):
@@ -75,7 +75,7 @@ def test_a_failing_publish_leaves_nothing_behind(store):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        store.publish(event_id="evt_x", event_type="payment.success", body=b"{}", now=1.0,
+        store.publish(NewEvent(id="evt_x", type="payment.success", body=b"{}"), now=1.0,
                       max_attempts=3, new_delivery_id=broken_id)
     assert store.get_event("evt_x") is None
     assert store.list_deliveries(limit=10).items == []
@@ -237,7 +237,7 @@ def test_group_commit_isolates_a_failing_request_from_the_others_in_its_batch(st
                 raise RuntimeError("boom")
             return _id("dlv_")
         try:
-            results[n] = store.publish(event_id=f"evt_g{n:03d}", event_type="payment.success", body=b"{}",
+            results[n] = store.publish(NewEvent(id=f"evt_g{n:03d}", type="payment.success", body=b"{}"),
                                        now=1.0, max_attempts=3, new_delivery_id=ids)[0].id
         except RuntimeError as exc:
             results[n] = exc
