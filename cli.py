@@ -216,7 +216,8 @@ def _show(args: argparse.Namespace, answer: Any, columns: list[str] | None = Non
     return 0
 
 
-PARTNER_COLUMNS = ["partner_id", "partner_name", "status", "circuit", "events_subscribed", "webhook_url"]
+PARTNER_COLUMNS = ["partner_id", "partner_name", "status", "circuit", "max_rate_per_s", "events_subscribed",
+                   "webhook_url"]
 DELIVERY_COLUMNS = ["delivery_id", "event", "partner_id", "state", "attempt_count", "updated_at"]
 
 
@@ -227,7 +228,8 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
     if action == "add":
         events = [e.strip() for e in args.events.split(",") if e.strip()]
         answer = _api(config, "POST", "/partners/register",
-                      {"partner_name": args.name, "webhook_url": args.url, "events": events})
+                      {"partner_name": args.name, "webhook_url": args.url, "events": events,
+                       "max_rate_per_s": args.max_rate})
         if not args.json:
             print("Save shared_secret and api_key now: they are not shown again.", file=sys.stderr)
         return _show(args, answer)
@@ -241,6 +243,9 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         return _show(args, _api(config, "PATCH", path, {"status": status}))
     if action == "rotate":
         return _show(args, _api(config, "POST", path + "/rotate-secret"))
+    if action == "pace":
+        rate = args.max_rate or None  # 0 (or none given) removes the pace
+        return _show(args, _api(config, "PATCH", path, {"max_rate_per_s": rate}))
     raise CliError(f"unknown action {action!r}")
 
 
@@ -289,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", parents=[with_config], help="print the admin token (creating it on first use)")
     token.set_defaults(handler=_cmd_token)
 
-    partners = commands.add_parser("partners", parents=[with_config, as_json], help="list, show, add, pause, resume, rotate")
-    partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "rotate"])
-    partners.add_argument("partner_id", nargs="?", help="the partner (show, pause, resume, rotate)")
+    partners = commands.add_parser("partners", parents=[with_config, as_json],
+                                   help="list, show, add, pause, resume, rotate, pace")
+    partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "rotate", "pace"])
+    partners.add_argument("partner_id", nargs="?", help="the partner (show, pause, resume, rotate, pace)")
+    partners.add_argument("--max-rate", type=float, help="requests per second at most (add, pace; 0 removes)")
     partners.add_argument("--name", help="partner name (add)")
     partners.add_argument("--url", help="webhook URL (add)")
     partners.add_argument("--events", default="", help="comma-separated event types (add)")

@@ -289,6 +289,89 @@ class Breakers:
         return min(s.cooldown_max_s, s.cooldown_s * 2 ** min(probes_failed, 30))
 
 
+class Pacer:
+    """Per-partner pace: at most ``max_rate_per_s`` attempts started per second, and a slower
+    pace for a while after the partner answers ``429 Too Many Requests``.
+
+    A paced partner's attempts start at least ``1 / rate`` seconds apart, so no second holds
+    more than ``rate + 1`` starts: the loop claims one of its jobs at a time, only once its
+    next start is due, and the sender marks the start (``starting``) just before it sends.
+    Retries, recoveries and manual retries all go through that claim, so the pace holds for
+    every attempt. A ``429`` halves the pace (the partner's own, or the rate it was just
+    getting) for ``SLOWED_S``; a ``Retry-After`` pause (the breaker's) still comes first.
+    """
+
+    SLOWED_S = 60.0
+    MIN_RATE = 0.1  # a 429 never slows a partner below one attempt every ten seconds
+
+    def __init__(self) -> None:
+        self._next_start: dict[str, float] = {}
+        self._waiting: dict[str, set[str]] = collections.defaultdict(set)  # partner -> claimed, not started
+        self._slowed: dict[str, tuple[float, float]] = {}  # partner -> (rate, until)
+        self._starts: dict[str, collections.deque[float]] = {}  # the last second's starts
+        self._lock = threading.Lock()
+
+    def rate(self, partner_id: str, configured: float | None, now: float) -> float | None:
+        """The pace in force now: the partner's own, or lower while a 429 slows it."""
+        with self._lock:
+            slowed = self._slowed.get(partner_id)
+        if slowed is None or slowed[1] <= now:
+            return configured
+        return slowed[0] if configured is None else min(configured, slowed[0])
+
+    def paced(self, now: float) -> list[str]:
+        """Partners slowed by a 429 now (those with a pace of their own are known to the caller)."""
+        with self._lock:
+            return [p for p, (_, until) in self._slowed.items() if until > now]
+
+    def room(self, partner_id: str, rate: float | None, now: float) -> int | None:
+        """1 if one job of this paced partner may be claimed now, else 0; None without a pace."""
+        if rate is None:
+            return None
+        with self._lock:
+            due = not self._waiting[partner_id] and now >= self._next_start.get(partner_id, 0.0)
+        return 1 if due else 0
+
+    def claimed(self, job: Job) -> None:
+        with self._lock:
+            self._waiting[job.partner_id].add(job.delivery_id)
+
+    def done(self, job: Job) -> None:
+        """The job started, or was given up: it no longer holds its partner's next claim."""
+        with self._lock:
+            self._waiting[job.partner_id].discard(job.delivery_id)
+
+    def starting(self, job: Job, rate: float | None, now: float) -> float:
+        """Mark the start of ``job`` now; returns how long the sender must wait first (a 429
+        may have lowered the pace since the claim)."""
+        partner_id = job.partner_id
+        self.done(job)
+        with self._lock:
+            wait = 0.0
+            if rate is not None:
+                start = max(now, self._next_start.get(partner_id, 0.0))
+                wait = start - now
+                self._next_start[partner_id] = start + 1 / rate
+            starts = self._starts.setdefault(partner_id, collections.deque())
+            starts.append(now + wait)
+            while starts and starts[0] < now - 1.0:
+                starts.popleft()
+            return wait
+
+    def slow_down(self, partner_id: str, rate: float | None, now: float) -> None:
+        """The partner answered 429: halve its pace for ``SLOWED_S``."""
+        with self._lock:
+            recent = len([t for t in self._starts.get(partner_id, ()) if t >= now - 1.0])
+            current = rate if rate is not None else max(1.0, float(recent))
+            self._slowed[partner_id] = (max(self.MIN_RATE, current / 2), now + self.SLOWED_S)
+
+    def next_start_at(self, now: float) -> float | None:
+        """The earliest future start of a paced partner with nothing claimed (a reason to wake)."""
+        with self._lock:
+            times = [t for p, t in self._next_start.items() if t > now and not self._waiting[p]]
+        return min(times) if times else None
+
+
 # --- The loop -------------------------------------------------------------------------
 
 
@@ -310,6 +393,7 @@ class DeliveryLoop:
         self.clock = clock
         self.sender = Sender(settings, clock)
         self.breakers = Breakers(settings)
+        self.pacer = Pacer()
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._senders = [threading.Thread(target=self._send_jobs, name=f"webhookd-send-{n}", daemon=True)
                          for n in range(settings.concurrency)]
@@ -421,11 +505,19 @@ class DeliveryLoop:
             await self._sleep(pause)
 
     def _room(self, now: float) -> dict[str, int]:
-        """Room of every partner that is not simply idle and healthy (those get the full cap)."""
+        """Room of every partner that is not simply idle, healthy and unpaced (those get the
+        full cap): the breaker's room, and at most the pace's."""
         with self._lock:
             busy = dict(self._busy)
-        partners = set(busy) | set(self.breakers.constrained())
-        return {p: self.breakers.room(p, busy.get(p, 0), now) for p in partners}
+        own_pace = {p.id: p.max_rate_per_s for p in self.store.all_partners() if p.max_rate_per_s}
+        partners = set(busy) | set(self.breakers.constrained()) | set(own_pace) | set(self.pacer.paced(now))
+        room = {}
+        for p in partners:
+            room[p] = self.breakers.room(p, busy.get(p, 0), now)
+            paced = self.pacer.room(p, self.pacer.rate(p, own_pace.get(p), now), now)
+            if paced is not None:
+                room[p] = min(room[p], paced)
+        return room
 
     async def _claim_and_start(self) -> int:
         free = self.settings.claim_ahead - self._claimed
@@ -442,11 +534,14 @@ class DeliveryLoop:
             if jobs:
                 self._all_done.clear()
         for job in jobs:
+            self.pacer.claimed(job)
+        for job in jobs:
             self._jobs.put(job)
         return len(jobs)
 
     def _finished(self, job: Job) -> None:
         """A sender is done with ``job``: count it, and wake the loop when work runs low."""
+        self.pacer.done(job)  # a job that never started (released, or crashed) must not hold the pace
         with self._lock:
             self._claimed -= 1
             self._busy[job.partner_id] -= 1
@@ -465,7 +560,8 @@ class DeliveryLoop:
             return IDLE_RECHECK_S
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
-        candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at(now)]
+        candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at(now),
+                      self.pacer.next_start_at(now)]
         times = [t for t in candidates if t is not None]
         if not times:
             return IDLE_RECHECK_S
@@ -498,9 +594,11 @@ class DeliveryLoop:
         it, even of jobs claimed before it (memory only: the store's copy of partners)."""
         partner = self.store.get_partner(job.partner_id)
         if partner is None or partner.status != "active":
+            self.pacer.done(job)
             self.store.release_claims([job.delivery_id], self.clock())
             return None
-        return dataclasses.replace(job, url=partner.webhook_url, secrets=tuple(partner.valid_secrets(self.clock())))
+        return dataclasses.replace(job, url=partner.webhook_url, secrets=tuple(partner.valid_secrets(self.clock())),
+                                   max_rate_per_s=partner.max_rate_per_s)
 
     def _release(self, job: Job) -> None:
         """Give up a claimed job without sending it; ``stop`` releases its lease in the store."""
@@ -514,8 +612,14 @@ class DeliveryLoop:
         job = self._as_partner_is_now(job)
         if job is None:
             return
+        rate = self.pacer.rate(job.partner_id, job.max_rate_per_s, self.clock())
+        wait = self.pacer.starting(job, rate, self.clock())
+        if wait > 0:
+            time.sleep(wait)
         sent = self.sender.send(job)
         now = self.clock()
+        if sent.attempt.status_code == 429:
+            self.pacer.slow_down(job.partner_id, rate, now)
         state, next_at = decide(job, sent, self.settings, self.rng, now)
         failing_since, failing_changed, disable_reason = self.breakers.record(job, sent, now)
         self._results.put(Outcome(

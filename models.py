@@ -30,6 +30,7 @@ class Partner:
     updated_at: float
     failing_since: float | None = None
     disabled_reason: str | None = None
+    max_rate_per_s: float | None = None   # at most this many attempts started per second; None: no pace
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
@@ -107,6 +108,7 @@ class Job:
     max_attempts: int
     partner_failing_since: float | None = None
     created_at: float = 0.0   # when the delivery was created (publish time)
+    max_rate_per_s: float | None = None  # the partner's pace when the attempt starts
 
 
 @dataclass(frozen=True)

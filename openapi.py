@@ -14,6 +14,8 @@ from typing import Any
 TIME = {"type": "integer", "description": "unix seconds"}
 MAYBE_TIME = {"type": ["integer", "null"], "description": "unix seconds"}
 STRING = {"type": "string"}
+RATE = {"type": ["number", "null"], "minimum": 0.01, "maximum": 10000,
+        "description": "at most this many attempts started per second; null: no pace"}
 
 
 def _obj(properties: dict[str, Any], required: list[str] | None = None, extra: bool = False) -> dict[str, Any]:
@@ -37,6 +39,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "status": {"enum": ["active", "paused", "disabled"]},
         "events_subscribed": {"type": "array", "items": STRING},
         "disabled_reason": {"type": ["string", "null"]}, "failing_since": MAYBE_TIME,
+        "max_rate_per_s": {"type": ["number", "null"], "description": "attempts started per second, at most"},
         "circuit": _obj({
             "state": {"enum": ["closed", "open", "half_open"],
                       "description": "open: nothing is sent until next_probe_at; half_open: one probe at a time"},
@@ -64,7 +67,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "partner_name": {"type": "string", "minLength": 1, "maxLength": 200},
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
-        }),
+            "max_rate_per_s": RATE,
+        }, required=["partner_name", "webhook_url", "events"]),
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
                                 "api_key": STRING}),
@@ -72,7 +76,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                 "previous_secret_expires_at": TIME}),
         "PartnerUpdate": {**_obj({"webhook_url": {"type": "string", "maxLength": 2048},
                                   "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
-                                  "status": {"enum": ["active", "paused"]}}, required=[]),
+                                  "status": {"enum": ["active", "paused"]}, "max_rate_per_s": RATE}, required=[]),
                           "minProperties": 1},
         "PartnerList": _list_of("Partner"),
         "EventPayload": {**_obj({"event": {"enum": events}, "timestamp": {"type": "number"}},

@@ -109,6 +109,7 @@ SCHEMA = [
 # Named schema changes, applied once each in order and recorded in schema_migrations.
 MIGRATIONS: list[tuple[str, list[str]]] = [
     ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
+    ("partners.max_rate_per_s", ["ALTER TABLE partners ADD COLUMN max_rate_per_s REAL"]),  # a partner's pace
 ]
 
 
@@ -119,6 +120,7 @@ def _partner_from_row(row: sqlite3.Row, events: tuple[str, ...]) -> Partner:
         previous_secret_until=row["previous_secret_until"],
         created_at=row["created_at"], updated_at=row["updated_at"],
         failing_since=row["failing_since"], disabled_reason=row["disabled_reason"],
+        max_rate_per_s=row["max_rate_per_s"],
     )
 
 
@@ -344,28 +346,32 @@ class Store:
 
     def add_partner(
         self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
-        api_key_hash: str, now: float,
+        api_key_hash: str, now: float, max_rate_per_s: float | None = None,
     ) -> Partner:
         with self._partner_write() as db:
             db.execute(
                 """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
-                                         created_at, updated_at)
-                   VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :now, :now)""",
+                                         max_rate_per_s, created_at, updated_at)
+                   VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :rate, :now, :now)""",
                 {"id": partner_id, "name": name, "url": webhook_url, "secret": secret,
-                 "api_key_hash": api_key_hash, "now": now},
+                 "api_key_hash": api_key_hash, "rate": max_rate_per_s, "now": now},
             )
             _write_subscriptions(db, partner_id, events)
             return _read_partner(db, partner_id)  # type: ignore[return-value]
 
     def update_partner(self, partner_id: str, *, now: float, webhook_url: str | None = None,
-                       events: list[str] | None = None, status: str | None = None) -> Partner | None:
+                       events: list[str] | None = None, status: str | None = None,
+                       max_rate_per_s: float | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
-        partner starts with a clean failure record."""
+        partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace."""
         with self._partner_write() as db:
             if _read_partner(db, partner_id) is None:
                 return None
             if webhook_url is not None:
                 db.execute("UPDATE partners SET webhook_url = :url WHERE id = :id", {"id": partner_id, "url": webhook_url})
+            if max_rate_per_s is not None:
+                db.execute("UPDATE partners SET max_rate_per_s = :rate WHERE id = :id",
+                           {"id": partner_id, "rate": max_rate_per_s or None})
             if events is not None:
                 _write_subscriptions(db, partner_id, events)
             if status is not None:

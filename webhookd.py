@@ -110,6 +110,7 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "status": partner.status, "events_subscribed": list(partner.events),
             "disabled_reason": partner.disabled_reason,
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
+            "max_rate_per_s": partner.max_rate_per_s,
             "circuit": ctx.loop.breakers.describe(partner.id, ctx.clock()),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
@@ -172,6 +173,15 @@ def check_events(events: Any, catalog: dict[str, dict[str, str]]) -> list[str]:
     return sorted(set(events))
 
 
+def check_max_rate(rate: Any) -> float | None:
+    """A partner's pace: attempts started per second (at most 10,000), or null for none."""
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.01 <= rate <= 10_000:
+        raise invalid("max_rate_per_s", "must be a number of requests per second from 0.01 to 10000, or null.")
+    return float(rate)
+
+
 def check_partner_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise invalid("partner_name", "must be a non-empty string.")
@@ -188,14 +198,15 @@ async def register_partner(request: Request) -> JSONResponse:
     caller = caller_of(request)
     if caller is None or not caller.is_admin:  # open registration: limit each client address
         ctx.registration_limit.check(client_address(request), "registrations")
-    body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events"})
+    body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s"})
     name = check_partner_name(body.get("partner_name"))
     url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
     events = check_events(body.get("events"), ctx.config.events)
+    rate = check_max_rate(body.get("max_rate_per_s"))
     shared_secret, api_key = new_shared_secret(), new_api_key()
     partner = await db(ctx.store.add_partner, partner_id=new_id("partner_", unpredictable=True), name=name,
                        webhook_url=url, events=events, secret=shared_secret, api_key_hash=hash_api_key(api_key),
-                       now=ctx.clock())
+                       now=ctx.clock(), max_rate_per_s=rate)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
                         status_code=201)
@@ -213,15 +224,17 @@ async def get_partner(request: Request) -> JSONResponse:
 
 
 async def update_partner(request: Request) -> JSONResponse:
-    """``PATCH /partners/{id}``: ``webhook_url``, ``events`` and ``status`` (``active``/``paused``).
+    """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``status`` (``active``/``paused``) and
+    ``max_rate_per_s`` (``null`` removes the pace).
 
     Setting ``active`` resumes a paused or disabled partner: its held deliveries go out.
     """
     partner_id = owned_partner_id(request)
     ctx = context(request)
-    body = await read_json_object(request, allowed={"webhook_url", "events", "status"})
+    fields = {"webhook_url", "events", "status", "max_rate_per_s"}
+    body = await read_json_object(request, allowed=fields)
     if not body:
-        raise ApiError(422, "invalid_field", "Send at least one of 'webhook_url', 'events', 'status'.")
+        raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(fields))}.")
     url = None
     if "webhook_url" in body:
         url = await check_webhook_url(body["webhook_url"], ctx.config.security)
@@ -229,8 +242,11 @@ async def update_partner(request: Request) -> JSONResponse:
     status = body.get("status")
     if "status" in body and status not in ("active", "paused"):
         raise invalid("status", "must be 'active' or 'paused'.")
+    rate = None
+    if "max_rate_per_s" in body:
+        rate = check_max_rate(body["max_rate_per_s"]) or 0.0  # 0: the store removes the pace
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
-                       status=status)
+                       status=status, max_rate_per_s=rate)
     if partner is None:
         raise partner_not_found(partner_id)
     if status == "active":
@@ -510,7 +526,7 @@ async def stats(request: Request) -> JSONResponse:
         rows.append({"partner_id": p.id, "partner_name": p.name, "status": p.status,
                      "disabled_reason": p.disabled_reason,
                      "failing_since": int(p.failing_since) if p.failing_since else None,
-                     "circuit": ctx.loop.breakers.describe(p.id, now),
+                     "circuit": ctx.loop.breakers.describe(p.id, now), "max_rate_per_s": p.max_rate_per_s,
                      "delivered": c.get("delivered", 0),
                      "failed": c.get("failed", 0), "pending": c.get("pending", 0),
                      "success_rate": round(c.get("delivered", 0) / done, 4) if done else None})

@@ -3,6 +3,8 @@
 import random
 import time
 
+import pytest
+
 import delivery
 from conftest import free_port, wait_for
 from models import Attempt, Job
@@ -318,3 +320,49 @@ def test_an_attempt_started_before_a_reset_does_not_bring_the_old_streak_back():
     breakers.forget("p", now=100.5)                           # PATCH {"status": "active"}
     since, changed, disable = breakers.record(_job(0.0), _failed(100.0), now=151.0)  # claimed before it
     assert (since, changed, disable) == (151.0, True, None)
+
+
+# --- A partner's pace ------------------------------------------------------------------------------
+
+
+def test_a_partners_pace_holds_for_every_attempt_retries_included(webhookd_factory, receiver_factory):
+    """max_rate_per_s = 5: the receiver's own clock never sees more than 5 + 1 requests in any
+    second, first attempts and retries alike (a slow machine only spreads them further)."""
+    hub = webhookd_factory(delivery__max_attempts=5)
+    receiver = receiver_factory()
+    receiver.script = [(500, 0)] * 3
+    partner = hub.register(receiver.url, ["payment.success"])
+    r = hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin, json={"max_rate_per_s": 5})
+    assert r.status_code == 200 and r.json()["max_rate_per_s"] == 5.0
+    _publish(hub, 16)
+    wait_for(lambda: len(hub.deliveries(state="delivered", limit="50")) == 16, timeout=60)
+    arrivals = sorted(r.at for r in receiver.received)
+    assert len(arrivals) == 19
+    assert max(sum(1 for t in arrivals if start <= t < start + 1.0) for start in arrivals) <= 6
+    assert arrivals[-1] - arrivals[0] >= 18 / 5 - 0.5   # 19 starts at least 0.2 s apart, give or take the wire
+
+
+def test_the_pace_spaces_starts_and_a_429_halves_it_for_a_while():
+    pacer = delivery.Pacer()
+    job = _job(None)
+    assert pacer.room("p", None, now=0.0) is None                    # no pace: the breaker's room only
+    assert pacer.room("p", 2.0, now=0.0) == 1
+    pacer.claimed(job)
+    assert pacer.room("p", 2.0, now=0.0) == 0                        # one claimed, not started yet
+    assert pacer.starting(job, 2.0, now=0.0) == 0.0
+    assert pacer.room("p", 2.0, now=0.4) == 0 and pacer.room("p", 2.0, now=0.5) == 1
+    pacer.slow_down("p", 2.0, now=1.0)
+    assert pacer.rate("p", 2.0, now=2.0) == 1.0 and pacer.rate("p", 2.0, now=61.5) == 2.0
+    unpaced = delivery.Pacer()
+    for n in range(10):
+        unpaced.starting(_job(None), None, now=0.05 * n)
+    unpaced.slow_down("p", None, now=0.5)                             # it was getting 10/s
+    assert unpaced.rate("p", None, now=1.0) == 5.0
+
+
+@pytest.mark.parametrize("rate", [0, -1, 10_001, "fast", True, [5]])
+def test_a_pace_that_is_not_a_positive_number_is_422(hub, rate):
+    r = hub.http.post("/partners/register", headers=hub.admin, json={
+        "partner_name": "P", "webhook_url": "http://127.0.0.1:9/x", "events": ["payment.success"],
+        "max_rate_per_s": rate})
+    assert r.status_code == 422 and "'max_rate_per_s'" in r.json()["error"]["message"]
