@@ -64,7 +64,9 @@ class RawReceiver:
 
     * ``"answer"``: 200, and keep the connection open;
     * ``"answer_then_close"``: 200, then close the connection (an idle timeout, at once);
-    * ``"read_then_close"``: read the whole request, then close without a byte of answer.
+    * ``"read_then_close"``: read the whole request, then close without a byte of answer;
+    * any ``bytes``: written as the whole answer, then the connection is closed if the bytes say
+      ``Connection: close`` or are HTTP/1.0.
 
     It records the ``X-Webhook-Id`` of every complete request it read."""
 
@@ -72,6 +74,7 @@ class RawReceiver:
         self.actions = list(actions)
         self.requests: list[str] = []
         self.closed = 0
+        self.connections = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -91,6 +94,7 @@ class RawReceiver:
                 conn, _ = self.sock.accept()
             except OSError:
                 continue
+            self.connections += 1
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -113,6 +117,12 @@ class RawReceiver:
                 buffer = buffer[length:]
                 self.requests.append(headers.get("X-Webhook-Id", "?"))
                 action = self.actions.pop(0) if self.actions else "answer"
+                if isinstance(action, bytes):
+                    conn.sendall(action)
+                    if b"connection: close" in action.lower() or action.startswith(b"HTTP/1.0"):
+                        self.closed += 1
+                        return
+                    continue
                 if action == "read_then_close":
                     self.closed += 1
                     return
@@ -188,3 +198,47 @@ def test_the_sender_checks_the_url_again_before_connecting(url, error):
               secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
     sent = sender.Sender(delivery.Settings(allowed_ports=(443,))).send(job)
     assert (sent.attempt.error, sent.attempt.status_code, sent.attempt.url) == (error, None, url)
+
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
+           b"4;ext=1\r\nreci\r\n5\r\nbido.\r\n0\r\nX-Trailer: t\r\n\r\n")
+
+
+@pytest.mark.parametrize("answer, status, snippet, kept", [
+    (CHUNKED, 200, "recibido.", True),                                                  # chunked, trailers
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", 201, "ok", True),
+    (b"HTTP/1.1 204 No Content\r\nRetry-After: 5\r\n\r\n", 204, "", True),
+    (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close", 200, "until close", False),
+    (b"HTTP/1.1 503 Busy\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbusy", 503, "busy", False),
+    # The status arrived: a body cut short is still the partner's answer (never a resend of a 200).
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nshort", 200, "short", False),
+])
+def test_answers_in_every_http_1_framing_are_read_whole(webhookd_factory, raw_receiver_factory,
+                                                       answer, status, snippet, kept):
+    """The sender's own response reader: status, snippet and whether the connection is kept for
+    the next delivery (a second connection appears only when the first could not be kept)."""
+    hub = webhookd_factory(delivery__concurrency=1, delivery__max_attempts=1)
+    receiver = raw_receiver_factory([answer, "answer"])
+    hub.register(receiver.url, ["payment.success"])
+    first = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_1"}).json()["event_id"]
+    done = wait_for(lambda: [d for d in hub.deliveries(event_id=first) if d["state"] != "pending"])
+    (attempt,) = hub.delivery(done[0]["delivery_id"])["attempts"]
+    assert (attempt["status_code"], attempt["response_snippet"]) == (status, snippet)
+    hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_2"})
+    wait_for(lambda: len(receiver.requests) == 2 and hub.deliveries(state="delivered"))
+    assert receiver.connections == (1 if kept else 2)
+
+
+@pytest.mark.parametrize("answer", [
+    b"SMTP ready\r\n\r\n",
+    b"HTTP/1.1 2xx OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n",
+])
+def test_an_answer_that_is_not_http_is_a_protocol_error(webhookd_factory, raw_receiver_factory, answer):
+    hub = webhookd_factory(delivery__max_attempts=1)
+    receiver = raw_receiver_factory([answer])
+    hub.register(receiver.url, ["payment.success"])
+    hub.publish(PAYMENT_SUCCESS)
+    (failed,) = wait_for(lambda: hub.deliveries(state="failed"))
+    assert hub.delivery(failed["delivery_id"])["attempts"][0]["error"] == "protocol_error"
