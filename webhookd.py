@@ -21,7 +21,8 @@ Where the rest lives, in the order an event meets it:
 ``web.py``         what every route stands on: errors, credentials, access rules, rate
                    limits, reading bodies, paging
 ``store.py``       the SQLite schema and every SQL statement (publish, claim, record)
-``delivery.py``    the delivery loop: claim → sender threads → recorder; backoff, breakers
+``delivery.py``    the delivery loop: claim → sender threads → recorder; backoff, retention
+``breakers.py``    a partner's circuit breaker, failing streak and pace
 ``sender.py``      one HTTP attempt in plain ``http.client``; ``signing.py`` signs it
 ``targets.py``     where a webhook may go: the URL rule and the SSRF address rule
 ``inbound.py``     the other direction: verify → store once → 200 → offer on ``/ws``

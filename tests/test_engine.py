@@ -6,6 +6,7 @@ import time
 import pytest
 
 import delivery
+from breakers import Breakers, Pacer
 from conftest import free_port, wait_for
 from models import Attempt, Job
 from payloads import PAYMENT_SUCCESS
@@ -168,7 +169,7 @@ def _job(partner_failing_since):
 
 
 def test_a_success_resets_the_failing_streak_even_for_jobs_claimed_before_it():
-    breakers = delivery.Breakers(delivery.Settings(disable_after_s=100.0))
+    breakers = Breakers(delivery.Settings(disable_after_s=100.0))
     fail = Sent(Attempt(1, 0, 1, 500, "http_error", ""))
     ok = Sent(Attempt(1, 0, 1, 200, None, ""))
     assert breakers.record(_job(None), fail, now=1000.0) == (1000.0, True, None)
@@ -256,7 +257,7 @@ def _failed(started_at, status=500, retry_after=None):
 
 
 def _breakers(**settings):
-    return delivery.Breakers(delivery.Settings(**{"breaker_threshold": 5, "breaker_span_s": 10.0,
+    return Breakers(delivery.Settings(**{"breaker_threshold": 5, "breaker_span_s": 10.0,
                                                   "disable_after_s": 3 * 86400.0, **settings}))
 
 
@@ -343,7 +344,7 @@ def test_a_partners_pace_holds_for_every_attempt_retries_included(webhookd_facto
 
 
 def test_the_pace_spaces_starts_and_a_429_halves_it_for_a_while():
-    pacer = delivery.Pacer()
+    pacer = Pacer()
     job = _job(None)
     assert pacer.room("p", None, now=0.0) is None                    # no pace: the breaker's room only
     assert pacer.room("p", 2.0, now=0.0) == 1
@@ -353,7 +354,7 @@ def test_the_pace_spaces_starts_and_a_429_halves_it_for_a_while():
     assert pacer.room("p", 2.0, now=0.4) == 0 and pacer.room("p", 2.0, now=0.5) == 1
     pacer.slow_down("p", 2.0, now=1.0)
     assert pacer.rate("p", 2.0, now=2.0) == 1.0 and pacer.rate("p", 2.0, now=61.5) == 2.0
-    unpaced = delivery.Pacer()
+    unpaced = Pacer()
     for n in range(10):
         unpaced.starting(_job(None), None, now=0.05 * n)
     unpaced.slow_down("p", None, now=0.5)                             # it was getting 10/s
