@@ -258,7 +258,7 @@ class DeliveryLoop:
         full cap): the breaker's room, and at most the pace's."""
         with self._lock:
             busy = dict(self._busy)
-        own_pace = {p.id: p.max_rate_per_s for p in self.store.all_partners() if p.max_rate_per_s}
+        own_pace = self.store.paces()
         partners = set(busy) | set(self.breakers.constrained()) | set(own_pace) | set(self.pacer.paced(now))
         room = {}
         for p in partners:

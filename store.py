@@ -220,7 +220,7 @@ class _GroupWrite:
 class Store:
     """The SQLite store. Thread-safe: one locked writer, a small pool of readers.
 
-    Which calls may run on the event loop: only ``get_partner``, ``all_partners`` and
+    Which calls may run on the event loop: only ``get_partner``, ``all_partners``, ``paces`` and
     ``partners_accepting_inbound``, which read the in-memory copy of the partners table
     and never touch SQLite. Every other method blocks on the database, so it is called
     from a thread: a route writes ``await db(store.method, ...)``, the delivery loop
@@ -237,6 +237,7 @@ class Store:
         self._all_readers: list[sqlite3.Connection] = []
         self._claim_round = 0  # which partner the next claim starts with
         self._partners: dict[str, Partner] = {}  # see _reload_partners
+        self._paces: dict[str, float] = {}       # partner -> max_rate_per_s, for the partners that set one
         self.partners_stale = False              # a reload after a write failed (see below)
         self._partners_lock = threading.Lock()
         self._apply_schema()
@@ -433,9 +434,10 @@ class Store:
             finally:
                 db.execute("COMMIT")
             self._partners = {row["id"]: _partner_from_row(row, tuple(events.get(row["id"], ()))) for row in rows}
+            self._paces = {p.id: p.max_rate_per_s for p in self._partners.values() if p.max_rate_per_s}
             self.partners_stale = False
 
-    # Memory only: the three reads below never touch SQLite, so they may run on the event loop.
+    # Memory only: the reads below never touch SQLite, so they may run on the event loop.
 
     def get_partner(self, partner_id: str) -> Partner | None:
         """One partner (memory only)."""
@@ -444,6 +446,11 @@ class Store:
     def all_partners(self) -> list[Partner]:
         """Every partner, newest first (memory only)."""
         return sorted(self._partners.values(), key=lambda p: p.id, reverse=True)
+
+    def paces(self) -> dict[str, float]:
+        """``max_rate_per_s`` of every partner that set one (memory only; the delivery loop asks
+        before each claim, so it is kept ready rather than computed)."""
+        return self._paces
 
     def partners_accepting_inbound(self) -> list[Partner]:
         """Partners whose secrets may verify an inbound event: all but the disabled ones (memory only)."""

@@ -275,10 +275,10 @@ def test_the_in_memory_partners_follow_every_write(store):
 
 
 def test_memory_only_reads_never_touch_sqlite(store, monkeypatch):
-    """The three reads the event loop may call directly (see ``Store``) must not block on the
+    """The reads the event loop may call directly (see ``Store``) must not block on the
     database: with every connection made unusable they still answer, after a write too."""
     p = _partner(store)
-    store.update_partner(p.id, now=1001.0, webhook_url="http://127.0.0.1:9/y")
+    store.update_partner(p.id, now=1001.0, webhook_url="http://127.0.0.1:9/y", max_rate_per_s=5.0)
 
     def no_sqlite(*args, **kwargs):
         raise AssertionError("a memory-only read touched SQLite")
@@ -288,6 +288,7 @@ def test_memory_only_reads_never_touch_sqlite(store, monkeypatch):
     assert store.get_partner(p.id).webhook_url == "http://127.0.0.1:9/y"
     assert [x.id for x in store.all_partners()] == [p.id]
     assert [x.id for x in store.partners_accepting_inbound()] == [p.id]
+    assert store.paces() == {p.id: 5.0}
 
 
 def test_a_failed_reload_of_partners_does_not_fail_the_committed_write(store, monkeypatch):
