@@ -26,6 +26,7 @@ import email.utils
 import heapq
 import http.client
 import logging
+import re
 import select
 import socket
 import ssl
@@ -202,29 +203,40 @@ def _read_answer(sock: socket.socket, answer: _Answer) -> bool:
 
     A small reader of our own: ``http.client`` parses headers with the ``email`` package,
     which cost a third of each attempt's time. The body is read only as far as the framing
-    needs, at most ``DRAIN_BYTES``; a larger one costs its connection instead.
+    needs, at most ``DRAIN_BYTES``; a larger one costs its connection instead. Once the
+    status has arrived it is the partner's answer: a body cut short only costs the connection.
     """
     with sock.makefile("rb") as rfile:
         status, version, headers = _read_head(rfile)
         while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints): the real one follows
             status, version, headers = _read_head(rfile)
         answer.status, answer.retry_after = status, headers.get("retry-after")
-        connection = headers.get("connection", "").lower()
+        connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
         keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+        transfer_encoding = headers.get("transfer-encoding", "").lower()
         if status in (204, 304):
             body, whole = b"", True
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
+        elif transfer_encoding.endswith("chunked"):
             body, whole = _read_chunked(rfile)
-        elif "content-length" in headers:
-            length = headers["content-length"]
-            if not length.isdigit():
-                raise BadResponse(f"Content-Length {length[:20]!r} is not a number")
-            body = rfile.read(min(int(length), DRAIN_BYTES))
-            whole = len(body) == int(length)
-        else:  # the body ends when the partner closes the connection
+        elif transfer_encoding or "content-length" not in headers:  # the body ends when the partner closes
             body, whole = rfile.read(SNIPPET_BYTES), False
+        else:
+            length = _content_length(headers["content-length"])
+            body = rfile.read(min(length, DRAIN_BYTES))
+            whole = len(body) == length
         answer.snippet = body[:SNIPPET_BYTES].decode("utf-8", "replace")
         return keep and whole
+
+
+HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+def _content_length(value: str) -> int:
+    """One length (repeated copies must agree: ``5, 5``), ASCII digits only."""
+    lengths = {v.strip() for v in value.split(",")}
+    if len(lengths) != 1 or not re.fullmatch(r"[0-9]{1,18}", next(iter(lengths))):
+        raise BadResponse(f"Content-Length {value[:40]!r} is not one number")
+    return int(next(iter(lengths)))
 
 
 def _read_head(rfile: Any) -> tuple[int, str, dict[str, str]]:
@@ -233,13 +245,13 @@ def _read_head(rfile: Any) -> tuple[int, str, dict[str, str]]:
     if not line:
         raise http.client.RemoteDisconnected("the partner closed the connection without an answer")
     parts = line.decode("latin-1").split(None, 2)
-    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not (
-            len(parts[1]) == 3 and parts[1].isdigit() and parts[1][0] in "12345"):
+    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not re.fullmatch(r"[1-5][0-9][0-9]", parts[1]):
         raise BadResponse(f"not an HTTP/1.x status line: {line[:40]!r}")
     return int(parts[1]), parts[0], _read_headers(rfile)
 
 
 def _read_headers(rfile: Any) -> dict[str, str]:
+    """Header lines up to the empty one; a repeated header's values are joined with commas."""
     headers: dict[str, str] = {}
     for _ in range(MAX_HEADERS + 1):
         line = rfile.readline(MAX_LINE + 1)
@@ -250,7 +262,8 @@ def _read_headers(rfile: Any) -> dict[str, str]:
         name, colon, value = line.decode("latin-1").partition(":")
         if not colon:
             raise BadResponse(f"not a header line: {line[:40]!r}")
-        headers[name.strip().lower()] = value.strip()
+        name = name.strip().lower()
+        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
     raise BadResponse(f"more than {MAX_HEADERS} header lines")
 
 
@@ -259,11 +272,13 @@ def _read_chunked(rfile: Any) -> tuple[bytes, bool]:
     ``DRAIN_BYTES``) so the connection can be kept."""
     kept, total = bytearray(), 0
     while True:
-        size_line = rfile.readline(MAX_LINE + 1).split(b";")[0].strip()
-        try:
-            size = int(size_line, 16)
-        except ValueError:
-            raise BadResponse(f"not a chunk size: {size_line[:20]!r}") from None
+        size_line = rfile.readline(MAX_LINE + 1)
+        if not size_line:  # the partner closed mid-body: its status stands, the connection goes
+            return bytes(kept), False
+        size_text = size_line.split(b";")[0].strip()
+        if not HEX.fullmatch(size_text):
+            raise BadResponse(f"not a chunk size: {size_text[:20]!r}")
+        size = int(size_text, 16)
         if size == 0:
             _read_headers(rfile)  # the trailers
             return bytes(kept), True
@@ -271,9 +286,9 @@ def _read_chunked(rfile: Any) -> tuple[bytes, bool]:
         if total > DRAIN_BYTES:
             return bytes(kept), False
         data = rfile.read(size)
-        if len(data) < size:
-            return bytes(kept + data[:SNIPPET_BYTES]), False
         kept += data[:max(0, SNIPPET_BYTES - len(kept))]
+        if len(data) < size:
+            return bytes(kept), False
         rfile.readline(MAX_LINE + 1)  # the CRLF after the chunk
 
 

@@ -65,8 +65,9 @@ class RawReceiver:
     * ``"answer"``: 200, and keep the connection open;
     * ``"answer_then_close"``: 200, then close the connection (an idle timeout, at once);
     * ``"read_then_close"``: read the whole request, then close without a byte of answer;
-    * any ``bytes``: written as the whole answer, then the connection is closed if the bytes say
-      ``Connection: close`` or are HTTP/1.0.
+    * ``(bytes, close)``: the bytes written as the whole answer, then the connection closed
+      by the receiver if ``close`` (else left open: the sender must decide by itself);
+    * ``bytes``: the same, left open.
 
     It records the ``X-Webhook-Id`` of every complete request it read."""
 
@@ -117,9 +118,10 @@ class RawReceiver:
                 buffer = buffer[length:]
                 self.requests.append(headers.get("X-Webhook-Id", "?"))
                 action = self.actions.pop(0) if self.actions else "answer"
-                if isinstance(action, bytes):
-                    conn.sendall(action)
-                    if b"connection: close" in action.lower() or action.startswith(b"HTTP/1.0"):
+                if isinstance(action, (bytes, tuple)):
+                    data, close = action if isinstance(action, tuple) else (action, False)
+                    conn.sendall(data)
+                    if close:
                         self.closed += 1
                         return
                     continue
@@ -208,10 +210,14 @@ CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text
     (CHUNKED, 200, "recibido.", True),                                                  # chunked, trailers
     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", 201, "ok", True),
     (b"HTTP/1.1 204 No Content\r\nRetry-After: 5\r\n\r\n", 204, "", True),
-    (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close", 200, "until close", False),
-    (b"HTTP/1.1 503 Busy\r\nConnection: close\r\nContent-Length: 4\r\n\r\nbusy", 503, "busy", False),
-    # The status arrived: a body cut short is still the partner's answer (never a resend of a 200).
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nshort", 200, "short", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", 200, "ok", True),       # repeated, agreeing
+    # The receiver leaves these open: the sender must not reuse them on its own account.
+    (b"HTTP/1.1 503 Busy\r\nConnection: keep-alive, close\r\nContent-Length: 4\r\n\r\nbusy", 503, "busy", False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, "ok", False),          # 1.0 without keep-alive
+    # The body ends when the receiver closes (no length, or a length not reached).
+    ((b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close", True), 200, "until close", False),
+    ((b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", True), 200, "short", False),
+    ((b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nshort", True), 200, "short", False),
 ])
 def test_answers_in_every_http_1_framing_are_read_whole(webhookd_factory, raw_receiver_factory,
                                                        answer, status, snippet, kept):
@@ -233,6 +239,9 @@ def test_answers_in_every_http_1_framing_are_read_whole(webhookd_factory, raw_re
     b"SMTP ready\r\n\r\n",
     b"HTTP/1.1 2xx OK\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",    # int(-1, 16) would read to the end
+    b"HTTP/1.1 200 OK\r\nContent-Length: \xc2\xb2\r\n\r\n",               # a superscript two is no digit
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
     b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n",
 ])
 def test_an_answer_that_is_not_http_is_a_protocol_error(webhookd_factory, raw_receiver_factory, answer):
