@@ -198,17 +198,20 @@ class Pacer:
 
     A paced partner's attempts start at least ``1 / rate`` seconds apart, so no second holds
     more than ``rate + 1`` starts: the loop claims one of its jobs at a time, only once its
-    next start is due, and the sender marks the start (``starting``) just before it sends.
-    Retries, recoveries and manual retries all go through that claim, so the pace holds for
-    every attempt. A ``429`` halves the pace (the partner's own, or the rate it was just
-    getting) for ``SLOWED_S``; a ``Retry-After`` pause (the breaker's) still comes first.
+    next start is due, and the sender marks the start (``start``) just before it sends — or,
+    if the pace was lowered since the claim, gives the job back. The next start is always
+    the last one plus ``1 / rate`` at the rate in force now, so raising a pace takes effect
+    at once. Retries, recoveries and manual retries all go through that claim, so the pace
+    holds for every attempt. A ``429`` halves the pace (the partner's own, or the rate it was
+    just getting) for ``SLOWED_S``; a ``Retry-After`` pause (the breaker's) still comes first.
     """
 
     SLOWED_S = 60.0
-    MIN_RATE = 0.1  # a 429 never slows a partner below one attempt every ten seconds
+    MIN_RATE = 0.1   # a 429 never slows a partner below one attempt every ten seconds
+    SLACK_S = 0.005  # a start this close to its slot is on time
 
     def __init__(self) -> None:
-        self._next_start: dict[str, float] = {}
+        self._last_start: dict[str, float] = {}
         self._waiting: dict[str, set[str]] = collections.defaultdict(set)  # partner -> claimed, not started
         self._slowed: dict[str, tuple[float, float]] = {}  # partner -> (rate, until)
         self._starts: dict[str, collections.deque[float]] = {}  # the last second's starts
@@ -227,13 +230,19 @@ class Pacer:
         with self._lock:
             return [p for p, (_, until) in self._slowed.items() if until > now]
 
+    def next_start(self, partner_id: str, rate: float) -> float:
+        """When this partner's next attempt may start, at ``rate``."""
+        with self._lock:
+            last = self._last_start.get(partner_id)
+        return float("-inf") if last is None else last + 1 / rate
+
     def room(self, partner_id: str, rate: float | None, now: float) -> int | None:
         """1 if one job of this paced partner may be claimed now, else 0; None without a pace."""
         if rate is None:
             return None
         with self._lock:
-            due = not self._waiting[partner_id] and now >= self._next_start.get(partner_id, 0.0)
-        return 1 if due else 0
+            waiting = bool(self._waiting[partner_id])
+        return 0 if waiting or now < self.next_start(partner_id, rate) - self.SLACK_S else 1
 
     def claimed(self, job: Job) -> None:
         with self._lock:
@@ -244,22 +253,19 @@ class Pacer:
         with self._lock:
             self._waiting[job.partner_id].discard(job.delivery_id)
 
-    def starting(self, job: Job, rate: float | None, now: float) -> float:
-        """Mark the start of ``job`` now; returns how long the sender must wait first (a 429
-        may have lowered the pace since the claim)."""
-        partner_id = job.partner_id
+    def start(self, job: Job, rate: float | None, now: float) -> bool:
+        """Mark the start of ``job`` now, if its partner's pace allows it; False if the pace was
+        lowered since the claim (a 429 meanwhile) and the job must wait: the caller gives it back."""
         self.done(job)
+        if rate is not None and now < self.next_start(job.partner_id, rate) - self.SLACK_S:
+            return False
         with self._lock:
-            wait = 0.0
-            if rate is not None:
-                start = max(now, self._next_start.get(partner_id, 0.0))
-                wait = start - now
-                self._next_start[partner_id] = start + 1 / rate
-            starts = self._starts.setdefault(partner_id, collections.deque())
-            starts.append(now + wait)
+            self._last_start[job.partner_id] = now
+            starts = self._starts.setdefault(job.partner_id, collections.deque())
+            starts.append(now)
             while starts and starts[0] < now - 1.0:
                 starts.popleft()
-            return wait
+        return True
 
     def slow_down(self, partner_id: str, rate: float | None, now: float) -> None:
         """The partner answered 429: halve its pace for ``SLOWED_S``."""
@@ -267,9 +273,3 @@ class Pacer:
             recent = len([t for t in self._starts.get(partner_id, ()) if t >= now - 1.0])
             current = rate if rate is not None else max(1.0, float(recent))
             self._slowed[partner_id] = (max(self.MIN_RATE, current / 2), now + self.SLOWED_S)
-
-    def next_start_at(self, now: float) -> float | None:
-        """The earliest future start of a paced partner with nothing claimed (a reason to wake)."""
-        with self._lock:
-            times = [t for p, t in self._next_start.items() if t > now and not self._waiting[p]]
-        return min(times) if times else None

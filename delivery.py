@@ -310,11 +310,22 @@ class DeliveryLoop:
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
         candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at(now),
-                      self.pacer.next_start_at(now)]
+                      self._next_paced_start(now)]
         times = [t for t in candidates if t is not None]
         if not times:
             return IDLE_RECHECK_S
         return min(IDLE_RECHECK_S, max(0.0, min(times) - now))
+
+    def _next_paced_start(self, now: float) -> float | None:
+        """The earliest future moment a paced partner's next attempt may start (a reason to wake)."""
+        own = self.store.paces()
+        times = []
+        for partner_id in set(own) | set(self.pacer.paced(now)):
+            rate = self.pacer.rate(partner_id, own.get(partner_id), now)
+            if rate is not None:
+                times.append(self.pacer.next_start(partner_id, rate))
+        future = [t for t in times if t > now]
+        return min(future) if future else None
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep until ``seconds`` pass or someone calls ``wake()``."""
@@ -361,10 +372,14 @@ class DeliveryLoop:
         job = self._as_partner_is_now(job)
         if job is None:
             return
-        rate = self.pacer.rate(job.partner_id, job.max_rate_per_s, self.clock())
-        wait = self.pacer.starting(job, rate, self.clock())
-        if wait > 0:
-            time.sleep(wait)
+        now = self.clock()
+        rate = self.pacer.rate(job.partner_id, job.max_rate_per_s, now)
+        if self._stopping or self.breakers.state(job.partner_id, now) == "open" or not self.pacer.start(job, rate, now):
+            # Claimed before a stop, before the circuit opened or before a 429 slowed the pace:
+            # not sent now. The row is due again; the claim will take it when it may start.
+            self.pacer.done(job)
+            self.store.release_claims([job.delivery_id], now)
+            return
         sent = self.sender.send(job)
         now = self.clock()
         if sent.attempt.status_code == 429:

@@ -350,15 +350,28 @@ def test_the_pace_spaces_starts_and_a_429_halves_it_for_a_while():
     assert pacer.room("p", 2.0, now=0.0) == 1
     pacer.claimed(job)
     assert pacer.room("p", 2.0, now=0.0) == 0                        # one claimed, not started yet
-    assert pacer.starting(job, 2.0, now=0.0) == 0.0
+    assert pacer.start(job, 2.0, now=0.0)
     assert pacer.room("p", 2.0, now=0.4) == 0 and pacer.room("p", 2.0, now=0.5) == 1
+    assert pacer.room("p", 100.0, now=0.02) == 1                     # a raised pace counts at once
     pacer.slow_down("p", 2.0, now=1.0)
     assert pacer.rate("p", 2.0, now=2.0) == 1.0 and pacer.rate("p", 2.0, now=61.5) == 2.0
+    late = _job(None)
+    pacer.claimed(late)
+    assert not pacer.start(late, 0.5, now=1.0)                       # slowed since its claim: given back
+    assert pacer.room("p", 0.5, now=1.0) == 0 and pacer.room("p", 0.5, now=2.0) == 1
     unpaced = Pacer()
     for n in range(10):
-        unpaced.starting(_job(None), None, now=0.05 * n)
+        assert unpaced.start(_job(None), None, now=0.05 * n)
     unpaced.slow_down("p", None, now=0.5)                             # it was getting 10/s
     assert unpaced.rate("p", None, now=1.0) == 5.0
+
+
+def test_attempts_that_started_before_the_circuit_opened_do_not_lengthen_its_pause():
+    breakers = _breakers(breaker_cooldown_s=30.0, breaker_cooldown_max_s=600.0)
+    for t in (0.0, 3.0, 6.0, 9.0, 12.0):
+        breakers.record(_job(None), _failed(started_at=t), now=t + 0.5)   # opens at 12.5, probe at 42.5
+    breakers.record(_job(None), _failed(started_at=12.2), now=13.0)      # was on the wire when it opened
+    assert breakers.describe("p", now=14.0)["next_probe_at"] == 43
 
 
 @pytest.mark.parametrize("rate", [0, -1, 10_001, "fast", True, [5]])
