@@ -184,7 +184,7 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             "BatchAccepted", body="EventBatch",
             params=[{"name": "Idempotency-Key", "in": "header", "required": False,
                      "schema": {"type": "string", "maxLength": 255},
-                     "description": "event i gets the key <key>#<i>"}])}},
+                     "description": "event i gets a key of its own, made of this one and i"}])}},
         "/events/{event_id}": {"get": _op("An event and its deliveries", 200, "Event",
                                           params=[_path("event_id", "an event id")])},
         "/deliveries": {"get": _op("Deliveries, newest first", 200, "DeliveryList", params=[

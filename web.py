@@ -341,11 +341,12 @@ def parse_object(raw: bytes, max_depth: int) -> dict[str, Any]:
     return value
 
 
-async def read_json_object(request: Request, allowed: set[str] | None = None) -> dict[str, Any]:
-    """The body as a JSON object; with ``allowed``, a field outside it is a 422 naming it."""
+async def read_json_object(request: Request, allowed: set[str] | None = None, extra_depth: int = 0) -> dict[str, Any]:
+    """The body as a JSON object; with ``allowed``, a field outside it is a 422 naming it.
+    ``extra_depth``: levels of a wrapper around what ``max_json_depth`` limits (a batch's)."""
     check_content_type(request)
     security = context(request).config.security
-    body = parse_object(await read_body(request, security.max_body_bytes), security.max_json_depth)
+    body = parse_object(await read_body(request, security.max_body_bytes), security.max_json_depth + extra_depth)
     for name in body if allowed is not None else ():
         if name not in allowed:
             raise invalid(name, f"is not a known field. Known fields: {', '.join(sorted(allowed))}.")

@@ -387,12 +387,14 @@ async def publish_batch(request: Request) -> JSONResponse:
 
     The answer (202) has one result per event, in order: ``{"event_id", "deliveries"}`` or
     ``{"error": {...}, "status": 4xx}``; one bad event refuses only itself. With an
-    ``Idempotency-Key`` header, event *i* gets the key ``<key>#<i>``: the same batch sent
-    again stores nothing twice and answers the same ids.
+    ``Idempotency-Key`` header, event *i* gets a key of its own made of the header's and *i*
+    (joined by a control character, which no header key can hold, so it never meets a key of
+    ``POST /events``): the same batch sent again stores nothing twice and answers the same ids.
+    Each event may nest as deep as it could alone (the wrapper's two levels do not count).
     """
     ctx = context(request)
     key = idempotency_key(request)
-    items = (await read_json_object(request, allowed={"events"})).get("events")
+    items = (await read_json_object(request, allowed={"events"}, extra_depth=2)).get("events")
     most = ctx.config.security.max_batch_events
     if not isinstance(items, list) or not items or len(items) > most:
         raise invalid("events", f"must be a list of 1 to {most} events, each what POST /events takes.")
@@ -402,11 +404,11 @@ async def publish_batch(request: Request) -> JSONResponse:
         try:
             if not isinstance(payload, dict):
                 raise ApiError(400, "not_an_object", "The event must be a JSON object, like {\"event\": ...}.")
-            checked.append((i, new_event(payload, ctx, f"{key}#{i}" if key else None)))
+            checked.append((i, new_event(payload, ctx, f"{key}\x1f{i}" if key else None)))
         except ApiError as refused:
             results[i] = _refused(refused)
     stored = await db(ctx.store.publish_batch, [new for _, new in checked], now=ctx.clock(),
-                      max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id)
+                      max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id) if checked else []
     for (i, new), (event, created) in zip(checked, stored):
         if key_reused(event, created, new):
             results[i] = _refused(ApiError(409, "idempotency_key_reused", KEY_REUSED))

@@ -252,3 +252,23 @@ def test_a_batch_that_is_not_a_list_of_1_to_max_events_is_422_and_stores_nothing
     r = hub.http.post("/events/batch", headers=hub.admin, json=body)
     check_error(r, 422, "invalid_field")
     assert _rows(hub, "events") == []
+
+
+def test_a_batch_key_never_meets_a_single_events_key(hub):
+    hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    key = {**hub.admin, "Idempotency-Key": "K#0"}
+    single = hub.publish(PAYMENT_SUCCESS, headers={"Idempotency-Key": "K#0"}).json()["event_id"]
+    batch = hub.http.post("/events/batch", headers={**key, "Idempotency-Key": "K"},
+                          json={"events": [PAYMENT_SUCCESS]}).json()["results"]
+    assert batch[0]["event_id"] != single and len(_rows(hub, "events")) == 2
+
+
+def test_a_batch_event_may_nest_as_deep_as_it_could_alone(webhookd_factory):
+    hub = webhookd_factory()
+    deep: dict = {"leaf": 1}
+    for _ in range(hub.config.security.max_json_depth - 2):   # the event itself is one more level
+        deep = {"n": deep}
+    event = {**PAYMENT_SUCCESS, "extra": deep}
+    assert hub.publish(event).status_code == 202
+    r = hub.http.post("/events/batch", headers=hub.admin, json={"events": [event]})
+    assert r.status_code == 202 and r.json()["accepted"] == 1
