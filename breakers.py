@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +59,11 @@ class Breakers:
     **Disabled**: a streak that has lasted ``disable_after_s``, or a ``410 Gone``.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, last_failure_of: Callable[[str], float | None] | None = None):
+        """``last_failure_of(partner_id)``: the partner's latest failed attempt as the store
+        knows it, to pick up a failing streak after a restart (it is asked once per partner)."""
         self.settings = settings
+        self._last_failure_of = last_failure_of
         self._health: dict[str, Health] = {}
         self._streak_broken_at: dict[str, float] = {}  # last success or reset: older streaks are over
         self._lock = threading.Lock()
@@ -135,12 +139,16 @@ class Breakers:
 
     def record(self, job: Job, sent: Sent, now: float) -> tuple[float | None, bool, str | None]:
         """Count one attempt. Returns (failing_since, whether it changed, reason to disable or None)."""
+        restored_last_failure = None
+        if (sent.attempt.error is not None and job.partner_failing_since is not None
+                and self._last_failure_of is not None and job.partner_id not in self._health):
+            restored_last_failure = self._last_failure_of(job.partner_id)  # a read: not under the lock
         with self._lock:
             if sent.attempt.error is None:
                 was = self._health.pop(job.partner_id, None)
                 self._streak_broken_at[job.partner_id] = now
                 return None, job.partner_failing_since is not None or was is not None, None
-            health, changed = self._streak(job, now)
+            health, changed = self._streak(job, now, restored_last_failure)
             health.failures += 1
             health.last_failure_at = now
             self._update_circuit(health, sent, now)
@@ -153,18 +161,20 @@ class Breakers:
                 self._health.pop(job.partner_id, None)
             return health.failing_since, changed, reason
 
-    def _streak(self, job: Job, now: float) -> tuple[Health, bool]:
+    def _streak(self, job: Job, now: float, restored_last_failure: float | None) -> tuple[Health, bool]:
         """The partner's health with its streak brought up to ``now`` (under the lock)."""
         health = self._health.get(job.partner_id)
         changed = False
         if health is None:
             # A streak read with the job (from the store) may predate a success or a reset
-            # recorded since its claim; a restored streak's last failure is not known, so it
-            # counts from its start (the quiet-spell rule then ends it rather than extend it).
+            # recorded since its claim. Restored after a restart, it goes on from the latest
+            # failed attempt the store knows (else from its start: the quiet-spell rule then
+            # ends it rather than extend it).
             since = job.partner_failing_since
             if since is not None and since < self._streak_broken_at.get(job.partner_id, 0.0):
                 since = None
-            health = self._health[job.partner_id] = Health(failing_since=since, last_failure_at=since or 0.0)
+            last = max(since or 0.0, restored_last_failure or 0.0)
+            health = self._health[job.partner_id] = Health(failing_since=since, last_failure_at=last)
             changed = since != job.partner_failing_since
         if health.failing_since is not None and now - health.last_failure_at > self.quiet_gap_s:
             health.failing_since, health.failures = None, 0  # a quiet spell ended the old streak

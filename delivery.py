@@ -17,8 +17,10 @@ How one delivery travels (the event loop on the left, threads on the right)::
                    store.finish_attempts(batch)  (many results, one commit)
 
 The loop only claims as many rows as its senders can start soon (``claim_ahead``), so
-a claimed row starts at once and its lease only has to cover one attempt. A lease
-that runs out (the process died mid-send) makes the row due again: nothing is lost.
+a claimed row starts at once — or is given back, due again, if since its claim the
+partner was paused, its circuit opened, its pace slowed or the process began to stop —
+and its lease only has to cover one attempt. A lease that runs out (the process died
+mid-send) makes the row due again: nothing is lost.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ class DeliveryLoop:
         self.rng = rng or random.Random()
         self.clock = clock
         self.sender = Sender(settings, clock)
-        self.breakers = Breakers(settings)
+        self.breakers = Breakers(settings, last_failure_of=store.last_failed_attempt_at)
         self.pacer = Pacer()
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._senders = [threading.Thread(target=self._send_jobs, name=f"webhookd-send-{n}", daemon=True)

@@ -603,6 +603,17 @@ class Store:
                 {"now": now},
             ).rowcount
 
+    def last_failed_attempt_at(self, partner_id: str) -> float | None:
+        """When the partner's latest failed attempt started, among its 1,000 newest deliveries
+        (a bounded read: asked once per partner after a restart, to pick up a failing streak)."""
+        with self._reader() as db:
+            row = db.execute(
+                """SELECT MAX(a.started_at) FROM attempts a
+                   WHERE a.error IS NOT NULL AND a.delivery_id IN
+                         (SELECT id FROM deliveries WHERE partner_id = :p ORDER BY id DESC LIMIT 1000)""",
+                {"p": partner_id}).fetchone()
+        return row[0]
+
     def count_by_state(self) -> dict[str, int]:
         """How many deliveries are in each state (for the metrics gauges)."""
         with self._reader() as db:

@@ -23,7 +23,7 @@ Where the rest lives, in the order an event meets it:
 ``store.py``       the SQLite schema and every SQL statement (publish, claim, record)
 ``delivery.py``    the delivery loop: claim → sender threads → recorder; backoff, retention
 ``breakers.py``    a partner's circuit breaker, failing streak and pace
-``sender.py``      one HTTP attempt in plain ``http.client``; ``signing.py`` signs it
+``sender.py``      one HTTP attempt in plain standard library; ``signing.py`` signs it
 ``targets.py``     where a webhook may go: the URL rule and the SSRF address rule
 ``inbound.py``     the other direction: verify → store once → 200 → offer on ``/ws``
 ``realtime.py``    ``/ws`` tokens and the bounded fan-out of offers

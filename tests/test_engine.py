@@ -380,3 +380,14 @@ def test_a_pace_that_is_not_a_positive_number_is_422(hub, rate):
         "partner_name": "P", "webhook_url": "http://127.0.0.1:9/x", "events": ["payment.success"],
         "max_rate_per_s": rate})
     assert r.status_code == 422 and "'max_rate_per_s'" in r.json()["error"]["message"]
+
+
+def test_after_a_restart_a_long_failing_streak_goes_on_from_the_stores_last_failure():
+    day = 86400.0
+    # A partner failing since day 0, last failed at day 2.4; the process restarts at day 2.5.
+    restored = Breakers(delivery.Settings(disable_after_s=3 * day), last_failure_of=lambda partner: 2.4 * day)
+    assert restored.record(_job(0.0), _failed(2.9 * day), now=2.9 * day)[2] is None
+    assert restored.record(_job(0.0), _failed(3.1 * day), now=3.1 * day)[2].startswith("every attempt failed")
+    # Without that read the streak would restart at day 2.9 (its start is older than a quiet spell).
+    forgetful = Breakers(delivery.Settings(disable_after_s=3 * day))
+    assert forgetful.record(_job(0.0), _failed(2.9 * day), now=2.9 * day)[0] == 2.9 * day

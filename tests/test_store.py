@@ -329,3 +329,16 @@ def test_a_delivery_that_ended_recently_is_kept_even_when_its_event_is_old(store
     assert store.purge_delivered(before=5000.0, batch=10) == 0     # the event is old, its delivery is not
     assert store.get_event(event.id) is not None
     assert store.purge_delivered(before=9001.0, batch=10) == 1
+
+
+def test_the_last_failed_attempt_of_a_partner_is_read_back(store):
+    p = _partner(store)
+    assert store.last_failed_attempt_at(p.id) is None
+    _publish(store)
+    _publish(store)
+    first, second = store.claim_due(now=1000.0, lease_s=30, limit=2, per_partner=2)
+    bad = Attempt(attempt=1, started_at=1010.0, duration_ms=1, status_code=500, error="http_error", response_snippet="")
+    ok = Attempt(attempt=1, started_at=1020.0, duration_ms=1, status_code=200, error=None, response_snippet="")
+    assert _finish(store, first.delivery_id, bad, "pending", now=1011.0)
+    assert _finish(store, second.delivery_id, ok, "delivered", now=1021.0)
+    assert store.last_failed_attempt_at(p.id) == 1010.0
