@@ -76,6 +76,7 @@ class RawReceiver:
         self.requests: list[str] = []
         self.closed = 0
         self.connections = 0
+        self._open: list[socket.socket] = []
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -96,6 +97,7 @@ class RawReceiver:
             except OSError:
                 continue
             self.connections += 1
+            self._open.append(conn)
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -136,6 +138,11 @@ class RawReceiver:
     def stop(self):
         self._stop = True
         self.sock.close()
+        for conn in self._open:  # wakes the threads still waiting for a request
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for thread in self._threads:
             thread.join(timeout=5)
 
