@@ -260,15 +260,20 @@ class DeliveryLoop:
         full cap): the breaker's room, and at most the pace's."""
         with self._lock:
             busy = dict(self._busy)
-        own_pace = self.store.paces()
-        partners = set(busy) | set(self.breakers.constrained()) | set(own_pace) | set(self.pacer.paced(now))
+        paces = self._paces(now)
         room = {}
-        for p in partners:
+        for p in set(busy) | set(self.breakers.constrained()) | set(paces):
             room[p] = self.breakers.room(p, busy.get(p, 0), now)
-            paced = self.pacer.room(p, self.pacer.rate(p, own_pace.get(p), now), now)
-            if paced is not None:
-                room[p] = min(room[p], paced)
+            if p in paces:
+                room[p] = min(room[p], self.pacer.room(p, paces[p], now))
         return room
+
+    def _paces(self, now: float) -> dict[str, float]:
+        """The pace in force now of every paced partner: its own ``max_rate_per_s``, or lower
+        while a 429 slows it (a partner without a pace of its own may be slowed too)."""
+        own = self.store.paces()
+        rates = {p: self.pacer.rate(p, own.get(p), now) for p in set(own) | set(self.pacer.paced(now))}
+        return {p: rate for p, rate in rates.items() if rate is not None}
 
     async def _claim_and_start(self) -> int:
         free = self.settings.claim_ahead - self._claimed
@@ -320,13 +325,7 @@ class DeliveryLoop:
 
     def _next_paced_start(self, now: float) -> float | None:
         """The earliest future moment a paced partner's next attempt may start (a reason to wake)."""
-        own = self.store.paces()
-        times = []
-        for partner_id in set(own) | set(self.pacer.paced(now)):
-            rate = self.pacer.rate(partner_id, own.get(partner_id), now)
-            if rate is not None:
-                times.append(self.pacer.next_start(partner_id, rate))
-        future = [t for t in times if t > now]
+        future = [t for p, rate in self._paces(now).items() if (t := self.pacer.next_start(p, rate)) > now]
         return min(future) if future else None
 
     async def _sleep(self, seconds: float) -> None:
@@ -356,8 +355,7 @@ class DeliveryLoop:
         it, even of jobs claimed before it (memory only: the store's copy of partners)."""
         partner = self.store.get_partner(job.partner_id)
         if partner is None or partner.status != "active":
-            self.pacer.done(job)
-            self.store.release_claims([job.delivery_id], self.clock())
+            self.store.release_claims([job.delivery_id], self.clock())  # due again; _finished frees its pace
             return None
         return dataclasses.replace(job, url=partner.webhook_url, secrets=tuple(partner.valid_secrets(self.clock())),
                                    max_rate_per_s=partner.max_rate_per_s)
@@ -379,7 +377,6 @@ class DeliveryLoop:
         if self._stopping or self.breakers.state(job.partner_id, now) == "open" or not self.pacer.start(job, rate, now):
             # Claimed before a stop, before the circuit opened or before a 429 slowed the pace:
             # not sent now. The row is due again; the claim will take it when it may start.
-            self.pacer.done(job)
             self.store.release_claims([job.delivery_id], now)
             return
         sent = self.sender.send(job)
