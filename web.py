@@ -64,8 +64,13 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The one shape of every error: ``{"error": {"code", "message"}}``."""
+    return {"error": {"code": code, "message": message}}
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 def invalid(field_name: str, message: str) -> ApiError:

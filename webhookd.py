@@ -76,6 +76,7 @@ from web import (
     client_address,
     context,
     db,
+    error_body,
     error_response,
     hash_api_key,
     invalid,
@@ -420,7 +421,7 @@ async def publish_batch(request: Request) -> JSONResponse:
 
 
 def _refused(error: ApiError) -> dict[str, Any]:
-    return {"error": {"code": error.code, "message": error.message}, "status": error.status}
+    return {**error_body(error.code, error.message), "status": error.status}
 
 
 def _published(ctx: Context, events: list[Event]) -> None:
