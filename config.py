@@ -92,7 +92,7 @@ class DeliveryConfig:
     max_attempts: int = 3
     backoff_base_s: float = 30.0
     backoff_max_s: float = 3600.0
-    concurrency: int = 16
+    concurrency: int = 1000                      # attempts in flight at once, all partners together
     per_partner_concurrency: int = 4
     breaker_threshold: int = 5
     breaker_span_s: float = 10.0
@@ -145,7 +145,7 @@ POSITIVE = {
     "delivery.max_attempts": "a number of attempts",
     "delivery.backoff_base_s": "a number of seconds",
     "delivery.backoff_max_s": "a number of seconds",
-    "delivery.concurrency": "a number of worker threads",
+    "delivery.concurrency": "a number of attempts in flight",
     "delivery.per_partner_concurrency": "a number of requests",
     "delivery.breaker_threshold": "a number of failed attempts",
     "delivery.breaker_span_s": "a number of seconds",

@@ -1,26 +1,26 @@
-"""The delivery loop: claim due deliveries, hand them to sender threads, record the results.
+"""The delivery loop: claim due deliveries, start each as a task on the sender's loop, record results.
 
-How one delivery travels (the event loop on the left, threads on the right)::
+How one delivery travels (the server's event loop on the left, other threads on the right)::
 
     POST /events ─► store.publish() ──────────────► group-commit thread: INSERT event + deliveries,
                                                      one FULL commit for the batch; then the 202
-    loop.wake() ─► DeliveryLoop.run()  (a task on the event loop)
+    loop.wake() ─► DeliveryLoop.run()  (a task on the server's event loop)
                      │ store.claim_due()  in a thread: lease due rows, fair across partners
                      ▼
-                   job queue ─────────────────────► sender threads (``concurrency``): Sender.send(job)
-                                                     one HTTP POST (sender.py), then decide() and
-                                                     Breakers.record(): delivered, pending after a
-                                                     backoff, or failed after the last attempt
+                   one task per job ──────────────► sender thread (its own event loop, sender.py):
+                                                     one HTTP POST each, thousands at once; then
+                                                     decide() and Breakers.record(): delivered,
+                                                     pending after a backoff, or failed
                    results queue ◄────────────────┘
                      ▼
                    recorder thread: a log line and metrics per attempt, then
                    store.finish_attempts(batch)  (many results, one commit)
 
-The loop only claims as many rows as its senders can start soon (``claim_ahead``), so
-a claimed row starts at once — or is given back, due again, if since its claim the
-partner was paused, its circuit opened, its pace slowed or the process began to stop —
-and its lease only has to cover one attempt. A lease that runs out (the process died
-mid-send) makes the row due again: nothing is lost.
+The loop claims at most ``concurrency`` rows at a time, and every claimed row starts at
+once — or is given back, due again, if since its claim the partner was paused, its
+circuit opened, its pace slowed or the process began to stop — so its lease only has
+to cover one attempt. A lease that runs out (the process died mid-send) makes the row
+due again: nothing is lost.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ logger = logging.getLogger("webhookd.delivery")
 
 IDLE_RECHECK_S = 30.0    # even with nothing due, look again now and then
 RECORD_BATCH = 500       # results written per group commit, at most
+CLAIM_BATCH = 250        # rows leased per claim, at most: a claim holds the write lock while it runs
 
 
 @dataclass(frozen=True)
@@ -86,20 +87,12 @@ class Settings(DeliveryConfig):
         return min(600.0, self.backoff_max_s)
 
     @property
-    def claim_ahead(self) -> int:
-        """How many claimed deliveries the loop holds: one per worker, plus one more round
-        waiting in the pool's queue, so a worker that finishes starts its next attempt at
-        once instead of waiting for the loop's next claim."""
-        return 2 * self.concurrency
-
-    @property
     def lease_s(self) -> float:
-        """How long a claim holds a row. An attempt lasts at most ``timeout_s`` to connect plus
-        ``timeout_s`` once connected (the watchdog cuts it off), and a claimed row waits at
-        most one attempt before a worker takes it: four timeouts and a margin for DNS and for
-        recording the result mean a slow attempt is never taken over — and sent twice —
-        while it is still running."""
-        return 4 * self.timeout_s + 10
+        """How long a claim holds a row. A claimed row starts at once and its attempt lasts at
+        most ``timeout_s``, lookup and connect included: twice that and a margin for recording
+        the result (a busy disk, a stop's grace period) mean a slow attempt is never taken
+        over — and sent twice — while it is still running."""
+        return 2 * self.timeout_s + 10
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -127,12 +120,13 @@ def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: fl
 
 
 class DeliveryLoop:
-    """Claims due deliveries, hands them to sender threads and records every attempt.
+    """Claims due deliveries, starts each as a task on the sender's loop, records every attempt.
 
-    The loop (a task in the server's event loop) claims rows and puts them on a queue;
-    ``concurrency`` sender threads take them one at a time. Completions are counted under
-    a lock, and a sender wakes the loop only when the claimed work runs low, so under load
-    the loop claims in batches instead of once per delivery.
+    The loop (a task in the server's event loop) claims rows and hands each batch to the
+    sender's loop, where every job becomes a task at once. Completions are counted under
+    a lock, and a finished attempt wakes the loop only when a claim's worth of room has
+    opened (or little is claimed), so under load the loop claims in batches instead of
+    once per delivery.
     """
 
     def __init__(self, store: Store, settings: Settings, rng: random.Random | None = None,
@@ -145,13 +139,11 @@ class DeliveryLoop:
         self.sender = Sender(settings, clock)
         self.breakers = Breakers(settings, last_failure_of=store.last_failed_attempt_at)
         self.pacer = Pacer()
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._senders = [threading.Thread(target=self._send_jobs, name=f"webhookd-send-{n}", daemon=True)
-                         for n in range(settings.concurrency)]
+        self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
         self._lock = threading.Lock()       # guards the two counts below
-        self._claimed = 0                   # claimed and not finished (queued or being sent)
+        self._claimed = 0                   # claimed and not finished (starting or being sent)
         self._busy: collections.Counter[str] = collections.Counter()  # the same, per partner
         self._released: list[Job] = []      # claimed, then given up unsent because of a stop
         self._all_done = threading.Event()  # set whenever nothing is claimed
@@ -171,8 +163,6 @@ class DeliveryLoop:
         if requeued:
             logger.warning("re-queued %d deliveries whose lease ran out (an earlier run stopped mid-send)", requeued)
         self._recorder.start()
-        for thread in self._senders:
-            thread.start()
         self._run_task = asyncio.create_task(self.run(), name="webhookd-delivery-loop")
         self._purge_task = asyncio.create_task(self._purge_old(), name="webhookd-retention")
 
@@ -200,27 +190,18 @@ class DeliveryLoop:
         self.wake()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop at once: no new claim and no new send. Claimed jobs that no sender has started
-        are released (due again at once, their attempt count unchanged); attempts already on
-        the wire get the grace period, and every result that comes back is recorded.
+        """Stop at once: no new claim and no new send. Claimed jobs whose attempt has not
+        begun are released (due again at once, their attempt count unchanged); attempts
+        already on the wire get the grace period, and every result that comes back is recorded.
 
-        An attempt still running after the grace period keeps its lease; the next
-        run takes it again once the lease runs out. Nothing is lost either way.
+        An attempt still running after the grace period is dropped and keeps its lease;
+        the next run takes it again once the lease runs out. Nothing is lost either way.
         """
         self._stopping = True
         self.wake()
         if self._purge_task is not None:
             self._purge_task.cancel()
         await asyncio.gather(*(t for t in (self._run_task, self._purge_task) if t), return_exceptions=True)
-        while True:  # the queued jobs; a sender that took one just now releases it itself
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                self._release(job)
-        for _ in self._senders:
-            self._jobs.put(None)
         grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
         await asyncio.to_thread(self._all_done.wait, grace)
         unfinished = self.in_flight
@@ -230,6 +211,7 @@ class DeliveryLoop:
             await asyncio.to_thread(self.store.release_claims, released, self.clock())
         self._results.put(None)   # the recorder writes what is queued, then stops
         await asyncio.to_thread(self._recorder.join, 10)
+        await asyncio.to_thread(self.sender.close)
         logger.info("delivery loop stopped; %d attempts left unfinished (their leases will run out "
                     "and they will be sent again)", unfinished)
 
@@ -276,27 +258,34 @@ class DeliveryLoop:
         return {p: rate for p, rate in rates.items() if rate is not None}
 
     async def _claim_and_start(self) -> int:
-        free = self.settings.claim_ahead - self._claimed
+        free = min(self.settings.concurrency - self._claimed, CLAIM_BATCH)
         if free <= 0:
             return 0
         now = self.clock()
         jobs = await asyncio.to_thread(
             self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
             per_partner=self.settings.per_partner_concurrency, room=self._room(now))
+        if not jobs:
+            return 0
         with self._lock:
             self._claimed += len(jobs)
             for job in jobs:
                 self._busy[job.partner_id] += 1
-            if jobs:
-                self._all_done.clear()
+            self._all_done.clear()
         for job in jobs:
             self.pacer.claimed(job)
-        for job in jobs:
-            self._jobs.put(job)
+        self.sender.loop.call_soon_threadsafe(self._start_attempts, jobs)  # one hand-off per claim
         return len(jobs)
 
+    def _start_attempts(self, jobs: list[Job]) -> None:
+        """On the sender's loop: one task per claimed job, all started now."""
+        for job in jobs:
+            task = asyncio.get_running_loop().create_task(self._attempt(job))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     def _finished(self, job: Job) -> None:
-        """A sender is done with ``job``: count it, and wake the loop when work runs low."""
+        """An attempt is over (or never began): count it, and wake the loop when room opens."""
         self.pacer.done(job)  # a job that never started (released, or crashed) must not hold the pace
         with self._lock:
             self._claimed -= 1
@@ -305,14 +294,14 @@ class DeliveryLoop:
                 del self._busy[job.partner_id]
             if not self._claimed:
                 self._all_done.set()
-            running_low = self._claimed <= self.settings.concurrency
-        if running_low:
+            room_opened = self._claimed <= self.settings.concurrency - min(CLAIM_BATCH, self._claimed + 1)
+        if room_opened:
             self.wake()
 
     async def _seconds_until_next_due(self) -> float:
         """Sleep until the next due row of a partner with room, or until a paused partner reopens.
-        With the claimed work at its limit, sleep until a sender finishes (it wakes the loop)."""
-        if self._claimed >= self.settings.claim_ahead:
+        With the claimed work at its limit, sleep until an attempt finishes (it wakes the loop)."""
+        if self._claimed >= self.settings.concurrency:
             return IDLE_RECHECK_S
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
@@ -335,61 +324,54 @@ class DeliveryLoop:
         except TimeoutError:
             pass
 
-    def _send_jobs(self) -> None:
-        """A sender thread: one claimed job after another, until the stop sentinel."""
-        while (job := self._jobs.get()) is not None:
-            if self._stopping:  # claimed before the stop, not started: it is not sent now
-                self._release(job)
-                continue
-            try:
-                self._attempt(job)
-            except Exception:  # never die on one delivery: its lease brings it back
-                logger.exception("delivery %s: the attempt crashed; it will be retried", job.delivery_id)
-            finally:
-                self._finished(job)
+    # One attempt, a task on the sender's loop ------------------------------------------------
+
+    async def _attempt(self, job: Job) -> None:
+        """Send ``job`` once and queue its outcome for the recorder. Never dies on one delivery."""
+        try:
+            if self._stopping:  # claimed before the stop, not begun: it is not sent now
+                with self._lock:
+                    self._released.append(job)
+                return
+            now = self.clock()
+            current = self._as_partner_is_now(job)
+            rate = self.pacer.rate(job.partner_id, current.max_rate_per_s, now) if current else None
+            if current is None or self.breakers.state(job.partner_id, now) == "open" or \
+                    not self.pacer.start(current, rate, now):
+                # Claimed before a pause, before the circuit opened or before a 429 slowed the
+                # pace: not sent now. The row is due again; a claim takes it when it may start.
+                await asyncio.to_thread(self.store.release_claims, [job.delivery_id], now)
+                return
+            sent = await self.sender.attempt(current)
+            self._results.put(self._outcome(current, sent, rate))
+        except Exception:  # its lease brings it back
+            logger.exception("delivery %s: the attempt crashed; it will be retried", job.delivery_id)
+        finally:
+            self._finished(job)
 
     def _as_partner_is_now(self, job: Job) -> Job | None:
-        """The job with its partner's URL and secrets as they are now, or None (and the claim
-        released) if the partner is no longer active. A change answered 200 before this
-        moment — a new URL, a rotation, a pause — so reaches every attempt that starts after
-        it, even of jobs claimed before it (memory only: the store's copy of partners)."""
+        """The job with its partner's URL and secrets as they are now, or None if the partner is
+        no longer active. A change answered 200 before this moment — a new URL, a rotation,
+        a pause — so reaches every attempt that begins after it, even of jobs claimed
+        before it (memory only: the store's copy of partners)."""
         partner = self.store.get_partner(job.partner_id)
         if partner is None or partner.status != "active":
-            self.store.release_claims([job.delivery_id], self.clock())  # due again; _finished frees its pace
             return None
         return dataclasses.replace(job, url=partner.webhook_url, secrets=tuple(partner.valid_secrets(self.clock())),
                                    max_rate_per_s=partner.max_rate_per_s)
 
-    def _release(self, job: Job) -> None:
-        """Give up a claimed job without sending it; ``stop`` releases its lease in the store."""
-        with self._lock:
-            self._released.append(job)
-        self._finished(job)
-
-    # One attempt, in a worker thread -------------------------------------------------------
-
-    def _attempt(self, job: Job) -> None:
-        job = self._as_partner_is_now(job)
-        if job is None:
-            return
-        now = self.clock()
-        rate = self.pacer.rate(job.partner_id, job.max_rate_per_s, now)
-        if self._stopping or self.breakers.state(job.partner_id, now) == "open" or not self.pacer.start(job, rate, now):
-            # Claimed before a stop, before the circuit opened or before a 429 slowed the pace:
-            # not sent now. The row is due again; the claim will take it when it may start.
-            self.store.release_claims([job.delivery_id], now)
-            return
-        sent = self.sender.send(job)
+    def _outcome(self, job: Job, sent: Sent, rate: float | None) -> Outcome:
+        """What the attempt means: the pace, the delivery's next state, the partner's health."""
         now = self.clock()
         if sent.attempt.status_code == 429:
             self.pacer.slow_down(job.partner_id, rate, now)
         state, next_at = decide(job, sent, self.settings, self.rng, now)
         failing_since, failing_changed, disable_reason = self.breakers.record(job, sent, now)
-        self._results.put(Outcome(
+        return Outcome(
             delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=sent.attempt, state=state,
             next_attempt_at=next_at, partner_failing_since=failing_since,
             partner_failing_changed=failing_changed, disable_reason=disable_reason,
-            event_id=job.event_id, created_at=job.created_at))
+            event_id=job.event_id, created_at=job.created_at)
 
     def _report(self, o: Outcome, now: float) -> None:
         """One log line and the metrics of one attempt (in the recorder: one thread, no lock fights)."""

@@ -8,7 +8,7 @@ import pytest
 import delivery
 from breakers import Breakers, Pacer
 from conftest import free_port, wait_for
-from models import Attempt, Job
+from models import Attempt, Job, NewEvent
 from payloads import PAYMENT_SUCCESS
 from sender import Sent
 
@@ -181,9 +181,9 @@ def test_a_success_resets_the_failing_streak_even_for_jobs_claimed_before_it():
 # --- A partner's change reaches every attempt that starts after the answer --------------------
 
 
-def _one_in_flight_one_queued(hub, receiver):
-    """Two deliveries to one partner with one sender thread: the first held by the receiver, the
-    second claimed (leased) and queued behind it."""
+def _one_in_flight_one_due(hub, receiver):
+    """Two deliveries to one partner with ``concurrency = 1``: the first held by the receiver, the
+    second due and waiting for room (a claimed job begins at once, so none waits claimed)."""
     partner = hub.register(receiver.url, ["payment.success"])
     _publish(hub, 2)
 
@@ -191,15 +191,68 @@ def _one_in_flight_one_queued(hub, receiver):
         with hub.store._reader() as db:
             return db.execute("SELECT COUNT(*) FROM deliveries WHERE leased_until IS NOT NULL").fetchone()[0]
 
-    wait_for(lambda: len(receiver.received) == 1 and leased() == 2)
+    wait_for(lambda: len(receiver.received) == 1 and leased() == 1)
     return partner
 
 
-def test_a_new_url_and_secret_reach_jobs_claimed_before_the_change(webhookd_factory, receiver_factory):
+def test_a_job_claimed_before_a_change_begins_with_the_partner_as_it_is_now(tmp_path):
+    """A change answered 200 reaches every attempt that begins after it, even of a job claimed
+    before it: the attempt takes the URL, secrets and pace from the partner as it is now, and a
+    partner paused meanwhile gets nothing (the job is given back)."""
+    from store import Store
+
+    store = Store(str(tmp_path / "w.db"))
+    try:
+        partner = store.add_partner(partner_id="partner_1", name="P", webhook_url="http://127.0.0.1:9/old",
+                                    events=["payment.success"], secret="sk_live_old", api_key_hash="h", now=100.0)
+        store.publish(NewEvent(id="evt_1", type="payment.success", body=b"{}"), now=100.0, max_attempts=3,
+                      new_delivery_id=lambda: "dlv_1")
+        (job,) = store.claim_due(now=100.0, lease_s=30, limit=1, per_partner=1)
+        store.update_partner(partner.id, webhook_url="http://127.0.0.1:9/new", max_rate_per_s=2.0, now=101.0)
+        store.rotate_secret(partner.id, new_secret="sk_live_new", previous_until=101.0, now=101.0)
+        loop = delivery.DeliveryLoop(store, delivery.Settings(), clock=lambda: 102.0)
+        current = loop._as_partner_is_now(job)
+        assert (job.url, job.secrets) == ("http://127.0.0.1:9/old", ("sk_live_old",))
+        assert (current.url, current.secrets, current.max_rate_per_s) == ("http://127.0.0.1:9/new", ("sk_live_new",), 2.0)
+        store.update_partner(partner.id, status="paused", now=103.0)
+        assert loop._as_partner_is_now(job) is None
+    finally:
+        store.close()
+
+
+def test_a_job_claimed_when_the_stop_comes_is_released_unsent(tmp_path):
+    """Claimed, then the stop decision before its attempt began: it is not sent, and its lease is
+    released with its attempt count unchanged, so the next run sends it at once."""
+    import asyncio
+
+    from store import Store
+
+    store = Store(str(tmp_path / "w.db"))
+    try:
+        store.add_partner(partner_id="partner_1", name="P", webhook_url="http://127.0.0.1:9/x",
+                          events=["payment.success"], secret="sk_live_s", api_key_hash="h", now=100.0)
+        store.publish(NewEvent(id="evt_1", type="payment.success", body=b"{}"), now=100.0, max_attempts=3,
+                      new_delivery_id=lambda: "dlv_1")
+        loop = delivery.DeliveryLoop(store, delivery.Settings(), clock=lambda: 100.0)
+
+        async def claim_then_stop():
+            loop._recorder.start()
+            loop._stopping = True                         # the stop decision, then the claim's hand-off
+            assert await loop._claim_and_start() == 1
+            await loop.stop(grace_s=10)
+
+        asyncio.run(claim_then_stop())
+        row = store.get_delivery("dlv_1")
+        assert (row.state, row.attempt_count, row.leased_until, row.attempts) == ("pending", 0, None, ())
+    finally:
+        store.close()
+
+
+def test_a_new_url_and_secret_reach_the_next_attempt(webhookd_factory, receiver_factory):
     hub = webhookd_factory(delivery__concurrency=1)
     old = receiver_factory(default=(200, 0.6))  # under the 1 s timeout of the tests
     new = receiver_factory()
-    partner = _one_in_flight_one_queued(hub, old)
+    partner = _one_in_flight_one_due(hub, old)
     rotated = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=hub.admin).json()
     new.secret = rotated["shared_secret"]
     r = hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin, json={"webhook_url": new.url})
@@ -211,10 +264,10 @@ def test_a_new_url_and_secret_reach_jobs_claimed_before_the_change(webhookd_fact
     assert sorted(urls.values()) == sorted([old.url, new.url])
 
 
-def test_a_pause_stops_jobs_claimed_before_it_and_resume_sends_them(webhookd_factory, receiver_factory):
+def test_a_pause_holds_the_next_attempt_and_resume_sends_it(webhookd_factory, receiver_factory):
     hub = webhookd_factory(delivery__concurrency=1)
     receiver = receiver_factory(default=(200, 0.6))  # under the 1 s timeout of the tests
-    partner = _one_in_flight_one_queued(hub, receiver)
+    partner = _one_in_flight_one_due(hub, receiver)
     path = f"/partners/{partner['partner_id']}"
     assert hub.http.patch(path, headers=hub.admin, json={"status": "paused"}).status_code == 200
     wait_for(lambda: len(hub.deliveries(state="delivered")) == 1)

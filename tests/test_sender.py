@@ -1,4 +1,4 @@
-"""One HTTP attempt (sender.py): the request on the wire, the watchdog's deadline, Retry-After."""
+"""One HTTP attempt (sender.py): the request on the wire, the attempt's deadline, Retry-After."""
 
 import socket
 import threading
@@ -22,30 +22,6 @@ def test_a_non_ascii_path_is_delivered_percent_encoded(hub, receiver_factory):
     wait_for(lambda: hub.deliveries()[0]["state"] == "delivered")
 
 
-def test_the_deadline_watchdog_survives_a_connection_closed_under_it():
-    class ClosingUnderfoot:
-        """A connection whose socket disappears between two reads of .sock (the sender closed it)."""
-
-        def __init__(self):
-            self.reads = 0
-
-        @property
-        def sock(self):
-            self.reads += 1
-            return socket.socket() if self.reads == 1 else None
-
-    watchdog = sender._Deadlines()
-    watchdog.watch(time.monotonic(), ClosingUnderfoot())
-    left, right = socket.socketpair()
-    conn = type("Conn", (), {"sock": left})()
-    entry = watchdog.watch(time.monotonic() + 0.2, conn)
-    wait_for(lambda: entry[2] is None, timeout=5)
-    assert watchdog._thread.is_alive()
-    assert left.recv(1) == b""  # shut down by the watchdog
-    left.close()
-    right.close()
-
-
 def test_retry_after_parsing_is_strict_and_clamped():
     parse_retry_after = sender.parse_retry_after
     assert parse_retry_after("120", now=0, max_s=3600) == 120
@@ -67,7 +43,8 @@ class RawReceiver:
     * ``"read_then_close"``: read the whole request, then close without a byte of answer;
     * ``(bytes, close)``: the bytes written as the whole answer, then the connection closed
       by the receiver if ``close`` (else left open: the sender must decide by itself);
-    * ``bytes``: the same, left open.
+    * ``bytes``: the same, left open;
+    * ``"drip"``: an answer one byte every 0.1 s, for at most 30 s (a partner holding a sender).
 
     It records the ``X-Webhook-Id`` of every complete request it read."""
 
@@ -127,6 +104,13 @@ class RawReceiver:
                         self.closed += 1
                         return
                     continue
+                if action == "drip":
+                    for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 300:
+                        if self._stop:
+                            return
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.1)
+                    return
                 if action == "read_then_close":
                     self.closed += 1
                     return
@@ -192,6 +176,20 @@ def test_a_kept_connection_the_partner_closed_while_idle_is_replaced_before_writ
     done = wait_for(lambda: [d for d in hub.deliveries(event_id=second) if d["state"] == "delivered"])
     assert [a["status_code"] for a in hub.delivery(done[0]["delivery_id"])["attempts"]] == [200]
     assert receiver.requests.count(second) == 1
+
+
+def test_a_partner_that_drips_its_answer_is_cut_off_at_the_attempt_deadline(webhookd_factory,
+                                                                             raw_receiver_factory):
+    """A byte every 0.1 s never lets a per-read timeout fire; the attempt's one deadline
+    (timeout_s = 1 s in the tests, lookup to last byte) still ends it."""
+    hub = webhookd_factory(delivery__max_attempts=1)
+    receiver = raw_receiver_factory(["drip"])
+    hub.register(receiver.url, ["payment.success"])
+    hub.publish(PAYMENT_SUCCESS)
+    (failed,) = wait_for(lambda: hub.deliveries(state="failed"))
+    (attempt,) = hub.delivery(failed["delivery_id"])["attempts"]
+    assert attempt["error"] == "timeout"
+    assert attempt["duration_ms"] < 25_000  # the drip goes on for 30 s
 
 
 @pytest.mark.parametrize("url, error", [
