@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import json
@@ -121,7 +122,7 @@ class Receiver:
     """A scripted partner endpoint. ``script`` holds answers — (status, delay_s) or
     (status, delay_s, headers) — used in order; when it runs out, every request gets
     ``default``. It records every request, which connection it came on, and the most
-    requests it ever had in flight at once."""
+    requests it ever had in flight at once (in all, and per path)."""
 
     def __init__(self, secret: str | None = None, default: tuple = (200, 0.0), port: int | None = None):
         self.secret = secret
@@ -130,6 +131,8 @@ class Receiver:
         self.received: list[Received] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.in_flight_by_path: collections.Counter[str] = collections.Counter()
+        self.max_in_flight_by_path: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         app = Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST"])])
         self.server = ThreadServer(app, port)
@@ -161,6 +164,9 @@ class Receiver:
             answer = self.script.pop(0) if self.script else self.default
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            path = request.url.path
+            self.in_flight_by_path[path] += 1
+            self.max_in_flight_by_path[path] = max(self.max_in_flight_by_path[path], self.in_flight_by_path[path])
         status, delay, headers = (tuple(answer) + ({},))[:3]
         try:
             if delay:
@@ -168,6 +174,7 @@ class Receiver:
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self.in_flight_by_path[request.url.path] -= 1
         if 300 <= status < 400:
             return Response(status_code=status, headers={"Location": "http://127.0.0.1:9/elsewhere", **headers})
         return JSONResponse({"status": "received" if status < 300 else "error"}, status_code=status,

@@ -48,6 +48,20 @@ def test_healthy_partners_get_kept_alive_connections(hub, receiver_factory):
     assert len(receiver.connections) < 100 / 4
 
 
+def test_slow_partners_get_many_attempts_in_flight_and_none_exceeds_its_cap(hub, receiver_factory):
+    """25 partners answering after 0.5 s, the default caps (1,000 in flight, 4 per partner): the
+    receiver itself counts far more than the 16 requests at once that sender threads allowed,
+    and never more than 4 at once on any partner's path."""
+    receiver = receiver_factory(default=(200, 0.5))
+    for i in range(25):
+        hub.register(f"{receiver.server.url}/p{i}", ["payment.success"], name=f"Partner {i}")
+    _publish(hub, 8)
+    wait_for(lambda: len(hub.deliveries(state="delivered", limit=200)) == 200, timeout=60)
+    assert receiver.max_in_flight >= 40, receiver.max_in_flight
+    assert len(receiver.max_in_flight_by_path) == 25
+    assert max(receiver.max_in_flight_by_path.values()) <= hub.config.delivery.per_partner_concurrency == 4
+
+
 def test_a_black_hole_partner_does_not_slow_the_healthy_one(webhookd_factory, receiver_factory, black_hole):
     hub = webhookd_factory(delivery__timeout_s=1.0, delivery__concurrency=8, delivery__per_partner_concurrency=4)
     healthy = receiver_factory()
