@@ -93,7 +93,7 @@ class DeliveryConfig:
     backoff_base_s: float = 30.0
     backoff_max_s: float = 3600.0
     concurrency: int = 1000                      # attempts in flight at once, all partners together
-    per_partner_concurrency: int = 4
+    per_partner_concurrency: int = 25
     breaker_threshold: int = 5
     breaker_span_s: float = 10.0
     breaker_cooldown_s: float | None = None      # unset: the smaller of 30 s and backoff_max_s
