@@ -46,8 +46,8 @@ from store import Store, take_batch
 logger = logging.getLogger("webhookd.delivery")
 
 IDLE_RECHECK_S = 30.0    # even with nothing due, look again now and then
-RECORD_BATCH = 500       # results written per group commit, at most
-CLAIM_BATCH = 250        # rows leased per claim, at most: a claim holds the write lock while it runs
+RECORD_BATCH = 100      # results written per commit, at most: a commit holds the write lock while it runs
+CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the write lock while it runs
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,7 @@ class DeliveryLoop:
         self._all_done = threading.Event()  # set whenever nothing is claimed
         self._all_done.set()
         self._wakeup: asyncio.Event | None = None
+        self._wake_sent = False             # a wake-up from another thread is on its way
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task | None = None
         self._purge_task: asyncio.Task | None = None
@@ -167,7 +168,11 @@ class DeliveryLoop:
         self._purge_task = asyncio.create_task(self._purge_old(), name="webhookd-retention")
 
     def wake(self) -> None:
-        """Tell the loop there may be work now. Safe to call from any thread."""
+        """Tell the loop there may be work now. Safe to call from any thread.
+
+        From another thread, one wake-up is sent at a time: thousands of attempts finishing
+        each second cost the server's event loop (which answers the API) one wake-up per
+        loop turn, not one each."""
         if self._loop is None or self._wakeup is None:
             return
         try:
@@ -176,8 +181,13 @@ class DeliveryLoop:
             running = None
         if running is self._loop:
             self._wakeup.set()
-        else:
-            self._loop.call_soon_threadsafe(self._wakeup.set)
+        elif not self._wake_sent:
+            self._wake_sent = True
+            self._loop.call_soon_threadsafe(self._woken)
+
+    def _woken(self) -> None:
+        self._wake_sent = False
+        self._wakeup.set()
 
     def partner_reactivated(self, partner_id: str) -> None:
         """A partner was made active again by hand: forget its failures and look for work."""

@@ -48,10 +48,11 @@ def test_healthy_partners_get_kept_alive_connections(hub, receiver_factory):
     assert len(receiver.connections) < 100 / 4
 
 
-def test_slow_partners_get_many_attempts_in_flight_and_none_exceeds_its_cap(hub, receiver_factory):
-    """25 partners answering after 0.5 s, the default caps (1,000 in flight, 4 per partner): the
-    receiver itself counts far more than the 16 requests at once that sender threads allowed,
-    and never more than 4 at once on any partner's path."""
+def test_slow_partners_get_many_attempts_in_flight_and_none_exceeds_its_cap(webhookd_factory, receiver_factory):
+    """25 partners answering after 0.5 s, 8 deliveries each, 1,000 in flight (the default) and 4 per
+    partner: the receiver itself counts far more than the 16 requests at once that sender threads
+    allowed, and never more than 4 at once on any partner's path."""
+    hub = webhookd_factory(delivery__per_partner_concurrency=4)
     receiver = receiver_factory(default=(200, 0.5))
     for i in range(25):
         hub.register(f"{receiver.server.url}/p{i}", ["payment.success"], name=f"Partner {i}")
@@ -332,7 +333,7 @@ def test_a_burst_of_concurrent_failures_does_not_open_the_circuit():
     breakers = _breakers()
     for n in range(6):  # six attempts in flight together, all refused within 50 ms
         breakers.record(_job(None), _failed(started_at=0.0), now=0.01 * n)
-    assert breakers.state("p", now=0.1) == "closed" and breakers.room("p", busy=0, now=0.1) == 4
+    assert breakers.state("p", now=0.1) == "closed" and breakers.room("p", busy=0, now=0.1) == delivery.Settings().per_partner_concurrency
 
 
 def test_sustained_failure_opens_the_circuit_and_a_probe_doubles_the_pause():
@@ -363,7 +364,7 @@ def test_a_retry_after_pause_ends_without_a_probe():
     breakers = _breakers()
     breakers.record(_job(None), _failed(started_at=0.0, status=429, retry_after=5.0), now=0.0)
     assert breakers.describe("p", now=1.0)["reason"] == "retry_after"
-    assert breakers.room("p", busy=0, now=1.0) == 0 and breakers.room("p", busy=0, now=5.0) == 4
+    assert breakers.room("p", busy=0, now=1.0) == 0 and breakers.room("p", busy=0, now=5.0) == delivery.Settings().per_partner_concurrency
 
 
 def test_two_isolated_failures_days_apart_do_not_disable_the_partner():

@@ -124,7 +124,8 @@ def test_sigterm_starts_no_new_send_and_a_restart_sends_the_rest_once(serve_fact
 
 def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, receiver_factory):
     receiver = receiver_factory(default=(200, 0.03))   # slow enough that the burst is still going
-    env = {"WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5"}       # lease = 2 x 0.5 + 10 = 11 s
+    env = {"WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5",        # lease = 2 x 0.5 + 10 = 11 s
+           "WEBHOOKD_DELIVERY_PER_PARTNER_CONCURRENCY": "4"}  # 20 in flight: the burst lasts seconds
     serve = serve_factory(**env)
     for i in range(5):
         r = httpx.post(serve.url + "/partners/register", headers=ADMIN, json={
@@ -145,7 +146,7 @@ def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, recei
         (in_flight,) = db.execute(
             "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND leased_until IS NOT NULL").fetchone()
 
-    serve_factory(port=serve.port, **env)              # leases run out by themselves (12 s)
+    serve_factory(port=serve.port, **env)              # leases run out by themselves (11 s)
     wait_for(lambda: {(r.path, r.headers["x-webhook-id"]) for r in receiver.received} >= expected, timeout=60)
     time.sleep(0.5)
     got = [(r.path, r.headers["x-webhook-id"]) for r in receiver.received]
