@@ -21,7 +21,8 @@ Where the rest lives, in the order an event meets it:
 ``web.py``         what every route stands on: errors, credentials, access rules, rate
                    limits, reading bodies, paging
 ``store.py``       the SQLite schema and every SQL statement (publish, claim, record)
-``delivery.py``    the delivery loop: claim → sender threads → recorder; backoff, retention
+``delivery.py``    the delivery loop: claim → one task per attempt on the sender
+                   thread → recorder; backoff, retention
 ``breakers.py``    a partner's circuit breaker, failing streak and pace
 ``sender.py``      one HTTP attempt in plain standard library; ``signing.py`` signs it
 ``targets.py``     where a webhook may go: the URL rule and the SSRF address rule
