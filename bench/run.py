@@ -85,6 +85,7 @@ class Params:
     fanout_delays: tuple[float, ...] = (0.1, 0.5)
     fanout_deliveries: int = 10_000   # per webhookd run at 100 ms (fewer at 500 ms, see fanout_total)
     fanout_time_limit_s: float = 60.0
+    fanout_delivery: dict[str, Any] = field(default_factory=dict)  # [delivery] keys over the bundled config
 
     @classmethod
     def quick(cls) -> Params:
@@ -544,8 +545,9 @@ def scenario_fanout(bench: Bench) -> None:
         runs = []
         try:
             for r in range(p.runs):
-                res = webhookd_fanout(bench, receiver, total, f"fanout-{key}-{r}")
-                own = webhookd_fanout(bench, loopback, total, f"fanout-loopback-{key}-{r}")
+                overrides = {"delivery": p.fanout_delivery} if p.fanout_delivery else None
+                res = webhookd_fanout(bench, receiver, total, f"fanout-{key}-{r}", overrides)
+                own = webhookd_fanout(bench, loopback, total, f"fanout-loopback-{key}-{r}", overrides)
                 receiver.stats(reset=True)
                 pool_total = min(total, int(32 / delay * 10))  # about 10 s of it: its rate is steady by then
                 ok, seconds = baselines.stdlib_pool(urls, secret, PAYLOAD_BYTES, EVENT_TYPE, pool_total,
@@ -655,7 +657,8 @@ def table(bench: Bench) -> str:
     for key, found in res.get("fanout", {}).items():
         s = found["series"]
         rows += [
-            _row(f"(d) {key} away: webhookd, {p.fanout_partners} partners, bundled config", s["webhookd"], "/s"),
+            _row(f"(d) {key} away: webhookd, {p.fanout_partners} partners, "
+                 + ("bundled config" if not p.fanout_delivery else "config overridden"), s["webhookd"], "/s"),
             _row(f"(d) {key}: stdlib pool (32 threads)", s["pool"], "/s"),
             _row(f"(d) {key}: guide sender", s["guide"], "/s"),
             _row(f"(d) {key}:   webhookd / stdlib pool", s["vs_pool"], "x", "≥ 5.00×", lambda v: v >= 5.0),
@@ -722,8 +725,9 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
                      f"raised out of the way")
     if "fanout" in only:
         lines.append(f"(d): bench/slow_receiver.py (asyncio, keep-alive) answers every POST after 100 ms or 500 ms; "
-                     f"{p.fanout_partners} partners on it; webhookd on the bundled webhookd.toml; a probe times "
-                     f"POST /events (no subscriber) and GET /health every 50 ms during each run")
+                     f"{p.fanout_partners} partners on it; webhookd on the bundled webhookd.toml"
+                     + (f" with [delivery] {p.fanout_delivery}" if p.fanout_delivery else "") + "; a probe times "
+                     "POST /events (no subscriber) and GET /health every 50 ms during each run")
     return "\n".join(lines)
 
 
@@ -744,6 +748,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help=f"scenarios to run, comma-separated: {', '.join(SCENARIOS)}")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
+    parser.add_argument("--fanout-delivery", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [delivery] key for (d)'s webhookd, e.g. concurrency=300 (repeatable; "
+                             "the table then no longer shows the bundled config)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs) for inspection")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "last.json",
                         help="where to write every run's numbers (default bench/out/last.json)")
@@ -755,6 +762,12 @@ def main(argv: list[str] | None = None) -> int:
     params = Params.quick() if args.quick else Params()
     if args.runs:
         params = dataclasses.replace(params, runs=args.runs)
+    if args.fanout_delivery:
+        try:
+            keys = {k.strip(): json.loads(v) for k, v in (item.split("=", 1) for item in args.fanout_delivery)}
+        except ValueError:
+            parser.error("--fanout-delivery takes KEY=VALUE with a JSON value, e.g. concurrency=300")
+        params = dataclasses.replace(params, fanout_delivery=keys)
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         os.environ.pop(var, None)
     os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
