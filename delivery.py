@@ -442,15 +442,26 @@ class DeliveryLoop:
     async def purge_expired(self) -> tuple[int, int]:
         """Delete what is older than ``retention_s`` — delivered events, then inbound events —
         each table in batches of ``purge_batch`` until nothing old is left. Returns the counts."""
-        cutoff = self.clock() - self.settings.retention_s
-        counts = []
-        for purge in (self.store.purge_delivered, self.store.purge_inbound):
-            total = 0
-            while True:
-                purged = await asyncio.to_thread(purge, before=cutoff, batch=self.settings.purge_batch)
-                total += purged
-                if purged < self.settings.purge_batch or self._stopping:
-                    break
-                await asyncio.sleep(0.05)  # let other writers in between batches
-            counts.append(total)
-        return counts[0], counts[1]
+        cutoff, size = self.clock() - self.settings.retention_s, self.settings.purge_batch
+        cursor: tuple[float, str] | None = None
+
+        def events_batch() -> tuple[int, bool]:
+            nonlocal cursor
+            purged, cursor = self.store.purge_delivered(before=cutoff, batch=size, after=cursor)
+            return purged, cursor is not None
+
+        def inbound_batch() -> tuple[int, bool]:
+            purged = self.store.purge_inbound(before=cutoff, batch=size)
+            return purged, purged == size
+
+        return await self._in_batches(events_batch), await self._in_batches(inbound_batch)
+
+    async def _in_batches(self, batch: Callable[[], tuple[int, bool]]) -> int:
+        """Run ``batch`` (in a thread) until it says nothing is left; the total it purged."""
+        total = 0
+        while True:
+            purged, more = await asyncio.to_thread(batch)
+            total += purged
+            if not more or self._stopping:
+                return total
+            await asyncio.sleep(0.05)  # let other writers in between batches

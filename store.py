@@ -64,7 +64,7 @@ SCHEMA = [
         fanout          INTEGER NOT NULL,   -- deliveries created at publish time
         created_at      REAL NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS events_by_age ON events (created_at)",
+    "CREATE INDEX IF NOT EXISTS events_by_age ON events (created_at, id)",
     """CREATE TABLE IF NOT EXISTS deliveries (
         id              TEXT PRIMARY KEY,
         event_id        TEXT NOT NULL REFERENCES events(id),
@@ -111,6 +111,8 @@ SCHEMA = [
 MIGRATIONS: list[tuple[str, list[str]]] = [
     ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
     ("partners.max_rate_per_s", ["ALTER TABLE partners ADD COLUMN max_rate_per_s REAL"]),  # a partner's pace
+    ("events_by_age.id", ["DROP INDEX IF EXISTS events_by_age",                 # retention walks it in order
+                          "CREATE INDEX events_by_age ON events (created_at, id)"]),
 ]
 
 
@@ -686,24 +688,34 @@ class Store:
         due = [row[0] for row in times if row is not None]
         return min(due) if due else None
 
-    def purge_delivered(self, *, before: float, batch: int) -> int:
-        """Delete up to ``batch`` events whose every delivery was delivered before ``before``
+    def purge_delivered(self, *, before: float, batch: int,
+                        after: tuple[float, str] | None = None) -> tuple[int, tuple[float, str] | None]:
+        """Look at the next ``batch`` events published before ``before`` (oldest first, from
+        ``after``) and delete those whose every delivery was delivered before ``before``
         (deliveries age by when they ended, not by when their event was published), with
-        their deliveries and attempts. Failed and pending ones are always kept. Returns how
-        many events went."""
+        their deliveries and attempts. Failed and pending ones are always kept.
+
+        Returns how many events went, and where the next batch starts (None: no older event
+        is left to look at). A batch looks at ``batch`` events, purgeable or not, so a year
+        of kept failures is walked once per pass, not once per batch."""
         with self._transaction(durable=False) as db:
-            ids = [r["id"] for r in db.execute(
-                """SELECT id FROM events e WHERE created_at < :before
-                     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-                                     AND (d.state != 'delivered' OR d.updated_at >= :before))
-                   ORDER BY created_at LIMIT :batch""",
-                {"before": before, "batch": batch})]
+            rows = db.execute(
+                """SELECT id, created_at, NOT EXISTS (
+                          SELECT 1 FROM deliveries d WHERE d.event_id = e.id
+                          AND (d.state != 'delivered' OR d.updated_at >= :before)) AS purgeable
+                   FROM events e
+                   WHERE created_at < :before AND (:after_at IS NULL OR (created_at, id) > (:after_at, :after_id))
+                   ORDER BY created_at, id LIMIT :batch""",
+                {"before": before, "batch": batch, "after_at": after[0] if after else None,
+                 "after_id": after[1] if after else None}).fetchall()
+            ids = [r["id"] for r in rows if r["purgeable"]]
             for event_id in ids:
                 db.execute("""DELETE FROM attempts WHERE delivery_id IN
                               (SELECT id FROM deliveries WHERE event_id = :id)""", {"id": event_id})
                 db.execute("DELETE FROM deliveries WHERE event_id = :id", {"id": event_id})
                 db.execute("DELETE FROM events WHERE id = :id", {"id": event_id})
-        return len(ids)
+        more = len(rows) == batch
+        return len(ids), (rows[-1]["created_at"], rows[-1]["id"]) if more else None
 
     def purge_inbound(self, *, before: float, batch: int) -> int:
         """Delete up to ``batch`` inbound events received before ``before``; returns how many."""

@@ -296,10 +296,11 @@ def test_a_pause_holds_the_next_attempt_and_resume_sends_it(webhookd_factory, re
 
 
 def test_one_retention_pass_purges_every_table_until_done(tmp_path):
-    """A pass deletes in batches until nothing old is left — inbound events too, even when there is
-    no outbound work — instead of one batch per interval."""
+    """A pass deletes in batches until nothing old is left — delivered events behind kept failures,
+    and inbound events even when there is no outbound work — instead of one batch per interval."""
     import asyncio
 
+    from models import Outcome
     from store import Store
 
     store = Store(str(tmp_path / "w.db"))
@@ -309,10 +310,24 @@ def test_one_retention_pass_purges_every_table_until_done(tmp_path):
         for i in range(7):
             store.add_inbound(inbound_id=f"inb_{i}", partner_id=partner.id, event_type="tour.purchased",
                               dedupe_key=f"k{i}", body=b"{}", now=100.0)
+        for i in range(9):
+            store.publish(NewEvent(id=f"evt_{i}", type="payment.success", body=b"{}"), now=100.0 + i,
+                          max_attempts=1, new_delivery_id=lambda i=i: f"dlv_{i}")
+        outcomes = []
+        for job in store.claim_due(now=200.0, lease_s=30, limit=20, per_partner=20):
+            failed = job.event_id in ("evt_0", "evt_1", "evt_2", "evt_5")   # kept: failed
+            outcomes.append(Outcome(
+                delivery_id=job.delivery_id, partner_id=job.partner_id, state="failed" if failed else "delivered",
+                attempt=Attempt(attempt=1, started_at=200.0, duration_ms=1, status_code=500 if failed else 200,
+                                error="http_error" if failed else None, response_snippet=""),
+                next_attempt_at=200.0, partner_failing_since=None, partner_failing_changed=False,
+                disable_reason=None, event_id=job.event_id, created_at=100.0))
+        assert store.finish_attempts(outcomes, now=200.0) == []
         settings = delivery.Settings(retention_s=1000.0, purge_batch=2)
         loop = delivery.DeliveryLoop(store, settings, clock=lambda: 5000.0)
-        assert asyncio.run(loop.purge_expired()) == (0, 7)
+        assert asyncio.run(loop.purge_expired()) == (5, 7)
         assert store.list_inbound(limit=10).items == []
+        assert sorted(d.event_id for d in store.list_deliveries(limit=20).items) == ["evt_0", "evt_1", "evt_2", "evt_5"]
     finally:
         store.close()
 

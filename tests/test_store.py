@@ -216,9 +216,10 @@ def test_retention_purges_old_delivered_events_in_batches_and_keeps_the_rest(sto
     assert _finish(store, by_event[old[4].id].delivery_id, bad, "failed", now=500.0)
     fresh_job = store.claim_due(now=6000.0, lease_s=30, limit=10, per_partner=10)[0]
     assert _finish(store, fresh_job.delivery_id, ok, "delivered", now=6000.0)
-    assert store.purge_delivered(before=1000.0, batch=3) == 3
-    assert store.purge_delivered(before=1000.0, batch=3) == 1
-    assert store.purge_delivered(before=1000.0, batch=3) == 0
+    purged, cursor = store.purge_delivered(before=1000.0, batch=3)   # looks at old[0..2]
+    assert purged == 3 and cursor is not None
+    assert store.purge_delivered(before=1000.0, batch=3, after=cursor) == (1, None)   # old[3], and old[4] kept
+    assert store.purge_delivered(before=1000.0, batch=3) == (0, None)
     assert store.get_event(fresh.id) is not None          # too young
     assert store.get_event(old[4].id) is not None         # failed: kept, visible, retryable
     remaining = store.list_deliveries(limit=50).items
@@ -318,6 +319,31 @@ def test_inbound_events_are_purged_by_their_own_age_without_outbound_work(store)
     assert store.list_inbound(limit=10).items == []
 
 
+def test_a_purge_batch_looks_at_a_bounded_number_of_kept_events(store):
+    """Old events kept because a delivery failed are walked once per pass: a batch looks at
+    ``batch`` events whatever they are and says where the next one starts, instead of searching
+    past every kept failure again for each batch of purgeable ones behind them."""
+    _partner(store)
+    kept = [_publish(store, now=100.0 + i)[0] for i in range(4)]
+    gone = [_publish(store, now=200.0 + i)[0] for i in range(3)]
+    bad = Attempt(attempt=1, started_at=300.0, duration_ms=1, status_code=500, error="http_error", response_snippet="")
+    ok = Attempt(attempt=1, started_at=300.0, duration_ms=1, status_code=200, error=None, response_snippet="")
+    by_event = {j.event_id: j for j in store.claim_due(now=300.0, lease_s=30, limit=10, per_partner=10)}
+    for event in kept:
+        assert _finish(store, by_event[event.id].delivery_id, bad, "failed", now=300.0)
+    for event in gone:
+        assert _finish(store, by_event[event.id].delivery_id, ok, "delivered", now=300.0)
+    batches, cursor, purged = [], None, 0
+    while True:
+        n, cursor = store.purge_delivered(before=1000.0, batch=2, after=cursor)
+        batches.append(n)
+        purged += n
+        if cursor is None:
+            break
+    assert batches == [0, 0, 2, 1] and purged == 3      # 7 events looked at once each, 2 at a time
+    assert all(store.get_event(e.id) for e in kept) and not any(store.get_event(e.id) for e in gone)
+
+
 def test_a_delivery_that_ended_recently_is_kept_even_when_its_event_is_old(store):
     """Deliveries age by when they ended: an event published long ago and delivered a moment ago
     (after a long outage, or a manual retry) keeps its delivery and attempts for the full age."""
@@ -326,9 +352,9 @@ def test_a_delivery_that_ended_recently_is_kept_even_when_its_event_is_old(store
     job = store.claim_due(now=9000.0, lease_s=30, limit=1, per_partner=1)[0]
     ok = Attempt(attempt=1, started_at=9000.0, duration_ms=1, status_code=200, error=None, response_snippet="")
     assert _finish(store, job.delivery_id, ok, "delivered", now=9000.0)
-    assert store.purge_delivered(before=5000.0, batch=10) == 0     # the event is old, its delivery is not
+    assert store.purge_delivered(before=5000.0, batch=10) == (0, None)  # the event is old, its delivery is not
     assert store.get_event(event.id) is not None
-    assert store.purge_delivered(before=9001.0, batch=10) == 1
+    assert store.purge_delivered(before=9001.0, batch=10) == (1, None)
 
 
 def test_the_last_failed_attempt_of_a_partner_is_read_back(store):
