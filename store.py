@@ -11,26 +11,25 @@ is due again and another claim takes it: at-least-once, nothing lost. Every try
 is an **attempt** row. Events partners send to us are **inbound_events**,
 deduplicated on (partner, dedupe key).
 
-One connection writes, behind a lock; every multi-statement write runs in one
-``BEGIN IMMEDIATE`` transaction. Publishes and inbound events — the writes we answer a
-202 or a 200 for — queue for the group-commit thread, which writes whatever has queued
-in one transaction and one ``FULL`` flush. Readers use their own connections (WAL lets
-them read while the writer writes). Nothing outside this module sees a cursor.
+Two engines run the same statements (``engines.py``): SQLite, one file, the default; or
+PostgreSQL (``storage.url``), which several webhookd processes may share. The schema of
+each sits below, side by side, with its migrations. Every multi-statement write runs in
+one transaction. Publishes and inbound events — the writes we answer a 202 or a 200 for —
+queue for the group-commit thread, which writes whatever has queued in one transaction
+and one durable flush. Nothing outside this module sees a cursor.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
+from engines import PostgresEngine, SQLiteEngine, is_postgres_url
 from models import Attempt, Delivery, Event, InboundEvent, Job, NewEvent, Outcome, Page, Partner, valid_secrets
 
 logger = logging.getLogger("webhookd.store")
@@ -116,7 +115,94 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
 ]
 
 
-def _partner_from_row(row: sqlite3.Row, events: tuple[str, ...]) -> Partner:
+# The same tables in PostgreSQL: times are DOUBLE PRECISION seconds, bodies BYTEA.
+SCHEMA_POSTGRES = [
+    """CREATE TABLE IF NOT EXISTS partners (
+        id                    TEXT PRIMARY KEY,
+        name                  TEXT NOT NULL,
+        webhook_url           TEXT NOT NULL,
+        status                TEXT NOT NULL,
+        secret                TEXT NOT NULL,
+        previous_secret       TEXT,
+        previous_secret_until DOUBLE PRECISION,
+        api_key_hash          TEXT NOT NULL UNIQUE,
+        failing_since         DOUBLE PRECISION,
+        disabled_reason       TEXT,
+        created_at            DOUBLE PRECISION NOT NULL,
+        updated_at            DOUBLE PRECISION NOT NULL,
+        max_rate_per_s        DOUBLE PRECISION
+    )""",
+    """CREATE TABLE IF NOT EXISTS subscriptions (
+        partner_id TEXT NOT NULL REFERENCES partners(id),
+        event_type TEXT NOT NULL,
+        PRIMARY KEY (event_type, partner_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS events (
+        id              TEXT PRIMARY KEY,
+        type            TEXT NOT NULL,
+        body            BYTEA NOT NULL,
+        idempotency_key TEXT UNIQUE,
+        request_hash    TEXT,
+        fanout          INTEGER NOT NULL,
+        created_at      DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_by_age ON events (created_at, id)",
+    """CREATE TABLE IF NOT EXISTS deliveries (
+        id              TEXT PRIMARY KEY,
+        event_id        TEXT NOT NULL REFERENCES events(id),
+        partner_id      TEXT NOT NULL REFERENCES partners(id),
+        state           TEXT NOT NULL,
+        attempt_count   INTEGER NOT NULL DEFAULT 0,
+        max_attempts    INTEGER NOT NULL,
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        leased_until    DOUBLE PRECISION,
+        created_at      DOUBLE PRECISION NOT NULL,
+        updated_at      DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_partner_due ON deliveries (partner_id, state, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_by_partner ON deliveries (partner_id, id)",
+    "CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (event_id)",
+    """CREATE TABLE IF NOT EXISTS attempts (
+        delivery_id      TEXT NOT NULL REFERENCES deliveries(id),
+        attempt          INTEGER NOT NULL,
+        started_at       DOUBLE PRECISION NOT NULL,
+        duration_ms      INTEGER NOT NULL,
+        status_code      INTEGER,
+        error            TEXT,
+        response_snippet TEXT,
+        url              TEXT,
+        PRIMARY KEY (delivery_id, attempt)
+    )""",
+    """CREATE TABLE IF NOT EXISTS inbound_events (
+        id          TEXT PRIMARY KEY,
+        partner_id  TEXT NOT NULL REFERENCES partners(id),
+        type        TEXT NOT NULL,
+        dedupe_key  TEXT NOT NULL,
+        body        BYTEA NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        UNIQUE (partner_id, dedupe_key)
+    )""",
+    "CREATE INDEX IF NOT EXISTS inbound_by_age ON inbound_events (received_at)",
+    """CREATE TABLE IF NOT EXISTS schema_migrations (
+        name       TEXT PRIMARY KEY,
+        applied_at DOUBLE PRECISION NOT NULL
+    )""",
+]
+
+# PostgreSQL's schema started at SQLite's third migration: the first ones are in its tables.
+MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
+    ("attempts.url", []),
+    ("partners.max_rate_per_s", []),
+    ("events_by_age.id", []),
+]
+
+
+class SchemaTooNew(RuntimeError):
+    """The database holds migrations this code does not know: a newer webhookd wrote it."""
+
+
+def _partner_from_row(row: Any, events: tuple[str, ...]) -> Partner:
     return Partner(
         id=row["id"], name=row["name"], webhook_url=row["webhook_url"], status=row["status"],
         events=events, secret=row["secret"], previous_secret=row["previous_secret"],
@@ -127,7 +213,7 @@ def _partner_from_row(row: sqlite3.Row, events: tuple[str, ...]) -> Partner:
     )
 
 
-def _event_from_row(row: sqlite3.Row) -> Event:
+def _event_from_row(row: Any) -> Event:
     return Event(
         id=row["id"], type=row["type"], body=bytes(row["body"]), fanout=row["fanout"],
         created_at=row["created_at"], idempotency_key=row["idempotency_key"],
@@ -135,7 +221,7 @@ def _event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
-def _delivery_from_row(row: sqlite3.Row, attempts: tuple[Attempt, ...] = ()) -> Delivery:
+def _delivery_from_row(row: Any, attempts: tuple[Attempt, ...] = ()) -> Delivery:
     return Delivery(
         id=row["id"], event_id=row["event_id"], event=row["event"], partner_id=row["partner_id"],
         state=row["state"], attempt_count=row["attempt_count"], max_attempts=row["max_attempts"],
@@ -144,7 +230,7 @@ def _delivery_from_row(row: sqlite3.Row, attempts: tuple[Attempt, ...] = ()) -> 
     )
 
 
-def _attempt_from_row(row: sqlite3.Row) -> Attempt:
+def _attempt_from_row(row: Any) -> Attempt:
     return Attempt(
         attempt=row["attempt"], started_at=row["started_at"], duration_ms=row["duration_ms"],
         status_code=row["status_code"], error=row["error"], response_snippet=row["response_snippet"],
@@ -152,78 +238,14 @@ def _attempt_from_row(row: sqlite3.Row) -> Attempt:
     )
 
 
-def _inbound_from_row(row: sqlite3.Row) -> InboundEvent:
+def _inbound_from_row(row: Any) -> InboundEvent:
     return InboundEvent(
         id=row["id"], partner_id=row["partner_id"], type=row["type"], dedupe_key=row["dedupe_key"],
         body=bytes(row["body"]), received_at=row["received_at"],
     )
 
 
-# --- Connections ------------------------------------------------------------------
-
-
-def connect(path: str) -> sqlite3.Connection:
-    """Open the database the one way webhookd does.
-
-    ``synchronous=FULL`` with WAL makes every commit reach the disk before it
-    returns, so a 202 or a 200 we answer after a commit survives a power cut.
-    """
-    conn = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA busy_timeout = 10000")
-    return conn
-
-
-def _create_private_file(path: str) -> None:
-    """Create the database file (and its folder) readable by its owner only: it holds secrets."""
-    folder = Path(path).resolve().parent
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
-
-
 GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
-BOOKKEEPING_PATIENCE_S = 0.05  # how long a claim or a result waits for the publishes queued before it
-
-
-class _WriterLock:
-    """The one writer's lock, publishes first.
-
-    A commit someone is waiting on — a publish, an inbound event, a partner change — goes
-    before the delivery loop's bookkeeping (claims, attempt results, releases), which holds
-    the writer most of the time while thousands of attempts a second finish. Bookkeeping
-    waits for the urgent writes queued before it for at most ``BOOKKEEPING_PATIENCE_S``,
-    so a stream of publishes slows deliveries down but never stops them. Measured in
-    ``make bench`` (d): ``POST /events`` took 50 ms at the median without it, 12 ms with it.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._held = False
-        self._urgent_waiting = 0
-
-    @contextmanager
-    def held(self, urgent: bool) -> Iterator[None]:
-        with self._cond:
-            if urgent:
-                self._urgent_waiting += 1
-                while self._held:
-                    self._cond.wait()
-                self._urgent_waiting -= 1
-            else:
-                give_way_until = time.monotonic() + BOOKKEEPING_PATIENCE_S
-                while self._held or (self._urgent_waiting and time.monotonic() < give_way_until):
-                    self._cond.wait(None if self._held else max(0.0, give_way_until - time.monotonic()))
-            self._held = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held = False
-                self._cond.notify_all()
 
 
 def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]:
@@ -242,40 +264,36 @@ T = TypeVar("T")
 class _GroupWrite:
     """One request waiting for the group-commit writer: its work, then its result or error."""
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any]):
+    def __init__(self, work: Callable[[Any], Any]):
         self.work = work
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
 
-    def run(self, db: sqlite3.Connection) -> None:
+    def run(self, db: Any) -> None:
         db.execute("SAVEPOINT request")
         try:
             self.result = self.work(db)
         except Exception as exc:
-            db.execute("ROLLBACK TO request")
+            db.execute("ROLLBACK TO SAVEPOINT request")
             self.error = exc
-        db.execute("RELEASE request")
+        db.execute("RELEASE SAVEPOINT request")
 
 
 class Store:
-    """The SQLite store. Thread-safe: one locked writer, a small pool of readers.
+    """The store. Thread-safe: each engine serializes or pools its connections (engines.py).
 
     Which calls may run on the event loop: only ``get_partner``, ``all_partners``, ``paces`` and
     ``partners_accepting_inbound``, which read the in-memory copy of the partners table
-    and never touch SQLite. Every other method blocks on the database, so it is called
+    and never touch the database. Every other method blocks on it, so it is called
     from a thread: a route writes ``await db(store.method, ...)``, the delivery loop
     ``asyncio.to_thread``, and its sender and recorder threads call it directly.
+
+    ``target`` is a file path (SQLite) or a ``postgresql://`` URL.
     """
 
-    def __init__(self, path: str):
-        self.path = path
-        _create_private_file(path)
-        self._writer = connect(path)
-        self._sync_mode = "FULL"
-        self._write_lock = _WriterLock()
-        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._all_readers: list[sqlite3.Connection] = []
+    def __init__(self, target: str):
+        self.engine = PostgresEngine(target) if is_postgres_url(target) else SQLiteEngine(target)
         self._claim_round = 0  # which partner the next claim starts with
         self._partners: dict[str, Partner] = {}  # see _reload_partners
         self._paces: dict[str, float] = {}       # partner -> max_rate_per_s, for the partners that set one
@@ -287,49 +305,24 @@ class Store:
         self._group_thread = threading.Thread(target=self._group_writer, name="webhookd-group-commit", daemon=True)
         self._group_thread.start()
 
+    @property
+    def postgres(self) -> bool:
+        return self.engine.name == "postgresql"
+
     def close(self) -> None:
         self._group_queue.put(None)
         self._group_thread.join(timeout=10)
-        with self._write_lock.held(urgent=True):
-            self._writer.close()
-        for conn in self._all_readers:
-            conn.close()
+        self.engine.close()
 
-    @contextmanager
-    def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` on the one writer; roll back on any exception.
+    def _transaction(self, durable: bool = True) -> Any:
+        """A write transaction (see ``engines.py``): committed at the end of the block, rolled
+        back on any exception. ``durable=False`` only for bookkeeping whose loss is a resend."""
+        return self.engine.transaction(durable)
 
-        ``durable=False`` commits with ``synchronous=NORMAL``: atomic and ordered, but the
-        last such commits may be lost on a power cut. Only bookkeeping whose loss is a
-        harmless resend uses it (claims, attempt results, purges); whatever we answered a
-        202 or 200 for is committed with ``FULL``, which also flushes every commit before it.
-        """
-        with self._write_lock.held(urgent=durable):
-            mode = "FULL" if durable else "NORMAL"
-            if mode != self._sync_mode:
-                self._writer.execute(f"PRAGMA synchronous = {mode}")
-                self._sync_mode = mode
-            self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                self._writer.execute("ROLLBACK")
-                raise
-            self._writer.execute("COMMIT")
+    def _reader(self, snapshot: bool = False) -> Any:
+        return self.engine.reader(snapshot)
 
-    @contextmanager
-    def _reader(self) -> Iterator[sqlite3.Connection]:
-        try:
-            conn = self._readers.get_nowait()
-        except queue.Empty:
-            conn = connect(self.path)
-            self._all_readers.append(conn)
-        try:
-            yield conn
-        finally:
-            self._readers.put(conn)
-
-    def _in_group_commit(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _in_group_commit(self, work: Callable[[Any], T]) -> T:
         """Run ``work(db)`` in the group-commit writer's next transaction; return after its commit.
 
         Requests that arrive while a commit is being flushed to disk wait for the next one
@@ -360,18 +353,24 @@ class Store:
                 return
 
     def _apply_schema(self) -> None:
+        """Create what is missing, then apply the migrations not yet recorded, in order. A
+        database with migrations this code does not know was written by a newer webhookd:
+        refuse it rather than run old SQL on a new schema."""
+        schema, migrations = (SCHEMA_POSTGRES, MIGRATIONS_POSTGRES) if self.postgres else (SCHEMA, MIGRATIONS)
         with self._transaction() as db:
-            for statement in SCHEMA:
+            for statement in schema:
                 db.execute(statement)
             applied = {row["name"] for row in db.execute("SELECT name FROM schema_migrations")}
-            for name, statements in MIGRATIONS:
+            unknown = sorted(applied - {name for name, _ in migrations})
+            if unknown:
+                raise SchemaTooNew(f"the database {self.engine.describe()} has migrations this webhookd does not "
+                                   f"know ({', '.join(unknown)}): it was upgraded by a newer version; run that one")
+            for name, statements in migrations:
                 if name not in applied:
                     for statement in statements:
                         db.execute(statement)
-                    db.execute(
-                        "INSERT INTO schema_migrations (name, applied_at) VALUES (:name, unixepoch())",
-                        {"name": name},
-                    )
+                    db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (:name, :now)",
+                               {"name": name, "now": time.time()})
 
     def ping(self) -> bool:
         with self._reader() as db:
@@ -379,10 +378,7 @@ class Store:
 
     def explain_claim(self) -> str:
         """The query plan of the claim's search, for tests that check it uses an index."""
-        with self._reader() as db:
-            rows = db.execute("EXPLAIN QUERY PLAN " + _DUE_FOR_PARTNER,
-                              {"partner_id": "", "now": 0.0, "limit": 1}).fetchall()
-        return "\n".join(row["detail"] for row in rows)
+        return self.engine.explain(self._due_for_partner, {"partner_id": "", "now": 0.0, "limit": 1})
 
     # --- Partners -----------------------------------------------------------------
 
@@ -436,7 +432,7 @@ class Store:
             return _read_partner(db, partner_id) if changed else None
 
     @contextmanager
-    def _partner_write(self) -> Iterator[sqlite3.Connection]:
+    def _partner_write(self) -> Iterator[Any]:
         """A transaction that changes partners; the in-memory copy is read again after its commit."""
         with self._transaction() as db:
             yield db
@@ -465,15 +461,12 @@ class Store:
         keep the previous copy until the new one is complete. (Several processes on one
         database would need a time limit on this copy too.)
         """
-        with self._partners_lock, self._reader() as db:
-            db.execute("BEGIN")
-            try:
+        with self._partners_lock:
+            with self._reader(snapshot=True) as db:
                 rows = db.execute("SELECT * FROM partners").fetchall()
                 events: dict[str, list[str]] = {}
                 for sub in db.execute("SELECT partner_id, event_type FROM subscriptions ORDER BY event_type"):
                     events.setdefault(sub["partner_id"], []).append(sub["event_type"])
-            finally:
-                db.execute("COMMIT")
             self._partners = {row["id"]: _partner_from_row(row, tuple(events.get(row["id"], ()))) for row in rows}
             self._paces = {p.id: p.max_rate_per_s for p in self._partners.values() if p.max_rate_per_s}
             self.partners_stale = False
@@ -543,6 +536,12 @@ class Store:
 
     # --- The delivery loop's side: claim, finish, release ---------------------------
 
+    @property
+    def _due_for_partner(self) -> str:
+        """The claim's search. On PostgreSQL the rows it finds stay locked until the claim
+        commits, and another process's claim skips them (``SKIP LOCKED``) instead of waiting."""
+        return _DUE_FOR_PARTNER + (" FOR UPDATE SKIP LOCKED" if self.postgres else "")
+
     def claim_due(self, *, now: float, lease_s: float, limit: int, per_partner: int,
                   room: Mapping[str, int] | None = None) -> list[Job]:
         """Take up to ``limit`` due deliveries, at most ``per_partner`` per partner.
@@ -573,7 +572,7 @@ class Store:
                     if wanted <= 0:
                         continue
                     batch = [r["id"] for r in db.execute(
-                        _DUE_FOR_PARTNER, {"partner_id": partner_id, "now": now, "limit": wanted})]
+                        self._due_for_partner, {"partner_id": partner_id, "now": now, "limit": wanted})]
                     db.executemany(
                         "UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease WHERE id = :id",
                         [{"id": i, "lease": lease_until} for i in batch],
@@ -673,10 +672,11 @@ class Store:
         """(minute, final state, count) for deliveries that ended since ``since``."""
         with self._reader() as db:
             rows = db.execute(
-                """SELECT CAST(updated_at / 60 AS INTEGER) * 60 AS minute, state, COUNT(*) AS n
+                f"""SELECT {"FLOOR(updated_at / 60)" if self.postgres else "CAST(updated_at / 60 AS INTEGER)"} * 60
+                          AS minute, state, COUNT(*) AS n
                    FROM deliveries WHERE state IN ('delivered', 'failed') AND updated_at >= :since
                    GROUP BY minute, state ORDER BY minute""", {"since": since}).fetchall()
-        return [(row["minute"], row["state"], row["n"]) for row in rows]
+        return [(int(row["minute"]), row["state"], row["n"]) for row in rows]
 
     def next_due_at(self, skip: list[str] | None = None) -> float | None:
         """When the earliest pending delivery of an active partner not in ``skip`` falls due."""
@@ -786,7 +786,7 @@ class Store:
     ) -> tuple[InboundEvent, bool]:
         """Store an inbound event once per (partner, dedupe key). Returns ``(event, created)``."""
 
-        def work(db: sqlite3.Connection) -> tuple[InboundEvent, bool]:
+        def work(db: Any) -> tuple[InboundEvent, bool]:
             created = db.execute(
                 """INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at)
                    VALUES (:id, :partner_id, :type, :key, :body, :now)
@@ -836,7 +836,7 @@ _DELIVERY_SELECT = """
 """
 
 
-def _insert_event(db: sqlite3.Connection, event: NewEvent, now: float, max_attempts: int,
+def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
                   new_delivery_id: Callable[[], str]) -> tuple[Event, bool]:
     """One event and its fan-out (see ``Store.publish``), inside the caller's transaction."""
     if event.idempotency_key is not None:
@@ -865,7 +865,7 @@ def _insert_event(db: sqlite3.Connection, event: NewEvent, now: float, max_attem
     return _event_from_row(row), True
 
 
-def _read_jobs(db: sqlite3.Connection, ids: list[str], now: float) -> list[Job]:
+def _read_jobs(db: Any, ids: list[str], now: float) -> list[Job]:
     """The claimed deliveries with everything a sender needs, read in the claim's transaction."""
     if not ids:
         return []
@@ -882,7 +882,7 @@ def _read_jobs(db: sqlite3.Connection, ids: list[str], now: float) -> list[Job]:
     return [_job_from_row(row, now) for row in rows]
 
 
-def _job_from_row(row: sqlite3.Row, now: float) -> Job:
+def _job_from_row(row: Any, now: float) -> Job:
     secrets = valid_secrets(row["secret"], row["previous_secret"], row["previous_secret_until"], now)
     return Job(
         delivery_id=row["id"], event_id=row["event_id"], event=row["type"],
@@ -892,7 +892,7 @@ def _job_from_row(row: sqlite3.Row, now: float) -> Job:
     )
 
 
-def _read_partner(db: sqlite3.Connection, partner_id: str) -> Partner | None:
+def _read_partner(db: Any, partner_id: str) -> Partner | None:
     row = db.execute("SELECT * FROM partners WHERE id = :id", {"id": partner_id}).fetchone()
     if row is None:
         return None
@@ -902,7 +902,7 @@ def _read_partner(db: sqlite3.Connection, partner_id: str) -> Partner | None:
     return _partner_from_row(row, events)
 
 
-def _write_subscriptions(db: sqlite3.Connection, partner_id: str, events: list[str]) -> None:
+def _write_subscriptions(db: Any, partner_id: str, events: list[str]) -> None:
     db.execute("DELETE FROM subscriptions WHERE partner_id = :id", {"id": partner_id})
     db.executemany(
         "INSERT INTO subscriptions (partner_id, event_type) VALUES (:id, :type)",

@@ -222,6 +222,24 @@ class BlackHole:
         self.sock.close()
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL for the whole run (tests/pg.py), started on first use."""
+    from pg import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request, tmp_path) -> str:
+    """Where a store lives, once per engine: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "data" / "w.db")
+    return request.getfixturevalue("postgres_server").new_database()
+
+
 @pytest.fixture
 def black_hole():
     hole = BlackHole()

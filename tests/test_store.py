@@ -1,4 +1,5 @@
-"""The store on a real SQLite file: claims, leases, transactions, file modes."""
+"""The store on both engines — a real SQLite file and a real PostgreSQL — claims, leases,
+transactions; and what is SQLite's own (file modes, WAL, the claim's index)."""
 
 import os
 import stat
@@ -18,7 +19,14 @@ def _id(prefix):
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(store_target):
+    s = Store(store_target)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
     s = Store(str(tmp_path / "data" / "w.db"))
     yield s
     s.close()
@@ -40,20 +48,20 @@ def _publish(store, now=1000.0, **kw):
     return store.publish(event, now=now, max_attempts=3, new_delivery_id=lambda: _id("dlv_"))
 
 
-def test_database_file_and_folder_are_private(tmp_path, store):
+def test_database_file_and_folder_are_private(tmp_path, sqlite_store):
     path = tmp_path / "data" / "w.db"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
 
 
-def test_wal_and_full_sync_are_on(store):
-    with store._reader() as db:
+def test_wal_and_full_sync_are_on(sqlite_store):
+    with sqlite_store._reader() as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
-def test_the_claim_query_uses_the_due_index(store):
-    plan = store.explain_claim()
+def test_the_claim_query_uses_the_due_index(sqlite_store):
+    plan = sqlite_store.explain_claim()
     assert "USING INDEX deliveries_partner_due" in plan
     assert "SCAN d" not in plan  # never a full scan of deliveries
 
@@ -124,8 +132,8 @@ def test_paused_partners_hold_their_deliveries(store):
     assert store.list_deliveries(limit=10).items[0].state == "pending"
 
 
-def test_concurrent_claimers_never_claim_the_same_delivery_twice(tmp_path):
-    path = str(tmp_path / "c.db")
+def test_concurrent_claimers_never_claim_the_same_delivery_twice(store_target):
+    path = store_target
     setup = Store(path)
     for _ in range(5):
         _partner(setup)
