@@ -66,7 +66,13 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    path: str = "data/webhookd.db"
+    path: str = "data/webhookd.db"   # SQLite, the default
+    url: str = ""                    # postgresql://user:password@host/db: PostgreSQL instead (webhookd[postgres])
+
+    @property
+    def target(self) -> str:
+        """What ``Store`` opens: the PostgreSQL URL when set, else the SQLite file."""
+        return self.url or self.path
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ def load_config(path: str | os.PathLike | None, environ: dict[str, str] | None =
     _check_values(sections)
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     if not Path(sections["storage"].path).is_absolute():
-        sections["storage"] = StorageConfig(path=str(base_dir / sections["storage"].path))
+        sections["storage"] = dataclasses.replace(sections["storage"], path=str(base_dir / sections["storage"].path))
     return Config(**sections, events=_check_catalog(raw.get("events", GUIDE_CATALOG)))
 
 
@@ -271,6 +277,15 @@ def _check_values(sections: dict[str, Any]) -> None:
     if storage_path == ":memory:" or storage_path.startswith("file:"):
         raise ConfigError(f"Config 'storage.path' has value {storage_path!r}. Expected a file path: "
                           "webhookd's threads each open the file, so it must be on disk.")
+    url = sections["storage"].url
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("Config 'storage.url' is not a PostgreSQL URL. Expected postgresql://user:password@host/db "
+                          "(or leave it empty for the SQLite file in storage.path).")
+    if url and not sections["security"].admin_token:
+        # Several processes, maybe on several machines, must agree on one token; a file
+        # written beside each one's storage.path would give each its own.
+        raise ConfigError("Config 'security.admin_token' is empty while 'storage.url' is set. Expected the admin "
+                          "token every webhookd process on that database shares (or WEBHOOKD_ADMIN_TOKEN).")
 
 
 def _check_catalog(raw: Any) -> dict[str, dict[str, str]]:

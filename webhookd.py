@@ -600,7 +600,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     async def lifespan(app: Starlette):
         ctx = app.state.ctx = build_context(config, clock, rng)
         await ctx.loop.start()
-        logger.info("webhookd %s ready; database %s", __version__, config.storage.path)
+        logger.info("webhookd %s ready; database %s", __version__, ctx.store.engine.describe())
         try:
             yield
         finally:
@@ -612,7 +612,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
 
 def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Context:
     """What the routes share: the store, the delivery loop, /ws tokens, rate limits, metrics."""
-    store = Store(config.storage.path)
+    store = Store(config.storage.target)
     counters = metrics.Metrics()
     settings = delivery.Settings.from_config(config, user_agent=f"webhookd/{__version__}")
     loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters)

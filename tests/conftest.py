@@ -278,12 +278,13 @@ def make_config(tmp_path: Path, **overrides: Any):
                     inbound_failures_per_s=10_000.0, registration_rate_per_min=10_000.0)
     deliveryc = dict(timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.2, breaker_cooldown_s=0.2,
                      breaker_cooldown_max_s=0.5)
+    storage = dict(path=str(tmp_path / "webhookd.db"))
     for key, value in overrides.items():
         section, name = key.split("__")
-        {"security": security, "delivery": deliveryc}[section][name] = value
+        {"security": security, "delivery": deliveryc, "storage": storage}[section][name] = value
     return dataclasses.replace(
         cfg,
-        storage=config.StorageConfig(path=str(tmp_path / "webhookd.db")),
+        storage=config.StorageConfig(**storage),
         security=dataclasses.replace(cfg.security, **security),
         delivery=dataclasses.replace(cfg.delivery, **deliveryc),
     )
@@ -308,6 +309,11 @@ class Webhookd:
     @property
     def store(self):
         return self.app.state.ctx.store
+
+    def rows(self, sql: str, params: dict | None = None) -> list[tuple]:
+        """Rows straight from the database, whichever engine (each as a plain tuple)."""
+        with self.store._reader() as db:
+            return [tuple(row) for row in db.execute(sql, params or {})]
 
     def register(self, url: str, events: list[str], name: str = "Tour Group") -> dict:
         r = self.http.post("/partners/register", headers=self.admin,
@@ -348,8 +354,17 @@ def webhookd_factory(tmp_path):
 
 
 @pytest.fixture
-def hub(webhookd_factory) -> Webhookd:
+def hub(request, webhookd_factory) -> Webhookd:
+    """webhookd with the test config: on SQLite, or on both engines in a module that sets
+    ``BOTH_ENGINES = True`` (its tests then run once on each; see pytest_generate_tests)."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return webhookd_factory(storage__url=request.getfixturevalue("postgres_server").new_database())
     return webhookd_factory()
+
+
+def pytest_generate_tests(metafunc):
+    if "hub" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_ENGINES", False):
+        metafunc.parametrize("hub", ["sqlite", "postgresql"], indirect=True)
 
 
 # --- webhookd serve as a subprocess ------------------------------------------------------

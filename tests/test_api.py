@@ -1,11 +1,12 @@
 """The HTTP API: registration, publishing rules, credentials and the error shape."""
 
-import sqlite3
 
 import pytest
 
 from conftest import ADMIN_TOKEN, wait_for
 from payloads import PAYMENT_SUCCESS
+
+BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
 
 GOOD = {"partner_name": "Tu Grupo - Nombre", "webhook_url": "https://127.0.0.1:9443/webhooks/events",
         "events": ["payment.success", "payment.failed"]}
@@ -22,8 +23,7 @@ def check_error(r, status, code=None):
 
 
 def _rows(hub, table):
-    with sqlite3.connect(hub.config.storage.path) as db:
-        return db.execute(f"SELECT * FROM {table}").fetchall()
+    return hub.rows(f"SELECT * FROM {table}")
 
 
 def test_registration_returns_the_secret_once_and_stores_only_a_hash_of_the_api_key(hub):

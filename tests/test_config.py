@@ -72,3 +72,16 @@ def test_without_events_tables_the_catalog_is_the_guides(tmp_path):
     assert set(cfg.events) == {"payment.success", "payment.failed", "booking.confirmed", "booking.cancelled"}
     assert cfg.events["booking.cancelled"] == {"booking_id": "string", "user_id": "string"}
     assert config.Config().events == cfg.events
+
+
+def test_a_postgresql_url_selects_postgresql_and_needs_a_shared_admin_token(tmp_path):
+    config_file = tmp_path / "webhookd.toml"
+    config_file.write_text('[storage]\nurl = "postgresql://webhookd@127.0.0.1:5432/webhookd"\n')
+    with pytest.raises(config.ConfigError, match="security.admin_token"):
+        config.load_config(config_file, environ={})
+    loaded = config.load_config(config_file, environ={"WEBHOOKD_ADMIN_TOKEN": "adm_shared"})
+    assert loaded.storage.target == "postgresql://webhookd@127.0.0.1:5432/webhookd"
+    env = {"WEBHOOKD_STORAGE_URL": "mysql://x", "WEBHOOKD_ADMIN_TOKEN": "adm_shared"}
+    with pytest.raises(config.ConfigError, match="storage.url"):
+        config.load_config(None, environ=env)
+    assert config.load_config(None, environ={}).storage.target.endswith("webhookd.db")   # SQLite by default

@@ -7,6 +7,8 @@ import standardwebhooks
 from conftest import wait_for
 from payloads import ALL_OUTBOUND, BOOKING_CONFIRMED, GUIDE_EVENTS, PAYMENT_SUCCESS
 
+BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
+
 
 def _publish_ok(hub, payload, **headers):
     r = hub.publish(payload, headers=headers or None)

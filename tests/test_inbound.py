@@ -11,6 +11,8 @@ import requests
 import guide_sender
 import signing
 
+BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
+
 
 @pytest.fixture
 def partner(hub):

@@ -7,6 +7,8 @@ import signing
 from conftest import wait_for
 from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
 
+BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
+
 
 def test_test_ping_goes_to_that_partner_alone_without_a_subscription(hub, receiver_factory):
     target, other = receiver_factory(), receiver_factory()

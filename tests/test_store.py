@@ -376,3 +376,16 @@ def test_the_last_failed_attempt_of_a_partner_is_read_back(store):
     assert _finish(store, first.delivery_id, bad, "pending", now=1011.0)
     assert _finish(store, second.delivery_id, ok, "delivered", now=1021.0)
     assert store.last_failed_attempt_at(p.id) == 1010.0
+
+
+def test_a_database_written_by_a_newer_webhookd_is_refused(store_target):
+    """Migrations this code does not know mean a newer version upgraded the schema: starting on it
+    could run old SQL against new tables, so the store refuses, naming what it found."""
+    from store import SchemaTooNew
+
+    first = Store(store_target)
+    with first._transaction() as db:
+        db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES ('from.the.future', 1.0)")
+    first.close()
+    with pytest.raises(SchemaTooNew, match="from.the.future"):
+        Store(store_target)
