@@ -46,6 +46,7 @@ from store import Store, take_batch
 logger = logging.getLogger("webhookd.delivery")
 
 IDLE_RECHECK_S = 30.0    # even with nothing due, look again now and then
+SHARED_RECHECK_S = 1.0   # ...every second when other processes publish into the same database
 RECORD_BATCH = 100      # results written per commit, at most: a commit holds the write lock while it runs
 CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the write lock while it runs
 
@@ -154,6 +155,8 @@ class DeliveryLoop:
         self._run_task: asyncio.Task | None = None
         self._purge_task: asyncio.Task | None = None
         self._stopping = False
+        # On PostgreSQL another process may publish what this one should send: look every second.
+        self._recheck_s = SHARED_RECHECK_S if store.postgres else IDLE_RECHECK_S
 
     # Starting, waking and stopping ---------------------------------------------------
 
@@ -312,15 +315,15 @@ class DeliveryLoop:
         """Sleep until the next due row of a partner with room, or until a paused partner reopens.
         With the claimed work at its limit, sleep until an attempt finishes (it wakes the loop)."""
         if self._claimed >= self.settings.concurrency:
-            return IDLE_RECHECK_S
+            return self._recheck_s
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
         candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at(now),
                       self._next_paced_start(now)]
         times = [t for t in candidates if t is not None]
         if not times:
-            return IDLE_RECHECK_S
-        return min(IDLE_RECHECK_S, max(0.0, min(times) - now))
+            return self._recheck_s
+        return min(self._recheck_s, max(0.0, min(times) - now))
 
     def _next_paced_start(self, now: float) -> float | None:
         """The earliest future moment a paced partner's next attempt may start (a reason to wake)."""

@@ -299,8 +299,12 @@ class Store:
         self._paces: dict[str, float] = {}       # partner -> max_rate_per_s, for the partners that set one
         self.partners_stale = False              # a reload after a write failed (see below)
         self._partners_lock = threading.Lock()
-        self._apply_schema()
-        self._reload_partners()
+        try:
+            self._apply_schema()
+            self._reload_partners()
+        except BaseException:
+            self.engine.close()  # a refused or unreachable database leaves no pool behind
+            raise
         self._group_queue: queue.SimpleQueue[_GroupWrite | None] = queue.SimpleQueue()
         self._group_thread = threading.Thread(target=self._group_writer, name="webhookd-group-commit", daemon=True)
         self._group_thread.start()
@@ -553,10 +557,13 @@ class Store:
         others. The lease is written into ``next_attempt_at``, so a row whose attempt
         never finishes (the process died) becomes due again when the lease runs out.
         """
-        room = room or {}
+        room = dict(room or {})
         lease_until = now + lease_s
         with self._transaction(durable=False) as db:
-            partners = [r["id"] for r in db.execute("SELECT id FROM partners WHERE status = 'active' ORDER BY id")]
+            if self.postgres:
+                partners = self._lock_partners_for_claim(db, now, per_partner, room)
+            else:
+                partners = [r["id"] for r in db.execute("SELECT id FROM partners WHERE status = 'active' ORDER BY id")]
             if not partners or limit <= 0:
                 return []
             self._claim_round = (self._claim_round + 1) % len(partners)
@@ -580,6 +587,22 @@ class Store:
                     taken[partner_id] += len(batch)
                     ids += batch
             return _read_jobs(db, ids, now)
+
+    @staticmethod
+    def _lock_partners_for_claim(db: Any, now: float, per_partner: int, room: dict[str, int]) -> list[str]:
+        """PostgreSQL, where several processes claim: lock the active partners' rows for this
+        claim (another process's claim skips them until it commits), then cut each one's room
+        to its cap less what *every* process has in flight for it (rows leased and not yet
+        expired). So three processes never send a partner three times its cap."""
+        partners = [r["id"] for r in db.execute(
+            "SELECT id FROM partners WHERE status = 'active' ORDER BY id FOR UPDATE SKIP LOCKED")]
+        if partners:
+            for row in db.execute(
+                    """SELECT partner_id, COUNT(*) AS n FROM deliveries
+                       WHERE state = 'pending' AND leased_until > :now AND partner_id = ANY(:partners)
+                       GROUP BY partner_id""", {"now": now, "partners": partners}):
+                room[row["partner_id"]] = min(room.get(row["partner_id"], per_partner), per_partner - row["n"])
+        return partners
 
     def finish_attempts(self, outcomes: list[Outcome], now: float) -> list[str]:
         """Record many attempts in one transaction (group commit); return the ids not recorded.
