@@ -114,6 +114,13 @@ class Breakers:
         with self._lock:
             return list(self._health)
 
+    def paused_until(self, partner_id: str) -> float:
+        """Until when nothing of this partner may be claimed (0: no pause). Recorded in the
+        store when it grows, so that other processes on the same database pause too."""
+        with self._lock:
+            health = self._health.get(partner_id)
+            return health.open_until if health is not None else 0.0
+
     def reopens_at(self, now: float) -> float | None:
         """The earliest future time a paused partner may be claimed again. (A pause that has
         ended is no reason to wake: the partner's due rows are.)"""

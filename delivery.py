@@ -29,17 +29,19 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from breakers import Breakers, Pacer
 from config import Config, DeliveryConfig
 from metrics import Metrics
-from models import Job, Outcome
+from models import Job, Outcome, Partner
 from sender import Sender, Sent
 from store import Store, take_batch
 
@@ -157,6 +159,7 @@ class DeliveryLoop:
         self._stopping = False
         # On PostgreSQL another process may publish what this one should send: look every second.
         self._recheck_s = SHARED_RECHECK_S if store.postgres else IDLE_RECHECK_S
+        self._read_partners_at = 0.0
 
     # Starting, waking and stopping ---------------------------------------------------
 
@@ -232,6 +235,15 @@ class DeliveryLoop:
     def in_flight(self) -> int:
         return self._claimed
 
+    def circuit(self, partner: Partner, now: float) -> dict[str, Any]:
+        """The partner's circuit as the API shows it: this process's breaker, or, on PostgreSQL,
+        a pause another process recorded (``paused_until``), which every process obeys."""
+        shown = self.breakers.describe(partner.id, now)
+        if shown["state"] == "closed" and partner.paused_until is not None and partner.paused_until > now:
+            shown = {**shown, "state": "open", "reason": "paused_by_another_process",
+                     "next_probe_at": int(math.ceil(partner.paused_until))}
+        return shown
+
     # The loop itself ---------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -241,6 +253,11 @@ class DeliveryLoop:
             try:
                 if self.store.partners_stale:  # a reload after a partner write failed: try again
                     await asyncio.to_thread(self.store.reload_partners_if_stale)
+                if self.store.postgres and time.monotonic() >= self._read_partners_at:
+                    # Other processes change partners too (registrations, pauses, circuits they
+                    # opened): read them again every second.
+                    self._read_partners_at = time.monotonic() + SHARED_RECHECK_S
+                    await asyncio.to_thread(self.store.reload_partners)
                 started = await self._claim_and_start()
                 if started:
                     continue  # there may be more due right now
@@ -379,11 +396,14 @@ class DeliveryLoop:
         if sent.attempt.status_code == 429:
             self.pacer.slow_down(job.partner_id, rate, now)
         state, next_at = decide(job, sent, self.settings, self.rng, now)
+        paused_before = self.breakers.paused_until(job.partner_id)
         failing_since, failing_changed, disable_reason = self.breakers.record(job, sent, now)
+        paused_after = self.breakers.paused_until(job.partner_id)
         return Outcome(
             delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=sent.attempt, state=state,
             next_attempt_at=next_at, partner_failing_since=failing_since,
             partner_failing_changed=failing_changed, disable_reason=disable_reason,
+            paused_until=paused_after if paused_after > paused_before else None,
             event_id=job.event_id, created_at=job.created_at)
 
     def _report(self, o: Outcome, now: float) -> None:

@@ -31,6 +31,7 @@ class Partner:
     failing_since: float | None = None
     disabled_reason: str | None = None
     max_rate_per_s: float | None = None   # at most this many attempts started per second; None: no pace
+    paused_until: float | None = None     # a circuit or Retry-After pause, shared by every process (PostgreSQL)
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
@@ -123,6 +124,7 @@ class Outcome:
     partner_failing_since: float | None = None
     partner_failing_changed: bool = False
     disable_reason: str | None = None   # set: disable the partner
+    paused_until: float | None = None   # set: this attempt paused the partner (circuit, Retry-After) until then
     event_id: str = ""                  # for the log line and metrics
     created_at: float = 0.0             # the delivery's creation (publish) time
 

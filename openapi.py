@@ -43,7 +43,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "circuit": _obj({
             "state": {"enum": ["closed", "open", "half_open"],
                       "description": "open: nothing is sent until next_probe_at; half_open: one probe at a time"},
-            "reason": {"enum": ["failures", "retry_after", None]},
+            "reason": {"enum": ["failures", "retry_after", "paused_by_another_process", None]},
             "opened_at": MAYBE_TIME, "next_probe_at": MAYBE_TIME,
             "recent_failures": {"type": "integer", "description": "failed attempts in the current failing streak"},
         }),

@@ -112,6 +112,7 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ("partners.max_rate_per_s", ["ALTER TABLE partners ADD COLUMN max_rate_per_s REAL"]),  # a partner's pace
     ("events_by_age.id", ["DROP INDEX IF EXISTS events_by_age",                 # retention walks it in order
                           "CREATE INDEX events_by_age ON events (created_at, id)"]),
+    ("partners.paused_until", ["ALTER TABLE partners ADD COLUMN paused_until REAL"]),  # a shared circuit pause
 ]
 
 
@@ -195,6 +196,7 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     ("attempts.url", []),
     ("partners.max_rate_per_s", []),
     ("events_by_age.id", []),
+    ("partners.paused_until", ["ALTER TABLE partners ADD COLUMN paused_until DOUBLE PRECISION"]),
 ]
 
 
@@ -209,7 +211,7 @@ def _partner_from_row(row: Any, events: tuple[str, ...]) -> Partner:
         previous_secret_until=row["previous_secret_until"],
         created_at=row["created_at"], updated_at=row["updated_at"],
         failing_since=row["failing_since"], disabled_reason=row["disabled_reason"],
-        max_rate_per_s=row["max_rate_per_s"],
+        max_rate_per_s=row["max_rate_per_s"], paused_until=row["paused_until"],
     )
 
 
@@ -418,7 +420,8 @@ class Store:
                 _write_subscriptions(db, partner_id, events)
             if status is not None:
                 db.execute(
-                    """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL
+                    """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL,
+                                           paused_until = NULL
                        WHERE id = :id""", {"id": partner_id, "status": status})
             db.execute("UPDATE partners SET updated_at = :now WHERE id = :id", {"id": partner_id, "now": now})
             return _read_partner(db, partner_id)
@@ -455,6 +458,11 @@ class Store:
     def reload_partners_if_stale(self) -> None:
         if self.partners_stale:
             self._reload_partners()
+
+    def reload_partners(self) -> None:
+        """Read the partners again, whoever changed them: on PostgreSQL another process may have
+        (a registration, a pause, a rotation, a circuit it opened). From a thread."""
+        self._reload_partners()
 
     def _reload_partners(self) -> None:
         """Read every partner into memory, in one read transaction.
@@ -593,9 +601,11 @@ class Store:
         """PostgreSQL, where several processes claim: lock the active partners' rows for this
         claim (another process's claim skips them until it commits), then cut each one's room
         to its cap less what *every* process has in flight for it (rows leased and not yet
-        expired). So three processes never send a partner three times its cap."""
+        expired). So three processes never send a partner three times its cap. A partner
+        another process paused (its circuit opened: ``paused_until``) is not claimed either."""
         partners = [r["id"] for r in db.execute(
-            "SELECT id FROM partners WHERE status = 'active' ORDER BY id FOR UPDATE SKIP LOCKED")]
+            """SELECT id FROM partners WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
+               ORDER BY id FOR UPDATE SKIP LOCKED""", {"now": now})]
         if partners:
             for row in db.execute(
                     """SELECT partner_id, COUNT(*) AS n FROM deliveries
@@ -638,13 +648,17 @@ class Store:
                 if o.partner_failing_changed:
                     db.execute("UPDATE partners SET failing_since = :since WHERE id = :id",
                                {"id": o.partner_id, "since": o.partner_failing_since})
+                if o.paused_until is not None:
+                    db.execute("""UPDATE partners SET paused_until = :until
+                                  WHERE id = :id AND (paused_until IS NULL OR paused_until < :until)""",
+                               {"id": o.partner_id, "until": o.paused_until})
                 if o.disable_reason:
                     db.execute(
                         """UPDATE partners SET status = 'disabled', disabled_reason = :reason, updated_at = :now
                            WHERE id = :id AND status = 'active'""",
                         {"id": o.partner_id, "reason": o.disable_reason, "now": now},
                     )
-        if any(o.partner_failing_changed or o.disable_reason for o in outcomes):
+        if any(o.partner_failing_changed or o.disable_reason or o.paused_until for o in outcomes):
             self._reload_partners_after_write()
         return lost
 
@@ -781,18 +795,23 @@ class Store:
     def retry_delivery(self, delivery_id: str, now: float) -> bool:
         """Queue one more attempt of a ``failed`` delivery; False if it is not failed."""
         with self._transaction() as db:
-            return db.execute(
+            retried = db.execute(
                 """UPDATE deliveries
                    SET state = 'pending', max_attempts = attempt_count + 1,
                        next_attempt_at = :now, leased_until = NULL, updated_at = :now
                    WHERE id = :id AND state = 'failed'""",
                 {"id": delivery_id, "now": now},
             ).rowcount > 0
+            if retried:  # an operator's retry probes at once, in every process
+                db.execute("""UPDATE partners SET paused_until = NULL
+                              WHERE id = (SELECT partner_id FROM deliveries WHERE id = :id)""", {"id": delivery_id})
+            return retried
 
     def recover_failed(self, partner_id: str, *, since: float, extra_attempts: int, now: float) -> int:
         """Give every ``failed`` delivery of the partner created at or after ``since`` a fresh
         round of ``extra_attempts``. Returns how many were re-queued."""
         with self._transaction() as db:
+            db.execute("UPDATE partners SET paused_until = NULL WHERE id = :id", {"id": partner_id})
             return db.execute(
                 """UPDATE deliveries
                    SET state = 'pending', max_attempts = attempt_count + :extra,

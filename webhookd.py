@@ -114,7 +114,7 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "disabled_reason": partner.disabled_reason,
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
             "max_rate_per_s": partner.max_rate_per_s,
-            "circuit": ctx.loop.breakers.describe(partner.id, ctx.clock()),
+            "circuit": ctx.loop.circuit(partner, ctx.clock()),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
 
@@ -531,7 +531,7 @@ async def stats(request: Request) -> JSONResponse:
         rows.append({"partner_id": p.id, "partner_name": p.name, "status": p.status,
                      "disabled_reason": p.disabled_reason,
                      "failing_since": int(p.failing_since) if p.failing_since else None,
-                     "circuit": ctx.loop.breakers.describe(p.id, now), "max_rate_per_s": p.max_rate_per_s,
+                     "circuit": ctx.loop.circuit(p, now), "max_rate_per_s": p.max_rate_per_s,
                      "delivered": c.get("delivered", 0),
                      "failed": c.get("failed", 0), "pending": c.get("pending", 0),
                      "success_rate": round(c.get("delivered", 0) / done, 4) if done else None})
@@ -642,7 +642,7 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
     counters.gauge("webhookd_circuit_breakers_open", "Partners whose circuit is open or half-open.",
                    lambda: {(): float(loop.breakers.open_count(clock()))})
     counters.gauge("webhookd_partner_circuit_open", "1 while a partner's circuit is open or half-open, else 0.",
-                   lambda: {(("partner_id", p.id),): float(loop.breakers.state(p.id, clock()) != "closed")
+                   lambda: {(("partner_id", p.id),): float(loop.circuit(p, clock())["state"] != "closed")
                             for p in store.all_partners()})
     counters.gauge("webhookd_websocket_clients", "Connected /ws clients.",
                    lambda: {(): float(len(notifier.clients))})

@@ -5,6 +5,7 @@ throwaway PostgreSQL (``postgres_server``, tests/pg.py) and real receivers on 12
 """
 
 import signal
+import time
 
 import httpx
 import pytest
@@ -84,3 +85,36 @@ def test_kill_9_of_one_of_three_processes_loses_nothing(serve_factory, postgres_
     # Each process holds at most its 10 partners x 4 in flight: the dead one's rows were resent once.
     assert len(got) - len(expected) <= 40, len(got) - len(expected)
     wait_for(lambda: _states(processes[0])["delivered"] == 3000, timeout=60)
+
+
+def test_a_circuit_opened_by_one_process_pauses_the_others(serve_factory, postgres_server, receiver_factory):
+    """A partner that always answers 500. The first process's attempts open its circuit, and it
+    records the pause in the database. Two processes started afterwards have never seen the
+    partner fail, yet they show its circuit open and send nothing, though its new events wait
+    in the database. An operator's recover ends the pause, and what waited goes out."""
+    receiver = receiver_factory(default=(500, 0.0))
+    url = postgres_server.new_database()
+    env = dict(WEBHOOKD_STORAGE_URL=url, WEBHOOKD_DELIVERY_BREAKER_THRESHOLD="3",
+               WEBHOOKD_DELIVERY_BREAKER_SPAN_S="0.3", WEBHOOKD_DELIVERY_BREAKER_COOLDOWN_S="60",
+               WEBHOOKD_DELIVERY_BREAKER_COOLDOWN_MAX_S="60", WEBHOOKD_DELIVERY_MAX_ATTEMPTS="50")
+    first = serve_factory(**env)
+    partner = _register(first, receiver.url)
+
+    def circuit(process):
+        answer = httpx.get(f"{process.url}/partners/{partner['partner_id']}", headers=ADMIN, timeout=10)
+        return answer.json()["circuit"] if answer.status_code == 200 else {"state": "unknown yet"}
+
+    _publish_round_robin([first], 9)
+    wait_for(lambda: circuit(first)["state"] == "open", timeout=30)
+    others = [serve_factory(**env), serve_factory(**env)]
+    shown = wait_for(lambda: (c := [circuit(p) for p in others]) and all(x["state"] == "open" for x in c) and c,
+                     timeout=10)
+    assert {x["reason"] for x in shown} == {"paused_by_another_process"}
+    sent = len(receiver.received)
+    _publish_round_robin(others, 6)  # new work, published through the processes that never failed
+    time.sleep(2.5)                   # each of them looks for due work every second
+    assert len(receiver.received) == sent, "a process sent to a partner another process had paused"
+    receiver.default = (200, 0.0)
+    r = httpx.post(f"{others[0].url}/partners/{partner['partner_id']}/recover?since=0", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    wait_for(lambda: _states(others[1])["delivered"] == 15, timeout=60)
