@@ -890,12 +890,15 @@ def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
     else:
         partner_ids = [r["partner_id"] for r in db.execute(
             "SELECT partner_id FROM subscriptions WHERE event_type = :t ORDER BY partner_id", {"t": event.type})]
-    db.execute(
+    stored = db.execute(
         """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, created_at)
-           VALUES (:id, :type, :body, :key, :hash, :fanout, :now)""",
+           VALUES (:id, :type, :body, :key, :hash, :fanout, :now) ON CONFLICT DO NOTHING""",
         {"id": event.id, "type": event.type, "body": event.body, "key": event.idempotency_key,
          "hash": event.request_hash, "fanout": len(partner_ids), "now": now},
-    )
+    ).rowcount
+    if not stored:  # another process stored the same key since the check above (PostgreSQL)
+        row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
+        return _event_from_row(row), False
     db.executemany(
         """INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts,
                                    next_attempt_at, created_at, updated_at)

@@ -393,3 +393,29 @@ def test_a_database_written_by_a_newer_webhookd_is_refused(store_target):
     first.close()
     with pytest.raises(SchemaTooNew, match="from.the.future"):
         Store(store_target)
+
+
+def test_one_idempotency_key_published_at_once_by_two_processes_is_stored_once(store_target):
+    """Two stores on one database (two processes) publish the same key at the same moment: one
+    event is stored, both callers get its id, neither gets an error."""
+    stores = [Store(store_target) for _ in range(2)]
+    try:
+        _partner(stores[0])
+        results, start = [], threading.Barrier(8)
+
+        def publish(s):
+            start.wait()
+            results.append(_publish(s, idempotency_key="same-key", request_hash="h"))
+
+        threads = [threading.Thread(target=publish, args=(stores[n % 2],)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(results) == 8
+        assert len({event.id for event, _ in results}) == 1
+        assert sum(created for _, created in results) == 1
+        assert len(stores[1].list_deliveries(limit=50).items) == 1
+    finally:
+        for s in stores:
+            s.close()
