@@ -32,6 +32,11 @@ from typing import Any
 BOOKKEEPING_PATIENCE_S = 0.05  # how long a claim or a result waits for the publishes queued before it
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be reached now (PostgreSQL down or restarting, no connection free in
+    time). The API answers 503, never a 202 for what was not stored; the delivery loop tries again."""
+
+
 def is_postgres_url(target: str) -> bool:
     return target.startswith(("postgresql://", "postgres://"))
 
@@ -225,7 +230,8 @@ class PostgresEngine:
         self.url = url
         # Client-side binding (psycopg quotes each value into the statement): the store's
         # ``:x IS NULL OR col = :x`` filters leave a server-side parameter without a type.
-        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=10,
+        # timeout: how long a caller waits for a connection before DatabaseUnavailable (a 503).
+        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=3,
                                     kwargs={"row_factory": _row_factory, "cursor_factory": psycopg.ClientCursor},
                                     check=ConnectionPool.check_connection)
 
@@ -234,17 +240,29 @@ class PostgresEngine:
 
     @contextmanager
     def transaction(self, durable: bool = True) -> Iterator[_PgConnection]:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._unavailable_as_such(), self._pool.connection() as conn, conn.transaction():
             if not durable:
                 conn.execute("SET LOCAL synchronous_commit = off")
             yield _PgConnection(conn)
 
     @contextmanager
     def reader(self, snapshot: bool = False) -> Iterator[_PgConnection]:
-        with self._pool.connection() as conn:
+        with self._unavailable_as_such(), self._pool.connection() as conn:
             if snapshot:
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             yield _PgConnection(conn)
+
+    @contextmanager
+    def _unavailable_as_such(self) -> Iterator[None]:
+        """A lost connection or a pool that found none in time is ``DatabaseUnavailable``; the pool
+        checks each connection before lending it, so the next call reconnects by itself."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            yield
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise DatabaseUnavailable(f"PostgreSQL at {self.describe()} is not reachable: {exc}") from exc
 
     def explain(self, sql: str, params: dict[str, Any]) -> str:
         with self.reader() as db:

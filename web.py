@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import signing
+from engines import DatabaseUnavailable
 
 if TYPE_CHECKING:
     import metrics
@@ -94,13 +95,21 @@ async def _on_http_exception(request: Request, exc: HTTPException) -> JSONRespon
     return error_response(exc.status_code, code, message, dict(exc.headers or {}))
 
 
+async def _on_database_unavailable(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+    logger.error("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, "database_unavailable",
+                          "The database does not answer right now; nothing was stored. Try again shortly.",
+                          {"Retry-After": "5"})
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     """True bugs only: bad input is refused with a 4xx long before it gets here."""
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "Something went wrong on our side; the error was logged.")
 
 
-EXCEPTION_HANDLERS = {ApiError: _on_api_error, HTTPException: _on_http_exception, Exception: _on_unexpected}
+EXCEPTION_HANDLERS = {ApiError: _on_api_error, HTTPException: _on_http_exception,
+                      DatabaseUnavailable: _on_database_unavailable, Exception: _on_unexpected}
 
 
 # --- 2. Identifiers and credentials ---------------------------------------------------------

@@ -64,9 +64,7 @@ class PostgresServer:
             shutil.chown(self.sockets, "postgres")
         self._as_postgres(_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
                           "-E", "UTF8", "--locale=C", "--no-sync")
-        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-o", self._options(), "-l", str(self.dir / "log"),
-                          "-w", "-t", "60", "start")
-        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        self.start_again()
         return self
 
     def _options(self) -> str:
@@ -87,10 +85,15 @@ class PostgresServer:
             conn.execute(f"CREATE DATABASE {name}")
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
-    def restart(self, mode: str = "immediate") -> None:
-        """``pg_ctl restart -m immediate``: a crash and a restart, as a test of reconnection."""
-        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-o", self._options(),
-                          "-l", str(self.dir / "log"), "-w", "-t", "60", "restart")
+    def crash(self) -> None:
+        """``pg_ctl stop -m immediate``: the server goes away as in a crash (no clean shutdown)."""
+        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-t", "60", "stop")
+        self.pid = None
+
+    def start_again(self) -> None:
+        """Start the same data dir on the same port after ``crash`` (it recovers from its WAL)."""
+        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-o", self._options(), "-l", str(self.dir / "log"),
+                          "-w", "-t", "60", "start")
         self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
 
     def stop(self) -> None:

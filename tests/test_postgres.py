@@ -122,3 +122,29 @@ def test_a_circuit_opened_by_one_process_pauses_the_others(serve_factory, postgr
     r = httpx.post(f"{others[0].url}/partners/{partner['partner_id']}/recover?since=0", headers=ADMIN, timeout=10)
     assert r.status_code == 200, r.text
     wait_for(lambda: _states(others[1])["delivered"] == 15, timeout=60)
+
+
+def test_while_the_database_is_away_the_api_says_503_and_then_everything_is_delivered(
+        webhookd_factory, postgres_server, receiver_factory):
+    """PostgreSQL crashes mid-stream: `/health` and a publish answer 503 (never a 202 for an event
+    that was not stored, never a 500); once it is back, the same process reconnects by itself and
+    every accepted event is delivered."""
+    receiver = receiver_factory()
+    hub = webhookd_factory(storage__url=postgres_server.new_database())
+    hub.register(receiver.url, ["payment.success"])
+    accepted = [hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"before{i}"}).json()["event_id"] for i in range(5)]
+    postgres_server.crash()
+    try:
+        assert hub.http.get("/health").status_code == 503
+        refused = hub.http.post("/events", headers=hub.admin, json={**PAYMENT_SUCCESS, "transaction_id": "away"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "database_unavailable"
+    finally:
+        postgres_server.start_again()
+    wait_for(lambda: hub.http.get("/health").status_code == 200, timeout=30)
+    for i in range(5):
+        r = hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"after{i}"})
+        assert r.status_code == 202, r.text
+        accepted.append(r.json()["event_id"])
+    wait_for(lambda: set(accepted) <= set(receiver.event_ids), timeout=60)
+    assert "away" not in {r.json.get("transaction_id") for r in receiver.received}
