@@ -270,6 +270,29 @@ def _cmd_recover(args: argparse.Namespace, config: Config) -> int:
     return _show(args, _api(config, "POST", f"/partners/{args.partner_id}/recover", query={"since": args.since}))
 
 
+def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
+    """Copy the SQLite file of ``storage.path`` into a new PostgreSQL database (README, "Outgrowing
+    one box"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
+    from store import Store, copy_store
+
+    if not args.to.startswith(("postgresql://", "postgres://")):
+        raise CliError("--to must be a PostgreSQL URL, like postgresql://webhookd:secret@db.internal/webhookd")
+    if not Path(config.storage.path).exists():
+        raise CliError(f"there is no SQLite file at {config.storage.path} (storage.path) to copy from")
+    source, target = Store(config.storage.path), Store(args.to)
+    try:
+        now = time.time()
+        copied = copy_store(source, target, since=now - args.history_days * 86400, now=now)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        source.close()
+        target.close()
+    print(f"copied into {target.engine.describe()}: " + ", ".join(f"{n} {table}" for table, n in copied.items()))
+    print("Partners keep their secrets and API keys. Start webhookd with storage.url set to that database.")
+    return 0
+
+
 # =====================================================================================
 # The parser, logging and main
 # =====================================================================================
@@ -326,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("partner_id")
     recover.add_argument("--since", type=int, required=True, help="unix seconds: failed deliveries created since")
     recover.set_defaults(handler=_cmd_recover)
+
+    migrate = commands.add_parser("migrate-store", parents=[with_config],
+                                  help="copy the SQLite file into a new PostgreSQL database")
+    migrate.add_argument("--to", required=True, metavar="URL", help="postgresql://user:password@host/db (empty)")
+    migrate.add_argument("--history-days", type=float, default=30, metavar="DAYS",
+                         help="delivered events and inbound events this recent go too (default 30); "
+                              "pending and failed deliveries always do")
+    migrate.set_defaults(handler=_cmd_migrate_store)
 
     sign = commands.add_parser("sign", parents=[with_config], help="print the X-Webhook-Signature of a JSON payload")
     sign.add_argument("--secret", required=True, help="the partner's shared secret")

@@ -4,13 +4,18 @@ Each test starts its own processes (``serve_factory``) on a fresh database of th
 throwaway PostgreSQL (``postgres_server``, tests/pg.py) and real receivers on 127.0.0.1.
 """
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, wait_for
+import signing
+from conftest import ADMIN_TOKEN, ROOT, wait_for
 from payloads import PAYMENT_SUCCESS
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -148,3 +153,51 @@ def test_while_the_database_is_away_the_api_says_503_and_then_everything_is_deli
         accepted.append(r.json()["event_id"])
     wait_for(lambda: set(accepted) <= set(receiver.event_ids), timeout=60)
     assert "away" not in {r.json.get("transaction_id") for r in receiver.received}
+
+
+def test_migrate_store_moves_partners_and_work_from_the_sqlite_file(webhookd_factory, postgres_server,
+                                                                     receiver_factory, tmp_path):
+    """A SQLite webhookd with a partner whose secret was rotated (the old one still in its
+    overlap), one delivered, one failed and one pending delivery: after `webhookd migrate-store`,
+    a webhookd on PostgreSQL sends the pending one, shows the failed one, and accepts an inbound
+    event signed with the partner's old secret."""
+    receiver = receiver_factory()
+    old_hub = webhookd_factory(delivery__max_attempts=1)
+    partner = old_hub.register(receiver.url, ["payment.success"])
+    pid = partner["partner_id"]
+    old_hub.publish({**PAYMENT_SUCCESS, "transaction_id": "delivered"})
+    wait_for(lambda: old_hub.deliveries(state="delivered"))
+    receiver.default = (500, 0.0)
+    old_hub.publish({**PAYMENT_SUCCESS, "transaction_id": "failed"})
+    wait_for(lambda: old_hub.deliveries(state="failed"))
+    assert old_hub.http.patch(f"/partners/{pid}", headers=old_hub.admin, json={"status": "paused"}).status_code == 200
+    old_hub.publish({**PAYMENT_SUCCESS, "transaction_id": "pending"})
+    rotated = old_hub.http.post(f"/partners/{pid}/rotate-secret", headers=old_hub.admin).json()
+    sqlite_path = old_hub.config.storage.path
+    old_hub.stop()
+
+    url = postgres_server.new_database()
+
+    def migrate():
+        return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"),
+                               "migrate-store", "--to", url], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "WEBHOOKD_STORAGE_PATH": sqlite_path})
+
+    run = migrate()
+    assert run.returncode == 0, run.stderr
+    assert "1 partners" in run.stdout and "3 deliveries" in run.stdout
+    again = migrate()  # into a database that is no longer empty
+    assert again.returncode != 0 and "not empty" in again.stderr
+
+    receiver.default = (200, 0.0)
+    hub = webhookd_factory(storage__url=url, delivery__max_attempts=1)
+    states = sorted(d["state"] for d in hub.deliveries())
+    assert states == ["delivered", "failed", "pending"]
+    assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "active"}).status_code == 200
+    wait_for(lambda: "pending" in [r.json.get("transaction_id") for r in receiver.received], timeout=30)
+    body = json.dumps({"event": "tour.purchased", "tour_id": "tour_1", "user_id": "u1", "price": 10.0}).encode()
+    for secret in (partner["shared_secret"], rotated["shared_secret"]):  # the old one is still in its overlap
+        r = hub.http.post("/webhooks/partners", content=body, headers={
+            "X-Webhook-Signature": signing.sign_hex(secret, body), "X-Webhook-Event": "tour.purchased",
+            "X-Webhook-Id": f"evt_{secret[-6:]}"})
+        assert r.status_code == 200, r.text
