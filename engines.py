@@ -18,16 +18,19 @@ by column name or position, and ``executemany``.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger("webhookd.store")
 
 BOOKKEEPING_PATIENCE_S = 0.05  # how long a claim or a result waits for the publishes queued before it
 
@@ -160,6 +163,12 @@ class SQLiteEngine:
         with self.reader() as db:
             return "\n".join(row["detail"] for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
 
+    def notify(self, channel: str, payload: str = "") -> None:
+        """One process owns a SQLite file: there is nobody else to tell."""
+
+    def listen(self, on_notify: Callable[[str, str], None], channels: list[str]) -> Callable[[], None]:
+        return lambda: None
+
     def close(self) -> None:
         with self._write_lock.held(urgent=True):
             self._writer.close()
@@ -267,6 +276,46 @@ class PostgresEngine:
     def explain(self, sql: str, params: dict[str, Any]) -> str:
         with self.reader() as db:
             return "\n".join(row[0] for row in db.execute("EXPLAIN " + sql, params))
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        """``NOTIFY``, in a transaction of its own (never inside the write it announces: a
+        notification sent with a publish's commit costs every publish a lock on a global queue)."""
+        with self.transaction(durable=False) as db:
+            db.execute("SELECT pg_notify(:channel, :payload)", {"channel": channel, "payload": payload})
+
+    def listen(self, on_notify: Callable[[str, str], None], channels: list[str]) -> Callable[[], None]:
+        """Call ``on_notify(channel, payload)`` for each notification on ``channels``, from a
+        thread of its own with a connection of its own, reconnecting after any failure, until
+        the returned function is called. A notification is only a hint: whoever acts on it
+        also looks by itself now and then, so one lost while reconnecting costs a delay only."""
+        import psycopg
+
+        stop, listening = threading.Event(), threading.Event()
+
+        def run() -> None:
+            while not stop.is_set():
+                try:
+                    with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                        for channel in channels:
+                            conn.execute(f"LISTEN {channel}")
+                        listening.set()
+                        while not stop.is_set():
+                            for note in conn.notifies(timeout=1.0):
+                                on_notify(note.channel, note.payload)
+                except Exception as exc:  # the database went away: try again in a moment
+                    if not stop.is_set():
+                        logger.warning("listening for notifications failed (%s); reconnecting", exc)
+                        stop.wait(1.0)
+
+        thread = threading.Thread(target=run, name="webhookd-listen", daemon=True)
+        thread.start()
+        listening.wait(timeout=5)  # serve with the hints already coming in, when the database allows
+
+        def stop_listening() -> None:
+            stop.set()
+            thread.join(timeout=5)
+
+        return stop_listening
 
     def close(self) -> None:
         self._pool.close()

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -37,6 +37,7 @@ import realtime
 import signing
 from config import EVENT_TYPE
 from models import InboundEvent, Partner
+from store import OFFERS_CHANNEL
 from web import (
     ApiError,
     Context,
@@ -169,8 +170,10 @@ def _dedupe_key(request: Request, canonical_body: bytes) -> str:
 # --- What a stored event sets off ---------------------------------------------------------
 
 
-def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> None:
-    """A promoted tour reaches our users live (after the partner's 200 went out)."""
+async def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> None:
+    """A promoted tour reaches our users live (after the partner's 200 went out): those connected
+    to this process at once, those connected to the others on the same PostgreSQL through a
+    ``NOTIFY`` (``relay_offer`` there)."""
     offer = realtime.offer_from(partner_id, payload)
     if offer is None:
         logger.warning("offer from %s names no valid user_id; sent to nobody", partner_id)
@@ -178,10 +181,33 @@ def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> None:
     message, user_id = offer
     reached = ctx.notifier.notify(message, user_id)
     logger.info("offer from %s sent to %d live connections (%s)", partner_id, reached, user_id or "everyone")
+    if ctx.store.postgres:
+        note = json.dumps({"origin": ctx.process_id, "message": message, "user_id": user_id}, ensure_ascii=False)
+        if len(note.encode()) < OFFER_NOTE_MAX:
+            await db(ctx.store.announce, OFFERS_CHANNEL, note)
+        else:
+            logger.warning("offer from %s is too large to pass to other processes; only this one's users got it",
+                           partner_id)
+
+
+OFFER_NOTE_MAX = 7900  # PostgreSQL's NOTIFY payload limit is 8000 bytes
+
+
+def relay_offer(ctx: Context, note: str) -> None:
+    """An offer another process received, for the users connected here (on the event loop)."""
+    try:
+        relayed = json.loads(note)
+        if relayed["origin"] == ctx.process_id:
+            return  # ours: our users had it already
+        reached = ctx.notifier.notify(relayed["message"], relayed["user_id"])
+    except (ValueError, KeyError, TypeError):
+        logger.warning("ignored a malformed offer notification")
+        return
+    logger.info("offer relayed from another process to %d live connections", reached)
 
 
 # What an inbound event sets off once it is stored, by type. Other types are only stored.
-INBOUND_ACTIONS: dict[str, Callable[[Context, str, dict[str, Any]], None]] = {"tour.promoted": push_offer}
+INBOUND_ACTIONS: dict[str, Callable[[Context, str, dict[str, Any]], Awaitable[None]]] = {"tour.promoted": push_offer}
 
 
 # --- Live offers over WebSocket ---------------------------------------------------------------

@@ -248,6 +248,8 @@ def _inbound_from_row(row: Any) -> InboundEvent:
 
 
 GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
+WORK_CHANNEL = "webhookd_work"      # NOTIFY after publishes: deliveries are due
+OFFERS_CHANNEL = "webhookd_offers"  # NOTIFY with a /ws offer, for the users connected to other processes
 
 
 def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]:
@@ -264,10 +266,12 @@ T = TypeVar("T")
 
 
 class _GroupWrite:
-    """One request waiting for the group-commit writer: its work, then its result or error."""
+    """One request waiting for the group-commit writer: its work, then its result or error;
+    ``announce``: a channel to notify once it is committed (other processes have work)."""
 
-    def __init__(self, work: Callable[[Any], Any]):
+    def __init__(self, work: Callable[[Any], Any], announce: str | None = None):
         self.work = work
+        self.announce = announce
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -328,7 +332,7 @@ class Store:
     def _reader(self, snapshot: bool = False) -> Any:
         return self.engine.reader(snapshot)
 
-    def _in_group_commit(self, work: Callable[[Any], T]) -> T:
+    def _in_group_commit(self, work: Callable[[Any], T], announce: str | None = None) -> T:
         """Run ``work(db)`` in the group-commit writer's next transaction; return after its commit.
 
         Requests that arrive while a commit is being flushed to disk wait for the next one
@@ -336,7 +340,7 @@ class Store:
         events (the write-thread pattern). Each runs in its own SAVEPOINT: one that fails
         is rolled back alone and its caller gets the exception.
         """
-        request = _GroupWrite(work)
+        request = _GroupWrite(work, announce)
         self._group_queue.put(request)
         request.done.wait()
         if request.error is not None:
@@ -355,6 +359,9 @@ class Store:
                     request.result, request.error = None, request.error or exc
             for request in batch:
                 request.done.set()
+            # One notification per commit, after it and outside it, however many publishes it held.
+            for channel in {r.announce for r in batch if r.announce and r.error is None}:
+                self.announce(channel)
             if stopping:
                 return
 
@@ -377,6 +384,20 @@ class Store:
                         db.execute(statement)
                     db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (:name, :now)",
                                {"name": name, "now": time.time()})
+
+    # --- Telling the other processes (PostgreSQL; nothing to do on SQLite) ---------------------
+
+    def announce(self, channel: str, payload: str = "") -> None:
+        """A hint to every process on the database (``NOTIFY``); a failure is only logged."""
+        try:
+            self.engine.notify(channel, payload)
+        except Exception as exc:
+            logger.warning("notifying %s failed (%s); the other processes will find out by polling", channel, exc)
+
+    def listen(self, handlers: dict[str, Callable[[str], None]]) -> Callable[[], None]:
+        """Call ``handlers[channel](payload)`` for each hint another process (or this one) sends,
+        from a thread; returns the function that stops listening."""
+        return self.engine.listen(lambda channel, payload: handlers[channel](payload), list(handlers))
 
     def ping(self) -> bool:
         with self._reader() as db:
@@ -533,13 +554,15 @@ class Store:
         Paused and disabled partners get their rows too: they stay ``pending`` until
         the partner is active again.
         """
-        return self._in_group_commit(lambda db: _insert_event(db, event, now, max_attempts, new_delivery_id))
+        return self._in_group_commit(lambda db: _insert_event(db, event, now, max_attempts, new_delivery_id),
+                                     announce=WORK_CHANNEL)
 
     def publish_batch(self, events: list[NewEvent], *, now: float, max_attempts: int,
                       new_delivery_id: Callable[[], str]) -> list[tuple[Event, bool]]:
         """``publish`` for many events, in one transaction and one durable commit."""
         return self._in_group_commit(
-            lambda db: [_insert_event(db, event, now, max_attempts, new_delivery_id) for event in events])
+            lambda db: [_insert_event(db, event, now, max_attempts, new_delivery_id) for event in events],
+            announce=WORK_CHANNEL)
 
     def get_event(self, event_id: str) -> Event | None:
         with self._reader() as db:

@@ -36,6 +36,7 @@ Where the rest lives, in the order an event meets it:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -59,9 +60,9 @@ import realtime
 import signing
 import targets
 from config import FIELD_TYPES, Config, SecurityConfig, admin_token
-from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event
+from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import Delivery, Event, NewEvent, Partner
-from store import Store
+from store import OFFERS_CHANNEL, WORK_CHANNEL, Store
 from web import (
     ADMIN,
     CALLER,
@@ -600,14 +601,26 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     async def lifespan(app: Starlette):
         ctx = app.state.ctx = build_context(config, clock, rng)
         await ctx.loop.start()
+        stop_listening = _listen_to_other_processes(ctx)
         logger.info("webhookd %s ready; database %s", __version__, ctx.store.engine.describe())
         try:
             yield
         finally:
+            await asyncio.to_thread(stop_listening)
             await ctx.loop.stop()
             ctx.store.close()
 
     return Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+
+
+def _listen_to_other_processes(ctx: Context) -> Callable[[], None]:
+    """On PostgreSQL, hints from the other processes on the database: deliveries were published
+    (look for due work now rather than at the next poll), a /ws offer for our users."""
+    loop = asyncio.get_running_loop()
+    return ctx.store.listen({
+        WORK_CHANNEL: lambda payload: ctx.loop.wake(),
+        OFFERS_CHANNEL: lambda payload: loop.call_soon_threadsafe(relay_offer, ctx, payload),
+    })
 
 
 def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Context:
@@ -629,7 +642,8 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
         inbound_failure_limit=RateLimiter(sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s,
                                           time.monotonic),
         registration_limit=RateLimiter(sec.registration_rate_per_min / 60, sec.registration_rate_per_min,
-                                       time.monotonic))
+                                       time.monotonic),
+        process_id=new_id("proc_"))
 
 
 def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.DeliveryLoop,

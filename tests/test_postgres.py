@@ -201,3 +201,24 @@ def test_migrate_store_moves_partners_and_work_from_the_sqlite_file(webhookd_fac
             "X-Webhook-Signature": signing.sign_hex(secret, body), "X-Webhook-Event": "tour.purchased",
             "X-Webhook-Id": f"evt_{secret[-6:]}"})
         assert r.status_code == 200, r.text
+
+
+def test_an_offer_received_by_one_process_reaches_a_user_connected_to_another(serve_factory, postgres_server):
+    """A `tour.promoted` posted to process A reaches the WebSocket client of process B (through a
+    NOTIFY), once: B relays it, A does not relay its own back. (Each process listens before it
+    serves, and ana's handshake is complete when `connect` returns.)"""
+    from websockets.sync.client import connect
+
+    a, b = _processes(serve_factory, postgres_server, 2)
+    partner = _register(a, "http://127.0.0.1:9/x")
+    token = httpx.post(b.url + "/realtime/tokens", headers=ADMIN, json={"user_id": "ana"}, timeout=10).json()["token"]
+    with connect(b.url.replace("http://", "ws://") + f"/ws?token={token}", open_timeout=10) as ana:
+        body = json.dumps({"event": "tour.promoted", "tour_id": "tour_9", "user_id": "ana", "price": 10.0}).encode()
+        r = httpx.post(a.url + "/webhooks/partners", content=body, timeout=10, headers={
+            "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body),
+            "X-Webhook-Event": "tour.promoted"})
+        assert r.status_code == 200, r.text
+        offer = json.loads(ana.recv(timeout=15))
+        assert offer["tour_id"] == "tour_9" and offer["partner_id"] == partner["partner_id"]
+        with pytest.raises(TimeoutError):
+            ana.recv(timeout=1.0)  # once
