@@ -32,6 +32,7 @@ import logging
 import math
 import queue
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -140,6 +141,7 @@ class DeliveryLoop:
         self.rng = rng or random.Random()
         self.clock = clock
         self.sender = Sender(settings, clock)
+        self.process_id = "proc_" + secrets.token_hex(8)  # this process, among several on one database
         self.breakers = Breakers(settings, last_failure_of=store.last_failed_attempt_at)
         self.pacer = Pacer()
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
@@ -451,9 +453,16 @@ class DeliveryLoop:
     # Retention ----------------------------------------------------------------------------
 
     async def _purge_old(self) -> None:
-        """Every ``purge_interval_s``, one retention pass (``purge_expired``)."""
+        """Every ``purge_interval_s``, one retention pass (``purge_expired``) — by one process
+        only when several share a database: the one holding the ``sweeper`` role, which passes
+        to another if it stops renewing it for three intervals."""
         while not self._stopping:
             try:
+                sweeper = await asyncio.to_thread(self.store.hold_role, "sweeper", self.process_id,
+                                                  3 * self.settings.purge_interval_s, self.clock())
+                if not sweeper:
+                    await asyncio.sleep(self.settings.purge_interval_s)
+                    continue
                 events, inbound = await self.purge_expired()
                 if events or inbound:
                     logger.info("retention: purged %d delivered events and %d inbound events older than %d s",

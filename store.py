@@ -106,6 +106,13 @@ SCHEMA = [
     )""",
 ]
 
+# One row per role a single process holds at a time (the sweeps), renewed while it lives.
+ROLES_TABLE = """CREATE TABLE IF NOT EXISTS roles (
+    name   TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    until  DOUBLE PRECISION NOT NULL
+)"""
+
 # Named schema changes, applied once each in order and recorded in schema_migrations.
 MIGRATIONS: list[tuple[str, list[str]]] = [
     ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
@@ -113,6 +120,7 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ("events_by_age.id", ["DROP INDEX IF EXISTS events_by_age",                 # retention walks it in order
                           "CREATE INDEX events_by_age ON events (created_at, id)"]),
     ("partners.paused_until", ["ALTER TABLE partners ADD COLUMN paused_until REAL"]),  # a shared circuit pause
+    ("roles", [ROLES_TABLE.replace("DOUBLE PRECISION", "REAL")]),   # which process runs the sweeps
 ]
 
 
@@ -197,6 +205,10 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     ("partners.max_rate_per_s", []),
     ("events_by_age.id", []),
     ("partners.paused_until", ["ALTER TABLE partners ADD COLUMN paused_until DOUBLE PRECISION"]),
+    ("roles", [ROLES_TABLE]),
+    # The claim searches pending rows only: delivered history grows, this index does not.
+    ("deliveries_partner_pending", ["CREATE INDEX IF NOT EXISTS deliveries_partner_pending "
+                                    "ON deliveries (partner_id, next_attempt_at) WHERE state = 'pending'"]),
 ]
 
 
@@ -398,6 +410,18 @@ class Store:
         """Call ``handlers[channel](payload)`` for each hint another process (or this one) sends,
         from a thread; returns the function that stops listening."""
         return self.engine.listen(lambda channel, payload: handlers[channel](payload), list(handlers))
+
+    def hold_role(self, name: str, holder: str, ttl_s: float, now: float) -> bool:
+        """Take or renew ``name`` for ``holder`` until ``now + ttl_s``; True if ``holder`` has it.
+        Another process gets it only once its holder stopped renewing (died, or stopped)."""
+        with self._transaction(durable=False) as db:
+            row = db.execute(
+                """INSERT INTO roles (name, holder, until) VALUES (:name, :holder, :until)
+                   ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+                   WHERE roles.holder = excluded.holder OR roles.until < :now
+                   RETURNING holder""",
+                {"name": name, "holder": holder, "until": now + ttl_s, "now": now}).fetchone()
+        return row is not None
 
     def ping(self) -> bool:
         with self._reader() as db:

@@ -643,7 +643,7 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
                                           time.monotonic),
         registration_limit=RateLimiter(sec.registration_rate_per_min / 60, sec.registration_rate_per_min,
                                        time.monotonic),
-        process_id=new_id("proc_"))
+        process_id=loop.process_id)
 
 
 def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.DeliveryLoop,
