@@ -18,6 +18,7 @@ by column name or position, and ``executemany``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -181,6 +182,7 @@ class SQLiteEngine:
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
+@functools.lru_cache(maxsize=512)
 def to_pyformat(sql: str) -> str:
     """``:name`` (the store's style, SQLite's) to ``%(name)s`` (psycopg's); ``::`` casts untouched."""
     return _NAMED.sub(r"%(\1)s", sql.replace("%", "%%"))
@@ -201,9 +203,13 @@ class _Row(tuple):
 
 
 def _row_factory(cursor: Any) -> Any:
-    names = [d.name for d in cursor.description or ()]
-    row_class = type("Row", (_Row,), {"_index": {n: i for i, n in enumerate(names)}})
-    return lambda values: row_class(values)
+    return _row_class(tuple(d.name for d in cursor.description or ()))
+
+
+@functools.lru_cache(maxsize=256)
+def _row_class(names: tuple[str, ...]) -> type[_Row]:
+    """One row class per result shape (the store runs a few dozen statements), made once."""
+    return type("Row", (_Row,), {"_index": {n: i for i, n in enumerate(names)}})
 
 
 class _PgConnection:

@@ -9,6 +9,7 @@ payment.success payload everywhere. Scenarios (``--only`` takes one or more, com
   backlog     drain rate and peak RSS with 1,000,000 vs 10,000 pending deliveries
   inbound     POST /webhooks/partners requests/s vs GET /health
   fanout      (d) partners 100 ms and 500 ms away: 50 partners on a slow receiver, bundled config
+  postgres    (f) one process on PostgreSQL vs one on SQLite, (g) three processes on one PostgreSQL
 
 Each figure is the median of ``--runs`` runs (3 by default) with its min–max; a ratio is taken
 within one round (the two runs it compares ran back to back) and then its median is reported.
@@ -63,7 +64,7 @@ from common import (  # noqa: E402
     thread_count,
 )
 
-SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound", "fanout"]
+SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound", "fanout", "postgres"]
 PARTNERS = 5
 PATHS = [f"/p{k}" for k in range(PARTNERS)]
 
@@ -86,6 +87,7 @@ class Params:
     fanout_deliveries: int = 10_000   # per webhookd run at 100 ms (fewer at 500 ms, see fanout_total)
     fanout_time_limit_s: float = 60.0
     fanout_delivery: dict[str, Any] = field(default_factory=dict)  # [delivery] keys over the bundled config
+    pg_processes: int = 3             # (g): webhookd processes on one PostgreSQL
 
     @classmethod
     def quick(cls) -> Params:
@@ -144,9 +146,10 @@ class Published:
             self.answered_in.append(answered)
 
 
-def start_webhookd(bench: Bench, name: str, *, black_hole: BlackHole | None = None, **kwargs: Any) -> Webhookd:
+def start_webhookd(bench: Bench, name: str, *, black_hole: BlackHole | None = None, register: bool = True,
+                   **kwargs: Any) -> Webhookd:
     wd = Webhookd(bench.procs, bench.rundir(name), **kwargs).start()
-    for k, url in enumerate(bench.urls()):
+    for k, url in enumerate(bench.urls() if register else []):
         wd.register(url, f"Bench partner {k}")
     if black_hole is not None:
         wd.register(black_hole.url(), "Black hole")
@@ -154,19 +157,22 @@ def start_webhookd(bench: Bench, name: str, *, black_hole: BlackHole | None = No
 
 
 def webhookd_throughput(bench: Bench, deliveries: int, *, name: str = "webhookd", black_hole: bool = False,
-                        around: Callable[[Webhookd], contextlib.AbstractContextManager] | None = None) -> dict:
+                        around: Callable[[Webhookd], contextlib.AbstractContextManager] | None = None,
+                        overrides: dict[str, dict[str, Any]] | None = None, processes: int = 1) -> dict:
     """Publish deliveries/5 events (each fans out to the 5 nginx partners) from several
-    keep-alive connections; deliveries/s = healthy deliveries / (first publish -> last one logged)."""
+    keep-alive connections; deliveries/s = healthy deliveries / (first publish -> last one logged).
+    ``processes`` > 1 (PostgreSQL): that many webhookd on one database, each published to by
+    its share of the connections."""
     hole = BlackHole() if black_hole else None
-    wd = start_webhookd(bench, name, black_hole=hole)
+    wd = start_webhookd(bench, name, black_hole=hole, overrides=overrides)
+    others = [start_webhookd(bench, f"{name}-{n}", register=False, overrides=overrides) for n in range(1, processes)]
     try:
         tail = bench.nginx.tail()
         published = Published()
         events = deliveries // PARTNERS
         cpu_before = wd.cpu_seconds()
         with (around(wd) if around else contextlib.nullcontext()):
-            pub = loadgen.closed_loop(wd.port, threads=bench.params.publish_threads, total=events,
-                                      time_limit_s=120, build=publish_request, on_response=published.on_response)
+            pub = _publish_through(bench, [wd, *others], events, published)
             lines = collect(tail, len(published.sent_at) * PARTNERS, timeout=120, alive=wd.alive,
                             accept=lambda line: line.uri in PATHS)
         cpu = (wd.cpu_seconds() or 0) - (cpu_before or 0)
@@ -192,7 +198,30 @@ def webhookd_throughput(bench: Bench, deliveries: int, *, name: str = "webhookd"
     finally:
         if hole is not None:
             hole.stop()  # in-flight attempts to it fail at once, so webhookd stops quickly
-        wd.stop()
+        for each in (wd, *others):
+            each.stop()
+
+
+def _publish_through(bench: Bench, processes: list[Webhookd], events: int, published: Published) -> Any:
+    """``events`` publishes, shared between the processes, each from its own keep-alive connections;
+    returns the first process's load-generator result with the started time of the earliest."""
+    if len(processes) == 1:
+        return loadgen.closed_loop(processes[0].port, threads=bench.params.publish_threads, total=events,
+                                   time_limit_s=120, build=publish_request, on_response=published.on_response)
+    results: list[Any] = [None] * len(processes)
+
+    def publish(n: int) -> None:
+        results[n] = loadgen.closed_loop(processes[n].port, threads=max(1, bench.params.publish_threads // 2),
+                                         total=events // len(processes), time_limit_s=120, build=publish_request,
+                                         on_response=published.on_response)
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(len(processes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    return loadgen.LoadResult(sent=sum(r.sent for r in results), ok=sum(r.ok for r in results),
+                              started=min(r.started for r in results), finished=max(r.finished for r in results))
 
 
 # --- 1. Throughput --------------------------------------------------------------------------
@@ -574,6 +603,51 @@ def scenario_fanout(bench: Bench) -> None:
         bench.results["fanout"][key] = {"series": series, "runs": runs}
 
 
+# --- (f), (g): PostgreSQL ---------------------------------------------------------------------------
+
+
+def scenario_postgres(bench: Bench) -> None:
+    """(f) one process on PostgreSQL against one on SQLite, (g) several processes on one PostgreSQL,
+    in the same round, same nginx, same payload. The PostgreSQL server is the OS package's, in a
+    temp dir, with fsync on (tests/pg.py, durable), stopped by PID at the end."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pg import PostgresServer
+
+    p = bench.params
+    names = ("sqlite", "pg_one", "pg_many", "one_vs_sqlite", "many_vs_sqlite", "commits_per_delivery")
+    series = {k: Series() for k in names}
+    runs = []
+    server = PostgresServer(durable=True).start()
+    try:
+        for r in range(p.runs):
+            lite = webhookd_throughput(bench, p.deliveries, name=f"pg-sqlite-{r}")
+            pg = {"storage": {"url": server.new_database()}}
+            one = webhookd_throughput(bench, p.deliveries, name=f"pg-one-{r}", overrides=pg)
+            url = server.new_database()
+            commits_before = _pg_commits(url)
+            many = webhookd_throughput(bench, p.deliveries, name=f"pg-many-{r}", overrides={"storage": {"url": url}},
+                                       processes=p.pg_processes)
+            commits = (_pg_commits(url) - commits_before) / max(many["deliveries"], 1)
+            for k, v in (("sqlite", lite["rate"]), ("pg_one", one["rate"]), ("pg_many", many["rate"]),
+                         ("one_vs_sqlite", one["rate"] / lite["rate"]),
+                         ("many_vs_sqlite", many["rate"] / lite["rate"]), ("commits_per_delivery", commits)):
+                series[k].add(v)
+            runs.append({"round": r, "sqlite": lite, "pg_one": one, "pg_many": many, "commits": commits})
+            log(f"  round {r + 1}/{p.runs}: SQLite {lite['rate']:.0f}/s, PostgreSQL one process {one['rate']:.0f}/s, "
+                f"{p.pg_processes} processes {many['rate']:.0f}/s ({many['deliveries']}/{many['expected']}), "
+                f"{commits:.2f} commits per delivery")
+    finally:
+        server.stop()
+    bench.results["postgres"] = {"series": series, "runs": runs}
+
+
+def _pg_commits(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
 # --- The table ------------------------------------------------------------------------------------
 
 
@@ -654,6 +728,19 @@ def table(bench: Bench) -> str:
             _row("(c) GET /health (trivial route)", s["health"], "/s"),
             _row("(c)   inbound / trivial", s["ratio"], "%", "≥ 50%", lambda v: v >= 0.5),
         ]
+    if "postgres" in res:
+        s = res["postgres"]["series"]
+        n = p.pg_processes
+        rows += [
+            _row(f"(f) SQLite, one process (POST /events x {PARTNERS} partners)", s["sqlite"], "/s"),
+            _row("(f) PostgreSQL, one process", s["pg_one"], "/s"),
+            _row("(f)   PostgreSQL / SQLite, one process each", s["one_vs_sqlite"], "%"),
+            _row(f"(g) PostgreSQL, {n} processes on one database", s["pg_many"], "/s"),
+            _row(f"(g)   {n} processes / one SQLite process", s["many_vs_sqlite"], "%", "≥ 80% or ≥ 2,000/s",
+                 lambda v: v >= 0.8),
+            _row("(g)   database commits per delivery (pg_stat_database)", s["commits_per_delivery"], "x", "≤ 2",
+                 lambda v: v <= 2.0),
+        ]
     for key, found in res.get("fanout", {}).items():
         s = found["series"]
         rows += [
@@ -728,6 +815,9 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
                      f"{p.fanout_partners} partners on it; webhookd on the bundled webhookd.toml"
                      + (f" with [delivery] {p.fanout_delivery}" if p.fanout_delivery else "") + "; a probe times "
                      "POST /events (no subscriber) and GET /health every 50 ms during each run")
+    if "postgres" in only:
+        lines.append(f"(f), (g): the throughput run's load, on PostgreSQL from the OS packages (temp dir, fsync on, "
+                     f"127.0.0.1); (g) {p.pg_processes} processes, published to at once")
     return "\n".join(lines)
 
 

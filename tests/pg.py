@@ -43,7 +43,9 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        """``durable``: fsync as a real deployment does (the benchmark); the tests need not."""
+        self.durable = durable
         self.dir = Path(tempfile.mkdtemp(prefix="webhookd-pg-"))
         self.data = self.dir / "data"
         self.sockets = self.dir / "sockets"
@@ -68,9 +70,9 @@ class PostgresServer:
         return self
 
     def _options(self) -> str:
-        """127.0.0.1 only, our port and socket dir; no fsync (the tests need behaviour, not durability)."""
-        return (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off "
-                f"-c full_page_writes=off -c max_connections=200")
+        """127.0.0.1 only, our port and socket dir; no fsync unless ``durable``."""
+        fast = "" if self.durable else "-c fsync=off -c full_page_writes=off "
+        return f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} {fast}-c max_connections=200"
 
     @property
     def admin_url(self) -> str:
