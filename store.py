@@ -635,10 +635,10 @@ class Store:
                         continue
                     batch = [r["id"] for r in db.execute(
                         self._due_for_partner, {"partner_id": partner_id, "now": now, "limit": wanted})]
-                    db.executemany(
-                        "UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease WHERE id = :id",
-                        [{"id": i, "lease": lease_until} for i in batch],
-                    )
+                    if batch:
+                        db.execute(f"UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease "
+                                   f"WHERE id IN ({_placeholders('id', batch)})",
+                                   {"lease": lease_until, **_numbered("id", batch)})
                     taken[partner_id] += len(batch)
                     ids += batch
             return _read_jobs(db, ids, now)
@@ -669,29 +669,12 @@ class Store:
         cannot record twice. Partner health (failing streak, auto-disable) is written
         in the same transaction.
         """
-        lost: list[str] = []
         with self._transaction(durable=False) as db:
+            recorded = (_record_at_once if self.postgres else _record_one_by_one)(db, outcomes, now)
+            lost = [o.delivery_id for o in outcomes if o.delivery_id not in recorded]
             for o in outcomes:
-                changed = db.execute(
-                    """UPDATE deliveries
-                       SET state = :state, attempt_count = :attempt, next_attempt_at = :next,
-                           leased_until = NULL, updated_at = :now
-                       WHERE id = :id AND attempt_count = :attempt - 1 AND state = 'pending'""",
-                    {"id": o.delivery_id, "state": o.state, "attempt": o.attempt.attempt,
-                     "next": o.next_attempt_at, "now": now},
-                ).rowcount > 0
-                if not changed:
-                    lost.append(o.delivery_id)
+                if o.delivery_id not in recorded:
                     continue
-                a = o.attempt
-                db.execute(
-                    """INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms,
-                                             status_code, error, response_snippet, url)
-                       VALUES (:id, :attempt, :started_at, :duration_ms, :status_code, :error, :snippet, :url)""",
-                    {"id": o.delivery_id, "attempt": a.attempt, "started_at": a.started_at,
-                     "duration_ms": a.duration_ms, "status_code": a.status_code, "error": a.error,
-                     "snippet": a.response_snippet, "url": a.url},
-                )
                 if o.partner_failing_changed:
                     db.execute("UPDATE partners SET failing_since = :since WHERE id = :id",
                                {"id": o.partner_id, "since": o.partner_failing_since})
@@ -962,6 +945,22 @@ _DUE_FOR_PARTNER = """
     ORDER BY next_attempt_at LIMIT :limit
 """
 
+# Recording a batch of results (finish_attempts), after "WITH r (...) AS (VALUES ...)": a result
+# counts only while its row still expects that attempt number; RETURNING says which did.
+_RECORD_RESULTS = """
+    UPDATE deliveries SET state = r.state, attempt_count = r.attempt, next_attempt_at = r.next,
+                          leased_until = NULL, updated_at = :now
+    FROM r WHERE deliveries.id = r.id AND deliveries.attempt_count = r.attempt - 1
+                                      AND deliveries.state = 'pending'
+    RETURNING deliveries.id
+"""
+
+_RECORD_ATTEMPTS = """
+    INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, response_snippet, url)
+    SELECT r.id, r.attempt, r.started, r.ms, CAST(r.status AS INTEGER), r.error, r.snippet, r.url
+    FROM r WHERE r.id IN ({recorded})
+"""
+
 _NEXT_DUE_FOR_PARTNER = """
     SELECT next_attempt_at FROM deliveries
     WHERE partner_id = :partner_id AND state = 'pending'
@@ -1005,21 +1004,71 @@ def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
     return _event_from_row(row), True
 
 
+def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
+    """SQLite: two statements per result (no round trips, and SQLite plans these best)."""
+    recorded = set()
+    for o in outcomes:
+        a = o.attempt
+        if db.execute(
+                """UPDATE deliveries SET state = :state, attempt_count = :attempt, next_attempt_at = :next,
+                                         leased_until = NULL, updated_at = :now
+                   WHERE id = :id AND attempt_count = :attempt - 1 AND state = 'pending'""",
+                {"id": o.delivery_id, "state": o.state, "attempt": a.attempt, "next": o.next_attempt_at,
+                 "now": now}).rowcount:
+            recorded.add(o.delivery_id)
+            db.execute(
+                """INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error,
+                                         response_snippet, url)
+                   VALUES (:id, :attempt, :started, :ms, :status, :error, :snippet, :url)""",
+                {"id": o.delivery_id, "attempt": a.attempt, "started": a.started_at, "ms": a.duration_ms,
+                 "status": a.status_code, "error": a.error, "snippet": a.response_snippet, "url": a.url})
+    return recorded
+
+
+def _record_at_once(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
+    """PostgreSQL: the batch as one table of values, two statements for a hundred results (each
+    statement is a round trip to the server)."""
+    params: dict[str, Any] = {"now": now}
+    rows = []
+    for n, o in enumerate(outcomes):
+        a = o.attempt
+        rows.append(f"(:id{n}, :state{n}, :attempt{n}, :next{n}, :started{n}, :ms{n}, :status{n}, :error{n}, "
+                    f":snippet{n}, :url{n})")
+        params.update({f"id{n}": o.delivery_id, f"state{n}": o.state, f"attempt{n}": a.attempt,
+                       f"next{n}": o.next_attempt_at, f"started{n}": a.started_at, f"ms{n}": a.duration_ms,
+                       f"status{n}": a.status_code, f"error{n}": a.error, f"snippet{n}": a.response_snippet,
+                       f"url{n}": a.url})
+    results = f"WITH r (id, state, attempt, next, started, ms, status, error, snippet, url) AS (VALUES {', '.join(rows)})"
+    recorded = {row["id"] for row in db.execute(results + _RECORD_RESULTS, params)}
+    if recorded:
+        db.execute(results + _RECORD_ATTEMPTS.format(recorded=_placeholders("rec", list(recorded))),
+                   {**params, **_numbered("rec", list(recorded))})
+    return recorded
+
+
 def _read_jobs(db: Any, ids: list[str], now: float) -> list[Job]:
     """The claimed deliveries with everything a sender needs, read in the claim's transaction."""
     if not ids:
         return []
-    placeholders = ",".join(f":id{n}" for n in range(len(ids)))
     rows = db.execute(
         f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.webhook_url, p.secret,
                    p.previous_secret, p.previous_secret_until, p.failing_since, e.body,
                    d.attempt_count, d.max_attempts, d.created_at
             FROM deliveries d JOIN events e ON e.id = d.event_id
                               JOIN partners p ON p.id = d.partner_id
-            WHERE d.id IN ({placeholders})""",
-        {f"id{n}": i for n, i in enumerate(ids)},
+            WHERE d.id IN ({_placeholders("id", ids)})""",
+        _numbered("id", ids),
     ).fetchall()
     return [_job_from_row(row, now) for row in rows]
+
+
+def _placeholders(name: str, values: list[Any]) -> str:
+    """``:name0, :name1, …`` for an ``IN (…)`` of ``values`` (one statement, not one per value)."""
+    return ", ".join(f":{name}{n}" for n in range(len(values)))
+
+
+def _numbered(name: str, values: list[Any]) -> dict[str, Any]:
+    return {f"{name}{n}": value for n, value in enumerate(values)}
 
 
 def _job_from_row(row: Any, now: float) -> Job:

@@ -88,6 +88,8 @@ def main() -> int:
     parser.add_argument("--gil", action="store_true", help="sample only the GIL holder")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "profile")
+    parser.add_argument("--postgres", action="store_true",
+                        help="throughput: webhookd on a PostgreSQL the profile starts (tests/pg.py, fsync on)")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
@@ -97,6 +99,7 @@ def main() -> int:
     raw = args.out.with_suffix(".txt")
     procs = Procs()
     workdir = Path(tempfile.mkdtemp(prefix="webhookd-profile-"))
+    server = None  # the PostgreSQL of --postgres
 
     @contextlib.contextmanager
     def recording(wd):
@@ -114,7 +117,15 @@ def main() -> int:
         bench = run.Bench(procs, workdir, nginx, run.Params())
         mode = f"py-spy {'--gil' if args.gil else 'all threads'}, --nonblocking, {args.rate} Hz"
         if args.scenario == "throughput":
-            res = run.webhookd_throughput(bench, args.deliveries, name="profile", around=recording)
+            overrides = None
+            if args.postgres:
+                sys.path.insert(0, str(ROOT / "tests"))
+                from pg import PostgresServer
+
+                server = PostgresServer(durable=True).start()
+                overrides = {"storage": {"url": server.new_database()}}
+            res = run.webhookd_throughput(bench, args.deliveries, name="profile", around=recording,
+                                          overrides=overrides)
             print(f"webhookd: {res['deliveries']:,} deliveries at {res['rate']:,.0f}/s while profiled "
                   f"({res['cpu_ms_per_delivery']:.2f} ms CPU each; {mode})")
         else:
@@ -129,6 +140,8 @@ def main() -> int:
                   f"while profiled ({mode})")
     finally:
         procs.stop_all()
+        if server is not None:
+            server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     if not raw.exists():
         print("py-spy wrote nothing", file=sys.stderr)
