@@ -52,6 +52,7 @@ IDLE_RECHECK_S = 30.0    # even with nothing due, look again now and then
 SHARED_RECHECK_S = 1.0   # ...every second when other processes publish into the same database
 RECORD_BATCH = 100      # results written per commit, at most: a commit holds the write lock while it runs
 CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the write lock while it runs
+CLAIM_GATHER_S = 0.005  # with attempts in flight, let finished ones gather this long before claiming again
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,10 @@ class DeliveryLoop:
                     # opened): read them again every second.
                     self._read_partners_at = time.monotonic() + SHARED_RECHECK_S
                     await asyncio.to_thread(self.store.reload_partners)
+                if self._claimed:
+                    # Attempts finish all the time and each one wakes us: claim for a few
+                    # together rather than one transaction per finished attempt.
+                    await asyncio.sleep(CLAIM_GATHER_S)
                 started = await self._claim_and_start()
                 if started:
                     continue  # there may be more due right now

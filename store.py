@@ -261,6 +261,7 @@ def _inbound_from_row(row: Any) -> InboundEvent:
 
 GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
 WORK_CHANNEL = "webhookd_work"      # NOTIFY after publishes: deliveries are due
+ANNOUNCE_GAP_S = 0.05               # at most one such NOTIFY per process this often
 OFFERS_CHANNEL = "webhookd_offers"  # NOTIFY with a /ws offer, for the users connected to other processes
 
 
@@ -323,6 +324,7 @@ class Store:
         except BaseException:
             self.engine.close()  # a refused or unreachable database leaves no pool behind
             raise
+        self._announced_at: dict[str, float] = {}  # channel -> when the group writer last notified it
         self._group_queue: queue.SimpleQueue[_GroupWrite | None] = queue.SimpleQueue()
         self._group_thread = threading.Thread(target=self._group_writer, name="webhookd-group-commit", daemon=True)
         self._group_thread.start()
@@ -371,9 +373,12 @@ class Store:
                     request.result, request.error = None, request.error or exc
             for request in batch:
                 request.done.set()
-            # One notification per commit, after it and outside it, however many publishes it held.
+            # One notification after the commit and outside it, however many publishes it held, and
+            # at most one per ANNOUNCE_GAP_S: the others also look every second by themselves.
             for channel in {r.announce for r in batch if r.announce and r.error is None}:
-                self.announce(channel)
+                if time.monotonic() - self._announced_at.get(channel, -ANNOUNCE_GAP_S) >= ANNOUNCE_GAP_S:
+                    self._announced_at[channel] = time.monotonic()
+                    self.announce(channel)
             if stopping:
                 return
 
