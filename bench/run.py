@@ -838,6 +838,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help=f"scenarios to run, comma-separated: {', '.join(SCENARIOS)}")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
+    parser.add_argument("--pg-processes", type=int, metavar="N",
+                        help="(g): webhookd processes on one PostgreSQL (default 3; on 8+ cores try 3 and 1 "
+                             "and compare)")
     parser.add_argument("--fanout-delivery", action="append", default=[], metavar="KEY=VALUE",
                         help="a [delivery] key for (d)'s webhookd, e.g. concurrency=300 (repeatable; "
                              "the table then no longer shows the bundled config)")
@@ -852,6 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     params = Params.quick() if args.quick else Params()
     if args.runs:
         params = dataclasses.replace(params, runs=args.runs)
+    if args.pg_processes:
+        params = dataclasses.replace(params, pg_processes=args.pg_processes)
     if args.fanout_delivery:
         try:
             keys = {k.strip(): json.loads(v) for k, v in (item.split("=", 1) for item in args.fanout_delivery)}
