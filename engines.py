@@ -219,7 +219,7 @@ class _PgConnection:
         self._conn = conn
 
     def execute(self, sql: str, params: Any = None) -> Any:
-        return self._conn.execute(to_pyformat(sql), params, prepare=False)
+        return self._conn.execute(to_pyformat(sql), params)
 
     def executemany(self, sql: str, params: Any) -> Any:
         cursor = self._conn.cursor()

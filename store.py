@@ -564,7 +564,7 @@ class Store:
     def list_partners(self, *, limit: int, cursor: str | None) -> Page:
         with self._reader() as db:
             rows = db.execute(
-                """SELECT id FROM partners WHERE (:cursor IS NULL OR id < :cursor)
+                """SELECT id FROM partners WHERE (CAST(:cursor AS TEXT) IS NULL OR id < :cursor)
                    ORDER BY id DESC LIMIT :n""",
                 {"cursor": cursor, "n": limit + 1},
             ).fetchall()
@@ -776,7 +776,7 @@ class Store:
                           SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                           AND (d.state != 'delivered' OR d.updated_at >= :before)) AS purgeable
                    FROM events e
-                   WHERE created_at < :before AND (:after_at IS NULL OR (created_at, id) > (:after_at, :after_id))
+                   WHERE created_at < :before AND (CAST(:after_at AS DOUBLE PRECISION) IS NULL OR (created_at, id) > (:after_at, :after_id))
                    ORDER BY created_at, id LIMIT :batch""",
                 {"before": before, "batch": batch, "after_at": after[0] if after else None,
                  "after_id": after[1] if after else None}).fetchall()
@@ -816,11 +816,11 @@ class Store:
         with self._reader() as db:
             rows = db.execute(
                 _DELIVERY_SELECT + """
-                WHERE (:cursor IS NULL OR d.id < :cursor)
-                  AND (:partner_id IS NULL OR d.partner_id = :partner_id)
-                  AND (:state IS NULL OR d.state = :state)
-                  AND (:event IS NULL OR e.type = :event)
-                  AND (:event_id IS NULL OR d.event_id = :event_id)
+                WHERE (CAST(:cursor AS TEXT) IS NULL OR d.id < :cursor)
+                  AND (CAST(:partner_id AS TEXT) IS NULL OR d.partner_id = :partner_id)
+                  AND (CAST(:state AS TEXT) IS NULL OR d.state = :state)
+                  AND (CAST(:event AS TEXT) IS NULL OR e.type = :event)
+                  AND (CAST(:event_id AS TEXT) IS NULL OR d.event_id = :event_id)
                 ORDER BY d.id DESC LIMIT :n""",
                 {"cursor": cursor, "partner_id": partner_id, "state": state, "event": event,
                  "event_id": event_id, "n": limit + 1},
@@ -884,9 +884,9 @@ class Store:
         with self._reader() as db:
             rows = db.execute(
                 """SELECT * FROM inbound_events
-                   WHERE (:cursor IS NULL OR id < :cursor)
-                     AND (:partner_id IS NULL OR partner_id = :partner_id)
-                     AND (:event IS NULL OR type = :event)
+                   WHERE (CAST(:cursor AS TEXT) IS NULL OR id < :cursor)
+                     AND (CAST(:partner_id AS TEXT) IS NULL OR partner_id = :partner_id)
+                     AND (CAST(:event AS TEXT) IS NULL OR type = :event)
                    ORDER BY id DESC LIMIT :n""",
                 {"cursor": cursor, "partner_id": partner_id, "event": event, "n": limit + 1},
             ).fetchall()
