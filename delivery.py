@@ -299,9 +299,12 @@ class DeliveryLoop:
         if free <= 0:
             return 0
         now = self.clock()
+        began = time.monotonic()
         jobs = await asyncio.to_thread(
             self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
             per_partner=self.settings.per_partner_concurrency, room=self._room(now))
+        self.metrics.claim_rows.observe(len(jobs))
+        self.metrics.claim_seconds.observe(time.monotonic() - began)
         if not jobs:
             return 0
         with self._lock:

@@ -106,6 +106,10 @@ class Metrics:
                                          DURATION_BUCKETS)
         self.delivered_seconds = Histogram("webhookd_publish_to_delivered_seconds",
                                            "Time from publish to a successful delivery.", LATENCY_BUCKETS)
+        self.claim_rows = Histogram("webhookd_claim_rows", "Deliveries leased by one claim of the delivery loop.",
+                                    (0, 1, 5, 10, 25, 50, 100))
+        self.claim_seconds = Histogram("webhookd_claim_duration_seconds",
+                                       "Time one claim took, waiting for the database included.", LATENCY_BUCKETS)
         self.gauges: list[Gauge] = []
 
     def gauge(self, name: str, help_text: str, read: Callable[[], dict[Labels, float]]) -> None:
@@ -114,5 +118,5 @@ class Metrics:
     def render(self) -> str:
         """The text format. Gauges read their sources now, so call it off the event loop."""
         families = [self.events_published, self.deliveries, self.attempts, self.inbound,
-                    self.attempt_seconds, self.delivered_seconds, *self.gauges]
+                    self.attempt_seconds, self.delivered_seconds, self.claim_rows, self.claim_seconds, *self.gauges]
         return "\n".join(line for family in families for line in family.render()) + "\n"

@@ -726,6 +726,21 @@ class Store:
                 {"p": partner_id}).fetchone()
         return row[0]
 
+    def database_health(self) -> dict[str, float]:
+        """PostgreSQL's view, for /metrics: the oldest open transaction's age (a long one stalls
+        every claim's SKIP LOCKED search and vacuum) and the dead rows of the hot table. Empty
+        on SQLite, which has neither."""
+        if not self.postgres:
+            return {}
+        with self._reader() as db:
+            oldest = db.execute(
+                """SELECT COALESCE(MAX(EXTRACT(EPOCH FROM now() - xact_start)), 0) FROM pg_stat_activity
+                   WHERE datname = current_database() AND xact_start IS NOT NULL
+                     AND pid <> pg_backend_pid()""").fetchone()[0]
+            dead = db.execute("SELECT COALESCE(SUM(n_dead_tup), 0) FROM pg_stat_user_tables "
+                              "WHERE relname = 'deliveries'").fetchone()[0]
+        return {"oldest_transaction_seconds": float(oldest), "deliveries_dead_rows": float(dead)}
+
     def count_by_state(self) -> dict[str, int]:
         """How many deliveries are in each state (for the metrics gauges)."""
         with self._reader() as db:

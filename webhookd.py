@@ -658,6 +658,12 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
     counters.gauge("webhookd_partner_circuit_open", "1 while a partner's circuit is open or half-open, else 0.",
                    lambda: {(("partner_id", p.id),): float(loop.circuit(p, clock())["state"] != "closed")
                             for p in store.all_partners()})
+    if store.postgres:
+        counters.gauge("webhookd_db_oldest_transaction_seconds",
+                       "Age of the oldest open transaction on the database (a long one stalls claims).",
+                       lambda: {(): store.database_health()["oldest_transaction_seconds"]})
+        counters.gauge("webhookd_db_deliveries_dead_rows", "Dead rows of the deliveries table, awaiting vacuum.",
+                       lambda: {(): store.database_health()["deliveries_dead_rows"]})
     counters.gauge("webhookd_websocket_clients", "Connected /ws clients.",
                    lambda: {(): float(len(notifier.clients))})
     counters.gauge("webhookd_websocket_dropped_messages", "Messages dropped for /ws clients that did not read.",

@@ -61,6 +61,8 @@ def test_metrics_move_with_a_real_flow(hub, receiver_factory):
     assert _value(after, "webhookd_deliveries", state="failed") == 2
     assert _value(after, "webhookd_deliveries_in_flight") == 0
     assert ("webhookd_circuit_breakers_open", ()) in after
+    assert _value(after, "webhookd_claim_rows_sum") == 8           # every attempt was claimed once
+    assert _value(after, "webhookd_claim_duration_seconds_count") >= 1
 
 
 def test_a_partners_open_circuit_is_a_labelled_gauge_and_a_probe_clears_it(webhookd_factory, receiver_factory):

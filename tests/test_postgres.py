@@ -222,3 +222,23 @@ def test_an_offer_received_by_one_process_reaches_a_user_connected_to_another(se
         assert offer["tour_id"] == "tour_9" and offer["partner_id"] == partner["partner_id"]
         with pytest.raises(TimeoutError):
             ana.recv(timeout=1.0)  # once
+
+
+def test_metrics_show_the_oldest_open_transaction_and_dead_rows(webhookd_factory, postgres_server):
+    """The known PostgreSQL queue cliff — a transaction left open stalls SKIP LOCKED claims and
+    vacuum — is visible in /metrics before it bites."""
+    import psycopg
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = postgres_server.new_database()
+    hub = webhookd_factory(storage__url=url)
+
+    def gauges():
+        text = hub.http.get("/metrics", headers=hub.admin).text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    assert gauges()["webhookd_db_oldest_transaction_seconds"] < 60
+    assert "webhookd_db_deliveries_dead_rows" in gauges()
+    with psycopg.connect(url) as idle:
+        idle.execute("SELECT 1")        # a transaction opened and left open
+        wait_for(lambda: gauges()["webhookd_db_oldest_transaction_seconds"] >= 1.0, timeout=30)
