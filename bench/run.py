@@ -211,8 +211,9 @@ def _publish_through(bench: Bench, processes: list[Webhookd], events: int, publi
     results: list[Any] = [None] * len(processes)
 
     def publish(n: int) -> None:
+        share = events // len(processes) + (1 if n < events % len(processes) else 0)
         results[n] = loadgen.closed_loop(processes[n].port, threads=max(1, bench.params.publish_threads // 2),
-                                         total=events // len(processes), time_limit_s=120, build=publish_request,
+                                         total=share, time_limit_s=120, build=publish_request,
                                          on_response=published.on_response)
 
     threads = [threading.Thread(target=publish, args=(n,)) for n in range(len(processes))]
@@ -266,49 +267,55 @@ def scenario_throughput(bench: Bench) -> None:
 # --- 2. Latency at a fixed offered rate --------------------------------------------------------
 
 
+def webhookd_latency(bench: Bench, name: str, events_per_s: float, seconds: float,
+                     overrides: dict[str, dict[str, Any]] | None = None) -> dict:
+    """Publish at a paced rate (after a warm-up) and time each delivery: nginx's $msec minus the
+    moment its publish was sent."""
+    total_events = int(events_per_s * seconds)
+    wd = start_webhookd(bench, name, overrides=overrides)
+    try:
+        # Warm-up (not measured): connections to nginx opened, code paths warm.
+        tail = bench.nginx.tail()
+        warm = Published()
+        loadgen.closed_loop(wd.port, threads=2, total=50, time_limit_s=20, build=publish_request,
+                            on_response=warm.on_response)
+        collect(tail, len(warm.sent_at) * PARTNERS, timeout=20, alive=wd.alive)
+        tail.mark()
+        published = Published()
+        pub = loadgen.paced(wd.port, threads=8, total=total_events, rate=events_per_s, build=publish_request,
+                            on_response=published.on_response)
+        lines = collect(tail, len(published.sent_at) * PARTNERS, timeout=30, alive=wd.alive,
+                        accept=lambda line, sent=published.sent_at: line.webhook_id in sent)
+        rss = wd.peak_rss_mb()
+    finally:
+        wd.stop()
+    latencies = sorted(1000 * (line.msec - published.sent_at[line.webhook_id]) for line in lines)
+    answered = sorted(1000 * a for a in published.answered_in)
+    return {
+        "deliveries": len(lines), "expected": total_events * PARTNERS,
+        "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+        "max_ms": latencies[-1] if latencies else float("nan"),
+        "publish_p50_ms": percentile(answered, 50), "publish_p99_ms": percentile(answered, 99),
+        "offered_per_s": pub.ok * PARTNERS / pub.elapsed, "late_sends": pub.late, "rss_mb": rss,
+    }
+
+
 def scenario_latency(bench: Bench) -> None:
     p = bench.params
-    events_per_s = p.latency_rate / PARTNERS
-    total_events = int(events_per_s * p.latency_s)
     series = {k: Series() for k in ("p50", "p99", "max", "publish_p99", "offered", "rss")}
     runs = []
     for r in range(p.runs):
-        wd = start_webhookd(bench, f"latency-{r}")
-        try:
-            # Warm-up (not measured): connections to nginx opened, code paths warm.
-            tail = bench.nginx.tail()
-            warm = Published()
-            loadgen.closed_loop(wd.port, threads=2, total=50, time_limit_s=20, build=publish_request,
-                                on_response=warm.on_response)
-            collect(tail, len(warm.sent_at) * PARTNERS, timeout=20, alive=wd.alive)
-            tail.mark()
-            published = Published()
-            pub = loadgen.paced(wd.port, threads=8, total=total_events, rate=events_per_s, build=publish_request,
-                                on_response=published.on_response)
-            lines = collect(tail, len(published.sent_at) * PARTNERS, timeout=30, alive=wd.alive,
-                            accept=lambda line, sent=published.sent_at: line.webhook_id in sent)
-            rss = wd.peak_rss_mb()
-        finally:
-            wd.stop()
-        latencies = sorted(1000 * (line.msec - published.sent_at[line.webhook_id]) for line in lines)
-        answered = sorted(1000 * a for a in published.answered_in)
-        res = {
-            "deliveries": len(lines), "expected": total_events * PARTNERS,
-            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-            "max_ms": latencies[-1] if latencies else float("nan"),
-            "publish_p50_ms": percentile(answered, 50), "publish_p99_ms": percentile(answered, 99),
-            "offered_per_s": pub.ok * PARTNERS / pub.elapsed, "late_sends": pub.late, "rss_mb": rss,
-        }
+        res = webhookd_latency(bench, f"latency-{r}", p.latency_rate / PARTNERS, p.latency_s)
         runs.append(res)
         series["p50"].add(res["p50_ms"])
         series["p99"].add(res["p99_ms"])
         series["max"].add(res["max_ms"])
         series["publish_p99"].add(res["publish_p99_ms"])
         series["offered"].add(res["offered_per_s"])
-        series["rss"].add(rss)
+        series["rss"].add(res["rss_mb"])
         log(f"  round {r + 1}/{p.runs} latency p50 {res['p50_ms']:.1f} ms p99 {res['p99_ms']:.1f} ms "
-            f"(offered {res['offered_per_s']:.0f}/s, {len(lines)}/{res['expected']} delivered, "
-            f"publish 202 p99 {res['publish_p99_ms']:.1f} ms, {pub.late} sends late)")
+            f"(offered {res['offered_per_s']:.0f}/s, {res['deliveries']}/{res['expected']} delivered, "
+            f"publish 202 p99 {res['publish_p99_ms']:.1f} ms, {res['late_sends']} sends late)")
     bench.results["latency"] = {"series": series, "runs": runs}
 
 
@@ -614,7 +621,8 @@ def scenario_postgres(bench: Bench) -> None:
     from pg import PostgresServer
 
     p = bench.params
-    names = ("sqlite", "pg_one", "pg_many", "one_vs_sqlite", "many_vs_sqlite", "commits_per_delivery")
+    names = ("sqlite", "pg_one", "pg_many", "one_vs_sqlite", "many_vs_sqlite", "commits_per_delivery",
+             "idle_p50", "idle_p99")
     series = {k: Series() for k in names}
     runs = []
     server = PostgresServer(durable=True).start()
@@ -628,14 +636,17 @@ def scenario_postgres(bench: Bench) -> None:
             many = webhookd_throughput(bench, p.deliveries, name=f"pg-many-{r}", overrides={"storage": {"url": url}},
                                        processes=p.pg_processes)
             commits = (_pg_commits(url) - commits_before) / max(many["deliveries"], 1)
+            idle = webhookd_latency(bench, f"pg-idle-{r}", events_per_s=10, seconds=5,
+                                    overrides={"storage": {"url": server.new_database()}})
             for k, v in (("sqlite", lite["rate"]), ("pg_one", one["rate"]), ("pg_many", many["rate"]),
                          ("one_vs_sqlite", one["rate"] / lite["rate"]),
-                         ("many_vs_sqlite", many["rate"] / lite["rate"]), ("commits_per_delivery", commits)):
+                         ("many_vs_sqlite", many["rate"] / lite["rate"]), ("commits_per_delivery", commits),
+                         ("idle_p50", idle["p50_ms"]), ("idle_p99", idle["p99_ms"])):
                 series[k].add(v)
-            runs.append({"round": r, "sqlite": lite, "pg_one": one, "pg_many": many, "commits": commits})
+            runs.append({"round": r, "sqlite": lite, "pg_one": one, "pg_many": many, "commits": commits, "idle": idle})
             log(f"  round {r + 1}/{p.runs}: SQLite {lite['rate']:.0f}/s, PostgreSQL one process {one['rate']:.0f}/s, "
                 f"{p.pg_processes} processes {many['rate']:.0f}/s ({many['deliveries']}/{many['expected']}), "
-                f"{commits:.2f} commits per delivery")
+                f"{commits:.2f} commits per delivery; from idle p50 {idle['p50_ms']:.1f} ms p99 {idle['p99_ms']:.1f} ms")
     finally:
         server.stop()
     bench.results["postgres"] = {"series": series, "runs": runs}
@@ -740,6 +751,10 @@ def table(bench: Bench) -> str:
                  lambda v: v >= 0.8),
             _row("(g)   database commits per delivery (pg_stat_database)", s["commits_per_delivery"], "x", "≤ 2",
                  lambda v: v <= 2.0),
+            _row("(h) PostgreSQL, publish→delivered from idle (10 events/s) p50", s["idle_p50"], "ms", "≤ 20 ms",
+                 lambda v: v <= 20),
+            _row("(h) PostgreSQL, publish→delivered from idle p99", s["idle_p99"], "ms", "≤ 100 ms",
+                 lambda v: v <= 100),
         ]
     for key, found in res.get("fanout", {}).items():
         s = found["series"]
