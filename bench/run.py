@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,11 +89,13 @@ class Params:
     fanout_time_limit_s: float = 60.0
     fanout_delivery: dict[str, Any] = field(default_factory=dict)  # [delivery] keys over the bundled config
     pg_processes: int = 3             # (g): webhookd processes on one PostgreSQL
+    pg_stall_s: float = 60.0          # (i): how long a REPEATABLE READ transaction stays open
 
     @classmethod
     def quick(cls) -> Params:
         return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500,
-                   backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500, fanout_deliveries=1000)
+                   backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500, fanout_deliveries=1000,
+                   pg_stall_s=10.0)
 
 
 @dataclass
@@ -647,9 +650,66 @@ def scenario_postgres(bench: Bench) -> None:
             log(f"  round {r + 1}/{p.runs}: SQLite {lite['rate']:.0f}/s, PostgreSQL one process {one['rate']:.0f}/s, "
                 f"{p.pg_processes} processes {many['rate']:.0f}/s ({many['deliveries']}/{many['expected']}), "
                 f"{commits:.2f} commits per delivery; from idle p50 {idle['p50_ms']:.1f} ms p99 {idle['p99_ms']:.1f} ms")
+        stall = webhookd_under_an_open_transaction(bench, server, p.pg_stall_s)
+        for k in ("before", "lowest_during", "recovered_after_s"):
+            series[f"stall_{k}"] = Series()
+            series[f"stall_{k}"].add(stall[k])
+        runs.append({"stall": stall})
     finally:
         server.stop()
     bench.results["postgres"] = {"series": series, "runs": runs}
+
+
+def webhookd_under_an_open_transaction(bench: Bench, server: Any, stall_s: float, window_s: float = 5.0) -> dict:
+    """(i) A steady publish load on one webhookd on PostgreSQL; after 20 s another client opens a
+    REPEATABLE READ transaction and holds it ``stall_s`` (vacuum cannot clean behind it: the known
+    queue cliff), then commits; 60 s more. Delivered/s per ``window_s`` from nginx's log: the rate
+    before, the lowest window while the transaction is open, how long after it ends the rate is
+    back to 90% of before."""
+    import psycopg
+
+    url = server.new_database()
+    wd = start_webhookd(bench, "pg-stall", overrides={"storage": {"url": url}})
+    rate = 100.0  # events/s: 500 deliveries/s, below what one process sends
+    before_s, after_s = 20.0, 60.0
+    try:
+        tail = bench.nginx.tail()
+        published = Published()
+        load = threading.Thread(target=loadgen.paced, args=(wd.port,), daemon=True, kwargs=dict(
+            threads=8, total=int(rate * (before_s + stall_s + after_s)), rate=rate, build=publish_request,
+            on_response=published.on_response))
+        started = time.time()
+        load.start()
+        time.sleep(before_s)
+        opened = time.time()
+        with psycopg.connect(url) as reader:
+            reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            reader.execute("SELECT COUNT(*) FROM deliveries").fetchone()
+            time.sleep(stall_s)
+            reader.execute("COMMIT")
+        closed = time.time()
+        load.join(timeout=before_s + stall_s + after_s + 60)
+        time.sleep(window_s)
+        lines = [line for line in tail.read() if line.uri in PATHS]
+    finally:
+        wd.stop()
+    windows: dict[int, int] = {}
+    for line in lines:
+        windows[int((line.msec - started) // window_s)] = windows.get(int((line.msec - started) // window_s), 0) + 1
+
+    def per_s(w: int) -> float:
+        return windows.get(w, 0) / window_s
+
+    first_open, first_closed = int((opened - started) // window_s) + 1, int((closed - started) // window_s) + 1
+    before = statistics.median(per_s(w) for w in range(1, first_open - 1))
+    lowest = min(per_s(w) for w in range(first_open, first_closed - 1))
+    last = int((closed - started + after_s) // window_s)
+    recovered = next((w * window_s + window_s - (closed - started)
+                      for w in range(first_closed - 1, last) if per_s(w) >= 0.9 * before), float("nan"))
+    log(f"  (i) {before:.0f}/s before, lowest {lowest:.0f}/s while a transaction was open {stall_s:.0f} s, "
+        f"back to 90% {recovered:.0f} s after it ended")
+    return {"before": before, "lowest_during": lowest, "recovered_after_s": recovered,
+            "windows": {w: per_s(w) for w in sorted(windows)}}
 
 
 def _pg_commits(url: str) -> int:
@@ -755,6 +815,11 @@ def table(bench: Bench) -> str:
                  lambda v: v <= 20),
             _row("(h) PostgreSQL, publish→delivered from idle p99", s["idle_p99"], "ms", "≤ 100 ms",
                  lambda v: v <= 100),
+            _row("(i) PostgreSQL, delivered/s before a long open transaction", s["stall_before"], "/s"),
+            _row(f"(i)   lowest 5 s window while it is open ({p.pg_stall_s:.0f} s)", s["stall_lowest_during"],
+                 "/s", "> 0 (no stall)", lambda v: v > 0),
+            _row("(i)   back to 90% of before, after it ends", s["stall_recovered_after_s"], "s", "≤ 60 s",
+                 lambda v: v <= 60),
         ]
     for key, found in res.get("fanout", {}).items():
         s = found["series"]
@@ -832,7 +897,9 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
                      "POST /events (no subscriber) and GET /health every 50 ms during each run")
     if "postgres" in only:
         lines.append(f"(f), (g): the throughput run's load, on PostgreSQL from the OS packages (temp dir, fsync on, "
-                     f"127.0.0.1); (g) {p.pg_processes} processes, published to at once")
+                     f"127.0.0.1); (g) {p.pg_processes} processes, published to at once; (h) 10 events/s to one "
+                     f"process; (i) 500 deliveries/s offered while another client holds a REPEATABLE READ "
+                     f"transaction open {p.pg_stall_s:.0f} s (one run)")
     return "\n".join(lines)
 
 
