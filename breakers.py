@@ -144,6 +144,14 @@ class Breakers:
                 if health.opened_at is None:  # a Retry-After pause: simply over
                     health.reason = None
 
+    def needs_history(self, job: Job, sent: Sent) -> bool:
+        """Whether ``record`` will read the store (the partner's last failure, after a restart):
+        the caller then records from a thread, not from an event loop."""
+        with self._lock:
+            known = job.partner_id in self._health
+        return (sent.attempt.error is not None and job.partner_failing_since is not None
+                and self._last_failure_of is not None and not known)
+
     def record(self, job: Job, sent: Sent, now: float) -> tuple[float | None, bool, str | None]:
         """Count one attempt. Returns (failing_since, whether it changed, reason to disable or None)."""
         restored_last_failure = None

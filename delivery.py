@@ -51,8 +51,10 @@ logger = logging.getLogger("webhookd.delivery")
 IDLE_RECHECK_S = 30.0    # even with nothing due, look again now and then
 SHARED_RECHECK_S = 1.0   # ...every second when other processes publish into the same database
 RECORD_BATCH = 100      # results written per commit, at most: a commit holds the write lock while it runs
+RECORD_RETRY_WAITS_S = (0.2, 1.0)  # a batch of results that failed to commit is tried again after these
 CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the write lock while it runs
 CLAIM_GATHER_S = 0.005  # with attempts in flight, let finished ones gather this long before claiming again
+NOTHING_CLAIMED_WAIT_S = 0.05  # after a claim that took nothing, wait at least this long (or a wake-up)
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,10 @@ class DeliveryLoop:
         with self._lock:
             released = [job.delivery_id for job in self._released]
         if released:
-            await asyncio.to_thread(self.store.release_claims, released, self.clock())
+            try:
+                await asyncio.to_thread(self.store.release_claims, released, self.clock())
+            except Exception:  # the database is away: their leases run out and bring them back
+                logger.exception("releasing %d unstarted claims failed; their leases will run out", len(released))
         self._results.put(None)   # the recorder writes what is queued, then stops
         await asyncio.to_thread(self._recorder.join, 10)
         await asyncio.to_thread(self.sender.close)
@@ -268,7 +273,9 @@ class DeliveryLoop:
                 started = await self._claim_and_start()
                 if started:
                     continue  # there may be more due right now
-                pause = await self._seconds_until_next_due()
+                # Took nothing: wait for what is due next, but never spin — due rows may belong to
+                # a partner another process paused or fills (PostgreSQL), which we cannot claim.
+                pause = max(await self._seconds_until_next_due(), NOTHING_CLAIMED_WAIT_S)
             except Exception:
                 logger.exception("claiming deliveries failed; trying again shortly")
                 pause = 1.0
@@ -383,7 +390,10 @@ class DeliveryLoop:
                 await asyncio.to_thread(self.store.release_claims, [job.delivery_id], now)
                 return
             sent = await self.sender.attempt(current)
-            self._results.put(self._outcome(current, sent, rate))
+            if self.breakers.needs_history(current, sent):  # a read of the store: not on this loop
+                self._results.put(await asyncio.to_thread(self._outcome, current, sent, rate))
+            else:
+                self._results.put(self._outcome(current, sent, rate))
         except Exception:  # its lease brings it back
             logger.exception("delivery %s: the attempt crashed; it will be retried", job.delivery_id)
         finally:
@@ -447,16 +457,30 @@ class DeliveryLoop:
             now = self.clock()
             for outcome in batch:
                 self._report(outcome, now)
-            try:
-                lost = self.store.finish_attempts(batch, now=now)
-            except Exception:
-                logger.exception("recording %d attempts failed; their leases will run out and they "
-                                 "will be sent again", len(batch))
+            lost = self._finish_with_retries(batch, now)
+            if lost is None:
                 continue
             for delivery_id in lost:
                 logger.warning("delivery %s: result not recorded, its lease had been taken over", delivery_id)
             if any(o.state == "pending" for o in batch):
                 self.wake()  # a retry may now be due earlier than the loop thought
+
+    def _finish_with_retries(self, batch: list[Outcome], now: float) -> list[str] | None:
+        """``store.finish_attempts``, tried again after a failure (a deadlock, the database away for
+        a moment): writing a batch twice is harmless, each row expects one attempt number. None if
+        it never went in: those attempts are sent again when their leases run out."""
+        for wait in RECORD_RETRY_WAITS_S:
+            try:
+                return self.store.finish_attempts(batch, now=now)
+            except Exception as exc:
+                logger.warning("recording %d attempts failed (%s); trying again in %.1f s", len(batch), exc, wait)
+                time.sleep(wait)
+        try:
+            return self.store.finish_attempts(batch, now=now)
+        except Exception:
+            logger.exception("recording %d attempts failed; their leases will run out and they "
+                             "will be sent again", len(batch))
+            return None
 
     # Retention ----------------------------------------------------------------------------
 

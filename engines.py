@@ -136,10 +136,16 @@ class SQLiteEngine:
             self._writer.execute("BEGIN IMMEDIATE")
             try:
                 yield self._writer
+                self._writer.execute("COMMIT")
             except BaseException:
-                self._writer.execute("ROLLBACK")
+                # A failed COMMIT (a full disk) may leave the transaction open: close it, or every
+                # later BEGIN would fail. A rollback that fails too must not hide the first error.
+                if self._writer.in_transaction:
+                    try:
+                        self._writer.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        logger.exception("rolling back after a failed write failed too")
                 raise
-            self._writer.execute("COMMIT")
 
     @contextmanager
     def reader(self, snapshot: bool = False) -> Iterator[sqlite3.Connection]:

@@ -359,10 +359,14 @@ class Sender:
             async with asyncio.timeout(self.settings.timeout_s):
                 await self._post(target, _request_bytes(target, headers, job.body), answer)
             error = status_error(answer.status)
-            if answer.status in (429, 503):
-                retry_after = parse_retry_after(answer.retry_after, self.clock(), self.settings.retry_after_max_s)
         except Exception as exc:  # one bad endpoint must never take the sender down
-            error = classify_error(exc)
+            # Once the status has arrived it is the partner's answer: a body cut short by the
+            # deadline or a closed connection costs only the connection. A malformed body is
+            # still a protocol error.
+            cut_short = answer.status is not None and not isinstance(exc, BadResponse)
+            error = status_error(answer.status) if cut_short else classify_error(exc)
+        if answer.status in (429, 503):
+            retry_after = parse_retry_after(answer.retry_after, self.clock(), self.settings.retry_after_max_s)
         attempt = Attempt(attempt=job.attempt, started_at=started, duration_ms=int((self.clock() - started) * 1000),
                           status_code=answer.status, error=error, response_snippet=answer.snippet, url=job.url)
         return Sent(attempt, retry_after)

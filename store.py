@@ -388,6 +388,8 @@ class Store:
         refuse it rather than run old SQL on a new schema."""
         schema, migrations = (SCHEMA_POSTGRES, MIGRATIONS_POSTGRES) if self.postgres else (SCHEMA, MIGRATIONS)
         with self._transaction() as db:
+            if self.postgres:  # processes starting together take turns (SQLite's writer is one already)
+                db.execute("SELECT pg_advisory_xact_lock(72071)")
             for statement in schema:
                 db.execute(statement)
             applied = {row["name"] for row in db.execute("SELECT name FROM schema_migrations")}
@@ -651,13 +653,14 @@ class Store:
     @staticmethod
     def _lock_partners_for_claim(db: Any, now: float, per_partner: int, room: dict[str, int]) -> list[str]:
         """PostgreSQL, where several processes claim: lock the active partners' rows for this
-        claim (another process's claim skips them until it commits), then cut each one's room
+        claim (another process's claim skips them until it commits; ``NO KEY UPDATE`` so that
+        publishes, whose deliveries point at these rows, are not held up by it), then cut each one's room
         to its cap less what *every* process has in flight for it (rows leased and not yet
         expired). So three processes never send a partner three times its cap. A partner
         another process paused (its circuit opened: ``paused_until``) is not claimed either."""
         partners = [r["id"] for r in db.execute(
             """SELECT id FROM partners WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
-               ORDER BY id FOR UPDATE SKIP LOCKED""", {"now": now})]
+               ORDER BY id FOR NO KEY UPDATE SKIP LOCKED""", {"now": now})]
         if partners:
             for row in db.execute(
                     """SELECT partner_id, COUNT(*) AS n FROM deliveries
@@ -677,22 +680,7 @@ class Store:
         with self._transaction(durable=False) as db:
             recorded = (_record_at_once if self.postgres else _record_one_by_one)(db, outcomes, now)
             lost = [o.delivery_id for o in outcomes if o.delivery_id not in recorded]
-            for o in outcomes:
-                if o.delivery_id not in recorded:
-                    continue
-                if o.partner_failing_changed:
-                    db.execute("UPDATE partners SET failing_since = :since WHERE id = :id",
-                               {"id": o.partner_id, "since": o.partner_failing_since})
-                if o.paused_until is not None:
-                    db.execute("""UPDATE partners SET paused_until = :until
-                                  WHERE id = :id AND (paused_until IS NULL OR paused_until < :until)""",
-                               {"id": o.partner_id, "until": o.paused_until})
-                if o.disable_reason:
-                    db.execute(
-                        """UPDATE partners SET status = 'disabled', disabled_reason = :reason, updated_at = :now
-                           WHERE id = :id AND status = 'active'""",
-                        {"id": o.partner_id, "reason": o.disable_reason, "now": now},
-                    )
+            _write_partner_health(db, [o for o in outcomes if o.delivery_id in recorded], now)
         if any(o.partner_failing_changed or o.disable_reason or o.paused_until for o in outcomes):
             self._reload_partners_after_write()
         return lost
@@ -1022,6 +1010,32 @@ def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
     )
     row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event.id}).fetchone()
     return _event_from_row(row), True
+
+
+def _write_partner_health(db: Any, outcomes: list[Outcome], now: float) -> None:
+    """What a batch of attempts says of their partners — a failing streak's start, a pause, a
+    reason to disable — one update per partner, in partner order: two processes recording at
+    once then lock partner rows in the same order and never deadlock (PostgreSQL)."""
+    health: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        h = health.setdefault(o.partner_id, {})
+        if o.partner_failing_changed:
+            h["since"] = o.partner_failing_since
+        if o.paused_until is not None:
+            h["until"] = max(h.get("until", 0.0), o.paused_until)
+        if o.disable_reason:
+            h.setdefault("reason", o.disable_reason)
+    for partner_id in sorted(health):
+        h = health[partner_id]
+        if "since" in h:
+            db.execute("UPDATE partners SET failing_since = :since WHERE id = :id", {"id": partner_id, "since": h["since"]})
+        if "until" in h:
+            db.execute("""UPDATE partners SET paused_until = :until
+                          WHERE id = :id AND (paused_until IS NULL OR paused_until < :until)""",
+                       {"id": partner_id, "until": h["until"]})
+        if "reason" in h:
+            db.execute("""UPDATE partners SET status = 'disabled', disabled_reason = :reason, updated_at = :now
+                          WHERE id = :id AND status = 'active'""", {"id": partner_id, "reason": h["reason"], "now": now})
 
 
 def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]:

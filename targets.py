@@ -72,8 +72,11 @@ def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
 
 
 # Name lookups run here, never in the threads that serve requests or send: a resolver
-# that never answers can then hold these few threads, and nothing else.
-_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhookd-dns")
+# that never answers can then hold these threads, and nothing else. The sender shares one
+# lookup per host among the attempts that need it at once (``resolve_target_async``), so a
+# partner whose name never resolves holds one of them, not all.
+_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="webhookd-dns")
+_LOOKUPS: dict[tuple[int, str, int], asyncio.Future] = {}  # (event loop, host, port) -> lookup under way
 
 
 def resolve_target(host: str, port: int, allow_private: bool, timeout: float = 5.0) -> str:
@@ -93,16 +96,29 @@ def resolve_target(host: str, port: int, allow_private: bool, timeout: float = 5
 
 
 async def resolve_target_async(host: str, port: int, allow_private: bool, timeout: float = 5.0) -> str:
-    """``resolve_target`` for the event loop (registration): waits without holding a thread."""
-    lookup = asyncio.get_running_loop().run_in_executor(
-        _RESOLVERS, functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM))
+    """``resolve_target`` for an event loop (the sender, registration): waits without holding a
+    thread, and joins a lookup of the same host already under way instead of starting another."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), host, port)
+    lookup = _LOOKUPS.get(key)
+    if lookup is None:
+        lookup = loop.run_in_executor(_RESOLVERS, functools.partial(socket.getaddrinfo, host, port,
+                                                                    type=socket.SOCK_STREAM))
+        _LOOKUPS[key] = lookup
+        lookup.add_done_callback(functools.partial(_lookup_done, key))
     try:
-        infos = await asyncio.wait_for(lookup, timeout)
+        infos = await asyncio.wait_for(asyncio.shield(lookup), timeout)  # one waiter's deadline ends only its wait
     except TimeoutError:
         raise TimeoutError(f"resolving {host!r} took longer than {timeout:.1f} s") from None
     except (socket.gaierror, UnicodeError, ValueError) as exc:
         raise OSError(f"cannot resolve {host!r}") from exc
     return _checked_address(host, infos, allow_private)
+
+
+def _lookup_done(key: tuple[int, str, int], lookup: asyncio.Future) -> None:
+    _LOOKUPS.pop(key, None)
+    if not lookup.cancelled():
+        lookup.exception()  # retrieved: a failure every waiter gave up on is not logged as unhandled
 
 
 def _checked_address(host: str, infos: list, allow_private: bool) -> str:

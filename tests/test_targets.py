@@ -118,3 +118,32 @@ def test_a_resolver_that_never_answers_stalls_nothing_else(webhookd_factory):
         assert results == [422] * 8
     finally:
         sitecustomize.FAKE_DNS.clear()
+
+
+def test_attempts_to_one_host_share_its_lookup():
+    """Many attempts to a partner whose name is slow to resolve hold one resolver thread, not all
+    of them: lookups of the same host under way at once are shared (the guard's resolver counts)."""
+    import asyncio
+
+    import targets
+
+    lookups, release = [], threading.Event()
+
+    def slow_answer():
+        lookups.append(1)
+        release.wait(10)
+        return ["127.0.0.1"]
+
+    sitecustomize.FAKE_DNS["slow.example"] = slow_answer
+    try:
+        async def many():
+            waits = asyncio.gather(*(targets.resolve_target_async("slow.example", 443, True, timeout=5)
+                                     for _ in range(20)))
+            await asyncio.sleep(0)  # every waiter has taken its first step: joined or started the lookup
+            release.set()
+            return await waits
+
+        assert asyncio.run(many()) == ["127.0.0.1"] * 20
+        assert len(lookups) == 1
+    finally:
+        sitecustomize.FAKE_DNS.clear()
