@@ -256,3 +256,17 @@ def test_an_answer_that_is_not_http_is_a_protocol_error(webhookd_factory, raw_re
     hub.publish(PAYMENT_SUCCESS)
     (failed,) = wait_for(lambda: hub.deliveries(state="failed"))
     assert hub.delivery(failed["delivery_id"])["attempts"][0]["error"] == "protocol_error"
+
+
+def test_a_2xx_whose_body_never_ends_is_delivered_not_sent_again(webhookd_factory, raw_receiver_factory):
+    """The partner said 200, then left its body unfinished (Content-Length 100, 5 bytes, the
+    connection open): the attempt's deadline cuts the body, not the answer. The delivery is
+    delivered with that status — not retried, which would send the event again."""
+    hub = webhookd_factory()
+    receiver = raw_receiver_factory([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"])
+    hub.register(receiver.url, ["payment.success"])
+    hub.publish(PAYMENT_SUCCESS)
+    (done,) = wait_for(lambda: hub.deliveries(state="delivered"))
+    (attempt,) = hub.delivery(done["delivery_id"])["attempts"]
+    assert (attempt["status_code"], attempt["error"]) == (200, None)
+    assert len(receiver.requests) == 1
