@@ -259,11 +259,10 @@ class DeliveryLoop:
         while not self._stopping:
             self._wakeup.clear()
             try:
-                if self.store.partners_stale:  # a reload after a partner write failed: try again
-                    await asyncio.to_thread(self.store.reload_partners_if_stale)
-                if self.store.postgres and time.monotonic() >= self._read_partners_at:
-                    # Other processes change partners too (registrations, pauses, circuits they
-                    # opened): read them again every second.
+                # Read the partners again after a reload that failed, and on PostgreSQL every second:
+                # other processes change them too (registrations, pauses, circuits they opened).
+                shared_due = self.store.postgres and time.monotonic() >= self._read_partners_at
+                if self.store.partners_stale or shared_due:
                     self._read_partners_at = time.monotonic() + SHARED_RECHECK_S
                     await asyncio.to_thread(self.store.reload_partners)
                 if self._claimed:

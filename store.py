@@ -499,21 +499,18 @@ class Store:
 
     def _reload_partners_after_write(self) -> None:
         """Reload after a commit. The write is on disk whatever happens here, so a failed
-        reload must not fail it: it is logged, and ``reload_partners_if_stale`` (which the
-        delivery loop calls from a thread) tries again."""
+        reload must not fail it: it is logged and ``partners_stale`` set, and the delivery loop
+        (from a thread) calls ``reload_partners`` again."""
         try:
             self._reload_partners()
         except Exception:
             self.partners_stale = True
             logger.exception("reading partners into memory failed; the delivery loop will try again")
 
-    def reload_partners_if_stale(self) -> None:
-        if self.partners_stale:
-            self._reload_partners()
-
     def reload_partners(self) -> None:
-        """Read the partners again, whoever changed them: on PostgreSQL another process may have
-        (a registration, a pause, a rotation, a circuit it opened). From a thread."""
+        """Read the partners again: after a reload that failed (``partners_stale``), or because
+        on PostgreSQL another process changed them (a registration, a pause, a rotation, a
+        circuit it opened). From a thread."""
         self._reload_partners()
 
     def _reload_partners(self) -> None:

@@ -177,7 +177,6 @@ class Context:
     inbound_failure_limit: RateLimiter
     registration_limit: RateLimiter
     metrics: metrics.Metrics
-    process_id: str = ""          # this process among several on one PostgreSQL (its own offers)
 
 
 def context(request: Request) -> Context:

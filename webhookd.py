@@ -642,8 +642,7 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
         inbound_failure_limit=RateLimiter(sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s,
                                           time.monotonic),
         registration_limit=RateLimiter(sec.registration_rate_per_min / 60, sec.registration_rate_per_min,
-                                       time.monotonic),
-        process_id=loop.process_id)
+                                       time.monotonic))
 
 
 def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.DeliveryLoop,

@@ -322,7 +322,7 @@ def test_a_failed_reload_of_partners_does_not_fail_the_committed_write(store, mo
     p = _partner(store)
     assert p.id and store.partners_stale and store.get_partner(p.id) is None
     monkeypatch.setattr(store, "_reload_partners", real_reload)
-    store.reload_partners_if_stale()
+    store.reload_partners()
     assert not store.partners_stale and store.get_partner(p.id).id == p.id
 
 
