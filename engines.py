@@ -8,6 +8,9 @@ gives it connections that run those statements. The store only ever asks for two
   resend (claims, attempt results): SQLite commits it with ``synchronous=NORMAL``,
   PostgreSQL with ``synchronous_commit = off``. Everything we answer a 202 or a 200 for is
   durable.
+* ``engine.statement(sql, params)`` — one bookkeeping statement that is a transaction by
+  itself (``durable=False``), its rows returned: on PostgreSQL one round trip, no
+  ``BEGIN``/``COMMIT`` around it. The claim and the recording of results are such statements.
 * ``engine.reader()`` — a connection for reads, each statement on its own snapshot
   (``engine.reader(snapshot=True)`` for several reads that must agree).
 
@@ -34,6 +37,7 @@ from typing import Any
 logger = logging.getLogger("webhookd.store")
 
 BOOKKEEPING_PATIENCE_S = 0.05  # how long a claim or a result waits for the publishes queued before it
+BOOKKEEPING_CONNECTIONS = 4     # PostgreSQL: connections for claims, results and sweeps, per process
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -170,6 +174,10 @@ class SQLiteEngine:
         with self.reader() as db:
             return "\n".join(row["detail"] for row in db.execute("EXPLAIN QUERY PLAN " + sql, params))
 
+    def statement(self, sql: str, params: Any) -> list[Any]:
+        with self.transaction(durable=False) as db:
+            return db.execute(sql, params).fetchall()
+
     def notify(self, channel: str, payload: str = "") -> None:
         """One process owns a SQLite file: there is nobody else to tell."""
 
@@ -252,19 +260,29 @@ class PostgresEngine:
         # Client-side binding (psycopg quotes each value into the statement): the store's
         # ``:x IS NULL OR col = :x`` filters leave a server-side parameter without a type.
         # timeout: how long a caller waits for a connection before DatabaseUnavailable (a 503).
+        kwargs = {"row_factory": _row_factory, "cursor_factory": psycopg.ClientCursor}
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=3,
-                                    kwargs={"row_factory": _row_factory, "cursor_factory": psycopg.ClientCursor},
-                                    check=ConnectionPool.check_connection)
+                                    kwargs=kwargs, check=ConnectionPool.check_connection)
+        # Bookkeeping (claims, results, leases) on connections of its own, where every commit is
+        # ``synchronous_commit = off`` and a lone statement needs no BEGIN/COMMIT round trips.
+        self._bookkeeping = ConnectionPool(
+            url, min_size=1, max_size=BOOKKEEPING_CONNECTIONS, open=True, timeout=3,
+            kwargs={**kwargs, "autocommit": True, "options": "-c synchronous_commit=off"},
+            check=ConnectionPool.check_connection)
 
     def describe(self) -> str:
         return re.sub(r"//[^@/]*@", "//…@", self.url)  # never the password
 
     @contextmanager
     def transaction(self, durable: bool = True) -> Iterator[_PgConnection]:
-        with self._unavailable_as_such(), self._pool.connection() as conn, conn.transaction():
-            if not durable:
-                conn.execute("SET LOCAL synchronous_commit = off")
+        pool = self._pool if durable else self._bookkeeping
+        with self._unavailable_as_such(), pool.connection() as conn, conn.transaction():
             yield _PgConnection(conn)
+
+    def statement(self, sql: str, params: Any) -> list[Any]:
+        with self._unavailable_as_such(), self._bookkeeping.connection() as conn:
+            cursor = conn.execute(to_pyformat(sql), params)
+            return cursor.fetchall() if cursor.description else []
 
     @contextmanager
     def reader(self, snapshot: bool = False) -> Iterator[_PgConnection]:
@@ -330,4 +348,5 @@ class PostgresEngine:
         return stop_listening
 
     def close(self) -> None:
+        self._bookkeeping.close()
         self._pool.close()

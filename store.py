@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from engines import PostgresEngine, SQLiteEngine, is_postgres_url
+from engines import DatabaseUnavailable, PostgresEngine, SQLiteEngine, is_postgres_url
 from models import Attempt, Delivery, Event, InboundEvent, Job, NewEvent, Outcome, Page, Partner, valid_secrets
 
 logger = logging.getLogger("webhookd.store")
@@ -209,6 +209,9 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     # The claim searches pending rows only: delivered history grows, this index does not.
     ("deliveries_partner_pending", ["CREATE INDEX IF NOT EXISTS deliveries_partner_pending "
                                     "ON deliveries (partner_id, next_attempt_at) WHERE state = 'pending'"]),
+    # What every process has in flight for a partner (the claim's global cap): leased rows only.
+    ("deliveries_leased", ["CREATE INDEX IF NOT EXISTS deliveries_leased "
+                           "ON deliveries (partner_id) WHERE leased_until IS NOT NULL"]),
 ]
 
 
@@ -289,14 +292,9 @@ class _GroupWrite:
         self.error: BaseException | None = None
         self.done = threading.Event()
 
-    def run(self, db: Any) -> None:
-        db.execute("SAVEPOINT request")
-        try:
-            self.result = self.work(db)
-        except Exception as exc:
-            db.execute("ROLLBACK TO SAVEPOINT request")
-            self.error = exc
-        db.execute("RELEASE SAVEPOINT request")
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
 
 
 class Store:
@@ -351,8 +349,10 @@ class Store:
 
         Requests that arrive while a commit is being flushed to disk wait for the next one
         together, so under load one ``FULL`` flush covers many publishes and inbound
-        events (the write-thread pattern). Each runs in its own SAVEPOINT: one that fails
-        is rolled back alone and its caller gets the exception.
+        events (the write-thread pattern). If any of them fails, the transaction is rolled
+        back and each request runs again in a transaction of its own: the one that fails
+        alone gets the exception, the others are written. (No SAVEPOINT per request: on
+        PostgreSQL each would cost two more round trips, and a failure is rare.)
         """
         request = _GroupWrite(work, announce)
         self._group_queue.put(request)
@@ -364,15 +364,8 @@ class Store:
     def _group_writer(self) -> None:
         while True:
             batch, stopping = take_batch(self._group_queue, GROUP_COMMIT_MAX)
-            try:
-                with self._transaction() as db:
-                    for request in batch:
-                        request.run(db)
-            except Exception as exc:  # the commit itself failed: every request in it did
-                for request in batch:
-                    request.result, request.error = None, request.error or exc
-            for request in batch:
-                request.done.set()
+            if batch:
+                self._write_together(batch)
             # One notification after the commit and outside it, however many publishes it held, and
             # at most one per ANNOUNCE_GAP_S: the others also look every second by themselves.
             for channel in {r.announce for r in batch if r.announce and r.error is None}:
@@ -381,6 +374,22 @@ class Store:
                     self.announce(channel)
             if stopping:
                 return
+
+    def _write_together(self, batch: list[_GroupWrite]) -> None:
+        """One transaction for the whole batch; after a failure, one each (see ``_in_group_commit``)."""
+        try:
+            with self._transaction() as db:
+                results = [request.work(db) for request in batch]
+        except Exception as exc:
+            if len(batch) == 1 or isinstance(exc, DatabaseUnavailable):  # the database is away: all failed
+                for request in batch:
+                    request.finish(error=exc)
+                return
+            for request in batch:
+                self._write_together([request])
+            return
+        for request, result in zip(batch, results):
+            request.finish(result)
 
     def _apply_schema(self) -> None:
         """Create what is missing, then apply the migrations not yet recorded, in order. A
@@ -436,6 +445,9 @@ class Store:
 
     def explain_claim(self) -> str:
         """The query plan of the claim's search, for tests that check it uses an index."""
+        if self.postgres:
+            return self.engine.explain(_CLAIM, {"now": 0.0, "lease": 1.0, "limit": 1, "per_partner": 1, "round": "0",
+                                                "room_ids": [], "room_n": []})
         return self.engine.explain(self._due_for_partner, {"partner_id": "", "now": 0.0, "limit": 1})
 
     # --- Partners -----------------------------------------------------------------
@@ -582,14 +594,16 @@ class Store:
         Paused and disabled partners get their rows too: they stay ``pending`` until
         the partner is active again.
         """
-        return self._in_group_commit(lambda db: _insert_event(db, event, now, max_attempts, new_delivery_id),
+        insert = _insert_event_postgres if self.postgres else _insert_event
+        return self._in_group_commit(lambda db: insert(db, event, now, max_attempts, new_delivery_id),
                                      announce=WORK_CHANNEL)
 
     def publish_batch(self, events: list[NewEvent], *, now: float, max_attempts: int,
                       new_delivery_id: Callable[[], str]) -> list[tuple[Event, bool]]:
         """``publish`` for many events, in one transaction and one durable commit."""
+        insert = _insert_event_postgres if self.postgres else _insert_event
         return self._in_group_commit(
-            lambda db: [_insert_event(db, event, now, max_attempts, new_delivery_id) for event in events],
+            lambda db: [insert(db, event, now, max_attempts, new_delivery_id) for event in events],
             announce=WORK_CHANNEL)
 
     def get_event(self, event_id: str) -> Event | None:
@@ -618,15 +632,15 @@ class Store:
         """
         room = dict(room or {})
         lease_until = now + lease_s
+        self._claim_round += 1
+        if self.postgres:
+            return self._claim_in_one_statement(now, lease_until, limit, per_partner, room)
         with self._transaction(durable=False) as db:
-            if self.postgres:
-                partners = self._lock_partners_for_claim(db, now, per_partner, room)
-            else:
-                partners = [r["id"] for r in db.execute("SELECT id FROM partners WHERE status = 'active' ORDER BY id")]
+            partners = [r["id"] for r in db.execute("SELECT id FROM partners WHERE status = 'active' ORDER BY id")]
             if not partners or limit <= 0:
                 return []
-            self._claim_round = (self._claim_round + 1) % len(partners)
-            in_turn = partners[self._claim_round:] + partners[:self._claim_round]
+            start = self._claim_round % len(partners)
+            in_turn = partners[start:] + partners[:start]
             taken = {p: 0 for p in partners}
             ids: list[str] = []
             # First pass: an equal share each; second pass: fill what is left, up to the cap.
@@ -647,24 +661,17 @@ class Store:
                     ids += batch
             return _read_jobs(db, ids, now)
 
-    @staticmethod
-    def _lock_partners_for_claim(db: Any, now: float, per_partner: int, room: dict[str, int]) -> list[str]:
-        """PostgreSQL, where several processes claim: lock the active partners' rows for this
-        claim (another process's claim skips them until it commits; ``NO KEY UPDATE`` so that
-        publishes, whose deliveries point at these rows, are not held up by it), then cut each one's room
-        to its cap less what *every* process has in flight for it (rows leased and not yet
-        expired). So three processes never send a partner three times its cap. A partner
-        another process paused (its circuit opened: ``paused_until``) is not claimed either."""
-        partners = [r["id"] for r in db.execute(
-            """SELECT id FROM partners WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
-               ORDER BY id FOR NO KEY UPDATE SKIP LOCKED""", {"now": now})]
-        if partners:
-            for row in db.execute(
-                    """SELECT partner_id, COUNT(*) AS n FROM deliveries
-                       WHERE state = 'pending' AND leased_until > :now AND partner_id = ANY(:partners)
-                       GROUP BY partner_id""", {"now": now, "partners": partners}):
-                room[row["partner_id"]] = min(room.get(row["partner_id"], per_partner), per_partner - row["n"])
-        return partners
+    def _claim_in_one_statement(self, now: float, lease_until: float, limit: int, per_partner: int,
+                                room: dict[str, int]) -> list[Job]:
+        """PostgreSQL, where several processes claim at once: the same claim as one statement
+        (``_CLAIM``, one round trip). Each partner's room is cut to its cap less what *every*
+        process has in flight for it, so three processes never send a partner three times its cap."""
+        if limit <= 0:
+            return []
+        rows = self.engine.statement(_CLAIM, {
+            "now": now, "lease": lease_until, "limit": limit, "per_partner": per_partner,
+            "round": str(self._claim_round), "room_ids": list(room), "room_n": list(room.values())})
+        return [_job_from_row(row, now) for row in rows]
 
     def finish_attempts(self, outcomes: list[Outcome], now: float) -> list[str]:
         """Record many attempts in one transaction (group commit); return the ids not recorded.
@@ -674,11 +681,15 @@ class Store:
         cannot record twice. Partner health (failing streak, auto-disable) is written
         in the same transaction.
         """
-        with self._transaction(durable=False) as db:
-            recorded = (_record_at_once if self.postgres else _record_one_by_one)(db, outcomes, now)
-            lost = [o.delivery_id for o in outcomes if o.delivery_id not in recorded]
-            _write_partner_health(db, [o for o in outcomes if o.delivery_id in recorded], now)
-        if any(o.partner_failing_changed or o.disable_reason or o.paused_until for o in outcomes):
+        health = any(o.partner_failing_changed or o.disable_reason or o.paused_until for o in outcomes)
+        if self.postgres and not health:  # the usual case: one statement, one round trip
+            recorded = _record_at_once(self.engine, outcomes, now)
+        else:
+            with self._transaction(durable=False) as db:
+                recorded = (_record_at_once if self.postgres else _record_one_by_one)(db, outcomes, now)
+                _write_partner_health(db, [o for o in outcomes if o.delivery_id in recorded], now)
+        lost = [o.delivery_id for o in outcomes if o.delivery_id not in recorded]
+        if health:
             self._reload_partners_after_write()
         return lost
 
@@ -950,20 +961,68 @@ _DUE_FOR_PARTNER = """
     ORDER BY next_attempt_at LIMIT :limit
 """
 
-# Recording a batch of results (finish_attempts), after "WITH r (...) AS (VALUES ...)": a result
-# counts only while its row still expects that attempt number; RETURNING says which did.
-_RECORD_RESULTS = """
-    UPDATE deliveries SET state = r.state, attempt_count = r.attempt, next_attempt_at = r.next,
-                          leased_until = NULL, updated_at = :now
-    FROM r WHERE deliveries.id = r.id AND deliveries.attempt_count = r.attempt - 1
-                                      AND deliveries.state = 'pending'
-    RETURNING deliveries.id
+# The claim on PostgreSQL, in one statement. Step by step:
+#   partner  the active partners nobody paused, locked for this claim (another process's claim
+#            skips them until this one ends; NO KEY UPDATE, so publishes, whose deliveries point
+#            at these rows, are not held up);
+#   room     each one's free room: the caller's room for it (its breaker, its pace, what this
+#            process sends it), and at most the cap less the rows leased by every process
+#            (the small deliveries_leased index holds only those);
+#   due      up to that many of its oldest due rows, locked, skipping rows another claim holds;
+#   chosen   `limit` of them, each partner's first before anyone's second (fair shares), the
+#            partners shuffled anew at each claim (md5 of a counter) so nobody always goes first;
+#   leased   the lease written into next_attempt_at (due again if its holder dies);
+# and what a sender needs, read in the same statement.
+_CLAIM = """
+    WITH partner AS (
+        SELECT id FROM partners
+        WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
+        FOR NO KEY UPDATE SKIP LOCKED
+    ), room AS (
+        SELECT partner.id, LEAST(COALESCE(mine.n, :per_partner), :per_partner - (
+                   SELECT COUNT(*) FROM deliveries d
+                   WHERE d.partner_id = partner.id AND d.leased_until IS NOT NULL
+                     AND d.leased_until > :now)) AS n
+        FROM partner LEFT JOIN unnest(CAST(:room_ids AS TEXT[]), CAST(:room_n AS INTEGER[])) AS mine (id, n)
+                               ON mine.id = partner.id
+    ), due AS (
+        SELECT d.id, d.partner_id, row_number() OVER (PARTITION BY d.partner_id ORDER BY d.next_attempt_at) AS turn
+        FROM room CROSS JOIN LATERAL (
+            SELECT id, partner_id, next_attempt_at FROM deliveries
+            WHERE partner_id = room.id AND state = 'pending' AND next_attempt_at <= :now
+            ORDER BY next_attempt_at LIMIT LEAST(GREATEST(room.n, 0), :limit)
+            FOR UPDATE SKIP LOCKED) d
+    ), chosen AS (
+        SELECT id FROM due ORDER BY turn, md5(partner_id || :round) LIMIT :limit
+    ), leased AS (
+        UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease
+        FROM chosen WHERE deliveries.id = chosen.id
+        RETURNING deliveries.id, deliveries.event_id, deliveries.partner_id, deliveries.attempt_count,
+                  deliveries.max_attempts, deliveries.created_at
+    )
+    SELECT leased.id, leased.event_id, e.type, leased.partner_id, p.webhook_url, p.secret,
+           p.previous_secret, p.previous_secret_until, p.failing_since, e.body,
+           leased.attempt_count, leased.max_attempts, leased.created_at
+    FROM leased JOIN events e ON e.id = leased.event_id JOIN partners p ON p.id = leased.partner_id
 """
 
-_RECORD_ATTEMPTS = """
-    INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, response_snippet, url)
-    SELECT r.id, r.attempt, r.started, r.ms, CAST(r.status AS INTEGER), r.error, r.snippet, r.url
-    FROM r WHERE r.id IN ({recorded})
+# Recording a batch of results on PostgreSQL (finish_attempts), after "WITH r (...) AS (VALUES
+# ...)": a result counts only while its row still expects that attempt number; the attempts of
+# those rows are logged in the same statement, and RETURNING says which were recorded.
+_RECORD_RESULTS = """,
+    done AS (
+        UPDATE deliveries SET state = r.state, attempt_count = r.attempt, next_attempt_at = r.next,
+                              leased_until = NULL, updated_at = :now
+        FROM r WHERE deliveries.id = r.id AND deliveries.attempt_count = r.attempt - 1
+                                          AND deliveries.state = 'pending'
+        RETURNING deliveries.id
+    ), logged AS (
+        INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error,
+                              response_snippet, url)
+        SELECT r.id, r.attempt, r.started, r.ms, CAST(r.status AS INTEGER), r.error, r.snippet, r.url
+        FROM r JOIN done ON done.id = r.id
+    )
+    SELECT id FROM done
 """
 
 _NEXT_DUE_FOR_PARTNER = """
@@ -1007,6 +1066,42 @@ def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
     )
     row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event.id}).fetchone()
     return _event_from_row(row), True
+
+
+# A publish on PostgreSQL in one statement (one round trip): the event, with its fan-out counted,
+# and one delivery per subscriber. A delivery id is the id made in Python for this event (its time
+# part keeps ids sorted by creation) with its 12 random characters drawn in the statement, one per row.
+# Nothing is returned if the idempotency key (or id) is taken: the caller then reads the first event.
+_PUBLISH_POSTGRES = """
+    WITH subscriber AS ({subscribers}),
+    event AS (
+        INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, created_at)
+        SELECT :id, :type, :body, :key, :hash, COUNT(*), :now FROM subscriber
+        ON CONFLICT DO NOTHING
+        RETURNING *
+    ), fanout AS (
+        INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts, next_attempt_at, created_at, updated_at)
+        SELECT :id_prefix || substr(md5(random()::text || subscriber.partner_id), 1, 12), event.id,
+               subscriber.partner_id, 'pending', :max_attempts, :now, :now, :now
+        FROM event CROSS JOIN subscriber
+    )
+    SELECT * FROM event
+"""
+
+
+def _insert_event_postgres(db: Any, event: NewEvent, now: float, max_attempts: int,
+                           new_delivery_id: Callable[[], str]) -> tuple[Event, bool]:
+    """``_insert_event`` as one statement (``_PUBLISH_POSTGRES``)."""
+    subscribers = ("SELECT CAST(:only AS TEXT) AS partner_id" if event.only_partner is not None
+                   else "SELECT partner_id FROM subscriptions WHERE event_type = :type")
+    row = db.execute(_PUBLISH_POSTGRES.format(subscribers=subscribers), {
+        "id": event.id, "type": event.type, "body": event.body, "key": event.idempotency_key,
+        "hash": event.request_hash, "now": now, "only": event.only_partner, "max_attempts": max_attempts,
+        "id_prefix": new_delivery_id()[:-12]}).fetchone()
+    if row is not None:
+        return _event_from_row(row), True
+    row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
+    return _event_from_row(row), False
 
 
 def _write_partner_health(db: Any, outcomes: list[Outcome], now: float) -> None:
@@ -1057,8 +1152,9 @@ def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]
 
 
 def _record_at_once(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
-    """PostgreSQL: the batch as one table of values, two statements for a hundred results (each
-    statement is a round trip to the server)."""
+    """PostgreSQL: the batch as one table of values, one statement for a hundred results (each
+    statement is a round trip to the server). ``db`` is a transaction, or the engine itself
+    (then the statement is a transaction of its own)."""
     params: dict[str, Any] = {"now": now}
     rows = []
     for n, o in enumerate(outcomes):
@@ -1069,12 +1165,10 @@ def _record_at_once(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
                        f"next{n}": o.next_attempt_at, f"started{n}": a.started_at, f"ms{n}": a.duration_ms,
                        f"status{n}": a.status_code, f"error{n}": a.error, f"snippet{n}": a.response_snippet,
                        f"url{n}": a.url})
-    results = f"WITH r (id, state, attempt, next, started, ms, status, error, snippet, url) AS (VALUES {', '.join(rows)})"
-    recorded = {row["id"] for row in db.execute(results + _RECORD_RESULTS, params)}
-    if recorded:
-        db.execute(results + _RECORD_ATTEMPTS.format(recorded=_placeholders("rec", list(recorded))),
-                   {**params, **_numbered("rec", list(recorded))})
-    return recorded
+    sql = (f"WITH r (id, state, attempt, next, started, ms, status, error, snippet, url) AS "
+           f"(VALUES {', '.join(rows)})" + _RECORD_RESULTS)
+    run = db.statement if hasattr(db, "statement") else (lambda sql, p: db.execute(sql, p).fetchall())
+    return {row["id"] for row in run(sql, params)}
 
 
 def _read_jobs(db: Any, ids: list[str], now: float) -> list[Job]:
