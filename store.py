@@ -168,8 +168,9 @@ SCHEMA_POSTGRES = [
         created_at      DOUBLE PRECISION NOT NULL,
         updated_at      DOUBLE PRECISION NOT NULL
     )""",
-    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at)",
-    "CREATE INDEX IF NOT EXISTS deliveries_partner_due ON deliveries (partner_id, state, next_attempt_at)",
+    # Fewer indexes than SQLite: every claim and every result rewrites the row and, since
+    # next_attempt_at changes, adds an entry to each index. The claim's own indexes come with
+    # the migrations below (partial: pending rows, leased rows).
     "CREATE INDEX IF NOT EXISTS deliveries_by_partner ON deliveries (partner_id, id)",
     "CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (event_id)",
     """CREATE TABLE IF NOT EXISTS attempts (
@@ -212,6 +213,9 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     # What every process has in flight for a partner (the claim's global cap): leased rows only.
     ("deliveries_leased", ["CREATE INDEX IF NOT EXISTS deliveries_leased "
                            "ON deliveries (partner_id) WHERE leased_until IS NOT NULL"]),
+    # The two partial indexes above do their work: the full ones only cost every write.
+    ("deliveries_full_due_indexes_dropped", ["DROP INDEX IF EXISTS deliveries_due",
+                                             "DROP INDEX IF EXISTS deliveries_partner_due"]),
 ]
 
 
@@ -1006,11 +1010,18 @@ _CLAIM = """
     FROM leased JOIN events e ON e.id = leased.event_id JOIN partners p ON p.id = leased.partner_id
 """
 
-# Recording a batch of results on PostgreSQL (finish_attempts), after "WITH r (...) AS (VALUES
-# ...)": a result counts only while its row still expects that attempt number; the attempts of
-# those rows are logged in the same statement, and RETURNING says which were recorded.
-_RECORD_RESULTS = """,
-    done AS (
+# Recording a batch of results on PostgreSQL (finish_attempts), one array per column (the same
+# statement text every time, whatever the batch's size): a result counts only while its row still
+# expects that attempt number; the attempts of those rows are logged in the same statement, and
+# RETURNING says which were recorded.
+_RECORD_RESULTS = """
+    WITH r AS (
+        SELECT * FROM unnest(CAST(:id AS TEXT[]), CAST(:state AS TEXT[]), CAST(:attempt AS INTEGER[]),
+                             CAST(:next AS DOUBLE PRECISION[]), CAST(:started AS DOUBLE PRECISION[]),
+                             CAST(:ms AS INTEGER[]), CAST(:status AS INTEGER[]), CAST(:error AS TEXT[]),
+                             CAST(:snippet AS TEXT[]), CAST(:url AS TEXT[]))
+                      AS r (id, state, attempt, next, started, ms, status, error, snippet, url)
+    ), done AS (
         UPDATE deliveries SET state = r.state, attempt_count = r.attempt, next_attempt_at = r.next,
                               leased_until = NULL, updated_at = :now
         FROM r WHERE deliveries.id = r.id AND deliveries.attempt_count = r.attempt - 1
@@ -1019,7 +1030,7 @@ _RECORD_RESULTS = """,
     ), logged AS (
         INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error,
                               response_snippet, url)
-        SELECT r.id, r.attempt, r.started, r.ms, CAST(r.status AS INTEGER), r.error, r.snippet, r.url
+        SELECT r.id, r.attempt, r.started, r.ms, r.status, r.error, r.snippet, r.url
         FROM r JOIN done ON done.id = r.id
     )
     SELECT id FROM done
@@ -1152,23 +1163,16 @@ def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]
 
 
 def _record_at_once(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
-    """PostgreSQL: the batch as one table of values, one statement for a hundred results (each
+    """PostgreSQL: the batch as one array per column, one statement for a hundred results (each
     statement is a round trip to the server). ``db`` is a transaction, or the engine itself
     (then the statement is a transaction of its own)."""
-    params: dict[str, Any] = {"now": now}
-    rows = []
-    for n, o in enumerate(outcomes):
-        a = o.attempt
-        rows.append(f"(:id{n}, :state{n}, :attempt{n}, :next{n}, :started{n}, :ms{n}, :status{n}, :error{n}, "
-                    f":snippet{n}, :url{n})")
-        params.update({f"id{n}": o.delivery_id, f"state{n}": o.state, f"attempt{n}": a.attempt,
-                       f"next{n}": o.next_attempt_at, f"started{n}": a.started_at, f"ms{n}": a.duration_ms,
-                       f"status{n}": a.status_code, f"error{n}": a.error, f"snippet{n}": a.response_snippet,
-                       f"url{n}": a.url})
-    sql = (f"WITH r (id, state, attempt, next, started, ms, status, error, snippet, url) AS "
-           f"(VALUES {', '.join(rows)})" + _RECORD_RESULTS)
+    columns = {"id": [o.delivery_id for o in outcomes], "state": [o.state for o in outcomes],
+               "attempt": [o.attempt.attempt for o in outcomes], "next": [o.next_attempt_at for o in outcomes],
+               "started": [o.attempt.started_at for o in outcomes], "ms": [o.attempt.duration_ms for o in outcomes],
+               "status": [o.attempt.status_code for o in outcomes], "error": [o.attempt.error for o in outcomes],
+               "snippet": [o.attempt.response_snippet for o in outcomes], "url": [o.attempt.url for o in outcomes]}
     run = db.statement if hasattr(db, "statement") else (lambda sql, p: db.execute(sql, p).fetchall())
-    return {row["id"] for row in run(sql, params)}
+    return {row["id"] for row in run(_RECORD_RESULTS, {"now": now, **columns})}
 
 
 def _read_jobs(db: Any, ids: list[str], now: float) -> list[Job]:
