@@ -30,9 +30,11 @@ import collections
 import dataclasses
 import logging
 import math
+import os
 import queue
 import random
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +57,8 @@ RECORD_RETRY_WAITS_S = (0.2, 1.0)  # a batch of results that failed to commit is
 CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the write lock while it runs
 CLAIM_GATHER_S = 0.005  # with attempts in flight, let finished ones gather this long before claiming again
 NOTHING_CLAIMED_WAIT_S = 0.05  # after a claim that took nothing, wait at least this long (or a wake-up)
+HEARTBEAT_S = 2.0       # each process renews its row in `processes` this often...
+ALIVE_S = 3 * HEARTBEAT_S  # ...and counts as alive while its last one is this recent
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,8 @@ class DeliveryLoop:
         self.clock = clock
         self.sender = Sender(settings, clock)
         self.process_id = "proc_" + secrets.token_hex(8)  # this process, among several on one database
+        self.started_at = clock()
+        self.processes: list[dict[str, Any]] = []  # the live ones, from the last heartbeat
         self.breakers = Breakers(settings, last_failure_of=store.last_failed_attempt_at)
         self.pacer = Pacer()
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
@@ -161,6 +167,7 @@ class DeliveryLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task | None = None
         self._purge_task: asyncio.Task | None = None
+        self._heartbeat_task: asyncio.Task | None = None
         self._stopping = False
         # On PostgreSQL another process may publish what this one should send: look every second.
         self._recheck_s = SHARED_RECHECK_S if store.postgres else IDLE_RECHECK_S
@@ -175,8 +182,10 @@ class DeliveryLoop:
         if requeued:
             logger.warning("re-queued %d deliveries whose lease ran out (an earlier run stopped mid-send)", requeued)
         self._recorder.start()
+        await self._heartbeat()
         self._run_task = asyncio.create_task(self.run(), name="webhookd-delivery-loop")
         self._purge_task = asyncio.create_task(self._purge_old(), name="webhookd-retention")
+        self._heartbeat_task = asyncio.create_task(self._keep_beating(), name="webhookd-heartbeat")
 
     def wake(self) -> None:
         """Tell the loop there may be work now. Safe to call from any thread.
@@ -201,14 +210,25 @@ class DeliveryLoop:
         self._wakeup.set()
 
     def partner_reactivated(self, partner_id: str) -> None:
-        """A partner was made active again by hand: forget its failures and look for work."""
+        """A partner was made active again by hand: forget its failures and look for work.
+        (On PostgreSQL the store tells the other processes, which call this too.)"""
         self.breakers.forget(partner_id, self.clock())
         self.wake()
 
     def probe_partner(self, partner_id: str) -> None:
-        """An operator asked for another attempt (retry, recover): an open circuit probes now."""
+        """An operator asked for another attempt (retry, recover): an open circuit probes now.
+        (On PostgreSQL the store tells the other processes, which call this too.)"""
         self.breakers.probe_now(partner_id, self.clock())
         self.wake()
+
+    def partner_changed(self, note: dict[str, str]) -> None:
+        """Another process changed a partner (``store.PARTNERS_CHANNEL``): the store has read
+        the partners again; an operator's reset reaches this process's breaker too."""
+        action = {"reactivated": self.partner_reactivated, "probe": self.probe_partner}.get(note.get("action", ""))
+        if action is not None:
+            action(note["partner_id"])
+        else:
+            self.wake()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop at once: no new claim and no new send. Claimed jobs whose attempt has not
@@ -220,9 +240,11 @@ class DeliveryLoop:
         """
         self._stopping = True
         self.wake()
-        if self._purge_task is not None:
-            self._purge_task.cancel()
-        await asyncio.gather(*(t for t in (self._run_task, self._purge_task) if t), return_exceptions=True)
+        for task in (self._purge_task, self._heartbeat_task):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (self._run_task, self._purge_task, self._heartbeat_task) if t),
+                             return_exceptions=True)
         grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
         await asyncio.to_thread(self._all_done.wait, grace)
         unfinished = self.in_flight
@@ -236,6 +258,10 @@ class DeliveryLoop:
         self._results.put(None)   # the recorder writes what is queued, then stops
         await asyncio.to_thread(self._recorder.join, 10)
         await asyncio.to_thread(self.sender.close)
+        try:
+            await asyncio.to_thread(self.store.forget_process, self.process_id)
+        except Exception:  # the database is away: the row simply stops being renewed
+            logger.warning("could not remove this process from the processes table; it will age out")
         logger.info("delivery loop stopped; %d attempts left unfinished (their leases will run out "
                     "and they will be sent again)", unfinished)
 
@@ -295,8 +321,13 @@ class DeliveryLoop:
 
     def _paces(self, now: float) -> dict[str, float]:
         """The pace in force now of every paced partner: its own ``max_rate_per_s``, or lower
-        while a 429 slows it (a partner without a pace of its own may be slowed too)."""
-        own = self.store.paces()
+        while a 429 slows it (a partner without a pace of its own may be slowed too).
+
+        Several processes on one database each send at their share of a partner's own pace
+        (``max_rate_per_s`` / the live processes), so together they keep to it. A process with
+        no work for that partner leaves its share unused: the pace is a ceiling, not a promise."""
+        shares = max(1, len(self.processes))
+        own = {p: rate / shares for p, rate in self.store.paces().items()}
         rates = {p: self.pacer.rate(p, own.get(p), now) for p in set(own) | set(self.pacer.paced(now))}
         return {p: rate for p, rate in rates.items() if rate is not None}
 
@@ -495,12 +526,29 @@ class DeliveryLoop:
                     await asyncio.sleep(self.settings.purge_interval_s)
                     continue
                 events, inbound = await self.purge_expired()
+                if self.store.postgres:  # the shared rate limits' buckets that are full again
+                    await asyncio.to_thread(self.store.purge_rate_buckets, before=time.time() - 3600)
                 if events or inbound:
                     logger.info("retention: purged %d delivered events and %d inbound events older than %d s",
                                 events, inbound, int(self.settings.retention_s))
             except Exception:
                 logger.exception("retention purge failed; will try again")
             await asyncio.sleep(self.settings.purge_interval_s)
+
+    async def _keep_beating(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self._heartbeat()
+            except Exception as exc:  # the database is away; the next beat tries again
+                logger.warning("heartbeat failed (%s); trying again in %.0f s", exc, HEARTBEAT_S)
+
+    async def _heartbeat(self) -> None:
+        """Renew this process's row in ``processes`` and learn which others are alive (``/stats``
+        lists them; the pace is shared among them)."""
+        self.processes = await asyncio.to_thread(
+            self.store.heartbeat, self.process_id, host=socket.gethostname(), pid=os.getpid(),
+            started_at=self.started_at, now=self.clock(), alive_s=ALIVE_S)
 
     async def purge_expired(self) -> tuple[int, int]:
         """Delete what is older than ``retention_s`` — delivered events, then inbound events —

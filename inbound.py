@@ -57,6 +57,7 @@ from web import (
 logger = logging.getLogger("webhookd")
 
 HMAC_ON_LOOP_BYTES = 65536  # more HMAC input than this per request moves to a thread
+PARTNER_MISS_RELOAD_S = 0.2  # PostgreSQL: an unknown X-Partner-Id reads the partners again, at most this often
 
 
 async def receive_partner_event(request: Request) -> JSONResponse:
@@ -81,7 +82,7 @@ async def _receive(request: Request) -> JSONResponse:
     now = ctx.clock()
     canonical_body = signing.canonical(payload)
     partner = await _verified_sender(request, ctx, raw, payload, canonical_body, signature, now)
-    ctx.inbound_limit.check(partner.id, "events from this partner")
+    await ctx.inbound_limit.check(partner.id, "events from this partner")
     _check_timestamp(payload.get("timestamp"), now, ctx.config.security.inbound_tolerance_s)
 
     stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
@@ -113,10 +114,13 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
     """The partner whose secret made ``signature``: the one ``X-Partner-Id`` names, else any
     partner that is not disabled. A client address whose signatures keep failing gets 429s."""
     client = client_address(request)
-    ctx.inbound_failure_limit.refuse_if_empty(client, "refused signatures from this address")
+    await ctx.inbound_failure_limit.refuse_if_empty(client, "refused signatures from this address")
     partner_id = request.headers.get("x-partner-id")
     if partner_id is not None:  # memory only, like partners_accepting_inbound: no thread hop
         named = ctx.store.get_partner(partner_id)
+        if named is None and ctx.store.postgres:  # registered through another process just now?
+            await db(ctx.store.reload_partners, at_most_every_s=PARTNER_MISS_RELOAD_S)
+            named = ctx.store.get_partner(partner_id)
         candidates = [named] if named is not None and named.status != "disabled" else []
     else:
         candidates = ctx.store.partners_accepting_inbound()
@@ -126,7 +130,7 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
     else:
         partner = _find_sender(*args)
     if partner is None:
-        ctx.inbound_failure_limit.take(client)
+        await ctx.inbound_failure_limit.take(client)
         raise ApiError(401, "invalid_signature",
                        "The signature does not verify for any partner. Sign the body with your shared secret "
                        "(hex HMAC-SHA256) and send it as X-Webhook-Signature.")

@@ -107,7 +107,11 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "Token": _obj({"token": STRING, "expires_at": TIME}),
         "Health": _obj({"status": {"const": "ok"}}),
         "Stats": _obj({"partners": {"type": "array", "items": {"type": "object"}}, "totals": {"type": "object"},
-                       "per_minute": {"type": "array", "items": {"type": "object"}}, "now": TIME}),
+                       "per_minute": {"type": "array", "items": {"type": "object"}},
+                       "processes": {"type": "array", "items": _obj({
+                           "id": STRING, "host": STRING, "pid": {"type": "integer"}, "started_at": TIME,
+                           "seen_at": TIME, "this": {"type": "boolean"}})},
+                       "now": TIME}),
     }
 
 

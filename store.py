@@ -21,6 +21,7 @@ and one durable flush. Nothing outside this module sees a cursor.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -113,6 +114,24 @@ ROLES_TABLE = """CREATE TABLE IF NOT EXISTS roles (
     until  DOUBLE PRECISION NOT NULL
 )"""
 
+# The processes serving from this database, each renewing its row every few seconds (heartbeats).
+PROCESSES_TABLE = """CREATE TABLE IF NOT EXISTS processes (
+    id         TEXT PRIMARY KEY,
+    host       TEXT NOT NULL,
+    pid        INTEGER NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    seen_at    DOUBLE PRECISION NOT NULL
+)"""
+
+# PostgreSQL only: the token buckets of the rate limits that protect us (open registration,
+# refused signatures, a partner's inbound events), shared by every process. UNLOGGED: a crash
+# that empties them only hands everybody a full bucket.
+RATE_BUCKETS_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS rate_buckets (
+    key    TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    at     DOUBLE PRECISION NOT NULL
+)"""
+
 # Named schema changes, applied once each in order and recorded in schema_migrations.
 MIGRATIONS: list[tuple[str, list[str]]] = [
     ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
@@ -121,6 +140,7 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
                           "CREATE INDEX events_by_age ON events (created_at, id)"]),
     ("partners.paused_until", ["ALTER TABLE partners ADD COLUMN paused_until REAL"]),  # a shared circuit pause
     ("roles", [ROLES_TABLE.replace("DOUBLE PRECISION", "REAL")]),   # which process runs the sweeps
+    ("processes", [PROCESSES_TABLE.replace("DOUBLE PRECISION", "REAL")]),  # heartbeats
 ]
 
 
@@ -216,6 +236,8 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     # The two partial indexes above do their work: the full ones only cost every write.
     ("deliveries_full_due_indexes_dropped", ["DROP INDEX IF EXISTS deliveries_due",
                                              "DROP INDEX IF EXISTS deliveries_partner_due"]),
+    ("processes", [PROCESSES_TABLE]),
+    ("rate_buckets", [RATE_BUCKETS_TABLE]),
 ]
 
 
@@ -270,6 +292,7 @@ GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
 WORK_CHANNEL = "webhookd_work"      # NOTIFY after publishes: deliveries are due
 ANNOUNCE_GAP_S = 0.05               # at most one such NOTIFY per process this often
 OFFERS_CHANNEL = "webhookd_offers"  # NOTIFY with a /ws offer, for the users connected to other processes
+PARTNERS_CHANNEL = "webhookd_partners"  # NOTIFY after a partner changed, or an operator reset its circuit
 
 
 def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]:
@@ -319,6 +342,7 @@ class Store:
         self._partners: dict[str, Partner] = {}  # see _reload_partners
         self._paces: dict[str, float] = {}       # partner -> max_rate_per_s, for the partners that set one
         self.partners_stale = False              # a reload after a write failed (see below)
+        self._partners_read_at = 0.0             # when the last reload began (time.monotonic)
         self._partners_lock = threading.Lock()
         try:
             self._apply_schema()
@@ -443,6 +467,48 @@ class Store:
                 {"name": name, "holder": holder, "until": now + ttl_s, "now": now}).fetchone()
         return row is not None
 
+    def heartbeat(self, process_id: str, *, host: str, pid: int, started_at: float, now: float,
+                  alive_s: float) -> list[dict[str, Any]]:
+        """Renew this process's row; forget rows silent for an hour; return the processes
+        seen within ``alive_s`` (this one included), oldest first."""
+        with self._transaction(durable=False) as db:
+            db.execute("""INSERT INTO processes (id, host, pid, started_at, seen_at)
+                          VALUES (:id, :host, :pid, :started, :now)
+                          ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at""",
+                       {"id": process_id, "host": host, "pid": pid, "started": started_at, "now": now})
+            db.execute("DELETE FROM processes WHERE seen_at < :gone", {"gone": now - 3600})
+            rows = db.execute("SELECT * FROM processes WHERE seen_at >= :alive ORDER BY started_at, id",
+                              {"alive": now - alive_s}).fetchall()
+        return [{key: row[key] for key in row.keys()} for row in rows]
+
+    def forget_process(self, process_id: str) -> None:
+        """A process that stops says so (its heartbeats would only run out)."""
+        with self._transaction(durable=False) as db:
+            db.execute("DELETE FROM processes WHERE id = :id", {"id": process_id})
+
+    def take_token(self, key: str, *, rate: float, burst: float, now: float, only_if_left: bool) -> float | None:
+        """PostgreSQL: spend one token of the shared bucket ``key`` (``rate_buckets``) and return
+        what is left; with ``only_if_left``, spend it only if one is left, else return None."""
+        refill = "LEAST(:burst, rate_buckets.tokens + (:now - rate_buckets.at) * :rate)"
+        rows = self.engine.statement(
+            f"""INSERT INTO rate_buckets (key, tokens, at) VALUES (:key, :burst - 1, :now)
+                ON CONFLICT (key) DO UPDATE SET tokens = GREATEST(0, {refill} - 1), at = :now
+                {f"WHERE {refill} >= 1" if only_if_left else ""}
+                RETURNING tokens""", {"key": key, "rate": rate, "burst": burst, "now": now})
+        return rows[0]["tokens"] if rows else None
+
+    def tokens_left(self, key: str, *, rate: float, burst: float, now: float) -> float:
+        """PostgreSQL: the tokens in the shared bucket ``key`` now, without spending one."""
+        with self._reader() as db:
+            row = db.execute("SELECT LEAST(:burst, tokens + (:now - at) * :rate) FROM rate_buckets WHERE key = :key",
+                             {"key": key, "rate": rate, "burst": burst, "now": now}).fetchone()
+        return burst if row is None else row[0]
+
+    def purge_rate_buckets(self, *, before: float) -> int:
+        """Forget buckets untouched since ``before`` (full again long ago)."""
+        with self._transaction(durable=False) as db:
+            return db.execute("DELETE FROM rate_buckets WHERE at < :before", {"before": before}).rowcount
+
     def ping(self) -> bool:
         with self._reader() as db:
             return db.execute("SELECT 1").fetchone()[0] == 1
@@ -460,7 +526,7 @@ class Store:
         self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
         api_key_hash: str, now: float, max_rate_per_s: float | None = None,
     ) -> Partner:
-        with self._partner_write() as db:
+        with self._partner_write(partner_id) as db:
             db.execute(
                 """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
                                          max_rate_per_s, created_at, updated_at)
@@ -476,7 +542,7 @@ class Store:
                        max_rate_per_s: float | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
         partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace."""
-        with self._partner_write() as db:
+        with self._partner_write(partner_id, "reactivated" if status == "active" else "changed") as db:
             if _read_partner(db, partner_id) is None:
                 return None
             if webhook_url is not None:
@@ -497,7 +563,7 @@ class Store:
     def rotate_secret(self, partner_id: str, *, new_secret: str, previous_until: float,
                       now: float) -> Partner | None:
         """Make ``new_secret`` current; the current one stays valid until ``previous_until``."""
-        with self._partner_write() as db:
+        with self._partner_write(partner_id) as db:
             changed = db.execute(
                 """UPDATE partners SET previous_secret = secret, previous_secret_until = :until,
                                        secret = :secret, updated_at = :now
@@ -507,11 +573,20 @@ class Store:
             return _read_partner(db, partner_id) if changed else None
 
     @contextmanager
-    def _partner_write(self) -> Iterator[Any]:
-        """A transaction that changes partners; the in-memory copy is read again after its commit."""
+    def _partner_write(self, partner_id: str, action: str = "changed") -> Iterator[Any]:
+        """A transaction that changes a partner; the in-memory copy is read again after its
+        commit, and the other processes are told (``tell_partner_changed``)."""
         with self._transaction() as db:
             yield db
         self._reload_partners_after_write()
+        self.tell_partner_changed(partner_id, action)
+
+    def tell_partner_changed(self, partner_id: str, action: str = "changed") -> None:
+        """PostgreSQL: tell every process (``PARTNERS_CHANNEL``) that a partner changed, so it
+        reads the partners again at once rather than at its next poll; ``action`` "probe" or
+        "reactivated" is an operator's reset that each process applies to its own breaker."""
+        if self.postgres:
+            self.announce(PARTNERS_CHANNEL, json.dumps({"partner_id": partner_id, "action": action}))
 
     def _reload_partners_after_write(self) -> None:
         """Reload after a commit. The write is on disk whatever happens here, so a failed
@@ -523,11 +598,13 @@ class Store:
             self.partners_stale = True
             logger.exception("reading partners into memory failed; the delivery loop will try again")
 
-    def reload_partners(self) -> None:
+    def reload_partners(self, at_most_every_s: float = 0.0) -> None:
         """Read the partners again: after a reload that failed (``partners_stale``), or because
         on PostgreSQL another process changed them (a registration, a pause, a rotation, a
-        circuit it opened). From a thread."""
-        self._reload_partners()
+        circuit it opened). From a thread. ``at_most_every_s``: not if the last reload began
+        less than that ago (a caller anyone can trigger, such as an unknown partner id)."""
+        if time.monotonic() - self._partners_read_at >= at_most_every_s:
+            self._reload_partners()
 
     def _reload_partners(self) -> None:
         """Read every partner into memory, in one read transaction.
@@ -539,6 +616,7 @@ class Store:
         database would need a time limit on this copy too.)
         """
         with self._partners_lock:
+            self._partners_read_at = time.monotonic()
             with self._reader(snapshot=True) as db:
                 rows = db.execute("SELECT * FROM partners").fetchall()
                 events: dict[str, list[str]] = {}

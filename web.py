@@ -269,11 +269,17 @@ def owned_partner_id(request: Request) -> str:
     return partner_id
 
 
-def owned_partner(request: Request) -> Partner:
+async def owned_partner(request: Request) -> Partner:
     """The partner in the path, under the same rule, read from the store's in-memory
-    partners (no thread hop); an unknown id is a 404."""
+    partners (no thread hop); an unknown id is a 404. On PostgreSQL a partner registered
+    through another process a moment ago may not be in memory yet: a miss reads the
+    partners again before it is a 404 (only the admin can ask for another's id)."""
     partner_id = owned_partner_id(request)
-    partner = context(request).store.get_partner(partner_id)
+    store = context(request).store
+    partner = store.get_partner(partner_id)
+    if partner is None and store.postgres:
+        await db(store.reload_partners)
+        partner = store.get_partner(partner_id)
     if partner is None:
         raise partner_not_found(partner_id)
     return partner
@@ -283,29 +289,59 @@ def owned_partner(request: Request) -> Partner:
 
 
 class RateLimiter:
-    """Token buckets, one per key: ``rate_per_s`` tokens a second, at most ``burst`` saved up."""
+    """Token buckets, one per key: ``rate_per_s`` tokens a second, at most ``burst`` saved up.
+
+    In memory, per process; with ``shared`` (a PostgreSQL store) the buckets live in the
+    database (``rate_buckets``, keyed by ``name``), so several processes behind one address
+    share one limit rather than each giving a client its own. Shared buckets run on the
+    wall clock (every process reads the same one); ``clock`` is for the in-memory ones."""
 
     MAX_KEYS = 10_000  # beyond this, buckets that are full again are forgotten
 
-    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float]):
+    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float],
+                 shared: Any = None, name: str = ""):
         self.rate, self.burst, self.clock = rate_per_s, burst, clock
+        self.shared, self.name = shared, name
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def check(self, key: str, what: str) -> None:
+    async def check(self, key: str, what: str) -> None:
         """Take one token for ``key``, or raise a 429 that says when to come back."""
-        self.refuse_if_empty(key, what)
-        self.take(key)
+        if self.shared is None:
+            self.refuse_if_empty_now(key, what)
+            self._take(key)
+            return
+        shared_key, now = f"{self.name}:{key}", time.time()
+        left = await db(self.shared.take_token, shared_key, rate=self.rate, burst=self.burst, now=now,
+                        only_if_left=True)
+        if left is None:
+            self._refuse(await db(self.shared.tokens_left, shared_key, rate=self.rate, burst=self.burst, now=now), what)
 
-    def refuse_if_empty(self, key: str, what: str) -> None:
+    async def refuse_if_empty(self, key: str, what: str) -> None:
         """Raise a 429 if ``key`` has no token left, without taking one."""
-        tokens = self._tokens(key, self.clock())
+        if self.shared is None:
+            self.refuse_if_empty_now(key, what)
+            return
+        self._refuse(await db(self.shared.tokens_left, f"{self.name}:{key}", rate=self.rate, burst=self.burst,
+                              now=time.time()), what)
+
+    async def take(self, key: str) -> None:
+        """Spend one token of ``key`` (down to zero)."""
+        if self.shared is None:
+            self._take(key)
+        else:
+            await db(self.shared.take_token, f"{self.name}:{key}", rate=self.rate, burst=self.burst,
+                     now=time.time(), only_if_left=False)
+
+    def refuse_if_empty_now(self, key: str, what: str) -> None:
+        self._refuse(self._tokens(key, self.clock()), what)
+
+    def _refuse(self, tokens: float, what: str) -> None:
         if tokens < 1:
             wait = math.ceil((1 - tokens) / self.rate)
             raise ApiError(429, "rate_limited", f"Too many {what}; try again in {wait} s.",
                            headers={"Retry-After": str(wait)})
 
-    def take(self, key: str) -> None:
-        """Spend one token of ``key`` (down to zero)."""
+    def _take(self, key: str) -> None:
         now = self.clock()
         self._buckets[key] = (max(0.0, self._tokens(key, now) - 1), now)
         if len(self._buckets) > self.MAX_KEYS:

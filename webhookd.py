@@ -62,7 +62,7 @@ import targets
 from config import FIELD_TYPES, Config, SecurityConfig, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import Delivery, Event, NewEvent, Partner
-from store import OFFERS_CHANNEL, WORK_CHANNEL, Store
+from store import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL, Store
 from web import (
     ADMIN,
     CALLER,
@@ -201,7 +201,7 @@ async def register_partner(request: Request) -> JSONResponse:
     ctx = context(request)
     caller = caller_of(request)
     if caller is None or not caller.is_admin:  # open registration: limit each client address
-        ctx.registration_limit.check(client_address(request), "registrations")
+        await ctx.registration_limit.check(client_address(request), "registrations")
     body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s"})
     name = check_partner_name(body.get("partner_name"))
     url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
@@ -224,7 +224,7 @@ async def list_partners(request: Request) -> JSONResponse:
 
 
 async def get_partner(request: Request) -> JSONResponse:
-    return JSONResponse(partner_json(owned_partner(request), context(request)))
+    return JSONResponse(partner_json(await owned_partner(request), context(request)))
 
 
 async def update_partner(request: Request) -> JSONResponse:
@@ -254,7 +254,7 @@ async def update_partner(request: Request) -> JSONResponse:
     if partner is None:
         raise partner_not_found(partner_id)
     if status == "active":
-        ctx.loop.partner_reactivated(partner_id)
+        ctx.loop.partner_reactivated(partner_id)  # the other processes were told by the store
     logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
     return JSONResponse(partner_json(partner, ctx))
 
@@ -282,7 +282,7 @@ async def rotate_secret(request: Request) -> JSONResponse:
 
 async def send_test_event(request: Request) -> JSONResponse:
     """``POST /partners/{id}/test``: a ``webhook.test`` event to this partner alone (GitHub's ping)."""
-    partner_id = owned_partner(request).id
+    partner_id = (await owned_partner(request)).id
     ctx = context(request)
     payload = {"event": TEST_EVENT, "timestamp": int(ctx.clock()), "partner_id": partner_id,
                "message": "This is a test webhook from webhookd."}
@@ -301,10 +301,10 @@ async def recover_failed(request: Request) -> JSONResponse:
     since_text = request.query_params.get("since", "")
     if not is_small_number(since_text):
         raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
-    owned_partner(request)  # an unknown partner: 404, after the 422 for a bad 'since'
+    await owned_partner(request)  # an unknown partner: 404, after the 422 for a bad 'since'
     count = await db(ctx.store.recover_failed, partner_id, since=int(since_text),
                      extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock())
-    ctx.loop.probe_partner(partner_id)
+    await probe_everywhere(ctx, partner_id)
     logger.info("partner %s: re-queued %d failed deliveries since %s", partner_id, count, since_text)
     return JSONResponse({"requeued": count})
 
@@ -491,8 +491,15 @@ async def retry_delivery(request: Request) -> JSONResponse:
     found = await _owned_delivery(request)
     if not await db(ctx.store.retry_delivery, found.id, ctx.clock()):
         raise ApiError(409, "not_failed", f"Delivery {found.id} is {found.state}; only a failed delivery can be retried.")
-    ctx.loop.probe_partner(found.partner_id)
+    await probe_everywhere(ctx, found.partner_id)
     return JSONResponse(delivery_json(await db(ctx.store.get_delivery, found.id)), status_code=202)
+
+
+async def probe_everywhere(ctx: Context, partner_id: str) -> None:
+    """An operator asked for another attempt: an open circuit probes now, in this process and
+    (PostgreSQL) in every other one, whose own breaker may have opened too."""
+    ctx.loop.probe_partner(partner_id)
+    await db(ctx.store.tell_partner_changed, partner_id, "probe")
 
 
 # =====================================================================================
@@ -519,7 +526,8 @@ async def dashboard(request: Request) -> Response:
 
 
 async def stats(request: Request) -> JSONResponse:
-    """``GET /stats``: what the dashboard draws — partners' success rates, totals, outcomes per minute."""
+    """``GET /stats``: what the dashboard draws — partners' success rates, totals, outcomes per
+    minute — and the processes serving from this database (alive: a heartbeat in the last 6 s)."""
     ctx = context(request)
     partners = ctx.store.all_partners()
     counts = await db(ctx.store.partner_delivery_counts)
@@ -540,9 +548,11 @@ async def stats(request: Request) -> JSONResponse:
     for minute, state, n in minutes:
         per_minute.setdefault(minute, {"minute": minute, "delivered": 0, "failed": 0})[state] = n
     totals = {state: sum(c.get(state, 0) for c in counts.values()) for state in ("pending", "delivered", "failed")}
+    processes = [{"id": p["id"], "host": p["host"], "pid": p["pid"], "started_at": int(p["started_at"]),
+                  "seen_at": int(p["seen_at"]), "this": p["id"] == ctx.loop.process_id} for p in ctx.loop.processes]
     return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
                          "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
-                         "now": int(now)})
+                         "processes": processes, "now": int(now)})
 
 
 async def openapi_document(request: Request) -> JSONResponse:
@@ -617,9 +627,20 @@ def _listen_to_other_processes(ctx: Context) -> Callable[[], None]:
     """On PostgreSQL, hints from the other processes on the database: deliveries were published
     (look for due work now rather than at the next poll), a /ws offer for our users."""
     loop = asyncio.get_running_loop()
+
+    def partner_changed(payload: str) -> None:  # in the listening thread: reading partners may block
+        try:
+            note = json.loads(payload)
+            ctx.store.reload_partners()
+        except Exception:
+            logger.exception("reading partners after another process changed one failed; the next poll will")
+            return
+        loop.call_soon_threadsafe(ctx.loop.partner_changed, note)
+
     return ctx.store.listen({
         WORK_CHANNEL: lambda payload: ctx.loop.wake(),
         OFFERS_CHANNEL: lambda payload: loop.call_soon_threadsafe(relay_offer, ctx, payload),
+        PARTNERS_CHANNEL: partner_changed,
     })
 
 
@@ -635,14 +656,17 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
     notifier = realtime.Notifier(queue_size=config.realtime.client_queue)
     _add_gauges(counters, store, loop, notifier, clock)
     sec = config.security
+    shared = store if store.postgres else None  # several processes: one limit for all of them
+
+    def limit(name: str, rate_per_s: float, burst: float) -> RateLimiter:
+        return RateLimiter(rate_per_s, burst, time.monotonic, shared=shared, name=name)
+
     return Context(
         config=config, store=store, loop=loop, admin_token=token, clock=clock, metrics=counters,
         notifier=notifier, tokens=tokens,
-        inbound_limit=RateLimiter(sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s, time.monotonic),
-        inbound_failure_limit=RateLimiter(sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s,
-                                          time.monotonic),
-        registration_limit=RateLimiter(sec.registration_rate_per_min / 60, sec.registration_rate_per_min,
-                                       time.monotonic))
+        inbound_limit=limit("inbound", sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s),
+        inbound_failure_limit=limit("refused", sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s),
+        registration_limit=limit("registration", sec.registration_rate_per_min / 60, sec.registration_rate_per_min))
 
 
 def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.DeliveryLoop,

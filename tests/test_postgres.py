@@ -67,33 +67,93 @@ def test_a_partners_cap_holds_across_three_processes(serve_factory, postgres_ser
     assert receiver.max_in_flight <= 4, receiver.max_in_flight
     assert receiver.max_in_flight >= 2  # the processes did share the work at once
     assert len(set(receiver.event_ids)) == 40
+    listed = httpx.get(processes[1].url + "/stats", headers=ADMIN, timeout=10).json()["processes"]
+    assert len(listed) == 3 and [p["this"] for p in listed].count(True) == 1
+    assert {p["pid"] for p in listed} == {p.proc.pid for p in processes}
+
+
+def test_a_partners_pace_is_shared_by_the_processes(serve_factory, postgres_server, receiver_factory):
+    """``max_rate_per_s`` 4 and two processes with its work: each sends at half the pace, so the
+    receiver sees about 4 a second, not 8. (A slower machine only spreads them further.)"""
+    receiver = receiver_factory()
+    processes = _processes(serve_factory, postgres_server, 2)
+    partner = _register(processes[0], receiver.url)
+    r = httpx.patch(f"{processes[0].url}/partners/{partner['partner_id']}", headers=ADMIN, timeout=10,
+                    json={"max_rate_per_s": 4})
+    assert r.status_code == 200, r.text
+    for p in processes:  # each knows of the other (heartbeats every 2 s)
+        wait_for(lambda p=p: len(httpx.get(p.url + "/stats", headers=ADMIN, timeout=10).json()["processes"]) == 2,
+                 timeout=30)
+    _publish_round_robin(processes, 40)
+    wait_for(lambda: len(receiver.received) >= 40, timeout=60)
+    arrivals = sorted(r.at for r in receiver.received)
+    spread = arrivals[-1] - arrivals[0]
+    assert spread >= 0.8 * 39 / 4, f"40 deliveries in {spread:.1f} s: faster than the partner's pace of 4/s"
+
+
+def test_shared_rate_limits_count_requests_to_every_process(serve_factory, postgres_server, receiver_factory):
+    """Open registration (2 a minute per address) and refused signatures (a burst of 4 per address)
+    are limited once for all the processes, not once per process."""
+    receiver = receiver_factory()
+    a, b = _processes(serve_factory, postgres_server, 2, WEBHOOKD_SECURITY_OPEN_REGISTRATION="true",
+                      WEBHOOKD_SECURITY_REGISTRATION_RATE_PER_MIN="2", WEBHOOKD_SECURITY_INBOUND_FAILURES_PER_S="1")
+    for process in (a, a):
+        r = httpx.post(process.url + "/partners/register", timeout=10, json={
+            "partner_name": "Open", "webhook_url": receiver.url, "events": ["payment.success"]})
+        assert r.status_code == 201, r.text
+    r = httpx.post(b.url + "/partners/register", timeout=10, json={
+        "partner_name": "Open", "webhook_url": receiver.url, "events": ["payment.success"]})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited", r.text
+    assert int(r.headers["Retry-After"]) > 0
+
+    body = json.dumps({"event": "tour.purchased", "tour_id": "t1"}).encode()
+    forged = {"X-Webhook-Signature": "0" * 64, "X-Webhook-Event": "tour.purchased"}
+    for _ in range(4):
+        assert httpx.post(a.url + "/webhooks/partners", content=body, headers=forged, timeout=10).status_code == 401
+    r = httpx.post(b.url + "/webhooks/partners", content=body, headers=forged, timeout=10)
+    assert r.status_code == 429, r.text
+
+
+def test_a_partner_registered_through_one_process_is_known_to_another_at_once(serve_factory, postgres_server):
+    """No second of 404s: a read through another process finds the partner (a miss reads the
+    partners again), with the admin token and with the partner's own key."""
+    a, b = _processes(serve_factory, postgres_server, 2)
+    for n in range(5):
+        partner = _register(a, "http://127.0.0.1:9/x", name=f"P{n}")
+        r = httpx.get(f"{b.url}/partners/{partner['partner_id']}", headers=ADMIN, timeout=10)
+        assert r.status_code == 200, r.text
+        own = {"Authorization": f"Bearer {partner['api_key']}"}
+        r = httpx.get(f"{b.url}/partners/{partner['partner_id']}", headers=own, timeout=10)
+        assert r.status_code == 200, r.text
 
 
 def test_kill_9_of_one_of_three_processes_loses_nothing(serve_factory, postgres_server, receiver_factory):
-    """Three processes, ten partners, 3,000 deliveries; one process is killed mid-burst. Every
+    """Three processes, thirty partners, 21,000 deliveries; one process is killed mid-burst. Every
     delivery arrives; the duplicates are at most what the dead process held (the partners' caps:
-    10 × 4), which the others take over once its leases run out (2 × 1 s + 10 s here).
+    30 × 4), which the others take over once its leases run out (2 × 1 s + 10 s here).
 
     The partners are paused while the events are published, so the burst starts all at once;
-    at 40 in flight and 0.1 s per answer it lasts about 7 s, and the kill comes after 600."""
-    receiver = receiver_factory(default=(200, 0.1))
+    at 120 in flight and 0.05 s per answer it lasts half a minute or more, and the kill comes
+    after 4,000."""
+    partners_n, events_n = 30, 700
+    receiver = receiver_factory(default=(200, 0.05))
     processes = _processes(serve_factory, postgres_server, 3, WEBHOOKD_DELIVERY_PER_PARTNER_CONCURRENCY="4")
-    partners = [_register(processes[0], f"{receiver.server.url}/p{k}", name=f"P{k}") for k in range(10)]
+    partners = [_register(processes[0], f"{receiver.server.url}/p{k}", name=f"P{k}") for k in range(partners_n)]
     with httpx.Client(base_url=processes[0].url, headers=ADMIN, timeout=10) as admin:
         for p in partners:
             assert admin.patch(f"/partners/{p['partner_id']}", json={"status": "paused"}).status_code == 200
-        event_ids = _publish_round_robin(processes, 300)
+        event_ids = _publish_round_robin(processes, events_n)
         for p in partners:
             assert admin.patch(f"/partners/{p['partner_id']}", json={"status": "active"}).status_code == 200
-    expected = {(f"/p{k}", e) for k in range(10) for e in event_ids}
-    wait_for(lambda: len(receiver.received) >= 600, timeout=60)
+    expected = {(f"/p{k}", e) for k in range(partners_n) for e in event_ids}
+    wait_for(lambda: len(receiver.received) >= 4000, timeout=120)
     processes[2].stop(signal.SIGKILL)
-    assert len(receiver.received) < 3000, "the burst finished before the kill"
-    wait_for(lambda: {(r.path, r.headers["x-webhook-id"]) for r in receiver.received} >= expected, timeout=120)
+    assert len(receiver.received) < len(expected), "the burst finished before the kill"
+    wait_for(lambda: {(r.path, r.headers["x-webhook-id"]) for r in receiver.received} >= expected, timeout=300)
     got = [(r.path, r.headers["x-webhook-id"]) for r in receiver.received]
     assert set(got) == expected
-    assert len(got) - len(expected) <= 40, len(got) - len(expected)
-    wait_for(lambda: _states(processes[0])["delivered"] == 3000, timeout=60)
+    assert len(got) - len(expected) <= partners_n * 4, len(got) - len(expected)
+    wait_for(lambda: _states(processes[0])["delivered"] == len(expected), timeout=120)
 
 
 def test_a_circuit_opened_by_one_process_pauses_the_others(serve_factory, postgres_server, receiver_factory):
@@ -126,6 +186,8 @@ def test_a_circuit_opened_by_one_process_pauses_the_others(serve_factory, postgr
     receiver.default = (200, 0.0)
     r = httpx.post(f"{others[0].url}/partners/{partner['partner_id']}/recover?since=0", headers=ADMIN, timeout=10)
     assert r.status_code == 200, r.text
+    # The first process's own breaker (60 s of cooldown) is reset by the operator too.
+    wait_for(lambda: circuit(first)["state"] != "open", timeout=5)
     wait_for(lambda: _states(others[1])["delivered"] == 15, timeout=60)
 
 
