@@ -251,16 +251,17 @@ class PostgresEngine:
 
     def __init__(self, url: str, max_connections: int = 20):
         try:
-            import psycopg
             from psycopg_pool import ConnectionPool
         except ImportError:
             raise RuntimeError("storage.url is a PostgreSQL URL, but psycopg is not installed: "
                                "pip install 'webhookd[postgres]'") from None
         self.url = url
-        # Client-side binding (psycopg quotes each value into the statement): the store's
-        # ``:x IS NULL OR col = :x`` filters leave a server-side parameter without a type.
+        # Server-side binding: values travel apart from the SQL, and psycopg prepares a statement
+        # a connection has run five times, so the claim, the publish and the results are planned
+        # once per connection, not once per call. (A parameter the server cannot type, as in
+        # ``:x IS NULL``, is written ``CAST(:x AS TEXT)`` in store.py.)
         # timeout: how long a caller waits for a connection before DatabaseUnavailable (a 503).
-        kwargs = {"row_factory": _row_factory, "cursor_factory": psycopg.ClientCursor}
+        kwargs = {"row_factory": _row_factory}
         self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=3,
                                     kwargs=kwargs, check=ConnectionPool.check_connection)
         # Bookkeeping (claims, results, leases) on connections of its own, where every commit is
