@@ -59,7 +59,7 @@ def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
         logger.warning("listening on %s with allow_private_targets = true: partners could reach your "
                        "internal network. Set [security] allow_private_targets = false.", host)
     uvicorn.run(create_app(config), host=host, port=port, log_level=config.server.log_level, log_config=None,
-                access_log=False, timeout_graceful_shutdown=int(config.delivery.timeout_s) + 2)
+                access_log=config.server.access_log, timeout_graceful_shutdown=int(config.delivery.timeout_s) + 2)
     return 0
 
 

@@ -62,6 +62,7 @@ class ServerConfig:
     port: int = 8080
     log_level: str = "info"
     log_format: str = "text"   # text | json
+    access_log: bool = False   # one line per request; credentials in a query string are redacted
 
 
 @dataclass(frozen=True)

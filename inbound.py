@@ -229,15 +229,26 @@ async def mint_realtime_token(request: Request) -> JSONResponse:
 
 
 async def live_notifications(websocket: WebSocket) -> None:
-    """``GET /ws?token=``: offers pushed live. A bad or expired token is closed with 1008."""
+    """``GET /ws``: offers pushed live, to the user a token names. A bad or expired token is
+    closed with 1008.
+
+    The token travels in the handshake's ``Sec-WebSocket-Protocol`` header, never in a URL that
+    proxies and access logs keep: a browser writes ``new WebSocket(url, ["webhookd",
+    "token." + token])``, and we answer with the ``webhookd`` protocol only (the token is not
+    echoed). ``/ws?token=`` still works, for clients that cannot set the header; the access log
+    redacts it."""
     ctx: Context = websocket.app.state.ctx
+    offered = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    in_header = next((p.removeprefix(realtime.TOKEN_PROTOCOL_PREFIX) for p in offered
+                      if p.startswith(realtime.TOKEN_PROTOCOL_PREFIX)), None)
+    subprotocol = realtime.PROTOCOL if realtime.PROTOCOL in offered else None
     try:
-        user_id = ctx.tokens.user_for(websocket.query_params.get("token", ""), ctx.clock())
+        user_id = ctx.tokens.user_for(in_header or websocket.query_params.get("token", ""), ctx.clock())
     except realtime.TokenError as exc:
-        await websocket.accept()
+        await websocket.accept(subprotocol=subprotocol)
         await websocket.close(code=realtime.POLICY_VIOLATION, reason=str(exc))
         return
-    await websocket.accept()
+    await websocket.accept(subprotocol=subprotocol)
     await ctx.notifier.serve(websocket, user_id)
 
 

@@ -6,8 +6,9 @@ once: the user named by the payload's ``user_id``, or everyone when it names nob
 Two rules keep this safe:
 
 * **Short-lived signed tokens.** ``POST /realtime/tokens`` (admin) mints
-  ``<base64 claims>.<hex HMAC>`` for one user; ``/ws?token=`` accepts it until it
-  expires. Nothing is stored: the signature is the proof.
+  ``<base64 claims>.<hex HMAC>`` for one user; ``/ws`` accepts it until it expires,
+  offered as the subprotocol ``token.<token>`` (kept out of URLs and logs) or as
+  ``?token=``. Nothing is stored: the signature is the proof.
 * **A slow client never blocks anyone.** Each connection has a bounded queue and its
   own sender task. Publishing only puts into queues (never waits); when a client's
   queue is full the message is dropped for that client and counted.
@@ -29,6 +30,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 logger = logging.getLogger("webhookd.realtime")
 
 POLICY_VIOLATION = 1008  # the WebSocket close code for a refused token
+PROTOCOL = "webhookd"    # the subprotocol /ws answers with when a client offers it
+TOKEN_PROTOCOL_PREFIX = "token."  # an offered subprotocol "token.<token>" carries the token
 
 
 class TokenError(Exception):

@@ -159,6 +159,33 @@ def secret_json(shared_secret: str) -> dict[str, str]:
             "standard_webhooks_secret": signing.standard_webhooks_secret(shared_secret)}
 
 
+# Query parameters that carry a credential (ours: /ws?token=; the others, in case a client sends
+# one): never written to a log. The access log shows them as [redacted].
+CREDENTIAL_PARAMS = frozenset({"token", "access_token", "api_key", "apikey", "key", "secret", "signature",
+                               "password"})
+_CREDENTIAL_IN_QUERY = re.compile(rf"([?&](?:{'|'.join(sorted(CREDENTIAL_PARAMS))})=)[^&#\s]*", re.IGNORECASE)
+
+
+def redact_query(path: str) -> str:
+    """``/ws?token=eyJ…&x=1`` -> ``/ws?token=[redacted]&x=1``."""
+    return _CREDENTIAL_IN_QUERY.sub(r"\1[redacted]", path)
+
+
+class RedactCredentials(logging.Filter):
+    """On uvicorn's loggers (its access log, and its WebSocket handshake lines, which it writes to
+    ``uvicorn.error``): every text argument of a record passes through ``redact_query``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str) and not record.args:
+            record.msg = redact_query(record.msg)
+        return True
+
+
+ACCESS_LOG_FILTER = RedactCredentials()
+
+
 # --- What the routes share -------------------------------------------------------------------
 
 

@@ -64,6 +64,7 @@ from inbound import list_inbound, live_notifications, mint_realtime_token, recei
 from models import Delivery, Event, NewEvent, Partner
 from store import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL, Store
 from web import (
+    ACCESS_LOG_FILTER,
     ADMIN,
     CALLER,
     EXCEPTION_HANDLERS,
@@ -606,6 +607,10 @@ ROUTES = [
 def create_app(config: Config, *, clock: Callable[[], float] = time.time,
                rng: Any = None) -> Starlette:
     """The Starlette app. The store opens and the delivery loop starts in its lifespan."""
+    # However uvicorn is started (`webhookd serve`, or `uvicorn` by hand with its access log on),
+    # no credential in a query string reaches a log line.
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(ACCESS_LOG_FILTER)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):

@@ -166,3 +166,22 @@ def test_user_id_that_names_no_one_reaches_no_one(hub):
         _promote(hub, partner, {"tour_id": "t2"})  # no user_id: everyone
         assert json.loads(alice.recv(timeout=5))["tour_id"] == "t2"
         assert json.loads(user42.recv(timeout=5))["tour_id"] == "t2"
+
+
+def test_the_token_can_travel_in_the_subprotocol_header_and_is_not_echoed(hub):
+    """A browser cannot set Authorization on a WebSocket, but it can offer subprotocols: the token
+    goes there ("token.<token>"), never in a URL; the server picks "webhookd" and does not echo it.
+    A forged token offered the same way is refused with 1008."""
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    token = _token(hub, "ana")
+    url = hub.url.replace("http://", "ws://") + "/ws"
+    with connect(url, subprotocols=["webhookd", f"token.{token}"], open_timeout=5) as ana:
+        assert ana.subprotocol == "webhookd"
+        assert token not in str(ana.response.headers)
+        _wait_connected(hub, 1)
+        _promote(hub, partner, {"tour_id": "tour_h", "user_id": "ana"})
+        assert json.loads(ana.recv(timeout=5))["tour_id"] == "tour_h"
+    with connect(url, subprotocols=["webhookd", f"token.{token[:-4]}beef"], open_timeout=5) as forged:
+        with pytest.raises(ConnectionClosed) as closed:
+            forged.recv(timeout=5)
+        assert closed.value.rcvd.code == 1008

@@ -5,12 +5,13 @@ import json
 import re
 import time
 
+import httpx
 import pytest
 import standardwebhooks
 
 import signing
 import web
-from conftest import wait_for
+from conftest import ADMIN_TOKEN, wait_for
 from payloads import PAYMENT_SUCCESS
 
 WHO = {web.PUBLIC, web.ADMIN, web.CALLER, web.SIGNED, web.REGISTRATION, web.METRICS}
@@ -211,3 +212,24 @@ def test_no_secret_appears_in_any_log_line_of_a_full_flow(webhookd_factory, rece
     for secret in secrets_issued:
         assert secret not in logged
         assert secret[:20] not in logged
+
+
+def test_no_credential_reaches_the_access_log(serve_factory):
+    """``webhookd serve`` with its access log on: a /ws token in the query string, a partner API key
+    and an admin token sent as query parameters are written [redacted]; the request lines are there."""
+    from websockets.sync.client import connect
+
+    process = serve_factory(WEBHOOKD_SERVER_ACCESS_LOG="true")
+    token = httpx.post(process.url + "/realtime/tokens", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                       json={"user_id": "ana"}, timeout=10).json()["token"]
+    with connect(process.url.replace("http://", "ws://") + f"/ws?token={token}", open_timeout=10):
+        pass
+    httpx.get(process.url + "/deliveries?api_key=pak_leaked_key_123456&limit=5", timeout=10)
+    httpx.get(process.url + f"/stats?TOKEN={ADMIN_TOKEN}", timeout=10)
+    wait_for(lambda: process.output().count("GET /") >= 3, timeout=10)
+    log = process.output()
+    for credential in (token, token.split(".")[0], "pak_leaked_key_123456", ADMIN_TOKEN):
+        assert credential not in log
+    assert "/ws?token=[redacted]" in log
+    assert "/deliveries?api_key=[redacted]&limit=5" in log
+    assert "/stats?TOKEN=[redacted]" in log
