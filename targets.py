@@ -59,16 +59,85 @@ def parse_target(url: str, allowed_ports: tuple[int, ...] = ()) -> Target:
     return Target(parts.scheme, parts.hostname, port, path)
 
 
-def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True for globally routable unicast addresses, seen through IPv6 wrappings of IPv4."""
+# The SSRF rule. A webhook may only go to a globally routable unicast address: every range below
+# is refused, and so is anything else the IANA special-purpose registries do not mark global
+# (Python's ``is_global``). An IPv6 address that carries an IPv4 address inside is judged by that
+# IPv4 address first (an attacker's favourite way round an IPv4 deny-list); the forms that are not
+# routable themselves are refused whatever they carry.
+REFUSED: list[tuple[str, str]] = [
+    # IPv4
+    ("0.0.0.0/8", "RFC 791: 'this network'"),
+    ("10.0.0.0/8", "RFC 1918: private"),
+    ("100.64.0.0/10", "RFC 6598: shared address space (carrier-grade NAT)"),
+    ("127.0.0.0/8", "RFC 1122: loopback"),
+    ("169.254.0.0/16", "RFC 3927: link-local (cloud metadata at 169.254.169.254)"),
+    ("172.16.0.0/12", "RFC 1918: private"),
+    ("192.0.0.0/24", "RFC 6890: IETF protocol assignments"),
+    ("192.0.2.0/24", "RFC 5737: documentation (TEST-NET-1)"),
+    ("192.88.99.0/24", "RFC 7526: 6to4 relay anycast (deprecated)"),
+    ("192.168.0.0/16", "RFC 1918: private"),
+    ("198.18.0.0/15", "RFC 2544: benchmarking"),
+    ("198.51.100.0/24", "RFC 5737: documentation (TEST-NET-2)"),
+    ("203.0.113.0/24", "RFC 5737: documentation (TEST-NET-3)"),
+    ("224.0.0.0/4", "RFC 5771: multicast"),
+    ("240.0.0.0/4", "RFC 1112: reserved, and RFC 919: broadcast"),
+    # IPv6
+    ("::/128", "RFC 4291: unspecified"),
+    ("::1/128", "RFC 4291: loopback"),
+    ("::ffff:0:0:0/96", "RFC 2765: IPv4-translated"),
+    ("::/96", "RFC 4291: IPv4-compatible (deprecated)"),
+    ("64:ff9b:1::/48", "RFC 8215: local-use NAT64"),
+    ("100::/64", "RFC 6666: discard-only"),
+    ("2001::/32", "RFC 4380: Teredo"),
+    ("2001:10::/28", "RFC 4843: ORCHID"),
+    ("2001:20::/28", "RFC 7343: ORCHIDv2"),
+    ("2001:db8::/32", "RFC 3849: documentation"),
+    ("3fff::/20", "RFC 9637: documentation"),
+    ("5f00::/16", "RFC 9602: SRv6 SIDs"),
+    ("fc00::/7", "RFC 4193: unique local"),
+    ("fe80::/10", "RFC 4291: link-local"),
+    ("fec0::/10", "RFC 3879: site-local (deprecated)"),
+    ("ff00::/8", "RFC 4291: multicast"),
+]
+_REFUSED = [(ipaddress.ip_network(network), why) for network, why in REFUSED]
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """The IPv4 address an IPv6 address carries, and the form that carries it, if any."""
+    if ip.ipv4_mapped is not None:
+        return "IPv4-mapped (RFC 4291)", ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return "6to4 (RFC 3056)", ip.sixtofour
+    if ip.teredo is not None:
+        return "Teredo (RFC 4380)", ip.teredo[1]  # the client's address (the server's is public)
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    for prefix, form in (("64:ff9b::/96", "NAT64 (RFC 6052)"), ("64:ff9b:1::/48", "local-use NAT64 (RFC 8215)"),
+                         ("::ffff:0:0:0/96", "IPv4-translated (RFC 2765)"), ("::/96", "IPv4-compatible (RFC 4291)")):
+        if ip in ipaddress.ip_network(prefix) and int(ip) > 1:  # :: and ::1 are themselves, not IPv4
+            return form, low32
+    return None
+
+
+def refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``ip`` may not receive a webhook (which rule of ``REFUSED``), or None if it may."""
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return is_public_address(ip.ipv4_mapped)
-        if ip.sixtofour is not None:
-            return is_public_address(ip.sixtofour)
-        if ip in ipaddress.ip_network("64:ff9b::/96"):  # NAT64: the IPv4 address is the last 32 bits
-            return is_public_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    return ip.is_global and not ip.is_multicast
+        inside = embedded_ipv4(ip)
+        if inside is not None:
+            form, ipv4 = inside
+            why = refusal(ipv4)
+            if why is not None:
+                return f"{form} of {ipv4}: {why}"
+    for network, why in _REFUSED:
+        if ip in network:
+            return why
+    if not ip.is_global:
+        return "not globally routable (IANA special-purpose registry)"
+    return None
+
+
+def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for globally routable unicast addresses (``refusal`` finds nothing against it)."""
+    return refusal(ip) is None
 
 
 # Name lookups run here, never in the threads that serve requests or send: a resolver
@@ -126,6 +195,7 @@ def _checked_address(host: str, infos: list, allow_private: bool) -> str:
     addresses = [info[4][0] for info in infos]
     if not allow_private:
         for address in addresses:
-            if not is_public_address(ipaddress.ip_address(address.split("%")[0])):
-                raise TargetRefused(f"{host} resolves to the non-public address {address}")
+            why = refusal(ipaddress.ip_address(address.split("%")[0]))
+            if why is not None:
+                raise TargetRefused(f"{host} resolves to the non-public address {address} ({why})")
     return addresses[0]

@@ -33,6 +33,88 @@ def test_is_public_address(address, public):
     assert targets.is_public_address(ipaddress.ip_address(address)) is public
 
 
+# The rows whose addresses carry an IPv4 address: shown with a public one inside (8.8.8.8), so
+# that the row itself refuses them, not what they carry.
+CARRYING_PUBLIC_IPV4 = {"::/96": "::808:808", "::ffff:0:0:0/96": "::ffff:0:808:808",
+                        "64:ff9b:1::/48": "64:ff9b:1::808:808", "2001::/32": "2001:0:4136:e378:8000:63bf:f7f7:f7f7"}
+
+
+def _inside(network: str) -> str:
+    """An address in ``network``, not its first (which for some rows is a row of its own)."""
+    net = ipaddress.ip_network(network)
+    return CARRYING_PUBLIC_IPV4.get(network) or str(net[1] if net.num_addresses > 2 else net[0])
+
+
+# One address per row of targets.REFUSED, and the IPv6 forms that carry a private IPv4 address
+# inside, which a deny-list of IPv4 ranges alone lets through.
+REFUSED_ADDRESSES = [(_inside(network), why) for network, why in targets.REFUSED] + [
+    ("::7f00:1", "IPv4-compatible (RFC 4291) of 127.0.0.1"), ("::a00:1", "IPv4-compatible (RFC 4291) of 10.0.0.1"),
+    ("::ffff:0:a00:1", "IPv4-translated (RFC 2765) of 10.0.0.1"),
+    ("64:ff9b:1::a00:1", "local-use NAT64 (RFC 8215) of 10.0.0.1"), ("64:ff9b::a9fe:a9fe", "NAT64 (RFC 6052)"),
+    ("::ffff:169.254.169.254", "IPv4-mapped (RFC 4291)"), ("2002:c0a8:101::1", "6to4 (RFC 3056) of 192.168.1.1"),
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "Teredo (RFC 4380) of 10.0.0.1"),
+]
+
+
+@pytest.mark.parametrize("address, why", REFUSED_ADDRESSES)
+def test_every_refused_range_is_refused_with_its_reason(address, why):
+    assert targets.refusal(ipaddress.ip_address(address)).startswith(why)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808",
+                                     "2002:808:808::1", "1.1.1.1", "2a00:1450:4001::1"])
+def test_public_addresses_and_their_routable_wrappings_are_allowed(address):
+    assert targets.refusal(ipaddress.ip_address(address)) is None
+
+
+def test_every_refused_address_is_refused_at_registration_and_at_patch(webhookd_factory, fake_dns):
+    """Row by row: a name that resolves to the address is a 422 naming the rule, both when a
+    partner registers with it and when a partner changes its URL to it."""
+    hub = webhookd_factory(security__allow_private_targets=False)
+    fake_dns["public.example"] = [PUBLIC_IP]
+    partner = hub.register("https://public.example/in", ["payment.success"])
+    for n, (address, why) in enumerate(REFUSED_ADDRESSES):
+        fake_dns[f"h{n}.example"] = [address]
+        url = f"https://h{n}.example/in"
+        r = hub.http.post("/partners/register", headers=hub.admin, json={
+            "partner_name": "P", "webhook_url": url, "events": ["payment.success"]})
+        assert r.status_code == 422 and why in r.json()["error"]["message"], (address, r.text)
+        r = hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin, json={"webhook_url": url})
+        assert r.status_code == 422 and why in r.json()["error"]["message"], (address, r.text)
+
+
+def test_every_refused_address_is_refused_at_send_time_after_dns(webhookd_factory, fake_dns):
+    """Each partner registered while its name pointed at a public address; then every name is
+    rebound to one refused address. Each delivery ends ssrf_blocked, and nothing is connected to
+    (the guard would refuse a public connect as connection_refused, not ssrf_blocked)."""
+    hub = webhookd_factory(security__allow_private_targets=False, delivery__max_attempts=1)
+    names = []
+    for n, (address, _) in enumerate(REFUSED_ADDRESSES):
+        fake_dns[f"s{n}.example"] = [PUBLIC_IP]
+        hub.register(f"https://s{n}.example/in", ["payment.success"])
+        names.append((f"s{n}.example", address))
+    for name, address in names:
+        fake_dns[name] = [address]
+    hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: (d := hub.deliveries(limit=100)) and len(d) == len(names)
+             and all(x["state"] == "failed" for x in d), timeout=60)
+    for d in hub.deliveries(limit=100):
+        assert hub.delivery(d["delivery_id"])["attempts"][0]["error"] == "ssrf_blocked", d
+
+
+def test_a_port_no_longer_allowed_is_refused_at_send_time(webhookd_factory, receiver_factory):
+    """A URL stored while its port was allowed (the operator then narrowed allowed_ports): the
+    sender checks the port again and sends nothing."""
+    receiver = receiver_factory()
+    hub = webhookd_factory(security__allowed_ports=(443,), delivery__max_attempts=1)
+    partner = hub.register("https://127.0.0.1:443/in", ["payment.success"])
+    hub.app.state.ctx.store.update_partner(partner["partner_id"], now=time.time(), webhook_url=receiver.url)
+    hub.publish(PAYMENT_SUCCESS)
+    d = wait_for(lambda: (x := hub.deliveries()) and x[0]["state"] == "failed" and x[0])
+    assert hub.delivery(d["delivery_id"])["attempts"][0]["error"] == "ssrf_blocked"
+    assert receiver.received == []
+
+
 @pytest.mark.parametrize("answer", [["10.0.0.7"], ["169.254.169.254"], ["::ffff:127.0.0.1"], ["fd12::1"],
                                     ["100.64.1.1"], [PUBLIC_IP, "192.168.0.10"]])
 def test_registration_refuses_names_that_resolve_to_private_addresses(webhookd_factory, fake_dns, answer):
