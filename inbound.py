@@ -76,8 +76,12 @@ async def _receive(request: Request) -> JSONResponse:
     check_content_type(request)
     raw = await read_body(request, ctx.config.security.max_body_bytes)
     payload = parse_object(raw, ctx.config.security.max_json_depth)
-    if "event" in payload and payload["event"] != event_type:
-        # The signature covers the body, not the headers: the type we act on must be the signed one.
+    # The signature covers the body, not the headers: the type we store and act on must be the
+    # signed one. Without it, the same signed bytes could be replayed under another type.
+    if "event" not in payload:
+        raise ApiError(400, "missing_event", "The body must name its type in an 'event' field (the signature "
+                                             "covers the body, not X-Webhook-Event), e.g. \"event\": \"tour.purchased\".")
+    if payload["event"] != event_type:
         raise ApiError(400, "event_mismatch", "X-Webhook-Event must equal the payload's 'event' field.")
     now = ctx.clock()
     canonical_body = signing.canonical(payload)

@@ -561,14 +561,16 @@ class Store:
             return _read_partner(db, partner_id)
 
     def rotate_secret(self, partner_id: str, *, new_secret: str, previous_until: float,
-                      now: float) -> Partner | None:
-        """Make ``new_secret`` current; the current one stays valid until ``previous_until``."""
+                      now: float, revoke_old: bool = False) -> Partner | None:
+        """Make ``new_secret`` current; the current one stays valid until ``previous_until``
+        (``revoke_old``: no old secret stays valid at all)."""
         with self._partner_write(partner_id) as db:
             changed = db.execute(
-                """UPDATE partners SET previous_secret = secret, previous_secret_until = :until,
+                """UPDATE partners SET previous_secret = CASE WHEN :revoke THEN NULL ELSE secret END,
+                                       previous_secret_until = CASE WHEN :revoke THEN NULL ELSE :until END,
                                        secret = :secret, updated_at = :now
                    WHERE id = :id""",
-                {"id": partner_id, "secret": new_secret, "until": previous_until, "now": now},
+                {"id": partner_id, "secret": new_secret, "until": previous_until, "now": now, "revoke": revoke_old},
             ).rowcount
             return _read_partner(db, partner_id) if changed else None
 

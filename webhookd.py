@@ -270,15 +270,30 @@ async def rotate_secret(request: Request) -> JSONResponse:
     """
     partner_id = owned_partner_id(request)
     ctx = context(request)
+    revoke_old = request.query_params.get("revoke_old", "false")
+    if revoke_old not in ("true", "false"):
+        raise invalid("revoke_old", "must be true or false.")
+    partner = await owned_partner(request)
+    now = ctx.clock()
+    if revoke_old == "false" and partner.previous_secret_until is not None and partner.previous_secret_until > now:
+        # A second rotation would drop the secret the first one promised until then: refuse, and
+        # say how to end it now on purpose (a leak).
+        raise ApiError(409, "rotation_in_progress",
+                       f"The previous secret stays valid until {int(partner.previous_secret_until)} (unix), as the "
+                       "last rotation promised. Rotate again after that, or with ?revoke_old=true to revoke every "
+                       "old secret at once (for a leaked secret).")
     new_secret = new_shared_secret()
-    overlap_until = ctx.clock() + ctx.config.security.secret_overlap_s
+    overlap_until = now if revoke_old == "true" else now + ctx.config.security.secret_overlap_s
     partner = await db(ctx.store.rotate_secret, partner_id, new_secret=new_secret, previous_until=overlap_until,
-                       now=ctx.clock())
+                       now=now, revoke_old=revoke_old == "true")
     if partner is None:
         raise partner_not_found(partner_id)
-    logger.info("partner %s rotated its secret; the old one stays valid until %d", partner_id, int(overlap_until))
+    if revoke_old == "true":
+        logger.warning("partner %s rotated its secret and revoked every old one at once", partner_id)
+    else:
+        logger.info("partner %s rotated its secret; the old one stays valid until %d", partner_id, int(overlap_until))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(new_secret),
-                         "previous_secret_expires_at": int(overlap_until)})
+                         "previous_secret_expires_at": None if revoke_old == "true" else int(overlap_until)})
 
 
 async def send_test_event(request: Request) -> JSONResponse:

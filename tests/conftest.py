@@ -57,6 +57,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+class ShiftedClock:
+    """The wall clock plus an offset a test moves forward (``advance``), for rules measured in hours."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -293,11 +306,11 @@ def make_config(tmp_path: Path, **overrides: Any):
 class Webhookd:
     """webhookd on a real uvicorn server, plus an httpx client that speaks to it."""
 
-    def __init__(self, config):
+    def __init__(self, config, clock=None):
         import webhookd
 
         self.config = config
-        self.app = webhookd.create_app(config)
+        self.app = webhookd.create_app(config, **({"clock": clock} if clock else {}))
         self.server = ThreadServer(self.app).start()
         self.http = httpx.Client(base_url=self.server.url, timeout=10)
         self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -343,8 +356,8 @@ class Webhookd:
 def webhookd_factory(tmp_path):
     started: list[Webhookd] = []
 
-    def make(**overrides: Any) -> Webhookd:
-        w = Webhookd(make_config(tmp_path, **overrides))
+    def make(clock: Any = None, **overrides: Any) -> Webhookd:
+        w = Webhookd(make_config(tmp_path, **overrides), clock=clock)
         started.append(w)
         return w
 

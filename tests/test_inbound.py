@@ -150,6 +150,17 @@ def test_event_header_must_match_the_signed_payload(hub):
     assert r.status_code == 400 and r.json()["error"]["code"] == "event_mismatch"
 
 
+def test_the_type_must_be_inside_the_signed_body(hub):
+    """X-Webhook-Event is not signed: a body without its own "event" is refused, so the same signed
+    bytes cannot be replayed under another type (tour.promoted, which acts) with a new id."""
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    payload = {"tour_id": "t", "user_id": "ana"}
+    for event, webhook_id in (("tour.purchased", "evt_1"), ("tour.promoted", "evt_2")):
+        r = _signed(hub, partner, payload, event=event, **{"X-Webhook-Id": webhook_id})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "missing_event", r.text
+    assert hub.http.get("/inbound", headers=hub.admin).json()["items"] == []
+
+
 def test_a_huge_integer_timestamp_is_refused_not_a_500(hub):
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
     r = _signed(hub, partner, {"event": "tour.promoted", "timestamp": 10 ** 400})

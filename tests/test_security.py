@@ -11,7 +11,7 @@ import standardwebhooks
 
 import signing
 import web
-from conftest import ADMIN_TOKEN, wait_for
+from conftest import ADMIN_TOKEN, ShiftedClock, wait_for
 from payloads import PAYMENT_SUCCESS
 
 WHO = {web.PUBLIC, web.ADMIN, web.CALLER, web.SIGNED, web.REGISTRATION, web.METRICS}
@@ -89,7 +89,10 @@ def test_a_partner_key_cannot_touch_another_partner(hub):
 
 
 def test_rotation_overlap_signs_with_both_then_only_the_new_secret(webhookd_factory, receiver_factory):
-    hub = webhookd_factory(security__secret_overlap_s=1)
+    """The old secret works for the whole overlap (an hour here, on a clock the test moves), then
+    stops. No step has to fit in a short real-time window."""
+    clock = ShiftedClock()
+    hub = webhookd_factory(clock=clock, security__secret_overlap_s=3600)
     receiver = receiver_factory()
     partner = hub.register(receiver.url, ["payment.success"])
     old_secret, old_whsec = partner["shared_secret"], partner["standard_webhooks_secret"]
@@ -109,22 +112,59 @@ def test_rotation_overlap_signs_with_both_then_only_the_new_secret(webhookd_fact
     for whsec in (old_whsec, rotated["standard_webhooks_secret"]):
         assert standardwebhooks.Webhook(whsec).verify(got.body, got.headers) == PAYMENT_SUCCESS
 
-    def inbound(secret, n):
-        body = json.dumps({"event": "tour.purchased", "n": n}).encode()
-        return hub.http.post("/webhooks/partners", content=body, headers={
-            "X-Webhook-Signature": signing.sign_hex(secret, body), "X-Webhook-Event": "tour.purchased"})
-
-    assert inbound(old_secret, 1).status_code == 200
-    assert inbound(new_secret, 2).status_code == 200
-    time.sleep(1.2)  # the overlap ends
-    assert inbound(old_secret, 3).status_code == 401
-    assert inbound(new_secret, 4).status_code == 200
+    assert _inbound(hub, old_secret, 1).status_code == 200
+    assert _inbound(hub, new_secret, 2).status_code == 200
+    clock.advance(3599)
+    assert _inbound(hub, old_secret, 3).status_code == 200   # still inside the overlap
+    clock.advance(2)                                          # the overlap has ended
+    assert _inbound(hub, old_secret, 4).status_code == 401
+    assert _inbound(hub, new_secret, 5).status_code == 200
     hub.publish({**PAYMENT_SUCCESS, "transaction_id": "after"})
     wait_for(lambda: len(receiver.received) == 2)
     later = receiver.received[1]
     assert later.headers["webhook-signature"].count("v1,") == 1
-    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
-        standardwebhooks.Webhook(old_whsec).verify(later.body, later.headers)
+    assert later.headers["x-webhook-signature"] == signing.sign_hex(new_secret, later.body)
+
+
+def _inbound(hub, secret, n):
+    body = json.dumps({"event": "tour.purchased", "n": n}).encode()
+    return hub.http.post("/webhooks/partners", content=body, headers={
+        "X-Webhook-Signature": signing.sign_hex(secret, body), "X-Webhook-Event": "tour.purchased"})
+
+
+def test_a_second_rotation_keeps_the_first_ones_promise(webhookd_factory):
+    """A rotation promised the old secret an overlap: rotating again during it is a 409 that says
+    how to revoke on purpose, and the old secret keeps working."""
+    hub = webhookd_factory(security__secret_overlap_s=3600)
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    own = {"Authorization": f"Bearer {partner['api_key']}"}
+    first = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=own)
+    assert first.status_code == 200
+    again = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=own)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "rotation_in_progress"
+    assert "revoke_old=true" in again.json()["error"]["message"]
+    assert _inbound(hub, partner["shared_secret"], 1).status_code == 200
+    assert _inbound(hub, first.json()["shared_secret"], 2).status_code == 200
+
+
+def test_revoke_old_ends_every_old_secret_at_once(webhookd_factory, receiver_factory):
+    """For a leak: a rotation with ?revoke_old=true leaves only the new secret, in both directions."""
+    hub = webhookd_factory(security__secret_overlap_s=3600)
+    receiver = receiver_factory()
+    partner = hub.register(receiver.url, ["payment.success"])
+    own = {"Authorization": f"Bearer {partner['api_key']}"}
+    first = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=own).json()
+    r = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret?revoke_old=true", headers=own)
+    assert r.status_code == 200 and r.json()["previous_secret_expires_at"] is None
+    newest = r.json()["shared_secret"]
+    for old in (partner["shared_secret"], first["shared_secret"]):
+        assert _inbound(hub, old, 1).status_code == 401
+    assert _inbound(hub, newest, 2).status_code == 200
+    hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: receiver.received)
+    assert receiver.received[0].headers["webhook-signature"].count("v1,") == 1
+    bad = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret?revoke_old=yes", headers=own)
+    assert bad.status_code == 422
 
 
 @pytest.mark.parametrize("offset", [-301, 301, -10**6])
