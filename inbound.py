@@ -116,10 +116,18 @@ def _signed_headers(request: Request) -> tuple[str, str]:
 async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: dict, canonical_body: bytes,
                            signature: str, now: float) -> Partner:
     """The partner whose secret made ``signature``: the one ``X-Partner-Id`` names, else any
-    partner that is not disabled. A client address whose signatures keep failing gets 429s."""
-    client = client_address(request)
-    await ctx.inbound_failure_limit.refuse_if_empty(client, "refused signatures from this address")
+    partner that is not disabled.
+
+    Refused signatures are limited per (claimed partner, client address), so that behind a
+    reverse proxy, where every client has the proxy's address, a forger limits only itself:
+    with ``X-Partner-Id`` one secret is tried and a valid signature always passes, whatever a
+    forger did; without it every partner's secret is tried, so an address whose unnamed
+    signatures keep failing is refused before that work (429)."""
     partner_id = request.headers.get("x-partner-id")
+    failures = f"{partner_id or '*'}@{client_address(request)}"
+    what = "refused signatures from this address"
+    if partner_id is None:
+        await ctx.inbound_failure_limit.refuse_if_empty(failures, what)
     if partner_id is not None:  # memory only, like partners_accepting_inbound: no thread hop
         named = ctx.store.get_partner(partner_id)
         if named is None and ctx.store.postgres:  # registered through another process just now?
@@ -134,7 +142,7 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
     else:
         partner = _find_sender(*args)
     if partner is None:
-        await ctx.inbound_failure_limit.take(client)
+        await ctx.inbound_failure_limit.check(failures, what)  # a 429 once the bucket is empty
         raise ApiError(401, "invalid_signature",
                        "The signature does not verify for any partner. Sign the body with your shared secret "
                        "(hex HMAC-SHA256) and send it as X-Webhook-Signature.")

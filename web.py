@@ -321,7 +321,8 @@ class RateLimiter:
     In memory, per process; with ``shared`` (a PostgreSQL store) the buckets live in the
     database (``rate_buckets``, keyed by ``name``), so several processes behind one address
     share one limit rather than each giving a client its own. Shared buckets run on the
-    wall clock (every process reads the same one); ``clock`` is for the in-memory ones."""
+    wall clock (every process reads the same one); ``clock`` (the app's, which tests can drive)
+    is for the in-memory ones."""
 
     MAX_KEYS = 10_000  # beyond this, buckets that are full again are forgotten
 
@@ -351,14 +352,6 @@ class RateLimiter:
         self._refuse(await db(self.shared.tokens_left, f"{self.name}:{key}", rate=self.rate, burst=self.burst,
                               now=time.time()), what)
 
-    async def take(self, key: str) -> None:
-        """Spend one token of ``key`` (down to zero)."""
-        if self.shared is None:
-            self._take(key)
-        else:
-            await db(self.shared.take_token, f"{self.name}:{key}", rate=self.rate, burst=self.burst,
-                     now=time.time(), only_if_left=False)
-
     def refuse_if_empty_now(self, key: str, what: str) -> None:
         self._refuse(self._tokens(key, self.clock()), what)
 
@@ -377,7 +370,7 @@ class RateLimiter:
 
     def _tokens(self, key: str, now: float) -> float:
         tokens, at = self._buckets.get(key, (self.burst, now))
-        return min(self.burst, tokens + (now - at) * self.rate)
+        return min(self.burst, tokens + max(0.0, now - at) * self.rate)  # a clock set back adds nothing
 
 
 # --- 5. Reading requests ---------------------------------------------------------------------------------

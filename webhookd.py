@@ -679,7 +679,7 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
     shared = store if store.postgres else None  # several processes: one limit for all of them
 
     def limit(name: str, rate_per_s: float, burst: float) -> RateLimiter:
-        return RateLimiter(rate_per_s, burst, time.monotonic, shared=shared, name=name)
+        return RateLimiter(rate_per_s, burst, clock, shared=shared, name=name)
 
     return Context(
         config=config, store=store, loop=loop, admin_token=token, clock=clock, metrics=counters,

@@ -58,13 +58,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 
 class ShiftedClock:
-    """The wall clock plus an offset a test moves forward (``advance``), for rules measured in hours."""
+    """The wall clock plus an offset a test moves forward (``advance``), for rules measured in hours;
+    ``frozen``: the time of its creation plus that offset only, so that only ``advance`` moves it
+    (for rules measured in seconds, such as rate limits, on a machine of any speed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, frozen: bool = False) -> None:
         self.offset = 0.0
+        self.frozen_at = time.time() if frozen else None
 
     def __call__(self) -> float:
-        return time.time() + self.offset
+        return (self.frozen_at if self.frozen_at is not None else time.time()) + self.offset
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds

@@ -10,6 +10,7 @@ import requests
 
 import guide_sender
 import signing
+from conftest import ShiftedClock
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
 
@@ -168,12 +169,32 @@ def test_a_huge_integer_timestamp_is_refused_not_a_500(hub):
 
 
 def test_refused_signatures_are_rate_limited_per_address(webhookd_factory):
-    hub = webhookd_factory(security__inbound_failures_per_s=1.0)
+    """Unnamed signatures (no X-Partner-Id: every secret is tried) that keep failing from one address
+    are refused before that work, a valid unnamed one too, until the bucket refills (on a clock the
+    test moves)."""
+    clock = ShiftedClock(frozen=True)
+    hub = webhookd_factory(clock=clock, security__inbound_failures_per_s=1.0)
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
     body = b'{"event":"tour.purchased"}'
     bad = {"X-Webhook-Signature": "00" * 32, "X-Webhook-Event": "tour.purchased"}
     codes = [hub.http.post("/webhooks/partners", content=body, headers=bad).status_code for _ in range(6)]
-    assert codes[:4] == [401] * 4 and codes[-1] == 429
+    assert codes == [401] * 4 + [429] * 2
     assert _signed(hub, partner, {"event": "tour.purchased", "n": 1}).status_code == 429  # until the bucket refills
-    time.sleep(1.1)
+    clock.advance(1.0)
     assert _signed(hub, partner, {"event": "tour.purchased", "n": 2}).status_code == 200
+
+
+def test_a_forger_behind_the_same_address_cannot_lock_a_named_partner_out(webhookd_factory):
+    """Behind a reverse proxy every client has the proxy's address. A forger who exhausts the
+    refused-signature limit, unnamed or claiming the partner's id, gets 429s; the partner, naming
+    itself with X-Partner-Id and signing correctly, is never refused."""
+    hub = webhookd_factory(clock=ShiftedClock(frozen=True), security__inbound_failures_per_s=1.0)
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    body = b'{"event":"tour.purchased"}'
+    for claimed in ({}, {"X-Partner-Id": partner["partner_id"]}):
+        forged = {"X-Webhook-Signature": "00" * 32, "X-Webhook-Event": "tour.purchased", **claimed}
+        codes = [hub.http.post("/webhooks/partners", content=body, headers=forged).status_code for _ in range(6)]
+        assert codes == [401] * 4 + [429] * 2, claimed
+    for n in range(3):
+        r = _signed(hub, partner, {"event": "tour.purchased", "n": n}, **{"X-Partner-Id": partner["partner_id"]})
+        assert r.status_code == 200, r.text
