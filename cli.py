@@ -219,6 +219,7 @@ def _show(args: argparse.Namespace, answer: Any, columns: list[str] | None = Non
 PARTNER_COLUMNS = ["partner_id", "partner_name", "status", "circuit", "max_rate_per_s", "events_subscribed",
                    "webhook_url"]
 DELIVERY_COLUMNS = ["delivery_id", "event", "partner_id", "state", "attempt_count", "updated_at"]
+ATTEMPT_COLUMNS = ["attempt", "started_at", "duration_ms", "status_code", "error", "error_detail"]
 
 
 def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
@@ -258,6 +259,14 @@ def _cmd_publish(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
+    if args.delivery_id:  # one delivery, then its attempts as a table
+        answer = _api(config, "GET", f"/deliveries/{args.delivery_id}")
+        if args.json:
+            return _show(args, answer)
+        _show(args, {k: v for k, v in answer.items() if k != "attempts"})
+        print()
+        _print_table(answer.get("attempts", []), ATTEMPT_COLUMNS)
+        return 0
     query = {"state": args.status, "partner_id": args.partner, "event": args.event, "limit": args.limit}
     return _show(args, _api(config, "GET", "/deliveries", query=query), DELIVERY_COLUMNS)
 
@@ -334,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--idempotency-key", help="publishing twice with the same key fans out once")
     publish.set_defaults(handler=_cmd_publish)
 
-    deliveries = commands.add_parser("deliveries", parents=[with_config, as_json], help="list deliveries, newest first")
+    deliveries = commands.add_parser("deliveries", parents=[with_config, as_json],
+                                     help="list deliveries, newest first; or one, with its attempts")
+    deliveries.add_argument("delivery_id", nargs="?", help="show this delivery and its attempts")
     deliveries.add_argument("--status", choices=["pending", "delivered", "failed"], help="only this state")
     deliveries.add_argument("--partner", help="only this partner id")
     deliveries.add_argument("--event", help="only this event type")

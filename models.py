@@ -76,6 +76,7 @@ class Attempt:
     error: str | None
     response_snippet: str | None
     url: str | None = None   # where this attempt went (a partner's URL can change between attempts)
+    error_detail: str | None = None  # what happened, in a few words a partner can act on (never a secret)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
     attempt = {
         "attempt": {"type": "integer"}, "started_at": TIME, "duration_ms": {"type": "integer"},
         "status_code": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]},
+        "error_detail": {"type": ["string", "null"]},
         "response_snippet": {"type": ["string", "null"]},
         "url": {"type": ["string", "null"], "description": "where this attempt was sent"},
     }

@@ -131,6 +131,45 @@ def classify_error(exc: BaseException) -> str:
     return "connection_error"
 
 
+DETAIL_MAX = 200  # characters of error_detail, at most
+
+
+def describe_error(exc: BaseException, timeout_s: float) -> str:
+    """What went wrong, in a few words a partner can act on ("certificate verify failed: Hostname
+    mismatch…", "connection refused", "no answer within 5 s"). Built from the exception only:
+    never the URL's path or query (which may hold a partner's token), never a header."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = f"certificate verify failed: {exc.verify_message or exc.reason}"
+    elif isinstance(exc, ssl.SSLError):
+        detail = f"TLS handshake failed: {exc.reason or exc.__class__.__name__}"
+    elif isinstance(exc, TimeoutError):
+        detail = str(exc) or f"no answer within {timeout_s:g} s"
+    elif isinstance(exc, ConnectionRefusedError):
+        detail = "connection refused"
+    elif isinstance(exc, http.client.RemoteDisconnected):
+        detail = "the partner closed the connection without an answer"
+    elif isinstance(exc, ConnectionResetError):
+        detail = "the partner reset the connection"
+    elif isinstance(exc, BrokenPipeError):
+        detail = "the connection broke while the request was being sent"
+    elif isinstance(exc, (TargetRefused, BadResponse, http.client.HTTPException, ValueError)) and str(exc):
+        detail = str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        detail = exc.strerror
+    else:
+        detail = str(exc) or exc.__class__.__name__
+    return detail[:DETAIL_MAX]
+
+
+def describe_status(status: int, cut_short: bool) -> str | None:
+    """The detail of an answer: None for a plain 2xx."""
+    if 200 <= status < 300:
+        return "the body was cut short after the status; the status counts" if cut_short else None
+    if 300 <= status < 400:
+        return f"the partner answered {status}; redirects are not followed: register the final URL"
+    return f"the partner answered {status}"
+
+
 def status_error(status: int) -> str | None:
     """The error class of an HTTP status: None for 2xx; a redirect is never followed."""
     if 200 <= status < 300:
@@ -358,17 +397,21 @@ class Sender:
             headers = build_headers(job, int(started), self.settings.user_agent)
             async with asyncio.timeout(self.settings.timeout_s):
                 await self._post(target, _request_bytes(target, headers, job.body), answer)
-            error = status_error(answer.status)
+            error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)
         except Exception as exc:  # one bad endpoint must never take the sender down
             # Once the status has arrived it is the partner's answer: a body cut short by the
             # deadline or a closed connection costs only the connection. A malformed body is
             # still a protocol error.
             cut_short = answer.status is not None and not isinstance(exc, BadResponse)
-            error = status_error(answer.status) if cut_short else classify_error(exc)
+            if cut_short:
+                error, detail = status_error(answer.status), describe_status(answer.status, cut_short=True)
+            else:
+                error, detail = classify_error(exc), describe_error(exc, self.settings.timeout_s)
         if answer.status in (429, 503):
             retry_after = parse_retry_after(answer.retry_after, self.clock(), self.settings.retry_after_max_s)
         attempt = Attempt(attempt=job.attempt, started_at=started, duration_ms=int((self.clock() - started) * 1000),
-                          status_code=answer.status, error=error, response_snippet=answer.snippet, url=job.url)
+                          status_code=answer.status, error=error, response_snippet=answer.snippet, url=job.url,
+                          error_detail=detail)
         return Sent(attempt, retry_after)
 
     async def _post(self, target: Target, request: bytes, answer: _Answer) -> None:

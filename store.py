@@ -141,6 +141,7 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ("partners.paused_until", ["ALTER TABLE partners ADD COLUMN paused_until REAL"]),  # a shared circuit pause
     ("roles", [ROLES_TABLE.replace("DOUBLE PRECISION", "REAL")]),   # which process runs the sweeps
     ("processes", [PROCESSES_TABLE.replace("DOUBLE PRECISION", "REAL")]),  # heartbeats
+    ("attempts.error_detail", ["ALTER TABLE attempts ADD COLUMN error_detail TEXT"]),  # what happened, in words
 ]
 
 
@@ -238,6 +239,7 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
                                              "DROP INDEX IF EXISTS deliveries_partner_due"]),
     ("processes", [PROCESSES_TABLE]),
     ("rate_buckets", [RATE_BUCKETS_TABLE]),
+    ("attempts.error_detail", ["ALTER TABLE attempts ADD COLUMN IF NOT EXISTS error_detail TEXT"]),
 ]
 
 
@@ -276,7 +278,8 @@ def _delivery_from_row(row: Any, attempts: tuple[Attempt, ...] = ()) -> Delivery
 def _attempt_from_row(row: Any) -> Attempt:
     return Attempt(
         attempt=row["attempt"], started_at=row["started_at"], duration_ms=row["duration_ms"],
-        status_code=row["status_code"], error=row["error"], response_snippet=row["response_snippet"],
+        status_code=row["status_code"], error=row["error"], error_detail=row["error_detail"],
+        response_snippet=row["response_snippet"],
         url=row["url"],
     )
 
@@ -1099,8 +1102,8 @@ _RECORD_RESULTS = """
         SELECT * FROM unnest(CAST(:id AS TEXT[]), CAST(:state AS TEXT[]), CAST(:attempt AS INTEGER[]),
                              CAST(:next AS DOUBLE PRECISION[]), CAST(:started AS DOUBLE PRECISION[]),
                              CAST(:ms AS INTEGER[]), CAST(:status AS INTEGER[]), CAST(:error AS TEXT[]),
-                             CAST(:snippet AS TEXT[]), CAST(:url AS TEXT[]))
-                      AS r (id, state, attempt, next, started, ms, status, error, snippet, url)
+                             CAST(:snippet AS TEXT[]), CAST(:url AS TEXT[]), CAST(:detail AS TEXT[]))
+                      AS r (id, state, attempt, next, started, ms, status, error, snippet, url, detail)
     ), done AS (
         UPDATE deliveries SET state = r.state, attempt_count = r.attempt, next_attempt_at = r.next,
                               leased_until = NULL, updated_at = :now
@@ -1109,8 +1112,8 @@ _RECORD_RESULTS = """
         RETURNING deliveries.id
     ), logged AS (
         INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error,
-                              response_snippet, url)
-        SELECT r.id, r.attempt, r.started, r.ms, r.status, r.error, r.snippet, r.url
+                              response_snippet, url, error_detail)
+        SELECT r.id, r.attempt, r.started, r.ms, r.status, r.error, r.snippet, r.url, r.detail
         FROM r JOIN done ON done.id = r.id
     )
     SELECT id FROM done
@@ -1235,10 +1238,11 @@ def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]
             recorded.add(o.delivery_id)
             db.execute(
                 """INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error,
-                                         response_snippet, url)
-                   VALUES (:id, :attempt, :started, :ms, :status, :error, :snippet, :url)""",
+                                         response_snippet, url, error_detail)
+                   VALUES (:id, :attempt, :started, :ms, :status, :error, :snippet, :url, :detail)""",
                 {"id": o.delivery_id, "attempt": a.attempt, "started": a.started_at, "ms": a.duration_ms,
-                 "status": a.status_code, "error": a.error, "snippet": a.response_snippet, "url": a.url})
+                 "status": a.status_code, "error": a.error, "snippet": a.response_snippet, "url": a.url,
+                 "detail": a.error_detail})
     return recorded
 
 
@@ -1250,7 +1254,8 @@ def _record_at_once(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
                "attempt": [o.attempt.attempt for o in outcomes], "next": [o.next_attempt_at for o in outcomes],
                "started": [o.attempt.started_at for o in outcomes], "ms": [o.attempt.duration_ms for o in outcomes],
                "status": [o.attempt.status_code for o in outcomes], "error": [o.attempt.error for o in outcomes],
-               "snippet": [o.attempt.response_snippet for o in outcomes], "url": [o.attempt.url for o in outcomes]}
+               "snippet": [o.attempt.response_snippet for o in outcomes], "url": [o.attempt.url for o in outcomes],
+               "detail": [o.attempt.error_detail for o in outcomes]}
     run = db.statement if hasattr(db, "statement") else (lambda sql, p: db.execute(sql, p).fetchall())
     return {row["id"] for row in run(_RECORD_RESULTS, {"now": now, **columns})}
 

@@ -128,7 +128,8 @@ def delivery_json(d: Delivery, with_attempts: bool = False) -> dict[str, Any]:
     if with_attempts:
         out["attempts"] = [{"attempt": a.attempt, "started_at": int(a.started_at), "duration_ms": a.duration_ms,
                             "status_code": a.status_code, "error": a.error,
-                            "response_snippet": a.response_snippet, "url": a.url} for a in d.attempts]
+                            "error_detail": a.error_detail, "response_snippet": a.response_snippet, "url": a.url}
+                           for a in d.attempts]
     return out
 
 

@@ -169,6 +169,8 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     wait_for(lambda: "failed" in _ok(_run(serve, "deliveries", "--status", "failed")))
     failed = json.loads(_ok(_run(serve, "deliveries", "--status", "failed", "--partner", pid, "--json")))["items"]
     assert len(failed) == 1 and failed[0]["event_id"] == event["event_id"]
+    shown = _ok(_run(serve, "deliveries", failed[0]["delivery_id"]))
+    assert "ERROR_DETAIL" in shown and shown.count("the partner answered 500") == 2
     assert _column(_ok(_run(serve, "partners", "list")), pid, "CIRCUIT") == "open"
 
     receiver.default = (200, 0)

@@ -182,6 +182,7 @@ def test_dashboard_shows_a_failed_delivery_and_retries_it(browser_ready, webhook
             expect(detail.get_by_test_id("attempt")).to_have_count(3)
             expect(detail.get_by_test_id("attempt-status")).to_have_text(["500", "500", "500"])
             expect(detail.get_by_test_id("attempt-snippet").first).to_have_text('{"status":"error"}')
+            expect(detail.get_by_test_id("attempt-error-detail").first).to_have_text("the partner answered 500")
 
             _no_placeholder_words(page)
             page.screenshot(path=tmp_path / "dashboard-failed.png")

@@ -270,3 +270,30 @@ def test_a_2xx_whose_body_never_ends_is_delivered_not_sent_again(webhookd_factor
     (attempt,) = hub.delivery(done["delivery_id"])["attempts"]
     assert (attempt["status_code"], attempt["error"]) == (200, None)
     assert len(receiver.requests) == 1
+
+
+def test_every_failed_attempt_says_what_happened_in_words(hub, receiver_factory):
+    """error_detail: a refused connection, a partner that never answers (timeout_s is 1 s in the
+    tests), a 500 and a redirect, each in words a partner can act on, through the API."""
+    import socket
+
+    from conftest import free_port
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts, never answers
+    try:
+        failing, moved = receiver_factory(default=(500, 0)), receiver_factory(default=(302, 0))
+        urls = {"connection refused": f"http://127.0.0.1:{free_port()}/x",
+                "no answer within 1 s": f"http://127.0.0.1:{silent.getsockname()[1]}/x",
+                "the partner answered 500": failing.url,
+                "the partner answered 302; redirects are not followed": moved.url}
+        partners = {hub.register(url, ["payment.success"], name=f"P{n}")["partner_id"]: detail
+                    for n, (detail, url) in enumerate(urls.items())}
+        hub.publish(PAYMENT_SUCCESS)
+        for partner_id, detail in partners.items():
+            d = wait_for(lambda p=partner_id: (x := hub.deliveries(partner_id=p)) and x[0]["attempt_count"] and x[0])
+            attempt = hub.delivery(d["delivery_id"])["attempts"][0]
+            assert attempt["error_detail"].startswith(detail), attempt
+    finally:
+        silent.close()
