@@ -21,6 +21,7 @@ import math
 import os
 import re
 import secrets
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,7 @@ class DeliveryConfig:
     disable_after_s: float = 259200.0
     retry_after_max_s: float = 3600.0
     idle_connection_s: float = 30.0
+    ca_file: str = ""                            # PEM file of the CAs partners' certificates chain to; empty: the system's
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,9 @@ POSITIVE = {
 def load_config(path: str | os.PathLike | None, environ: dict[str, str] | None = None) -> Config:
     """Read the TOML file (if any), apply ``WEBHOOKD_<SECTION>_<KEY>`` overrides, validate.
 
-    A relative ``storage.path`` is taken relative to the config file's folder, so the
-    service finds the same database whatever directory it is started from.
+    A relative ``storage.path`` (and ``delivery.ca_file``) is taken relative to the config
+    file's folder, so the service finds the same files whatever directory it is started from.
+    A ``ca_file`` that cannot be read stops the start here, not at the first HTTPS delivery.
     """
     environ = os.environ if environ is None else environ
     raw = _read_toml(path) if path is not None else {}
@@ -191,6 +194,15 @@ def load_config(path: str | os.PathLike | None, environ: dict[str, str] | None =
     base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
     if not Path(sections["storage"].path).is_absolute():
         sections["storage"] = dataclasses.replace(sections["storage"], path=str(base_dir / sections["storage"].path))
+    ca_file = sections["delivery"].ca_file
+    if ca_file:
+        ca_path = Path(ca_file) if Path(ca_file).is_absolute() else base_dir / ca_file
+        try:
+            ssl.create_default_context(cafile=str(ca_path))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"Config 'delivery.ca_file' is {ca_file!r}, which is not a readable PEM file of "
+                              f"CA certificates ({exc}). Point it at one, or leave it empty for the system's.") from None
+        sections["delivery"] = dataclasses.replace(sections["delivery"], ca_file=str(ca_path))
     return Config(**sections, events=_check_catalog(raw.get("events", GUIDE_CATALOG)))
 
 

@@ -350,7 +350,8 @@ class Sender:
         self.clock = clock
         self._idle: dict[tuple, list[_Connection]] = {}   # per origin, the most recent last
         self._last_sweep = time.monotonic()
-        self._tls = ssl.create_default_context()           # built once: it costs milliseconds
+        # Built once (it costs milliseconds): the system's CAs, or delivery.ca_file for a private CA.
+        self._tls = ssl.create_default_context(cafile=settings.ca_file or None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()

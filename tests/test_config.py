@@ -85,3 +85,16 @@ def test_a_postgresql_url_selects_postgresql_and_needs_a_shared_admin_token(tmp_
     with pytest.raises(config.ConfigError, match="storage.url"):
         config.load_config(None, environ=env)
     assert config.load_config(None, environ={}).storage.target.endswith("webhookd.db")   # SQLite by default
+
+
+def test_ca_file_is_relative_to_the_config_and_checked_at_load(tmp_path):
+    import trustme
+
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "partners-ca.pem"))
+    (tmp_path / "w.toml").write_text('[delivery]\nca_file = "partners-ca.pem"\n')
+    assert config.load_config(tmp_path / "w.toml", environ={}).delivery.ca_file == str(tmp_path / "partners-ca.pem")
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    for value in ("missing.pem", "bad.pem"):
+        (tmp_path / "w.toml").write_text(f'[delivery]\nca_file = "{value}"\n')
+        with pytest.raises(config.ConfigError, match="delivery.ca_file"):
+            config.load_config(tmp_path / "w.toml", environ={})
