@@ -45,6 +45,22 @@ class DatabaseUnavailable(RuntimeError):
     time). The API answers 503, never a 202 for what was not stored; the delivery loop tries again."""
 
 
+class StorageUnavailable(DatabaseUnavailable):
+    """The database answers but cannot write: the disk is full (or failing). Reads still work; the
+    API answers 503 ``storage_unavailable`` to writes and ``/health`` says so until a write
+    succeeds again."""
+
+
+# SQLite's result codes for "cannot write": full disk, I/O error, read-only file (sqlite3 error names).
+_STORAGE_ERRORS = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN"}
+
+
+def storage_fault(exc: BaseException) -> bool:
+    """Whether a SQLite error means the storage itself refuses writes (not a bug, not bad input)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return isinstance(exc, sqlite3.Error) and any(name.startswith(code) for code in _STORAGE_ERRORS)
+
+
 def is_postgres_url(target: str) -> bool:
     return target.startswith(("postgresql://", "postgres://"))
 
@@ -126,6 +142,7 @@ class SQLiteEngine:
         self._write_lock = WriterLock()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
+        self.write_fault: str | None = None  # why a write failed for lack of storage, until a durable one succeeds
 
     def describe(self) -> str:
         return self.path
@@ -137,11 +154,11 @@ class SQLiteEngine:
             if mode != self._sync_mode:
                 self._writer.execute(f"PRAGMA synchronous = {mode}")
                 self._sync_mode = mode
-            self._writer.execute("BEGIN IMMEDIATE")
             try:
+                self._writer.execute("BEGIN IMMEDIATE")
                 yield self._writer
                 self._writer.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 # A failed COMMIT (a full disk) may leave the transaction open: close it, or every
                 # later BEGIN would fail. A rollback that fails too must not hide the first error.
                 if self._writer.in_transaction:
@@ -149,7 +166,12 @@ class SQLiteEngine:
                         self._writer.execute("ROLLBACK")
                     except sqlite3.Error:
                         logger.exception("rolling back after a failed write failed too")
+                if storage_fault(exc):
+                    self.write_fault = f"{exc.sqlite_errorname}: {exc}"
+                    raise StorageUnavailable(f"the database file {self.path} cannot be written ({exc})") from exc
                 raise
+            if durable:  # bookkeeping updates rows in place; only a durable write (new rows) proves room
+                self.write_fault = None
 
     @contextmanager
     def reader(self, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
@@ -301,6 +323,8 @@ class PostgresEngine:
 
         try:
             yield
+        except psycopg.errors.InsufficientResources as exc:  # class 53: disk full, out of memory
+            raise StorageUnavailable(f"PostgreSQL at {self.describe()} cannot write: {exc}") from exc
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise DatabaseUnavailable(f"PostgreSQL at {self.describe()} is not reachable: {exc}") from exc
 

@@ -102,6 +102,8 @@ class Metrics:
                                   "Deliveries that reached a final state, by partner and outcome.")
         self.attempts = Counter("webhookd_attempts_total", "Delivery attempts by result class.")
         self.inbound = Counter("webhookd_inbound_total", "Inbound partner events by result.")
+        self.storage_refusals = Counter("webhookd_storage_refusals_total",
+                                        "Requests answered 503 because the database could not be written (disk full).")
         self.attempt_seconds = Histogram("webhookd_attempt_duration_seconds", "Duration of one delivery attempt.",
                                          DURATION_BUCKETS)
         self.delivered_seconds = Histogram("webhookd_publish_to_delivered_seconds",
@@ -117,6 +119,6 @@ class Metrics:
 
     def render(self) -> str:
         """The text format. Gauges read their sources now, so call it off the event loop."""
-        families = [self.events_published, self.deliveries, self.attempts, self.inbound,
+        families = [self.events_published, self.deliveries, self.attempts, self.inbound, self.storage_refusals,
                     self.attempt_seconds, self.delivered_seconds, self.claim_rows, self.claim_seconds, *self.gauges]
         return "\n".join(line for family in families for line in family.render()) + "\n"

@@ -346,6 +346,7 @@ class Store:
         self._paces: dict[str, float] = {}       # partner -> max_rate_per_s, for the partners that set one
         self.partners_stale = False              # a reload after a write failed (see below)
         self._partners_read_at = 0.0             # when the last reload began (time.monotonic)
+        self._probed_at = 0.0                    # when storage_writable last wrote its probe
         self._partners_lock = threading.Lock()
         try:
             self._apply_schema()
@@ -357,6 +358,29 @@ class Store:
         self._group_queue: queue.SimpleQueue[_GroupWrite | None] = queue.SimpleQueue()
         self._group_thread = threading.Thread(target=self._group_writer, name="webhookd-group-commit", daemon=True)
         self._group_thread.start()
+
+    @property
+    def write_fault(self) -> str | None:
+        """Why a write failed for lack of storage (a full disk), until a durable write succeeds again."""
+        return getattr(self.engine, "write_fault", None)
+
+    def storage_writable(self) -> bool:
+        """After a write failed for lack of storage: whether there is room again, found by writing a
+        page's worth (a probe row, deleted in the same transaction) at most once a second. So
+        ``/health`` recovers by itself even while a load balancer keeps the publishes away."""
+        if self.write_fault is None:
+            return True
+        if time.monotonic() - self._probed_at < 1.0:
+            return False
+        self._probed_at = time.monotonic()
+        try:
+            with self._transaction() as db:
+                db.execute("INSERT INTO roles (name, holder, until) VALUES ('storage-probe', :filler, 0)",
+                           {"filler": "x" * 4096})
+                db.execute("DELETE FROM roles WHERE name = 'storage-probe'")
+        except DatabaseUnavailable:
+            return False
+        return True
 
     @property
     def postgres(self) -> bool:

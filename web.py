@@ -41,7 +41,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import signing
-from engines import DatabaseUnavailable
+from engines import DatabaseUnavailable, StorageUnavailable
 
 if TYPE_CHECKING:
     import metrics
@@ -102,6 +102,14 @@ async def _on_database_unavailable(request: Request, exc: DatabaseUnavailable) -
                           {"Retry-After": "5"})
 
 
+async def _on_storage_unavailable(request: Request, exc: StorageUnavailable) -> JSONResponse:
+    logger.error("%s %s: %s", request.method, request.url.path, exc)
+    context(request).metrics.storage_refusals.inc()
+    return error_response(503, "storage_unavailable",
+                          "The server cannot write to its database right now (its disk is full); nothing was "
+                          "stored. Try again shortly.", {"Retry-After": "30"})
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     """True bugs only: bad input is refused with a 4xx long before it gets here."""
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -109,7 +117,8 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 EXCEPTION_HANDLERS = {ApiError: _on_api_error, HTTPException: _on_http_exception,
-                      DatabaseUnavailable: _on_database_unavailable, Exception: _on_unexpected}
+                      StorageUnavailable: _on_storage_unavailable, DatabaseUnavailable: _on_database_unavailable,
+                      Exception: _on_unexpected}
 
 
 # --- 2. Identifiers and credentials ---------------------------------------------------------

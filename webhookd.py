@@ -581,12 +581,19 @@ async def openapi_document(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
+    """``GET /health``: 200 when the database answers and its last write succeeded; 503 otherwise,
+    naming the fault, so a load balancer and the operator see a full disk, not only a dead database."""
+    store = context(request).store
     try:
-        ok = await db(context(request).store.ping)
+        ok = await db(store.ping)
     except Exception:
         ok = False
     if not ok:
         return error_response(503, "database_unavailable", "The database does not answer.")
+    fault = store.write_fault
+    if fault is not None and not await db(store.storage_writable):
+        return error_response(503, "storage_unavailable", f"The database cannot be written: {fault}. Free disk "
+                                                          "space; writes resume by themselves.", {"Retry-After": "30"})
     return JSONResponse({"status": "ok"})
 
 
