@@ -5,6 +5,7 @@ import os
 import stat
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,6 +53,52 @@ def test_database_file_and_folder_are_private(tmp_path, sqlite_store):
     path = tmp_path / "data" / "w.db"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
+def test_publishes_and_inbound_events_commit_durably_on_the_writer(store):
+    """The 202 of a publish and the 200 of an inbound event promise the commit is on disk: every
+    transaction they run in is read, on the very connection that commits it, as FULL (SQLite) or
+    synchronous_commit on (PostgreSQL). Bookkeeping, which may be lost, is the opposite."""
+    seen: list[tuple[str, list[str]]] = []  # (the writer's mode, the statements of that transaction)
+    real = store.engine.transaction
+    query = "SHOW synchronous_commit" if store.postgres else "PRAGMA synchronous"
+
+    class Recording:
+        def __init__(self, db, statements):
+            self.db, self.statements = db, statements
+
+        def execute(self, sql, *params):
+            self.statements.append(sql)
+            return self.db.execute(sql, *params)
+
+        def executemany(self, sql, params):
+            self.statements.append(sql)
+            return self.db.executemany(sql, params)
+
+    @contextmanager
+    def watched(durable=True):
+        with real(durable) as db:
+            statements: list[str] = []
+            seen.append((str(db.execute(query).fetchone()[0]), statements))
+            yield Recording(db, statements)
+
+    store.engine.transaction = watched
+    partner = _partner(store)
+    seen.clear()
+    _publish(store)
+    store.add_inbound(inbound_id="inb_1", partner_id=partner.id, event_type="tour.purchased", dedupe_key="k",
+                      body=b"{}", now=1000.0)
+    durable = "on" if store.postgres else "2"  # PRAGMA synchronous: 2 is FULL
+    for table in ("INSERT INTO events", "INSERT INTO inbound_events"):
+        modes = [mode for mode, statements in seen if any(table in sql for sql in statements)]
+        assert modes == [durable], (table, seen)
+    seen.clear()
+    if store.postgres:  # claims and results: one statement each on the bookkeeping connections
+        with store.engine._bookkeeping.connection() as conn:
+            assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+    else:
+        store.claim_due(now=2000.0, lease_s=10, limit=10, per_partner=5)
+        assert seen and {mode for mode, _ in seen} == {"1"}, seen  # NORMAL
 
 
 def test_wal_and_full_sync_are_on(sqlite_store):
