@@ -3,11 +3,13 @@
 Read top to bottom, one inbound event:
 
 1. **Verify.** ``POST /webhooks/partners`` checks, in the SPEC's order: the headers (400),
-   the size (413), a JSON object (400), a signature that some partner's secret makes
-   (401; refused signatures are rate-limited per client address), the partner's own rate
-   (429), and a fresh ``timestamp`` (401).
-2. **Store once.** The canonical body is stored once per (partner, ``X-Webhook-Id`` or
-   body hash), through the store's group commit.
+   the size (413), a JSON object whose own ``event`` names its type (400), a signature that
+   some partner's secret makes — the guide's hex ``X-Webhook-Signature``, or Standard
+   Webhooks' ``webhook-signature`` over id, time and body (401; refused signatures are
+   rate-limited per claimed partner and client address) — the partner's own rate (429),
+   and a fresh timestamp (401).
+2. **Store once.** The canonical body is stored once per (partner, ``webhook-id``,
+   ``X-Webhook-Id`` or body hash), through the store's group commit.
 3. **200.** ``{"status": "received"}`` goes out only after the commit.
 4. **Offer on /ws.** After the 200, a ``tour.promoted`` is pushed to the users connected
    on ``/ws`` (``realtime.py``): the user the payload names, or everyone. A user's page
@@ -25,7 +27,9 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.background import BackgroundTask
@@ -72,26 +76,26 @@ async def receive_partner_event(request: Request) -> JSONResponse:
 
 async def _receive(request: Request) -> JSONResponse:
     ctx = context(request)
-    signature, event_type = _signed_headers(request)
+    signed = _signed_headers(request)
     check_content_type(request)
     raw = await read_body(request, ctx.config.security.max_body_bytes)
     payload = parse_object(raw, ctx.config.security.max_json_depth)
-    # The signature covers the body, not the headers: the type we store and act on must be the
-    # signed one. Without it, the same signed bytes could be replayed under another type.
-    if "event" not in payload:
-        raise ApiError(400, "missing_event", "The body must name its type in an 'event' field (the signature "
-                                             "covers the body, not X-Webhook-Event), e.g. \"event\": \"tour.purchased\".")
-    if payload["event"] != event_type:
-        raise ApiError(400, "event_mismatch", "X-Webhook-Event must equal the payload's 'event' field.")
+    event_type = _signed_type(payload, signed)
     now = ctx.clock()
     canonical_body = signing.canonical(payload)
-    partner = await _verified_sender(request, ctx, raw, payload, canonical_body, signature, now)
+    tolerance_s = ctx.config.security.inbound_tolerance_s
+    if signed.standard:  # the time is signed: a stale one is refused before any secret is tried
+        if not re.fullmatch(r"[0-9]{1,12}", signed.timestamp):
+            raise ApiError(401, "bad_timestamp", "webhook-timestamp must be unix seconds.")
+        _check_timestamp(int(signed.timestamp), now, tolerance_s)
+    partner = await _verified_sender(request, ctx, raw, payload, canonical_body, signed, now)
     await ctx.inbound_limit.check(partner.id, "events from this partner")
-    _check_timestamp(payload.get("timestamp"), now, ctx.config.security.inbound_tolerance_s)
+    if not signed.standard:  # the guide's events may carry their time in the body
+        _check_timestamp(payload.get("timestamp"), now, tolerance_s)
+    dedupe_key = f"id:{signed.msg_id}" if signed.standard else _dedupe_key(request, canonical_body)
 
     stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
-                               event_type=event_type, dedupe_key=_dedupe_key(request, canonical_body),
-                               body=canonical_body, now=now)
+                               event_type=event_type, dedupe_key=dedupe_key, body=canonical_body, now=now)
     ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
     logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,
@@ -102,19 +106,60 @@ async def _receive(request: Request) -> JSONResponse:
     return JSONResponse({"status": "received", "timestamp": int(stored.received_at)}, background=after)
 
 
-def _signed_headers(request: Request) -> tuple[str, str]:
-    """``X-Webhook-Signature`` and a well-formed ``X-Webhook-Event``, or a 400."""
-    signature = request.headers.get("x-webhook-signature")
-    event_type = request.headers.get("x-webhook-event")
-    if not signature or not event_type:
-        raise ApiError(400, "missing_headers", "Send both X-Webhook-Signature and X-Webhook-Event headers.")
-    if not EVENT_TYPE.match(event_type):
+@dataclass(frozen=True)
+class Signed:
+    """How a request says it is signed: the guide's hex ``X-Webhook-Signature`` over the body, or
+    Standard Webhooks (``webhook-signature`` over id, time and body: a replay with a new id or a
+    late time does not verify)."""
+
+    standard: bool
+    signature: str
+    header_type: str | None          # X-Webhook-Event, if sent
+    msg_id: str = ""                 # webhook-id (Standard Webhooks)
+    timestamp: str = ""              # webhook-timestamp (Standard Webhooks)
+
+
+def _signed_headers(request: Request) -> Signed:
+    """The signature headers of either scheme, well formed, or a 400. Standard Webhooks when
+    ``webhook-signature`` is sent (then all three of its headers are needed; X-Webhook-Event is
+    optional), else the guide's X-Webhook-Signature and X-Webhook-Event."""
+    headers = request.headers
+    event_type = headers.get("x-webhook-event")
+    if event_type is not None and not EVENT_TYPE.match(event_type):
         raise ApiError(400, "bad_event_header", "X-Webhook-Event must look like 'tour.promoted' (word.word).")
-    return signature, event_type
+    if headers.get("webhook-signature"):
+        msg_id, timestamp = headers.get("webhook-id", ""), headers.get("webhook-timestamp", "")
+        if not msg_id or not timestamp:
+            raise ApiError(400, "missing_headers", "Standard Webhooks needs webhook-id, webhook-timestamp and "
+                                                   "webhook-signature together.")
+        if len(msg_id) > 256 or any(ord(c) < 33 or ord(c) > 126 for c in msg_id):
+            raise ApiError(400, "bad_webhook_id", "webhook-id must be at most 256 printable ASCII characters.")
+        return Signed(True, headers["webhook-signature"], event_type, msg_id, timestamp)
+    signature = headers.get("x-webhook-signature")
+    if not signature or not event_type:
+        raise ApiError(400, "missing_headers", "Send both X-Webhook-Signature and X-Webhook-Event headers "
+                                               "(or Standard Webhooks' webhook-id, webhook-timestamp and "
+                                               "webhook-signature).")
+    return Signed(False, signature, event_type)
+
+
+def _signed_type(payload: dict[str, Any], signed: Signed) -> str:
+    """The event's type, from the signed body: its ``event`` field (or, with Standard Webhooks, its
+    ``type``, that scheme's name for it). Never from a header alone: the signature does not cover
+    headers, so the same signed bytes could be replayed under another type."""
+    event_type = payload.get("event", payload.get("type") if signed.standard else None)
+    if event_type is None:
+        raise ApiError(400, "missing_event", "The body must name its type in an 'event' field (the signature "
+                                             "covers the body, not X-Webhook-Event), e.g. \"event\": \"tour.purchased\".")
+    if not isinstance(event_type, str) or not EVENT_TYPE.match(event_type):
+        raise ApiError(400, "bad_event", "The body's 'event' must look like 'tour.promoted' (word.word).")
+    if signed.header_type is not None and signed.header_type != event_type:
+        raise ApiError(400, "event_mismatch", "X-Webhook-Event must equal the payload's 'event' field.")
+    return event_type
 
 
 async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: dict, canonical_body: bytes,
-                           signature: str, now: float) -> Partner:
+                           signed: Signed, now: float) -> Partner:
     """The partner whose secret made ``signature``: the one ``X-Partner-Id`` names, else any
     partner that is not disabled.
 
@@ -136,7 +181,7 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
         candidates = [named] if named is not None and named.status != "disabled" else []
     else:
         candidates = ctx.store.partners_accepting_inbound()
-    args = (candidates, raw, payload, canonical_body, signature, now)
+    args = (candidates, raw, payload, canonical_body, signed, now)
     if len(candidates) * len(raw) > HMAC_ON_LOOP_BYTES:
         partner = await asyncio.to_thread(_find_sender, *args)
     else:
@@ -145,15 +190,22 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
         await ctx.inbound_failure_limit.check(failures, what)  # a 429 once the bucket is empty
         raise ApiError(401, "invalid_signature",
                        "The signature does not verify for any partner. Sign the body with your shared secret "
-                       "(hex HMAC-SHA256) and send it as X-Webhook-Signature.")
+                       "(hex HMAC-SHA256) and send it as X-Webhook-Signature, or sign it the Standard Webhooks "
+                       "way with your whsec_ secret.")
     return partner
 
 
-def _find_sender(partners: list[Partner], raw: bytes, payload: dict, canonical_body: bytes, signature: str,
+def _find_sender(partners: list[Partner], raw: bytes, payload: dict, canonical_body: bytes, signed: Signed,
                  now: float) -> Partner | None:
     """The partner whose (current or overlapping previous) secret verifies the request."""
+    def verifies(secret: str) -> bool:
+        if signed.standard:  # over the raw bytes only, as the scheme says; the time was checked already
+            return signing.standard_signature_matches(secret, signed.msg_id, signed.timestamp, raw, signed.signature,
+                                                      now, tolerance_s=math.inf)
+        return signing.verify(secret, raw, payload, signed.signature, canonical_body)
+
     for partner in partners:
-        if any(signing.verify(s, raw, payload, signature, canonical_body) for s in partner.valid_secrets(now)):
+        if any(verifies(s) for s in partner.valid_secrets(now)):
             return partner
     return None
 

@@ -198,3 +198,49 @@ def test_a_forger_behind_the_same_address_cannot_lock_a_named_partner_out(webhoo
     for n in range(3):
         r = _signed(hub, partner, {"event": "tour.purchased", "n": n}, **{"X-Partner-Id": partner["partner_id"]})
         assert r.status_code == 200, r.text
+
+
+def _standard(hub, partner, payload, msg_id, timestamp=None, **extra):
+    """A partner's event signed the Standard Webhooks way, with the official library and its whsec_ secret."""
+    import datetime
+
+    import standardwebhooks
+
+    body = json.dumps(payload)
+    at = datetime.datetime.fromtimestamp(timestamp or time.time(), tz=datetime.UTC)
+    signature = standardwebhooks.Webhook(partner["standard_webhooks_secret"]).sign(msg_id, at, body)
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())), "webhook-signature": signature,
+               **extra}
+    return hub.http.post("/webhooks/partners", content=body.encode(), headers=headers)
+
+
+def test_standard_webhooks_inbound_signs_the_id_and_time(hub):
+    """Signed with the official library: accepted and deduplicated on webhook-id; the same bytes
+    and signature replayed with a new id, or the same request late, do not verify."""
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    payload = {"type": "tour.purchased", "tour_id": "tour_9", "user_id": "ana"}
+    first = _standard(hub, partner, payload, "msg_1")
+    assert first.status_code == 200, first.text
+    assert _standard(hub, partner, payload, "msg_1").status_code == 200           # a retry: stored once
+    stored = hub.http.get("/inbound", headers=hub.admin).json()["items"]
+    assert len(stored) == 1 and stored[0]["event"] == "tour.purchased" and stored[0]["partner_id"] == partner["partner_id"]
+
+    replay = dict(first.request.headers)
+    replay["webhook-id"] = "msg_2"                                                 # a new id on the old signature
+    r = hub.http.post("/webhooks/partners", content=first.request.content,
+                      headers={k: v for k, v in replay.items() if k.startswith("webhook-")})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_signature"
+    late = _standard(hub, partner, payload, "msg_3", timestamp=time.time() - 3600)
+    assert late.status_code == 401 and late.json()["error"]["code"] == "stale_timestamp"
+    assert len(hub.http.get("/inbound", headers=hub.admin).json()["items"]) == 1
+
+
+def test_standard_webhooks_inbound_needs_all_three_headers_and_a_signed_type(hub):
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    r = hub.http.post("/webhooks/partners", content=b'{"type":"tour.purchased"}',
+                      headers={"webhook-signature": "v1,AAAA", "webhook-id": "msg_1"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_headers"
+    r = _standard(hub, partner, {"tour_id": "t"}, "msg_4")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_event"
+    r = _standard(hub, partner, {"type": "tour.purchased"}, "msg_5", **{"X-Webhook-Event": "tour.promoted"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "event_mismatch"
