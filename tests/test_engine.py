@@ -94,14 +94,18 @@ def test_the_circuit_opens_probes_one_at_a_time_and_closes(webhookd_factory, rec
     circuit = wait_for(lambda: (c := _partner(hub, partner["partner_id"])["circuit"])["state"] == "open" and c)
     assert circuit["reason"] == "failures" and circuit["recent_failures"] >= 3
     assert circuit["next_probe_at"] >= circuit["opened_at"]
-    time.sleep(0.2)  # let the attempts in flight when it opened finish
-    first_wave = len(receiver.received)
+    wait_for(lambda: receiver.in_flight == 0)  # the attempts in flight when it opened are over
+    first_wave, began = len(receiver.received), time.monotonic()
     receiver.max_in_flight = 0
-    time.sleep(2.0)
-    probes = len(receiver.received) - first_wave
-    # Without a breaker 10 deliveries with 0.05-0.2 s backoffs would make dozens of attempts
-    # in 2 s; with it, one probe per cool-down (0.5 s, then 1 s).
-    assert 1 <= probes <= 4
+    wait_for(lambda: len(receiver.received) - first_wave >= 3, timeout=60)
+    elapsed = time.monotonic() - began
+    probes = receiver.received[first_wave:]
+    # Without a breaker 10 deliveries with 0.05-0.2 s backoffs make dozens of attempts a second;
+    # with it, one probe per cool-down, and the cool-down doubles (0.5 s, then 1 s at most). Both
+    # bounds only widen on a slower machine.
+    assert len(probes) <= elapsed / 0.5 + 2, (len(probes), elapsed)
+    gaps = [later.at - earlier.at for earlier, later in zip(probes, probes[1:])]
+    assert min(gaps) >= 0.9, gaps  # after a failed probe the 0.5 s cool-down doubled (to its 1 s cap)
     assert receiver.max_in_flight == 1  # one probe at a time
     receiver.default = (200, 0)
     wait_for(lambda: all(d["state"] == "delivered" for d in _states(hub, partner["partner_id"])), timeout=10)

@@ -297,3 +297,31 @@ def test_every_failed_attempt_says_what_happened_in_words(hub, receiver_factory)
             assert attempt["error_detail"].startswith(detail), attempt
     finally:
         silent.close()
+
+
+def test_a_connection_idle_longer_than_idle_connection_s_is_not_reused(webhookd_factory, raw_receiver_factory):
+    """Servers drop idle keep-alive connections: one idle past ``idle_connection_s`` (0.5 s here) is
+    closed by the sender and the next delivery opens a new one, though the partner kept it open.
+    (Within it, the same connection serves: test_answers_in_every_http_1_framing_are_read_whole.)"""
+    hub = webhookd_factory(delivery__concurrency=1, delivery__idle_connection_s=0.5)
+    receiver = raw_receiver_factory(["answer", "answer"])
+    hub.register(receiver.url, ["payment.success"])
+    hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_1"})
+    wait_for(lambda: len(hub.deliveries(state="delivered")) == 1)
+    time.sleep(0.7)  # idle longer than idle_connection_s (a slower machine only idles longer)
+    hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_2"})
+    wait_for(lambda: len(hub.deliveries(state="delivered")) == 2)
+    assert receiver.connections == 2
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3, 6, 12])
+def test_backoff_doubles_with_equal_jitter_within_its_bounds(attempt):
+    """After failed attempt n the wait is in [d/2, d], d = min(max, base·2^(n-1)): never at once,
+    never past the cap; over many draws it covers that range (the jitter spreads retries)."""
+    import random
+
+    base, cap = 30.0, 3600.0
+    d = min(cap, base * 2 ** (attempt - 1))
+    waits = [delivery.backoff_delay(attempt, base, cap, random.Random(seed)) for seed in range(2000)]
+    assert all(d / 2 <= w <= d for w in waits)
+    assert min(waits) < d / 2 + d * 0.01 and max(waits) > d - d * 0.01
