@@ -209,6 +209,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "/dashboard": {"get": _op("The operator's dashboard (a static page)", 200, None, auth=False,
                                   media="text/html")},
         "/openapi.json": {"get": _op("This document", 200, None, auth=False)},
+        "/ws": {"get": _op("Live offers: a WebSocket (over plain HTTP, a 426 that says so)", 426, "Error",
+                           auth=False)},
     }
     paths["/openapi.json"]["get"]["responses"]["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
     paths["/webhooks/partners"]["post"]["requestBody"]["content"]["application/json"]["schema"] = {
@@ -217,7 +219,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "openapi": "3.1.0",
         "info": {"title": "webhookd", "version": version, "description": (
             "Signed, durable webhooks. Authenticate with `Authorization: Bearer <admin token | partner API key>`. "
-            "Live offers: open a WebSocket on `/ws?token=<token from POST /realtime/tokens>`; a bad or expired "
+            "Live offers: open a WebSocket on `/ws` offering the subprotocols `webhookd` and "
+            "`token.<token from POST /realtime/tokens>` (or `/ws?token=<token>`); a bad or expired "
             "token is closed with code 1008.")},
         "paths": paths,
         "components": {"schemas": _schemas(catalog),

@@ -572,6 +572,13 @@ async def stats(request: Request) -> JSONResponse:
                          "processes": processes, "now": int(now)})
 
 
+async def websocket_required(request: Request) -> JSONResponse:
+    """``GET /ws`` without a WebSocket handshake: say what to do instead of a bare 404."""
+    return error_response(426, "websocket_required", "/ws is a WebSocket: connect with ws:// or wss://, offering "
+                          "the subprotocols webhookd and token.<token from POST /realtime/tokens>.",
+                          {"Upgrade": "websocket", "Connection": "Upgrade"})
+
+
 async def openapi_document(request: Request) -> JSONResponse:
     """``GET /openapi.json``: the API described, with this server's event catalog."""
     return JSONResponse(openapi.document(context(request).config.events, __version__))
@@ -624,6 +631,7 @@ ROUTES = [
     route("GET", "/dashboard", dashboard, PUBLIC),
     route("GET", "/openapi.json", openapi_document, PUBLIC),
     WebSocketRoute("/ws", live_notifications),
+    route("GET", "/ws", websocket_required, PUBLIC),  # the same path asked for over plain HTTP
 ]
 
 

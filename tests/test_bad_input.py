@@ -116,6 +116,7 @@ class World(NamedTuple):
     dlv_b: str    # B's failed payment.success delivery
     event_id: str
     db_path: str
+    limits: bool  # the rate limits at their defaults (else out of the way)
 
 
 def dump(path: str) -> str:
@@ -126,9 +127,15 @@ def dump(path: str) -> str:
         con.close()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    hub = Webhookd(make_config(tmp_path_factory.mktemp("bad_input")))
+@pytest.fixture(scope="module", params=["limits off", "limits on"])
+def world(request, tmp_path_factory):
+    """Once with the rate limits out of the way, so every row meets its own check; once with them
+    on and tight (1 refused signature and 1 inbound event a second), so that many rows meet a limit
+    first: then a row may be a 429 instead, but never a 5xx or a change to the data."""
+    limits = request.param == "limits on"
+    overrides = dict(security__inbound_rate_per_s=1.0, security__inbound_failures_per_s=1.0,
+                     security__registration_rate_per_min=1.0) if limits else {}
+    hub = Webhookd(make_config(tmp_path_factory.mktemp("bad_input"), **overrides))
     good = Receiver().start()
     bad = Receiver(default=(500, 0.0)).start()
     try:
@@ -154,7 +161,7 @@ def world(tmp_path_factory):
         dlv_a = next(d["delivery_id"] for d in items if d["partner_id"] == a["partner_id"]
                      and d["event"] == "payment.success")
         dlv_b = next(d["delivery_id"] for d in items if d["partner_id"] == b["partner_id"])
-        yield World(hub, good, a, b, dlv_a, dlv_b, published.json()["event_id"], hub.config.storage.path)
+        yield World(hub, good, a, b, dlv_a, dlv_b, published.json()["event_id"], hub.config.storage.path, limits)
     finally:
         hub.stop()
         good.stop()
@@ -709,6 +716,28 @@ def build_rows(w: World) -> list[Row]:
             "body_too_large"),
         Row("tokens: GET", "GET", "/realtime/tokens", ADM, None, 405, "method_not_allowed"),
 
+        # ---- The operator's routes: /metrics, /stats, /dashboard, /openapi.json, /ws ------------
+        Row("metrics: no credentials", "GET", "/metrics", {}, None, 401, "missing_credentials"),
+        Row("metrics: a partner API key", "GET", "/metrics", KA, None, 403, "admin_only"),
+        Row("metrics: SQL injection as the token", "GET", "/metrics", {"Authorization": f"Bearer {SQLI}"}, None,
+            401, "invalid_credentials"),
+        Row("metrics: POST", "POST", "/metrics", ADM, b"{}", 405, "method_not_allowed"),
+        Row("stats: no credentials", "GET", "/stats", {}, None, 401, "missing_credentials"),
+        Row("stats: a partner API key", "GET", "/stats", KA, None, 403, "admin_only"),
+        Row("stats: the admin token in the query, not the header", "GET", f"/stats?token={ADMIN_TOKEN}", {}, None,
+            401, "missing_credentials"),
+        Row("stats: DELETE", "DELETE", "/stats", ADM, None, 405, "method_not_allowed"),
+        Row("dashboard: POST", "POST", "/dashboard", {}, reg(), 405, "method_not_allowed"),
+        Row("dashboard: /dashboard/../partners (raw)", "GET", Raw("/dashboard/../partners"), {}, None, 404,
+            "not_found"),
+        Row("openapi: PUT", "PUT", "/openapi.json", ADM, b"{}", 405, "method_not_allowed"),
+        Row("openapi: /openapi.json/../../etc/passwd (raw)", "GET", Raw("/openapi.json/../../etc/passwd"), {},
+            None, 404, "not_found"),
+        Row("ws: plain HTTP GET", "GET", "/ws", {}, None, 426, "websocket_required"),
+        Row("ws: plain HTTP GET with a forged token", "GET", "/ws?token=" + "A" * 5000, {}, None, 426,
+            "websocket_required"),
+        Row("ws: POST", "POST", "/ws", ADM, b"{}", 405, "method_not_allowed"),
+
         # ---- GET /health and unknown routes --------------------------------------------------
         Row("health: POST", "POST", "/health", {}, b"{}", 405, "method_not_allowed"),
         Row("health: DELETE", "DELETE", "/health", ADM, None, 405, "method_not_allowed"),
@@ -814,6 +843,7 @@ def test_hostile_requests_get_their_4xx_and_change_nothing(world: World):
     secrets_issued = [world.a["shared_secret"], world.a["api_key"], world.b["shared_secret"], world.b["api_key"],
                       world.a["standard_webhooks_secret"], ADMIN_TOKEN]
     failures: list[str] = []
+    limited = 0  # rows a rate limit answered (limits on) instead of their own check
     started = time.monotonic()
     client = httpx.Client(base_url=hub.url, timeout=10)
     try:
@@ -827,6 +857,9 @@ def test_hostile_requests_get_their_4xx_and_change_nothing(world: World):
             if r.status_code >= 500:   # uvicorn drops the connection after an unhandled error
                 client.close()
                 client = httpx.Client(base_url=hub.url, timeout=10)
+            if world.limits and r.status_code == 429 and row.status != 429:
+                limited += 1
+                row = row._replace(status=429, code="rate_limited", field=None)
             found = problems_with(row, r, secrets_issued)
             if found:
                 failures.append(f"{shown} -> got {r.status_code} {r.text[:240]!r}; expected {row.status} "
@@ -875,5 +908,7 @@ def test_hostile_requests_get_their_4xx_and_change_nothing(world: World):
         except AssertionError:
             failures.append(f"the event published after the matrix ({event_id}) never reached partner A")
 
+    if world.limits and not limited:
+        failures.append("with the rate limits on, not one row was rate limited: the limits were not exercised")
     assert not failures, (f"{len(failures)} of {len(rows)} hostile requests (run in {elapsed:.1f} s) went wrong:\n"
                           + "\n".join(f"- {f}" for f in failures))
