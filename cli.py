@@ -243,7 +243,8 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         status = "paused" if action == "pause" else "active"
         return _show(args, _api(config, "PATCH", path, {"status": status}))
     if action == "rotate":
-        return _show(args, _api(config, "POST", path + "/rotate-secret"))
+        return _show(args, _api(config, "POST", path + "/rotate-secret",
+                                query={"revoke_old": "true"} if args.revoke_old else None))
     if action == "pace":
         rate = args.max_rate or None  # 0 (or none given) removes the pace
         return _show(args, _api(config, "PATCH", path, {"max_rate_per_s": rate}))
@@ -335,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     partners.add_argument("--url", help="webhook URL (add)")
     partners.add_argument("--events", default="", help="comma-separated event types (add)")
     partners.add_argument("--limit", type=int, default=50, help="how many to list (default 50)")
+    partners.add_argument("--revoke-old", action="store_true",
+                          help="rotate: revoke every old secret at once, no overlap (a leaked secret)")
     partners.set_defaults(handler=_cmd_partners)
 
     publish = commands.add_parser("publish", parents=[with_config, as_json], help="publish an event to its subscribers")

@@ -188,6 +188,10 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     assert json.loads(_ok(_run(serve, "partners", "pace", pid, "--max-rate", "0", "--json")))["max_rate_per_s"] is None
     rotated = json.loads(_ok(_run(serve, "partners", "rotate", pid, "--json")))
     assert rotated["shared_secret"] != added["shared_secret"]
+    during = _run(serve, "partners", "rotate", pid)  # the overlap the first rotation promised is running
+    assert during.returncode == 1 and "revoke_old=true" in during.stderr
+    revoked = json.loads(_ok(_run(serve, "partners", "rotate", pid, "--revoke-old", "--json")))
+    assert revoked["previous_secret_expires_at"] is None
 
 
 def test_commands_fail_with_one_clear_line(serve_factory, tmp_path):
