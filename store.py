@@ -949,8 +949,9 @@ class Store:
             ).fetchall()
         return _page([_delivery_from_row(r) for r in rows], limit)
 
-    def retry_delivery(self, delivery_id: str, now: float) -> bool:
-        """Queue one more attempt of a ``failed`` delivery; False if it is not failed."""
+    def retry_delivery(self, delivery_id: str, now: float) -> Delivery | None:
+        """Queue one more attempt of a ``failed`` delivery and return it as queued (read in the same
+        transaction, so before any process can send it); None if it is not failed."""
         with self._transaction() as db:
             retried = db.execute(
                 """UPDATE deliveries
@@ -959,10 +960,12 @@ class Store:
                    WHERE id = :id AND state = 'failed'""",
                 {"id": delivery_id, "now": now},
             ).rowcount > 0
-            if retried:  # an operator's retry probes at once, in every process
-                db.execute("""UPDATE partners SET paused_until = NULL
-                              WHERE id = (SELECT partner_id FROM deliveries WHERE id = :id)""", {"id": delivery_id})
-            return retried
+            if not retried:
+                return None
+            # An operator's retry probes at once, in every process.
+            db.execute("""UPDATE partners SET paused_until = NULL
+                          WHERE id = (SELECT partner_id FROM deliveries WHERE id = :id)""", {"id": delivery_id})
+            return _delivery_from_row(db.execute(_DELIVERY_SELECT + " WHERE d.id = :id", {"id": delivery_id}).fetchone())
 
     def recover_failed(self, partner_id: str, *, since: float, extra_attempts: int, now: float) -> int:
         """Give every ``failed`` delivery of the partner created at or after ``since`` a fresh

@@ -506,10 +506,11 @@ async def retry_delivery(request: Request) -> JSONResponse:
     """``POST /deliveries/{id}/retry``: one more attempt of a ``failed`` delivery (409 otherwise)."""
     ctx = context(request)
     found = await _owned_delivery(request)
-    if not await db(ctx.store.retry_delivery, found.id, ctx.clock()):
+    queued = await db(ctx.store.retry_delivery, found.id, ctx.clock())
+    if queued is None:
         raise ApiError(409, "not_failed", f"Delivery {found.id} is {found.state}; only a failed delivery can be retried.")
     await probe_everywhere(ctx, found.partner_id)
-    return JSONResponse(delivery_json(await db(ctx.store.get_delivery, found.id)), status_code=202)
+    return JSONResponse(delivery_json(queued), status_code=202)  # as queued: it may be sent by now
 
 
 async def probe_everywhere(ctx: Context, partner_id: str) -> None:
