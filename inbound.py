@@ -178,6 +178,10 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
         if named is None and ctx.store.postgres:  # registered through another process just now?
             await db(ctx.store.reload_partners, at_most_every_s=PARTNER_MISS_RELOAD_S)
             named = ctx.store.get_partner(partner_id)
+        if named is not None and named.status == "suspended":
+            raise ApiError(403, "partner_suspended", f"Partner {named.id} is suspended by the admin "
+                                                     f"({named.suspended_reason}); its events are refused until "
+                                                     "the admin lifts it.")
         candidates = [named] if named is not None and named.status != "disabled" else []
     else:
         candidates = ctx.store.partners_accepting_inbound()

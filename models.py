@@ -32,6 +32,7 @@ class Partner:
     disabled_reason: str | None = None
     max_rate_per_s: float | None = None   # at most this many attempts started per second; None: no pace
     paused_until: float | None = None     # a circuit or Retry-After pause, shared by every process (PostgreSQL)
+    suspended_reason: str | None = None   # why the admin suspended it (status "suspended")
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)

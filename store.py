@@ -142,6 +142,7 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ("roles", [ROLES_TABLE.replace("DOUBLE PRECISION", "REAL")]),   # which process runs the sweeps
     ("processes", [PROCESSES_TABLE.replace("DOUBLE PRECISION", "REAL")]),  # heartbeats
     ("attempts.error_detail", ["ALTER TABLE attempts ADD COLUMN error_detail TEXT"]),  # what happened, in words
+    ("partners.suspended_reason", ["ALTER TABLE partners ADD COLUMN suspended_reason TEXT"]),  # the admin's why
 ]
 
 
@@ -240,6 +241,7 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     ("processes", [PROCESSES_TABLE]),
     ("rate_buckets", [RATE_BUCKETS_TABLE]),
     ("attempts.error_detail", ["ALTER TABLE attempts ADD COLUMN IF NOT EXISTS error_detail TEXT"]),
+    ("partners.suspended_reason", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS suspended_reason TEXT"]),
 ]
 
 
@@ -255,6 +257,7 @@ def _partner_from_row(row: Any, events: tuple[str, ...]) -> Partner:
         created_at=row["created_at"], updated_at=row["updated_at"],
         failing_since=row["failing_since"], disabled_reason=row["disabled_reason"],
         max_rate_per_s=row["max_rate_per_s"], paused_until=row["paused_until"],
+        suspended_reason=row["suspended_reason"],
     )
 
 
@@ -566,9 +569,10 @@ class Store:
 
     def update_partner(self, partner_id: str, *, now: float, webhook_url: str | None = None,
                        events: list[str] | None = None, status: str | None = None,
-                       max_rate_per_s: float | None = None) -> Partner | None:
+                       max_rate_per_s: float | None = None, reason: str | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
-        partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace."""
+        partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace.
+        ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner)."""
         with self._partner_write(partner_id, "reactivated" if status == "active" else "changed") as db:
             if _read_partner(db, partner_id) is None:
                 return None
@@ -582,8 +586,8 @@ class Store:
             if status is not None:
                 db.execute(
                     """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL,
-                                           paused_until = NULL
-                       WHERE id = :id""", {"id": partner_id, "status": status})
+                                           paused_until = NULL, suspended_reason = :reason
+                       WHERE id = :id""", {"id": partner_id, "status": status, "reason": reason})
             db.execute("UPDATE partners SET updated_at = :now WHERE id = :id", {"id": partner_id, "now": now})
             return _read_partner(db, partner_id)
 
@@ -671,8 +675,10 @@ class Store:
         return self._paces
 
     def partners_accepting_inbound(self) -> list[Partner]:
-        """Partners whose secrets may verify an inbound event: all but the disabled ones (memory only)."""
-        return sorted((p for p in self._partners.values() if p.status != "disabled"), key=lambda p: p.id)
+        """Partners whose secrets may verify an inbound event: all but the disabled and the suspended
+        ones (memory only)."""
+        return sorted((p for p in self._partners.values() if p.status not in ("disabled", "suspended")),
+                      key=lambda p: p.id)
 
     # From here on every method reads or writes SQLite: call it from a thread.
 

@@ -113,7 +113,7 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
     """A partner as the API shows it, with its circuit as the delivery loop sees it now."""
     return {"partner_id": partner.id, "partner_name": partner.name, "webhook_url": partner.webhook_url,
             "status": partner.status, "events_subscribed": list(partner.events),
-            "disabled_reason": partner.disabled_reason,
+            "disabled_reason": partner.disabled_reason, "suspended_reason": partner.suspended_reason,
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
             "max_rate_per_s": partner.max_rate_per_s,
             "circuit": ctx.loop.circuit(partner, ctx.clock()),
@@ -230,35 +230,64 @@ async def get_partner(request: Request) -> JSONResponse:
 
 
 async def update_partner(request: Request) -> JSONResponse:
-    """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``status`` (``active``/``paused``) and
-    ``max_rate_per_s`` (``null`` removes the pace).
+    """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``status`` and ``max_rate_per_s``
+    (``null`` removes the pace).
 
-    Setting ``active`` resumes a paused or disabled partner: its held deliveries go out.
+    Setting ``active`` resumes a paused or disabled partner: its held deliveries go out. Who
+    may make which change of ``status`` is ``check_status_change``'s rule.
     """
     partner_id = owned_partner_id(request)
     ctx = context(request)
-    fields = {"webhook_url", "events", "status", "max_rate_per_s"}
+    fields = {"webhook_url", "events", "status", "max_rate_per_s", "reason"}
     body = await read_json_object(request, allowed=fields)
-    if not body:
-        raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(fields))}.")
+    if not body.keys() - {"reason"}:
+        raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(fields - {'reason'}))}.")
     url = None
     if "webhook_url" in body:
         url = await check_webhook_url(body["webhook_url"], ctx.config.security)
     events = check_events(body["events"], ctx.config.events) if "events" in body else None
     status = body.get("status")
-    if "status" in body and status not in ("active", "paused"):
-        raise invalid("status", "must be 'active' or 'paused'.")
+    reason = check_status_change(await owned_partner(request), status, body.get("reason"), caller_of(request))
     rate = None
     if "max_rate_per_s" in body:
         rate = check_max_rate(body["max_rate_per_s"]) or 0.0  # 0: the store removes the pace
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
-                       status=status, max_rate_per_s=rate)
+                       status=status, max_rate_per_s=rate, reason=reason)
     if partner is None:
         raise partner_not_found(partner_id)
     if status == "active":
         ctx.loop.partner_reactivated(partner_id)  # the other processes were told by the store
     logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
     return JSONResponse(partner_json(partner, ctx))
+
+
+# Who may change a partner's status. The admin: anything among active, paused, suspended (with a
+# reason). The partner itself: pause and resume, and re-enable what the delivery loop disabled (its
+# endpoint, its fix); never out of or into "suspended", which is the admin's to decide.
+PARTNER_MAY = {("active", "paused"), ("paused", "active"), ("disabled", "active"), ("active", "active"),
+               ("paused", "paused")}
+
+
+def check_status_change(partner: Partner, status: Any, reason: Any, caller: Any) -> str | None:
+    """The suspension reason to store (None unless suspending), or the 4xx that says why not."""
+    if status is None:
+        if reason is not None:
+            raise invalid("reason", "goes with \"status\": \"suspended\" only.")
+        return None
+    if status not in ("active", "paused", "suspended"):
+        raise invalid("status", "must be 'active', 'paused' or (admin only) 'suspended'.")
+    if not caller.is_admin and (partner.status, status) not in PARTNER_MAY:
+        if partner.status == "suspended":
+            raise ApiError(403, "suspended_by_admin", f"This partner was suspended by the admin "
+                                                      f"({partner.suspended_reason}); only the admin can lift it.")
+        raise ApiError(403, "admin_only", f"Only the admin can change a partner from {partner.status!r} to {status!r}.")
+    if status != "suspended":
+        if reason is not None:
+            raise invalid("reason", "goes with \"status\": \"suspended\" only.")
+        return None
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
+        raise invalid("reason", "must say why, in 1 to 500 characters, when suspending a partner.")
+    return reason.strip()
 
 
 async def rotate_secret(request: Request) -> JSONResponse:

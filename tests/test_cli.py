@@ -183,6 +183,10 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     assert json.loads(_ok(_run(serve, "recover", pid, "--since", "0", "--json"))) == {"requeued": 0}
     assert json.loads(_ok(_run(serve, "partners", "pause", pid, "--json")))["status"] == "paused"
     assert json.loads(_ok(_run(serve, "partners", "resume", pid, "--json")))["status"] == "active"
+    assert "--reason" in _run(serve, "partners", "suspend", pid).stderr
+    suspended = json.loads(_ok(_run(serve, "partners", "suspend", pid, "--reason", "abuse report", "--json")))
+    assert (suspended["status"], suspended["suspended_reason"]) == ("suspended", "abuse report")
+    assert json.loads(_ok(_run(serve, "partners", "resume", pid, "--json")))["status"] == "active"
     assert json.loads(_ok(_run(serve, "partners", "pace", pid, "--max-rate", "5", "--json")))["max_rate_per_s"] == 5.0
     assert _column(_ok(_run(serve, "partners", "list")), pid, "MAX_RATE_PER_S") == "5.0"
     assert json.loads(_ok(_run(serve, "partners", "pace", pid, "--max-rate", "0", "--json")))["max_rate_per_s"] is None

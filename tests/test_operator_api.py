@@ -90,3 +90,44 @@ def test_inbound_list_filters_and_pages(hub):
     page = hub.http.get("/inbound", headers=hub.admin, params={"limit": 2}).json()
     rest = hub.http.get("/inbound", headers=hub.admin, params={"limit": 2, "cursor": page["next_cursor"]}).json()
     assert len(page["items"]) == 2 and len(rest["items"]) == 1 and rest["next_cursor"] is None
+
+
+def test_only_the_admin_suspends_and_lifts_and_a_suspended_partner_gets_nothing(hub, receiver_factory):
+    """The admin suspends with a reason the partner sees; the partner's own key can neither lift it
+    nor suspend itself; nothing is sent and its inbound events are refused while it lasts; lifted,
+    what waited goes out."""
+    receiver = receiver_factory()
+    partner = hub.register(receiver.url, ["payment.success"])
+    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+
+    def patch(headers, **body):
+        return hub.http.patch(f"/partners/{pid}", headers=headers, json=body)
+
+    assert patch(own, status="suspended", reason="me").status_code == 403
+    r = patch(hub.admin, status="suspended")
+    assert r.status_code == 422 and "'reason'" in r.json()["error"]["message"]
+    assert patch(hub.admin, status="paused", reason="why").status_code == 422   # a reason only with suspended
+    r = patch(hub.admin, status="suspended", reason="chargebacks under review")
+    assert r.status_code == 200 and r.json()["status"] == "suspended"
+    shown = hub.http.get(f"/partners/{pid}", headers=own).json()
+    assert shown["suspended_reason"] == "chargebacks under review"
+    for status in ("active", "paused"):
+        r = patch(own, status=status)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "suspended_by_admin", r.text
+        assert "chargebacks under review" in r.json()["error"]["message"]
+
+    event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
+    body = json.dumps({"event": "tour.purchased", "tour_id": "t1"}).encode()
+    r = hub.http.post("/webhooks/partners", content=body, headers={
+        "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": "tour.purchased",
+        "X-Partner-Id": pid})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "partner_suspended"
+    time.sleep(0.5)  # nothing may go out meanwhile (a slower machine only gives it longer to be wrong)
+    assert receiver.received == []
+    assert hub.deliveries(partner_id=pid)[0]["state"] == "pending"
+
+    r = patch(hub.admin, status="active")
+    assert r.status_code == 200 and r.json()["suspended_reason"] is None
+    wait_for(lambda: event_id in receiver.event_ids)
+    assert patch(own, status="paused").json()["status"] == "paused"      # the partner's own pause and resume
+    assert patch(own, status="active").json()["status"] == "active"
