@@ -91,6 +91,7 @@ class SecurityConfig:
     inbound_rate_per_s: float = 50.0      # per partner
     inbound_failures_per_s: float = 5.0   # refused signatures per client address
     registration_rate_per_min: float = 10.0  # per client address, when registration is open
+    partner_writes_per_min: float = 30.0     # writes a partner makes with its own key (test events, patches, ...)
     metrics_public: bool = False             # true: GET /metrics without the admin token
 
 
@@ -150,6 +151,7 @@ POSITIVE = {
     "security.inbound_rate_per_s": "a number of requests per second",
     "security.inbound_failures_per_s": "a number of refused requests per second",
     "security.registration_rate_per_min": "a number of registrations per minute",
+    "security.partner_writes_per_min": "a number of requests per minute",
     "delivery.timeout_s": "a number of seconds",
     "delivery.max_attempts": "a number of attempts",
     "delivery.backoff_base_s": "a number of seconds",

@@ -155,6 +155,8 @@ def _query(name: str, schema: dict[str, Any], description: str, required: bool =
 PAGE = [_query("limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size (default 50)"),
         _query("cursor", {"type": "string"}, "next_cursor from the previous page")]
 PARTNER = _path("partner_id", "a partner id")
+QUEUE = _query("queue", {"enum": ["true", "false"]}, "true: queue it even though the partner is "
+               "not active (otherwise a 409 partner_held)")
 DELIVERY = _path("delivery_id", "a delivery id")
 
 
@@ -186,7 +188,7 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                                                     params=[PARTNER])},
         "/partners/{partner_id}/recover": {"post": _op(
             "Re-queue failed deliveries created since `since`", 200, "Recovered",
-            params=[PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True)])},
+            params=[PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True), QUEUE])},
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
                                    params=[{"name": "Idempotency-Key", "in": "header", "required": False,
                                             "schema": {"type": "string", "maxLength": 255}}])}},
@@ -204,7 +206,7 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "/deliveries/{delivery_id}": {"get": _op("A delivery with its attempts", 200, "DeliveryDetail",
                                                  params=[DELIVERY])},
         "/deliveries/{delivery_id}/retry": {"post": _op("One more attempt of a failed delivery", 202, "Delivery",
-                                                        params=[DELIVERY])},
+                                                        params=[DELIVERY, QUEUE])},
         "/webhooks/partners": {"post": _op("Receive a partner's signed event", 200, "InboundAck", auth=False,
                                            body="EventPayload", params=inbound_headers)},
         "/inbound": {"get": _op("Received partner events, newest first", 200, "InboundList", params=[

@@ -212,6 +212,7 @@ class Context:
     inbound_limit: RateLimiter
     inbound_failure_limit: RateLimiter
     registration_limit: RateLimiter
+    partner_write_limit: RateLimiter
     metrics: metrics.Metrics
 
 
@@ -276,6 +277,8 @@ async def check_access(request: Request, who: str) -> Caller | None:
     caller = await authenticate(request)
     if who in (ADMIN, REGISTRATION, METRICS) and not caller.is_admin:
         raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
+    if not caller.is_admin and request.method != "GET":  # a partner's self-service writes: a budget each
+        await context(request).partner_write_limit.check(caller.partner_id or "", "writes with this API key")
     return caller
 
 

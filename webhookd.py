@@ -347,7 +347,7 @@ async def recover_failed(request: Request) -> JSONResponse:
     since_text = request.query_params.get("since", "")
     if not is_small_number(since_text):
         raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
-    await owned_partner(request)  # an unknown partner: 404, after the 422 for a bad 'since'
+    refuse_if_held(request, await owned_partner(request))  # an unknown partner: 404, after the 422 for 'since'
     count = await db(ctx.store.recover_failed, partner_id, since=int(since_text),
                      extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock())
     await probe_everywhere(ctx, partner_id)
@@ -535,11 +535,28 @@ async def retry_delivery(request: Request) -> JSONResponse:
     """``POST /deliveries/{id}/retry``: one more attempt of a ``failed`` delivery (409 otherwise)."""
     ctx = context(request)
     found = await _owned_delivery(request)
+    refuse_if_held(request, ctx.store.get_partner(found.partner_id))
     queued = await db(ctx.store.retry_delivery, found.id, ctx.clock())
     if queued is None:
         raise ApiError(409, "not_failed", f"Delivery {found.id} is {found.state}; only a failed delivery can be retried.")
     await probe_everywhere(ctx, found.partner_id)
     return JSONResponse(delivery_json(queued), status_code=202)  # as queued: it may be sent by now
+
+
+def refuse_if_held(request: Request, partner: Partner | None) -> None:
+    """A retry or a recover for a partner that is not active sends nothing until it is: say so
+    (409, naming why) unless the caller asks to queue it anyway (``?queue=true``)."""
+    if partner is None or partner.status == "active":
+        return
+    queue = request.query_params.get("queue", "false")
+    if queue not in ("true", "false"):
+        raise invalid("queue", "must be true or false.")
+    if queue == "true":
+        return
+    why = {"paused": "it is paused", "disabled": f"it was disabled ({partner.disabled_reason})",
+           "suspended": f"the admin suspended it ({partner.suspended_reason})"}.get(partner.status, partner.status)
+    raise ApiError(409, "partner_held", f"Nothing is sent to partner {partner.id} now: {why}. Make it active "
+                                        "first, or add ?queue=true to queue this anyway (it goes out once active).")
 
 
 async def probe_everywhere(ctx: Context, partner_id: str) -> None:
@@ -732,7 +749,8 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
         notifier=notifier, tokens=tokens,
         inbound_limit=limit("inbound", sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s),
         inbound_failure_limit=limit("refused", sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s),
-        registration_limit=limit("registration", sec.registration_rate_per_min / 60, sec.registration_rate_per_min))
+        registration_limit=limit("registration", sec.registration_rate_per_min / 60, sec.registration_rate_per_min),
+        partner_write_limit=limit("partner_writes", sec.partner_writes_per_min / 60, sec.partner_writes_per_min))
 
 
 def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.DeliveryLoop,

@@ -291,7 +291,8 @@ def make_config(tmp_path: Path, **overrides: Any):
 
     cfg = config.load_config(ROOT / "webhookd.toml", environ={})
     security = dict(admin_token=ADMIN_TOKEN, allow_private_targets=True, inbound_rate_per_s=10_000.0,
-                    inbound_failures_per_s=10_000.0, registration_rate_per_min=10_000.0)
+                    inbound_failures_per_s=10_000.0, registration_rate_per_min=10_000.0,
+                    partner_writes_per_min=10_000.0)
     deliveryc = dict(timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.2, breaker_cooldown_s=0.2,
                      breaker_cooldown_max_s=0.5)
     storage = dict(path=str(tmp_path / "webhookd.db"))

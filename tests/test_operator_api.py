@@ -131,3 +131,44 @@ def test_only_the_admin_suspends_and_lifts_and_a_suspended_partner_gets_nothing(
     wait_for(lambda: event_id in receiver.event_ids)
     assert patch(own, status="paused").json()["status"] == "paused"      # the partner's own pause and resume
     assert patch(own, status="active").json()["status"] == "active"
+
+
+def test_a_retry_for_a_held_partner_says_why_unless_asked_to_queue(hub, receiver_factory):
+    """Nothing is sent to a paused partner: a retry or a recover is a 409 naming why, unless the
+    caller asks to queue it anyway; queued, it goes out once the partner is active."""
+    receiver = receiver_factory(default=(500, 0))
+    partner = hub.register(receiver.url, ["payment.success"])
+    pid = partner["partner_id"]
+    event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
+    failed = wait_for(lambda: (d := hub.deliveries(state="failed")) and d[0])
+    receiver.default = (200, 0)
+    assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "paused"}).status_code == 200
+    for path in (f"/deliveries/{failed['delivery_id']}/retry", f"/partners/{pid}/recover?since=0"):
+        r = hub.http.post(path, headers=hub.admin)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "partner_held", r.text
+        assert "paused" in r.json()["error"]["message"] and "queue=true" in r.json()["error"]["message"]
+    assert hub.http.post(f"/deliveries/{failed['delivery_id']}/retry?queue=maybe", headers=hub.admin).status_code == 422
+    r = hub.http.post(f"/deliveries/{failed['delivery_id']}/retry?queue=true", headers=hub.admin)
+    assert r.status_code == 202 and r.json()["state"] == "pending"
+    assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "active"}).status_code == 200
+    wait_for(lambda: hub.deliveries(state="delivered"))
+    assert event_id in receiver.event_ids
+
+
+def test_a_partners_own_writes_have_a_budget(webhookd_factory):
+    """300 test events in a second through a partner key is what this stops: past its budget of
+    writes (3 a minute here) a partner gets 429 with Retry-After; the admin does not; time refills it."""
+    from conftest import ShiftedClock
+
+    clock = ShiftedClock(frozen=True)
+    hub = webhookd_factory(clock=clock, security__partner_writes_per_min=3)
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    own = {"Authorization": f"Bearer {partner['api_key']}"}
+    codes = [hub.http.post(f"/partners/{partner['partner_id']}/test", headers=own).status_code for _ in range(5)]
+    assert codes == [202, 202, 202, 429, 429]
+    limited = hub.http.patch(f"/partners/{partner['partner_id']}", headers=own, json={"status": "paused"})
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+    assert hub.http.get(f"/partners/{partner['partner_id']}", headers=own).status_code == 200   # reads are free
+    assert hub.http.post(f"/partners/{partner['partner_id']}/test", headers=hub.admin).status_code == 202
+    clock.advance(20)  # one write's worth
+    assert hub.http.post(f"/partners/{partner['partner_id']}/test", headers=own).status_code == 202
