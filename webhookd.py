@@ -247,6 +247,10 @@ async def update_partner(request: Request) -> JSONResponse:
         url = await check_webhook_url(body["webhook_url"], ctx.config.security)
     events = check_events(body["events"], ctx.config.events) if "events" in body else None
     status = body.get("status")
+    if "status" in body and status is None:
+        raise invalid("status", "must be 'active', 'paused' or (admin only) 'suspended'.")
+    if "reason" in body and status != "suspended":
+        raise invalid("reason", "goes with \"status\": \"suspended\" only.")
     reason = check_status_change(await owned_partner(request), status, body.get("reason"), caller_of(request))
     rate = None
     if "max_rate_per_s" in body:
@@ -271,8 +275,6 @@ PARTNER_MAY = {("active", "paused"), ("paused", "active"), ("disabled", "active"
 def check_status_change(partner: Partner, status: Any, reason: Any, caller: Any) -> str | None:
     """The suspension reason to store (None unless suspending), or the 4xx that says why not."""
     if status is None:
-        if reason is not None:
-            raise invalid("reason", "goes with \"status\": \"suspended\" only.")
         return None
     if status not in ("active", "paused", "suspended"):
         raise invalid("status", "must be 'active', 'paused' or (admin only) 'suspended'.")
@@ -282,8 +284,6 @@ def check_status_change(partner: Partner, status: Any, reason: Any, caller: Any)
                                                       f"({partner.suspended_reason}); only the admin can lift it.")
         raise ApiError(403, "admin_only", f"Only the admin can change a partner from {partner.status!r} to {status!r}.")
     if status != "suspended":
-        if reason is not None:
-            raise invalid("reason", "goes with \"status\": \"suspended\" only.")
         return None
     if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
         raise invalid("reason", "must say why, in 1 to 500 characters, when suspending a partner.")
