@@ -242,6 +242,8 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
     if action in ("pause", "resume"):
         status = "paused" if action == "pause" else "active"
         return _show(args, _api(config, "PATCH", path, {"status": status}))
+    if action == "api-key":
+        return _show(args, _api(config, "POST", path + "/api-key"))
     if action == "suspend":
         if not args.reason:
             raise CliError("'partners suspend' needs --reason: the partner is shown why")
@@ -332,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(handler=_cmd_token)
 
     partners = commands.add_parser("partners", parents=[with_config, as_json],
-                                   help="list, show, add, pause, resume, suspend, rotate, pace")
-    partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate", "pace"])
+                                   help="list, show, add, pause, resume, suspend, rotate, api-key, pace")
+    partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
+                                             "api-key", "pace"])
     partners.add_argument("partner_id", nargs="?", help="the partner (show, pause, resume, suspend, rotate, pace)")
     partners.add_argument("--reason", help="suspend: why (shown to the partner; only the admin can lift it)")
     partners.add_argument("--max-rate", type=float, help="requests per second at most (add, pace; 0 removes)")

@@ -74,6 +74,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
                                 "api_key": STRING}),
+        "PartnerWithKey": _obj({**partner, "api_key": STRING}),
         "PartnerRotated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
                                 "previous_secret_expires_at": MAYBE_TIME}),
         "PartnerUpdate": {**_obj({"webhook_url": {"type": "string", "maxLength": 2048},
@@ -183,7 +184,12 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                          params=[PARTNER]),
         },
         "/partners/{partner_id}/rotate-secret": {"post": _op(
-            "A new secret; the old one stays valid for the overlap", 200, "PartnerRotated", params=[PARTNER])},
+            "A new secret; the old one stays valid for the overlap", 200, "PartnerRotated", params=[
+                PARTNER, _query("revoke_old", {"enum": ["true", "false"]},
+                                "true: every old secret stops at once (a leak); 409 rotation_in_progress otherwise "
+                                "while an overlap runs")])},
+        "/partners/{partner_id}/api-key": {"post": _op(
+            "A new API key, shown once; the old one stops at once", 200, "PartnerWithKey", params=[PARTNER])},
         "/partners/{partner_id}/test": {"post": _op("Send webhook.test to this partner", 202, "EventAccepted",
                                                     params=[PARTNER])},
         "/partners/{partner_id}/recover": {"post": _op(

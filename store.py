@@ -605,6 +605,14 @@ class Store:
             ).rowcount
             return _read_partner(db, partner_id) if changed else None
 
+    def reissue_api_key(self, partner_id: str, *, api_key_hash: str, now: float) -> Partner | None:
+        """Replace the partner's API key (its hash): the old key stops at once, in every process
+        (keys are looked up in the database on every request)."""
+        with self._partner_write(partner_id) as db:
+            changed = db.execute("UPDATE partners SET api_key_hash = :hash, updated_at = :now WHERE id = :id",
+                                 {"id": partner_id, "hash": api_key_hash, "now": now}).rowcount
+            return _read_partner(db, partner_id) if changed else None
+
     @contextmanager
     def _partner_write(self, partner_id: str, action: str = "changed") -> Iterator[Any]:
         """A transaction that changes a partner; the in-memory copy is read again after its

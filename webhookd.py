@@ -326,6 +326,20 @@ async def rotate_secret(request: Request) -> JSONResponse:
                          "previous_secret_expires_at": None if revoke_old == "true" else int(overlap_until)})
 
 
+async def reissue_api_key(request: Request) -> JSONResponse:
+    """``POST /partners/{id}/api-key``: a new API key, shown this once; the old one stops working
+    at once (a leaked key). Logged without either key."""
+    partner_id = owned_partner_id(request)
+    ctx = context(request)
+    api_key = new_api_key()
+    partner = await db(ctx.store.reissue_api_key, partner_id, api_key_hash=hash_api_key(api_key), now=ctx.clock())
+    if partner is None:
+        raise partner_not_found(partner_id)
+    logger.warning("partner %s: API key reissued by %s; the old one no longer works", partner_id,
+                   "the admin" if caller_of(request).is_admin else "the partner")
+    return JSONResponse({**partner_json(partner, ctx), "api_key": api_key})
+
+
 async def send_test_event(request: Request) -> JSONResponse:
     """``POST /partners/{id}/test``: a ``webhook.test`` event to this partner alone (GitHub's ping)."""
     partner_id = (await owned_partner(request)).id
@@ -662,6 +676,7 @@ ROUTES = [
     route("GET", "/partners/{partner_id}", get_partner, CALLER),
     route("PATCH", "/partners/{partner_id}", update_partner, CALLER),
     route("POST", "/partners/{partner_id}/rotate-secret", rotate_secret, CALLER),
+    route("POST", "/partners/{partner_id}/api-key", reissue_api_key, CALLER),
     route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
     route("POST", "/events", publish_event, ADMIN),

@@ -172,3 +172,21 @@ def test_a_partners_own_writes_have_a_budget(webhookd_factory):
     assert hub.http.post(f"/partners/{partner['partner_id']}/test", headers=hub.admin).status_code == 202
     clock.advance(20)  # one write's worth
     assert hub.http.post(f"/partners/{partner['partner_id']}/test", headers=own).status_code == 202
+
+
+def test_a_reissued_api_key_replaces_the_old_one_at_once(hub):
+    """For a leaked key: the partner (or the admin) gets a new one, shown once; the old one is a 401
+    on the very next request; the new one works."""
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    pid, old = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    r = hub.http.post(f"/partners/{pid}/api-key", headers=old)
+    assert r.status_code == 200 and r.json()["api_key"].startswith("pak_") and r.json()["api_key"] != partner["api_key"]
+    new = {"Authorization": f"Bearer {r.json()['api_key']}"}
+    assert hub.http.get(f"/partners/{pid}", headers=old).status_code == 401
+    assert hub.http.get(f"/partners/{pid}", headers=new).status_code == 200
+    again = hub.http.post(f"/partners/{pid}/api-key", headers=hub.admin)
+    assert again.status_code == 200
+    assert hub.http.get(f"/partners/{pid}", headers=new).status_code == 401
+    other = hub.register("http://127.0.0.1:9/y", ["payment.success"], name="Other")
+    mine = {"Authorization": f"Bearer {other['api_key']}"}
+    assert hub.http.post(f"/partners/{pid}/api-key", headers=mine).status_code == 404   # not another's key
