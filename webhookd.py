@@ -247,11 +247,7 @@ async def update_partner(request: Request) -> JSONResponse:
         url = await check_webhook_url(body["webhook_url"], ctx.config.security)
     events = check_events(body["events"], ctx.config.events) if "events" in body else None
     status = body.get("status")
-    if "status" in body and status is None:
-        raise invalid("status", "must be 'active', 'paused' or (admin only) 'suspended'.")
-    if "reason" in body and status != "suspended":
-        raise invalid("reason", "goes with \"status\": \"suspended\" only.")
-    reason = check_status_change(await owned_partner(request), status, body.get("reason"), caller_of(request))
+    reason = check_status_change(await owned_partner(request), body, caller_of(request))
     rate = None
     if "max_rate_per_s" in body:
         rate = check_max_rate(body["max_rate_per_s"]) or 0.0  # 0: the store removes the pace
@@ -272,9 +268,14 @@ PARTNER_MAY = {("active", "paused"), ("paused", "active"), ("disabled", "active"
                ("paused", "paused")}
 
 
-def check_status_change(partner: Partner, status: Any, reason: Any, caller: Any) -> str | None:
-    """The suspension reason to store (None unless suspending), or the 4xx that says why not."""
-    if status is None:
+def check_status_change(partner: Partner, body: dict[str, Any], caller: Any) -> str | None:
+    """The suspension reason to store (None unless suspending), or the 4xx that says why not:
+    a ``status`` (``null`` included) that is not one of the three, a ``reason`` without
+    ``"suspended"``, a change the caller may not make."""
+    status, reason = body.get("status"), body.get("reason")
+    if "reason" in body and status != "suspended":
+        raise invalid("reason", "goes with \"status\": \"suspended\" only.")
+    if "status" not in body:
         return None
     if status not in ("active", "paused", "suspended"):
         raise invalid("status", "must be 'active', 'paused' or (admin only) 'suspended'.")
