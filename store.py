@@ -546,8 +546,8 @@ class Store:
     def explain_claim(self) -> str:
         """The query plan of the claim's search, for tests that check it uses an index."""
         if self.postgres:
-            return self.engine.explain(_CLAIM, {"now": 0.0, "lease": 1.0, "limit": 1, "per_partner": 1, "round": "0",
-                                                "room_ids": [], "room_n": []})
+            return self.engine.explain(_CLAIM, {"partners": ["p"], "now": 0.0, "lease": 1.0, "limit": 1,
+                                                "per_partner": 1, "round": "0", "room_ids": [], "room_n": []})
         return self.engine.explain(self._due_for_partner, {"partner_id": "", "now": 0.0, "limit": 1})
 
     # --- Partners -----------------------------------------------------------------
@@ -788,14 +788,19 @@ class Store:
 
     def _claim_in_one_statement(self, now: float, lease_until: float, limit: int, per_partner: int,
                                 room: dict[str, int]) -> list[Job]:
-        """PostgreSQL, where several processes claim at once: the same claim as one statement
-        (``_CLAIM``, one round trip). Each partner's room is cut to its cap less what *every*
-        process has in flight for it, so three processes never send a partner three times its cap."""
+        """PostgreSQL, where several processes claim at once: lock the partners (``_LOCK_PARTNERS``),
+        then the claim itself in one statement (``_CLAIM``). Each partner's room is cut to its cap
+        less what *every* process has in flight for it, so three processes never send a partner
+        three times its cap."""
         if limit <= 0:
             return []
-        rows = self.engine.statement(_CLAIM, {
-            "now": now, "lease": lease_until, "limit": limit, "per_partner": per_partner,
-            "round": str(self._claim_round), "room_ids": list(room), "room_n": list(room.values())})
+        with self._transaction(durable=False) as db:
+            partners = [row["id"] for row in db.execute(_LOCK_PARTNERS, {"now": now})]
+            if not partners:
+                return []
+            rows = db.execute(_CLAIM, {
+                "partners": partners, "now": now, "lease": lease_until, "limit": limit, "per_partner": per_partner,
+                "round": str(self._claim_round), "room_ids": list(room), "room_n": list(room.values())}).fetchall()
         return [_job_from_row(row, now) for row in rows]
 
     def finish_attempts(self, outcomes: list[Outcome], now: float) -> list[str]:
@@ -1089,10 +1094,19 @@ _DUE_FOR_PARTNER = """
     ORDER BY next_attempt_at LIMIT :limit
 """
 
-# The claim on PostgreSQL, in one statement. Step by step:
-#   partner  the active partners nobody paused, locked for this claim (another process's claim
-#            skips them until this one ends; NO KEY UPDATE, so publishes, whose deliveries point
-#            at these rows, are not held up);
+# Before it, in the same transaction, _LOCK_PARTNERS locks the active partners nobody paused
+# for this claim (another process's claim skips them until this one ends; NO KEY UPDATE, so
+# publishes, whose deliveries point at these rows, are not held up). It must be a statement of
+# its own: a statement reads the database as it was when it began, so a count of leases made in
+# the statement that waited for the lock would miss the leases of the claim that held it.
+_LOCK_PARTNERS = """
+    SELECT id FROM partners
+    WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
+    FOR NO KEY UPDATE SKIP LOCKED
+"""
+
+# The claim on PostgreSQL, then one statement. Step by step:
+#   partner  the partners locked above;
 #   room     each one's free room: the caller's room for it (its breaker, its pace, what this
 #            process sends it), and at most the cap less the rows leased by every process
 #            (the small deliveries_leased index holds only those);
@@ -1103,9 +1117,7 @@ _DUE_FOR_PARTNER = """
 # and what a sender needs, read in the same statement.
 _CLAIM = """
     WITH partner AS (
-        SELECT id FROM partners
-        WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
-        FOR NO KEY UPDATE SKIP LOCKED
+        SELECT unnest(CAST(:partners AS TEXT[])) AS id
     ), room AS (
         SELECT partner.id, LEAST(COALESCE(mine.n, :per_partner), :per_partner - (
                    SELECT COUNT(*) FROM deliveries d
