@@ -93,6 +93,7 @@ class SecurityConfig:
     registration_rate_per_min: float = 10.0  # per client address, when registration is open
     partner_writes_per_min: float = 30.0     # writes a partner makes with its own key (test events, patches, ...)
     metrics_public: bool = False             # true: GET /metrics without the admin token
+    partner_self_delete: bool = False        # true: a partner may DELETE itself with its own key
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class DeliveryConfig:
     disable_after_s: float = 259200.0
     retry_after_max_s: float = 3600.0
     idle_connection_s: float = 30.0
+    max_pending_age_s: float = 604800.0          # a delivery pending longer ends "expired" (7 days)
     ca_file: str = ""                            # PEM file of the CAs partners' certificates chain to; empty: the system's
 
 
@@ -118,6 +120,7 @@ class RetentionConfig:
     max_age_s: float = 2592000.0
     batch_size: int = 500
     interval_s: float = 300.0
+    audit_max_age_s: float = 31536000.0   # audit entries are kept a year
 
 
 @dataclass(frozen=True)
@@ -165,9 +168,11 @@ POSITIVE = {
     "delivery.disable_after_s": "a number of seconds",
     "delivery.retry_after_max_s": "a number of seconds",
     "delivery.idle_connection_s": "a number of seconds",
+    "delivery.max_pending_age_s": "a number of seconds",
     "retention.max_age_s": "a number of seconds",
     "retention.batch_size": "a number of events",
     "retention.interval_s": "a number of seconds",
+    "retention.audit_max_age_s": "a number of seconds",
     "realtime.token_ttl_s": "a number of seconds",
     "realtime.client_queue": "a number of messages",
 }

@@ -68,6 +68,7 @@ class Settings(DeliveryConfig):
     retention_s: float = 2592000.0
     purge_batch: int = 500
     purge_interval_s: float = 300.0
+    audit_retention_s: float = 31536000.0
     allow_private_targets: bool = False
     allowed_ports: tuple[int, ...] = ()
     user_agent: str = "webhookd"
@@ -79,6 +80,7 @@ class Settings(DeliveryConfig):
             retention_s=config.retention.max_age_s,
             purge_batch=config.retention.batch_size,
             purge_interval_s=config.retention.interval_s,
+            audit_retention_s=config.retention.audit_max_age_s,
             allow_private_targets=config.security.allow_private_targets,
             allowed_ports=config.security.allowed_ports,
             user_agent=user_agent,
@@ -491,7 +493,8 @@ class DeliveryLoop:
             if lost is None:
                 continue
             for delivery_id in lost:
-                logger.warning("delivery %s: result not recorded, its lease had been taken over", delivery_id)
+                logger.warning("delivery %s: result not recorded: its lease had been taken over, or it was "
+                               "cancelled meanwhile", delivery_id)
             if any(o.state == "pending" for o in batch):
                 self.wake()  # a retry may now be due earlier than the loop thought
 
@@ -525,6 +528,7 @@ class DeliveryLoop:
                 if not sweeper:
                     await asyncio.sleep(self.settings.purge_interval_s)
                     continue
+                await self.expire_pending()
                 events, inbound = await self.purge_expired()
                 if self.store.postgres:  # the shared rate limits' buckets that are full again
                     await asyncio.to_thread(self.store.purge_rate_buckets, before=time.time() - 3600)
@@ -550,9 +554,23 @@ class DeliveryLoop:
             self.store.heartbeat, self.process_id, host=socket.gethostname(), pid=os.getpid(),
             started_at=self.started_at, now=self.clock(), alive_s=ALIVE_S)
 
+    async def expire_pending(self) -> int:
+        """End ``expired`` the deliveries pending for longer than ``max_pending_age_s`` (a partner
+        paused or disabled for weeks gets nothing stale when it resumes); a log line per partner."""
+        now, max_age = self.clock(), self.settings.max_pending_age_s
+        expired = await asyncio.to_thread(self.store.expire_pending, queued_before=now - max_age, now=now)
+        for partner_id, count in sorted(expired.items()):
+            self.metrics.deliveries.inc(count, partner=partner_id, outcome="expired")
+            logger.warning("partner %s: %d deliveries pending for over %d s ended expired; retry them by hand "
+                           "(POST /partners/%s/recover?since=...) if they still matter",
+                           partner_id, count, int(max_age), partner_id)
+        return sum(expired.values())
+
     async def purge_expired(self) -> tuple[int, int]:
         """Delete what is older than ``retention_s`` — delivered events, then inbound events —
-        each table in batches of ``purge_batch`` until nothing old is left. Returns the counts."""
+        each table in batches of ``purge_batch`` until nothing old is left; then the tombstones
+        of deleted partners whose history is gone, and audit entries older than
+        ``audit_retention_s``. Returns the counts of events and inbound events."""
         cutoff, size = self.clock() - self.settings.retention_s, self.settings.purge_batch
         cursor: tuple[float, str] | None = None
 
@@ -565,7 +583,14 @@ class DeliveryLoop:
             purged = self.store.purge_inbound(before=cutoff, batch=size)
             return purged, purged == size
 
-        return await self._in_batches(events_batch), await self._in_batches(inbound_batch)
+        def audit_batch() -> tuple[int, bool]:
+            purged = self.store.purge_audit(before=self.clock() - self.settings.audit_retention_s, batch=size)
+            return purged, purged == size
+
+        counts = await self._in_batches(events_batch), await self._in_batches(inbound_batch)
+        await asyncio.to_thread(self.store.purge_deleted_partners, before=cutoff)
+        await self._in_batches(audit_batch)
+        return counts
 
     async def _in_batches(self, batch: Callable[[], tuple[int, bool]]) -> int:
         """Run ``batch`` (in a thread) until it says nothing is left; the total it purged."""

@@ -4,7 +4,8 @@ A **partner** subscribes to event types. Publishing stores one **event** (its ca
 body: exactly the bytes we send) and one **delivery** per subscribed partner. Every try
 of a delivery is an **attempt**. The delivery loop claims a delivery as a **job** (all it
 needs to send, read in one transaction) and hands back an **outcome** (the attempt and
-the delivery's next state). Events that partners post to us are **inbound events**.
+the delivery's next state). Events that partners post to us are **inbound events**. Every
+write an admin or a partner makes is an **audit entry**.
 
 Plain frozen dataclasses, no behaviour beyond reading themselves: ``store.py`` turns
 rows into them, and nothing outside the store sees a row.
@@ -145,3 +146,18 @@ class InboundEvent:
 class Page:
     items: list[Any]
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """Who changed what, and when: written in the same transaction as the change (``GET /audit``).
+    ``changes`` never holds a secret or an API key; the store adds what only it knows (counts)."""
+
+    id: str
+    at: float
+    actor: str                      # "admin", "partner" (the partner itself), or "anonymous" (open registration)
+    action: str                     # partner.registered, partner.suspended, delivery.retried, ...
+    partner_id: str | None
+    changes: dict[str, Any]
+    address: str | None = None      # the caller's address
+    target: str | None = None       # what the action was on, when not the partner itself (a delivery id)

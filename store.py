@@ -31,7 +31,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from engines import DatabaseUnavailable, PostgresEngine, SQLiteEngine, is_postgres_url
-from models import Attempt, Delivery, Event, InboundEvent, Job, NewEvent, Outcome, Page, Partner, valid_secrets
+from models import (Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, NewEvent, Outcome, Page, Partner,
+                    valid_secrets)
 
 logger = logging.getLogger("webhookd.store")
 
@@ -40,7 +41,7 @@ SCHEMA = [
         id                    TEXT PRIMARY KEY,
         name                  TEXT NOT NULL,
         webhook_url           TEXT NOT NULL,
-        status                TEXT NOT NULL,        -- active | paused | disabled
+        status                TEXT NOT NULL,        -- active | paused | disabled | suspended | deleted
         secret                TEXT NOT NULL,
         previous_secret       TEXT,                 -- still valid until previous_secret_until
         previous_secret_until REAL,
@@ -69,7 +70,7 @@ SCHEMA = [
         id              TEXT PRIMARY KEY,
         event_id        TEXT NOT NULL REFERENCES events(id),
         partner_id      TEXT NOT NULL REFERENCES partners(id),
-        state           TEXT NOT NULL,      -- pending | delivered | failed
+        state           TEXT NOT NULL,      -- pending | delivered | failed | expired | cancelled
         attempt_count   INTEGER NOT NULL DEFAULT 0,
         max_attempts    INTEGER NOT NULL,
         next_attempt_at REAL NOT NULL,      -- when pending: due time, or lease end while in flight
@@ -132,6 +133,19 @@ RATE_BUCKETS_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS rate_buckets (
     at     DOUBLE PRECISION NOT NULL
 )"""
 
+# Every write an admin or a partner makes (GET /audit): who, when, what changed — never a secret.
+AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS audit_log (
+    id         TEXT PRIMARY KEY,           -- aud_ + time-sorted, like every id
+    at         DOUBLE PRECISION NOT NULL,
+    actor      TEXT NOT NULL,              -- admin | partner (itself) | anonymous (open registration)
+    address    TEXT,                       -- the caller's address
+    action     TEXT NOT NULL,              -- partner.registered, partner.suspended, delivery.retried, ...
+    partner_id TEXT,                       -- no foreign key: the trail outlives a deleted partner
+    target     TEXT,                       -- a delivery id, when the action was on one
+    changes    TEXT NOT NULL               -- JSON
+)"""
+AUDIT_INDEX = "CREATE INDEX IF NOT EXISTS audit_by_partner ON audit_log (partner_id, id)"
+
 # Named schema changes, applied once each in order and recorded in schema_migrations.
 MIGRATIONS: list[tuple[str, list[str]]] = [
     ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
@@ -143,6 +157,10 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     ("processes", [PROCESSES_TABLE.replace("DOUBLE PRECISION", "REAL")]),  # heartbeats
     ("attempts.error_detail", ["ALTER TABLE attempts ADD COLUMN error_detail TEXT"]),  # what happened, in words
     ("partners.suspended_reason", ["ALTER TABLE partners ADD COLUMN suspended_reason TEXT"]),  # the admin's why
+    ("audit_log", [AUDIT_TABLE.replace("DOUBLE PRECISION", "REAL"), AUDIT_INDEX]),
+    # When a pending delivery was queued (published, or retried by hand; null: created_at): its age
+    # for delivery.max_pending_age_s.
+    ("deliveries.queued_at", ["ALTER TABLE deliveries ADD COLUMN queued_at REAL"]),
 ]
 
 
@@ -242,6 +260,8 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     ("rate_buckets", [RATE_BUCKETS_TABLE]),
     ("attempts.error_detail", ["ALTER TABLE attempts ADD COLUMN IF NOT EXISTS error_detail TEXT"]),
     ("partners.suspended_reason", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS suspended_reason TEXT"]),
+    ("audit_log", [AUDIT_TABLE, AUDIT_INDEX]),
+    ("deliveries.queued_at", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS queued_at DOUBLE PRECISION"]),
 ]
 
 
@@ -554,7 +574,7 @@ class Store:
 
     def add_partner(
         self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
-        api_key_hash: str, now: float, max_rate_per_s: float | None = None,
+        api_key_hash: str, now: float, max_rate_per_s: float | None = None, audit: AuditEntry | None = None,
     ) -> Partner:
         with self._partner_write(partner_id) as db:
             db.execute(
@@ -565,11 +585,13 @@ class Store:
                  "api_key_hash": api_key_hash, "rate": max_rate_per_s, "now": now},
             )
             _write_subscriptions(db, partner_id, events)
+            _write_audit(db, audit)
             return _read_partner(db, partner_id)  # type: ignore[return-value]
 
     def update_partner(self, partner_id: str, *, now: float, webhook_url: str | None = None,
                        events: list[str] | None = None, status: str | None = None,
-                       max_rate_per_s: float | None = None, reason: str | None = None) -> Partner | None:
+                       max_rate_per_s: float | None = None, reason: str | None = None,
+                       audit: AuditEntry | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
         partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace.
         ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner)."""
@@ -589,10 +611,11 @@ class Store:
                                            paused_until = NULL, suspended_reason = :reason
                        WHERE id = :id""", {"id": partner_id, "status": status, "reason": reason})
             db.execute("UPDATE partners SET updated_at = :now WHERE id = :id", {"id": partner_id, "now": now})
+            _write_audit(db, audit)
             return _read_partner(db, partner_id)
 
     def rotate_secret(self, partner_id: str, *, new_secret: str, previous_until: float,
-                      now: float, revoke_old: bool = False) -> Partner | None:
+                      now: float, revoke_old: bool = False, audit: AuditEntry | None = None) -> Partner | None:
         """Make ``new_secret`` current; the current one stays valid until ``previous_until``
         (``revoke_old``: no old secret stays valid at all)."""
         with self._partner_write(partner_id) as db:
@@ -600,18 +623,58 @@ class Store:
                 """UPDATE partners SET previous_secret = CASE WHEN :revoke THEN NULL ELSE secret END,
                                        previous_secret_until = CASE WHEN :revoke THEN NULL ELSE :until END,
                                        secret = :secret, updated_at = :now
-                   WHERE id = :id""",
+                   WHERE id = :id AND status <> 'deleted'""",
                 {"id": partner_id, "secret": new_secret, "until": previous_until, "now": now, "revoke": revoke_old},
             ).rowcount
+            if changed:
+                _write_audit(db, audit)
             return _read_partner(db, partner_id) if changed else None
 
-    def reissue_api_key(self, partner_id: str, *, api_key_hash: str, now: float) -> Partner | None:
+    def reissue_api_key(self, partner_id: str, *, api_key_hash: str, now: float,
+                        audit: AuditEntry | None = None) -> Partner | None:
         """Replace the partner's API key (its hash): the old key stops at once, in every process
         (keys are looked up in the database on every request)."""
         with self._partner_write(partner_id) as db:
-            changed = db.execute("UPDATE partners SET api_key_hash = :hash, updated_at = :now WHERE id = :id",
+            changed = db.execute("""UPDATE partners SET api_key_hash = :hash, updated_at = :now
+                                    WHERE id = :id AND status <> 'deleted'""",
                                  {"id": partner_id, "hash": api_key_hash, "now": now}).rowcount
+            if changed:
+                _write_audit(db, audit)
             return _read_partner(db, partner_id) if changed else None
+
+    def delete_partner(self, partner_id: str, *, now: float, audit: AuditEntry | None = None) -> int | None:
+        """Delete a partner; how many of its deliveries were cancelled, or None if there is no such
+        partner (or it is deleted already).
+
+        At once: its secrets, API key, URL and subscriptions are erased (its signatures stop
+        verifying, its key stops working, nothing more is published to it), and its pending and
+        expired deliveries end ``cancelled``, never sent. An attempt already on the wire finishes,
+        but its result is not recorded. The row stays as a tombstone (``status = 'deleted'``, its
+        name) so the history and the audit trail still say whose it was; the retention purge
+        removes its history at ``retention.max_age_s`` like everyone's, then the tombstone."""
+        with self._partner_write(partner_id, "deleted") as db:
+            if not db.execute(
+                    """UPDATE partners SET status = 'deleted', secret = '', previous_secret = NULL,
+                                           previous_secret_until = NULL, api_key_hash = :tombstone,
+                                           webhook_url = '', failing_since = NULL, paused_until = NULL,
+                                           updated_at = :now
+                       WHERE id = :id AND status <> 'deleted'""",
+                    {"id": partner_id, "tombstone": f"deleted:{partner_id}", "now": now}).rowcount:
+                return None
+            db.execute("DELETE FROM subscriptions WHERE partner_id = :id", {"id": partner_id})
+            cancelled = _cancel(db, partner_id, ("pending", "expired"), now)
+            _write_audit(db, audit, cancelled_deliveries=cancelled)
+            return cancelled
+
+    def cancel_pending(self, partner_id: str, *, now: float, audit: AuditEntry | None = None) -> int | None:
+        """End every pending delivery of the partner ``cancelled`` (never sent; in flight: its result
+        is not recorded). How many; None if there is no such partner."""
+        with self._transaction() as db:
+            if _read_partner(db, partner_id) is None:
+                return None
+            cancelled = _cancel(db, partner_id, ("pending",), now)
+            _write_audit(db, audit, cancelled_deliveries=cancelled)
+            return cancelled
 
     @contextmanager
     def _partner_write(self, partner_id: str, action: str = "changed") -> Iterator[Any]:
@@ -659,7 +722,7 @@ class Store:
         with self._partners_lock:
             self._partners_read_at = time.monotonic()
             with self._reader(snapshot=True) as db:
-                rows = db.execute("SELECT * FROM partners").fetchall()
+                rows = db.execute("SELECT * FROM partners WHERE status <> 'deleted'").fetchall()
                 events: dict[str, list[str]] = {}
                 for sub in db.execute("SELECT partner_id, event_type FROM subscriptions ORDER BY event_type"):
                     events.setdefault(sub["partner_id"], []).append(sub["event_type"])
@@ -700,7 +763,7 @@ class Store:
     def list_partners(self, *, limit: int, cursor: str | None) -> Page:
         with self._reader() as db:
             rows = db.execute(
-                """SELECT id FROM partners WHERE (CAST(:cursor AS TEXT) IS NULL OR id < :cursor)
+                """SELECT id FROM partners WHERE status <> 'deleted' AND (CAST(:cursor AS TEXT) IS NULL OR id < :cursor)
                    ORDER BY id DESC LIMIT :n""",
                 {"cursor": cursor, "n": limit + 1},
             ).fetchall()
@@ -904,9 +967,11 @@ class Store:
     def purge_delivered(self, *, before: float, batch: int,
                         after: tuple[float, str] | None = None) -> tuple[int, tuple[float, str] | None]:
         """Look at the next ``batch`` events published before ``before`` (oldest first, from
-        ``after``) and delete those whose every delivery was delivered before ``before``
-        (deliveries age by when they ended, not by when their event was published), with
-        their deliveries and attempts. Failed and pending ones are always kept.
+        ``after``) and delete those whose every delivery ended — delivered or cancelled, or
+        any state for a deleted partner — before ``before`` (deliveries age by when they ended,
+        not by when their event was published), with their deliveries and attempts. Pending,
+        failed and expired ones of a partner that exists are kept: they are work to do or to
+        retry by hand.
 
         Returns how many events went, and where the next batch starts (None: no older event
         is left to look at). A batch looks at ``batch`` events, purgeable or not, so a year
@@ -915,7 +980,9 @@ class Store:
             rows = db.execute(
                 """SELECT id, created_at, NOT EXISTS (
                           SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-                          AND (d.state != 'delivered' OR d.updated_at >= :before)) AS purgeable
+                          AND (d.updated_at >= :before OR (d.state NOT IN ('delivered', 'cancelled') AND EXISTS (
+                               SELECT 1 FROM partners p WHERE p.id = d.partner_id AND p.status <> 'deleted'))))
+                          AS purgeable
                    FROM events e
                    WHERE created_at < :before AND (CAST(:after_at AS DOUBLE PRECISION) IS NULL OR (created_at, id) > (:after_at, :after_id))
                    ORDER BY created_at, id LIMIT :batch""",
@@ -937,6 +1004,39 @@ class Store:
                 """DELETE FROM inbound_events WHERE id IN
                    (SELECT id FROM inbound_events WHERE received_at < :before ORDER BY received_at LIMIT :batch)""",
                 {"before": before, "batch": batch}).rowcount
+
+    def purge_deleted_partners(self, *, before: float) -> int:
+        """Remove the tombstones of partners deleted before ``before`` once no delivery or inbound
+        event refers to them any more (the purges above took their history). Returns how many."""
+        with self._transaction(durable=False) as db:
+            return db.execute(
+                """DELETE FROM partners WHERE status = 'deleted' AND updated_at < :before
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.partner_id = partners.id)
+                   AND NOT EXISTS (SELECT 1 FROM inbound_events i WHERE i.partner_id = partners.id)""",
+                {"before": before}).rowcount
+
+    def purge_audit(self, *, before: float, batch: int) -> int:
+        """Delete up to ``batch`` audit entries written before ``before``; returns how many."""
+        with self._transaction(durable=False) as db:
+            return db.execute(
+                """DELETE FROM audit_log WHERE id IN
+                   (SELECT id FROM audit_log WHERE at < :before ORDER BY at LIMIT :batch)""",
+                {"before": before, "batch": batch}).rowcount
+
+    # --- The audit trail ---------------------------------------------------------------
+
+    def list_audit(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
+                   action: str | None = None) -> Page:
+        """Audit entries newest first; each filter applies only when given."""
+        with self._reader() as db:
+            rows = db.execute(
+                """SELECT * FROM audit_log
+                   WHERE (CAST(:cursor AS TEXT) IS NULL OR id < :cursor)
+                     AND (CAST(:partner_id AS TEXT) IS NULL OR partner_id = :partner_id)
+                     AND (CAST(:action AS TEXT) IS NULL OR action = :action)
+                   ORDER BY id DESC LIMIT :n""",
+                {"cursor": cursor, "partner_id": partner_id, "action": action, "n": limit + 1}).fetchall()
+        return _page([_audit_from_row(r) for r in rows], limit)
 
     # --- Reading and retrying deliveries ---------------------------------------------
 
@@ -968,36 +1068,55 @@ class Store:
             ).fetchall()
         return _page([_delivery_from_row(r) for r in rows], limit)
 
-    def retry_delivery(self, delivery_id: str, now: float) -> Delivery | None:
-        """Queue one more attempt of a ``failed`` delivery and return it as queued (read in the same
-        transaction, so before any process can send it); None if it is not failed."""
+    def retry_delivery(self, delivery_id: str, now: float, audit: AuditEntry | None = None) -> Delivery | None:
+        """Queue one more attempt of a ``failed`` or ``expired`` delivery and return it as queued (read
+        in the same transaction, so before any process can send it); None if it is neither. Its age
+        for ``max_pending_age_s`` starts again now."""
         with self._transaction() as db:
             retried = db.execute(
                 """UPDATE deliveries
-                   SET state = 'pending', max_attempts = attempt_count + 1,
+                   SET state = 'pending', max_attempts = attempt_count + 1, queued_at = :now,
                        next_attempt_at = :now, leased_until = NULL, updated_at = :now
-                   WHERE id = :id AND state = 'failed'""",
+                   WHERE id = :id AND state IN ('failed', 'expired')""",
                 {"id": delivery_id, "now": now},
             ).rowcount > 0
             if not retried:
                 return None
+            _write_audit(db, audit)
             # An operator's retry probes at once, in every process.
             db.execute("""UPDATE partners SET paused_until = NULL
                           WHERE id = (SELECT partner_id FROM deliveries WHERE id = :id)""", {"id": delivery_id})
             return _delivery_from_row(db.execute(_DELIVERY_SELECT + " WHERE d.id = :id", {"id": delivery_id}).fetchone())
 
-    def recover_failed(self, partner_id: str, *, since: float, extra_attempts: int, now: float) -> int:
-        """Give every ``failed`` delivery of the partner created at or after ``since`` a fresh
-        round of ``extra_attempts``. Returns how many were re-queued."""
+    def recover_failed(self, partner_id: str, *, since: float, extra_attempts: int, now: float,
+                       audit: AuditEntry | None = None) -> int:
+        """Give every ``failed`` or ``expired`` delivery of the partner created at or after ``since``
+        a fresh round of ``extra_attempts``. Returns how many were re-queued."""
         with self._transaction() as db:
             db.execute("UPDATE partners SET paused_until = NULL WHERE id = :id", {"id": partner_id})
-            return db.execute(
+            requeued = db.execute(
                 """UPDATE deliveries
-                   SET state = 'pending', max_attempts = attempt_count + :extra,
+                   SET state = 'pending', max_attempts = attempt_count + :extra, queued_at = :now,
                        next_attempt_at = :now, leased_until = NULL, updated_at = :now
-                   WHERE partner_id = :partner_id AND state = 'failed' AND created_at >= :since""",
+                   WHERE partner_id = :partner_id AND state IN ('failed', 'expired') AND created_at >= :since""",
                 {"partner_id": partner_id, "since": since, "extra": extra_attempts, "now": now},
             ).rowcount
+            _write_audit(db, audit, requeued=requeued)
+            return requeued
+
+    def expire_pending(self, *, queued_before: float, now: float) -> dict[str, int]:
+        """End ``expired`` every pending delivery queued before ``queued_before`` that is not in
+        flight (``delivery.max_pending_age_s``): a long pause must not flood a partner with a
+        week of stale events when it resumes. Returns how many per partner."""
+        with self._transaction(durable=False) as db:
+            rows = db.execute(
+                """UPDATE deliveries SET state = 'expired', updated_at = :now
+                   WHERE state = 'pending' AND leased_until IS NULL AND COALESCE(queued_at, created_at) < :before
+                   RETURNING partner_id""", {"before": queued_before, "now": now}).fetchall()
+        expired: dict[str, int] = {}
+        for row in rows:
+            expired[row["partner_id"]] = expired.get(row["partner_id"], 0) + 1
+        return expired
 
     # --- Inbound partner events --------------------------------------------------------
 
@@ -1054,6 +1173,7 @@ _COPY = [
                     WHERE d.state != 'delivered' OR d.updated_at >= :since
                     OR EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id AND e.created_at >= :since)"""),
     ("inbound_events", "SELECT * FROM inbound_events WHERE received_at >= :since"),
+    ("audit_log", "SELECT * FROM audit_log"),
 ]
 
 
@@ -1349,13 +1469,40 @@ def _job_from_row(row: Any, now: float) -> Job:
 
 
 def _read_partner(db: Any, partner_id: str) -> Partner | None:
-    row = db.execute("SELECT * FROM partners WHERE id = :id", {"id": partner_id}).fetchone()
+    row = db.execute("SELECT * FROM partners WHERE id = :id AND status <> 'deleted'", {"id": partner_id}).fetchone()
     if row is None:
         return None
     events = tuple(r["event_type"] for r in db.execute(
         "SELECT event_type FROM subscriptions WHERE partner_id = :id ORDER BY event_type",
         {"id": partner_id}))
     return _partner_from_row(row, events)
+
+
+def _cancel(db: Any, partner_id: str, states: tuple[str, ...], now: float) -> int:
+    """End the partner's deliveries in ``states`` as ``cancelled``; how many."""
+    return db.execute(
+        f"""UPDATE deliveries SET state = 'cancelled', leased_until = NULL, updated_at = :now
+            WHERE partner_id = :id AND state IN ({_placeholders('state', list(states))})""",
+        {"id": partner_id, "now": now, **_numbered("state", list(states))}).rowcount
+
+
+def _write_audit(db: Any, entry: AuditEntry | None, **found: Any) -> None:
+    """Record ``entry`` in the transaction of the change it describes, with what the store
+    ``found`` (counts) added to its changes."""
+    if entry is None:
+        return
+    db.execute(
+        """INSERT INTO audit_log (id, at, actor, address, action, partner_id, target, changes)
+           VALUES (:id, :at, :actor, :address, :action, :partner_id, :target, :changes)""",
+        {"id": entry.id, "at": entry.at, "actor": entry.actor, "address": entry.address, "action": entry.action,
+         "partner_id": entry.partner_id, "target": entry.target,
+         "changes": json.dumps({**entry.changes, **found}, sort_keys=True)})
+
+
+def _audit_from_row(row: Any) -> AuditEntry:
+    return AuditEntry(id=row["id"], at=row["at"], actor=row["actor"], action=row["action"],
+                      partner_id=row["partner_id"], changes=json.loads(row["changes"]), address=row["address"],
+                      target=row["target"])
 
 
 def _write_subscriptions(db: Any, partner_id: str, events: list[str]) -> None:
