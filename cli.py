@@ -4,7 +4,7 @@
 * ``token`` prints the admin token, creating it on first use;
 * ``sign`` and ``listen`` are for partners and students: sign a payload the way the
   guide does, or run a local receiver that verifies every webhook three ways;
-* ``partners``, ``publish``, ``deliveries``, ``retry`` and ``recover`` talk to the running
+* ``partners``, ``publish``, ``deliveries``, ``retry``, ``recover`` and ``audit`` talk to the running
   server's HTTP API with the admin token, and print tables (or ``--json``).
 
 ``main`` is the console script; ``python webhookd.py ...`` calls it too. A command that
@@ -244,6 +244,13 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         return _show(args, _api(config, "PATCH", path, {"status": status}))
     if action == "api-key":
         return _show(args, _api(config, "POST", path + "/api-key"))
+    if action == "delete":
+        if not args.yes:
+            raise CliError(f"'partners delete' erases {args.partner_id}'s secrets and API key and cancels its "
+                           "pending deliveries, at once and for good: add --yes to do it")
+        return _show(args, _api(config, "DELETE", path))
+    if action == "cancel-pending":
+        return _show(args, _api(config, "POST", path + "/cancel-pending"))
     if action == "suspend":
         if not args.reason:
             raise CliError("'partners suspend' needs --reason: the partner is shown why")
@@ -284,6 +291,14 @@ def _cmd_retry(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_recover(args: argparse.Namespace, config: Config) -> int:
     return _show(args, _api(config, "POST", f"/partners/{args.partner_id}/recover", query={"since": args.since}))
+
+
+AUDIT_COLUMNS = ["at", "actor", "action", "partner_id", "target", "changes"]
+
+
+def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    query = {"partner_id": args.partner, "action": args.action, "limit": args.limit}
+    return _show(args, _api(config, "GET", "/audit", query=query), AUDIT_COLUMNS)
 
 
 def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
@@ -334,10 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(handler=_cmd_token)
 
     partners = commands.add_parser("partners", parents=[with_config, as_json],
-                                   help="list, show, add, pause, resume, suspend, rotate, api-key, pace")
+                                   help="list, show, add, pause, resume, suspend, rotate, api-key, pace, "
+                                        "cancel-pending, delete")
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
-                                             "api-key", "pace"])
-    partners.add_argument("partner_id", nargs="?", help="the partner (show, pause, resume, suspend, rotate, pace)")
+                                             "api-key", "pace", "cancel-pending", "delete"])
+    partners.add_argument("partner_id", nargs="?", help="the partner (every action but list and add)")
+    partners.add_argument("--yes", action="store_true", help="delete: yes, delete it (it cannot be undone)")
     partners.add_argument("--reason", help="suspend: why (shown to the partner; only the admin can lift it)")
     partners.add_argument("--max-rate", type=float, help="requests per second at most (add, pace; 0 removes)")
     partners.add_argument("--name", help="partner name (add)")
@@ -357,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries = commands.add_parser("deliveries", parents=[with_config, as_json],
                                      help="list deliveries, newest first; or one, with its attempts")
     deliveries.add_argument("delivery_id", nargs="?", help="show this delivery and its attempts")
-    deliveries.add_argument("--status", choices=["pending", "delivered", "failed"], help="only this state")
+    deliveries.add_argument("--status", choices=["pending", "delivered", "failed", "expired", "cancelled"],
+                            help="only this state")
     deliveries.add_argument("--partner", help="only this partner id")
     deliveries.add_argument("--event", help="only this event type")
     deliveries.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
@@ -371,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("partner_id")
     recover.add_argument("--since", type=int, required=True, help="unix seconds: failed deliveries created since")
     recover.set_defaults(handler=_cmd_recover)
+
+    audit = commands.add_parser("audit", parents=[with_config, as_json],
+                                help="the audit trail: who changed what, newest first")
+    audit.add_argument("--partner", help="only this partner id")
+    audit.add_argument("--action", help="only this action, e.g. partner.suspended")
+    audit.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
+    audit.set_defaults(handler=_cmd_audit)
 
     migrate = commands.add_parser("migrate-store", parents=[with_config],
                                   help="copy the SQLite file into a new PostgreSQL database")

@@ -14,6 +14,7 @@ from typing import Any
 TIME = {"type": "integer", "description": "unix seconds"}
 MAYBE_TIME = {"type": ["integer", "null"], "description": "unix seconds"}
 STRING = {"type": "string"}
+STATES = ["pending", "delivered", "failed", "expired", "cancelled"]
 RATE = {"type": ["number", "null"], "minimum": 0.01, "maximum": 10000,
         "description": "at most this many attempts started per second; null: no pace"}
 
@@ -38,6 +39,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "partner_name": STRING, "webhook_url": STRING,
         "status": {"enum": ["active", "paused", "disabled", "suspended"]},
         "events_subscribed": {"type": "array", "items": STRING},
+        "stale_subscriptions": {"type": "array", "items": STRING,
+                                "description": "subscribed types no longer in the catalog: nothing comes of them"},
         "disabled_reason": {"type": ["string", "null"]}, "failing_since": MAYBE_TIME,
         "suspended_reason": {"type": ["string", "null"], "description": "why the admin suspended it"},
         "max_rate_per_s": {"type": ["number", "null"], "description": "attempts started per second, at most"},
@@ -52,7 +55,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
     }
     delivery = {
         "delivery_id": STRING, "event_id": STRING, "event": STRING, "partner_id": STRING,
-        "state": {"enum": ["pending", "delivered", "failed"]}, "attempt_count": {"type": "integer"},
+        "state": {"enum": STATES}, "attempt_count": {"type": "integer"},
         "next_attempt_at": MAYBE_TIME, "created_at": TIME, "updated_at": TIME,
     }
     attempt = {
@@ -107,6 +110,17 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "DeliveryDetail": _obj({**delivery, "attempts": {"type": "array", "items": _obj(attempt)}}),
         "DeliveryList": _list_of("Delivery"),
         "Recovered": _obj({"requeued": {"type": "integer"}}),
+        "PartnerDeleted": _obj({"partner_id": STRING, "deleted": {"const": True},
+                                "cancelled_deliveries": {"type": "integer"}}),
+        "PendingCancelled": _obj({"partner_id": STRING, "cancelled_deliveries": {"type": "integer"}}),
+        "AuditEntry": _obj({
+            "audit_id": STRING, "at": TIME,
+            "actor": {"enum": ["admin", "partner", "anonymous"],
+                      "description": "partner: the partner itself, with its API key; anonymous: open registration"},
+            "address": {"type": ["string", "null"]}, "action": STRING, "partner_id": {"type": ["string", "null"]},
+            "target": {"type": ["string", "null"], "description": "the delivery, for delivery.retried"},
+            "changes": {"type": "object", "description": "what changed (never a secret or a key)"}}),
+        "AuditList": _list_of("AuditEntry"),
         "InboundAck": _obj({"status": {"const": "received"}, "timestamp": TIME}),
         "Inbound": _obj({"inbound_id": STRING, "partner_id": STRING, "event": STRING,
                          "payload": {"type": "object"}, "received_at": TIME}),
@@ -163,7 +177,7 @@ DELIVERY = _path("delivery_id", "a delivery id")
 
 def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]:
     """The whole OpenAPI document for a server whose event catalog is ``catalog``."""
-    states = {"type": "string", "enum": ["pending", "delivered", "failed"]}
+    states = {"type": "string", "enum": STATES}
     inbound_headers = [
         {"name": "X-Webhook-Signature", "in": "header", "required": True, "schema": STRING,
          "description": "hex HMAC-SHA256 of the body (or of its canonical JSON) with your shared secret"},
@@ -182,7 +196,12 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             "get": _op("One partner (never its secret)", 200, "Partner", params=[PARTNER]),
             "patch": _op("Change webhook_url, events or status", 200, "Partner", body="PartnerUpdate",
                          params=[PARTNER]),
+            "delete": _op("Delete the partner: its secrets and key stop at once, its pending deliveries are "
+                          "cancelled (the admin; the partner itself if security.partner_self_delete)", 200,
+                          "PartnerDeleted", params=[PARTNER]),
         },
+        "/partners/{partner_id}/cancel-pending": {"post": _op(
+            "Cancel every pending delivery of the partner (never sent)", 200, "PendingCancelled", params=[PARTNER])},
         "/partners/{partner_id}/rotate-secret": {"post": _op(
             "A new secret; the old one stays valid for the overlap", 200, "PartnerRotated", params=[
                 PARTNER, _query("revoke_old", {"enum": ["true", "false"]},
@@ -193,7 +212,7 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "/partners/{partner_id}/test": {"post": _op("Send webhook.test to this partner", 202, "EventAccepted",
                                                     params=[PARTNER])},
         "/partners/{partner_id}/recover": {"post": _op(
-            "Re-queue failed deliveries created since `since`", 200, "Recovered",
+            "Re-queue failed and expired deliveries created since `since`", 200, "Recovered",
             params=[PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True), QUEUE])},
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
                                    params=[{"name": "Idempotency-Key", "in": "header", "required": False,
@@ -211,7 +230,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             _query("event", STRING, "only this event type"), _query("event_id", STRING, "only this event")])},
         "/deliveries/{delivery_id}": {"get": _op("A delivery with its attempts", 200, "DeliveryDetail",
                                                  params=[DELIVERY])},
-        "/deliveries/{delivery_id}/retry": {"post": _op("One more attempt of a failed delivery", 202, "Delivery",
+        "/deliveries/{delivery_id}/retry": {"post": _op("One more attempt of a failed or expired delivery", 202,
+                                                        "Delivery",
                                                         params=[DELIVERY, QUEUE])},
         "/webhooks/partners": {"post": _op("Receive a partner's signed event", 200, "InboundAck", auth=False,
                                            body="EventPayload", params=inbound_headers)},
@@ -220,6 +240,9 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "/realtime/tokens": {"post": _op("A short-lived token for GET /ws", 201, "Token", body="TokenRequest")},
         "/metrics": {"get": _op("Prometheus metrics", 200, None, media="text/plain")},
         "/stats": {"get": _op("What the dashboard draws", 200, "Stats")},
+        "/audit": {"get": _op("The audit trail: every admin and partner write, newest first", 200, "AuditList",
+                              params=[*PAGE, _query("partner_id", STRING, "only this partner"),
+                                      _query("action", STRING, "only this action, e.g. partner.suspended")])},
         "/dashboard": {"get": _op("The operator's dashboard (a static page)", 200, None, auth=False,
                                   media="text/html")},
         "/openapi.json": {"get": _op("This document", 200, None, auth=False)},

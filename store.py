@@ -31,8 +31,19 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from engines import DatabaseUnavailable, PostgresEngine, SQLiteEngine, is_postgres_url
-from models import (Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, NewEvent, Outcome, Page, Partner,
-                    valid_secrets)
+from models import (
+    Attempt,
+    AuditEntry,
+    Delivery,
+    Event,
+    InboundEvent,
+    Job,
+    NewEvent,
+    Outcome,
+    Page,
+    Partner,
+    valid_secrets,
+)
 
 logger = logging.getLogger("webhookd.store")
 

@@ -42,6 +42,7 @@ from starlette.routing import Route
 
 import signing
 from engines import DatabaseUnavailable, StorageUnavailable
+from models import AuditEntry
 
 if TYPE_CHECKING:
     import metrics
@@ -298,6 +299,16 @@ def caller_of(request: Request) -> Caller:
     return request.state.caller
 
 
+def audit_entry(request: Request, action: str, partner_id: str | None, changes: dict[str, Any] | None = None,
+                target: str | None = None) -> AuditEntry:
+    """The audit trail's record of this request's write: who (the admin, the partner itself, or
+    anonymous on open registration), from where, and ``changes`` — never a secret or a key."""
+    caller = getattr(request.state, "caller", None)
+    actor = "anonymous" if caller is None else "admin" if caller.is_admin else "partner"
+    return AuditEntry(id=new_id("aud_"), at=context(request).clock(), actor=actor, action=action,
+                      partner_id=partner_id, changes=changes or {}, address=client_address(request), target=target)
+
+
 def owned_partner_id(request: Request) -> str:
     """The ``{partner_id}`` in the path, if the caller is the admin or that partner itself.
     Another partner gets the same 404 as an unknown id, so ids do not leak."""
@@ -314,13 +325,18 @@ async def owned_partner(request: Request) -> Partner:
     through another process a moment ago may not be in memory yet: a miss reads the
     partners again before it is a 404 (only the admin can ask for another's id)."""
     partner_id = owned_partner_id(request)
-    store = context(request).store
+    partner = await known_partner(context(request).store, partner_id)
+    if partner is None:
+        raise partner_not_found(partner_id)
+    return partner
+
+
+async def known_partner(store: Store, partner_id: str) -> Partner | None:
+    """A partner from the in-memory copy; on PostgreSQL a miss reads the partners again first."""
     partner = store.get_partner(partner_id)
     if partner is None and store.postgres:
         await db(store.reload_partners)
         partner = store.get_partner(partner_id)
-    if partner is None:
-        raise partner_not_found(partner_id)
     return partner
 
 

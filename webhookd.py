@@ -61,7 +61,7 @@ import signing
 import targets
 from config import FIELD_TYPES, Config, SecurityConfig, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
-from models import Delivery, Event, NewEvent, Partner
+from models import AuditEntry, Delivery, Event, NewEvent, Partner
 from store import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL, Store
 from web import (
     ACCESS_LOG_FILTER,
@@ -75,6 +75,7 @@ from web import (
     ApiError,
     Context,
     RateLimiter,
+    audit_entry,
     caller_of,
     client_address,
     context,
@@ -84,6 +85,7 @@ from web import (
     hash_api_key,
     invalid,
     is_small_number,
+    known_partner,
     new_api_key,
     new_id,
     new_shared_secret,
@@ -113,6 +115,7 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
     """A partner as the API shows it, with its circuit as the delivery loop sees it now."""
     return {"partner_id": partner.id, "partner_name": partner.name, "webhook_url": partner.webhook_url,
             "status": partner.status, "events_subscribed": list(partner.events),
+            "stale_subscriptions": stale_subscriptions(partner, ctx.config.events),
             "disabled_reason": partner.disabled_reason, "suspended_reason": partner.suspended_reason,
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
             "max_rate_per_s": partner.max_rate_per_s,
@@ -131,6 +134,12 @@ def delivery_json(d: Delivery, with_attempts: bool = False) -> dict[str, Any]:
                             "error_detail": a.error_detail, "response_snippet": a.response_snippet, "url": a.url}
                            for a in d.attempts]
     return out
+
+
+def audit_json(entry: AuditEntry) -> dict[str, Any]:
+    return {"audit_id": entry.id, "at": int(entry.at), "actor": entry.actor, "address": entry.address,
+            "action": entry.action, "partner_id": entry.partner_id, "target": entry.target,
+            "changes": entry.changes}
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -169,14 +178,31 @@ async def check_webhook_url(url: Any, security: SecurityConfig) -> str:
     return url
 
 
-def check_events(events: Any, catalog: dict[str, dict[str, str]]) -> list[str]:
+def check_events(events: Any, catalog: dict[str, dict[str, str]], kept: tuple[str, ...] = ()) -> list[str]:
+    """Event types to subscribe to: each in the catalog, or among ``kept`` — the partner's
+    subscriptions now, which may name a type since removed from the catalog (a stale one; a PATCH
+    that leaves it in place is not an error)."""
     valid = ", ".join(sorted(catalog))
     if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
         raise invalid("events", f"must be a non-empty list of event types. Valid types: {valid}.")
     for event_type in events:
-        if event_type not in catalog:
+        if event_type not in catalog and event_type not in kept:
             raise invalid("events", f"has the unknown event type {event_type[:100]!r}. Valid types: {valid}.")
     return sorted(set(events))
+
+
+def stale_subscriptions(partner: Partner, catalog: dict[str, dict[str, str]]) -> list[str]:
+    """The partner's subscriptions to event types no longer in the catalog: nothing is published
+    to them any more. Shown in ``GET /partners/{id}`` and logged at start-up."""
+    return [e for e in partner.events if e not in catalog]
+
+
+def log_stale_subscriptions(store: Store, catalog: dict[str, dict[str, str]]) -> None:
+    for partner in store.all_partners():
+        if stale := stale_subscriptions(partner, catalog):
+            logger.warning("partner %s is subscribed to %s, no longer in the event catalog ([events] in the "
+                           "config): nothing is published to them. Add them back, or PATCH the partner's events.",
+                           partner.id, ", ".join(stale))
 
 
 def check_max_rate(rate: Any) -> float | None:
@@ -210,9 +236,12 @@ async def register_partner(request: Request) -> JSONResponse:
     events = check_events(body.get("events"), ctx.config.events)
     rate = check_max_rate(body.get("max_rate_per_s"))
     shared_secret, api_key = new_shared_secret(), new_api_key()
-    partner = await db(ctx.store.add_partner, partner_id=new_id("partner_", unpredictable=True), name=name,
-                       webhook_url=url, events=events, secret=shared_secret, api_key_hash=hash_api_key(api_key),
-                       now=ctx.clock(), max_rate_per_s=rate)
+    partner_id = new_id("partner_", unpredictable=True)
+    audit = audit_entry(request, "partner.registered", partner_id,
+                        {"partner_name": name, "webhook_url": url, "events": events, "max_rate_per_s": rate})
+    partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
+                       secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
+                       max_rate_per_s=rate, audit=audit)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
                         status_code=201)
@@ -242,23 +271,39 @@ async def update_partner(request: Request) -> JSONResponse:
     body = await read_json_object(request, allowed=fields)
     if not body.keys() - {"reason"}:
         raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(fields - {'reason'}))}.")
+    before = await owned_partner(request)
     url = None
     if "webhook_url" in body:
         url = await check_webhook_url(body["webhook_url"], ctx.config.security)
-    events = check_events(body["events"], ctx.config.events) if "events" in body else None
+    events = check_events(body["events"], ctx.config.events, kept=before.events) if "events" in body else None
     status = body.get("status")
-    reason = check_status_change(await owned_partner(request), body, caller_of(request))
+    reason = check_status_change(before, body, caller_of(request))
     rate = None
     if "max_rate_per_s" in body:
         rate = check_max_rate(body["max_rate_per_s"]) or 0.0  # 0: the store removes the pace
+    audit = audit_entry(request, STATUS_ACTIONS.get(status, "partner.updated") if status != before.status
+                        else "partner.updated", partner_id, changed_fields(before, body, url, events, rate, reason))
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
-                       status=status, max_rate_per_s=rate, reason=reason)
+                       status=status, max_rate_per_s=rate, reason=reason, audit=audit)
     if partner is None:
         raise partner_not_found(partner_id)
     if status == "active":
         ctx.loop.partner_reactivated(partner_id)  # the other processes were told by the store
     logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
     return JSONResponse(partner_json(partner, ctx))
+
+
+STATUS_ACTIONS = {"active": "partner.activated", "paused": "partner.paused", "suspended": "partner.suspended"}
+
+
+def changed_fields(before: Partner, body: dict[str, Any], url: str | None, events: list[str] | None,
+                   rate: float | None, reason: str | None) -> dict[str, dict[str, Any]]:
+    """What a PATCH changes, ``{field: {"from": old, "to": new}}``, for the audit trail."""
+    now = {"webhook_url": (before.webhook_url, url), "events": (list(before.events), events),
+           "status": (before.status, body.get("status")), "reason": (before.suspended_reason, reason),
+           "max_rate_per_s": (before.max_rate_per_s, rate or None)}
+    return {name: {"from": old, "to": new} for name, (old, new) in now.items()
+            if (name in body or name == "reason" and "status" in body) and old != new}
 
 
 # Who may change a partner's status. The admin: anything among active, paused, suspended (with a
@@ -315,8 +360,11 @@ async def rotate_secret(request: Request) -> JSONResponse:
                        "old secret at once (for a leaked secret).")
     new_secret = new_shared_secret()
     overlap_until = now if revoke_old == "true" else now + ctx.config.security.secret_overlap_s
+    audit = audit_entry(request, "partner.secret_rotated", partner_id,
+                        {"revoke_old": revoke_old == "true",
+                         "previous_secret_expires_at": None if revoke_old == "true" else int(overlap_until)})
     partner = await db(ctx.store.rotate_secret, partner_id, new_secret=new_secret, previous_until=overlap_until,
-                       now=now, revoke_old=revoke_old == "true")
+                       now=now, revoke_old=revoke_old == "true", audit=audit)
     if partner is None:
         raise partner_not_found(partner_id)
     if revoke_old == "true":
@@ -333,12 +381,54 @@ async def reissue_api_key(request: Request) -> JSONResponse:
     partner_id = owned_partner_id(request)
     ctx = context(request)
     api_key = new_api_key()
-    partner = await db(ctx.store.reissue_api_key, partner_id, api_key_hash=hash_api_key(api_key), now=ctx.clock())
+    partner = await db(ctx.store.reissue_api_key, partner_id, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
+                       audit=audit_entry(request, "partner.api_key_reissued", partner_id))
     if partner is None:
         raise partner_not_found(partner_id)
     logger.warning("partner %s: API key reissued by %s; the old one no longer works", partner_id,
                    "the admin" if caller_of(request).is_admin else "the partner")
     return JSONResponse({**partner_json(partner, ctx), "api_key": api_key})
+
+
+async def delete_partner(request: Request) -> JSONResponse:
+    """``DELETE /partners/{id}``: the admin's, or the partner's own if ``security.partner_self_delete``.
+
+    At once: its secrets and API key are erased (its signatures and its key stop working on
+    the next request), its subscriptions go, and its pending deliveries end ``cancelled``. What
+    stays, and for how long, is ``store.delete_partner``'s rule (the README's "Deleting a partner").
+    """
+    ctx = context(request)
+    partner = await owned_partner(request)
+    if not caller_of(request).is_admin and not ctx.config.security.partner_self_delete:
+        raise ApiError(403, "admin_only", "Only the admin can delete a partner on this server "
+                                          "(security.partner_self_delete is false): ask the operator.")
+    cancelled = await db(ctx.store.delete_partner, partner.id, now=ctx.clock(),
+                         audit=audit_entry(request, "partner.deleted", partner.id, {"partner_name": partner.name}))
+    if cancelled is None:
+        raise partner_not_found(partner.id)
+    count_cancelled(ctx, partner.id, cancelled)
+    logger.warning("partner %s deleted by %s; %d deliveries cancelled", partner.id,
+                   "the admin" if caller_of(request).is_admin else "itself", cancelled)
+    return JSONResponse({"partner_id": partner.id, "deleted": True, "cancelled_deliveries": cancelled})
+
+
+async def cancel_pending(request: Request) -> JSONResponse:
+    """``POST /partners/{id}/cancel-pending`` (admin): every pending delivery of the partner ends
+    ``cancelled`` and is never sent — a backlog nobody wants any more, in one call."""
+    ctx = context(request)
+    partner = await owned_partner(request)
+    cancelled = await db(ctx.store.cancel_pending, partner.id, now=ctx.clock(),
+                         audit=audit_entry(request, "partner.pending_cancelled", partner.id))
+    if cancelled is None:
+        raise partner_not_found(partner.id)
+    count_cancelled(ctx, partner.id, cancelled)
+    logger.warning("partner %s: %d pending deliveries cancelled by the admin", partner.id, cancelled)
+    return JSONResponse({"partner_id": partner.id, "cancelled_deliveries": cancelled})
+
+
+def count_cancelled(ctx: Context, partner_id: str, cancelled: int) -> None:
+    if cancelled:
+        ctx.metrics.deliveries.inc(cancelled, partner=partner_id, outcome="cancelled")
 
 
 async def send_test_event(request: Request) -> JSONResponse:
@@ -355,8 +445,8 @@ async def send_test_event(request: Request) -> JSONResponse:
 
 
 async def recover_failed(request: Request) -> JSONResponse:
-    """``POST /partners/{id}/recover?since=``: every ``failed`` delivery created since then gets a
-    fresh round of attempts (Svix's recover). Answers how many were re-queued."""
+    """``POST /partners/{id}/recover?since=``: every ``failed`` or ``expired`` delivery created since
+    then gets a fresh round of attempts (Svix's recover). Answers how many were re-queued."""
     partner_id = owned_partner_id(request)
     ctx = context(request)
     since_text = request.query_params.get("since", "")
@@ -364,7 +454,8 @@ async def recover_failed(request: Request) -> JSONResponse:
         raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
     refuse_if_held(request, await owned_partner(request))  # an unknown partner: 404, after the 422 for 'since'
     count = await db(ctx.store.recover_failed, partner_id, since=int(since_text),
-                     extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock())
+                     extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock(),
+                     audit=audit_entry(request, "partner.recovered", partner_id, {"since": int(since_text)}))
     await probe_everywhere(ctx, partner_id)
     logger.info("partner %s: re-queued %d failed deliveries since %s", partner_id, count, since_text)
     return JSONResponse({"requeued": count})
@@ -514,6 +605,9 @@ async def get_event(request: Request) -> JSONResponse:
 # =====================================================================================
 
 
+DELIVERY_STATES = ("pending", "delivered", "failed", "expired", "cancelled")
+
+
 async def list_deliveries(request: Request) -> JSONResponse:
     """``GET /deliveries``: newest first. A partner sees only its own, whatever it asks for."""
     caller = caller_of(request)
@@ -525,8 +619,8 @@ async def list_deliveries(request: Request) -> JSONResponse:
             raise partner_not_found(partner_id)
         partner_id = caller.partner_id
     state = q.get("state") or q.get("status")
-    if state is not None and state not in ("pending", "delivered", "failed"):
-        raise invalid("state", "must be one of pending, delivered, failed.")
+    if state is not None and state not in DELIVERY_STATES:
+        raise invalid("state", f"must be one of {', '.join(DELIVERY_STATES)}.")
     page = await db(context(request).store.list_deliveries, limit=limit, cursor=cursor, partner_id=partner_id,
                     state=state, event=q.get("event"), event_id=q.get("event_id"))
     return JSONResponse(page_json(page, delivery_json))
@@ -547,13 +641,21 @@ async def get_delivery(request: Request) -> JSONResponse:
 
 
 async def retry_delivery(request: Request) -> JSONResponse:
-    """``POST /deliveries/{id}/retry``: one more attempt of a ``failed`` delivery (409 otherwise)."""
+    """``POST /deliveries/{id}/retry``: one more attempt of a ``failed`` or ``expired`` delivery
+    (409 otherwise)."""
     ctx = context(request)
     found = await _owned_delivery(request)
-    refuse_if_held(request, ctx.store.get_partner(found.partner_id))
-    queued = await db(ctx.store.retry_delivery, found.id, ctx.clock())
+    partner = await known_partner(ctx.store, found.partner_id)
+    if partner is None:
+        raise ApiError(409, "partner_deleted", f"Delivery {found.id} was for partner {found.partner_id}, which "
+                                               "was deleted: there is nobody to send it to.")
+    refuse_if_held(request, partner)
+    queued = await db(ctx.store.retry_delivery, found.id, ctx.clock(),
+                      audit=audit_entry(request, "delivery.retried", found.partner_id,
+                                        {"state": {"from": found.state, "to": "pending"}}, target=found.id))
     if queued is None:
-        raise ApiError(409, "not_failed", f"Delivery {found.id} is {found.state}; only a failed delivery can be retried.")
+        raise ApiError(409, "not_failed", f"Delivery {found.id} is {found.state}; only a failed or expired "
+                                          "delivery can be retried.")
     await probe_everywhere(ctx, found.partner_id)
     return JSONResponse(delivery_json(queued), status_code=202)  # as queued: it may be sent by now
 
@@ -572,6 +674,16 @@ def refuse_if_held(request: Request, partner: Partner | None) -> None:
            "suspended": f"the admin suspended it ({partner.suspended_reason})"}.get(partner.status, partner.status)
     raise ApiError(409, "partner_held", f"Nothing is sent to partner {partner.id} now: {why}. Make it active "
                                         "first, or add ?queue=true to queue this anyway (it goes out once active).")
+
+
+async def list_audit(request: Request) -> JSONResponse:
+    """``GET /audit`` (admin): every write an admin or a partner made, newest first, with who, when,
+    from where and what changed (never a secret); ``?partner_id=`` and ``?action=`` narrow it."""
+    limit, cursor = page_params(request)
+    q = request.query_params
+    page = await db(context(request).store.list_audit, limit=limit, cursor=cursor, partner_id=q.get("partner_id"),
+                    action=q.get("action"))
+    return JSONResponse(page_json(page, audit_json))
 
 
 async def probe_everywhere(ctx: Context, partner_id: str) -> None:
@@ -678,6 +790,8 @@ ROUTES = [
     route("PATCH", "/partners/{partner_id}", update_partner, CALLER),
     route("POST", "/partners/{partner_id}/rotate-secret", rotate_secret, CALLER),
     route("POST", "/partners/{partner_id}/api-key", reissue_api_key, CALLER),
+    route("DELETE", "/partners/{partner_id}", delete_partner, CALLER),
+    route("POST", "/partners/{partner_id}/cancel-pending", cancel_pending, ADMIN),
     route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
     route("POST", "/events", publish_event, ADMIN),
@@ -691,6 +805,7 @@ ROUTES = [
     route("POST", "/realtime/tokens", mint_realtime_token, ADMIN),
     route("GET", "/metrics", prometheus_metrics, METRICS),
     route("GET", "/stats", stats, ADMIN),
+    route("GET", "/audit", list_audit, ADMIN),
     route("GET", "/dashboard", dashboard, PUBLIC),
     route("GET", "/openapi.json", openapi_document, PUBLIC),
     WebSocketRoute("/ws", live_notifications),
@@ -710,6 +825,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     async def lifespan(app: Starlette):
         ctx = app.state.ctx = build_context(config, clock, rng)
         await ctx.loop.start()
+        log_stale_subscriptions(ctx.store, config.events)
         stop_listening = _listen_to_other_processes(ctx)
         logger.info("webhookd %s ready; database %s", __version__, ctx.store.engine.describe())
         try:

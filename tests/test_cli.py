@@ -178,7 +178,7 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     wait_for(lambda: failed[0]["delivery_id"] in _ok(_run(serve, "deliveries", "--status", "delivered")))
     assert _column(_ok(_run(serve, "partners", "list")), pid, "CIRCUIT") == "closed"  # the probe closed it
     again = _run(serve, "retry", failed[0]["delivery_id"])
-    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "only a failed delivery" in again.stderr
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "only a failed or expired delivery" in again.stderr
 
     assert json.loads(_ok(_run(serve, "recover", pid, "--since", "0", "--json"))) == {"requeued": 0}
     assert json.loads(_ok(_run(serve, "partners", "pause", pid, "--json")))["status"] == "paused"
