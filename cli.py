@@ -181,7 +181,7 @@ def _cell(column: str, value: Any) -> str:
     """One value as a person reads it: times as dates, lists joined, nothing as '-'."""
     if column == "circuit" and isinstance(value, dict):  # closed | open | half_open
         return str(value.get("state"))
-    if (column.endswith("_at") or column.endswith("_since")) and isinstance(value, (int, float)):
+    if (column == "at" or column.endswith(("_at", "_since"))) and isinstance(value, (int, float)):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
     if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
         return ",".join(map(str, value))

@@ -283,7 +283,8 @@ def receiver_factory():
 def make_config(tmp_path: Path, **overrides: Any):
     """A config for tests: tmp database, fixed admin token, local receivers allowed, fast retries.
 
-    ``overrides`` are ``section__key=value``, e.g. ``delivery__max_attempts=2``.
+    ``overrides`` are ``section__key=value``, e.g. ``delivery__max_attempts=2``; ``events=`` replaces
+    the event catalog.
     """
     import dataclasses
 
@@ -295,12 +296,16 @@ def make_config(tmp_path: Path, **overrides: Any):
                     partner_writes_per_min=10_000.0)
     deliveryc = dict(timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.2, breaker_cooldown_s=0.2,
                      breaker_cooldown_max_s=0.5)
-    storage = dict(path=str(tmp_path / "webhookd.db"))
+    storage: dict[str, Any] = dict(path=str(tmp_path / "webhookd.db"))
+    retention: dict[str, Any] = {}
+    catalog = overrides.pop("events", cfg.events)
     for key, value in overrides.items():
         section, name = key.split("__")
-        {"security": security, "delivery": deliveryc, "storage": storage}[section][name] = value
+        {"security": security, "delivery": deliveryc, "storage": storage, "retention": retention}[section][name] = value
     return dataclasses.replace(
         cfg,
+        events=catalog,
+        retention=dataclasses.replace(cfg.retention, **retention),
         storage=config.StorageConfig(**storage),
         security=dataclasses.replace(cfg.security, **security),
         delivery=dataclasses.replace(cfg.delivery, **deliveryc),

@@ -197,6 +197,24 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     revoked = json.loads(_ok(_run(serve, "partners", "rotate", pid, "--revoke-old", "--json")))
     assert revoked["previous_secret_expires_at"] is None
 
+    assert json.loads(_ok(_run(serve, "partners", "pause", pid, "--json")))["status"] == "paused"
+    _ok(_run(serve, "publish", "payment.success", "--data", json.dumps(
+        {k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"})))
+    assert json.loads(_ok(_run(serve, "partners", "cancel-pending", pid, "--json")))["cancelled_deliveries"] == 1
+    assert "cancelled" in _ok(_run(serve, "deliveries", "--status", "cancelled", "--partner", pid))
+    unsure = _run(serve, "partners", "delete", pid)
+    assert unsure.returncode == 1 and "--yes" in unsure.stderr
+    assert json.loads(_ok(_run(serve, "partners", "delete", pid, "--yes", "--json")))["deleted"] is True
+    assert "404" in _run(serve, "partners", "show", pid).stderr
+    trail = _ok(_run(serve, "audit", "--partner", pid))
+    assert trail.splitlines()[0].split() == ["AT", "ACTOR", "ACTION", "PARTNER_ID", "TARGET", "CHANGES"]
+    for action in ("partner.registered", "delivery.retried", "partner.suspended", "partner.secret_rotated",
+                   "partner.pending_cancelled", "partner.deleted"):
+        assert action in trail
+    assert _column(trail, "partner.deleted", "ACTION") == "partner.deleted"
+    assert trail.splitlines()[1] == next(line for line in trail.splitlines() if "partner.deleted" in line)  # newest first
+    assert added["shared_secret"] not in trail and rotated["shared_secret"] not in trail
+
 
 def test_commands_fail_with_one_clear_line(serve_factory, tmp_path):
     serve = serve_factory()
