@@ -1031,7 +1031,7 @@ class Store:
         with self._transaction(durable=False) as db:
             return db.execute(
                 """DELETE FROM audit_log WHERE id IN
-                   (SELECT id FROM audit_log WHERE at < :before ORDER BY at LIMIT :batch)""",
+                   (SELECT id FROM audit_log WHERE at < :before ORDER BY id LIMIT :batch)""",
                 {"before": before, "batch": batch}).rowcount
 
     # --- The audit trail ---------------------------------------------------------------
@@ -1117,12 +1117,14 @@ class Store:
 
     def expire_pending(self, *, queued_before: float, now: float) -> dict[str, int]:
         """End ``expired`` every pending delivery queued before ``queued_before`` that is not in
-        flight (``delivery.max_pending_age_s``): a long pause must not flood a partner with a
-        week of stale events when it resumes. Returns how many per partner."""
+        flight (a lease that ran out, its holder dead, is not in flight) — ``delivery.max_pending_age_s``:
+        a long pause must not flood a partner with a week of stale events when it resumes.
+        Returns how many per partner."""
         with self._transaction(durable=False) as db:
             rows = db.execute(
-                """UPDATE deliveries SET state = 'expired', updated_at = :now
-                   WHERE state = 'pending' AND leased_until IS NULL AND COALESCE(queued_at, created_at) < :before
+                """UPDATE deliveries SET state = 'expired', leased_until = NULL, updated_at = :now
+                   WHERE state = 'pending' AND (leased_until IS NULL OR leased_until <= :now)
+                     AND COALESCE(queued_at, created_at) < :before
                    RETURNING partner_id""", {"before": queued_before, "now": now}).fetchall()
         expired: dict[str, int] = {}
         for row in rows:

@@ -482,3 +482,58 @@ def test_one_process_at_a_time_holds_a_role_until_it_stops_renewing(store):
     assert not store.hold_role("sweeper", "proc_b", ttl_s=30, now=1049.0)
     assert store.hold_role("sweeper", "proc_b", ttl_s=30, now=1051.0)       # proc_a stopped renewing
     assert not store.hold_role("sweeper", "proc_a", ttl_s=30, now=1052.0)
+
+
+def test_a_deleted_partners_history_goes_with_retention_and_then_its_tombstone(store):
+    """Deleting cancels what waited; retention then purges the partner's deliveries whatever their
+    state (a failed one included: nobody can retry it), and once none is left, the tombstone."""
+    gone, kept = _partner(store), _partner(store)
+    first, second = (_publish(store, now=100.0)[0] for _ in range(2))   # each to both partners
+    ok = Attempt(attempt=1, started_at=100.0, duration_ms=1, status_code=200, error=None, response_snippet="")
+    bad = Attempt(attempt=1, started_at=100.0, duration_ms=1, status_code=500, error="http_error", response_snippet="")
+    for job in store.claim_due(now=200.0, lease_s=30, limit=10, per_partner=10):
+        if job.event_id == first.id:    # failed for gone, delivered to kept; the second waits
+            assert _finish(store, job.delivery_id, bad if job.partner_id == gone.id else ok,
+                           "failed" if job.partner_id == gone.id else "delivered", now=200.0)
+        else:
+            store.release_claims([job.delivery_id], now=200.0)
+    assert store.delete_partner(gone.id, now=300.0) == 1          # its pending one; its failed one stays failed
+    assert store.delete_partner(gone.id, now=300.0) is None       # once
+    assert store.get_partner(gone.id) is None and store.purge_deleted_partners(before=10_000.0) == 0
+    assert store.cancel_pending(kept.id, now=300.0) == 1
+    assert store.purge_delivered(before=150.0, batch=10) == (0, None)   # every delivery ended after 150
+    assert store.purge_delivered(before=1000.0, batch=10) == (2, None)
+    assert store.get_event(first.id) is None and store.get_event(second.id) is None
+    assert store.purge_deleted_partners(before=200.0) == 0              # deleted at 300
+    assert store.purge_deleted_partners(before=1000.0) == 1
+    with store._reader() as db:
+        assert [r["id"] for r in db.execute("SELECT id FROM partners")] == [kept.id]
+
+
+def test_expiry_ends_old_pending_deliveries_and_a_retry_by_hand_starts_their_age_again(store):
+    partner = _partner(store)
+    first = _publish(store, now=100.0)[0]
+    _publish(store, now=900.0)
+    assert store.expire_pending(queued_before=500.0, now=1000.0) == {partner.id: 1}
+    (expired,) = store.list_deliveries(limit=10, state="expired").items
+    assert expired.event_id == first.id
+    assert store.retry_delivery(expired.id, now=2000.0).state == "pending"
+    assert store.expire_pending(queued_before=1500.0, now=2100.0) == {partner.id: 1}   # the second, not the retried
+    assert store.expire_pending(queued_before=2500.0, now=3000.0) == {partner.id: 1}   # queued again at 2000
+
+
+def test_audit_entries_page_newest_first_and_age_out(store):
+    from models import AuditEntry
+
+    partner = _partner(store)
+    for n, at in enumerate((100.0, 200.0, 300.0)):
+        entry = AuditEntry(id=f"aud_{n:03d}", at=at, actor="admin", action="partner.updated", partner_id=partner.id,
+                           changes={"status": {"from": "active", "to": "paused"}})
+        store.update_partner(partner.id, now=at, status="paused", audit=entry)
+    page = store.list_audit(limit=2)
+    assert [e.id for e in page.items] == ["aud_002", "aud_001"] and page.next_cursor == "aud_001"
+    assert [e.id for e in store.list_audit(limit=2, cursor=page.next_cursor).items] == ["aud_000"]
+    assert store.list_audit(limit=5, action="partner.deleted").items == []
+    assert store.purge_audit(before=250.0, batch=1) == 1 and store.purge_audit(before=250.0, batch=5) == 1
+    assert [e.id for e in store.list_audit(limit=5).items] == ["aud_002"]
+    assert store.list_audit(limit=5).items[0].changes == {"status": {"from": "active", "to": "paused"}}
