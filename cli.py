@@ -230,7 +230,7 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         events = [e.strip() for e in args.events.split(",") if e.strip()]
         answer = _api(config, "POST", "/partners/register",
                       {"partner_name": args.name, "webhook_url": args.url, "events": events,
-                       "max_rate_per_s": args.max_rate})
+                       "max_rate_per_s": args.max_rate, "contact_email": args.email})
         if not args.json:
             print("Save shared_secret and api_key now: they are not shown again.", file=sys.stderr)
         return _show(args, answer)
@@ -249,6 +249,8 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
             raise CliError(f"'partners delete' erases {args.partner_id}'s secrets and API key and cancels its "
                            "pending deliveries, at once and for good: add --yes to do it")
         return _show(args, _api(config, "DELETE", path))
+    if action == "contact":
+        return _show(args, _api(config, "PATCH", path, {"contact_email": args.email or None}))
     if action == "cancel-pending":
         return _show(args, _api(config, "POST", path + "/cancel-pending"))
     if action == "suspend":
@@ -350,9 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     partners = commands.add_parser("partners", parents=[with_config, as_json],
                                    help="list, show, add, pause, resume, suspend, rotate, api-key, pace, "
-                                        "cancel-pending, delete")
+                                        "contact, cancel-pending, delete")
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
-                                             "api-key", "pace", "cancel-pending", "delete"])
+                                             "api-key", "pace", "contact", "cancel-pending", "delete"])
+    partners.add_argument("--email", help="contact email (add, contact; contact without it removes it)")
     partners.add_argument("partner_id", nargs="?", help="the partner (every action but list and add)")
     partners.add_argument("--yes", action="store_true", help="delete: yes, delete it (it cannot be undone)")
     partners.add_argument("--reason", help="suspend: why (shown to the partner; only the admin can lift it)")

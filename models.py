@@ -34,6 +34,7 @@ class Partner:
     max_rate_per_s: float | None = None   # at most this many attempts started per second; None: no pace
     paused_until: float | None = None     # a circuit or Retry-After pause, shared by every process (PostgreSQL)
     suspended_reason: str | None = None   # why the admin suspended it (status "suspended")
+    contact_email: str | None = None      # whom the operator writes to (the guide's registration asks for it)
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)

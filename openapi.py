@@ -14,6 +14,8 @@ from typing import Any
 TIME = {"type": "integer", "description": "unix seconds"}
 MAYBE_TIME = {"type": ["integer", "null"], "description": "unix seconds"}
 STRING = {"type": "string"}
+EMAIL = {"type": ["string", "null"], "maxLength": 254, "pattern": "^[^@\\s]+@[^@\\s.]+(\\.[^@\\s.]+)+$",
+         "description": "whom the operator writes to, e.g. ops@example.com; null: none"}
 STATES = ["pending", "delivered", "failed", "expired", "cancelled"]
 RATE = {"type": ["number", "null"], "minimum": 0.01, "maximum": 10000,
         "description": "at most this many attempts started per second; null: no pace"}
@@ -44,6 +46,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "disabled_reason": {"type": ["string", "null"]}, "failing_since": MAYBE_TIME,
         "suspended_reason": {"type": ["string", "null"], "description": "why the admin suspended it"},
         "max_rate_per_s": {"type": ["number", "null"], "description": "attempts started per second, at most"},
+        "contact_email": {"type": ["string", "null"], "description": "whom the operator writes to"},
         "circuit": _obj({
             "state": {"enum": ["closed", "open", "half_open"],
                       "description": "open: nothing is sent until next_probe_at; half_open: one probe at a time"},
@@ -72,7 +75,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "partner_name": {"type": "string", "minLength": 1, "maxLength": 200},
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
-            "max_rate_per_s": RATE,
+            "max_rate_per_s": RATE, "contact_email": EMAIL,
         }, required=["partner_name", "webhook_url", "events"]),
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
@@ -87,7 +90,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                                             "only the admin lifts it"},
                                   "reason": {"type": "string", "minLength": 1, "maxLength": 500,
                                              "description": "why, with status suspended"},
-                                  "max_rate_per_s": RATE}, required=[]),
+                                  "max_rate_per_s": RATE, "contact_email": EMAIL}, required=[]),
                           "minProperties": 1},
         "PartnerList": _list_of("Partner"),
         "EventPayload": {**_obj({"event": {"enum": events}, "timestamp": {"type": "number"}},

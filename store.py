@@ -172,6 +172,7 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     # When a pending delivery was queued (published, or retried by hand; null: created_at): its age
     # for delivery.max_pending_age_s.
     ("deliveries.queued_at", ["ALTER TABLE deliveries ADD COLUMN queued_at REAL"]),
+    ("partners.contact_email", ["ALTER TABLE partners ADD COLUMN contact_email TEXT"]),
 ]
 
 
@@ -273,6 +274,7 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     ("partners.suspended_reason", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS suspended_reason TEXT"]),
     ("audit_log", [AUDIT_TABLE, AUDIT_INDEX]),
     ("deliveries.queued_at", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS queued_at DOUBLE PRECISION"]),
+    ("partners.contact_email", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS contact_email TEXT"]),
 ]
 
 
@@ -288,7 +290,7 @@ def _partner_from_row(row: Any, events: tuple[str, ...]) -> Partner:
         created_at=row["created_at"], updated_at=row["updated_at"],
         failing_since=row["failing_since"], disabled_reason=row["disabled_reason"],
         max_rate_per_s=row["max_rate_per_s"], paused_until=row["paused_until"],
-        suspended_reason=row["suspended_reason"],
+        suspended_reason=row["suspended_reason"], contact_email=row["contact_email"],
     )
 
 
@@ -585,15 +587,16 @@ class Store:
 
     def add_partner(
         self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
-        api_key_hash: str, now: float, max_rate_per_s: float | None = None, audit: AuditEntry | None = None,
+        api_key_hash: str, now: float, max_rate_per_s: float | None = None, contact_email: str | None = None,
+        audit: AuditEntry | None = None,
     ) -> Partner:
         with self._partner_write(partner_id) as db:
             db.execute(
                 """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
-                                         max_rate_per_s, created_at, updated_at)
-                   VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :rate, :now, :now)""",
+                                         max_rate_per_s, contact_email, created_at, updated_at)
+                   VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :rate, :email, :now, :now)""",
                 {"id": partner_id, "name": name, "url": webhook_url, "secret": secret,
-                 "api_key_hash": api_key_hash, "rate": max_rate_per_s, "now": now},
+                 "api_key_hash": api_key_hash, "rate": max_rate_per_s, "email": contact_email, "now": now},
             )
             _write_subscriptions(db, partner_id, events)
             _write_audit(db, audit)
@@ -602,9 +605,10 @@ class Store:
     def update_partner(self, partner_id: str, *, now: float, webhook_url: str | None = None,
                        events: list[str] | None = None, status: str | None = None,
                        max_rate_per_s: float | None = None, reason: str | None = None,
-                       audit: AuditEntry | None = None) -> Partner | None:
+                       contact_email: str | None = None, audit: AuditEntry | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
-        partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace.
+        partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace, and
+        ``contact_email`` "" the address.
         ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner)."""
         with self._partner_write(partner_id, "reactivated" if status == "active" else "changed") as db:
             if _read_partner(db, partner_id) is None:
@@ -616,6 +620,9 @@ class Store:
                            {"id": partner_id, "rate": max_rate_per_s or None})
             if events is not None:
                 _write_subscriptions(db, partner_id, events)
+            if contact_email is not None:
+                db.execute("UPDATE partners SET contact_email = :email WHERE id = :id",
+                           {"id": partner_id, "email": contact_email or None})
             if status is not None:
                 db.execute(
                     """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL,
@@ -667,7 +674,8 @@ class Store:
             if not db.execute(
                     """UPDATE partners SET status = 'deleted', secret = '', previous_secret = NULL,
                                            previous_secret_until = NULL, api_key_hash = :tombstone,
-                                           webhook_url = '', failing_since = NULL, paused_until = NULL,
+                                           webhook_url = '', contact_email = NULL, failing_since = NULL,
+                                           paused_until = NULL,
                                            updated_at = :now
                        WHERE id = :id AND status <> 'deleted'""",
                     {"id": partner_id, "tombstone": f"deleted:{partner_id}", "now": now}).rowcount:

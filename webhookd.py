@@ -41,6 +41,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -118,7 +119,7 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "stale_subscriptions": stale_subscriptions(partner, ctx.config.events),
             "disabled_reason": partner.disabled_reason, "suspended_reason": partner.suspended_reason,
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
-            "max_rate_per_s": partner.max_rate_per_s,
+            "max_rate_per_s": partner.max_rate_per_s, "contact_email": partner.contact_email,
             "circuit": ctx.loop.circuit(partner, ctx.clock()),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
@@ -214,6 +215,21 @@ def check_max_rate(rate: Any) -> float | None:
     return float(rate)
 
 
+EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
+
+
+def check_contact_email(email: Any) -> str | None:
+    """Whom the operator writes to: an address like name@example.com (at most 254 characters), or
+    null for none. Only its shape is checked; nothing is sent to it."""
+    if email is None:
+        return None
+    if not isinstance(email, str) or len(email) > 254 or not EMAIL.fullmatch(email) \
+            or any(ord(c) < 32 or ord(c) == 127 for c in email):
+        raise invalid("contact_email", "must be an email address like ops@example.com (at most 254 characters), "
+                                       "or null.")
+    return email
+
+
 def check_partner_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise invalid("partner_name", "must be a non-empty string.")
@@ -230,18 +246,21 @@ async def register_partner(request: Request) -> JSONResponse:
     caller = caller_of(request)
     if caller is None or not caller.is_admin:  # open registration: limit each client address
         await ctx.registration_limit.check(client_address(request), "registrations")
-    body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s"})
+    body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s",
+                                                    "contact_email"})
     name = check_partner_name(body.get("partner_name"))
     url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
     events = check_events(body.get("events"), ctx.config.events)
     rate = check_max_rate(body.get("max_rate_per_s"))
+    email = check_contact_email(body.get("contact_email"))
     shared_secret, api_key = new_shared_secret(), new_api_key()
     partner_id = new_id("partner_", unpredictable=True)
     audit = audit_entry(request, "partner.registered", partner_id,
-                        {"partner_name": name, "webhook_url": url, "events": events, "max_rate_per_s": rate})
+                        {"partner_name": name, "webhook_url": url, "events": events, "max_rate_per_s": rate,
+                         "contact_email": email})
     partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
                        secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
-                       max_rate_per_s=rate, audit=audit)
+                       max_rate_per_s=rate, contact_email=email, audit=audit)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
                         status_code=201)
@@ -259,15 +278,15 @@ async def get_partner(request: Request) -> JSONResponse:
 
 
 async def update_partner(request: Request) -> JSONResponse:
-    """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``status`` and ``max_rate_per_s``
-    (``null`` removes the pace).
+    """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``status``, ``max_rate_per_s`` (``null``
+    removes the pace) and ``contact_email`` (``null`` removes it).
 
     Setting ``active`` resumes a paused or disabled partner: its held deliveries go out. Who
     may make which change of ``status`` is ``check_status_change``'s rule.
     """
     partner_id = owned_partner_id(request)
     ctx = context(request)
-    fields = {"webhook_url", "events", "status", "max_rate_per_s", "reason"}
+    fields = {"webhook_url", "events", "status", "max_rate_per_s", "reason", "contact_email"}
     body = await read_json_object(request, allowed=fields)
     if not body.keys() - {"reason"}:
         raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(fields - {'reason'}))}.")
@@ -281,10 +300,14 @@ async def update_partner(request: Request) -> JSONResponse:
     rate = None
     if "max_rate_per_s" in body:
         rate = check_max_rate(body["max_rate_per_s"]) or 0.0  # 0: the store removes the pace
+    email = None
+    if "contact_email" in body:
+        email = check_contact_email(body["contact_email"]) or ""  # "": the store removes the address
     audit = audit_entry(request, STATUS_ACTIONS.get(status, "partner.updated") if status != before.status
-                        else "partner.updated", partner_id, changed_fields(before, body, url, events, rate, reason))
+                        else "partner.updated", partner_id,
+                        changed_fields(before, body, url, events, rate, reason, email))
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
-                       status=status, max_rate_per_s=rate, reason=reason, audit=audit)
+                       status=status, max_rate_per_s=rate, reason=reason, contact_email=email, audit=audit)
     if partner is None:
         raise partner_not_found(partner_id)
     if status == "active":
@@ -297,11 +320,12 @@ STATUS_ACTIONS = {"active": "partner.activated", "paused": "partner.paused", "su
 
 
 def changed_fields(before: Partner, body: dict[str, Any], url: str | None, events: list[str] | None,
-                   rate: float | None, reason: str | None) -> dict[str, dict[str, Any]]:
+                   rate: float | None, reason: str | None, email: str | None) -> dict[str, dict[str, Any]]:
     """What a PATCH changes, ``{field: {"from": old, "to": new}}``, for the audit trail."""
     now = {"webhook_url": (before.webhook_url, url), "events": (list(before.events), events),
            "status": (before.status, body.get("status")), "reason": (before.suspended_reason, reason),
-           "max_rate_per_s": (before.max_rate_per_s, rate or None)}
+           "max_rate_per_s": (before.max_rate_per_s, rate or None),
+           "contact_email": (before.contact_email, email or None)}
     return {name: {"from": old, "to": new} for name, (old, new) in now.items()
             if (name in body or name == "reason" and "status" in body) and old != new}
 

@@ -151,8 +151,10 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
                           WEBHOOKD_DELIVERY_BREAKER_SPAN_S="0.01", WEBHOOKD_DELIVERY_BREAKER_COOLDOWN_S="60",
                           WEBHOOKD_DELIVERY_BREAKER_COOLDOWN_MAX_S="60")
     added = json.loads(_ok(_run(serve, "partners", "add", "--name", "CLI Tours", "--url", receiver.url,
-                                "--events", "payment.success,booking.confirmed", "--json")))
+                                "--events", "payment.success,booking.confirmed", "--email", "ops@cli.example.com",
+                                "--json")))
     pid = added["partner_id"]
+    assert added["contact_email"] == "ops@cli.example.com"
     assert added["shared_secret"].startswith("sk_live_") and added["events_subscribed"] == [
         "booking.confirmed", "payment.success"]
 
@@ -197,6 +199,9 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     revoked = json.loads(_ok(_run(serve, "partners", "rotate", pid, "--revoke-old", "--json")))
     assert revoked["previous_secret_expires_at"] is None
 
+    assert json.loads(_ok(_run(serve, "partners", "contact", pid, "--email", "new@cli.example.com", "--json")))[
+        "contact_email"] == "new@cli.example.com"
+    assert json.loads(_ok(_run(serve, "partners", "contact", pid, "--json")))["contact_email"] is None
     assert json.loads(_ok(_run(serve, "partners", "pause", pid, "--json")))["status"] == "paused"
     _ok(_run(serve, "publish", "payment.success", "--data", json.dumps(
         {k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"})))

@@ -190,3 +190,30 @@ def test_a_reissued_api_key_replaces_the_old_one_at_once(hub):
     other = hub.register("http://127.0.0.1:9/y", ["payment.success"], name="Other")
     mine = {"Authorization": f"Bearer {other['api_key']}"}
     assert hub.http.post(f"/partners/{pid}/api-key", headers=mine).status_code == 404   # not another's key
+
+
+def test_a_contact_email_is_kept_shown_to_both_sides_and_changed_with_patch(hub):
+    """The guide's registration asks for a contact email: optional, checked for its shape, shown to
+    the admin and the partner, changed or removed with PATCH."""
+    def register(email):
+        return hub.http.post("/partners/register", headers=hub.admin, json={
+            "partner_name": "Mail Tours", "webhook_url": "http://127.0.0.1:9/x", "events": ["payment.success"],
+            "contact_email": email})
+
+    for bad in ("not-an-email", "a@b", "two@@example.com", "ops@example.com\n", 42, "x" * 250 + "@example.com"):
+        r = register(bad)
+        assert r.status_code == 422 and "'contact_email'" in r.json()["error"]["message"], (bad, r.text)
+    created = register("ops@tours.example.com")
+    assert created.status_code == 201 and created.json()["contact_email"] == "ops@tours.example.com"
+    pid, own = created.json()["partner_id"], {"Authorization": f"Bearer {created.json()['api_key']}"}
+    assert hub.http.get(f"/partners/{pid}", headers=own).json()["contact_email"] == "ops@tours.example.com"
+    r = hub.http.patch(f"/partners/{pid}", headers=own, json={"contact_email": "soporte@tours.example.com"})
+    assert r.status_code == 200 and r.json()["contact_email"] == "soporte@tours.example.com"
+    assert hub.http.patch(f"/partners/{pid}", headers=own, json={"contact_email": "nope"}).status_code == 422
+    r = hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"contact_email": None})
+    assert r.status_code == 200 and r.json()["contact_email"] is None
+    assert hub.http.get(f"/partners/{pid}", headers=hub.admin).json()["contact_email"] is None
+    trail = hub.http.get("/audit", headers=hub.admin, params={"partner_id": pid}).json()["items"]
+    assert [e["changes"].get("contact_email") for e in trail] == [
+        {"from": "soporte@tours.example.com", "to": None},
+        {"from": "ops@tours.example.com", "to": "soporte@tours.example.com"}, "ops@tours.example.com"]
