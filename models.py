@@ -35,9 +35,22 @@ class Partner:
     paused_until: float | None = None     # a circuit or Retry-After pause, shared by every process (PostgreSQL)
     suspended_reason: str | None = None   # why the admin suspended it (status "suspended")
     contact_email: str | None = None      # whom the operator writes to (the guide's registration asks for it)
+    channels: tuple[str, ...] = ()        # events published to channels reach it only through one of these
+    payload_filter: dict[str, list[Any]] | None = None  # {field: [values]}: only events whose field is one of them
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
+
+    def accepts(self, payload: dict[str, Any]) -> bool:
+        """Whether an event with this payload passes the partner's filter: every field it names is
+        in the payload, equal to one of its values (``true`` is not ``1``; ``1`` is ``1.0``). A field
+        the payload lacks rules the event out: a filter only ever narrows what a partner gets."""
+        return all(field in payload and any(_same(payload[field], v) for v in values)
+                   for field, values in (self.payload_filter or {}).items())
+
+
+def _same(a: Any, b: Any) -> bool:
+    return isinstance(a, bool) == isinstance(b, bool) and type(a) in (str, int, float, bool) and a == b
 
 
 def valid_secrets(secret: str, previous: str | None, previous_until: float | None, now: float) -> list[str]:
@@ -56,6 +69,7 @@ class Event:
     created_at: float
     idempotency_key: str | None = None
     request_hash: str | None = None
+    audience: dict[str, list[str]] | None = None  # {"partners": [...], "channels": [...]} when targeted
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class NewEvent:
     idempotency_key: str | None = None
     request_hash: str | None = None     # sha256 of the request, to spot a reused key
     only_partner: str | None = None     # one partner whatever its subscriptions (webhook.test)
+    audience: dict[str, list[str]] | None = None  # "partners" and/or "channels": only subscribers among them
 
 
 @dataclass(frozen=True)

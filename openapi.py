@@ -16,6 +16,13 @@ MAYBE_TIME = {"type": ["integer", "null"], "description": "unix seconds"}
 STRING = {"type": "string"}
 EMAIL = {"type": ["string", "null"], "maxLength": 254, "pattern": "^[^@\\s]+@[^@\\s.]+(\\.[^@\\s.]+)+$",
          "description": "whom the operator writes to, e.g. ops@example.com; null: none"}
+SCALAR = {"type": ["string", "number", "boolean"]}
+FILTER = {"type": ["object", "null"], "maxProperties": 20,
+          "additionalProperties": {"oneOf": [SCALAR, {"type": "array", "minItems": 1, "maxItems": 100, "items": SCALAR}]},
+          "description": "only events whose top-level field is one of these values, e.g. {\"currency\": [\"EUR\"]}; "
+                         "a field the event lacks rules it out; null: no filter"}
+CHANNEL_LIST = {"type": "array", "maxItems": 50, "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,100}$"},
+                "description": "an event published to channels reaches the partner only through one of these"}
 STATES = ["pending", "delivered", "failed", "expired", "cancelled"]
 RATE = {"type": ["number", "null"], "minimum": 0.01, "maximum": 10000,
         "description": "at most this many attempts started per second; null: no pace"}
@@ -47,6 +54,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "suspended_reason": {"type": ["string", "null"], "description": "why the admin suspended it"},
         "max_rate_per_s": {"type": ["number", "null"], "description": "attempts started per second, at most"},
         "contact_email": {"type": ["string", "null"], "description": "whom the operator writes to"},
+        "channels": {"type": "array", "items": STRING}, "filter": {**FILTER, "additionalProperties": {
+            "type": "array", "items": SCALAR}, "description": "as sent, each value as a list"},
         "circuit": _obj({
             "state": {"enum": ["closed", "open", "half_open"],
                       "description": "open: nothing is sent until next_probe_at; half_open: one probe at a time"},
@@ -75,7 +84,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "partner_name": {"type": "string", "minLength": 1, "maxLength": 200},
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
-            "max_rate_per_s": RATE, "contact_email": EMAIL,
+            "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": CHANNEL_LIST, "filter": FILTER,
         }, required=["partner_name", "webhook_url", "events"]),
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
@@ -90,11 +99,17 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                                             "only the admin lifts it"},
                                   "reason": {"type": "string", "minLength": 1, "maxLength": 500,
                                              "description": "why, with status suspended"},
-                                  "max_rate_per_s": RATE, "contact_email": EMAIL}, required=[]),
+                                  "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": CHANNEL_LIST,
+                                  "filter": FILTER}, required=[]),
                           "minProperties": 1},
         "PartnerList": _list_of("Partner"),
-        "EventPayload": {**_obj({"event": {"enum": events}, "timestamp": {"type": "number"}},
-                                required=["event"], extra=True),
+        "EventPayload": {**_obj({
+            "event": {"enum": events}, "timestamp": {"type": "number"},
+            "partners": {"type": "array", "minItems": 1, "maxItems": 100, "items": STRING,
+                         "description": "only these partners (among the type's subscribers); not sent"},
+            "channels": {**CHANNEL_LIST, "minItems": 1, "maxItems": 10,
+                         "description": "only partners listening on one of these (among the type's subscribers); "
+                                        "not sent"}}, required=["event"], extra=True),
                          "description": "The event's fields; the catalog in webhookd.toml says which are required."},
         "EventAccepted": _obj({"event_id": STRING, "deliveries": {"type": "integer"}}),
         "EventBatch": _obj({"events": {"type": "array", "minItems": 1, "items": _ref("EventPayload")}}),
@@ -105,6 +120,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                 _obj({"error": _obj({"code": STRING, "message": STRING}), "status": {"type": "integer"}}),
             ]}}}),
         "Event": _obj({"event_id": STRING, "event": STRING, "payload": {"type": "object"}, "created_at": TIME,
+                       "partners": {"type": ["array", "null"], "items": STRING, "description": "whom it was for"},
+                       "channels": {"type": ["array", "null"], "items": STRING},
                        "fanout": {"type": "integer", "description": "deliveries made at publish time"},
                        "deliveries": {"type": "array", "items": _ref("Delivery"),
                                       "description": "the first 200; page with GET /deliveries?event_id="},

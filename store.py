@@ -144,6 +144,13 @@ RATE_BUCKETS_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS rate_buckets (
     at     DOUBLE PRECISION NOT NULL
 )"""
 
+# The channels a partner listens on: an event published to channels reaches only subscribers of one.
+CHANNELS_TABLE = """CREATE TABLE IF NOT EXISTS partner_channels (
+    partner_id TEXT NOT NULL REFERENCES partners(id),
+    channel    TEXT NOT NULL,
+    PRIMARY KEY (channel, partner_id)
+)"""
+
 # Every write an admin or a partner makes (GET /audit): who, when, what changed — never a secret.
 AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS audit_log (
     id         TEXT PRIMARY KEY,           -- aud_ + time-sorted, like every id
@@ -173,6 +180,9 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     # for delivery.max_pending_age_s.
     ("deliveries.queued_at", ["ALTER TABLE deliveries ADD COLUMN queued_at REAL"]),
     ("partners.contact_email", ["ALTER TABLE partners ADD COLUMN contact_email TEXT"]),
+    ("partner_channels", [CHANNELS_TABLE]),
+    ("partners.payload_filter", ["ALTER TABLE partners ADD COLUMN payload_filter TEXT"]),  # JSON {field: [values]}
+    ("events.audience", ["ALTER TABLE events ADD COLUMN audience TEXT"]),  # JSON {"partners", "channels"}
 ]
 
 
@@ -275,6 +285,9 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     ("audit_log", [AUDIT_TABLE, AUDIT_INDEX]),
     ("deliveries.queued_at", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS queued_at DOUBLE PRECISION"]),
     ("partners.contact_email", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS contact_email TEXT"]),
+    ("partner_channels", [CHANNELS_TABLE]),
+    ("partners.payload_filter", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS payload_filter TEXT"]),
+    ("events.audience", ["ALTER TABLE events ADD COLUMN IF NOT EXISTS audience TEXT"]),
 ]
 
 
@@ -282,7 +295,7 @@ class SchemaTooNew(RuntimeError):
     """The database holds migrations this code does not know: a newer webhookd wrote it."""
 
 
-def _partner_from_row(row: Any, events: tuple[str, ...]) -> Partner:
+def _partner_from_row(row: Any, events: tuple[str, ...], channels: tuple[str, ...] = ()) -> Partner:
     return Partner(
         id=row["id"], name=row["name"], webhook_url=row["webhook_url"], status=row["status"],
         events=events, secret=row["secret"], previous_secret=row["previous_secret"],
@@ -290,7 +303,8 @@ def _partner_from_row(row: Any, events: tuple[str, ...]) -> Partner:
         created_at=row["created_at"], updated_at=row["updated_at"],
         failing_since=row["failing_since"], disabled_reason=row["disabled_reason"],
         max_rate_per_s=row["max_rate_per_s"], paused_until=row["paused_until"],
-        suspended_reason=row["suspended_reason"], contact_email=row["contact_email"],
+        suspended_reason=row["suspended_reason"], contact_email=row["contact_email"], channels=channels,
+        payload_filter=json.loads(row["payload_filter"]) if row["payload_filter"] else None,
     )
 
 
@@ -298,7 +312,7 @@ def _event_from_row(row: Any) -> Event:
     return Event(
         id=row["id"], type=row["type"], body=bytes(row["body"]), fanout=row["fanout"],
         created_at=row["created_at"], idempotency_key=row["idempotency_key"],
-        request_hash=row["request_hash"],
+        request_hash=row["request_hash"], audience=json.loads(row["audience"]) if row["audience"] else None,
     )
 
 
@@ -380,6 +394,7 @@ class Store:
         self._claim_round = 0  # which partner the next claim starts with
         self._partners: dict[str, Partner] = {}  # see _reload_partners
         self._paces: dict[str, float] = {}       # partner -> max_rate_per_s, for the partners that set one
+        self._filtered: list[Partner] = []       # the partners with a payload filter
         self.partners_stale = False              # a reload after a write failed (see below)
         self._partners_read_at = 0.0             # when the last reload began (time.monotonic)
         self._probed_at = 0.0                    # when storage_writable last wrote its probe
@@ -588,27 +603,32 @@ class Store:
     def add_partner(
         self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
         api_key_hash: str, now: float, max_rate_per_s: float | None = None, contact_email: str | None = None,
+        channels: list[str] | None = None, payload_filter: dict[str, list[Any]] | None = None,
         audit: AuditEntry | None = None,
     ) -> Partner:
         with self._partner_write(partner_id) as db:
             db.execute(
                 """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
-                                         max_rate_per_s, contact_email, created_at, updated_at)
-                   VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :rate, :email, :now, :now)""",
+                                         max_rate_per_s, contact_email, payload_filter, created_at, updated_at)
+                   VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :rate, :email, :filter, :now, :now)""",
                 {"id": partner_id, "name": name, "url": webhook_url, "secret": secret,
-                 "api_key_hash": api_key_hash, "rate": max_rate_per_s, "email": contact_email, "now": now},
+                 "api_key_hash": api_key_hash, "rate": max_rate_per_s, "email": contact_email,
+                 "filter": _filter_json(payload_filter), "now": now},
             )
             _write_subscriptions(db, partner_id, events)
+            _write_channels(db, partner_id, channels or [])
             _write_audit(db, audit)
             return _read_partner(db, partner_id)  # type: ignore[return-value]
 
     def update_partner(self, partner_id: str, *, now: float, webhook_url: str | None = None,
                        events: list[str] | None = None, status: str | None = None,
                        max_rate_per_s: float | None = None, reason: str | None = None,
-                       contact_email: str | None = None, audit: AuditEntry | None = None) -> Partner | None:
+                       contact_email: str | None = None, channels: list[str] | None = None,
+                       payload_filter: dict[str, list[Any]] | None = None,
+                       audit: AuditEntry | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
-        partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace, and
-        ``contact_email`` "" the address.
+        partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace,
+        ``contact_email`` "" the address, and ``payload_filter`` {} the filter.
         ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner)."""
         with self._partner_write(partner_id, "reactivated" if status == "active" else "changed") as db:
             if _read_partner(db, partner_id) is None:
@@ -623,6 +643,11 @@ class Store:
             if contact_email is not None:
                 db.execute("UPDATE partners SET contact_email = :email WHERE id = :id",
                            {"id": partner_id, "email": contact_email or None})
+            if channels is not None:
+                _write_channels(db, partner_id, channels)
+            if payload_filter is not None:
+                db.execute("UPDATE partners SET payload_filter = :filter WHERE id = :id",
+                           {"id": partner_id, "filter": _filter_json(payload_filter)})
             if status is not None:
                 db.execute(
                     """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL,
@@ -674,13 +699,14 @@ class Store:
             if not db.execute(
                     """UPDATE partners SET status = 'deleted', secret = '', previous_secret = NULL,
                                            previous_secret_until = NULL, api_key_hash = :tombstone,
-                                           webhook_url = '', contact_email = NULL, failing_since = NULL,
-                                           paused_until = NULL,
+                                           webhook_url = '', contact_email = NULL, payload_filter = NULL,
+                                           failing_since = NULL, paused_until = NULL,
                                            updated_at = :now
                        WHERE id = :id AND status <> 'deleted'""",
                     {"id": partner_id, "tombstone": f"deleted:{partner_id}", "now": now}).rowcount:
                 return None
             db.execute("DELETE FROM subscriptions WHERE partner_id = :id", {"id": partner_id})
+            db.execute("DELETE FROM partner_channels WHERE partner_id = :id", {"id": partner_id})
             cancelled = _cancel(db, partner_id, ("pending", "expired"), now)
             _write_audit(db, audit, cancelled_deliveries=cancelled)
             return cancelled
@@ -745,7 +771,12 @@ class Store:
                 events: dict[str, list[str]] = {}
                 for sub in db.execute("SELECT partner_id, event_type FROM subscriptions ORDER BY event_type"):
                     events.setdefault(sub["partner_id"], []).append(sub["event_type"])
-            self._partners = {row["id"]: _partner_from_row(row, tuple(events.get(row["id"], ()))) for row in rows}
+                channels: dict[str, list[str]] = {}
+                for c in db.execute("SELECT partner_id, channel FROM partner_channels ORDER BY channel"):
+                    channels.setdefault(c["partner_id"], []).append(c["channel"])
+            self._partners = {row["id"]: _partner_from_row(row, tuple(events.get(row["id"], ())),
+                                                           tuple(channels.get(row["id"], ()))) for row in rows}
+            self._filtered = [p for p in self._partners.values() if p.payload_filter]
             self._paces = {p.id: p.max_rate_per_s for p in self._partners.values() if p.max_rate_per_s}
             self.partners_stale = False
 
@@ -796,22 +827,33 @@ class Store:
         """Store an event and one pending delivery per subscriber, in one transaction.
 
         Returns ``(event, created)``. With an ``idempotency_key`` already used, nothing is
-        written and the first event comes back with ``created`` False. ``only_partner``
-        targets one partner whatever its subscriptions (the ``webhook.test`` ping).
-        Paused and disabled partners get their rows too: they stay ``pending`` until
-        the partner is active again.
+        written and the first event comes back with ``created`` False. Who gets a delivery is
+        ``_SUBSCRIBERS``' rule: the partners subscribed to its type, narrowed by the event's
+        ``audience`` and each partner's payload filter. ``only_partner`` targets one partner
+        whatever its subscriptions (the ``webhook.test`` ping). Paused and disabled partners
+        get their rows too: they stay ``pending`` until the partner is active again.
         """
         insert = _insert_event_postgres if self.postgres else _insert_event
-        return self._in_group_commit(lambda db: insert(db, event, now, max_attempts, new_delivery_id),
+        passed = self._filters_passed(event)
+        return self._in_group_commit(lambda db: insert(db, event, now, max_attempts, new_delivery_id, passed),
                                      announce=WORK_CHANNEL)
 
     def publish_batch(self, events: list[NewEvent], *, now: float, max_attempts: int,
                       new_delivery_id: Callable[[], str]) -> list[tuple[Event, bool]]:
         """``publish`` for many events, in one transaction and one durable commit."""
         insert = _insert_event_postgres if self.postgres else _insert_event
+        passed = [self._filters_passed(event) for event in events]
         return self._in_group_commit(
-            lambda db: [insert(db, event, now, max_attempts, new_delivery_id) for event in events],
+            lambda db: [insert(db, event, now, max_attempts, new_delivery_id, p) for event, p in zip(events, passed)],
             announce=WORK_CHANNEL)
+
+    def _filters_passed(self, event: NewEvent) -> list[str]:
+        """The partners with a payload filter that this event passes (memory only: filters are
+        judged here, in Python, and the statement keeps a filtered partner only if it is named)."""
+        if not self._filtered or event.only_partner is not None:
+            return []
+        payload = json.loads(event.body)
+        return [p.id for p in self._filtered if p.accepts(payload)]
 
     def get_event(self, event_id: str) -> Event | None:
         with self._reader() as db:
@@ -1185,6 +1227,7 @@ class Store:
 _COPY = [
     ("partners", "SELECT * FROM partners"),
     ("subscriptions", "SELECT * FROM subscriptions"),
+    ("partner_channels", "SELECT * FROM partner_channels"),
     ("events", """SELECT * FROM events e WHERE e.created_at >= :since OR EXISTS (
                       SELECT 1 FROM deliveries d WHERE d.event_id = e.id
                       AND (d.state != 'delivered' OR d.updated_at >= :since))"""),
@@ -1324,23 +1367,57 @@ _DELIVERY_SELECT = """
 """
 
 
+# Who gets an event: the partners subscribed to its type; if it names partners, only those; if it
+# has channels, only partners listening on one of them; a partner with a payload filter only if
+# the event passed it (``:passed``, judged in Python by ``Partner.accepts``). Lists are JSON
+# arrays on SQLite and arrays on PostgreSQL, so the text is the same whatever their length.
+_SUBSCRIBERS = """
+    SELECT s.partner_id FROM subscriptions s JOIN partners p ON p.id = s.partner_id
+    WHERE s.event_type = :type
+      AND (CAST(:recipients AS TEXT) IS NULL OR s.partner_id IN (SELECT value FROM json_each(:recipients)))
+      AND (CAST(:channels AS TEXT) IS NULL OR EXISTS (
+           SELECT 1 FROM partner_channels c
+           WHERE c.partner_id = s.partner_id AND c.channel IN (SELECT value FROM json_each(:channels))))
+      AND (p.payload_filter IS NULL OR s.partner_id IN (SELECT value FROM json_each(:passed)))
+    ORDER BY s.partner_id
+"""
+_SUBSCRIBERS_POSTGRES = """
+    SELECT s.partner_id FROM subscriptions s JOIN partners p ON p.id = s.partner_id
+    WHERE s.event_type = :type
+      AND (CAST(:recipients AS TEXT[]) IS NULL OR s.partner_id = ANY(CAST(:recipients AS TEXT[])))
+      AND (CAST(:channels AS TEXT[]) IS NULL OR EXISTS (
+           SELECT 1 FROM partner_channels c
+           WHERE c.partner_id = s.partner_id AND c.channel = ANY(CAST(:channels AS TEXT[]))))
+      AND (p.payload_filter IS NULL OR s.partner_id = ANY(CAST(:passed AS TEXT[])))
+"""
+
+
+def _audience(event: NewEvent, passed: list[str], as_json: bool) -> dict[str, Any]:
+    """The parameters of ``_SUBSCRIBERS``: JSON text for SQLite, lists for PostgreSQL."""
+    audience = event.audience or {}
+    shape = (lambda v: None if v is None else json.dumps(v)) if as_json else (lambda v: v)
+    return {"type": event.type, "recipients": shape(audience.get("partners")),
+            "channels": shape(audience.get("channels")), "passed": shape(passed),
+            "audience": json.dumps(audience, sort_keys=True) if audience else None}
+
+
 def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
-                  new_delivery_id: Callable[[], str]) -> tuple[Event, bool]:
+                  new_delivery_id: Callable[[], str], passed: list[str]) -> tuple[Event, bool]:
     """One event and its fan-out (see ``Store.publish``), inside the caller's transaction."""
     if event.idempotency_key is not None:
         row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
         if row:
             return _event_from_row(row), False
+    params = _audience(event, passed, as_json=True)
     if event.only_partner is not None:
         partner_ids = [event.only_partner]
     else:
-        partner_ids = [r["partner_id"] for r in db.execute(
-            "SELECT partner_id FROM subscriptions WHERE event_type = :t ORDER BY partner_id", {"t": event.type})]
+        partner_ids = [r["partner_id"] for r in db.execute(_SUBSCRIBERS, params)]
     stored = db.execute(
-        """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, created_at)
-           VALUES (:id, :type, :body, :key, :hash, :fanout, :now) ON CONFLICT DO NOTHING""",
+        """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, audience, created_at)
+           VALUES (:id, :type, :body, :key, :hash, :fanout, :audience, :now) ON CONFLICT DO NOTHING""",
         {"id": event.id, "type": event.type, "body": event.body, "key": event.idempotency_key,
-         "hash": event.request_hash, "fanout": len(partner_ids), "now": now},
+         "hash": event.request_hash, "fanout": len(partner_ids), "audience": params["audience"], "now": now},
     ).rowcount
     if not stored:  # another process stored the same key since the check above (PostgreSQL)
         row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
@@ -1363,8 +1440,8 @@ def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
 _PUBLISH_POSTGRES = """
     WITH subscriber AS ({subscribers}),
     event AS (
-        INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, created_at)
-        SELECT :id, :type, :body, :key, :hash, COUNT(*), :now FROM subscriber
+        INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, audience, created_at)
+        SELECT :id, :type, :body, :key, :hash, COUNT(*), :audience, :now FROM subscriber
         ON CONFLICT DO NOTHING
         RETURNING *
     ), fanout AS (
@@ -1377,14 +1454,20 @@ _PUBLISH_POSTGRES = """
 """
 
 
+_PUBLISH_TO_SUBSCRIBERS = _PUBLISH_POSTGRES.format(subscribers=_SUBSCRIBERS_POSTGRES)
+_PUBLISH_TO_ONE = _PUBLISH_POSTGRES.format(subscribers="SELECT CAST(:only AS TEXT) AS partner_id")
+
+
 def _insert_event_postgres(db: Any, event: NewEvent, now: float, max_attempts: int,
-                           new_delivery_id: Callable[[], str]) -> tuple[Event, bool]:
+                           new_delivery_id: Callable[[], str], passed: list[str]) -> tuple[Event, bool]:
     """``_insert_event`` as one statement (``_PUBLISH_POSTGRES``)."""
-    subscribers = ("SELECT CAST(:only AS TEXT) AS partner_id" if event.only_partner is not None
-                   else "SELECT partner_id FROM subscriptions WHERE event_type = :type")
-    row = db.execute(_PUBLISH_POSTGRES.format(subscribers=subscribers), {
-        "id": event.id, "type": event.type, "body": event.body, "key": event.idempotency_key,
-        "hash": event.request_hash, "now": now, "only": event.only_partner, "max_attempts": max_attempts,
+    if event.only_partner is not None:
+        sql, params = _PUBLISH_TO_ONE, {"type": event.type, "only": event.only_partner, "audience": None}
+    else:
+        sql, params = _PUBLISH_TO_SUBSCRIBERS, _audience(event, passed, as_json=False)
+    row = db.execute(sql, {
+        **params, "id": event.id, "body": event.body, "key": event.idempotency_key,
+        "hash": event.request_hash, "now": now, "max_attempts": max_attempts,
         "id_prefix": new_delivery_id()[:-12]}).fetchone()
     if row is not None:
         return _event_from_row(row), True
@@ -1496,7 +1579,9 @@ def _read_partner(db: Any, partner_id: str) -> Partner | None:
     events = tuple(r["event_type"] for r in db.execute(
         "SELECT event_type FROM subscriptions WHERE partner_id = :id ORDER BY event_type",
         {"id": partner_id}))
-    return _partner_from_row(row, events)
+    channels = tuple(r["channel"] for r in db.execute(
+        "SELECT channel FROM partner_channels WHERE partner_id = :id ORDER BY channel", {"id": partner_id}))
+    return _partner_from_row(row, events, channels)
 
 
 def _cancel(db: Any, partner_id: str, states: tuple[str, ...], now: float) -> int:
@@ -1532,6 +1617,16 @@ def _write_subscriptions(db: Any, partner_id: str, events: list[str]) -> None:
         "INSERT INTO subscriptions (partner_id, event_type) VALUES (:id, :type)",
         [{"id": partner_id, "type": t} for t in sorted(set(events))],
     )
+
+
+def _write_channels(db: Any, partner_id: str, channels: list[str]) -> None:
+    db.execute("DELETE FROM partner_channels WHERE partner_id = :id", {"id": partner_id})
+    db.executemany("INSERT INTO partner_channels (partner_id, channel) VALUES (:id, :channel)",
+                   [{"id": partner_id, "channel": c} for c in sorted(set(channels))])
+
+
+def _filter_json(payload_filter: dict[str, list[Any]] | None) -> str | None:
+    return json.dumps(payload_filter, sort_keys=True) if payload_filter else None
 
 
 def _page(items: list[Any], limit: int) -> Page:

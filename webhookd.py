@@ -119,6 +119,7 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "stale_subscriptions": stale_subscriptions(partner, ctx.config.events),
             "disabled_reason": partner.disabled_reason, "suspended_reason": partner.suspended_reason,
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
+            "channels": list(partner.channels), "filter": partner.payload_filter,
             "max_rate_per_s": partner.max_rate_per_s, "contact_email": partner.contact_email,
             "circuit": ctx.loop.circuit(partner, ctx.clock()),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
@@ -144,7 +145,9 @@ def audit_json(entry: AuditEntry) -> dict[str, Any]:
 
 
 def event_json(event: Event) -> dict[str, Any]:
+    audience = event.audience or {}
     return {"event_id": event.id, "event": event.type, "payload": json.loads(event.body),
+            "partners": audience.get("partners"), "channels": audience.get("channels"),
             "created_at": int(event.created_at)}
 
 
@@ -230,6 +233,41 @@ def check_contact_email(email: Any) -> str | None:
     return email
 
 
+CHANNEL = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def check_channels(channels: Any, field: str = "channels", at_least: int = 0, at_most: int = 50) -> list[str]:
+    """Channel names, like ``tour_123`` or ``operator:acme``: letters, digits and ``_.:-``, 1-100
+    characters each."""
+    if not isinstance(channels, list) or not at_least <= len(channels) <= at_most \
+            or not all(isinstance(c, str) and CHANNEL.fullmatch(c) for c in channels):
+        raise invalid(field, f"must be a list of {at_least} to {at_most} channel names, each 1-100 letters, digits "
+                             "or _ . : - (like \"tour_123\").")
+    return sorted(set(channels))
+
+
+def check_filter(payload_filter: Any) -> dict[str, list[Any]]:
+    """A partner's payload filter: ``{"field": value or [values]}`` on top-level payload fields, at
+    most 20 fields and 100 values each; values are strings, numbers or booleans. An event reaches the
+    partner only if each field is one of its values (``Partner.accepts``). ``{}`` or null: none."""
+    if payload_filter is None:
+        return {}
+    if not isinstance(payload_filter, dict) or len(payload_filter) > 20:
+        raise invalid("filter", "must be an object of at most 20 payload fields, like {\"currency\": [\"EUR\"]}, "
+                                "or null.")
+    normal = {}
+    for name, values in payload_filter.items():
+        values = values if isinstance(values, list) else [values]
+        if not name or len(name) > 100 or not name.isprintable():
+            raise invalid("filter", f"has a field name that is not 1-100 printable characters: {name[:100]!r}.")
+        if not 1 <= len(values) <= 100 or not all(isinstance(v, (str, int, float)) for v in values) \
+                or any(isinstance(v, str) and len(v) > 500 for v in values):
+            raise invalid("filter", f"field {name[:100]!r} must be a string, number or boolean, or a list of 1 to "
+                                    "100 of them (strings up to 500 characters).")
+        normal[name] = values
+    return normal
+
+
 def check_partner_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise invalid("partner_name", "must be a non-empty string.")
@@ -247,20 +285,23 @@ async def register_partner(request: Request) -> JSONResponse:
     if caller is None or not caller.is_admin:  # open registration: limit each client address
         await ctx.registration_limit.check(client_address(request), "registrations")
     body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s",
-                                                    "contact_email"})
+                                                    "contact_email", "channels", "filter"})
     name = check_partner_name(body.get("partner_name"))
     url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
     events = check_events(body.get("events"), ctx.config.events)
     rate = check_max_rate(body.get("max_rate_per_s"))
     email = check_contact_email(body.get("contact_email"))
+    channels = check_channels(body.get("channels", []))
+    payload_filter = check_filter(body.get("filter"))
     shared_secret, api_key = new_shared_secret(), new_api_key()
     partner_id = new_id("partner_", unpredictable=True)
     audit = audit_entry(request, "partner.registered", partner_id,
                         {"partner_name": name, "webhook_url": url, "events": events, "max_rate_per_s": rate,
-                         "contact_email": email})
+                         "contact_email": email, "channels": channels, "filter": payload_filter or None})
     partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
                        secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
-                       max_rate_per_s=rate, contact_email=email, audit=audit)
+                       max_rate_per_s=rate, contact_email=email, channels=channels, payload_filter=payload_filter,
+                       audit=audit)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
                         status_code=201)
@@ -278,15 +319,16 @@ async def get_partner(request: Request) -> JSONResponse:
 
 
 async def update_partner(request: Request) -> JSONResponse:
-    """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``status``, ``max_rate_per_s`` (``null``
-    removes the pace) and ``contact_email`` (``null`` removes it).
+    """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``channels``, ``filter`` (``null``
+    removes it), ``status``, ``max_rate_per_s`` (``null`` removes the pace) and ``contact_email``
+    (``null`` removes it).
 
     Setting ``active`` resumes a paused or disabled partner: its held deliveries go out. Who
     may make which change of ``status`` is ``check_status_change``'s rule.
     """
     partner_id = owned_partner_id(request)
     ctx = context(request)
-    fields = {"webhook_url", "events", "status", "max_rate_per_s", "reason", "contact_email"}
+    fields = {"webhook_url", "events", "status", "max_rate_per_s", "reason", "contact_email", "channels", "filter"}
     body = await read_json_object(request, allowed=fields)
     if not body.keys() - {"reason"}:
         raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(fields - {'reason'}))}.")
@@ -303,11 +345,16 @@ async def update_partner(request: Request) -> JSONResponse:
     email = None
     if "contact_email" in body:
         email = check_contact_email(body["contact_email"]) or ""  # "": the store removes the address
+    channels = check_channels(body["channels"]) if "channels" in body else None
+    payload_filter = check_filter(body["filter"]) if "filter" in body else None  # {}: the store removes it
     audit = audit_entry(request, STATUS_ACTIONS.get(status, "partner.updated") if status != before.status
                         else "partner.updated", partner_id,
-                        changed_fields(before, body, url, events, rate, reason, email))
+                        changed_fields(before, body, {"webhook_url": url, "events": events, "reason": reason,
+                                                      "max_rate_per_s": rate or None, "contact_email": email or None,
+                                                      "channels": channels, "filter": payload_filter or None}))
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
-                       status=status, max_rate_per_s=rate, reason=reason, contact_email=email, audit=audit)
+                       status=status, max_rate_per_s=rate, reason=reason, contact_email=email, channels=channels,
+                       payload_filter=payload_filter, audit=audit)
     if partner is None:
         raise partner_not_found(partner_id)
     if status == "active":
@@ -319,15 +366,15 @@ async def update_partner(request: Request) -> JSONResponse:
 STATUS_ACTIONS = {"active": "partner.activated", "paused": "partner.paused", "suspended": "partner.suspended"}
 
 
-def changed_fields(before: Partner, body: dict[str, Any], url: str | None, events: list[str] | None,
-                   rate: float | None, reason: str | None, email: str | None) -> dict[str, dict[str, Any]]:
-    """What a PATCH changes, ``{field: {"from": old, "to": new}}``, for the audit trail."""
-    now = {"webhook_url": (before.webhook_url, url), "events": (list(before.events), events),
-           "status": (before.status, body.get("status")), "reason": (before.suspended_reason, reason),
-           "max_rate_per_s": (before.max_rate_per_s, rate or None),
-           "contact_email": (before.contact_email, email or None)}
-    return {name: {"from": old, "to": new} for name, (old, new) in now.items()
-            if (name in body or name == "reason" and "status" in body) and old != new}
+def changed_fields(before: Partner, body: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a PATCH changes, ``{field: {"from": old, "to": new}}``, for the audit trail: the fields
+    ``body`` sent, ``after`` checked, that differ from ``before``."""
+    old = {"webhook_url": before.webhook_url, "events": list(before.events), "status": before.status,
+           "reason": before.suspended_reason, "max_rate_per_s": before.max_rate_per_s,
+           "contact_email": before.contact_email, "channels": list(before.channels), "filter": before.payload_filter}
+    new = {**after, "status": body.get("status")}
+    return {name: {"from": old[name], "to": new[name]} for name in old
+            if (name in body or name == "reason" and "status" in body) and old[name] != new[name]}
 
 
 # Who may change a partner's status. The admin: anything among active, paused, suspended (with a
@@ -519,14 +566,36 @@ def idempotency_key(request: Request) -> str | None:
     return key
 
 
-def new_event(payload: dict[str, Any], ctx: Context, key: str | None) -> NewEvent:
+async def take_audience(payload: dict[str, Any], ctx: Context) -> dict[str, list[str]] | None:
+    """Take ``partners`` and ``channels`` out of a payload to publish: they say whom the event is
+    for and are not sent (one partner has no business seeing the ids of the others). None: every
+    subscriber of its type."""
+    audience = {}
+    if "partners" in payload:
+        ids = payload.pop("partners")
+        if not isinstance(ids, list) or not 1 <= len(ids) <= 100 or not all(isinstance(i, str) for i in ids):
+            raise invalid("partners", "must be a list of 1 to 100 partner ids; leave it out to reach every "
+                                      "subscriber of the type.")
+        for partner_id in ids:
+            if await known_partner(ctx.store, partner_id) is None:
+                raise invalid("partners", f"names {partner_id[:100]!r}, which is not a partner.")
+        audience["partners"] = sorted(set(ids))
+    if "channels" in payload:
+        audience["channels"] = check_channels(payload.pop("channels"), at_least=1, at_most=10)
+    return audience or None
+
+
+def new_event(payload: dict[str, Any], ctx: Context, key: str | None,
+              audience: dict[str, list[str]] | None = None) -> NewEvent:
     """A checked payload (422 otherwise) as the event to store: ``timestamp`` filled in when
-    absent, canonical bytes, and the hash that tells a reused ``Idempotency-Key`` apart."""
+    absent, canonical bytes, and the hash that tells a reused ``Idempotency-Key`` apart (the
+    audience is part of the request it hashes)."""
     event_type = check_payload(payload, ctx.config.events)
-    request_hash = hashlib.sha256(signing.canonical(payload)).hexdigest()
+    request = {"payload": payload, "audience": audience} if audience else payload
+    request_hash = hashlib.sha256(signing.canonical(request)).hexdigest()
     payload.setdefault("timestamp", int(ctx.clock()))
     return NewEvent(id=new_id("evt_"), type=event_type, body=signing.canonical(payload), idempotency_key=key,
-                    request_hash=request_hash)
+                    request_hash=request_hash, audience=audience)
 
 
 def new_delivery_id() -> str:
@@ -550,7 +619,8 @@ async def publish_event(request: Request) -> JSONResponse:
     """
     ctx = context(request)
     key = idempotency_key(request)
-    new = new_event(await read_json_object(request), ctx, key)
+    payload = await read_json_object(request)
+    new = new_event(payload, ctx, key, await take_audience(payload, ctx))
     event, created = await db(ctx.store.publish, new, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
                               new_delivery_id=new_delivery_id)
     if key_reused(event, created, new):
@@ -583,7 +653,8 @@ async def publish_batch(request: Request) -> JSONResponse:
         try:
             if not isinstance(payload, dict):
                 raise ApiError(400, "not_an_object", "The event must be a JSON object, like {\"event\": ...}.")
-            checked.append((i, new_event(payload, ctx, f"{key}\x1f{i}" if key else None)))
+            audience = await take_audience(payload, ctx)
+            checked.append((i, new_event(payload, ctx, f"{key}\x1f{i}" if key else None, audience)))
         except ApiError as refused:
             results[i] = _refused(refused)
     stored = await db(ctx.store.publish_batch, [new for _, new in checked], now=ctx.clock(),
