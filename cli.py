@@ -227,10 +227,12 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
     if action == "list":
         return _show(args, _api(config, "GET", "/partners", query={"limit": args.limit}), PARTNER_COLUMNS)
     if action == "add":
-        events = [e.strip() for e in args.events.split(",") if e.strip()]
+        events = _names(args.events)
         answer = _api(config, "POST", "/partners/register",
                       {"partner_name": args.name, "webhook_url": args.url, "events": events,
-                       "max_rate_per_s": args.max_rate, "contact_email": args.email})
+                       "max_rate_per_s": args.max_rate, "contact_email": args.email,
+                       "channels": _names(args.channels or ""),
+                       "filter": _read_json_argument(args.filter) if args.filter else None})
         if not args.json:
             print("Save shared_secret and api_key now: they are not shown again.", file=sys.stderr)
         return _show(args, answer)
@@ -249,6 +251,11 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
             raise CliError(f"'partners delete' erases {args.partner_id}'s secrets and API key and cancels its "
                            "pending deliveries, at once and for good: add --yes to do it")
         return _show(args, _api(config, "DELETE", path))
+    if action == "channels":
+        return _show(args, _api(config, "PATCH", path, {"channels": _names(args.channels or "")}))
+    if action == "filter":
+        return _show(args, _api(config, "PATCH", path,
+                                {"filter": _read_json_argument(args.filter) if args.filter else None}))
     if action == "contact":
         return _show(args, _api(config, "PATCH", path, {"contact_email": args.email or None}))
     if action == "cancel-pending":
@@ -266,10 +273,19 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
     raise CliError(f"unknown action {action!r}")
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated list, as the options take them."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _cmd_publish(args: argparse.Namespace, config: Config) -> int:
     payload = _read_json_argument(args.data)
     if not isinstance(payload, dict):
         raise CliError("--data must be a JSON object of the event's fields")
+    if args.partners:
+        payload["partners"] = _names(args.partners)
+    if args.channels:
+        payload["channels"] = _names(args.channels)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     return _show(args, _api(config, "POST", "/events", {**payload, "event": args.type}, headers=headers))
 
@@ -352,9 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     partners = commands.add_parser("partners", parents=[with_config, as_json],
                                    help="list, show, add, pause, resume, suspend, rotate, api-key, pace, "
-                                        "contact, cancel-pending, delete")
+                                        "channels, filter, contact, cancel-pending, delete")
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
-                                             "api-key", "pace", "contact", "cancel-pending", "delete"])
+                                             "api-key", "pace", "channels", "filter", "contact", "cancel-pending",
+                                             "delete"])
+    partners.add_argument("--channels", help="comma-separated channels it listens on (add, channels; "
+                                             "channels without it: none)")
+    partners.add_argument("--filter", help='a payload filter as JSON or @file, e.g. \'{"currency": ["EUR"]}\' '
+                                           "(add, filter; filter without it removes it)")
     partners.add_argument("--email", help="contact email (add, contact; contact without it removes it)")
     partners.add_argument("partner_id", nargs="?", help="the partner (every action but list and add)")
     partners.add_argument("--yes", action="store_true", help="delete: yes, delete it (it cannot be undone)")
@@ -372,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("type", help="the event type, e.g. payment.success (fills 'event')")
     publish.add_argument("--data", default="{}", help="the payload fields as JSON, or @file")
     publish.add_argument("--idempotency-key", help="publishing twice with the same key fans out once")
+    publish.add_argument("--partners", help="comma-separated partner ids: only these (among its subscribers)")
+    publish.add_argument("--channels", help="comma-separated channels: only partners listening on one of them")
     publish.set_defaults(handler=_cmd_publish)
 
     deliveries = commands.add_parser("deliveries", parents=[with_config, as_json],

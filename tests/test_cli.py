@@ -248,3 +248,29 @@ def test_json_log_format_prints_one_json_object_per_line(serve_factory, receiver
     attempt = next(line for line in lines if "delivery_id" in line)
     assert attempt["partner_id"] == added["partner_id"] and attempt["status_code"] == 200
     assert attempt["state"] == "delivered" and isinstance(attempt["duration_ms"], int)
+
+
+def test_channels_filters_and_targeted_publishes_from_the_command_line(serve_factory):
+    serve = serve_factory()
+
+    def add(name, *extra):
+        return json.loads(_ok(_run(serve, "partners", "add", "--name", name, "--url", "http://127.0.0.1:9/x",
+                                   "--events", "payment.success", *extra, "--json")))
+
+    euro = add("Euro", "--channels", "tour_1, tour_2", "--filter", '{"currency": "EUR"}')
+    other = add("Other")
+    assert euro["channels"] == ["tour_1", "tour_2"] and euro["filter"] == {"currency": ["EUR"]}
+    data = json.dumps({k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"})
+
+    def fanout(*audience):
+        return json.loads(_ok(_run(serve, "publish", "payment.success", "--data", data, *audience, "--json")))[
+            "deliveries"]
+
+    assert fanout("--channels", "tour_2") == 0                       # the guide's payment is in USD
+    assert fanout("--partners", other["partner_id"]) == 1
+    assert json.loads(_ok(_run(serve, "partners", "filter", euro["partner_id"], "--json")))["filter"] is None
+    assert fanout("--channels", "tour_2") == 1
+    changed = json.loads(_ok(_run(serve, "partners", "channels", euro["partner_id"], "--channels", "tour_9", "--json")))
+    assert changed["channels"] == ["tour_9"] and fanout("--channels", "tour_2") == 0
+    bad = _run(serve, "partners", "filter", euro["partner_id"], "--filter", '{"currency": {}}')
+    assert bad.returncode == 1 and "'filter'" in bad.stderr
