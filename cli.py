@@ -4,7 +4,7 @@
 * ``token`` prints the admin token, creating it on first use;
 * ``sign`` and ``listen`` are for partners and students: sign a payload the way the
   guide does, or run a local receiver that verifies every webhook three ways;
-* ``partners``, ``publish``, ``deliveries``, ``retry``, ``recover`` and ``audit`` talk to the running
+* ``partners``, ``publish``, ``deliveries``, ``retry``, ``recover``, ``replay`` and ``audit`` talk to the running
   server's HTTP API with the admin token, and print tables (or ``--json``).
 
 ``main`` is the console script; ``python webhookd.py ...`` calls it too. A command that
@@ -319,6 +319,18 @@ def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
     return _show(args, _api(config, "GET", "/audit", query=query), AUDIT_COLUMNS)
 
 
+def _cmd_replay(args: argparse.Namespace, config: Config) -> int:
+    """Every call replays at most 1,000 events; go on with the cursor until the window is done."""
+    query: dict[str, Any] = {"since": args.since, "until": args.until, "event": args.event, "limit": 1000}
+    total = 0
+    while True:
+        answer = _api(config, "POST", f"/partners/{args.partner_id}/replay", query=query)
+        total += answer["replayed"]
+        if not answer["next_cursor"]:
+            return _show(args, {"replayed": total})
+        query["cursor"] = answer["next_cursor"]
+
+
 def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
     """Copy the SQLite file of ``storage.path`` into a new PostgreSQL database (README, "Outgrowing
     one box"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
@@ -422,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--action", help="only this action, e.g. partner.suspended")
     audit.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
     audit.set_defaults(handler=_cmd_audit)
+
+    replay = commands.add_parser("replay", parents=[with_config, as_json],
+                                 help="send a partner every event of a time window again, delivered ones too")
+    replay.add_argument("partner_id")
+    replay.add_argument("--since", type=int, required=True, help="unix seconds: events published since")
+    replay.add_argument("--until", type=int, help="unix seconds: ...and before (default: now)")
+    replay.add_argument("--event", help="only this event type")
+    replay.set_defaults(handler=_cmd_replay)
 
     migrate = commands.add_parser("migrate-store", parents=[with_config],
                                   help="copy the SQLite file into a new PostgreSQL database")

@@ -130,6 +130,9 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "DeliveryDetail": _obj({**delivery, "attempts": {"type": "array", "items": _obj(attempt)}}),
         "DeliveryList": _list_of("Delivery"),
         "Recovered": _obj({"requeued": {"type": "integer"}}),
+        "Replayed": _obj({"replayed": {"type": "integer", "description": "events queued again for the partner"},
+                          "next_cursor": {"type": ["string", "null"],
+                                          "description": "more events are in the window: call again with it"}}),
         "PartnerDeleted": _obj({"partner_id": STRING, "deleted": {"const": True},
                                 "cancelled_deliveries": {"type": "integer"}}),
         "PendingCancelled": _obj({"partner_id": STRING, "cancelled_deliveries": {"type": "integer"}}),
@@ -234,6 +237,14 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "/partners/{partner_id}/recover": {"post": _op(
             "Re-queue failed and expired deliveries created since `since`", 200, "Recovered",
             params=[PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True), QUEUE])},
+        "/partners/{partner_id}/replay": {"post": _op(
+            "Send again every event of the partner published in [since, until), delivered ones included, as new "
+            "deliveries with the same event ids", 202, "Replayed", params=[
+                PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True),
+                _query("until", {"type": "integer", "minimum": 1}, "unix seconds, after since (default: now)"),
+                _query("event", {"type": "string", "maxLength": 100}, "only this event type"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "events per call (default 100)"),
+                _query("cursor", {"type": "string"}, "next_cursor from the previous call"), QUEUE])},
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
                                    params=[{"name": "Idempotency-Key", "in": "header", "required": False,
                                             "schema": {"type": "string", "maxLength": 255}}])}},

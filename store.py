@@ -1165,6 +1165,37 @@ class Store:
             _write_audit(db, audit, requeued=requeued)
             return requeued
 
+    def replay(self, partner_id: str, *, since: float, until: float, event_type: str | None, after: str | None,
+               limit: int, now: float, max_attempts: int, new_delivery_id: Callable[[], str],
+               audit: AuditEntry | None = None) -> tuple[int, str | None]:
+        """Queue a new delivery to the partner of every event it had a delivery of, published in
+        ``[since, until)`` (of ``event_type``, if given), delivered ones included: the partner
+        restored a backup and lost a day. In event id order from ``after``, at most ``limit``.
+        The new deliveries carry the same event, so its id (``X-Webhook-Id``) is the same.
+        Returns how many were queued and the last event id queued if more are left (the cursor)."""
+        with self._transaction() as db:
+            rows = db.execute(
+                """SELECT e.id FROM events e
+                   WHERE e.created_at >= :since AND e.created_at < :until
+                     AND (CAST(:type AS TEXT) IS NULL OR e.type = :type)
+                     AND (CAST(:after AS TEXT) IS NULL OR e.id > :after)
+                     AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id)
+                   ORDER BY e.id LIMIT :n""",
+                {"since": since, "until": until, "type": event_type, "after": after, "partner_id": partner_id,
+                 "n": limit + 1}).fetchall()
+            events = [row["id"] for row in rows[:limit]]
+            if events:
+                db.executemany(
+                    """INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts, next_attempt_at,
+                                               queued_at, created_at, updated_at)
+                       VALUES (:id, :event_id, :partner_id, 'pending', :max_attempts, :now, :now, :now, :now)""",
+                    [{"id": new_delivery_id(), "event_id": event_id, "partner_id": partner_id,
+                      "max_attempts": max_attempts, "now": now} for event_id in events])
+            _write_audit(db, audit, replayed=len(events))
+        if events and self.postgres:
+            self.announce(WORK_CHANNEL)
+        return len(events), events[-1] if len(rows) > limit else None
+
     def expire_pending(self, *, queued_before: float, now: float) -> dict[str, int]:
         """End ``expired`` every pending delivery queued before ``queued_before`` that is not in
         flight (a lease that ran out, its holder dead, is not in flight) — ``delivery.max_pending_age_s``:

@@ -456,11 +456,11 @@ def is_small_number(text: str) -> bool:
     return re.fullmatch(r"[0-9]{1,12}", text) is not None
 
 
-def page_params(request: Request) -> tuple[int, str | None]:
+def page_params(request: Request, most: int = 200, default: int = 50) -> tuple[int, str | None]:
     """``?limit=`` (1-200, default 50) and ``?cursor=`` (opaque: base64 of the last id seen)."""
-    limit_text = request.query_params.get("limit", "50")
-    if not is_small_number(limit_text) or not 1 <= int(limit_text) <= 200:
-        raise invalid("limit", f"must be a whole number from 1 to 200, not {limit_text!r}.")
+    limit_text = request.query_params.get("limit", str(default))
+    if not is_small_number(limit_text) or not 1 <= int(limit_text) <= most:
+        raise invalid("limit", f"must be a whole number from 1 to {most}, not {limit_text!r}.")
     cursor = request.query_params.get("cursor")
     if cursor is None:
         return int(limit_text), None
@@ -474,6 +474,9 @@ def page_params(request: Request) -> tuple[int, str | None]:
 
 
 def page_json(page, render: Callable[[Any], dict]) -> dict[str, Any]:
-    cursor = page.next_cursor
-    return {"items": [render(item) for item in page.items],
-            "next_cursor": base64.urlsafe_b64encode(cursor.encode()).decode().rstrip("=") if cursor else None}
+    return {"items": [render(item) for item in page.items], "next_cursor": cursor_text(page.next_cursor)}
+
+
+def cursor_text(last_id: str | None) -> str | None:
+    """The opaque ``next_cursor`` for the last id of a page (``page_params`` reads it back)."""
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=") if last_id else None

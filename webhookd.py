@@ -80,6 +80,7 @@ from web import (
     caller_of,
     client_address,
     context,
+    cursor_text,
     db,
     error_body,
     error_response,
@@ -532,6 +533,35 @@ async def recover_failed(request: Request) -> JSONResponse:
     return JSONResponse({"requeued": count})
 
 
+async def replay_events(request: Request) -> JSONResponse:
+    """``POST /partners/{id}/replay?since=&until=&event=``: every event the partner had a delivery
+    of, published in ``[since, until)`` (until: now), delivered ones included, is sent again as a new
+    delivery with the same event id — the partner restored a backup and lost a day. At most
+    ``limit`` events a call (default 100, at most 1000), oldest first; ``next_cursor`` continues.
+    """
+    partner_id = owned_partner_id(request)
+    ctx = context(request)
+    q = request.query_params
+    since, until = q.get("since", ""), q.get("until", str(int(ctx.clock()) + 1))
+    if not is_small_number(since):
+        raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
+    if not is_small_number(until) or int(until) <= int(since):
+        raise invalid("until", "must be unix seconds after since (leave it out for now).")
+    event_type = q.get("event")
+    if event_type is not None and not 1 <= len(event_type) <= 100:
+        raise invalid("event", "must be an event type, like payment.success.")
+    limit, cursor = page_params(request, most=1000, default=100)
+    refuse_if_held(request, await owned_partner(request))
+    audit = audit_entry(request, "partner.replayed", partner_id,
+                        {"since": int(since), "until": int(until), "event": event_type})
+    replayed, last = await db(ctx.store.replay, partner_id, since=int(since), until=int(until), event_type=event_type,
+                              after=cursor, limit=limit, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
+                              new_delivery_id=new_delivery_id, audit=audit)
+    ctx.loop.wake()
+    logger.info("partner %s: replayed %d events from %s to %s", partner_id, replayed, since, until)
+    return JSONResponse({"replayed": replayed, "next_cursor": cursor_text(last)}, status_code=202)
+
+
 # =====================================================================================
 # 2. Publishing
 # =====================================================================================
@@ -889,6 +919,7 @@ ROUTES = [
     route("POST", "/partners/{partner_id}/cancel-pending", cancel_pending, ADMIN),
     route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
+    route("POST", "/partners/{partner_id}/replay", replay_events, CALLER),
     route("POST", "/events", publish_event, ADMIN),
     route("POST", "/events/batch", publish_batch, ADMIN),
     route("GET", "/events/{event_id}", get_event, ADMIN),

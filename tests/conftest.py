@@ -384,6 +384,18 @@ def hub(request, webhookd_factory) -> Webhookd:
     return webhookd_factory()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_factory(request, webhookd_factory):
+    """``webhookd_factory`` on each engine in turn, for tests that need a config of their own."""
+
+    def make(**overrides: Any) -> Webhookd:
+        if request.param == "postgresql":
+            overrides["storage__url"] = request.getfixturevalue("postgres_server").new_database()
+        return webhookd_factory(**overrides)
+
+    return make
+
+
 def pytest_generate_tests(metafunc):
     if "hub" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_ENGINES", False):
         metafunc.parametrize("hub", ["sqlite", "postgresql"], indirect=True)

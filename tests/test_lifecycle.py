@@ -5,25 +5,11 @@ import json
 import logging
 import time
 
-import pytest
-
 import signing
 from conftest import ShiftedClock, wait_for
 from payloads import BOOKING_CANCELLED_WITH_URL, PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def make_hub(request, webhookd_factory):
-    """``webhookd_factory`` on each engine, for tests that need their own config."""
-
-    def make(**overrides):
-        if request.param == "postgresql":
-            overrides["storage__url"] = request.getfixturevalue("postgres_server").new_database()
-        return webhookd_factory(**overrides)
-
-    return make
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -87,8 +73,8 @@ def test_a_deleted_partners_key_and_signature_stop_at_once_and_nothing_pending_i
     assert rows == [("", None, f"deleted:{pid}", "", "deleted")]  # the tombstone keeps no credential
 
 
-def test_a_partner_deletes_itself_only_when_the_config_allows_it(make_hub):
-    hub = make_hub(security__partner_self_delete=True)
+def test_a_partner_deletes_itself_only_when_the_config_allows_it(hub_factory):
+    hub = hub_factory(security__partner_self_delete=True)
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
     other = hub.register("http://127.0.0.1:9/y", ["payment.success"], name="Other")
     pid = partner["partner_id"]
@@ -119,11 +105,11 @@ def test_the_admin_cancels_a_partners_backlog_and_none_of_it_is_sent(hub, receiv
     assert len(hub.deliveries(partner_id=pid, state="cancelled")) == 2
 
 
-def test_a_delivery_pending_too_long_expires_is_never_sent_and_can_be_retried_by_hand(make_hub, receiver_factory):
+def test_a_delivery_pending_too_long_expires_is_never_sent_and_can_be_retried_by_hand(hub_factory, receiver_factory):
     """A partner paused for longer than max_pending_age_s: its backlog ends expired (the clock is
     moved, the retention pass runs every 0.1 s); resumed, it gets none of it; a retry by hand sends it."""
     clock = ShiftedClock()
-    hub = make_hub(clock=clock, delivery__max_pending_age_s=3600, retention__interval_s=0.1)
+    hub = hub_factory(clock=clock, delivery__max_pending_age_s=3600, retention__interval_s=0.1)
     receiver = receiver_factory()
     partner = hub.register(receiver.url, ["payment.success"])
     pid = partner["partner_id"]
