@@ -37,6 +37,7 @@ class Partner:
     contact_email: str | None = None      # whom the operator writes to (the guide's registration asks for it)
     channels: tuple[str, ...] = ()        # events published to channels reach it only through one of these
     payload_filter: dict[str, list[Any]] | None = None  # {field: [values]}: only events whose field is one of them
+    ordering: str = "concurrent"          # or "fifo": one attempt at a time, in publish order
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
@@ -111,6 +112,7 @@ class Delivery:
     created_at: float
     updated_at: float
     attempts: tuple[Attempt, ...] = field(default=())
+    held_behind: str | None = None   # FIFO partner: the delivery that must end before this one goes
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ FILTER = {"type": ["object", "null"], "maxProperties": 20,
                          "a field the event lacks rules it out; null: no filter"}
 CHANNEL_LIST = {"type": "array", "maxItems": 50, "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,100}$"},
                 "description": "an event published to channels reaches the partner only through one of these"}
+ORDERING = {"enum": ["concurrent", "fifo"],
+            "description": "fifo: one attempt at a time, in publish order; a failing delivery holds the ones behind"}
 STATES = ["pending", "delivered", "failed", "expired", "cancelled"]
 RATE = {"type": ["number", "null"], "minimum": 0.01, "maximum": 10000,
         "description": "at most this many attempts started per second; null: no pace"}
@@ -54,6 +56,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "suspended_reason": {"type": ["string", "null"], "description": "why the admin suspended it"},
         "max_rate_per_s": {"type": ["number", "null"], "description": "attempts started per second, at most"},
         "contact_email": {"type": ["string", "null"], "description": "whom the operator writes to"},
+        "ordering": ORDERING,
         "channels": {"type": "array", "items": STRING}, "filter": {**FILTER, "additionalProperties": {
             "type": "array", "items": SCALAR}, "description": "as sent, each value as a list"},
         "circuit": _obj({
@@ -69,6 +72,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "delivery_id": STRING, "event_id": STRING, "event": STRING, "partner_id": STRING,
         "state": {"enum": STATES}, "attempt_count": {"type": "integer"},
         "next_attempt_at": MAYBE_TIME, "created_at": TIME, "updated_at": TIME,
+        "held_behind": {"type": ["string", "null"],
+                        "description": "a FIFO partner's pending delivery: the one that must end before it goes"},
     }
     attempt = {
         "attempt": {"type": "integer"}, "started_at": TIME, "duration_ms": {"type": "integer"},
@@ -85,6 +90,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
             "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": CHANNEL_LIST, "filter": FILTER,
+            "ordering": ORDERING,
         }, required=["partner_name", "webhook_url", "events"]),
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
@@ -100,7 +106,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                   "reason": {"type": "string", "minLength": 1, "maxLength": 500,
                                              "description": "why, with status suspended"},
                                   "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": CHANNEL_LIST,
-                                  "filter": FILTER}, required=[]),
+                                  "filter": FILTER, "ordering": ORDERING}, required=[]),
                           "minProperties": 1},
         "PartnerList": _list_of("Partner"),
         "EventPayload": {**_obj({

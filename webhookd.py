@@ -120,7 +120,7 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "stale_subscriptions": stale_subscriptions(partner, ctx.config.events),
             "disabled_reason": partner.disabled_reason, "suspended_reason": partner.suspended_reason,
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
-            "channels": list(partner.channels), "filter": partner.payload_filter,
+            "channels": list(partner.channels), "filter": partner.payload_filter, "ordering": partner.ordering,
             "max_rate_per_s": partner.max_rate_per_s, "contact_email": partner.contact_email,
             "circuit": ctx.loop.circuit(partner, ctx.clock()),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
@@ -130,6 +130,7 @@ def delivery_json(d: Delivery, with_attempts: bool = False) -> dict[str, Any]:
     out = {"delivery_id": d.id, "event_id": d.event_id, "event": d.event, "partner_id": d.partner_id,
            "state": d.state, "attempt_count": d.attempt_count,
            "next_attempt_at": int(d.next_attempt_at) if d.state == "pending" else None,
+           "held_behind": d.held_behind,
            "created_at": int(d.created_at), "updated_at": int(d.updated_at)}
     if with_attempts:
         out["attempts"] = [{"attempt": a.attempt, "started_at": int(a.started_at), "duration_ms": a.duration_ms,
@@ -269,6 +270,13 @@ def check_filter(payload_filter: Any) -> dict[str, list[Any]]:
     return normal
 
 
+def check_ordering(ordering: Any) -> str:
+    if ordering not in ("concurrent", "fifo"):
+        raise invalid("ordering", "must be 'concurrent' (the default: many attempts at once) or 'fifo' (one at a "
+                                  "time, in publish order; a failing delivery holds the ones behind it).")
+    return ordering
+
+
 def check_partner_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise invalid("partner_name", "must be a non-empty string.")
@@ -286,7 +294,7 @@ async def register_partner(request: Request) -> JSONResponse:
     if caller is None or not caller.is_admin:  # open registration: limit each client address
         await ctx.registration_limit.check(client_address(request), "registrations")
     body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s",
-                                                    "contact_email", "channels", "filter"})
+                                                    "contact_email", "channels", "filter", "ordering"})
     name = check_partner_name(body.get("partner_name"))
     url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
     events = check_events(body.get("events"), ctx.config.events)
@@ -294,15 +302,17 @@ async def register_partner(request: Request) -> JSONResponse:
     email = check_contact_email(body.get("contact_email"))
     channels = check_channels(body.get("channels", []))
     payload_filter = check_filter(body.get("filter"))
+    ordering = check_ordering(body.get("ordering", "concurrent"))
     shared_secret, api_key = new_shared_secret(), new_api_key()
     partner_id = new_id("partner_", unpredictable=True)
     audit = audit_entry(request, "partner.registered", partner_id,
                         {"partner_name": name, "webhook_url": url, "events": events, "max_rate_per_s": rate,
-                         "contact_email": email, "channels": channels, "filter": payload_filter or None})
+                         "contact_email": email, "channels": channels, "filter": payload_filter or None,
+                         "ordering": ordering})
     partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
                        secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
                        max_rate_per_s=rate, contact_email=email, channels=channels, payload_filter=payload_filter,
-                       audit=audit)
+                       ordering=ordering, audit=audit)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
                         status_code=201)
@@ -321,7 +331,7 @@ async def get_partner(request: Request) -> JSONResponse:
 
 async def update_partner(request: Request) -> JSONResponse:
     """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``channels``, ``filter`` (``null``
-    removes it), ``status``, ``max_rate_per_s`` (``null`` removes the pace) and ``contact_email``
+    removes it), ``ordering``, ``status``, ``max_rate_per_s`` (``null`` removes the pace) and ``contact_email``
     (``null`` removes it).
 
     Setting ``active`` resumes a paused or disabled partner: its held deliveries go out. Who
@@ -329,7 +339,8 @@ async def update_partner(request: Request) -> JSONResponse:
     """
     partner_id = owned_partner_id(request)
     ctx = context(request)
-    fields = {"webhook_url", "events", "status", "max_rate_per_s", "reason", "contact_email", "channels", "filter"}
+    fields = {"webhook_url", "events", "status", "max_rate_per_s", "reason", "contact_email", "channels", "filter",
+              "ordering"}
     body = await read_json_object(request, allowed=fields)
     if not body.keys() - {"reason"}:
         raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(fields - {'reason'}))}.")
@@ -348,14 +359,16 @@ async def update_partner(request: Request) -> JSONResponse:
         email = check_contact_email(body["contact_email"]) or ""  # "": the store removes the address
     channels = check_channels(body["channels"]) if "channels" in body else None
     payload_filter = check_filter(body["filter"]) if "filter" in body else None  # {}: the store removes it
+    ordering = check_ordering(body["ordering"]) if "ordering" in body else None
     audit = audit_entry(request, STATUS_ACTIONS.get(status, "partner.updated") if status != before.status
                         else "partner.updated", partner_id,
                         changed_fields(before, body, {"webhook_url": url, "events": events, "reason": reason,
                                                       "max_rate_per_s": rate or None, "contact_email": email or None,
-                                                      "channels": channels, "filter": payload_filter or None}))
+                                                      "channels": channels, "filter": payload_filter or None,
+                                                      "ordering": ordering}))
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
                        status=status, max_rate_per_s=rate, reason=reason, contact_email=email, channels=channels,
-                       payload_filter=payload_filter, audit=audit)
+                       payload_filter=payload_filter, ordering=ordering, audit=audit)
     if partner is None:
         raise partner_not_found(partner_id)
     if status == "active":
@@ -372,7 +385,8 @@ def changed_fields(before: Partner, body: dict[str, Any], after: dict[str, Any])
     ``body`` sent, ``after`` checked, that differ from ``before``."""
     old = {"webhook_url": before.webhook_url, "events": list(before.events), "status": before.status,
            "reason": before.suspended_reason, "max_rate_per_s": before.max_rate_per_s,
-           "contact_email": before.contact_email, "channels": list(before.channels), "filter": before.payload_filter}
+           "contact_email": before.contact_email, "channels": list(before.channels), "filter": before.payload_filter,
+           "ordering": before.ordering}
     new = {**after, "status": body.get("status")}
     return {name: {"from": old[name], "to": new[name]} for name in old
             if (name in body or name == "reason" and "status" in body) and old[name] != new[name]}
