@@ -231,7 +231,7 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         answer = _api(config, "POST", "/partners/register",
                       {"partner_name": args.name, "webhook_url": args.url, "events": events,
                        "max_rate_per_s": args.max_rate, "contact_email": args.email,
-                       "channels": _names(args.channels or ""),
+                       "channels": _names(args.channels or ""), "ordering": args.ordering or "concurrent",
                        "filter": _read_json_argument(args.filter) if args.filter else None})
         if not args.json:
             print("Save shared_secret and api_key now: they are not shown again.", file=sys.stderr)
@@ -256,6 +256,10 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
     if action == "filter":
         return _show(args, _api(config, "PATCH", path,
                                 {"filter": _read_json_argument(args.filter) if args.filter else None}))
+    if action == "ordering":
+        if args.ordering is None:
+            raise CliError("'partners ordering' needs --ordering concurrent or --ordering fifo")
+        return _show(args, _api(config, "PATCH", path, {"ordering": args.ordering}))
     if action == "contact":
         return _show(args, _api(config, "PATCH", path, {"contact_email": args.email or None}))
     if action == "cancel-pending":
@@ -380,10 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     partners = commands.add_parser("partners", parents=[with_config, as_json],
                                    help="list, show, add, pause, resume, suspend, rotate, api-key, pace, "
-                                        "channels, filter, contact, cancel-pending, delete")
+                                        "channels, filter, ordering, contact, cancel-pending, delete")
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
-                                             "api-key", "pace", "channels", "filter", "contact", "cancel-pending",
-                                             "delete"])
+                                             "api-key", "pace", "channels", "filter", "ordering", "contact",
+                                             "cancel-pending", "delete"])
+    partners.add_argument("--ordering", choices=["concurrent", "fifo"],
+                          help="add, ordering: fifo sends one at a time, in publish order (default concurrent)")
     partners.add_argument("--channels", help="comma-separated channels it listens on (add, channels; "
                                              "channels without it: none)")
     partners.add_argument("--filter", help='a payload filter as JSON or @file, e.g. \'{"currency": ["EUR"]}\' '

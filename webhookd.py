@@ -330,45 +330,23 @@ async def get_partner(request: Request) -> JSONResponse:
 
 
 async def update_partner(request: Request) -> JSONResponse:
-    """``PATCH /partners/{id}``: ``webhook_url``, ``events``, ``channels``, ``filter`` (``null``
-    removes it), ``ordering``, ``status``, ``max_rate_per_s`` (``null`` removes the pace) and ``contact_email``
-    (``null`` removes it).
+    """``PATCH /partners/{id}``: any of ``PATCHABLE``, each checked as at registration; ``null``
+    removes a pace, a filter or a contact email.
 
     Setting ``active`` resumes a paused or disabled partner: its held deliveries go out. Who
     may make which change of ``status`` is ``check_status_change``'s rule.
     """
     partner_id = owned_partner_id(request)
     ctx = context(request)
-    fields = {"webhook_url", "events", "status", "max_rate_per_s", "reason", "contact_email", "channels", "filter",
-              "ordering"}
-    body = await read_json_object(request, allowed=fields)
+    body = await read_json_object(request, allowed=PATCHABLE | {"reason"})
     if not body.keys() - {"reason"}:
-        raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(fields - {'reason'}))}.")
+        raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(PATCHABLE))}.")
     before = await owned_partner(request)
-    url = None
-    if "webhook_url" in body:
-        url = await check_webhook_url(body["webhook_url"], ctx.config.security)
-    events = check_events(body["events"], ctx.config.events, kept=before.events) if "events" in body else None
-    status = body.get("status")
-    reason = check_status_change(before, body, caller_of(request))
-    rate = None
-    if "max_rate_per_s" in body:
-        rate = check_max_rate(body["max_rate_per_s"]) or 0.0  # 0: the store removes the pace
-    email = None
-    if "contact_email" in body:
-        email = check_contact_email(body["contact_email"]) or ""  # "": the store removes the address
-    channels = check_channels(body["channels"]) if "channels" in body else None
-    payload_filter = check_filter(body["filter"]) if "filter" in body else None  # {}: the store removes it
-    ordering = check_ordering(body["ordering"]) if "ordering" in body else None
-    audit = audit_entry(request, STATUS_ACTIONS.get(status, "partner.updated") if status != before.status
-                        else "partner.updated", partner_id,
-                        changed_fields(before, body, {"webhook_url": url, "events": events, "reason": reason,
-                                                      "max_rate_per_s": rate or None, "contact_email": email or None,
-                                                      "channels": channels, "filter": payload_filter or None,
-                                                      "ordering": ordering}))
-    partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), webhook_url=url, events=events,
-                       status=status, max_rate_per_s=rate, reason=reason, contact_email=email, channels=channels,
-                       payload_filter=payload_filter, ordering=ordering, audit=audit)
+    change = await check_change(body, before, ctx, caller_of(request))
+    status = change["status"]
+    action = STATUS_ACTIONS[status] if status not in (None, before.status) else "partner.updated"
+    audit = audit_entry(request, action, partner_id, changed_fields(before, body, change))
+    partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), audit=audit, **change)
     if partner is None:
         raise partner_not_found(partner_id)
     if status == "active":
@@ -377,17 +355,38 @@ async def update_partner(request: Request) -> JSONResponse:
     return JSONResponse(partner_json(partner, ctx))
 
 
+PATCHABLE = {"webhook_url", "events", "channels", "filter", "ordering", "status", "max_rate_per_s", "contact_email"}
 STATUS_ACTIONS = {"active": "partner.activated", "paused": "partner.paused", "suspended": "partner.suspended"}
 
 
-def changed_fields(before: Partner, body: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """What a PATCH changes, ``{field: {"from": old, "to": new}}``, for the audit trail: the fields
-    ``body`` sent, ``after`` checked, that differ from ``before``."""
-    old = {"webhook_url": before.webhook_url, "events": list(before.events), "status": before.status,
+async def check_change(body: dict[str, Any], before: Partner, ctx: Context, caller: Any) -> dict[str, Any]:
+    """The fields a PATCH sent, checked, as ``Store.update_partner`` takes them: None for a field
+    not sent; a removal as the store's "remove" value (a pace of 0, an empty filter, an empty
+    address)."""
+    sent = body.get
+    return {
+        "webhook_url": await check_webhook_url(sent("webhook_url"), ctx.config.security)
+        if "webhook_url" in body else None,
+        "events": check_events(sent("events"), ctx.config.events, kept=before.events) if "events" in body else None,
+        "channels": check_channels(sent("channels")) if "channels" in body else None,
+        "payload_filter": check_filter(sent("filter")) if "filter" in body else None,
+        "ordering": check_ordering(sent("ordering")) if "ordering" in body else None,
+        "status": sent("status"),
+        "reason": check_status_change(before, body, caller),
+        "max_rate_per_s": (check_max_rate(sent("max_rate_per_s")) or 0.0) if "max_rate_per_s" in body else None,
+        "contact_email": (check_contact_email(sent("contact_email")) or "") if "contact_email" in body else None,
+    }
+
+
+def changed_fields(before: Partner, body: dict[str, Any], change: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What a PATCH changes, ``{field: {"from": old, "to": new}}`` in the API's names, for the audit
+    trail: the fields ``body`` sent that differ from ``before`` (a suspension's reason goes with it)."""
+    old = {"webhook_url": before.webhook_url, "events": list(before.events), "channels": list(before.channels),
+           "filter": before.payload_filter, "ordering": before.ordering, "status": before.status,
            "reason": before.suspended_reason, "max_rate_per_s": before.max_rate_per_s,
-           "contact_email": before.contact_email, "channels": list(before.channels), "filter": before.payload_filter,
-           "ordering": before.ordering}
-    new = {**after, "status": body.get("status")}
+           "contact_email": before.contact_email}
+    new = {**change, "filter": change["payload_filter"] or None, "max_rate_per_s": change["max_rate_per_s"] or None,
+           "contact_email": change["contact_email"] or None}
     return {name: {"from": old[name], "to": new[name]} for name in old
             if (name in body or name == "reason" and "status" in body) and old[name] != new[name]}
 

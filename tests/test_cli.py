@@ -274,5 +274,10 @@ def test_channels_filters_and_targeted_publishes_from_the_command_line(serve_fac
     assert changed["channels"] == ["tour_9"] and fanout("--channels", "tour_2") == 0
     bad = _run(serve, "partners", "filter", euro["partner_id"], "--filter", '{"currency": {}}')
     assert bad.returncode == 1 and "'filter'" in bad.stderr
+    ordered = add("Ledger", "--ordering", "fifo")
+    assert ordered["ordering"] == "fifo" and euro["ordering"] == "concurrent"
+    back = json.loads(_ok(_run(serve, "partners", "ordering", ordered["partner_id"], "--ordering", "concurrent",
+                                "--json")))
+    assert back["ordering"] == "concurrent"
     replayed = _run(serve, "replay", other["partner_id"], "--since", "0", "--json")
     assert json.loads(_ok(replayed)) == {"replayed": 1}             # its one event: the one named for it
