@@ -323,6 +323,32 @@ def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
     return _show(args, _api(config, "GET", "/audit", query=query), AUDIT_COLUMNS)
 
 
+def _cmd_trace(args: argparse.Namespace, config: Config) -> int:
+    """An event's story, as lines a person reads (``--json``: the API's answer)."""
+    story = _api(config, "GET", f"/events/{args.event_id}/trace")
+    if args.json:
+        return _show(args, story)
+    print(f"{story['event_id']}  {story['event']}  published {_cell('at', int(story['published_at']))}"
+          f"  to {story['fanout']} partners")
+    for d in story["deliveries"]:
+        print(f"\n{d['partner_id']}  {d['delivery_id']}  now {d['state']}")
+        for step in d["steps"]:
+            print(f"  {_cell('at', int(step['at']))}  {step['step']:<9} {_step_line(step)}")
+    return 0
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    if step["step"] != "attempt":
+        return step.get("detail") or ""
+    answer = f"HTTP {step['status_code']}" if step["status_code"] else step["error"] or "no answer"
+    line = f"#{step['attempt']} {answer} in {step['duration_ms']} ms"
+    if step.get("error_detail"):
+        line += f" ({step['error_detail']})"
+    if step.get("next"):
+        line += f" -> {step['next']['state']}: {step['next']['why']}"
+    return line
+
+
 def _cmd_replay(args: argparse.Namespace, config: Config) -> int:
     """Every call replays at most 1,000 events; go on with the cursor until the window is done."""
     query: dict[str, Any] = {"since": args.since, "until": args.until, "event": args.event, "limit": 1000}
@@ -440,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--action", help="only this action, e.g. partner.suspended")
     audit.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
     audit.set_defaults(handler=_cmd_audit)
+
+    trace = commands.add_parser("trace", parents=[with_config, as_json],
+                                help="one event's whole story: every attempt, its signatures, what came next and why")
+    trace.add_argument("event_id")
+    trace.set_defaults(handler=_cmd_trace)
 
     replay = commands.add_parser("replay", parents=[with_config, as_json],
                                  help="send a partner every event of a time window again, delivered ones too")

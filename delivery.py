@@ -119,14 +119,20 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random)
     return delay / 2 + rng.uniform(0, delay / 2)
 
 
-def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: float) -> tuple[str, float]:
-    """The delivery's next state and due time after one attempt."""
+def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: float) -> tuple[str, float, str]:
+    """The delivery's next state and due time after one attempt, and why, in words (its trace)."""
     if sent.attempt.error is None:
-        return "delivered", now
+        return "delivered", now, "the partner answered 2xx"
     if job.attempt >= job.max_attempts:
-        return "failed", now
+        return "failed", now, f"attempt {job.attempt} of {job.max_attempts} failed: no attempt left"
     delay = backoff_delay(job.attempt, settings.backoff_base_s, settings.backoff_max_s, rng)
-    return "pending", now + max(delay, sent.retry_after_s or 0.0)
+    if (sent.retry_after_s or 0.0) > delay:
+        return "pending", now + sent.retry_after_s, (  # type: ignore[operator]
+            f"the partner's Retry-After asked for {sent.retry_after_s:.0f} s, longer than the backoff ({delay:.1f} s)")
+    ceiling = min(settings.backoff_max_s, settings.backoff_base_s * 2 ** (job.attempt - 1))
+    return "pending", now + delay, (f"backoff after attempt {job.attempt} of {job.max_attempts}: "
+                                    f"{ceiling / 2:g}-{ceiling:g} s (base {settings.backoff_base_s:g} s doubled per "
+                                    f"attempt, at most {settings.backoff_max_s:g} s), drawn {delay:.1f} s")
 
 
 # --- The loop -------------------------------------------------------------------------
@@ -447,12 +453,18 @@ class DeliveryLoop:
         now = self.clock()
         if sent.attempt.status_code == 429:
             self.pacer.slow_down(job.partner_id, rate, now)
-        state, next_at = decide(job, sent, self.settings, self.rng, now)
+        state, next_at, why = decide(job, sent, self.settings, self.rng, now)
         paused_before = self.breakers.paused_until(job.partner_id)
         failing_since, failing_changed, disable_reason = self.breakers.record(job, sent, now)
         paused_after = self.breakers.paused_until(job.partner_id)
+        if paused_after > paused_before:
+            why += f"; this failure paused the partner (its circuit) for {paused_after - now:.0f} s"
+        if disable_reason:
+            why += f"; the partner was disabled: {disable_reason}"
+        decision = {"state": state, "wait_s": round(next_at - now, 3), "why": why}
         return Outcome(
-            delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=sent.attempt, state=state,
+            delivery_id=job.delivery_id, partner_id=job.partner_id,
+            attempt=dataclasses.replace(sent.attempt, decision=decision), state=state,
             next_attempt_at=next_at, partner_failing_since=failing_since,
             partner_failing_changed=failing_changed, disable_reason=disable_reason,
             paused_until=paused_after if paused_after > paused_before else None,

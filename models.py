@@ -96,6 +96,8 @@ class Attempt:
     response_snippet: str | None
     url: str | None = None   # where this attempt went (a partner's URL can change between attempts)
     error_detail: str | None = None  # what happened, in a few words a partner can act on (never a secret)
+    signatures: dict[str, str] | None = None  # the signature headers as sent (GET /events/{id}/trace)
+    decision: dict[str, Any] | None = None    # what came next and why: {"state", "wait_s", "why"}
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,19 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                        "deliveries": {"type": "array", "items": _ref("Delivery"),
                                       "description": "the first 200; page with GET /deliveries?event_id="},
                        "more_deliveries": {"type": "boolean"}}),
+        "Trace": _obj({
+            "event_id": STRING, "event": STRING, "published_at": {"type": "number"},
+            "idempotency_key": {"type": ["string", "null"]}, "audience": {"type": ["object", "null"]},
+            "body": {"type": "string", "description": "the exact bytes every partner was sent (and signed)"},
+            "fanout": {"type": "integer"},
+            "deliveries": {"type": "array", "items": _obj({
+                "delivery_id": STRING, "partner_id": STRING, "state": {"enum": STATES},
+                "steps": {"type": "array", "items": {
+                    "type": "object", "required": ["at", "step"],
+                    "properties": {"at": {"type": "number"}, "step": {"enum": [
+                        "queued", "waited", "attempt", "retried", *STATES]}},
+                    "description": "queued, waited, attempt (request_headers, signed: the string each scheme "
+                                   "signed, the answer, next: what came next and why), retried, then the state"}}})}}),
         "Delivery": _obj(delivery),
         "DeliveryDetail": _obj({**delivery, "attempts": {"type": "array", "items": _obj(attempt)}}),
         "DeliveryList": _list_of("Delivery"),
@@ -262,6 +275,9 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                      "description": "event i gets a key of its own, made of this one and i"}])}},
         "/events/{event_id}": {"get": _op("An event and its deliveries", 200, "Event",
                                           params=[_path("event_id", "an event id")])},
+        "/events/{event_id}/trace": {"get": _op(
+            "The event's whole story: each attempt's request, signatures and strings signed, answer, and what "
+            "came next and why", 200, "Trace", params=[_path("event_id", "an event id")])},
         "/deliveries": {"get": _op("Deliveries, newest first", 200, "DeliveryList", params=[
             *PAGE, _query("partner_id", STRING, "only this partner"), _query("state", states, "only this state"),
             _query("event", STRING, "only this event type"), _query("event_id", STRING, "only this event")])},

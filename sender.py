@@ -77,6 +77,9 @@ class _Answer:
 # --- The request --------------------------------------------------------------------------
 
 
+SIGNATURE_HEADERS = ("X-Webhook-Signature", "webhook-signature")  # kept with each attempt, for its trace
+
+
 def build_headers(job: Job, timestamp: int, user_agent: str) -> dict[str, str]:
     """Every header of an outgoing webhook, as the SPEC lists them."""
     current_secret = job.secrets[0]
@@ -393,9 +396,11 @@ class Sender:
         started = self.clock()
         answer = _Answer()
         retry_after: float | None = None
+        signatures = None
         try:
             target = parse_target(job.url, self.settings.allowed_ports)
             headers = build_headers(job, int(started), self.settings.user_agent)
+            signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
             async with asyncio.timeout(self.settings.timeout_s):
                 await self._post(target, _request_bytes(target, headers, job.body), answer)
             error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)
@@ -412,7 +417,7 @@ class Sender:
             retry_after = parse_retry_after(answer.retry_after, self.clock(), self.settings.retry_after_max_s)
         attempt = Attempt(attempt=job.attempt, started_at=started, duration_ms=int((self.clock() - started) * 1000),
                           status_code=answer.status, error=error, response_snippet=answer.snippet, url=job.url,
-                          error_detail=detail)
+                          error_detail=detail, signatures=signatures)
         return Sent(attempt, retry_after)
 
     async def _post(self, target: Target, request: bytes, answer: _Answer) -> None:

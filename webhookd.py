@@ -60,6 +60,7 @@ import openapi
 import realtime
 import signing
 import targets
+import timeline
 from config import FIELD_TYPES, Config, SecurityConfig, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event, NewEvent, Partner
@@ -738,6 +739,22 @@ async def get_event(request: Request) -> JSONResponse:
                          "more_deliveries": page.next_cursor is not None})
 
 
+async def trace_event(request: Request) -> JSONResponse:
+    """``GET /events/{id}/trace``: the event's whole story, partner by partner (``timeline.py``):
+    each attempt's request with its signatures and the strings they signed, the answer, and what
+    came next and why. Its first 200 deliveries."""
+    ctx = context(request)
+    event_id = request.path_params["event_id"]
+    event = await db(ctx.store.get_event, event_id)
+    if event is None:
+        raise ApiError(404, "event_not_found", f"No event with id {event_id!r}.")
+    deliveries = await db(ctx.store.event_deliveries, event_id, limit=200)
+    retries: dict[str, list[AuditEntry]] = {}
+    for entry in await db(ctx.store.audit_for, [d.id for d in deliveries]):
+        retries.setdefault(entry.target or "", []).append(entry)
+    return JSONResponse(timeline.event_story(event, deliveries, retries, user_agent=f"webhookd/{__version__}"))
+
+
 # =====================================================================================
 # 3. Deliveries
 # =====================================================================================
@@ -936,6 +953,7 @@ ROUTES = [
     route("POST", "/events", publish_event, ADMIN),
     route("POST", "/events/batch", publish_batch, ADMIN),
     route("GET", "/events/{event_id}", get_event, ADMIN),
+    route("GET", "/events/{event_id}/trace", trace_event, ADMIN),
     route("GET", "/deliveries", list_deliveries, CALLER),
     route("GET", "/deliveries/{delivery_id}", get_delivery, CALLER),
     route("POST", "/deliveries/{delivery_id}/retry", retry_delivery, CALLER),

@@ -174,6 +174,8 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     shown = _ok(_run(serve, "deliveries", failed[0]["delivery_id"]))
     assert "ERROR_DETAIL" in shown and shown.count("the partner answered 500") == 2
     assert _column(_ok(_run(serve, "partners", "list")), pid, "CIRCUIT") == "open"
+    story = _ok(_run(serve, "trace", event["event_id"]))
+    assert "#1 HTTP 500" in story and "#2 HTTP 500" in story and "no attempt left" in story and "backoff" in story
 
     receiver.default = (200, 0)
     assert "pending" in _ok(_run(serve, "retry", failed[0]["delivery_id"]))

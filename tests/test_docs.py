@@ -52,3 +52,21 @@ def test_every_module_is_in_the_layout_the_architecture_page_and_the_install():
         assert f"`{module}.py`" in architecture, f"{module}.py missing from docs/architecture.md"
     installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
     assert sorted(installed) == modules
+
+
+def test_the_spanish_partner_guide_is_the_same_guide():
+    """docs/partners.es.md is kept in step with docs/partners.md: the same numbered sections and
+    every code block — every command a partner runs — the same, line for line."""
+    import re
+
+    def blocks(text: str) -> list[str]:
+        return re.findall(r"^```\w*\n(.*?)^```", text, flags=re.S | re.M)
+
+    def sections(text: str) -> list[str]:
+        return re.findall(r"^## (\d+)\.", text, flags=re.M)
+
+    english = (ROOT / "docs" / "partners.md").read_text()
+    spanish = (ROOT / "docs" / "partners.es.md").read_text()
+    assert sections(spanish) == sections(english) and len(sections(english)) >= 8
+    assert blocks(spanish) == blocks(english), "a code block differs: update docs/partners.es.md with the English"
+    assert "partners.es.md" in english and "partners.md" in spanish
