@@ -184,6 +184,14 @@ def test_dashboard_shows_a_failed_delivery_and_retries_it(browser_ready, webhook
             expect(detail.get_by_test_id("attempt-snippet").first).to_have_text('{"status":"error"}')
             expect(detail.get_by_test_id("attempt-error-detail").first).to_have_text("the partner answered 500")
 
+            # Its story: three attempts, each with the exact string it signed and why the next step came.
+            detail.get_by_test_id("story").locator("summary").click()
+            expect(detail.get_by_test_id("story-step")).to_have_text(
+                ["queued", "attempt", "attempt", "attempt", "failed"])
+            expect(detail.get_by_test_id("story-signed")).to_have_count(6)   # two schemes per attempt
+            expect(detail.get_by_test_id("story-next").last).to_contain_text("no attempt left")
+            detail.get_by_test_id("story").screenshot(path=tmp_path / "dashboard-story.png")
+
             _no_placeholder_words(page)
             page.screenshot(path=tmp_path / "dashboard-failed.png")
 
