@@ -864,11 +864,35 @@ async def prometheus_metrics(request: Request) -> Response:
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-async def dashboard(request: Request) -> Response:
-    """``GET /dashboard``: one static page; it asks for the admin token and calls the API itself."""
-    return FileResponse(STATIC / "dashboard.html", media_type="text/html", headers={
+def static_page(name: str) -> Response:
+    """A page of ``static/``: its own policy is in its <meta>; these headers add what a <meta> cannot."""
+    return FileResponse(STATIC / name, media_type="text/html", headers={
         "Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY",
         "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+
+async def dashboard(request: Request) -> Response:
+    """``GET /dashboard``: one static page; it asks for the admin token and calls the API itself."""
+    return static_page("dashboard.html")
+
+
+async def portal(request: Request) -> Response:
+    """``GET /portal``: the partners' own page (English or Spanish). It asks for a partner API key
+    and calls the API with it, so it sees what that key may see: its partner, nothing else."""
+    return static_page("portal.html")
+
+
+async def who_am_i(request: Request) -> JSONResponse:
+    """``GET /me``: the partner whose API key this is (the portal's first call). The admin token is
+    not a partner: 403, pointing at the dashboard."""
+    caller = caller_of(request)
+    if caller.is_admin:
+        raise ApiError(403, "not_a_partner", "This is the admin token: /me and the portal are for partner API keys. "
+                                             "The admin's page is /dashboard.")
+    partner = await known_partner(context(request).store, caller.partner_id or "")
+    if partner is None:
+        raise partner_not_found(caller.partner_id)
+    return JSONResponse(partner_json(partner, context(request)))
 
 
 async def stats(request: Request) -> JSONResponse:
@@ -964,6 +988,8 @@ ROUTES = [
     route("GET", "/stats", stats, ADMIN),
     route("GET", "/audit", list_audit, ADMIN),
     route("GET", "/dashboard", dashboard, PUBLIC),
+    route("GET", "/portal", portal, PUBLIC),
+    route("GET", "/me", who_am_i, CALLER),
     route("GET", "/openapi.json", openapi_document, PUBLIC),
     WebSocketRoute("/ws", live_notifications),
     route("GET", "/ws", websocket_required, PUBLIC),  # the same path asked for over plain HTTP

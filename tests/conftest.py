@@ -45,6 +45,27 @@ ADMIN_TOKEN = "adm_test_token_0123456789abcdefghijklmnop"
 assert sitecustomize.GUARD_INSTALLED
 
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser_ready() -> None:
+    """Install chromium and Playwright when missing (the dashboard and portal tests); fail, never
+    skip, when still missing."""
+    import importlib
+
+    subprocess.run(["bash", str(ROOT / "scripts" / "ensure-browser.sh"), sys.executable], check=True, timeout=900)
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing after scripts/ensure-browser.sh")
+    importlib.invalidate_caches()
+    try:
+        importlib.import_module("playwright.sync_api")
+    except ImportError as exc:
+        pytest.fail(f"Playwright is not importable after scripts/ensure-browser.sh: {exc}")
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
