@@ -96,6 +96,13 @@ class Breakers:
             return "open"
         return "half_open" if health.opened_at is not None else "closed"
 
+    def is_open(self, partner_id: str) -> bool:
+        """Whether the circuit has opened on failures and not yet closed on a success (whatever
+        the clock: open or half-open)."""
+        with self._lock:
+            health = self._health.get(partner_id)
+            return health is not None and health.opened_at is not None
+
     def describe(self, partner_id: str, now: float) -> dict[str, Any]:
         """The circuit as the API shows it."""
         state = self.state(partner_id, now)

@@ -129,6 +129,20 @@ class RealtimeConfig:
     client_queue: int = 100
 
 
+# What webhookd alerts the operator about ([alerts] events; alerts.py).
+ALERT_KINDS = ("circuit_opened", "circuit_closed", "partner_disabled", "partner_enabled", "deliveries_failed",
+               "backlog_old")
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    url: str = ""                            # where webhookd's own signed alerts go; empty: no alerts
+    secret: str = ""                         # their signing secret (at least 16 characters); required with url
+    events: tuple[str, ...] = ALERT_KINDS    # which alerts to send
+    interval_s: float = 300.0                # failed deliveries: one alert per partner per interval, with the count
+    oldest_pending_s: float = 3600.0         # an alert when an active partner's oldest pending delivery is older
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -137,11 +151,13 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     events: dict[str, dict[str, str]] = field(default_factory=lambda: dict(GUIDE_CATALOG))  # type -> field -> JSON type
 
 
 SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": SecurityConfig,
-            "delivery": DeliveryConfig, "retention": RetentionConfig, "realtime": RealtimeConfig}
+            "delivery": DeliveryConfig, "retention": RetentionConfig, "realtime": RealtimeConfig,
+            "alerts": AlertsConfig}
 
 # Keys that must be positive numbers; the message says what the number means.
 POSITIVE = {
@@ -175,6 +191,8 @@ POSITIVE = {
     "retention.audit_max_age_s": "a number of seconds",
     "realtime.token_ttl_s": "a number of seconds",
     "realtime.client_queue": "a number of messages",
+    "alerts.interval_s": "a number of seconds",
+    "alerts.oldest_pending_s": "a number of seconds",
 }
 
 
@@ -224,7 +242,8 @@ def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # Dataclass fields carry their type as a string (``from __future__ import annotations``).
-_KINDS = {"str": str, "int": int, "float": float, "float | None": float, "bool": bool, "tuple[int, ...]": tuple}
+_KINDS = {"str": str, "int": int, "float": float, "float | None": float, "bool": bool, "tuple[int, ...]": tuple,
+          "tuple[str, ...]": list}
 
 
 def _read_section(name: str, cls: type, table: Any, environ: dict[str, str]) -> Any:
@@ -252,6 +271,11 @@ def _coerce(key: str, value: Any, kind: type, from_env: bool) -> Any:
     """Turn a TOML or environment value into ``kind``, or raise a ConfigError naming the key."""
     if kind is tuple:
         return _coerce_ports(key, value, from_env)
+    if kind is list:  # a list of words: a TOML array, or comma-separated in the environment
+        items = [v.strip() for v in value.split(",") if v.strip()] if from_env else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"Config '{key}' has value {value!r}. Expected a list of words like [\"a\", \"b\"].")
+        return tuple(items)
     expected = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[kind]
     if from_env and kind is not str:
         text = value.strip().lower()
@@ -301,11 +325,26 @@ def _check_values(sections: dict[str, Any]) -> None:
     if url and not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("Config 'storage.url' is not a PostgreSQL URL. Expected postgresql://user:password@host/db "
                           "(or leave it empty for the SQLite file in storage.path).")
+    _check_alerts(sections["alerts"])
     if url and not sections["security"].admin_token:
         # Several processes, maybe on several machines, must agree on one token; a file
         # written beside each one's storage.path would give each its own.
         raise ConfigError("Config 'security.admin_token' is empty while 'storage.url' is set. Expected the admin "
                           "token every webhookd process on that database shares (or WEBHOOKD_ADMIN_TOKEN).")
+
+
+def _check_alerts(alerts: AlertsConfig) -> None:
+    unknown = [e for e in alerts.events if e not in ALERT_KINDS]
+    if unknown:
+        raise ConfigError(f"Config 'alerts.events' has {unknown[0]!r}. Expected some of: {', '.join(ALERT_KINDS)}.")
+    if not alerts.url:
+        return
+    if not alerts.url.startswith(("http://", "https://")):
+        raise ConfigError("Config 'alerts.url' is not an http(s) URL. Expected where the alerts go, like "
+                          "https://ops.example.com/webhookd-alerts (or leave it empty for no alerts).")
+    if len(alerts.secret) < 16:
+        raise ConfigError("Config 'alerts.secret' must be at least 16 characters when 'alerts.url' is set: the "
+                          "alerts are signed with it, as partners' webhooks are with theirs (WEBHOOKD_ALERTS_SECRET).")
 
 
 def _check_catalog(raw: Any) -> dict[str, dict[str, str]]:

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from alerts import Alerts
 from breakers import Breakers, Pacer
 from config import Config, DeliveryConfig
 from metrics import Metrics
@@ -149,8 +150,10 @@ class DeliveryLoop:
     """
 
     def __init__(self, store: Store, settings: Settings, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None):
+                 clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
+                 alerts: Alerts | None = None):
         self.store = store
+        self.alerts = alerts
         self.metrics = metrics or Metrics()
         self.settings = settings
         self.rng = rng or random.Random()
@@ -454,9 +457,10 @@ class DeliveryLoop:
         if sent.attempt.status_code == 429:
             self.pacer.slow_down(job.partner_id, rate, now)
         state, next_at, why = decide(job, sent, self.settings, self.rng, now)
-        paused_before = self.breakers.paused_until(job.partner_id)
+        paused_before, open_before = self.breakers.paused_until(job.partner_id), self.breakers.is_open(job.partner_id)
         failing_since, failing_changed, disable_reason = self.breakers.record(job, sent, now)
         paused_after = self.breakers.paused_until(job.partner_id)
+        self._alert(job, state, open_before, disable_reason, now)
         if paused_after > paused_before:
             why += f"; this failure paused the partner (its circuit) for {paused_after - now:.0f} s"
         if disable_reason:
@@ -469,6 +473,22 @@ class DeliveryLoop:
             partner_failing_changed=failing_changed, disable_reason=disable_reason,
             paused_until=paused_after if paused_after > paused_before else None,
             event_id=job.event_id, created_at=job.created_at)
+
+    def _alert(self, job: Job, state: str, open_before: bool, disable_reason: str | None, now: float) -> None:
+        """What of this attempt the operator is told (alerts.py): a circuit that opened or closed,
+        a partner disabled, a delivery that ended failed."""
+        if self.alerts is None:
+            return
+        open_after = self.breakers.is_open(job.partner_id)
+        if open_after and not open_before:
+            self.alerts.note("circuit_opened", job.partner_id, "its circuit opened: "
+                             f"{self.breakers.describe(job.partner_id, now)['recent_failures']} failed attempts in a row")
+        elif open_before and not open_after:
+            self.alerts.note("circuit_closed", job.partner_id, "its circuit closed: an attempt succeeded")
+        if disable_reason:
+            self.alerts.note("partner_disabled", job.partner_id, f"disabled: {disable_reason}")
+        if state == "failed":
+            self.alerts.failed(job.partner_id, now)
 
     def _report(self, o: Outcome, now: float) -> None:
         """One log line and the metrics of one attempt (in the recorder: one thread, no lock fights)."""

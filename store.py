@@ -745,6 +745,18 @@ class Store:
             _write_audit(db, audit, cancelled_deliveries=cancelled)
             return cancelled
 
+    def ensure_system_partner(self, partner_id: str, *, name: str, url: str, secret: str, now: float) -> None:
+        """A partner of webhookd's own (the alerts' receiver), made to match the config: created,
+        or its URL and secret set again, and active. It has no usable API key."""
+        with self._partner_write(partner_id) as db:
+            db.execute(
+                """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash, created_at, updated_at)
+                   VALUES (:id, :name, :url, 'active', :secret, :key, :now, :now)
+                   ON CONFLICT (id) DO UPDATE SET name = :name, webhook_url = :url, secret = :secret,
+                                                  status = 'active', updated_at = :now""",
+                {"id": partner_id, "name": name, "url": url, "secret": secret, "key": f"system:{partner_id}",
+                 "now": now})
+
     @contextmanager
     def _partner_write(self, partner_id: str, action: str = "changed") -> Iterator[Any]:
         """A transaction that changes a partner; the in-memory copy is read again after its
@@ -1044,6 +1056,15 @@ class Store:
                    FROM deliveries WHERE state IN ('delivered', 'failed') AND updated_at >= :since
                    GROUP BY minute, state ORDER BY minute""", {"since": since}).fetchall()
         return [(int(row["minute"]), row["state"], row["n"]) for row in rows]
+
+    def oldest_pending(self, *, exclude: str) -> tuple[str, float] | None:
+        """The partner and publish time of the oldest pending delivery of an active partner (but
+        ``exclude``): what the backlog alert watches. A scan of the pending rows."""
+        with self._reader() as db:
+            row = db.execute("""SELECT d.partner_id, d.created_at FROM deliveries d JOIN partners p ON p.id = d.partner_id
+                                WHERE d.state = 'pending' AND p.status = 'active' AND d.partner_id <> :exclude
+                                ORDER BY d.created_at LIMIT 1""", {"exclude": exclude}).fetchone()
+        return (row["partner_id"], row["created_at"]) if row else None
 
     def next_due_at(self, skip: list[str] | None = None) -> float | None:
         """When the earliest pending delivery of an active partner not in ``skip`` falls due."""

@@ -47,6 +47,7 @@ from models import AuditEntry
 if TYPE_CHECKING:
     import metrics
     import realtime
+    from alerts import Alerts
     from config import Config
     from delivery import DeliveryLoop
     from models import Partner
@@ -215,6 +216,7 @@ class Context:
     registration_limit: RateLimiter
     partner_write_limit: RateLimiter
     metrics: metrics.Metrics
+    alerts: Alerts
 
 
 def context(request: Request) -> Context:

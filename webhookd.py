@@ -61,6 +61,7 @@ import realtime
 import signing
 import targets
 import timeline
+from alerts import Alerts
 from config import FIELD_TYPES, Config, SecurityConfig, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event, NewEvent, Partner
@@ -352,6 +353,8 @@ async def update_partner(request: Request) -> JSONResponse:
         raise partner_not_found(partner_id)
     if status == "active":
         ctx.loop.partner_reactivated(partner_id)  # the other processes were told by the store
+        if before.status == "disabled":
+            ctx.alerts.note("partner_enabled", partner_id, f"made active again by the {audit.actor}")
     logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
     return JSONResponse(partner_json(partner, ctx))
 
@@ -1007,7 +1010,9 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     @asynccontextmanager
     async def lifespan(app: Starlette):
         ctx = app.state.ctx = build_context(config, clock, rng)
+        await asyncio.to_thread(ctx.alerts.install, clock())
         await ctx.loop.start()
+        await ctx.alerts.start(wake=ctx.loop.wake)
         log_stale_subscriptions(ctx.store, config.events)
         stop_listening = _listen_to_other_processes(ctx)
         logger.info("webhookd %s ready; database %s", __version__, ctx.store.engine.describe())
@@ -1015,6 +1020,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
             yield
         finally:
             await asyncio.to_thread(stop_listening)
+            await ctx.alerts.stop()
             await ctx.loop.stop()
             ctx.store.close()
 
@@ -1047,7 +1053,8 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
     store = Store(config.storage.target)
     counters = metrics.Metrics()
     settings = delivery.Settings.from_config(config, user_agent=f"webhookd/{__version__}")
-    loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters)
+    alerts = Alerts(config.alerts, store, clock, new_id, max_attempts=config.delivery.max_attempts)
+    loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters, alerts=alerts)
     token = admin_token(config)
     tokens = realtime.Tokens(hmac.new(token.encode(), b"webhookd realtime tokens", hashlib.sha256).digest(),
                              config.realtime.token_ttl_s)
@@ -1065,7 +1072,8 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
         inbound_limit=limit("inbound", sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s),
         inbound_failure_limit=limit("refused", sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s),
         registration_limit=limit("registration", sec.registration_rate_per_min / 60, sec.registration_rate_per_min),
-        partner_write_limit=limit("partner_writes", sec.partner_writes_per_min / 60, sec.partner_writes_per_min))
+        partner_write_limit=limit("partner_writes", sec.partner_writes_per_min / 60, sec.partner_writes_per_min),
+        alerts=alerts)
 
 
 def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.DeliveryLoop,

@@ -319,13 +319,16 @@ def make_config(tmp_path: Path, **overrides: Any):
                      breaker_cooldown_max_s=0.5)
     storage: dict[str, Any] = dict(path=str(tmp_path / "webhookd.db"))
     retention: dict[str, Any] = {}
+    alerts: dict[str, Any] = {}
     catalog = overrides.pop("events", cfg.events)
     for key, value in overrides.items():
         section, name = key.split("__")
-        {"security": security, "delivery": deliveryc, "storage": storage, "retention": retention}[section][name] = value
+        {"security": security, "delivery": deliveryc, "storage": storage, "retention": retention,
+         "alerts": alerts}[section][name] = value
     return dataclasses.replace(
         cfg,
         events=catalog,
+        alerts=dataclasses.replace(cfg.alerts, **alerts),
         retention=dataclasses.replace(cfg.retention, **retention),
         storage=config.StorageConfig(**storage),
         security=dataclasses.replace(cfg.security, **security),

@@ -1,0 +1,68 @@
+"""Operational alerts ([alerts]): webhookd's own signed webhooks to the operator, through the same
+engine — a circuit that opens, failed deliveries grouped per partner — and an alert receiver that
+is down holds up no partner's deliveries."""
+
+import time
+
+from conftest import ShiftedClock, wait_for
+from payloads import PAYMENT_SUCCESS
+
+ALERT_SECRET = "alerts-secret-0123456789"
+ALERTS_PARTNER = "partner_webhookdalerts"
+
+
+def alerts_of(receiver, kind: str) -> list:
+    return [r for r in receiver.received if r.json.get("alert") == kind]
+
+
+def test_a_failing_partner_gives_one_circuit_alert_and_one_grouped_failed_alert(webhookd_factory, receiver_factory):
+    clock = ShiftedClock()
+    alarm = receiver_factory(secret=ALERT_SECRET)
+    hub = webhookd_factory(clock=clock, alerts__url=alarm.url, alerts__secret=ALERT_SECRET, alerts__interval_s=60.0,
+                           delivery__max_attempts=1, delivery__breaker_threshold=3, delivery__breaker_span_s=0.01,
+                           delivery__breaker_cooldown_s=600.0, delivery__breaker_cooldown_max_s=600.0)
+    broken = receiver_factory(default=(500, 0.0))
+    partner = hub.register(broken.url, ["payment.success"], name="Broken Bus")
+    for i in range(6):
+        assert hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
+    wait_for(lambda: alerts_of(alarm, "circuit_opened"), timeout=15)
+    failed = wait_for(lambda: hub.deliveries(partner_id=partner["partner_id"], state="failed"))
+    time.sleep(1.0)  # a second alert, or a failed-deliveries alert before its window ends, would show now
+    assert len(alerts_of(alarm, "circuit_opened")) == 1 and alerts_of(alarm, "deliveries_failed") == []
+    failed = hub.deliveries(partner_id=partner["partner_id"], state="failed")
+
+    clock.advance(61)  # the failures' window ends: one alert, with their count
+    grouped = wait_for(lambda: alerts_of(alarm, "deliveries_failed"), timeout=15)
+    time.sleep(1.0)
+    assert len(alerts_of(alarm, "deliveries_failed")) == 1 and grouped[0].json["count"] == len(failed) >= 3
+    opened = alerts_of(alarm, "circuit_opened")[0]
+    assert opened.json["partner_id"] == partner["partner_id"] and opened.json["partner_name"] == "Broken Bus"
+    assert opened.json["event"] == "webhookd.alert" and "failed attempts in a row" in opened.json["detail"]
+    assert all(r.guide_ok and r.raw_ok for r in alarm.received)       # signed with alerts.secret
+    sent = hub.deliveries(partner_id=ALERTS_PARTNER)                     # the same engine: stored, traceable
+    assert len(sent) == len(alarm.received) and {d["state"] for d in sent} == {"delivered"}
+    assert ALERT_SECRET not in hub.http.get(f"/partners/{ALERTS_PARTNER}", headers=hub.admin).text
+
+
+def test_an_alert_receiver_that_is_down_holds_up_no_partner(webhookd_factory, receiver_factory, black_hole):
+    """The alerts go to a black hole (accepts, never answers) while one partner keeps failing and
+    raising alerts; a healthy partner's 100 events, published 20 a second, all arrive, and at most
+    five of them later than 2 s after their publish (a count, not a timing on this machine)."""
+    hub = webhookd_factory(alerts__url=black_hole.url, alerts__secret=ALERT_SECRET, alerts__interval_s=0.2,
+                           delivery__max_attempts=1)
+    broken, healthy = receiver_factory(default=(500, 0.0)), receiver_factory()
+    hub.register(broken.url, ["booking.confirmed"], name="Broken")
+    hub.register(healthy.url, ["payment.success"], name="Healthy")
+    published: dict[str, float] = {}
+    for i in range(100):
+        hub.publish({"event": "booking.confirmed", "booking_id": f"b{i}", "tour_id": "t", "user_id": "u",
+                     "start_date": "2024-01-01", "end_date": "2024-01-02"})
+        published[hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).json()["event_id"]] = time.time()
+        time.sleep(0.05)
+    wait_for(lambda: len(healthy.received) >= 100, timeout=30)
+    arrived = {r.headers["x-webhook-id"]: r.at for r in healthy.received}
+    late = [e for e, at in published.items() if arrived[e] - at > 2.0]
+    assert set(arrived) == set(published) and len(late) <= 5, late
+    alerts = hub.deliveries(partner_id=ALERTS_PARTNER, limit="200")
+    assert len(alerts) >= 3 and any(d["attempt_count"] >= 1 for d in alerts)   # sent into the hole all along
+    assert not any(d["state"] == "delivered" for d in alerts)
