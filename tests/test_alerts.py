@@ -66,3 +66,37 @@ def test_an_alert_receiver_that_is_down_holds_up_no_partner(webhookd_factory, re
     alerts = hub.deliveries(partner_id=ALERTS_PARTNER, limit="200")
     assert len(alerts) >= 3 and any(d["attempt_count"] >= 1 for d in alerts)   # sent into the hole all along
     assert not any(d["state"] == "delivered" for d in alerts)
+
+
+def test_a_disabled_partner_an_enabled_one_and_an_old_backlog_are_told(webhookd_factory, receiver_factory):
+    """A 410 Gone disables a partner (partner_disabled); the admin makes it active again
+    (partner_enabled); a partner whose deliveries keep failing has a backlog that grows older than
+    oldest_pending_s (backlog_old, once per interval). A paused partner's backlog is left out."""
+    clock = ShiftedClock()
+    alarm = receiver_factory(secret=ALERT_SECRET)
+    hub = webhookd_factory(clock=clock, alerts__url=alarm.url, alerts__secret=ALERT_SECRET, alerts__interval_s=600.0,
+                           alerts__oldest_pending_s=3600.0, delivery__max_attempts=50, delivery__backoff_base_s=5.0,
+                           delivery__backoff_max_s=5.0)
+    gone = receiver_factory(default=(410, 0.0))
+    partner = hub.register(gone.url, ["payment.success"], name="Gone Tours")
+    hub.publish(PAYMENT_SUCCESS)
+    disabled = wait_for(lambda: alerts_of(alarm, "partner_disabled"), timeout=15)
+    assert disabled[0].json["partner_id"] == partner["partner_id"] and "410" in disabled[0].json["detail"]
+    gone.default = (503, 0.0)      # back, but failing: its deliveries wait, retried every 5 s
+    assert hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin,
+                          json={"status": "active"}).status_code == 200
+    enabled = wait_for(lambda: alerts_of(alarm, "partner_enabled"), timeout=15)
+    assert "the admin" in enabled[0].json["detail"]
+    assert alerts_of(alarm, "backlog_old") == []
+    clock.advance(3700)            # its oldest pending delivery is now over an hour old
+    old = wait_for(lambda: alerts_of(alarm, "backlog_old"), timeout=15)
+    assert old[0].json["partner_id"] == partner["partner_id"] and old[0].json["oldest_pending_s"] >= 3600
+    clock.advance(40)              # looked at again 30 s later: within the interval, no second alert
+    time.sleep(1.5)
+    assert len(alerts_of(alarm, "backlog_old")) == 1
+    assert hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin,
+                          json={"status": "paused"}).status_code == 200
+    clock.advance(700)             # past the interval, but paused: its backlog waits on purpose
+    time.sleep(1.5)
+    assert len(alerts_of(alarm, "backlog_old")) == 1
+    assert all(r.guide_ok for r in alarm.received)
