@@ -527,8 +527,15 @@ class DeliveryLoop:
             for delivery_id in lost:
                 logger.warning("delivery %s: result not recorded: its lease had been taken over, or it was "
                                "cancelled meanwhile", delivery_id)
-            if any(o.state == "pending" for o in batch):
-                self.wake()  # a retry may now be due earlier than the loop thought
+            if any(o.state == "pending" or self._in_order(o.partner_id) for o in batch):
+                # A retry may now be due earlier than the loop thought; a FIFO partner's next delivery
+                # may go now that the one ahead of it has ended (the attempt's end woke the loop
+                # before this record: then the head still looked in flight, due at its lease's end).
+                self.wake()
+
+    def _in_order(self, partner_id: str) -> bool:
+        partner = self.store.get_partner(partner_id)
+        return partner is not None and partner.ordering == "fifo"
 
     def _finish_with_retries(self, batch: list[Outcome], now: float) -> list[str] | None:
         """``store.finish_attempts``, tried again after a failure (a deadlock, the database away for

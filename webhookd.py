@@ -7,29 +7,33 @@ back to us, and a promoted offer reaches our users live over WebSocket.
 
 This file is the outbound API and the application, top to bottom:
 
-1. partners: register, read, change, rotate the secret, ping, recover failed deliveries;
-2. publishing: ``POST /events`` checks the payload against the catalog and answers 202
-   only once the event and its deliveries are on disk;
-3. deliveries: read them (a partner sees only its own) and retry a failed one;
-4. operations: health, metrics, the dashboard and its numbers, the OpenAPI document;
+1. partners: register, read, change (who may change a status), rotate the secret, reissue the
+   API key, delete, ping, recover failed deliveries, replay a time window;
+2. publishing: ``POST /events`` checks the payload against the catalog, takes out whom it is
+   for, and answers 202 only once the event and its deliveries are on disk; an event's trace;
+3. deliveries: read them (a partner sees only its own), retry a failed one, the audit trail;
+4. operations: health, metrics, the dashboard, the partners' portal, the OpenAPI document;
 5. the route table, which says who may call each route, and ``create_app``, whose
    lifespan opens the store and starts the delivery loop.
 
 Where the rest lives, in the order an event meets it:
 
-=================  ==================================================================
-``web.py``         what every route stands on: errors, credentials, access rules, rate
-                   limits, reading bodies, paging
-``store.py``       the SQLite schema and every SQL statement (publish, claim, record)
-``delivery.py``    the delivery loop: claim → one task per attempt on the sender
-                   thread → recorder; backoff, retention
-``breakers.py``    a partner's circuit breaker, failing streak and pace
-``sender.py``      one HTTP attempt in plain standard library; ``signing.py`` signs it
-``targets.py``     where a webhook may go: the URL rule and the SSRF address rule
-``inbound.py``     the other direction: verify → store once → 200 → offer on ``/ws``
-``realtime.py``    ``/ws`` tokens and the bounded fan-out of offers
-``config.py``      every config key and its default; ``cli.py`` the command line
-=================  ==================================================================
+====================  ===============================================================
+``web.py``            what every route stands on: errors, credentials, access rules,
+                      rate limits, reading bodies, paging
+``partner_fields.py`` what a partner's fields may hold (the 422s of registration, PATCH)
+``store.py``          both engines' schema and every SQL statement (publish, claim, record)
+``delivery.py``       the delivery loop: claim → one task per attempt on the sender
+                      thread → recorder; backoff, expiry, retention
+``breakers.py``       a partner's circuit breaker, failing streak and pace
+``sender.py``         one HTTP attempt in plain standard library; ``signing.py`` signs it
+``targets.py``        where a webhook may go: the URL rule and the SSRF address rule
+``timeline.py``       one event's story, from the rows the loop keeps
+``alerts.py``         webhookd's own signed alerts to the operator
+``inbound.py``        the other direction: verify → store once → 200 → offer on ``/ws``
+``realtime.py``       ``/ws`` tokens and the bounded fan-out of offers
+``config.py``         every config key and its default; ``cli.py`` the command line
+====================  ===============================================================
 
 ``docs/architecture.md`` draws the whole path, with every thread and task.
 """
@@ -41,7 +45,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -59,12 +62,24 @@ import metrics
 import openapi
 import realtime
 import signing
-import targets
 import timeline
 from alerts import Alerts
-from config import FIELD_TYPES, Config, SecurityConfig, admin_token
+from config import FIELD_TYPES, Config, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event, NewEvent, Partner
+from partner_fields import (
+    check_channels,
+    check_contact_email,
+    check_events,
+    check_filter,
+    check_max_rate,
+    check_ordering,
+    check_partner_name,
+    check_status_change,
+    check_webhook_url,
+    log_stale_subscriptions,
+    stale_subscriptions,
+)
 from store import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL, Store
 from web import (
     ACCESS_LOG_FILTER,
@@ -158,135 +173,6 @@ def event_json(event: Event) -> dict[str, Any]:
 # =====================================================================================
 # 1. Partners
 # =====================================================================================
-
-
-async def check_webhook_url(url: Any, security: SecurityConfig) -> str:
-    """A partner's URL: at most 2048 characters, no spaces, and ``targets.parse_target``'s rule
-    (http(s), a host, no user:password@, an allowed port); unless private targets are allowed,
-    a host that resolves only to public addresses. The sender checks the same before sending."""
-    if not isinstance(url, str) or not url:
-        raise invalid("webhook_url", "must be a non-empty string like 'https://example.com/webhooks'.")
-    if len(url) > 2048:
-        raise invalid("webhook_url", "must be at most 2048 characters long.")
-    if any(ord(c) < 33 or ord(c) == 127 for c in url):
-        raise invalid("webhook_url", "must not contain spaces or control characters.")
-    try:
-        target = targets.parse_target(url, security.allowed_ports)
-    except (targets.BadURL, targets.TargetRefused) as exc:
-        raise invalid("webhook_url", str(exc)) from None
-    if not security.allow_private_targets:
-        try:
-            await targets.resolve_target_async(target.host, target.port, False)
-        except targets.TargetRefused as exc:
-            raise invalid("webhook_url", f"must point at a public address: {exc}.") from None
-        except TimeoutError:
-            raise invalid("webhook_url", f"has a host whose DNS did not answer in time: {target.host!r}.") from None
-        except OSError:
-            raise invalid("webhook_url", f"has a host that does not resolve: {target.host!r}.") from None
-    return url
-
-
-def check_events(events: Any, catalog: dict[str, dict[str, str]], kept: tuple[str, ...] = ()) -> list[str]:
-    """Event types to subscribe to: each in the catalog, or among ``kept`` — the partner's
-    subscriptions now, which may name a type since removed from the catalog (a stale one; a PATCH
-    that leaves it in place is not an error)."""
-    valid = ", ".join(sorted(catalog))
-    if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
-        raise invalid("events", f"must be a non-empty list of event types. Valid types: {valid}.")
-    for event_type in events:
-        if event_type not in catalog and event_type not in kept:
-            raise invalid("events", f"has the unknown event type {event_type[:100]!r}. Valid types: {valid}.")
-    return sorted(set(events))
-
-
-def stale_subscriptions(partner: Partner, catalog: dict[str, dict[str, str]]) -> list[str]:
-    """The partner's subscriptions to event types no longer in the catalog: nothing is published
-    to them any more. Shown in ``GET /partners/{id}`` and logged at start-up."""
-    return [e for e in partner.events if e not in catalog]
-
-
-def log_stale_subscriptions(store: Store, catalog: dict[str, dict[str, str]]) -> None:
-    for partner in store.all_partners():
-        if stale := stale_subscriptions(partner, catalog):
-            logger.warning("partner %s is subscribed to %s, no longer in the event catalog ([events] in the "
-                           "config): nothing is published to them. Add them back, or PATCH the partner's events.",
-                           partner.id, ", ".join(stale))
-
-
-def check_max_rate(rate: Any) -> float | None:
-    """A partner's pace: attempts started per second (at most 10,000), or null for none."""
-    if rate is None:
-        return None
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.01 <= rate <= 10_000:
-        raise invalid("max_rate_per_s", "must be a number of requests per second from 0.01 to 10000, or null.")
-    return float(rate)
-
-
-EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
-
-
-def check_contact_email(email: Any) -> str | None:
-    """Whom the operator writes to: an address like name@example.com (at most 254 characters), or
-    null for none. Only its shape is checked; nothing is sent to it."""
-    if email is None:
-        return None
-    if not isinstance(email, str) or len(email) > 254 or not EMAIL.fullmatch(email) \
-            or any(ord(c) < 32 or ord(c) == 127 for c in email):
-        raise invalid("contact_email", "must be an email address like ops@example.com (at most 254 characters), "
-                                       "or null.")
-    return email
-
-
-CHANNEL = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-
-
-def check_channels(channels: Any, field: str = "channels", at_least: int = 0, at_most: int = 50) -> list[str]:
-    """Channel names, like ``tour_123`` or ``operator:acme``: letters, digits and ``_.:-``, 1-100
-    characters each."""
-    if not isinstance(channels, list) or not at_least <= len(channels) <= at_most \
-            or not all(isinstance(c, str) and CHANNEL.fullmatch(c) for c in channels):
-        raise invalid(field, f"must be a list of {at_least} to {at_most} channel names, each 1-100 letters, digits "
-                             "or _ . : - (like \"tour_123\").")
-    return sorted(set(channels))
-
-
-def check_filter(payload_filter: Any) -> dict[str, list[Any]]:
-    """A partner's payload filter: ``{"field": value or [values]}`` on top-level payload fields, at
-    most 20 fields and 100 values each; values are strings, numbers or booleans. An event reaches the
-    partner only if each field is one of its values (``Partner.accepts``). ``{}`` or null: none."""
-    if payload_filter is None:
-        return {}
-    if not isinstance(payload_filter, dict) or len(payload_filter) > 20:
-        raise invalid("filter", "must be an object of at most 20 payload fields, like {\"currency\": [\"EUR\"]}, "
-                                "or null.")
-    normal = {}
-    for name, values in payload_filter.items():
-        values = values if isinstance(values, list) else [values]
-        if not name or len(name) > 100 or not name.isprintable():
-            raise invalid("filter", f"has a field name that is not 1-100 printable characters: {name[:100]!r}.")
-        if not 1 <= len(values) <= 100 or not all(isinstance(v, (str, int, float)) for v in values) \
-                or any(isinstance(v, str) and len(v) > 500 for v in values):
-            raise invalid("filter", f"field {name[:100]!r} must be a string, number or boolean, or a list of 1 to "
-                                    "100 of them (strings up to 500 characters).")
-        normal[name] = values
-    return normal
-
-
-def check_ordering(ordering: Any) -> str:
-    if ordering not in ("concurrent", "fifo"):
-        raise invalid("ordering", "must be 'concurrent' (the default: many attempts at once) or 'fifo' (one at a "
-                                  "time, in publish order; a failing delivery holds the ones behind it).")
-    return ordering
-
-
-def check_partner_name(name: Any) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise invalid("partner_name", "must be a non-empty string.")
-    if len(name) > 200:
-        raise invalid("partner_name", "must be at most 200 characters long.")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise invalid("partner_name", "must not contain control characters.")
-    return name.strip()
 
 
 async def register_partner(request: Request) -> JSONResponse:
@@ -393,36 +279,6 @@ def changed_fields(before: Partner, body: dict[str, Any], change: dict[str, Any]
            "contact_email": change["contact_email"] or None}
     return {name: {"from": old[name], "to": new[name]} for name in old
             if (name in body or name == "reason" and "status" in body) and old[name] != new[name]}
-
-
-# Who may change a partner's status. The admin: anything among active, paused, suspended (with a
-# reason). The partner itself: pause and resume, and re-enable what the delivery loop disabled (its
-# endpoint, its fix); never out of or into "suspended", which is the admin's to decide.
-PARTNER_MAY = {("active", "paused"), ("paused", "active"), ("disabled", "active"), ("active", "active"),
-               ("paused", "paused")}
-
-
-def check_status_change(partner: Partner, body: dict[str, Any], caller: Any) -> str | None:
-    """The suspension reason to store (None unless suspending), or the 4xx that says why not:
-    a ``status`` (``null`` included) that is not one of the three, a ``reason`` without
-    ``"suspended"``, a change the caller may not make."""
-    status, reason = body.get("status"), body.get("reason")
-    if "reason" in body and status != "suspended":
-        raise invalid("reason", "goes with \"status\": \"suspended\" only.")
-    if "status" not in body:
-        return None
-    if status not in ("active", "paused", "suspended"):
-        raise invalid("status", "must be 'active', 'paused' or (admin only) 'suspended'.")
-    if not caller.is_admin and (partner.status, status) not in PARTNER_MAY:
-        if partner.status == "suspended":
-            raise ApiError(403, "suspended_by_admin", f"This partner was suspended by the admin "
-                                                      f"({partner.suspended_reason}); only the admin can lift it.")
-        raise ApiError(403, "admin_only", f"Only the admin can change a partner from {partner.status!r} to {status!r}.")
-    if status != "suspended":
-        return None
-    if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
-        raise invalid("reason", "must say why, in 1 to 500 characters, when suspending a partner.")
-    return reason.strip()
 
 
 async def rotate_secret(request: Request) -> JSONResponse:
