@@ -58,8 +58,11 @@ def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
     if not _is_loopback(host) and config.security.allow_private_targets:
         logger.warning("listening on %s with allow_private_targets = true: partners could reach your "
                        "internal network. Set [security] allow_private_targets = false.", host)
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 by default.
+    # Whom to believe is server.trusted_proxies' to say (web.RealClient), and by default nobody.
     uvicorn.run(create_app(config), host=host, port=port, log_level=config.server.log_level, log_config=None,
-                access_log=config.server.access_log, timeout_graceful_shutdown=int(config.delivery.timeout_s) + 2)
+                access_log=config.server.access_log, proxy_headers=False,
+                timeout_graceful_shutdown=int(config.delivery.timeout_s) + 2)
     return 0
 
 

@@ -17,6 +17,7 @@ receiver on the same box works out of the box.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -64,6 +65,7 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"   # text | json
     access_log: bool = False   # one line per request; credentials in a query string are redacted
+    trusted_proxies: tuple[str, ...] = ()  # addresses (or networks) whose X-Forwarded-For / Forwarded is believed
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,12 @@ def _check_values(sections: dict[str, Any]) -> None:
             continue
         if not math.isfinite(value) or value <= 0 or (key == "server.port" and value > 65535):
             raise ConfigError(f"Config '{key}' has value {value!r}. Expected {meaning}, greater than zero.")
+    for proxy in sections["server"].trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"Config 'server.trusted_proxies' has {proxy!r}. Expected addresses or networks of "
+                              "the reverse proxies in front of webhookd, like [\"127.0.0.1\"] or [\"10.0.0.0/24\"].") from None
     if sections["server"].log_format not in ("text", "json"):
         raise ConfigError(f"Config 'server.log_format' has value {sections['server'].log_format!r}. "
                           "Expected 'text' or 'json'.")

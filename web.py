@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import random
@@ -229,7 +230,57 @@ async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def client_address(request: Request) -> str:
+    """The client's address: the peer's, or behind a trusted proxy the one it forwarded (``RealClient``)."""
     return request.client.host if request.client else "unknown"
+
+
+class RealClient:
+    """ASGI middleware for a reverse proxy in front (``server.trusted_proxies``): then every request
+    comes from the proxy's address, and per-address limits would put every client in one bucket.
+
+    Only when the peer is a trusted proxy, the client is read from ``X-Forwarded-For`` (else
+    ``Forwarded: for=``): walking from the right — the entry the nearest proxy wrote — past the
+    trusted proxies, the first other address is the client's. From anyone else the headers are
+    ignored, so a client cannot choose its own bucket. An entry that is not an address leaves the
+    proxy's. The scope's client is rewritten in place, so rate limits, the audit trail, the
+    dashboard and uvicorn's access log all see the same address."""
+
+    FOR = re.compile(r'for="?\[?([0-9A-Za-z.:_-]+?)\]?(?::\d+)?"?(?:[;,]|$)', re.I)
+
+    def __init__(self, app: Any, trusted: tuple[str, ...]):
+        self.app = app
+        self.trusted = [ipaddress.ip_network(t, strict=False) for t in trusted]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        client = scope.get("client")
+        if scope["type"] in ("http", "websocket") and client and self._is_trusted(client[0]):
+            forwarded = self._forwarded_client(scope["headers"])
+            if forwarded is not None:
+                scope["client"] = (forwarded, 0)
+        await self.app(scope, receive, send)
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def _forwarded_client(self, headers: list[tuple[bytes, bytes]]) -> str | None:
+        xff = ",".join(v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for")
+        if xff:
+            hops = [hop.strip() for hop in xff.split(",")]
+        else:
+            forwarded = ",".join(v.decode("latin-1") for k, v in headers if k == b"forwarded")
+            hops = self.FOR.findall(forwarded)
+        for hop in reversed(hops):
+            try:
+                ip = ipaddress.ip_address(hop.rsplit(":", 1)[0] if hop.count(":") == 1 else hop)
+            except ValueError:
+                return None  # not an address: keep the proxy's (every such client shares one bucket)
+            if not any(ip in network for network in self.trusted):
+                return str(ip)
+        return None
 
 
 # --- 3. Who is calling ----------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import WebSocketRoute
@@ -93,6 +94,7 @@ from web import (
     ApiError,
     Context,
     RateLimiter,
+    RealClient,
     audit_entry,
     caller_of,
     client_address,
@@ -880,7 +882,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
             await ctx.loop.stop()
             ctx.store.close()
 
-    return Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    proxies = [Middleware(RealClient, trusted=config.server.trusted_proxies)] if config.server.trusted_proxies else []
+    return Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS, middleware=proxies)
 
 
 def _listen_to_other_processes(ctx: Context) -> Callable[[], None]:
