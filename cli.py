@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +366,80 @@ def _cmd_replay(args: argparse.Namespace, config: Config) -> int:
         query["cursor"] = answer["next_cursor"]
 
 
+def _cmd_backup(args: argparse.Namespace, config: Config) -> int:
+    """A consistent copy of the SQLite file while the server runs: SQLite's online backup API copies
+    every page as of one moment (a read transaction; in WAL mode writers go on meanwhile)."""
+    _refuse_postgres(config, "pg_dump --format=custom --file=webhookd.dump \"$URL\"")
+    source, target = Path(config.storage.path), Path(args.path)
+    if not source.exists():
+        raise CliError(f"there is no database at {source} (storage.path) to back up")
+    if target.exists():
+        raise CliError(f"{target} exists already: give a new path (a backup never overwrites)")
+    with _sqlite(source, readonly=True) as src, _sqlite(target) as dst:
+        src.backup(dst)
+        counts = _counts(dst)
+    os.chmod(target, 0o600)  # it holds the partners' shared secrets
+    print(f"backed up {source} to {target}: {counts}")
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
+    """Put a backup in place of ``storage.path``; never under a running server, never over an
+    existing database unless asked (``--replace``)."""
+    from delivery import ALIVE_S
+
+    _refuse_postgres(config, "pg_restore --clean --dbname=\"$URL\" webhookd.dump")
+    backup, target = Path(args.path), Path(config.storage.path)
+    if not backup.exists():
+        raise CliError(f"there is no backup at {backup}")
+    with _sqlite(backup, readonly=True) as src:
+        if not src.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations'").fetchone():
+            raise CliError(f"{backup} is not a webhookd database (no schema_migrations table)")
+    if target.exists():
+        with _sqlite(target, readonly=True) as live:
+            seen = live.execute("SELECT MAX(seen_at) FROM processes").fetchone()[0] \
+                if live.execute("SELECT 1 FROM sqlite_master WHERE name = 'processes'").fetchone() else None
+        if seen is not None and time.time() - seen < 2 * ALIVE_S:
+            raise CliError(f"a webhookd server is using {target} (its last heartbeat was {time.time() - seen:.0f} s "
+                           "ago): stop it first, then restore")
+        if not args.replace:
+            raise CliError(f"{target} (storage.path) exists: add --replace to overwrite it with the backup")
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with _sqlite(backup, readonly=True) as src, _sqlite(target) as dst:
+        src.backup(dst)
+        dst.execute("DELETE FROM processes")  # the backed-up server's heartbeats and roles are not ours
+        dst.execute("DELETE FROM roles")
+        counts = _counts(dst)
+    os.chmod(target, 0o600)
+    print(f"restored {backup} into {target}: {counts}. Start webhookd on it: pending deliveries go out.")
+    return 0
+
+
+@contextmanager
+def _sqlite(path: Path, readonly: bool = False) -> Iterator[Any]:
+    """A connection to a SQLite file, committed and closed at the end of the block."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if readonly else sqlite3.connect(path)
+    try:
+        with con:
+            yield con
+    finally:
+        con.close()
+
+
+def _refuse_postgres(config: Config, command: str) -> None:
+    if config.storage.url:
+        raise CliError(f"storage.url is PostgreSQL: use its own tools, e.g. {command}")
+
+
+def _counts(db: Any) -> str:
+    events = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+    pending = db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+    partners = db.execute("SELECT COUNT(*) FROM partners WHERE status <> 'deleted'").fetchone()[0]
+    return f"{partners} partners, {events} events, {pending} pending deliveries"
+
+
 def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
     """Copy the SQLite file of ``storage.path`` into a new PostgreSQL database (README, "Outgrowing
     one box"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
@@ -482,6 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--until", type=int, help="unix seconds: ...and before (default: now)")
     replay.add_argument("--event", help="only this event type")
     replay.set_defaults(handler=_cmd_replay)
+
+    backup = commands.add_parser("backup", parents=[with_config],
+                                 help="a consistent copy of the SQLite database, while the server runs")
+    backup.add_argument("path", help="where to write the copy (a new file)")
+    backup.set_defaults(handler=_cmd_backup)
+
+    restore = commands.add_parser("restore", parents=[with_config],
+                                  help="put a backup in place of storage.path (the server stopped)")
+    restore.add_argument("path", help="the backup to restore")
+    restore.add_argument("--replace", action="store_true", help="overwrite an existing database at storage.path")
+    restore.set_defaults(handler=_cmd_restore)
 
     migrate = commands.add_parser("migrate-store", parents=[with_config],
                                   help="copy the SQLite file into a new PostgreSQL database")
