@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import signing
-from config import Config, ConfigError, admin_token, load_config
+from config import VERSION, Config, ConfigError, admin_token, load_config
 
 logger = logging.getLogger("webhookd")
 
@@ -56,6 +56,7 @@ def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
     host = args.host or config.server.host
     port = args.port or config.server.port
+    _migrate(config)  # a database newer than this code: one line that says which version to run, not a traceback
     admin_token(config)  # created now, so `webhookd token` works at once
     if not _is_loopback(host) and config.security.allow_private_targets:
         logger.warning("listening on %s with allow_private_targets = true: partners could reach your "
@@ -66,6 +67,30 @@ def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
                 access_log=config.server.access_log, proxy_headers=False,
                 timeout_graceful_shutdown=int(config.delivery.timeout_s) + 2)
     return 0
+
+
+def _cmd_migrate(args: argparse.Namespace, config: Config) -> int:
+    """Apply the migrations the database lacks, and say which (``serve`` applies them too, at start)."""
+    where, applied = _migrate(config)
+    if applied:
+        print(f"applied {len(applied)} migrations to {where}, as webhookd {VERSION}: " + ", ".join(applied))
+    else:
+        print(f"{where} is up to date for webhookd {VERSION}: nothing to apply")
+    return 0
+
+
+def _migrate(config: Config) -> tuple[str, list[str]]:
+    """Open the store once (which applies what is pending); where it is, and what was applied."""
+    from store import SchemaTooNew, Store
+
+    try:
+        store = Store(config.storage.target)
+    except SchemaTooNew as exc:
+        raise CliError(str(exc)) from None
+    try:
+        return store.engine.describe(), store.migrated
+    finally:
+        store.close()
 
 
 def _is_loopback(host: str) -> bool:
@@ -483,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default: [server] host)")
     serve.add_argument("--port", type=int, help="listen port (default: [server] port)")
     serve.set_defaults(handler=_cmd_serve)
+
+    migrate_now = commands.add_parser("migrate", parents=[with_config],
+                                      help="apply the database's pending migrations and say which")
+    migrate_now.set_defaults(handler=_cmd_migrate)
 
     token = commands.add_parser("token", parents=[with_config], help="print the admin token (creating it on first use)")
     token.set_defaults(handler=_cmd_token)

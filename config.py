@@ -51,6 +51,9 @@ GUIDE_CATALOG = {
 }
 
 
+VERSION = "0.1.0"  # webhookd's version: the API's, the User-Agent's, and the one that wrote a database
+
+
 class ConfigError(Exception):
     """Raised when the configuration cannot be used; the message names the key and the value."""
 

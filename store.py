@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from config import VERSION
 from engines import DatabaseUnavailable, PostgresEngine, SQLiteEngine, is_postgres_url
 from models import (
     Attempt,
@@ -190,6 +191,8 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     # For an event's trace: the signature headers as sent, and what came next and why (JSON).
     ("attempts.trace", ["ALTER TABLE attempts ADD COLUMN signatures TEXT",
                         "ALTER TABLE attempts ADD COLUMN decision TEXT"]),
+    # Which webhookd applied each migration: a database too new names the version to run.
+    ("schema_migrations.version", ["ALTER TABLE schema_migrations ADD COLUMN version TEXT"]),
 ]
 
 
@@ -302,6 +305,7 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
                            "WHERE state = 'pending'"]),
     ("attempts.trace", ["ALTER TABLE attempts ADD COLUMN IF NOT EXISTS signatures TEXT",
                         "ALTER TABLE attempts ADD COLUMN IF NOT EXISTS decision TEXT"]),
+    ("schema_migrations.version", ["ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS version TEXT"]),
 ]
 
 
@@ -517,26 +521,35 @@ class Store:
             request.finish(result)
 
     def _apply_schema(self) -> None:
-        """Create what is missing, then apply the migrations not yet recorded, in order. A
-        database with migrations this code does not know was written by a newer webhookd:
-        refuse it rather than run old SQL on a new schema."""
+        """Create what is missing, then apply the migrations not yet recorded, in order, each
+        recorded with the version that applied it (``self.migrated`` lists them). A database
+        with migrations this code does not know was written by a newer webhookd: refuse it,
+        naming that version, rather than run old SQL on a new schema."""
         schema, migrations = (SCHEMA_POSTGRES, MIGRATIONS_POSTGRES) if self.postgres else (SCHEMA, MIGRATIONS)
         with self._transaction() as db:
             if self.postgres:  # processes starting together take turns (SQLite's writer is one already)
                 db.execute("SELECT pg_advisory_xact_lock(72071)")
             for statement in schema:
                 db.execute(statement)
-            applied = {row["name"] for row in db.execute("SELECT name FROM schema_migrations")}
-            unknown = sorted(applied - {name for name, _ in migrations})
+            recorded = {row["name"]: {k: row[k] for k in row.keys()} for row in db.execute("SELECT * FROM schema_migrations")}
+            unknown = sorted(recorded.keys() - {name for name, _ in migrations})
             if unknown:
-                raise SchemaTooNew(f"the database {self.engine.describe()} has migrations this webhookd does not "
-                                   f"know ({', '.join(unknown)}): it was upgraded by a newer version; run that one")
+                newer = sorted({str(recorded[name].get("version")) for name in unknown if recorded[name].get("version")})
+                raise SchemaTooNew(
+                    f"the database {self.engine.describe()} was upgraded by "
+                    f"{'webhookd ' + newer[-1] if newer else 'a newer webhookd'} (migrations this one, {VERSION}, "
+                    f"does not know: {', '.join(unknown)}): run webhookd {newer[-1] if newer else 'that version'} "
+                    "or newer on it, or restore a backup made before the upgrade")
+            self.migrated = [name for name, _ in migrations if name not in recorded]
             for name, statements in migrations:
-                if name not in applied:
+                if name in self.migrated:
                     for statement in statements:
                         db.execute(statement)
                     db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (:name, :now)",
                                {"name": name, "now": time.time()})
+            if self.migrated:
+                db.execute(f"UPDATE schema_migrations SET version = :v WHERE name IN "
+                           f"({_placeholders('m', self.migrated)})", {"v": VERSION, **_numbered("m", self.migrated)})
 
     # --- Telling the other processes (PostgreSQL; nothing to do on SQLite) ---------------------
 

@@ -65,7 +65,7 @@ import realtime
 import signing
 import timeline
 from alerts import Alerts
-from config import FIELD_TYPES, Config, admin_token
+from config import FIELD_TYPES, VERSION, Config, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event, NewEvent, Partner
 from partner_fields import (
@@ -120,7 +120,7 @@ from web import (
     secret_json,
 )
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 logger = logging.getLogger("webhookd")
 
