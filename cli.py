@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import signing
-from config import VERSION, Config, ConfigError, admin_token, load_config
+from config import VERSION, Config, ConfigError, admin_token, load_config, rotate_admin_token
 
 logger = logging.getLogger("webhookd")
 
@@ -101,7 +101,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def _cmd_token(args: argparse.Namespace, config: Config) -> int:
-    print(admin_token(config))
+    """Print the admin token; ``--rotate``: a new one (printed), the old one valid for the overlap."""
+    if not args.rotate:
+        print(admin_token(config))
+        return 0
+    try:
+        new, until = rotate_admin_token(config, time.time())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(new)
+    print(f"The old admin token keeps working until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))} "
+          "(security.admin_token_overlap_s): switch the dashboard and your scripts before then.", file=sys.stderr)
     return 0
 
 
@@ -514,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_now.set_defaults(handler=_cmd_migrate)
 
     token = commands.add_parser("token", parents=[with_config], help="print the admin token (creating it on first use)")
+    token.add_argument("--rotate", action="store_true",
+                       help="issue a new admin token; the old one works for security.admin_token_overlap_s more")
     token.set_defaults(handler=_cmd_token)
 
     partners = commands.add_parser("partners", parents=[with_config, as_json],

@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import ssl
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ class SecurityConfig:
     max_batch_events: int = 500           # events in one POST /events/batch
     inbound_tolerance_s: int = 300
     secret_overlap_s: int = 86400
+    admin_token_overlap_s: int = 86400    # after `webhookd token --rotate`, the old admin token works this long
     allowed_ports: tuple[int, ...] = ()   # empty: any port
     inbound_rate_per_s: float = 50.0      # per partner
     inbound_failures_per_s: float = 5.0   # refused signatures per client address
@@ -172,6 +174,7 @@ POSITIVE = {
     "security.max_batch_events": "a number of events",
     "security.inbound_tolerance_s": "a number of seconds",
     "security.secret_overlap_s": "a number of seconds",
+    "security.admin_token_overlap_s": "a number of seconds",
     "security.inbound_rate_per_s": "a number of requests per second",
     "security.inbound_failures_per_s": "a number of refused requests per second",
     "security.registration_rate_per_min": "a number of registrations per minute",
@@ -383,7 +386,7 @@ def admin_token(config: Config) -> str:
     """The admin token: from the config, else from (or newly into) a 0600 file beside the database."""
     if config.security.admin_token:
         return config.security.admin_token
-    token_file = Path(config.storage.path).resolve().parent / "admin_token"
+    token_file = _token_folder(config) / "admin_token"
     if token_file.exists():
         return token_file.read_text(encoding="utf-8").strip()
     token_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -392,3 +395,54 @@ def admin_token(config: Config) -> str:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(token + "\n")
     return token
+
+
+def admin_tokens(config: Config, now: float) -> list[str]:
+    """Every admin token valid at ``now``: the current one and, while a rotation's overlap runs,
+    the previous one (``admin_token.previous``: the token and until when, unix seconds)."""
+    tokens = [admin_token(config)]
+    previous = None if config.security.admin_token else _previous_token(config)
+    if previous is not None and previous[1] > now:
+        tokens.append(previous[0])
+    return tokens
+
+
+def rotate_admin_token(config: Config, now: float) -> tuple[str, float]:
+    """A new admin token in the file; the old one stays valid ``admin_token_overlap_s`` more, so the
+    dashboard and scripts can switch. Returns the new token and when the old one stops. Refused
+    (ValueError) for a token set in the config, and while the last rotation's overlap runs."""
+    if config.security.admin_token:
+        raise ValueError("the admin token is set in the config (security.admin_token or WEBHOOKD_ADMIN_TOKEN): "
+                         "change it there; --rotate rotates the generated token file")
+    current, previous = admin_token(config), _previous_token(config)
+    if previous is not None and previous[1] > now:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous[1]))
+        raise ValueError(f"the previous admin token stays valid until {until}, as the last rotation promised: "
+                         "rotate again after that")
+    until = now + config.security.admin_token_overlap_s
+    folder = _token_folder(config)
+    _write_private(folder / "admin_token.previous", f"{current} {until}\n")
+    new = "adm_" + secrets.token_urlsafe(32)
+    _write_private(folder / "admin_token", new + "\n")
+    return new, until
+
+
+def _token_folder(config: Config) -> Path:
+    return Path(config.storage.path).resolve().parent
+
+
+def _previous_token(config: Config) -> tuple[str, float] | None:
+    try:
+        token, until = (_token_folder(config) / "admin_token.previous").read_text(encoding="utf-8").split()
+        return token, float(until)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file, then a rename), mode 0600."""
+    temporary = path.with_name(path.name + ".new")
+    fd = os.open(temporary, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(temporary, path)

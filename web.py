@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import signing
+from config import admin_tokens
 from engines import DatabaseUnavailable, StorageUnavailable
 from models import AuditEntry
 
@@ -218,6 +219,7 @@ class Context:
     partner_write_limit: RateLimiter
     metrics: metrics.Metrics
     alerts: Alerts
+    admin_tokens: AdminTokens
 
 
 def context(request: Request) -> Context:
@@ -286,6 +288,31 @@ class RealClient:
 # --- 3. Who is calling ----------------------------------------------------------------------------
 
 
+class AdminTokens:
+    """The admin tokens valid now: the current one, and the previous one while a rotation's overlap
+    runs (``config.admin_tokens``). Read again from their files at most once a second, so that
+    `webhookd token --rotate` reaches a running server at once; every one is compared in constant
+    time, whichever matches."""
+
+    REREAD_S = 1.0
+
+    def __init__(self, config: Config, clock: Callable[[], float]):
+        self.config = config
+        self.clock = clock
+        self._tokens: list[bytes] = []
+        self._read_at = float("-inf")
+
+    def match(self, token: str) -> bool:
+        if time.monotonic() - self._read_at >= self.REREAD_S:
+            self._read_at = time.monotonic()
+            self._tokens = [t.encode("utf-8") for t in admin_tokens(self.config, self.clock())]
+        given = token.encode("utf-8", "replace")
+        matched = False
+        for known in self._tokens:
+            matched |= hmac.compare_digest(given, known)
+        return matched
+
+
 @dataclass(frozen=True)
 class Caller:
     is_admin: bool
@@ -301,7 +328,7 @@ async def authenticate(request: Request) -> Caller:
                        "Send 'Authorization: Bearer <token>' with the admin token or your partner API key.")
     token = token.strip()
     ctx = context(request)
-    if hmac.compare_digest(token.encode("utf-8", "replace"), ctx.admin_token.encode("utf-8")):
+    if ctx.admin_tokens.match(token):
         return Caller(is_admin=True)
     if token.startswith("pak_"):
         partner_id = await db(ctx.store.partner_id_for_api_key, hash_api_key(token))

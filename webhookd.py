@@ -91,6 +91,7 @@ from web import (
     PUBLIC,
     REGISTRATION,
     SIGNED,
+    AdminTokens,
     ApiError,
     Context,
     RateLimiter,
@@ -932,7 +933,7 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
         inbound_failure_limit=limit("refused", sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s),
         registration_limit=limit("registration", sec.registration_rate_per_min / 60, sec.registration_rate_per_min),
         partner_write_limit=limit("partner_writes", sec.partner_writes_per_min / 60, sec.partner_writes_per_min),
-        alerts=alerts)
+        alerts=alerts, admin_tokens=AdminTokens(config, clock))
 
 
 def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.DeliveryLoop,
