@@ -94,6 +94,7 @@ class SecurityConfig:
     inbound_tolerance_s: int = 300
     secret_overlap_s: int = 86400
     admin_token_overlap_s: int = 86400    # after `webhookd token --rotate`, the old admin token works this long
+    admin_token_previous: str = ""        # with admin_token set here: the old one, still accepted while you switch
     allowed_ports: tuple[int, ...] = ()   # empty: any port
     inbound_rate_per_s: float = 50.0      # per partner
     inbound_failures_per_s: float = 5.0   # refused signatures per client address
@@ -401,7 +402,9 @@ def admin_tokens(config: Config, now: float) -> list[str]:
     """Every admin token valid at ``now``: the current one and, while a rotation's overlap runs,
     the previous one (``admin_token.previous``: the token and until when, unix seconds)."""
     tokens = [admin_token(config)]
-    previous = None if config.security.admin_token else _previous_token(config)
+    if config.security.admin_token:  # set in the config: the operator keeps the old one beside it, if any
+        return tokens + ([config.security.admin_token_previous] if config.security.admin_token_previous else [])
+    previous = _previous_token(config)
     if previous is not None and previous[1] > now:
         tokens.append(previous[0])
     return tokens
@@ -412,8 +415,9 @@ def rotate_admin_token(config: Config, now: float) -> tuple[str, float]:
     dashboard and scripts can switch. Returns the new token and when the old one stops. Refused
     (ValueError) for a token set in the config, and while the last rotation's overlap runs."""
     if config.security.admin_token:
-        raise ValueError("the admin token is set in the config (security.admin_token or WEBHOOKD_ADMIN_TOKEN): "
-                         "change it there; --rotate rotates the generated token file")
+        raise ValueError("the admin token is set in the config (security.admin_token or WEBHOOKD_ADMIN_TOKEN): change "
+                         "it there, with the old one in security.admin_token_previous until every process and script "
+                         "has switched; --rotate rotates the generated token file")
     current, previous = admin_token(config), _previous_token(config)
     if previous is not None and previous[1] > now:
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous[1]))

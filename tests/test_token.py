@@ -45,3 +45,21 @@ def test_a_token_set_in_the_config_is_changed_there(serve_factory):
     serve = serve_factory()   # WEBHOOKD_ADMIN_TOKEN is set
     refused = webhookd_cli(serve.env, "token", "--rotate")
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "change it there" in refused.stderr
+
+
+def test_a_token_set_in_the_config_keeps_the_previous_one_while_everyone_switches(serve_factory):
+    """Several processes share a token set in the config: the new one there, the old one in
+    security.admin_token_previous, both accepted; without the previous one, only the new."""
+    from conftest import ADMIN_TOKEN
+
+    new = "adm_new_0123456789abcdefghijklmnopqrstu"
+    both = serve_factory(WEBHOOKD_ADMIN_TOKEN=new, WEBHOOKD_SECURITY_ADMIN_TOKEN_PREVIOUS=ADMIN_TOKEN)
+
+    def status(serve, token: str) -> int:
+        return httpx.get(serve.url + "/stats", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+
+    assert status(both, new) == 200 and status(both, ADMIN_TOKEN) == 200
+    both.stop()
+    only_new = serve_factory(WEBHOOKD_ADMIN_TOKEN=new)
+    assert status(only_new, new) == 200 and status(only_new, ADMIN_TOKEN) == 401
+    assert ADMIN_TOKEN not in both.output() + only_new.output() and new not in both.output() + only_new.output()
