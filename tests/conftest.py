@@ -487,6 +487,13 @@ class ServeProcess:
             return self.proc.wait(timeout=5)
 
 
+def webhookd_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``webhookd ARGS`` on the bundled config as a subprocess with ``env`` (a ServeProcess's, for its
+    database and token); its exit status and output."""
+    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
 @pytest.fixture
 def serve_factory(tmp_path):
     started: list[ServeProcess] = []

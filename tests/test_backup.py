@@ -5,26 +5,19 @@ its pending deliveries go out. A restore under a running server is refused."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, ROOT, Receiver, free_port, wait_for
+from conftest import ADMIN_TOKEN, Receiver, free_port, wait_for, webhookd_cli
 from payloads import PAYMENT_SUCCESS
 
 pytestmark = pytest.mark.slow
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 RETRYING = dict(WEBHOOKD_DELIVERY_MAX_ATTEMPTS="100", WEBHOOKD_DELIVERY_BACKOFF_BASE_S="0.5",
                 WEBHOOKD_DELIVERY_BACKOFF_MAX_S="1")
-
-
-def webhookd_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"), *args],
-                          capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_a_backup_taken_during_a_burst_restores_every_accepted_event_and_its_deliveries_go_out(serve_factory,

@@ -3,17 +3,9 @@ it at once, the old one keeps working for the overlap and then stops; neither is
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 
-from conftest import ROOT, wait_for
-
-
-def webhookd_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"), *args],
-                          capture_output=True, text=True, env=env, timeout=60)
+from conftest import wait_for, webhookd_cli
 
 
 def test_a_rotated_admin_token_overlaps_then_the_old_one_stops_and_neither_is_logged(serve_factory):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,16 +14,11 @@ import httpx
 import config
 import signing
 import store
-from conftest import ADMIN_TOKEN, ROOT, Receiver, free_port, wait_for
+from conftest import ADMIN_TOKEN, Receiver, free_port, wait_for, webhookd_cli
 from payloads import PAYMENT_SUCCESS
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PREVIOUS = "partners.suspended_reason"   # the last migration of the release before this one
-
-
-def webhookd_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"), *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def previous_database(path, receiver_url: str) -> list[str]:
