@@ -626,7 +626,7 @@ class Store:
     def explain_claim(self) -> str:
         """The query plan of the claim's search, for tests that check it uses an index."""
         if self.postgres:
-            return self.engine.explain(_CLAIM, {"partners": ["p"], "now": 0.0, "lease": 1.0, "limit": 1,
+            return self.engine.explain(_CLAIM, {"partners": ["p"], "fifo": [False], "now": 0.0, "lease": 1.0, "limit": 1,
                                                 "per_partner": 1, "round": "0", "room_ids": [], "room_n": []})
         return self.engine.explain(self._due_for_partner, {"partner_id": "", "now": 0.0, "limit": 1})
 
@@ -896,10 +896,13 @@ class Store:
             lambda db: [insert(db, event, now, max_attempts, new_delivery_id, p) for event, p in zip(events, passed)],
             announce=WORK_CHANNEL)
 
-    def _filters_passed(self, event: NewEvent) -> list[str]:
+    def _filters_passed(self, event: NewEvent) -> list[str] | None:
         """The partners with a payload filter that this event passes (memory only: filters are
-        judged here, in Python, and the statement keeps a filtered partner only if it is named)."""
-        if not self._filtered or event.only_partner is not None:
+        judged here, in Python, and the statement keeps a filtered partner only if it is named);
+        None when no partner has a filter (the statement then need not look)."""
+        if not self._filtered:
+            return None
+        if event.only_partner is not None:
             return []
         payload = json.loads(event.body)
         return [p.id for p in self._filtered if p.accepts(payload)]
@@ -974,11 +977,12 @@ class Store:
         if limit <= 0:
             return []
         with self._transaction(durable=False) as db:
-            partners = [row["id"] for row in db.execute(_LOCK_PARTNERS, {"now": now})]
-            if not partners:
+            locked = db.execute(_LOCK_PARTNERS, {"now": now}).fetchall()
+            if not locked:
                 return []
             rows = db.execute(_CLAIM, {
-                "partners": partners, "now": now, "lease": lease_until, "limit": limit, "per_partner": per_partner,
+                "partners": [row["id"] for row in locked], "fifo": [row["ordering"] == "fifo" for row in locked],
+                "now": now, "lease": lease_until, "limit": limit, "per_partner": per_partner,
                 "round": str(self._claim_round), "room_ids": list(room), "room_n": list(room.values())}).fetchall()
         return [_job_from_row(row, now) for row in rows]
 
@@ -1409,7 +1413,7 @@ _FIFO_HEAD = """
 # its own: a statement reads the database as it was when it began, so a count of leases made in
 # the statement that waited for the lock would miss the leases of the claim that held it.
 _LOCK_PARTNERS = """
-    SELECT id FROM partners
+    SELECT id, ordering FROM partners
     WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
     FOR NO KEY UPDATE SKIP LOCKED
 """
@@ -1429,16 +1433,15 @@ _LOCK_PARTNERS = """
 # and what a sender needs, read in the same statement.
 _CLAIM = """
     WITH partner AS (
-        SELECT unnest(CAST(:partners AS TEXT[])) AS id
+        SELECT * FROM unnest(CAST(:partners AS TEXT[]), CAST(:fifo AS BOOLEAN[])) AS partner (id, fifo)
     ), room AS (
-        SELECT partner.id, p.ordering = 'fifo' AS fifo,
+        SELECT partner.id, partner.fifo,
                LEAST(COALESCE(mine.n, :per_partner), :per_partner - (
                    SELECT COUNT(*) FROM deliveries d
                    WHERE d.partner_id = partner.id AND d.leased_until IS NOT NULL
                      AND d.leased_until > :now)) AS n
-        FROM partner JOIN partners p ON p.id = partner.id
-             LEFT JOIN unnest(CAST(:room_ids AS TEXT[]), CAST(:room_n AS INTEGER[])) AS mine (id, n)
-                    ON mine.id = partner.id
+        FROM partner LEFT JOIN unnest(CAST(:room_ids AS TEXT[]), CAST(:room_n AS INTEGER[])) AS mine (id, n)
+                            ON mine.id = partner.id
     ), due_concurrent AS (
         SELECT d.id, d.partner_id, row_number() OVER (PARTITION BY d.partner_id ORDER BY d.next_attempt_at) AS turn
         FROM room CROSS JOIN LATERAL (
@@ -1532,14 +1535,16 @@ _SUBSCRIBERS = """
     ORDER BY s.partner_id
 """
 _SUBSCRIBERS_POSTGRES = """
-    SELECT s.partner_id FROM subscriptions s JOIN partners p ON p.id = s.partner_id
+    SELECT s.partner_id FROM subscriptions s {filters}
     WHERE s.event_type = :type
       AND (CAST(:recipients AS TEXT[]) IS NULL OR s.partner_id = ANY(CAST(:recipients AS TEXT[])))
       AND (CAST(:channels AS TEXT[]) IS NULL OR EXISTS (
            SELECT 1 FROM partner_channels c
            WHERE c.partner_id = s.partner_id AND c.channel = ANY(CAST(:channels AS TEXT[]))))
-      AND (p.payload_filter IS NULL OR s.partner_id = ANY(CAST(:passed AS TEXT[])))
 """
+# With a payload filter somewhere, a filtered partner only if the event passed its filter.
+_FILTERS_POSTGRES = ("JOIN partners p ON p.id = s.partner_id "
+                     "AND (p.payload_filter IS NULL OR s.partner_id = ANY(CAST(:passed AS TEXT[])))")
 
 
 def _audience(event: NewEvent, passed: list[str], as_json: bool) -> dict[str, Any]:
@@ -1552,13 +1557,13 @@ def _audience(event: NewEvent, passed: list[str], as_json: bool) -> dict[str, An
 
 
 def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
-                  new_delivery_id: Callable[[], str], passed: list[str]) -> tuple[Event, bool]:
+                  new_delivery_id: Callable[[], str], passed: list[str] | None) -> tuple[Event, bool]:
     """One event and its fan-out (see ``Store.publish``), inside the caller's transaction."""
     if event.idempotency_key is not None:
         row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
         if row:
             return _event_from_row(row), False
-    params = _audience(event, passed, as_json=True)
+    params = _audience(event, passed or [], as_json=True)
     if event.only_partner is not None:
         partner_ids = [event.only_partner]
     else:
@@ -1604,17 +1609,19 @@ _PUBLISH_POSTGRES = """
 """
 
 
-_PUBLISH_TO_SUBSCRIBERS = _PUBLISH_POSTGRES.format(subscribers=_SUBSCRIBERS_POSTGRES)
+_PUBLISH_TO_SUBSCRIBERS = _PUBLISH_POSTGRES.format(subscribers=_SUBSCRIBERS_POSTGRES.format(filters=""))
+_PUBLISH_TO_FILTERED = _PUBLISH_POSTGRES.format(subscribers=_SUBSCRIBERS_POSTGRES.format(filters=_FILTERS_POSTGRES))
 _PUBLISH_TO_ONE = _PUBLISH_POSTGRES.format(subscribers="SELECT CAST(:only AS TEXT) AS partner_id")
 
 
 def _insert_event_postgres(db: Any, event: NewEvent, now: float, max_attempts: int,
-                           new_delivery_id: Callable[[], str], passed: list[str]) -> tuple[Event, bool]:
+                           new_delivery_id: Callable[[], str], passed: list[str] | None) -> tuple[Event, bool]:
     """``_insert_event`` as one statement (``_PUBLISH_POSTGRES``)."""
     if event.only_partner is not None:
         sql, params = _PUBLISH_TO_ONE, {"type": event.type, "only": event.only_partner, "audience": None}
-    else:
-        sql, params = _PUBLISH_TO_SUBSCRIBERS, _audience(event, passed, as_json=False)
+    else:  # nobody filters (the usual case): no need to read the partners
+        sql = _PUBLISH_TO_SUBSCRIBERS if passed is None else _PUBLISH_TO_FILTERED
+        params = _audience(event, passed or [], as_json=False)
     row = db.execute(sql, {
         **params, "id": event.id, "body": event.body, "key": event.idempotency_key,
         "hash": event.request_hash, "now": now, "max_attempts": max_attempts,
