@@ -3,7 +3,8 @@
 Each check takes a value from a request body and returns what the store keeps, or raises the
 ``422 invalid_field`` that names the field and says what to send instead (a ``403`` for a change
 of status the caller may not make). Registration and ``PATCH /partners/{id}`` use the same checks,
-and publishing uses ``check_channels`` for an event's channels.
+and publishing uses ``check_channels`` for an event's channels. Who may set a partner's audience
+(``check_audience_setter``) and its status (``check_status_change``) is decided here too.
 """
 
 from __future__ import annotations
@@ -133,6 +134,28 @@ def check_filter(payload_filter: Any) -> dict[str, list[Any]]:
                                     "100 of them (strings up to 500 characters).")
         normal[name] = values
     return normal
+
+
+# Who sets a partner's audience. Beyond its event types, ``channels`` and ``filter`` decide which
+# events reach a partner: one more channel is one more audience (operator B's bookings), a filter
+# removed lets in everything it kept out. That is the admin's decision alone, at registration and
+# with PATCH. A partner's own key (and an anonymous open registration) reads them and never sets
+# them, not even to narrow them: one rule, with no comparison of old and new values to get wrong.
+# A partner that wants fewer events asks the operator, or ignores what it does not need.
+AUDIENCE_FIELDS = ("channels", "filter")
+
+
+def check_audience_setter(body: dict[str, Any], caller: Any) -> None:
+    """The 403 for ``channels`` or ``filter`` sent by anyone but the admin (``caller`` None: an
+    anonymous open registration)."""
+    if caller is not None and caller.is_admin:
+        return
+    for field in AUDIENCE_FIELDS:
+        if field in body:
+            raise ApiError(403, "audience_admin_only",
+                           f"'{field}' is set by the admin only: a partner's channels and filter decide which "
+                           "events reach it, and that is the operator's decision. Leave it out of the request, "
+                           "and ask the operator to change it.")
 
 
 def check_ordering(ordering: Any) -> str:

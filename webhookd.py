@@ -69,6 +69,7 @@ from config import FIELD_TYPES, VERSION, Config, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event, NewEvent, Partner
 from partner_fields import (
+    check_audience_setter,
     check_channels,
     check_contact_email,
     check_events,
@@ -186,6 +187,7 @@ async def register_partner(request: Request) -> JSONResponse:
         await ctx.registration_limit.check(client_address(request), "registrations")
     body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s",
                                                     "contact_email", "channels", "filter", "ordering"})
+    check_audience_setter(body, caller)  # an open registration cannot pick its own audience
     name = check_partner_name(body.get("partner_name"))
     url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
     events = check_events(body.get("events"), ctx.config.events)
@@ -222,7 +224,8 @@ async def get_partner(request: Request) -> JSONResponse:
 
 async def update_partner(request: Request) -> JSONResponse:
     """``PATCH /partners/{id}``: any of ``PATCHABLE``, each checked as at registration; ``null``
-    removes a pace, a filter or a contact email.
+    removes a pace, a filter or a contact email. ``channels`` and ``filter`` are the admin's
+    (``check_audience_setter``).
 
     Setting ``active`` resumes a paused or disabled partner: its held deliveries go out. Who
     may make which change of ``status`` is ``check_status_change``'s rule.
@@ -255,7 +258,8 @@ STATUS_ACTIONS = {"active": "partner.activated", "paused": "partner.paused", "su
 async def check_change(body: dict[str, Any], before: Partner, ctx: Context, caller: Any) -> dict[str, Any]:
     """The fields a PATCH sent, checked, as ``Store.update_partner`` takes them: None for a field
     not sent; a removal as the store's "remove" value (a pace of 0, an empty filter, an empty
-    address)."""
+    address). A partner's own key that sends ``channels`` or ``filter`` gets a 403."""
+    check_audience_setter(body, caller)
     sent = body.get
     return {
         "webhook_url": await check_webhook_url(sent("webhook_url"), ctx.config.security)

@@ -104,7 +104,93 @@ def test_a_payload_filter_routes_as_declared(hub, receiver_factory):
             "partner_name": "Bad", "webhook_url": "http://127.0.0.1:9/x", "events": ["payment.success"],
             "filter": bad})
         assert r.status_code == 422 and "'filter'" in r.json()["error"]["message"], (bad, r.text)
-    r = hub.http.patch(f"/partners/{p_eur['partner_id']}", headers={"Authorization": f"Bearer {p_eur['api_key']}"},
-                       json={"filter": None})
+    r = hub.http.patch(f"/partners/{p_eur['partner_id']}", headers=hub.admin, json={"filter": None})
     assert r.status_code == 200 and r.json()["filter"] is None
     assert hub.publish({**PAYMENT_SUCCESS, "currency": "JPY"}).json()["deliveries"] == 2   # Euro Tours, now too
+
+
+# --- The audience is the admin's: a partner's key never sets its channels or its filter ---------------
+
+AUDIENCE_TABLES = ("partners", "partner_channels", "subscriptions", "audit_log")
+
+
+def audience_rows(hub) -> dict[str, list[tuple]]:
+    """What a refused change must leave as it was, straight from the database."""
+    return {table: sorted(hub.rows(f"SELECT * FROM {table}"), key=repr) for table in AUDIENCE_TABLES}
+
+
+def refused_as_audience(r, field: str) -> None:
+    assert r.status_code == 403, r.text
+    error = r.json()["error"]
+    assert error["code"] == "audience_admin_only" and error["message"].startswith(f"'{field}' is set by the admin")
+
+
+def test_a_partner_cannot_widen_its_audience_and_the_admin_can(hub, receiver_factory):
+    """Operator A adds operator B's channel with its own key, Payments C removes its filter: each
+    is a 403 naming the field and the data stays as it was, so A gets none of B's bookings and C
+    none of the payments its filter keeps out. Narrowing is refused too: the rule is "the admin
+    only". The admin changes both, and they count from the next event."""
+    ra, rb, rc = receiver_factory(), receiver_factory(), receiver_factory()
+    a = register(hub, ra, "Operator A", ["booking.confirmed"], channels=["operator_a"])
+    register(hub, rb, "Operator B", ["booking.confirmed"], channels=["operator_b"])
+    c = register(hub, rc, "Payments C", ["payment.success"], filter={"currency": "EUR"})
+    own_a = {"Authorization": f"Bearer {a['api_key']}"}
+    own_c = {"Authorization": f"Bearer {c['api_key']}"}
+
+    def patch(partner, headers, **body):
+        return hub.http.patch(f"/partners/{partner['partner_id']}", headers=headers, json=body)
+
+    before = audience_rows(hub)
+    for partner, own, body, field in (
+            (a, own_a, {"channels": ["operator_a", "operator_b"]}, "channels"),
+            (a, own_a, {"channels": ["operator_b"], "contact_email": "ops@a.example.com"}, "channels"),
+            (a, own_a, {"channels": []}, "channels"),                                  # narrowing: the admin's too
+            (a, own_a, {"channels": "operator_b"}, "channels"),                        # malformed: still the admin's
+            (a, own_a, {"filter": {"tour_id": "tour_uuid_here"}}, "filter"),
+            (c, own_c, {"filter": None}, "filter"),
+            (c, own_c, {"filter": {}}, "filter"),
+            (c, own_c, {"filter": {"currency": ["EUR", "USD"]}}, "filter"),
+            (c, own_c, {"channels": ["operator_b"]}, "channels")):
+        refused_as_audience(patch(partner, own, **body), field)
+    assert audience_rows(hub) == before                          # not a field, not an audit entry changed
+
+    booking_b = hub.publish({**BOOKING_CONFIRMED, "booking_id": "res_b1", "channels": ["operator_b"]}).json()
+    usd = hub.publish(PAYMENT_SUCCESS).json()                    # USD: C's filter keeps it out
+    assert (booking_b["deliveries"], usd["deliveries"]) == (1, 0)
+    wait_for(lambda: booking_b["event_id"] in rb.event_ids)
+    wait_for(lambda: not hub.deliveries(state="pending"))
+    assert hub.deliveries(partner_id=a["partner_id"]) == [] and hub.deliveries(partner_id=c["partner_id"]) == []
+    assert ra.received == [] and rc.received == []               # nothing queued for them: nothing can come
+
+    widened = patch(a, hub.admin, channels=["operator_a", "operator_b"])
+    assert widened.status_code == 200 and widened.json()["channels"] == ["operator_a", "operator_b"]
+    cleared = patch(c, hub.admin, filter=None)
+    assert cleared.status_code == 200 and cleared.json()["filter"] is None
+    booking_b2 = hub.publish({**BOOKING_CONFIRMED, "booking_id": "res_b2", "channels": ["operator_b"]}).json()
+    usd2 = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_usd2"}).json()
+    assert (booking_b2["deliveries"], usd2["deliveries"]) == (2, 1)
+    wait_for(lambda: ra.event_ids == [booking_b2["event_id"]] and rc.event_ids == [usd2["event_id"]])
+    assert all(r.guide_ok for r in ra.received + rc.received)
+    trail = hub.http.get("/audit", headers=hub.admin, params={"action": "partner.updated"}).json()["items"]
+    assert [(e["actor"], sorted(e["changes"])) for e in trail] == [("admin", ["filter"]), ("admin", ["channels"])]
+
+
+def test_an_open_registration_cannot_choose_its_audience(hub_factory):
+    """With open registration anyone may register, but not with channels or a filter (nor may a
+    partner's key register one with them): 403 naming the field, and no partner is stored. Without
+    them it registers, and the admin may register with both."""
+    hub = hub_factory(security__open_registration=True)
+    body = {"partner_name": "Newcomer", "webhook_url": "http://127.0.0.1:9/x", "events": ["booking.confirmed"]}
+    existing = hub.register("http://127.0.0.1:9/y", ["booking.confirmed"], name="Existing")
+    own = {"Authorization": f"Bearer {existing['api_key']}"}
+    before = audience_rows(hub)
+    for headers in ({}, own):
+        for extra, field in (({"channels": ["operator_b"]}, "channels"), ({"channels": []}, "channels"),
+                             ({"filter": None}, "filter"), ({"filter": {"currency": "EUR"}}, "filter")):
+            refused_as_audience(hub.http.post("/partners/register", headers=headers, json={**body, **extra}), field)
+    assert audience_rows(hub) == before
+    plain = hub.http.post("/partners/register", json=body)
+    assert plain.status_code == 201 and (plain.json()["channels"], plain.json()["filter"]) == ([], None)
+    by_admin = hub.http.post("/partners/register", headers=hub.admin,
+                             json={**body, "channels": ["operator_b"], "filter": {"currency": "EUR"}})
+    assert by_admin.status_code == 201 and by_admin.json()["channels"] == ["operator_b"]
