@@ -852,12 +852,15 @@ class Store:
 
     # From here on every method reads or writes SQLite: call it from a thread.
 
-    def partner_id_for_api_key(self, api_key_hash: str) -> str | None:
+    def api_key_owner(self, api_key_hash: str) -> tuple[str, str, str | None] | None:
+        """The partner whose API key this is: its id, its status and why it was suspended. Read
+        from the database on every request, never from memory, so that a reissued key, a deletion
+        or a suspension made by any process counts from the very next request."""
         with self._reader() as db:
             row = db.execute(
-                "SELECT id FROM partners WHERE api_key_hash = :h", {"h": api_key_hash}
+                "SELECT id, status, suspended_reason FROM partners WHERE api_key_hash = :h", {"h": api_key_hash}
             ).fetchone()
-        return row["id"] if row else None
+        return (row["id"], row["status"], row["suspended_reason"]) if row else None
 
     def list_partners(self, *, limit: int, cursor: str | None) -> Page:
         with self._reader() as db:

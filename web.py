@@ -317,6 +317,7 @@ class AdminTokens:
 class Caller:
     is_admin: bool
     partner_id: str | None = None
+    suspended_reason: str | None = None  # set for a suspended partner's key: it may read, never write
 
 
 async def authenticate(request: Request) -> Caller:
@@ -331,9 +332,11 @@ async def authenticate(request: Request) -> Caller:
     if ctx.admin_tokens.match(token):
         return Caller(is_admin=True)
     if token.startswith("pak_"):
-        partner_id = await db(ctx.store.partner_id_for_api_key, hash_api_key(token))
-        if partner_id is not None:
-            return Caller(is_admin=False, partner_id=partner_id)
+        owner = await db(ctx.store.api_key_owner, hash_api_key(token))
+        if owner is not None:
+            partner_id, status, reason = owner
+            suspended = (reason or "no reason given") if status == "suspended" else None
+            return Caller(is_admin=False, partner_id=partner_id, suspended_reason=suspended)
     raise ApiError(401, "invalid_credentials", "The bearer token is not valid. Check the admin token or API key.")
 
 
@@ -346,9 +349,14 @@ SIGNED = "signed"              # a partner, proven by the body's signature (chec
 METRICS = "metrics"            # the admin token, or anyone when metrics_public = true
 REGISTRATION = "registration"  # the admin token, or anyone when open_registration = true
 
+READS = ("GET", "HEAD")  # every other method writes: a partner's key pays for it, and a suspended one may not
+
 
 async def check_access(request: Request, who: str) -> Caller | None:
-    """Apply a route's access rule; the caller it found, or None where no credentials are asked."""
+    """Apply a route's access rule; the caller it found, or None where no credentials are asked.
+
+    A partner's writes are checked here once for every route, rather than in each handler: a
+    suspended partner's key is read-only (403), and the others' writes spend their budget."""
     if who in (PUBLIC, SIGNED) or (who == METRICS and context(request).config.security.metrics_public):
         return None
     if who == REGISTRATION and context(request).config.security.open_registration:
@@ -358,9 +366,20 @@ async def check_access(request: Request, who: str) -> Caller | None:
     caller = await authenticate(request)
     if who in (ADMIN, REGISTRATION, METRICS) and not caller.is_admin:
         raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
-    if not caller.is_admin and request.method != "GET":  # a partner's self-service writes: a budget each
+    if not caller.is_admin and request.method not in READS:
+        refuse_if_suspended(caller)
         await context(request).partner_write_limit.check(caller.partner_id or "", "writes with this API key")
     return caller
+
+
+def refuse_if_suspended(caller: Caller) -> None:
+    """A suspended partner reads its record and its deliveries, to see why; any write it tries is
+    this 403. Otherwise its URL, subscriptions, secrets, key, and tests, retries and replays queued
+    "for later", would all be waiting for the moment the admin lifts the suspension."""
+    if caller.suspended_reason is not None:
+        raise ApiError(403, "partner_suspended",
+                       f"This partner was suspended by the admin ({caller.suspended_reason}): its API key can "
+                       "read but not change anything until the admin lifts the suspension. Contact the operator.")
 
 
 def route(method: str, path: str, endpoint: Callable, who: str) -> Route:

@@ -113,7 +113,7 @@ def test_only_the_admin_suspends_and_lifts_and_a_suspended_partner_gets_nothing(
     assert shown["suspended_reason"] == "chargebacks under review"
     for status in ("active", "paused"):
         r = patch(own, status=status)
-        assert r.status_code == 403 and r.json()["error"]["code"] == "suspended_by_admin", r.text
+        assert r.status_code == 403 and r.json()["error"]["code"] == "partner_suspended", r.text
         assert "chargebacks under review" in r.json()["error"]["message"]
 
     event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
