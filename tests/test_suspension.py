@@ -31,29 +31,31 @@ def routes(hub, who: tuple[str, ...], writes: bool) -> set[tuple[str, str]]:
 
 
 def write_requests(partner: dict, delivery_id: str, elsewhere: str) -> dict[tuple[str, str], tuple[str, dict]]:
-    """One request per partner-writable route, each one an active partner would be allowed to make:
-    (method, route path) → (URL, httpx arguments)."""
+    """One request per partner-writable route, each one an active partner would be allowed to make
+    (in this order: a retry before the recover that would requeue the same delivery, and the two
+    that end the key last): (method, route path) → (URL, httpx arguments)."""
     pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
     inbound = json.dumps({"event": "tour.purchased", "tour_id": "tour_1"}).encode()
     signed = {"X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], inbound),
               "X-Webhook-Event": "tour.purchased", "X-Partner-Id": pid}
     return {
+        ("POST", "/webhooks/partners"): ("/webhooks/partners", dict(headers=signed, content=inbound)),
         ("POST", "/partners/register"): ("/partners/register", dict(headers=own, json={
             "partner_name": "Sock Puppet", "webhook_url": elsewhere, "events": ["payment.success"]})),
         ("PATCH", "/partners/{partner_id}"): (f"/partners/{pid}", dict(headers=own, json={
             "webhook_url": elsewhere, "events": ["payment.success", "booking.confirmed"]})),
         ("POST", "/partners/{partner_id}/rotate-secret"): (f"/partners/{pid}/rotate-secret?revoke_old=true",
                                                             dict(headers=own)),
-        ("POST", "/partners/{partner_id}/api-key"): (f"/partners/{pid}/api-key", dict(headers=own)),
-        ("DELETE", "/partners/{partner_id}"): (f"/partners/{pid}", dict(headers=own)),
         ("POST", "/partners/{partner_id}/test"): (f"/partners/{pid}/test", dict(headers=own)),
+        ("POST", "/deliveries/{delivery_id}/retry"): (f"/deliveries/{delivery_id}/retry?queue=true",
+                                                       dict(headers=own)),
         ("POST", "/partners/{partner_id}/recover"): (f"/partners/{pid}/recover?since=0&queue=true",
                                                       dict(headers=own)),
         ("POST", "/partners/{partner_id}/replay"): (f"/partners/{pid}/replay?since=0&queue=true",
                                                      dict(headers=own)),
-        ("POST", "/deliveries/{delivery_id}/retry"): (f"/deliveries/{delivery_id}/retry?queue=true",
-                                                       dict(headers=own)),
-        ("POST", "/webhooks/partners"): ("/webhooks/partners", dict(headers=signed, content=inbound)),
+        # Last: with the fix off, each of these two would end the key the rows above use.
+        ("POST", "/partners/{partner_id}/api-key"): (f"/partners/{pid}/api-key", dict(headers=own)),
+        ("DELETE", "/partners/{partner_id}"): (f"/partners/{pid}", dict(headers=own)),
     }
 
 
