@@ -1,7 +1,8 @@
 """The partner portal (GET /portal) in real headless Chromium against a live webhookd: a partner
 signs in with its API key, sees its own deliveries and nobody else's, retries a failed one and
 watches it turn delivered, sends a test event, rotates its secret, checks a signature in the
-page, and reads it all in Spanish; the admin token is refused."""
+page, and reads it all in Spanish; its channels and filter are shown read-only (the admin's to set),
+and suspended it can only read; the admin token is refused."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def test_a_partner_signs_in_sees_only_its_own_retries_rotates_and_checks_a_signa
     mine.script = [(500, 0.0)] * 3                      # the first delivery fails three times
     partner = hub.register(mine.url, ["payment.success"], name="Andes Trails")
     other = hub.register(theirs.url, ["payment.success"], name="Other Tours")
+    audience = hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin, json={"channels": ["tour_1"]})
+    assert audience.status_code == 200
     event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
     failed = wait_for(lambda: hub.deliveries(partner_id=partner["partner_id"], state="failed"))[0]
     wait_for(lambda: hub.deliveries(partner_id=other["partner_id"], state="delivered"))
@@ -52,6 +55,10 @@ def test_a_partner_signs_in_sees_only_its_own_retries_rotates_and_checks_a_signa
             tid("key-submit").click()
             expect(tid("partner-name")).to_have_text("Andes Trails")
             expect(tid("meta-url")).to_have_text(mine.url)
+            expect(tid("meta-channels")).to_have_text("tour_1 (set by the operator)")
+            expect(tid("meta-filter")).to_have_text("none (set by the operator)")
+            assert tid("endpoint").locator("input, select, textarea").count() == 0   # nothing to edit them with
+            expect(tid("read-only")).to_be_hidden()
 
             # Its deliveries only: its failed one, never the other partner's.
             rows = tid("delivery-row")
@@ -94,7 +101,21 @@ def test_a_partner_signs_in_sees_only_its_own_retries_rotates_and_checks_a_signa
             expect(tid("send-test")).to_have_text("Enviar un evento de prueba")
             page.reload()
             expect(tid("send-test")).to_have_text("Enviar un evento de prueba")
+            expect(tid("meta-channels")).to_have_text("tour_1 (lo fija el operador)")
             page.screenshot(path=tmp_path / "portal-es.png", full_page=True)
+
+            # Suspended by the admin: the page says it can only read, and offers no write.
+            suspended = hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin,
+                                       json={"status": "suspended", "reason": "chargebacks under review"})
+            assert suspended.status_code == 200
+            page.reload()
+            expect(tid("read-only")).to_contain_text("Contacta al operador")
+            expect(tid("meta-why")).to_have_text("chargebacks under review")
+            expect(tid("send-test")).to_be_disabled()
+            expect(tid("rotate")).to_be_disabled()
+            rows.first.click()
+            expect(tid("detail-state")).to_have_text("delivered")
+            expect(tid("retry")).to_be_hidden()
             print(f"screenshots: {tmp_path / 'portal.png'} {tmp_path / 'portal-es.png'}")
             assert errors == []
         finally:
