@@ -537,9 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     partners.add_argument("--ordering", choices=["concurrent", "fifo"],
                           help="add, ordering: fifo sends one at a time, in publish order (default concurrent)")
     partners.add_argument("--channels", help="comma-separated channels it listens on (add, channels; "
-                                             "channels without it: none)")
+                                             "channels without it: none). The admin's to set: a partner's "
+                                             "own key cannot")
     partners.add_argument("--filter", help='a payload filter as JSON or @file, e.g. \'{"currency": ["EUR"]}\' '
-                                           "(add, filter; filter without it removes it)")
+                                           "(add, filter; filter without it removes it). The admin's to set: a "
+                                           "partner's own key cannot")
     partners.add_argument("--email", help="contact email (add, contact; contact without it removes it)")
     partners.add_argument("partner_id", nargs="?", help="the partner (every action but list and add)")
     partners.add_argument("--yes", action="store_true", help="delete: yes, delete it (it cannot be undone)")

@@ -28,11 +28,18 @@ ORDERING = {"enum": ["concurrent", "fifo"],
 STATES = ["pending", "delivered", "failed", "expired", "cancelled"]
 RATE = {"type": ["number", "null"], "minimum": 0.01, "maximum": 10000,
         "description": "at most this many attempts started per second; null: no pace"}
+ADMIN_SETS = (" The admin sets it; from anyone else (a partner's API key, an open registration) it is a "
+              "403 audience_admin_only.")
 
 
 def _obj(properties: dict[str, Any], required: list[str] | None = None, extra: bool = False) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties) if required is None else required,
             "additionalProperties": extra}
+
+
+def _admin_sets(schema: dict[str, Any]) -> dict[str, Any]:
+    """A partner's audience field (channels, filter) as a request takes it: the admin's alone."""
+    return {**schema, "description": schema["description"] + "." + ADMIN_SETS}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -89,8 +96,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "partner_name": {"type": "string", "minLength": 1, "maxLength": 200},
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
-            "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": CHANNEL_LIST, "filter": FILTER,
-            "ordering": ORDERING,
+            "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": _admin_sets(CHANNEL_LIST),
+            "filter": _admin_sets(FILTER), "ordering": ORDERING,
         }, required=["partner_name", "webhook_url", "events"]),
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
@@ -105,8 +112,9 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                                             "only the admin lifts it"},
                                   "reason": {"type": "string", "minLength": 1, "maxLength": 500,
                                              "description": "why, with status suspended"},
-                                  "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": CHANNEL_LIST,
-                                  "filter": FILTER, "ordering": ORDERING}, required=[]),
+                                  "max_rate_per_s": RATE, "contact_email": EMAIL,
+                                  "channels": _admin_sets(CHANNEL_LIST), "filter": _admin_sets(FILTER),
+                                  "ordering": ORDERING}, required=[]),
                           "minProperties": 1},
         "PartnerList": _list_of("Partner"),
         "EventPayload": {**_obj({
@@ -236,8 +244,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "/partners": {"get": _op("List partners, newest first", 200, "PartnerList", params=PAGE)},
         "/partners/{partner_id}": {
             "get": _op("One partner (never its secret)", 200, "Partner", params=[PARTNER]),
-            "patch": _op("Change webhook_url, events or status", 200, "Partner", body="PartnerUpdate",
-                         params=[PARTNER]),
+            "patch": _op("Change a partner's URL, subscriptions, status, pace, ordering or contact; its channels "
+                         "and filter: the admin only", 200, "Partner", body="PartnerUpdate", params=[PARTNER]),
             "delete": _op("Delete the partner: its secrets and key stop at once, its pending deliveries are "
                           "cancelled (the admin; the partner itself if security.partner_self_delete)", 200,
                           "PartnerDeleted", params=[PARTNER]),
@@ -313,6 +321,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "openapi": "3.1.0",
         "info": {"title": "webhookd", "version": version, "description": (
             "Signed, durable webhooks. Authenticate with `Authorization: Bearer <admin token | partner API key>`. "
+            "A suspended partner's API key is read-only: it reads its record and deliveries, and any write answers "
+            "403 partner_suspended until the admin lifts the suspension. "
             "Live offers: open a WebSocket on `/ws` offering the subprotocols `webhookd` and "
             "`token.<token from POST /realtime/tokens>` (or `/ws?token=<token>`); a bad or expired "
             "token is closed with code 1008.")},

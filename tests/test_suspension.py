@@ -140,3 +140,8 @@ def test_a_suspension_made_in_another_process_counts_on_the_next_request(postgre
     refused = second.http.patch(f"/partners/{pid}", headers=own, json={"contact_email": "c@d.example"})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "partner_suspended"
     assert second.http.get(f"/partners/{pid}", headers=own).status_code == 200
+
+
+def test_the_api_description_says_a_suspended_key_only_reads(hub):
+    info = hub.http.get("/openapi.json").json()["info"]["description"]
+    assert "suspended partner's API key is read-only" in info and "403 partner_suspended" in info

@@ -194,3 +194,10 @@ def test_an_open_registration_cannot_choose_its_audience(hub_factory):
     by_admin = hub.http.post("/partners/register", headers=hub.admin,
                              json={**body, "channels": ["operator_b"], "filter": {"currency": "EUR"}})
     assert by_admin.status_code == 201 and by_admin.json()["channels"] == ["operator_b"]
+
+
+def test_the_api_description_says_the_audience_is_the_admins(hub):
+    schemas = hub.http.get("/openapi.json").json()["components"]["schemas"]
+    for schema in ("Registration", "PartnerUpdate"):
+        for field in ("channels", "filter"):
+            assert "403 audience_admin_only" in schemas[schema]["properties"][field]["description"], (schema, field)
