@@ -194,9 +194,9 @@ def check_status_change(partner: Partner, body: dict[str, Any], caller: Any) -> 
     if status not in ("active", "paused", "suspended"):
         raise invalid("status", "must be 'active', 'paused' or (admin only) 'suspended'.")
     if not caller.is_admin and (partner.status, status) not in PARTNER_MAY:
-        if partner.status == "suspended":
-            raise ApiError(403, "suspended_by_admin", f"This partner was suspended by the admin "
-                                                      f"({partner.suspended_reason}); only the admin can lift it.")
+        if partner.status == "suspended":  # the access layer refuses a suspended key's writes first; same answer
+            raise ApiError(403, "partner_suspended", f"This partner was suspended by the admin "
+                                                     f"({partner.suspended_reason}); only the admin can lift it.")
         raise ApiError(403, "admin_only", f"Only the admin can change a partner from {partner.status!r} to {status!r}.")
     if status != "suspended":
         return None
