@@ -101,17 +101,27 @@ def _is_loopback(host: str) -> bool:
 
 
 def _cmd_token(args: argparse.Namespace, config: Config) -> int:
-    """Print the admin token; ``--rotate``: a new one (printed), the old one valid for the overlap."""
+    """Print the admin token; ``--rotate``: a new one (printed), the old one valid for the overlap,
+    or revoked at once with ``--revoke-old``."""
+    if args.revoke_old and not args.rotate:
+        raise CliError("--revoke-old goes with --rotate: webhookd token --rotate --revoke-old")
     if not args.rotate:
         print(admin_token(config))
         return 0
     try:
-        new, until = rotate_admin_token(config, time.time())
+        rotation = rotate_admin_token(config, time.time(), revoke_old=args.revoke_old)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    print(new)
-    print(f"The old admin token keeps working until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))} "
-          "(security.admin_token_overlap_s): switch the dashboard and your scripts before then.", file=sys.stderr)
+    print(rotation.token)
+    if rotation.old_valid_until is None:
+        print("Every old admin token is revoked: the running server refuses it within a second, and the /ws "
+              "tokens it signed too. Give the dashboard and your scripts the new one.", file=sys.stderr)
+    else:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rotation.old_valid_until))
+        print(f"The old admin token keeps working until {until} (security.admin_token_overlap_s): switch the "
+              "dashboard and your scripts before then, or end it now with --rotate --revoke-old.", file=sys.stderr)
+    if rotation.dropped_earlier:
+        print("The token before it, from the previous rotation, stopped working now.", file=sys.stderr)
     return 0
 
 
@@ -526,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", parents=[with_config], help="print the admin token (creating it on first use)")
     token.add_argument("--rotate", action="store_true",
                        help="issue a new admin token; the old one works for security.admin_token_overlap_s more")
+    token.add_argument("--revoke-old", action="store_true",
+                       help="with --rotate: revoke every old admin token at once, no overlap (a leaked token)")
     token.set_defaults(handler=_cmd_token)
 
     partners = commands.add_parser("partners", parents=[with_config, as_json],

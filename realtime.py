@@ -8,7 +8,9 @@ Two rules keep this safe:
 * **Short-lived signed tokens.** ``POST /realtime/tokens`` (admin) mints
   ``<base64 claims>.<hex HMAC>`` for one user; ``/ws`` accepts it until it expires,
   offered as the subprotocol ``token.<token>`` (kept out of URLs and logs) or as
-  ``?token=``. Nothing is stored: the signature is the proof.
+  ``?token=``. Nothing is stored: the signature is the proof. The signing key is derived
+  from the admin token (``key_for``), and read again with it: a rotation's overlap keeps the
+  tokens it signed valid, a revoked admin token takes its /ws tokens with it.
 * **A slow client never blocks anyone.** Each connection has a bounded queue and its
   own sender task. Publishing only puts into queues (never waits); when a client's
   queue is full the message is dropped for that client and counted.
@@ -22,6 +24,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,23 +41,37 @@ class TokenError(Exception):
     """Raised when a realtime token is malformed, forged or expired."""
 
 
-class Tokens:
-    """Mint and check ``/ws`` tokens, signed with a key only this server knows."""
+def key_for(admin_token: str) -> bytes:
+    """The key that signs /ws tokens while ``admin_token`` is valid. Every process that shares the
+    admin token (several on one PostgreSQL) derives the same key, so any of them accepts a token
+    another minted; nobody without the admin token can compute it."""
+    return hmac.new(admin_token.encode(), b"webhookd realtime tokens", hashlib.sha256).digest()
 
-    def __init__(self, key: bytes, ttl_s: float):
-        self._key = key
+
+class Tokens:
+    """Mint and check ``/ws`` tokens, signed with a key only this server knows.
+
+    ``keys()`` gives the keys valid now, the one that signs new tokens first; it is asked on every
+    mint and check, so a key withdrawn there stops verifying at once."""
+
+    def __init__(self, keys: Callable[[], list[bytes]], ttl_s: float):
+        self._keys = keys
         self.ttl_s = ttl_s
 
     def mint(self, user_id: str, now: float) -> tuple[str, int]:
         expires_at = int(now + self.ttl_s)
         claims = json.dumps({"u": user_id, "exp": expires_at}, separators=(",", ":")).encode()
         body = base64.urlsafe_b64encode(claims).decode().rstrip("=")
-        return f"{body}.{self._sign(body)}", expires_at
+        return f"{body}.{_sign(self._keys()[0], body)}", expires_at
 
     def user_for(self, token: str, now: float) -> str:
         """The user a valid token names; TokenError otherwise."""
         body, _, signature = token.partition(".")
-        if not body or not hmac.compare_digest(self._sign(body).encode(), signature.encode("utf-8", "replace")):
+        given = signature.encode("utf-8", "replace")
+        signed = False
+        for key in self._keys():  # each compared in constant time, whichever matches
+            signed |= hmac.compare_digest(_sign(key, body).encode(), given)
+        if not body or not signed:
             raise TokenError("the token is not one this server signed")
         try:
             claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -65,8 +82,9 @@ class Tokens:
             raise TokenError("the token has expired; ask for a new one")
         return user_id
 
-    def _sign(self, body: str) -> str:
-        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
+def _sign(key: bytes, body: str) -> str:
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(eq=False)
