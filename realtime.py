@@ -35,6 +35,7 @@ logger = logging.getLogger("webhookd.realtime")
 POLICY_VIOLATION = 1008  # the WebSocket close code for a refused token
 PROTOCOL = "webhookd"    # the subprotocol /ws answers with when a client offers it
 TOKEN_PROTOCOL_PREFIX = "token."  # an offered subprotocol "token.<token>" carries the token
+REVOKED = "the admin token that signed this token was revoked; ask for a new one"
 
 
 class TokenError(Exception):
@@ -66,12 +67,8 @@ class Tokens:
 
     def user_for(self, token: str, now: float) -> str:
         """The user a valid token names; TokenError otherwise."""
-        body, _, signature = token.partition(".")
-        given = signature.encode("utf-8", "replace")
-        signed = False
-        for key in self._keys():  # each compared in constant time, whichever matches
-            signed |= hmac.compare_digest(_sign(key, body).encode(), given)
-        if not body or not signed:
+        body, _, _ = token.partition(".")
+        if not body or not self.is_signed(token):
             raise TokenError("the token is not one this server signed")
         try:
             claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -82,6 +79,16 @@ class Tokens:
             raise TokenError("the token has expired; ask for a new one")
         return user_id
 
+    def is_signed(self, token: str) -> bool:
+        """Whether a key valid now signed ``token``; its expiry aside (checked when a connection
+        opens, which may then outlive it), so an open connection can be asked again later."""
+        body, _, signature = token.partition(".")
+        given = signature.encode("utf-8", "replace")
+        signed = False
+        for key in self._keys():  # each compared in constant time, whichever matches
+            signed |= hmac.compare_digest(_sign(key, body).encode(), given)
+        return signed
+
 
 def _sign(key: bytes, body: str) -> str:
     return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
@@ -91,6 +98,7 @@ def _sign(key: bytes, body: str) -> str:
 class Client:
     user_id: str
     queue: asyncio.Queue
+    still_signed: Callable[[], bool]   # False once the key that signed its token is withdrawn
     dropped: int = 0
 
 
@@ -119,9 +127,11 @@ class Notifier:
                 self.dropped += 1
         return queued
 
-    async def serve(self, websocket: WebSocket, user_id: str) -> None:
-        """Hold one accepted connection: send what is queued for it until it goes away."""
-        client = Client(user_id=user_id, queue=asyncio.Queue(maxsize=self.queue_size))
+    async def serve(self, websocket: WebSocket, user_id: str, still_signed: Callable[[], bool]) -> None:
+        """Hold one accepted connection: send what is queued for it until it goes away, or until
+        ``still_signed()`` says its token's key was withdrawn (closed with 1008 then, before the
+        next message: a connection opened before its admin token was revoked gets nothing more)."""
+        client = Client(user_id=user_id, queue=asyncio.Queue(maxsize=self.queue_size), still_signed=still_signed)
         self.clients.add(client)
         sender = asyncio.create_task(self._send_queued(websocket, client))
         try:
@@ -142,6 +152,9 @@ class Notifier:
         try:
             while True:
                 text = await client.queue.get()
+                if not client.still_signed():
+                    await websocket.close(code=POLICY_VIOLATION, reason=REVOKED)
+                    return
                 await websocket.send_text(text)
                 self.sent += 1
         except (WebSocketDisconnect, RuntimeError, OSError):

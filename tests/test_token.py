@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import config
+import signing
 from conftest import wait_for, webhookd_cli
 
 FILE_TOKEN = dict(WEBHOOKD_ADMIN_TOKEN="")   # the generated token file beside the database, not the config's
@@ -48,21 +49,33 @@ def ws_clients(serve, admin_token: str) -> int:
     return int(float(re.search(r"^webhookd_websocket_clients (\S+)$", metrics, re.M).group(1)))
 
 
+def open_ws(serve, ws_token: str):
+    return connect(serve.url.replace("http://", "ws://") + "/ws", subprotocols=["webhookd", f"token.{ws_token}"],
+                   open_timeout=5)
+
+
 def assert_ws_accepts(serve, ws_token: str, admin_token: str) -> None:
     """/ws takes the token: the connection counts among the server's clients."""
-    with connect(serve.url.replace("http://", "ws://") + "/ws", subprotocols=["webhookd", f"token.{ws_token}"],
-                 open_timeout=5):
+    with open_ws(serve, ws_token):
         wait_for(lambda: ws_clients(serve, admin_token) == 1, timeout=10)
     wait_for(lambda: ws_clients(serve, admin_token) == 0, timeout=10)
 
 
 def assert_ws_refuses(serve, ws_token: str) -> None:
     """/ws closes the connection with 1008, as for any token it did not sign."""
-    with connect(serve.url.replace("http://", "ws://") + "/ws", subprotocols=["webhookd", f"token.{ws_token}"],
-                 open_timeout=5) as ws:
+    with open_ws(serve, ws_token) as ws:
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
     assert closed.value.rcvd.code == 1008 and "not one this server signed" in closed.value.rcvd.reason
+
+
+def promote_to_everyone(serve, partner: dict, tour_id: str) -> None:
+    """The partner's signed tour.promoted naming no user: an offer for every /ws connection."""
+    body = json.dumps({"event": "tour.promoted", "tour_id": tour_id}).encode()
+    r = httpx.post(serve.url + "/webhooks/partners", content=body, timeout=10, headers={
+        "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": "tour.promoted",
+        "X-Partner-Id": partner["partner_id"]})
+    assert r.status_code == 200, r.text
 
 
 def test_a_rotated_admin_token_overlaps_then_the_old_one_stops_and_neither_is_logged(serve_factory):
@@ -90,16 +103,27 @@ def test_revoke_old_ends_the_old_token_and_every_ws_token_it_could_sign_at_once(
     and so is a /ws token it minted or one forged offline from it (the key derived from it)."""
     serve = serve_factory(**FILE_TOKEN)   # the default overlap, a day: --revoke-old overrides it
     leaked = webhookd_cli(serve.env, "token").stdout.strip()
+    partner = httpx.post(serve.url + "/partners/register", headers={"Authorization": f"Bearer {leaked}"}, json={
+        "partner_name": "Promo Tours", "webhook_url": "http://127.0.0.1:9/hook", "events": ["payment.success"]}).json()
     minted, forged = minted_ws_token(serve, leaked, "ana"), forged_ws_token(leaked, "ana")
     assert_ws_accepts(serve, minted, leaked)
     assert_ws_accepts(serve, forged, leaked)   # the forgery is well made: before the revocation it passes
 
-    revoked = webhookd_cli(serve.env, "token", "--rotate", "--revoke-old")
-    assert revoked.returncode == 0 and "revoked" in revoked.stderr, revoked.stderr
-    new = revoked.stdout.strip()
-    assert new.startswith("adm_") and new != leaked and leaked not in revoked.stdout + revoked.stderr
-    wait_for(lambda: status(serve, leaked) == 401, timeout=10)
-    assert status(serve, new) == 200
+    with open_ws(serve, forged_ws_token(leaked, "mallory")) as held:   # opened before, held across the revocation
+        wait_for(lambda: ws_clients(serve, leaked) == 1, timeout=10)
+        revoked = webhookd_cli(serve.env, "token", "--rotate", "--revoke-old")
+        assert revoked.returncode == 0 and "revoked" in revoked.stderr, revoked.stderr
+        new = revoked.stdout.strip()
+        assert new.startswith("adm_") and new != leaked and leaked not in revoked.stdout + revoked.stderr
+        wait_for(lambda: status(serve, leaked) == 401, timeout=10)
+        assert status(serve, new) == 200
+        with open_ws(serve, minted_ws_token(serve, new, "ana")) as ana:
+            wait_for(lambda: ws_clients(serve, new) == 2, timeout=10)
+            promote_to_everyone(serve, partner, "tour_1")
+            assert json.loads(ana.recv(timeout=10))["tour_id"] == "tour_1"
+            with pytest.raises(ConnectionClosed) as closed:   # closed before the offer, which it never gets
+                held.recv(timeout=10)
+            assert closed.value.rcvd.code == 1008 and "revoked" in closed.value.rcvd.reason
     assert_ws_refuses(serve, minted)
     assert_ws_refuses(serve, forged)
     assert_ws_refuses(serve, forged_ws_token(leaked, "ben"))                        # nor can it sign new ones
