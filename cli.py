@@ -121,8 +121,8 @@ def _cmd_token(args: argparse.Namespace, config: Config) -> int:
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rotation.old_valid_until))
         print(f"The old admin token keeps working until {until} (security.admin_token_overlap_s): switch the "
               "dashboard and your scripts before then, or end it now with --rotate --revoke-old.", file=sys.stderr)
-    if rotation.dropped_earlier:
-        print("The token before it, from the previous rotation, stopped working now.", file=sys.stderr)
+        if rotation.dropped_earlier:
+            print("The token before it, from the previous rotation, stopped working now.", file=sys.stderr)
     return 0
 
 

@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import ssl
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +92,7 @@ class SecurityConfig:
     max_batch_events: int = 500           # events in one POST /events/batch
     inbound_tolerance_s: int = 300
     secret_overlap_s: int = 86400
-    admin_token_overlap_s: int = 86400    # after `webhookd token --rotate`, the old admin token works this long (0: not at all)
+    admin_token_overlap_s: int = 86400    # after `webhookd token --rotate` the old token works this long; 0: not at all
     admin_token_previous: str = ""        # with admin_token set here: the old one, still accepted while you switch
     allowed_ports: tuple[int, ...] = ()   # empty: any port
     inbound_rate_per_s: float = 50.0      # per partner
@@ -408,7 +407,7 @@ def admin_token(config: Config) -> str:
 
 
 def admin_tokens(config: Config, now: float) -> list[str]:
-    """Every admin token valid at ``now``, the current one first: and, while a rotation's overlap
+    """Every admin token valid at ``now``: the current one first, then, while a rotation's overlap
     runs, the previous one (``admin_token.previous``: the token and until when, unix seconds)."""
     tokens = [admin_token(config)]
     if config.security.admin_token:  # set in the config: the operator keeps the old one beside it, if any
@@ -439,14 +438,14 @@ def rotate_admin_token(config: Config, now: float, *, revoke_old: bool = False) 
     if config.security.admin_token:
         raise ValueError("the admin token is set in the config (security.admin_token or WEBHOOKD_ADMIN_TOKEN): change "
                          "it there, with the old one in security.admin_token_previous until every process and script "
-                         "has switched (leave that out to revoke the old one); --rotate rotates the generated token file")
+                         "has switched (leave it out to revoke the old one); --rotate rotates the generated token file")
     current, earlier = admin_token(config), _previous_token(config)
     dropped_earlier = earlier is not None and earlier[1] > now
     folder = _token_folder(config)
     overlap = 0 if revoke_old else config.security.admin_token_overlap_s
     new = "adm_" + secrets.token_urlsafe(32)
     if overlap > 0:
-        # The previous file first: a crash between the two writes leaves the current token valid twice.
+        # The previous file first: a crash between the two writes leaves the current token in both.
         _write_private(folder / "admin_token.previous", f"{current} {now + overlap}\n")
         _write_private(folder / "admin_token", new + "\n")
         return AdminTokenRotation(new, now + overlap, dropped_earlier)

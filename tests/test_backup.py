@@ -119,7 +119,8 @@ def fill(serve, events: int = 1000) -> dict:
         "partner_name": "Secret Tours", "webhook_url": f"http://127.0.0.1:{free_port()}/hook",
         "events": ["payment.success"]}).json()
     for start in range(0, events, 200):   # 200 events a batch stay under max_body_bytes
-        batch = [{**PAYMENT_SUCCESS, "transaction_id": f"t{i}", "user_name": "x" * 400} for i in range(start, start + 200)]
+        batch = [{**PAYMENT_SUCCESS, "transaction_id": f"t{i}", "user_name": "x" * 400}
+                 for i in range(start, start + 200)]
         r = httpx.post(serve.url + "/events/batch", headers=ADMIN, json={"events": batch}, timeout=60)
         assert r.status_code == 202 and r.json()["accepted"] == 200, r.text
     return partner
@@ -154,7 +155,7 @@ def test_a_backup_stopped_midway_leaves_nothing_at_its_path_and_nothing_others_c
     assert not target.exists()                           # no partial backup where a whole one is expected
     assert [f.name for f in folder.iterdir() if not f.name.startswith(".webhookd.db.")] == []
     left = private_leftovers(folder, "webhookd.db")
-    assert max(f.stat().st_size for f in left) > MAX_FILE_BYTES // 2   # the copy was well under way, 0600 from the start
+    assert max(f.stat().st_size for f in left) > MAX_FILE_BYTES // 2   # well under way, and 0600 from the start
 
     failed = webhookd_cli_stopped_midway(serve.env, "backup", str(target), killed=False)
     assert failed.returncode == 1 and "nothing was written" in failed.stderr and "Traceback" not in failed.stderr
