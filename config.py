@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import ssl
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +92,7 @@ class SecurityConfig:
     max_batch_events: int = 500           # events in one POST /events/batch
     inbound_tolerance_s: int = 300
     secret_overlap_s: int = 86400
-    admin_token_overlap_s: int = 86400    # after `webhookd token --rotate`, the old admin token works this long
+    admin_token_overlap_s: int = 86400    # after `webhookd token --rotate` the old token works this long; 0: not at all
     admin_token_previous: str = ""        # with admin_token set here: the old one, still accepted while you switch
     allowed_ports: tuple[int, ...] = ()   # empty: any port
     inbound_rate_per_s: float = 50.0      # per partner
@@ -175,7 +174,6 @@ POSITIVE = {
     "security.max_batch_events": "a number of events",
     "security.inbound_tolerance_s": "a number of seconds",
     "security.secret_overlap_s": "a number of seconds",
-    "security.admin_token_overlap_s": "a number of seconds",
     "security.inbound_rate_per_s": "a number of requests per second",
     "security.inbound_failures_per_s": "a number of refused requests per second",
     "security.registration_rate_per_min": "a number of registrations per minute",
@@ -202,6 +200,11 @@ POSITIVE = {
     "realtime.client_queue": "a number of messages",
     "alerts.interval_s": "a number of seconds",
     "alerts.oldest_pending_s": "a number of seconds",
+}
+
+# Keys that may also be zero; the message says what zero means.
+NOT_NEGATIVE = {
+    "security.admin_token_overlap_s": "a number of seconds (0: a rotation revokes the old admin token at once)",
 }
 
 
@@ -323,6 +326,11 @@ def _check_values(sections: dict[str, Any]) -> None:
             continue
         if not math.isfinite(value) or value <= 0 or (key == "server.port" and value > 65535):
             raise ConfigError(f"Config '{key}' has value {value!r}. Expected {meaning}, greater than zero.")
+    for key, meaning in NOT_NEGATIVE.items():
+        section, name = key.split(".")
+        value = getattr(sections[section], name)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"Config '{key}' has value {value!r}. Expected {meaning}, zero or more.")
     for proxy in sections["server"].trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)
@@ -399,8 +407,8 @@ def admin_token(config: Config) -> str:
 
 
 def admin_tokens(config: Config, now: float) -> list[str]:
-    """Every admin token valid at ``now``: the current one and, while a rotation's overlap runs,
-    the previous one (``admin_token.previous``: the token and until when, unix seconds)."""
+    """Every admin token valid at ``now``: the current one first, then, while a rotation's overlap
+    runs, the previous one (``admin_token.previous``: the token and until when, unix seconds)."""
     tokens = [admin_token(config)]
     if config.security.admin_token:  # set in the config: the operator keeps the old one beside it, if any
         return tokens + ([config.security.admin_token_previous] if config.security.admin_token_previous else [])
@@ -410,25 +418,41 @@ def admin_tokens(config: Config, now: float) -> list[str]:
     return tokens
 
 
-def rotate_admin_token(config: Config, now: float) -> tuple[str, float]:
-    """A new admin token in the file; the old one stays valid ``admin_token_overlap_s`` more, so the
-    dashboard and scripts can switch. Returns the new token and when the old one stops. Refused
-    (ValueError) for a token set in the config, and while the last rotation's overlap runs."""
+@dataclass(frozen=True)
+class AdminTokenRotation:
+    """What ``rotate_admin_token`` did: the new token, until when the old one works (None: it was
+    revoked at once), and whether a still-valid token from an earlier rotation was dropped."""
+
+    token: str
+    old_valid_until: float | None
+    dropped_earlier: bool
+
+
+def rotate_admin_token(config: Config, now: float, *, revoke_old: bool = False) -> AdminTokenRotation:
+    """A new admin token in the file. The old one stays valid ``admin_token_overlap_s`` more, so
+    the dashboard and scripts can switch, or not at all with ``revoke_old`` (a leaked token) or an
+    overlap of 0. One previous token is kept at most: rotating again during an overlap makes the
+    current token the previous one and ends the one before it at once (it is two rotations old,
+    and whoever rotated twice has switched away from it). Refused (ValueError) for a token set in
+    the config. A running server reads the files again within a second (``web.AdminTokens``)."""
     if config.security.admin_token:
         raise ValueError("the admin token is set in the config (security.admin_token or WEBHOOKD_ADMIN_TOKEN): change "
                          "it there, with the old one in security.admin_token_previous until every process and script "
-                         "has switched; --rotate rotates the generated token file")
-    current, previous = admin_token(config), _previous_token(config)
-    if previous is not None and previous[1] > now:
-        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(previous[1]))
-        raise ValueError(f"the previous admin token stays valid until {until}, as the last rotation promised: "
-                         "rotate again after that")
-    until = now + config.security.admin_token_overlap_s
+                         "has switched (leave it out to revoke the old one); --rotate rotates the generated token file")
+    current, earlier = admin_token(config), _previous_token(config)
+    dropped_earlier = earlier is not None and earlier[1] > now
     folder = _token_folder(config)
-    _write_private(folder / "admin_token.previous", f"{current} {until}\n")
+    overlap = 0 if revoke_old else config.security.admin_token_overlap_s
     new = "adm_" + secrets.token_urlsafe(32)
+    if overlap > 0:
+        # The previous file first: a crash between the two writes leaves the current token in both.
+        _write_private(folder / "admin_token.previous", f"{current} {now + overlap}\n")
+        _write_private(folder / "admin_token", new + "\n")
+        return AdminTokenRotation(new, now + overlap, dropped_earlier)
+    # Revoked first: a crash between the two steps leaves only the current token, never an old one.
+    (folder / "admin_token.previous").unlink(missing_ok=True)
     _write_private(folder / "admin_token", new + "\n")
-    return new, until
+    return AdminTokenRotation(new, None, dropped_earlier)
 
 
 def _token_folder(config: Config) -> Path:

@@ -298,7 +298,8 @@ async def mint_realtime_token(request: Request) -> JSONResponse:
 
 async def live_notifications(websocket: WebSocket) -> None:
     """``GET /ws``: offers pushed live, to the user a token names. A bad or expired token is
-    closed with 1008.
+    closed with 1008; so is an open connection, before its next offer, once the admin token whose
+    key signed its token is revoked.
 
     The token travels in the handshake's ``Sec-WebSocket-Protocol`` header, never in a URL that
     proxies and access logs keep: a browser writes ``new WebSocket(url, ["webhookd",
@@ -310,14 +311,15 @@ async def live_notifications(websocket: WebSocket) -> None:
     in_header = next((p.removeprefix(realtime.TOKEN_PROTOCOL_PREFIX) for p in offered
                       if p.startswith(realtime.TOKEN_PROTOCOL_PREFIX)), None)
     subprotocol = realtime.PROTOCOL if realtime.PROTOCOL in offered else None
+    token = in_header or websocket.query_params.get("token", "")
     try:
-        user_id = ctx.tokens.user_for(in_header or websocket.query_params.get("token", ""), ctx.clock())
+        user_id = ctx.tokens.user_for(token, ctx.clock())
     except realtime.TokenError as exc:
         await websocket.accept(subprotocol=subprotocol)
         await websocket.close(code=realtime.POLICY_VIOLATION, reason=str(exc))
         return
     await websocket.accept(subprotocol=subprotocol)
-    await ctx.notifier.serve(websocket, user_id)
+    await ctx.notifier.serve(websocket, user_id, still_signed=lambda: ctx.tokens.is_signed(token))
 
 
 # --- Reading what came in ------------------------------------------------------------------------

@@ -325,7 +325,7 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             "403 partner_suspended until the admin lifts the suspension. "
             "Live offers: open a WebSocket on `/ws` offering the subprotocols `webhookd` and "
             "`token.<token from POST /realtime/tokens>` (or `/ws?token=<token>`); a bad or expired "
-            "token is closed with code 1008.")},
+            "token, or one an admin token signed before it was revoked, is closed with code 1008.")},
         "paths": paths,
         "components": {"schemas": _schemas(catalog),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

@@ -8,7 +8,9 @@ Two rules keep this safe:
 * **Short-lived signed tokens.** ``POST /realtime/tokens`` (admin) mints
   ``<base64 claims>.<hex HMAC>`` for one user; ``/ws`` accepts it until it expires,
   offered as the subprotocol ``token.<token>`` (kept out of URLs and logs) or as
-  ``?token=``. Nothing is stored: the signature is the proof.
+  ``?token=``. Nothing is stored: the signature is the proof. The signing key is derived
+  from the admin token (``key_for``), and read again with it: a rotation's overlap keeps the
+  tokens it signed valid, a revoked admin token takes its /ws tokens with it.
 * **A slow client never blocks anyone.** Each connection has a bounded queue and its
   own sender task. Publishing only puts into queues (never waits); when a client's
   queue is full the message is dropped for that client and counted.
@@ -22,6 +24,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,29 +35,40 @@ logger = logging.getLogger("webhookd.realtime")
 POLICY_VIOLATION = 1008  # the WebSocket close code for a refused token
 PROTOCOL = "webhookd"    # the subprotocol /ws answers with when a client offers it
 TOKEN_PROTOCOL_PREFIX = "token."  # an offered subprotocol "token.<token>" carries the token
+REVOKED = "the admin token that signed this token was revoked; ask for a new one"
 
 
 class TokenError(Exception):
     """Raised when a realtime token is malformed, forged or expired."""
 
 
-class Tokens:
-    """Mint and check ``/ws`` tokens, signed with a key only this server knows."""
+def key_for(admin_token: str) -> bytes:
+    """The key that signs /ws tokens while ``admin_token`` is valid. Every process that shares the
+    admin token (several on one PostgreSQL) derives the same key, so any of them accepts a token
+    another minted; nobody without the admin token can compute it."""
+    return hmac.new(admin_token.encode(), b"webhookd realtime tokens", hashlib.sha256).digest()
 
-    def __init__(self, key: bytes, ttl_s: float):
-        self._key = key
+
+class Tokens:
+    """Mint and check ``/ws`` tokens, signed with a key only this server knows.
+
+    ``keys()`` gives the keys valid now, the one that signs new tokens first; it is asked on every
+    mint and check, so a key withdrawn there stops verifying at once."""
+
+    def __init__(self, keys: Callable[[], list[bytes]], ttl_s: float):
+        self._keys = keys
         self.ttl_s = ttl_s
 
     def mint(self, user_id: str, now: float) -> tuple[str, int]:
         expires_at = int(now + self.ttl_s)
         claims = json.dumps({"u": user_id, "exp": expires_at}, separators=(",", ":")).encode()
         body = base64.urlsafe_b64encode(claims).decode().rstrip("=")
-        return f"{body}.{self._sign(body)}", expires_at
+        return f"{body}.{_sign(self._keys()[0], body)}", expires_at
 
     def user_for(self, token: str, now: float) -> str:
         """The user a valid token names; TokenError otherwise."""
-        body, _, signature = token.partition(".")
-        if not body or not hmac.compare_digest(self._sign(body).encode(), signature.encode("utf-8", "replace")):
+        body, _, _ = token.partition(".")
+        if not body or not self.is_signed(token):
             raise TokenError("the token is not one this server signed")
         try:
             claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -65,14 +79,26 @@ class Tokens:
             raise TokenError("the token has expired; ask for a new one")
         return user_id
 
-    def _sign(self, body: str) -> str:
-        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+    def is_signed(self, token: str) -> bool:
+        """Whether a key valid now signed ``token``; its expiry aside (checked when a connection
+        opens, which may then outlive it), so an open connection can be asked again later."""
+        body, _, signature = token.partition(".")
+        given = signature.encode("utf-8", "replace")
+        signed = False
+        for key in self._keys():  # each compared in constant time, whichever matches
+            signed |= hmac.compare_digest(_sign(key, body).encode(), given)
+        return signed
+
+
+def _sign(key: bytes, body: str) -> str:
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(eq=False)
 class Client:
     user_id: str
     queue: asyncio.Queue
+    still_signed: Callable[[], bool]   # False once the key that signed its token is withdrawn
     dropped: int = 0
 
 
@@ -101,9 +127,11 @@ class Notifier:
                 self.dropped += 1
         return queued
 
-    async def serve(self, websocket: WebSocket, user_id: str) -> None:
-        """Hold one accepted connection: send what is queued for it until it goes away."""
-        client = Client(user_id=user_id, queue=asyncio.Queue(maxsize=self.queue_size))
+    async def serve(self, websocket: WebSocket, user_id: str, still_signed: Callable[[], bool]) -> None:
+        """Hold one accepted connection: send what is queued for it until it goes away, or until
+        ``still_signed()`` says its token's key was withdrawn (closed with 1008 then, before the
+        next message: a connection opened before its admin token was revoked gets nothing more)."""
+        client = Client(user_id=user_id, queue=asyncio.Queue(maxsize=self.queue_size), still_signed=still_signed)
         self.clients.add(client)
         sender = asyncio.create_task(self._send_queued(websocket, client))
         try:
@@ -124,6 +152,9 @@ class Notifier:
         try:
             while True:
                 text = await client.queue.get()
+                if not client.still_signed():
+                    await websocket.close(code=POLICY_VIOLATION, reason=REVOKED)
+                    return
                 await websocket.send_text(text)
                 self.sent += 1
         except (WebSocketDisconnect, RuntimeError, OSError):

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import realtime
 import signing
 from config import admin_tokens
 from engines import DatabaseUnavailable, StorageUnavailable
@@ -48,7 +49,6 @@ from models import AuditEntry
 
 if TYPE_CHECKING:
     import metrics
-    import realtime
     from alerts import Alerts
     from config import Config
     from delivery import DeliveryLoop
@@ -209,7 +209,6 @@ class Context:
     config: Config
     store: Store
     loop: DeliveryLoop
-    admin_token: str
     clock: Callable[[], float]
     notifier: realtime.Notifier
     tokens: realtime.Tokens
@@ -291,8 +290,12 @@ class RealClient:
 class AdminTokens:
     """The admin tokens valid now: the current one, and the previous one while a rotation's overlap
     runs (``config.admin_tokens``). Read again from their files at most once a second, so that
-    `webhookd token --rotate` reaches a running server at once; every one is compared in constant
-    time, whichever matches."""
+    `webhookd token --rotate` (and ``--revoke-old``) reaches a running server at once; every one
+    is compared in constant time, whichever matches.
+
+    The keys that sign ``/ws`` tokens are derived from these same tokens, on the same reading
+    (``realtime.key_for``): a /ws token stays valid while the admin token whose key signed it does,
+    and a revoked admin token can no longer mint one, nor forge one offline."""
 
     REREAD_S = 1.0
 
@@ -300,17 +303,28 @@ class AdminTokens:
         self.config = config
         self.clock = clock
         self._tokens: list[bytes] = []
+        self._realtime_keys: list[bytes] = []
         self._read_at = float("-inf")
 
     def match(self, token: str) -> bool:
-        if time.monotonic() - self._read_at >= self.REREAD_S:
-            self._read_at = time.monotonic()
-            self._tokens = [t.encode("utf-8") for t in admin_tokens(self.config, self.clock())]
         given = token.encode("utf-8", "replace")
         matched = False
-        for known in self._tokens:
+        for known in self._current():
             matched |= hmac.compare_digest(given, known)
         return matched
+
+    def realtime_keys(self) -> list[bytes]:
+        """The /ws signing keys valid now, the current admin token's first (it signs new tokens)."""
+        self._current()
+        return self._realtime_keys
+
+    def _current(self) -> list[bytes]:
+        if time.monotonic() - self._read_at >= self.REREAD_S:
+            self._read_at = time.monotonic()
+            tokens = admin_tokens(self.config, self.clock())
+            self._tokens = [t.encode("utf-8") for t in tokens]
+            self._realtime_keys = [realtime.key_for(t) for t in tokens]
+        return self._tokens
 
 
 @dataclass(frozen=True)

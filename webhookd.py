@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import sys
@@ -919,9 +918,9 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
     settings = delivery.Settings.from_config(config, user_agent=f"webhookd/{__version__}")
     alerts = Alerts(config.alerts, store, clock, new_id, max_attempts=config.delivery.max_attempts)
     loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters, alerts=alerts)
-    token = admin_token(config)
-    tokens = realtime.Tokens(hmac.new(token.encode(), b"webhookd realtime tokens", hashlib.sha256).digest(),
-                             config.realtime.token_ttl_s)
+    admin_token(config)  # created now if it is the generated file, before the first request reads it
+    admin_tokens = AdminTokens(config, clock)
+    tokens = realtime.Tokens(admin_tokens.realtime_keys, config.realtime.token_ttl_s)
     notifier = realtime.Notifier(queue_size=config.realtime.client_queue)
     _add_gauges(counters, store, loop, notifier, clock)
     sec = config.security
@@ -931,13 +930,13 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
         return RateLimiter(rate_per_s, burst, clock, shared=shared, name=name)
 
     return Context(
-        config=config, store=store, loop=loop, admin_token=token, clock=clock, metrics=counters,
+        config=config, store=store, loop=loop, clock=clock, metrics=counters,
         notifier=notifier, tokens=tokens,
         inbound_limit=limit("inbound", sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s),
         inbound_failure_limit=limit("refused", sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s),
         registration_limit=limit("registration", sec.registration_rate_per_min / 60, sec.registration_rate_per_min),
         partner_write_limit=limit("partner_writes", sec.partner_writes_per_min / 60, sec.partner_writes_per_min),
-        alerts=alerts, admin_tokens=AdminTokens(config, clock))
+        alerts=alerts, admin_tokens=admin_tokens)
 
 
 def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.DeliveryLoop,
