@@ -393,8 +393,8 @@ class DeliveryLoop:
             return self._recheck_s
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
-        candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full), self.breakers.reopens_at(now),
-                      self._next_paced_start(now)]
+        candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full, now=now),
+                      self.breakers.reopens_at(now), self._next_paced_start(now)]
         times = [t for t in candidates if t is not None]
         if not times:
             return self._recheck_s

@@ -414,7 +414,8 @@ class Store:
         self._claim_round = 0  # which partner the next claim starts with
         self._order = "seq" if self.engine.name == "postgresql" else "rowid"  # deliveries in insertion order
         self._delivery_select = _DELIVERY_SELECT.format(order=self._order)
-        self._fifo_head = _FIFO_HEAD.format(order=self._order)
+        self._pending_partners = _PENDING_PARTNERS.format(
+            order=self._order, indexed="" if self.postgres else "INDEXED BY deliveries_pending_order")
         self._partners: dict[str, Partner] = {}  # see _reload_partners
         self._paces: dict[str, float] = {}       # partner -> max_rate_per_s, for the partners that set one
         self._filtered: list[Partner] = []       # the partners with a payload filter
@@ -624,11 +625,13 @@ class Store:
             return db.execute("SELECT 1").fetchone()[0] == 1
 
     def explain_claim(self) -> str:
-        """The query plan of the claim's search, for tests that check it uses an index."""
+        """The query plan of the claim's search, for tests that check it uses an index: on SQLite
+        the walk over the partners with pending rows, then one partner's due rows."""
         if self.postgres:
             return self.engine.explain(_CLAIM, {"partners": ["p"], "fifo": [False], "now": 0.0, "lease": 1.0, "limit": 1,
                                                 "per_partner": 1, "round": "0", "room_ids": [], "room_n": []})
-        return self.engine.explain(self._due_for_partner, {"partner_id": "", "now": 0.0, "limit": 1})
+        return "\n".join([self.engine.explain(self._pending_partners, {"now": 0.0}),
+                          self.engine.explain(_DUE_FOR_PARTNER, {"partner_id": "", "now": 0.0, "limit": 1})])
 
     # --- Partners -----------------------------------------------------------------
 
@@ -917,12 +920,6 @@ class Store:
 
     # --- The delivery loop's side: claim, finish, release ---------------------------
 
-    @property
-    def _due_for_partner(self) -> str:
-        """The claim's search. On PostgreSQL the rows it finds stay locked until the claim
-        commits, and another process's claim skips them (``SKIP LOCKED``) instead of waiting."""
-        return _DUE_FOR_PARTNER + (" FOR UPDATE SKIP LOCKED" if self.postgres else "")
-
     def claim_due(self, *, now: float, lease_s: float, limit: int, per_partner: int,
                   room: Mapping[str, int] | None = None) -> list[Job]:
         """Take up to ``limit`` due deliveries, at most ``per_partner`` per partner.
@@ -931,7 +928,8 @@ class Store:
         already in flight, none while its circuit is open). Partners are visited
         in turn, starting one further along at each call, and each gets its oldest due
         rows up to its free room: one partner with a huge backlog cannot crowd out the
-        others. The lease is written into ``next_attempt_at``, so a row whose attempt
+        others. A FIFO partner gets its head alone, and nothing while a delivery of it is
+        in flight. The lease is written into ``next_attempt_at``, so a row whose attempt
         never finishes (the process died) becomes due again when the lease runs out.
         """
         room = dict(room or {})
@@ -939,11 +937,14 @@ class Store:
         self._claim_round += 1
         if self.postgres:
             return self._claim_in_one_statement(now, lease_until, limit, per_partner, room)
+        if limit <= 0:
+            return []
         with self._transaction(durable=False) as db:
-            active = db.execute("SELECT id, ordering FROM partners WHERE status = 'active' ORDER BY id").fetchall()
-            partners = [r["id"] for r in active]
-            fifo = {r["id"] for r in active if r["ordering"] == "fifo"}
-            if not partners or limit <= 0:
+            # Only the partners with something due are visited: idle ones cost nothing.
+            heads = {row["id"]: row["head_id"] for row in self._partners_with_pending(db, now)
+                     if _claimable_at(row) <= now}  # partner -> its FIFO head (None: not FIFO)
+            partners = sorted(heads)
+            if not partners:
                 return []
             start = self._claim_round % len(partners)
             in_turn = partners[start:] + partners[:start]
@@ -957,12 +958,11 @@ class Store:
                     wanted = min(allowed, limit - len(ids))
                     if wanted <= 0:
                         continue
-                    if partner_id in fifo:  # its head alone, if due; never a row behind it
-                        head = db.execute(self._fifo_head, {"partner_id": partner_id}).fetchone()
-                        batch = [head["id"]] if head and head["next_attempt_at"] <= now and not taken[partner_id] else []
+                    if heads[partner_id] is not None:  # FIFO: its head alone, once; never a row behind it
+                        batch = [] if taken[partner_id] else [heads[partner_id]]
                     else:
                         batch = [r["id"] for r in db.execute(
-                            self._due_for_partner, {"partner_id": partner_id, "now": now, "limit": wanted})]
+                            _DUE_FOR_PARTNER, {"partner_id": partner_id, "now": now, "limit": wanted})]
                     if batch:
                         db.execute(f"UPDATE deliveries SET leased_until = :lease, next_attempt_at = :lease "
                                    f"WHERE id IN ({_placeholders('id', batch)})",
@@ -970,6 +970,11 @@ class Store:
                     taken[partner_id] += len(batch)
                     ids += batch
             return _read_jobs(db, ids, now)
+
+    def _partners_with_pending(self, db: Any, now: float) -> list[Any]:
+        """The active partners with a pending delivery, with when each may be claimed from
+        (``_PENDING_PARTNERS``): one index seek per such partner, none for the idle ones."""
+        return db.execute(self._pending_partners, {"now": now}).fetchall()
 
     def _claim_in_one_statement(self, now: float, lease_until: float, limit: int, per_partner: int,
                                 room: dict[str, int]) -> list[Job]:
@@ -1086,15 +1091,15 @@ class Store:
                                 ORDER BY d.created_at LIMIT 1""", {"exclude": exclude}).fetchone()
         return (row["partner_id"], row["created_at"]) if row else None
 
-    def next_due_at(self, skip: list[str] | None = None) -> float | None:
-        """When the earliest pending delivery of an active partner not in ``skip`` falls due."""
+    def next_due_at(self, skip: list[str] | None = None, now: float | None = None) -> float | None:
+        """When a claim may next take a delivery of an active partner not in ``skip``: the
+        earliest pending due time, a FIFO partner's counting only its head and only once nothing
+        of it is in flight. ``now`` (the clock by default) tells a lease in force from one that
+        ran out. One statement, whatever the number of partners (``_PENDING_PARTNERS``)."""
         skipped = set(skip or ())
         with self._reader() as db:
-            partners = db.execute("SELECT id, ordering FROM partners WHERE status = 'active'").fetchall()
-            times = [db.execute(self._fifo_head if p["ordering"] == "fifo" else _NEXT_DUE_FOR_PARTNER,
-                                {"partner_id": p["id"]}).fetchone()
-                     for p in partners if p["id"] not in skipped]
-        due = [row["next_attempt_at"] for row in times if row is not None]
+            rows = self._partners_with_pending(db, time.time() if now is None else now)
+        due = [_claimable_at(row) for row in rows if row["id"] not in skipped]
         return min(due) if due else None
 
     def purge_delivered(self, *, before: float, batch: int,
@@ -1394,20 +1399,55 @@ def copy_store(source: Store, target: Store, *, since: float, now: float, batch:
 
 # --- Shared SQL and helpers -----------------------------------------------------------
 
-# The claim's search: one partner's due rows, oldest first, through deliveries_partner_due.
+# The partners a claim (on SQLite) and next_due_at look at: the active ones with a pending
+# delivery, found by walking the pending rows' index one partner at a time (an index seek each;
+# neither engine skips through an index by itself), so a partner with nothing pending costs
+# nothing. For each, its earliest pending due time; for a FIFO partner also its head (its oldest
+# pending delivery in publish order, {order}) and the end of its latest lease in force: the head
+# goes only when it is due and nothing of the partner is in flight (a retry by hand of an older
+# delivery becomes the head while a newer one is on the wire). A lease is written into
+# next_attempt_at too, so the leases in force are found through deliveries_partner_due.
+# Differs by engine in {indexed}: without statistics SQLite's planner would take deliveries_due and
+# sort every pending row at each step; PostgreSQL picks a partial index of pending rows itself.
+_PENDING_PARTNERS = """
+    WITH RECURSIVE pending (partner_id) AS (
+        SELECT ''  -- before every partner id: where the walk starts (no partner joins it)
+        UNION ALL
+        SELECT (SELECT d.partner_id FROM deliveries d {indexed}
+                WHERE d.state = 'pending' AND d.partner_id > pending.partner_id ORDER BY d.partner_id LIMIT 1)
+        FROM pending WHERE pending.partner_id IS NOT NULL
+    )
+    SELECT p.id, p.ordering,
+           (SELECT MIN(next_attempt_at) FROM deliveries
+            WHERE partner_id = p.id AND state = 'pending') AS due_at,
+           CASE WHEN p.ordering = 'fifo' THEN (
+               SELECT id FROM deliveries WHERE partner_id = p.id AND state = 'pending'
+               ORDER BY {order} LIMIT 1) END AS head_id,
+           CASE WHEN p.ordering = 'fifo' THEN (
+               SELECT next_attempt_at FROM deliveries WHERE partner_id = p.id AND state = 'pending'
+               ORDER BY {order} LIMIT 1) END AS head_due_at,
+           CASE WHEN p.ordering = 'fifo' THEN (
+               SELECT MAX(leased_until) FROM deliveries
+               WHERE partner_id = p.id AND state = 'pending' AND next_attempt_at > :now
+                 AND leased_until > :now) END AS leased_until
+    FROM pending JOIN partners p ON p.id = pending.partner_id
+    WHERE p.status = 'active'
+"""
+
+
+def _claimable_at(partner: Any) -> float:
+    """When a partner found by ``_PENDING_PARTNERS`` may be claimed from: its earliest due row;
+    a FIFO partner, its head, and not before its latest lease in force ends."""
+    if partner["ordering"] != "fifo":
+        return partner["due_at"]
+    return max(partner["head_due_at"], partner["leased_until"] or partner["head_due_at"])
+
+
+# The claim's search on SQLite: one partner's due rows, oldest first, through deliveries_partner_due.
 _DUE_FOR_PARTNER = """
     SELECT id FROM deliveries
     WHERE partner_id = :partner_id AND state = 'pending' AND next_attempt_at <= :now
     ORDER BY next_attempt_at LIMIT :limit
-"""
-
-# A FIFO partner's head: its oldest pending delivery in publish (insertion) order, through
-# deliveries_pending_order. Claimed only if due: in flight (its lease in next_attempt_at) or
-# waiting out a backoff, it holds every row behind it.
-_FIFO_HEAD = """
-    SELECT id, next_attempt_at FROM deliveries
-    WHERE partner_id = :partner_id AND state = 'pending'
-    ORDER BY {order} LIMIT 1
 """
 
 # Before it, in the same transaction, _LOCK_PARTNERS locks the active partners nobody paused
@@ -1425,7 +1465,9 @@ _LOCK_PARTNERS = """
 #   partner  the partners locked above;
 #   room     each one's free room: the caller's room for it (its breaker, its pace, what this
 #            process sends it), and at most the cap less the rows leased by every process
-#            (the small deliveries_leased index holds only those);
+#            (the small deliveries_leased index holds only those); a FIFO partner's cap is one,
+#            so it gets nothing while any of its rows is leased (a retry by hand of an older
+#            delivery becomes its head while a newer one is on the wire);
 #   due      up to that many of its oldest due rows, locked, skipping rows another claim holds;
 #            a FIFO partner: its head alone (its oldest pending row by seq), if due, locked and
 #            waited for (a result being recorded on it must not let the row behind it jump
@@ -1439,7 +1481,7 @@ _CLAIM = """
         SELECT * FROM unnest(CAST(:partners AS TEXT[]), CAST(:fifo AS BOOLEAN[])) AS partner (id, fifo)
     ), room AS (
         SELECT partner.id, partner.fifo,
-               LEAST(COALESCE(mine.n, :per_partner), :per_partner - (
+               LEAST(COALESCE(mine.n, :per_partner), CASE WHEN partner.fifo THEN 1 ELSE :per_partner END - (
                    SELECT COUNT(*) FROM deliveries d
                    WHERE d.partner_id = partner.id AND d.leased_until IS NOT NULL
                      AND d.leased_until > :now)) AS n
@@ -1503,12 +1545,6 @@ _RECORD_RESULTS = """
         FROM r JOIN done ON done.id = r.id
     )
     SELECT id FROM done
-"""
-
-_NEXT_DUE_FOR_PARTNER = """
-    SELECT next_attempt_at FROM deliveries
-    WHERE partner_id = :partner_id AND state = 'pending'
-    ORDER BY next_attempt_at LIMIT 1
 """
 
 # A delivery with its event's type and, for a FIFO partner's pending delivery, the head of the

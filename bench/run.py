@@ -9,6 +9,7 @@ payment.success payload everywhere. Scenarios (``--only`` takes one or more, com
   backlog     drain rate and peak RSS with 1,000,000 vs 10,000 pending deliveries
   inbound     POST /webhooks/partners requests/s vs GET /health
   fanout      (d) partners 100 ms and 500 ms away: 50 partners on a slow receiver, bundled config
+  idle        (e) CPU at 10 events/s to one partner, beside 10,000 idle partners and alone
   postgres    (f) one process on PostgreSQL vs one on SQLite, (g) three processes on one PostgreSQL
 
 Each figure is the median of ``--runs`` runs (3 by default) with its min–max; a ratio is taken
@@ -65,7 +66,7 @@ from common import (  # noqa: E402
     thread_count,
 )
 
-SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound", "fanout", "postgres"]
+SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound", "fanout", "idle", "postgres"]
 PARTNERS = 5
 PATHS = [f"/p{k}" for k in range(PARTNERS)]
 
@@ -88,12 +89,15 @@ class Params:
     fanout_deliveries: int = 10_000   # per webhookd run at 100 ms (fewer at 500 ms, see fanout_total)
     fanout_time_limit_s: float = 60.0
     fanout_delivery: dict[str, Any] = field(default_factory=dict)  # [delivery] keys over the bundled config
+    idle_partners: int = 10_000       # (e): registered partners that get no events
+    idle_rate: float = 10.0           # (e): events/s to the one active partner
+    idle_s: float = 10.0              # (e): how long that rate is offered (CPU shown per 10 s)
     pg_processes: int = 3             # (g): webhookd processes on one PostgreSQL
     pg_stall_s: float = 60.0          # (i): how long a REPEATABLE READ transaction stays open
 
     @classmethod
     def quick(cls) -> Params:
-        return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500,
+        return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500, idle_s=5.0,
                    backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500, fanout_deliveries=1000,
                    pg_stall_s=10.0)
 
@@ -613,6 +617,58 @@ def scenario_fanout(bench: Bench) -> None:
         bench.results["fanout"][key] = {"series": series, "runs": runs}
 
 
+# --- (e) Idle partners ------------------------------------------------------------------------------
+
+
+def webhookd_idle_cpu(bench: Bench, name: str, idle_partners: int) -> dict:
+    """webhookd on a file holding ``idle_partners`` registered partners that get nothing, plus one
+    partner (nginx /p0) published to at ``idle_rate`` events/s for ``idle_s`` s (paced, after a
+    warm-up): the serve process's CPU over that window, per 10 s of wall clock."""
+    p = bench.params
+    rundir = bench.rundir(name)
+    db_path = rundir / "webhookd.db"
+    backlog.idle_partners(db_path, count=idle_partners, url=bench.nginx.url("/idle"))
+    wd = Webhookd(bench.procs, rundir, db_path=db_path).start()
+    try:
+        wd.register(bench.nginx.url(PATHS[0]), "Bench partner 0")
+        tail = bench.nginx.tail()
+        warm = Published()
+        loadgen.closed_loop(wd.port, threads=1, total=20, time_limit_s=20, build=publish_request,
+                            on_response=warm.on_response)
+        collect(tail, len(warm.sent_at), timeout=20, alive=wd.alive)
+        tail.mark()
+        published = Published()
+        cpu_before, began = wd.cpu_seconds() or 0.0, time.monotonic()
+        pub = loadgen.paced(wd.port, threads=2, total=int(p.idle_rate * p.idle_s), rate=p.idle_rate,
+                            build=publish_request, on_response=published.on_response)
+        lines = collect(tail, len(published.sent_at), timeout=30, alive=wd.alive,
+                        accept=lambda line, sent=published.sent_at: line.webhook_id in sent)
+        cpu, wall = (wd.cpu_seconds() or 0.0) - cpu_before, time.monotonic() - began
+    finally:
+        wd.stop()
+    return {"idle_partners": idle_partners, "delivered": len(lines), "expected": pub.sent, "cpu_s": cpu,
+            "wall_s": wall, "cpu_per_10s": 10 * cpu / wall}
+
+
+def scenario_idle(bench: Bench) -> None:
+    """(e) What registered partners cost while they get nothing: the same light load (one partner,
+    10 events/s) on webhookd alone and beside ``idle_partners`` idle ones, back to back."""
+    p = bench.params
+    series = {k: Series() for k in ("alone", "beside", "ratio")}
+    runs = []
+    for r in range(p.runs):
+        alone = webhookd_idle_cpu(bench, f"idle-alone-{r}", 0)
+        beside = webhookd_idle_cpu(bench, f"idle-beside-{r}", p.idle_partners)
+        series["alone"].add(alone["cpu_per_10s"])
+        series["beside"].add(beside["cpu_per_10s"])
+        series["ratio"].add(beside["cpu_per_10s"] / alone["cpu_per_10s"])
+        runs.append({"round": r, "alone": alone, "beside": beside})
+        log(f"  round {r + 1}/{p.runs}: CPU per 10 s alone {alone['cpu_per_10s']:.2f} s "
+            f"({alone['delivered']}/{alone['expected']} delivered), beside {p.idle_partners:,} idle partners "
+            f"{beside['cpu_per_10s']:.2f} s ({beside['delivered']}/{beside['expected']})")
+    bench.results["idle"] = {"series": series, "runs": runs}
+
+
 # --- (f), (g): PostgreSQL ---------------------------------------------------------------------------
 
 
@@ -799,6 +855,14 @@ def table(bench: Bench) -> str:
             _row("(c) GET /health (trivial route)", s["health"], "/s"),
             _row("(c)   inbound / trivial", s["ratio"], "%", "≥ 50%", lambda v: v >= 0.5),
         ]
+    if "idle" in res:
+        s = res["idle"]["series"]
+        rate = f"{p.idle_rate:.0f} events/s"
+        rows += [
+            _row(f"(e) webhookd CPU per 10 s, {rate} to 1 partner", s["alone"], "s"),
+            _row(f"(e) the same beside {p.idle_partners:,} idle partners", s["beside"], "s"),
+            _row("(e)   beside / alone", s["ratio"], "x", "≤ 1.50×", lambda v: v <= 1.5),
+        ]
     if "postgres" in res:
         s = res["postgres"]["series"]
         n = p.pg_processes
@@ -895,6 +959,10 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
                      f"{p.fanout_partners} partners on it; webhookd on the bundled webhookd.toml"
                      + (f" with [delivery] {p.fanout_delivery}" if p.fanout_delivery else "") + "; a probe times "
                      "POST /events (no subscriber) and GET /health every 50 ms during each run")
+    if "idle" in only:
+        lines.append(f"(e): {p.idle_partners:,} active partners written into the file before webhookd starts, "
+                     f"subscribed to a type nobody publishes; {p.idle_rate:.0f} events/s paced to one partner on "
+                     f"nginx for {p.idle_s:.0f} s after 20 warm-up events; CPU of the serve process (all threads)")
     if "postgres" in only:
         lines.append(f"(f), (g): the throughput run's load, on PostgreSQL from the OS packages (temp dir, fsync on, "
                      f"127.0.0.1); (g) {p.pg_processes} processes, published to at once; (h) 10 events/s to one "

@@ -1,12 +1,15 @@
 """FIFO partners: one attempt at a time, in publish order; a failing head holds the rest — in one
 process, across a kill -9 and a restart, and across processes on one PostgreSQL."""
 
+import asyncio
 import signal
+import threading
+import time
 
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, wait_for
+from conftest import ADMIN_TOKEN, Receiver, wait_for
 from payloads import PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # the in-process test runs on SQLite and on PostgreSQL (conftest.hub)
@@ -59,6 +62,77 @@ def test_a_fifo_partner_gets_one_at_a_time_in_publish_order_and_a_failing_head_h
     assert in_order(receiver.received) == ids
     assert receiver.event_ids[:3] == [ids[0]] * 3 and len(receiver.received) == 10
     assert receiver.max_in_flight == 1
+
+
+class HoldingReceiver(Receiver):
+    """A Receiver whose answers wait while ``hold`` is set. It notes each request as it arrives
+    (``arrived``) and the most it ever had open at once, the hold included (``most_open``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hold = threading.Event()
+        self.arrived: list[str] = []
+        self.open = self.most_open = 0
+
+    async def _handle(self, request):
+        with self._lock:
+            self.arrived.append(request.headers.get("x-webhook-id", ""))
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+        try:
+            while self.hold.is_set():
+                await asyncio.sleep(0.01)
+            return await super()._handle(request)
+        finally:
+            with self._lock:
+                self.open -= 1
+
+
+def test_a_retry_by_hand_waits_for_the_delivery_on_the_wire_then_goes_before_the_rest(hub_factory):
+    """An old failed delivery retried by hand is the partner's head again (publish order) while a
+    newer one is on the wire: nothing goes beside it; once it ends, the retried one goes, then the
+    rest in order."""
+    hub = hub_factory(delivery__max_attempts=1, delivery__timeout_s=30.0)  # held answers are not cut off
+    receiver = HoldingReceiver().start()
+    try:
+        receiver.script = [(500, 0.0)]
+        partner = register_fifo(hub.url, receiver.url)
+        receiver.secret = partner["shared_secret"]
+        pid = partner["partner_id"]
+        (old,) = publish([hub.url], 1)
+        (failed,) = wait_for(lambda: hub.deliveries(partner_id=pid, state="failed"), timeout=30)
+        receiver.hold.set()
+        later = publish([hub.url], 2)
+        wait_for(lambda: receiver.arrived == [old, later[0]], timeout=30)  # the head, held at the receiver
+
+        claims: list[tuple[float, list[str]]] = []    # (when each claim began, the events it took)
+        retried_at: list[float] = []
+        claim_due, retry_delivery = hub.store.claim_due, hub.store.retry_delivery
+
+        def watched_claim(**kw):
+            began = time.monotonic()
+            jobs = claim_due(**kw)
+            claims.append((began, [j.event_id for j in jobs]))
+            return jobs
+
+        def watched_retry(*a, **kw):
+            queued = retry_delivery(*a, **kw)
+            retried_at.append(time.monotonic())
+            return queued
+
+        hub.store.claim_due, hub.store.retry_delivery = watched_claim, watched_retry
+        r = hub.http.post(f"/deliveries/{failed['delivery_id']}/retry", headers=hub.admin)
+        assert r.status_code == 202 and r.json()["held_behind"] is None, r.text  # the head again
+        after = wait_for(lambda: [taken for began, taken in list(claims) if began > retried_at[0]], timeout=30)
+        assert after[0] == [], "a delivery of the FIFO partner was claimed while its head was on the wire"
+
+        receiver.hold.clear()
+        wait_for(lambda: len(hub.deliveries(partner_id=pid, state="delivered")) == 3, timeout=30)
+        assert in_order(receiver.received) == [old, later[0], old, later[1]]
+        assert receiver.most_open == 1
+        assert all(r.raw_ok for r in receiver.received[1:])
+    finally:
+        receiver.stop()
 
 
 def test_a_concurrent_partner_is_not_held_back_by_a_failing_delivery(hub, receiver_factory):

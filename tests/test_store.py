@@ -270,6 +270,95 @@ def test_a_partner_with_a_huge_backlog_does_not_crowd_out_the_others(store):
     assert small.id in partners and partners.count(big.id) <= 7
 
 
+def _tried(attempt, status):
+    return Attempt(attempt=attempt, started_at=1000.0, duration_ms=5, status_code=status,
+                   error=None if status < 300 else "http_error", response_snippet="")
+
+
+def test_a_fifo_partner_gets_nothing_while_one_of_its_deliveries_is_in_flight(store):
+    """A retry by hand of an old failed delivery makes it the head again (publish order) while a
+    newer one is on the wire: it waits for that one to end, then goes before the rows behind."""
+    fifo = store.add_partner(partner_id=_id("partner_"), name="Ledger", webhook_url="http://127.0.0.1:9/x",
+                             events=["payment.success"], secret="sk_live_s", api_key_hash=_id("h"), now=1000.0,
+                             ordering="fifo")
+    _publish(store, now=1000.0)
+    (old,) = store.claim_due(now=1000.0, lease_s=30, limit=10, per_partner=10)
+    assert _finish(store, old.delivery_id, _tried(1, 500), "failed", now=1001.0)
+    _publish(store, now=1002.0)
+    _publish(store, now=1002.0)
+    (wire,) = store.claim_due(now=1003.0, lease_s=30, limit=10, per_partner=10)  # leased until 1033
+    assert store.retry_delivery(old.delivery_id, now=1004.0).held_behind is None  # the head again
+    assert store.claim_due(now=1005.0, lease_s=30, limit=10, per_partner=10) == []
+    assert store.next_due_at(now=1005.0) == 1033.0  # not before the lease in force ends
+    assert _finish(store, wire.delivery_id, _tried(1, 200), "delivered", now=1006.0)
+    assert [j.delivery_id for j in store.claim_due(now=1007.0, lease_s=30, limit=10, per_partner=10)] == [
+        old.delivery_id]
+    assert _finish(store, old.delivery_id, _tried(2, 200), "delivered", now=1008.0)
+    (last,) = store.claim_due(now=1009.0, lease_s=30, limit=10, per_partner=10)
+    assert last.delivery_id not in (old.delivery_id, wire.delivery_id)
+
+
+def _statements_run(store, work) -> list[str]:
+    """The SQL statements ``work()`` runs through the store's transactions and readers."""
+    statements: list[str] = []
+
+    def watching(real):
+        @contextmanager
+        def watched(*args):
+            with real(*args) as db:
+                yield Watched(db)
+        return watched
+
+    class Watched:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *params):
+            statements.append(sql)
+            return self.db.execute(sql, *params)
+
+    real_transaction, real_reader = store.engine.transaction, store.engine.reader
+    store.engine.transaction, store.engine.reader = watching(real_transaction), watching(real_reader)
+    try:
+        work()
+    finally:
+        store.engine.transaction, store.engine.reader = real_transaction, real_reader
+    return statements
+
+
+def test_claims_and_next_due_at_cost_no_more_with_many_idle_partners(store):
+    """A claim and the loop's look for the next due time visit the partners with pending rows,
+    not every partner: registered partners that get nothing add no statement."""
+    busy = _partner(store)
+    fifo = store.add_partner(partner_id=_id("partner_"), name="Ledger", webhook_url="http://127.0.0.1:9/x",
+                             events=["payment.success"], secret="sk_live_s", api_key_hash=_id("h"), now=1000.0,
+                             ordering="fifo")
+
+    def claim_and_look() -> list[str]:
+        """Three events due; the statements of a claim, the look for the next due time, and a
+        claim that finds nothing (the FIFO partner's head in flight, the other partner's cap)."""
+        for _ in range(3):
+            _publish(store, now=1000.0)
+        claimed = []
+
+        def work():
+            claimed.extend(store.claim_due(now=1000.0, lease_s=30, limit=10, per_partner=2))
+            store.next_due_at()
+            store.claim_due(now=1000.0, lease_s=30, limit=10, per_partner=2, room={busy.id: 0})
+
+        statements = _statements_run(store, work)
+        assert sorted(j.partner_id for j in claimed) == sorted([busy.id, busy.id, fifo.id])
+        for job in claimed:
+            assert _finish(store, job.delivery_id, _tried(1, 200), "delivered", now=1000.0)
+        return statements
+
+    alone = claim_and_look()
+    for _ in range(40):
+        _partner(store, events=["booking.confirmed"])  # registered, active, never sent anything
+    beside = claim_and_look()
+    assert len(beside) == len(alone), (len(alone), len(beside))
+
+
 def test_retention_purges_old_delivered_events_in_batches_and_keeps_the_rest(store):
     _partner(store)
     old = [_publish(store, now=100.0)[0] for _ in range(5)]
