@@ -183,6 +183,7 @@ class ServeWithAStalledLog(ServeProcess):
             [sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"),
              "serve", "--port", str(self.port)],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        self.copied = bytearray()    # what the copy has read so far
         self.reading = threading.Event()
         self.reading.set()
         self.copier = threading.Thread(target=self._copy_log, daemon=True)
@@ -192,9 +193,12 @@ class ServeWithAStalledLog(ServeProcess):
 
     def _copy_log(self) -> None:
         while self.reading.wait() and (chunk := os.read(self.proc.stdout.fileno(), 4096)):
+            self.copied += chunk
             self.log.write(chunk.decode(errors="replace"))
 
-    def stop_reading(self) -> None:
+    def stop_reading(self, after: str) -> None:
+        """Stop reading the log once the line holding ``after`` is read (the pipe is empty then)."""
+        wait_for(lambda: after.encode() in self.copied, timeout=30)
         self.reading.clear()
 
     def kill(self) -> None:
@@ -245,7 +249,7 @@ def test_kill_9_behind_a_stalled_recorder_sends_again_at_most_concurrency(engine
                 r = client.post("/events/batch", json={"events": [
                     {**PAYMENT_SUCCESS, "transaction_id": f"t{i}"} for i in range(first, first + 500)]})
                 assert r.status_code == 202 and r.json()["accepted"] == 500, r.text
-        serve.stop_reading()
+        serve.stop_reading(after=f"published {r.json()['results'][-1]['event_id']}")
         assert httpx.patch(partner_url, headers=ADMIN, json={"status": "active"}).status_code == 200
         wait_for(_settled(receiver, total), timeout=60)
     finally:
