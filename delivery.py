@@ -64,8 +64,9 @@ CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the writ
 CLAIM_GATHER_S = 0.005  # with attempts in flight, let finished ones gather this long before claiming again
 NOTHING_CLAIMED_WAIT_S = 0.05  # after a claim that took nothing, wait at least this long (or a wake-up)
 # Why an attempt's result went unrecorded (the attempt's log line says it; no metric counts it as an end).
-CANCELLED_IN_FLIGHT = "the delivery was cancelled while in flight (its pending deliveries, or its partner)"
+CANCELLED_IN_FLIGHT = "the delivery was cancelled while in flight (cancel-pending, or its partner deleted)"
 TAKEN_OVER = "the delivery had moved on (its lease ran out and another attempt took it over)"
+REFUSED = "the delivery no longer expected this attempt (cancelled, or taken over, meanwhile)"
 NOT_WRITTEN = "the database did not take the result; the delivery is sent again when its lease runs out"
 HEARTBEAT_S = 2.0       # each process renews its row in `processes` this often...
 ALIVE_S = 3 * HEARTBEAT_S  # ...and counts as alive while its last one is this recent
@@ -573,8 +574,8 @@ class DeliveryLoop:
         """Why the store refused an attempt's result: the row no longer expected it."""
         try:
             delivery = self.store.get_delivery(delivery_id)
-        except Exception:  # the database is away again: say what is sure
-            return TAKEN_OVER
+        except Exception:  # the database is away again: say only what is sure
+            return REFUSED
         if delivery is None:
             return "the delivery no longer exists"
         return CANCELLED_IN_FLIGHT if delivery.state == "cancelled" else TAKEN_OVER

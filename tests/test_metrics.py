@@ -114,6 +114,6 @@ def test_a_result_the_store_refuses_is_logged_and_counted_as_what_was_recorded(h
     [line] = [rec for rec in caplog.records if rec.name == "webhookd.delivery" and pid in rec.getMessage()]
     assert line.levelname == "INFO" and line.recorded is False
     assert line.getMessage().endswith("-> delivered but dropped: the delivery was cancelled while in flight "
-                                      "(its pending deliveries, or its partner)")
+                                      "(cancel-pending, or its partner deleted)")
     assert hub.rows("SELECT state FROM deliveries") == [("cancelled",)]
     assert hub.rows("SELECT COUNT(*) FROM attempts") == [(0,)]
