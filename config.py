@@ -146,7 +146,7 @@ class AlertsConfig:
     url: str = ""                            # where webhookd's own signed alerts go; empty: no alerts
     secret: str = ""                         # their signing secret (at least 16 characters); required with url
     events: tuple[str, ...] = ALERT_KINDS    # which alerts to send
-    interval_s: float = 300.0                # failed deliveries: one alert per partner per interval, with the count
+    interval_s: float = 300.0                # failed, disabled, enabled: one alert of each per partner per interval
     oldest_pending_s: float = 3600.0         # an alert when an active partner's oldest pending delivery is older
 
 

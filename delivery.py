@@ -13,14 +13,18 @@ How one delivery travels (the server's event loop on the left, other threads on 
                                                      pending after a backoff, or failed
                    results queue ◄────────────────┘
                      ▼
-                   recorder thread: a log line and metrics per attempt, then
-                   store.finish_attempts(batch)  (many results, one commit)
+                   recorder thread: store.finish_attempts(batch)  (many results, one
+                   commit), then a log line and metrics per attempt the store recorded
 
 The loop claims at most ``concurrency`` rows at a time, and every claimed row starts at
 once — or is given back, due again, if since its claim the partner was paused, its
 circuit opened, its pace slowed or the process began to stop — so its lease only has
 to cover one attempt. A lease that runs out (the process died mid-send) makes the row
 due again: nothing is lost.
+
+An attempt holds its place among the ``concurrency`` until its result is written, not
+merely sent: a recorder that falls behind holds the claims back, so what a crash sends
+again — answered, but not yet recorded — is never more than ``concurrency`` deliveries.
 """
 
 from __future__ import annotations
@@ -53,11 +57,17 @@ logger = logging.getLogger("webhookd.delivery")
 
 IDLE_RECHECK_S = 30.0    # even with nothing due, look again now and then
 SHARED_RECHECK_S = 1.0   # ...every second when other processes publish into the same database
-RECORD_BATCH = 100      # results written per commit, at most: a commit holds the write lock while it runs
+RECORD_BATCH = 500      # results written per commit, at most: whatever is queued, so a recorder that lags
+                        # catches up in bigger commits (a commit holds the write lock while it runs)
 RECORD_RETRY_WAITS_S = (0.2, 1.0)  # a batch of results that failed to commit is tried again after these
 CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the write lock while it runs
 CLAIM_GATHER_S = 0.005  # with attempts in flight, let finished ones gather this long before claiming again
 NOTHING_CLAIMED_WAIT_S = 0.05  # after a claim that took nothing, wait at least this long (or a wake-up)
+# Why an attempt's result went unrecorded (the attempt's log line says it; no metric counts it as an end).
+CANCELLED_IN_FLIGHT = "the delivery was cancelled while in flight (cancel-pending, or its partner deleted)"
+TAKEN_OVER = "the delivery had moved on (its lease ran out and another attempt took it over)"
+REFUSED = "the delivery no longer expected this attempt (cancelled, or taken over, meanwhile)"
+NOT_WRITTEN = "the database did not take the result; the delivery is sent again when its lease runs out"
 HEARTBEAT_S = 2.0       # each process renews its row in `processes` this often...
 ALIVE_S = 3 * HEARTBEAT_S  # ...and counts as alive while its last one is this recent
 
@@ -143,10 +153,10 @@ class DeliveryLoop:
     """Claims due deliveries, starts each as a task on the sender's loop, records every attempt.
 
     The loop (a task in the server's event loop) claims rows and hands each batch to the
-    sender's loop, where every job becomes a task at once. Completions are counted under
-    a lock, and a finished attempt wakes the loop only when a claim's worth of room has
-    opened (or little is claimed), so under load the loop claims in batches instead of
-    once per delivery.
+    sender's loop, where every job becomes a task at once. An attempt counts as in flight
+    until the recorder has written its result; completions are counted under a lock, and
+    they wake the loop only when a claim's worth of room has opened (or little is claimed),
+    so under load the loop claims in batches instead of once per delivery.
     """
 
     def __init__(self, store: Store, settings: Settings, rng: random.Random | None = None,
@@ -168,7 +178,8 @@ class DeliveryLoop:
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
         self._lock = threading.Lock()       # guards the two counts below
-        self._claimed = 0                   # claimed and not finished (starting or being sent)
+        self._claimed = 0                   # claimed and not finished: starting, being sent, or sent
+                                            # with its result not yet written
         self._busy: collections.Counter[str] = collections.Counter()  # the same, per partner
         self._released: list[Job] = []      # claimed, then given up unsent because of a stop
         self._all_done = threading.Event()  # set whenever nothing is claimed
@@ -258,7 +269,6 @@ class DeliveryLoop:
                              return_exceptions=True)
         grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
         await asyncio.to_thread(self._all_done.wait, grace)
-        unfinished = self.in_flight
         with self._lock:
             released = [job.delivery_id for job in self._released]
         if released:
@@ -268,6 +278,7 @@ class DeliveryLoop:
                 logger.exception("releasing %d unstarted claims failed; their leases will run out", len(released))
         self._results.put(None)   # the recorder writes what is queued, then stops
         await asyncio.to_thread(self._recorder.join, 10)
+        unfinished = self.in_flight
         await asyncio.to_thread(self.sender.close)
         try:
             await asyncio.to_thread(self.store.forget_process, self.process_id)
@@ -278,6 +289,7 @@ class DeliveryLoop:
 
     @property
     def in_flight(self) -> int:
+        """Attempts claimed and not finished: being sent, or sent and their results not yet written."""
         return self._claimed
 
     def circuit(self, partner: Partner, now: float) -> dict[str, Any]:
@@ -372,14 +384,15 @@ class DeliveryLoop:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _finished(self, job: Job) -> None:
-        """An attempt is over (or never began): count it, and wake the loop when room opens."""
-        self.pacer.done(job)  # a job that never started (released, or crashed) must not hold the pace
+    def _finished(self, partner_ids: list[str]) -> None:
+        """Attempts are over — their results written, or nothing to write: count them, and wake
+        the loop when room opens."""
         with self._lock:
-            self._claimed -= 1
-            self._busy[job.partner_id] -= 1
-            if not self._busy[job.partner_id]:
-                del self._busy[job.partner_id]
+            self._claimed -= len(partner_ids)
+            for partner_id in partner_ids:
+                self._busy[partner_id] -= 1
+                if not self._busy[partner_id]:
+                    del self._busy[partner_id]
             if not self._claimed:
                 self._all_done.set()
             room_opened = self._claimed <= self.settings.concurrency - min(CLAIM_BATCH, self._claimed + 1)
@@ -415,30 +428,39 @@ class DeliveryLoop:
     # One attempt, a task on the sender's loop ------------------------------------------------
 
     async def _attempt(self, job: Job) -> None:
-        """Send ``job`` once and queue its outcome for the recorder. Never dies on one delivery."""
+        """Send ``job`` once and queue its outcome for the recorder. Never dies on one delivery.
+        The job keeps its place in flight until the recorder has written the outcome."""
+        outcome: Outcome | None = None
         try:
-            if self._stopping:  # claimed before the stop, not begun: it is not sent now
-                with self._lock:
-                    self._released.append(job)
-                return
-            now = self.clock()
-            current = self._as_partner_is_now(job)
-            rate = self.pacer.rate(job.partner_id, current.max_rate_per_s, now) if current else None
-            if current is None or self.breakers.state(job.partner_id, now) == "open" or \
-                    not self.pacer.start(current, rate, now):
-                # Claimed before a pause, before the circuit opened or before a 429 slowed the
-                # pace: not sent now. The row is due again; a claim takes it when it may start.
-                await asyncio.to_thread(self.store.release_claims, [job.delivery_id], now)
-                return
-            sent = await self.sender.attempt(current)
-            if self.breakers.needs_history(current, sent):  # a read of the store: not on this loop
-                self._results.put(await asyncio.to_thread(self._outcome, current, sent, rate))
-            else:
-                self._results.put(self._outcome(current, sent, rate))
+            outcome = await self._send(job)
         except Exception:  # its lease brings it back
             logger.exception("delivery %s: the attempt crashed; it will be retried", job.delivery_id)
         finally:
-            self._finished(job)
+            self.pacer.done(job)  # a job that never started (released, or crashed) must not hold the pace
+            if outcome is None:   # nothing to write: its place is free now
+                self._finished([job.partner_id])
+            else:
+                self._results.put(outcome)
+
+    async def _send(self, job: Job) -> Outcome | None:
+        """One attempt and what it means; None if it was not sent (given back, or kept for a restart)."""
+        if self._stopping:  # claimed before the stop, not begun: it is not sent now
+            with self._lock:
+                self._released.append(job)
+            return None
+        now = self.clock()
+        current = self._as_partner_is_now(job)
+        rate = self.pacer.rate(job.partner_id, current.max_rate_per_s, now) if current else None
+        if current is None or self.breakers.state(job.partner_id, now) == "open" or \
+                not self.pacer.start(current, rate, now):
+            # Claimed before a pause, before the circuit opened or before a 429 slowed the
+            # pace: not sent now. The row is due again; a claim takes it when it may start.
+            await asyncio.to_thread(self.store.release_claims, [job.delivery_id], now)
+            return None
+        sent = await self.sender.attempt(current)
+        if self.breakers.needs_history(current, sent):  # a read of the store: not on this loop
+            return await asyncio.to_thread(self._outcome, current, sent, rate)
+        return self._outcome(current, sent, rate)
 
     def _as_partner_is_now(self, job: Job) -> Job | None:
         """The job with its partner's URL and secrets as they are now, or None if the partner is
@@ -490,20 +512,26 @@ class DeliveryLoop:
         if state == "failed":
             self.alerts.failed(job.partner_id, now)
 
-    def _report(self, o: Outcome, now: float) -> None:
-        """One log line and the metrics of one attempt (in the recorder: one thread, no lock fights)."""
+    def _report(self, o: Outcome, now: float, not_recorded: str | None) -> None:
+        """One log line and the metrics of one attempt, as the store took it (in the recorder: one
+        thread, no lock fights). An attempt whose result the store refused is still an attempt,
+        but its delivery did not end (or fail) by it: ``not_recorded`` says why."""
         a = o.attempt
-        logger.info("delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
-                    o.delivery_id, o.event_id, o.partner_id, a.attempt, a.status_code, a.error, a.duration_ms,
-                    o.state, extra={"delivery_id": o.delivery_id, "event_id": o.event_id, "partner_id": o.partner_id,
-                                    "attempt": a.attempt, "status_code": a.status_code, "error": a.error,
-                                    "duration_ms": a.duration_ms, "state": o.state})
-        if o.disable_reason:
-            logger.warning("partner %s disabled: %s; its deliveries wait until it is made active again",
-                           o.partner_id, o.disable_reason)
+        level = logging.INFO if not_recorded in (None, CANCELLED_IN_FLIGHT) else logging.WARNING
+        result = o.state if not_recorded is None else f"{o.state} but dropped: {not_recorded}"
+        logger.log(level, "delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
+                   o.delivery_id, o.event_id, o.partner_id, a.attempt, a.status_code, a.error, a.duration_ms,
+                   result, extra={"delivery_id": o.delivery_id, "event_id": o.event_id, "partner_id": o.partner_id,
+                                  "attempt": a.attempt, "status_code": a.status_code, "error": a.error,
+                                  "duration_ms": a.duration_ms, "state": o.state, "recorded": not_recorded is None})
         m = self.metrics
         m.attempts.inc(result=a.error or "success")
         m.attempt_seconds.observe(a.duration_ms / 1000)
+        if not_recorded is not None:
+            return
+        if o.disable_reason:
+            logger.warning("partner %s disabled: %s; its deliveries wait until it is made active again",
+                           o.partner_id, o.disable_reason)
         if o.state != "pending":
             m.deliveries.inc(partner=o.partner_id, outcome=o.state)
         if o.state == "delivered":
@@ -512,26 +540,45 @@ class DeliveryLoop:
     # The recorder: many results, one commit -------------------------------------------------
 
     def _record_results(self) -> None:
-        """Write queued attempt results in batches (group commit) until the stop sentinel."""
+        """Write queued attempt results in batches (group commit) until the stop sentinel. Each
+        attempt leaves the in-flight count once its batch is written (or given up)."""
         stopping = False
         while not stopping:
             batch, stopping = take_batch(self._results, RECORD_BATCH)
             if not batch:
                 continue
-            now = self.clock()
-            for outcome in batch:
-                self._report(outcome, now)
-            lost = self._finish_with_retries(batch, now)
-            if lost is None:
-                continue
-            for delivery_id in lost:
-                logger.warning("delivery %s: result not recorded: its lease had been taken over, or it was "
-                               "cancelled meanwhile", delivery_id)
-            if any(o.state == "pending" or self._in_order(o.partner_id) for o in batch):
-                # A retry may now be due earlier than the loop thought; a FIFO partner's next delivery
-                # may go now that the one ahead of it has ended (the attempt's end woke the loop
-                # before this record: then the head still looked in flight, due at its lease's end).
-                self.wake()
+            try:
+                self._record(batch)
+            except Exception:  # never dies on one batch: what went unrecorded is sent again
+                logger.exception("recording %d attempts failed", len(batch))
+            finally:
+                self._finished([o.partner_id for o in batch])
+
+    def _record(self, batch: list[Outcome]) -> None:
+        """Write one batch, then log and count each attempt as the store took it."""
+        now = self.clock()
+        lost = self._finish_with_retries(batch, now)
+        if lost is None:
+            not_recorded = {o.delivery_id: NOT_WRITTEN for o in batch}
+        else:
+            not_recorded = {delivery_id: self._why_not_recorded(delivery_id) for delivery_id in lost}
+        for outcome in batch:
+            self._report(outcome, now, not_recorded.get(outcome.delivery_id))
+        if lost is not None and any(o.state == "pending" or self._in_order(o.partner_id) for o in batch):
+            # A retry may now be due earlier than the loop thought; a FIFO partner's next delivery
+            # may go now that the one ahead of it has ended (until this record the head looked
+            # in flight, due at its lease's end).
+            self.wake()
+
+    def _why_not_recorded(self, delivery_id: str) -> str:
+        """Why the store refused an attempt's result: the row no longer expected it."""
+        try:
+            delivery = self.store.get_delivery(delivery_id)
+        except Exception:  # the database is away again: say only what is sure
+            return REFUSED
+        if delivery is None:
+            return "the delivery no longer exists"
+        return CANCELLED_IN_FLIGHT if delivery.state == "cancelled" else TAKEN_OVER
 
     def _in_order(self, partner_id: str) -> bool:
         partner = self.store.get_partner(partner_id)

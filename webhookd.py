@@ -944,7 +944,8 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
     """The /metrics gauges, each read when /metrics is asked for."""
     counters.gauge("webhookd_deliveries", "Deliveries stored, by state.",
                    lambda: {(("state", s),): float(n) for s, n in store.count_by_state().items()})
-    counters.gauge("webhookd_deliveries_in_flight", "Attempts being sent right now.",
+    counters.gauge("webhookd_deliveries_in_flight",
+                   "Attempts claimed and not finished: being sent, or answered and not yet recorded.",
                    lambda: {(): float(loop.in_flight)})
     counters.gauge("webhookd_circuit_breakers_open", "Partners whose circuit is open or half-open.",
                    lambda: {(): float(loop.breakers.open_count(clock()))})

@@ -11,6 +11,7 @@ payment.success payload everywhere. Scenarios (``--only`` takes one or more, com
   fanout      (d) partners 100 ms and 500 ms away: 50 partners on a slow receiver, bundled config
   idle        (e) CPU at 10 events/s to one partner, beside 10,000 idle partners and alone
   postgres    (f) one process on PostgreSQL vs one on SQLite, (g) three processes on one PostgreSQL
+  crash       (j) a kill -9 under full load: how many deliveries nginx got twice after the restart
 
 Each figure is the median of ``--runs`` runs (3 by default) with its min–max; a ratio is taken
 within one round (the two runs it compares ran back to back) and then its median is reported.
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +68,7 @@ from common import (  # noqa: E402
     thread_count,
 )
 
-SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound", "fanout", "idle", "postgres"]
+SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound", "fanout", "idle", "postgres", "crash"]
 PARTNERS = 5
 PATHS = [f"/p{k}" for k in range(PARTNERS)]
 
@@ -94,12 +96,13 @@ class Params:
     idle_s: float = 10.0              # (e): how long that rate is offered (CPU shown per 10 s)
     pg_processes: int = 3             # (g): webhookd processes on one PostgreSQL
     pg_stall_s: float = 60.0          # (i): how long a REPEATABLE READ transaction stays open
+    crash_deliveries: int = 20_000    # (j): the burst a kill -9 cuts
 
     @classmethod
     def quick(cls) -> Params:
         return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500, idle_s=5.0,
                    backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500, fanout_deliveries=1000,
-                   pg_stall_s=10.0)
+                   pg_stall_s=10.0, crash_deliveries=5000)
 
 
 @dataclass
@@ -768,6 +771,62 @@ def webhookd_under_an_open_transaction(bench: Bench, server: Any, stall_s: float
             "windows": {w: per_s(w) for w in sorted(windows)}}
 
 
+# --- (j) A kill -9 under full load ------------------------------------------------------------------
+
+
+# The bundled config's delivery.concurrency: what a crash may send again, at most.
+CONCURRENCY = tomllib.loads((ROOT / "webhookd.toml").read_text())["delivery"]["concurrency"]
+
+
+def webhookd_kill_9(bench: Bench, deliveries: int, name: str) -> dict:
+    """Publish deliveries/5 events at once (bundled config), kill -9 webhookd once nginx has logged
+    a third of the deliveries, start it again on the same database and wait until every delivery
+    arrived (the leases of the cut ones run out after 2 x 5 s + 10 s). Duplicates: (event, partner)
+    pairs nginx answered more than once — answered before the kill, not yet recorded, sent again."""
+    first = start_webhookd(bench, name)
+    again: Webhookd | None = None
+    try:
+        tail = bench.nginx.tail()
+        published = Published()
+        loadgen.closed_loop(first.port, threads=bench.params.publish_threads, total=deliveries // PARTNERS,
+                            time_limit_s=120, build=publish_request, on_response=published.on_response)
+        expected = {(event_id, path) for event_id in published.sent_at for path in PATHS}
+        lines = collect(tail, deliveries // 3, timeout=120, alive=first.alive, accept=lambda line: line.uri in PATHS)
+        bench.procs.stop(first.proc, signal.SIGKILL, timeout=10)
+        first.proc = None
+        lines += [line for line in tail.read() if line.uri in PATHS]
+        before_kill = len(lines)
+        again = Webhookd(bench.procs, bench.rundir(f"{name}-again"), db_path=first.db_path).start()
+        deadline = time.monotonic() + 120
+        while {(line.webhook_id, line.uri) for line in lines} < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+            lines += [line for line in tail.read() if line.uri in PATHS]
+        time.sleep(1.0)  # a late duplicate still on its way
+        lines += [line for line in tail.read() if line.uri in PATHS]
+        ours = [line for line in lines if line.webhook_id in published.sent_at]
+        unique = {(line.webhook_id, line.uri) for line in ours}
+        result = {"expected": len(expected), "delivered": len(unique & expected), "before_kill": before_kill,
+                  "requests": len(ours), "duplicates": len(ours) - len(unique)}
+        log(f"  {name}: {result}")
+        return result
+    finally:
+        for each in (first, again):
+            if each is not None:
+                each.stop()
+
+
+def scenario_crash(bench: Bench) -> None:
+    p = bench.params
+    series = {k: Series() for k in ("duplicates", "missing")}
+    runs = []
+    for r in range(p.runs):
+        res = webhookd_kill_9(bench, p.crash_deliveries, f"crash-{r}")
+        runs.append(res)
+        series["duplicates"].add(res["duplicates"])
+        series["missing"].add(res["expected"] - res["delivered"])
+    bench.results["crash"] = {"series": series, "runs": runs}
+
+
 def _pg_commits(url: str) -> int:
     import psycopg
 
@@ -885,6 +944,13 @@ def table(bench: Bench) -> str:
             _row("(i)   back to 90% of before, after it ends", s["stall_recovered_after_s"], "s", "≤ 60 s",
                  lambda v: v <= 60),
         ]
+    if "crash" in res:
+        s = res["crash"]["series"]
+        rows += [
+            _row(f"(j) kill -9 in a burst of {p.crash_deliveries:,}: deliveries sent twice", s["duplicates"], "",
+                 f"≤ {CONCURRENCY:,} (concurrency)", lambda v: v <= CONCURRENCY),
+            _row("(j)   deliveries lost", s["missing"], "", "0", lambda v: v == 0),
+        ]
     for key, found in res.get("fanout", {}).items():
         s = found["series"]
         rows += [
@@ -968,6 +1034,11 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
                      f"127.0.0.1); (g) {p.pg_processes} processes, published to at once; (h) 10 events/s to one "
                      f"process; (i) 500 deliveries/s offered while another client holds a REPEATABLE READ "
                      f"transaction open {p.pg_stall_s:.0f} s (one run)")
+    if "crash" in only:
+        lines.append(f"(j): {p.crash_deliveries // PARTNERS:,} events x {PARTNERS} partners published at once "
+                     f"(bundled config: {CONCURRENCY:,} in flight); kill -9 once nginx logged a third of the "
+                     f"deliveries, then a restart on the same database; duplicates = requests nginx answered "
+                     f"twice for one (event, partner)")
     return "\n".join(lines)
 
 

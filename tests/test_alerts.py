@@ -100,3 +100,39 @@ def test_a_disabled_partner_an_enabled_one_and_an_old_backlog_are_told(webhookd_
     time.sleep(1.5)
     assert len(alerts_of(alarm, "backlog_old")) == 1
     assert all(r.guide_ok for r in alarm.received)
+
+
+def test_a_partner_that_disables_and_enables_itself_again_and_again_is_told_once_per_interval(webhookd_factory,
+                                                                                              receiver_factory):
+    """A partner answers 410 (disabled), makes itself active again with its own key, and again, five
+    times in a row: one partner_disabled and one partner_enabled alert now; the rest are held back
+    and told once the interval ends, as one alert of each kind with their count."""
+    clock = ShiftedClock()
+    alarm = receiver_factory(secret=ALERT_SECRET)
+    hub = webhookd_factory(clock=clock, alerts__url=alarm.url, alerts__secret=ALERT_SECRET, alerts__interval_s=600.0,
+                           delivery__max_attempts=50)
+    gone = receiver_factory(default=(410, 0.0))
+    partner = hub.register(gone.url, ["payment.success"], name="Flapping Tours")
+    pid, own_key = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+
+    def status():
+        return hub.http.get(f"/partners/{pid}", headers=hub.admin).json()["status"]
+
+    hub.publish(PAYMENT_SUCCESS)
+    for _ in range(4):             # disabled by its 410, active again by its own PATCH; its delivery retried
+        wait_for(lambda: status() == "disabled", timeout=15)
+        assert hub.http.patch(f"/partners/{pid}", headers=own_key, json={"status": "active"}).status_code == 200
+    wait_for(lambda: status() == "disabled", timeout=15)
+    wait_for(lambda: alerts_of(alarm, "partner_disabled") and alerts_of(alarm, "partner_enabled"), timeout=15)
+    time.sleep(1.0)                # more alerts, were they not held back, would show now
+    assert len(alerts_of(alarm, "partner_disabled")) == 1 and len(alerts_of(alarm, "partner_enabled")) == 1
+    assert "made active again by the partner" in alerts_of(alarm, "partner_enabled")[0].json["detail"]
+
+    clock.advance(601)             # the interval ends: what was held back is told, once per kind
+    wait_for(lambda: len(alerts_of(alarm, "partner_disabled")) == 2 and len(alerts_of(alarm, "partner_enabled")) == 2,
+             timeout=15)
+    disabled, enabled = alerts_of(alarm, "partner_disabled")[1].json, alerts_of(alarm, "partner_enabled")[1].json
+    assert disabled["count"] == 4 and enabled["count"] == 3 and disabled["partner_id"] == pid
+    assert "410" in disabled["detail"] and "4 times in the last 600 s" in disabled["detail"]
+    assert disabled["detail"].endswith("its status now: disabled)")
+    assert all(r.guide_ok and r.raw_ok for r in alarm.received)

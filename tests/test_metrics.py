@@ -1,7 +1,9 @@
 """GET /metrics, parsed with prometheus_client's own parser, moving with a real flow."""
 
 import json
+import logging
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import signing
@@ -80,3 +82,38 @@ def test_a_partners_open_circuit_is_a_labelled_gauge_and_a_probe_clears_it(webho
     assert r.status_code == 200   # nothing failed yet; the open circuit probes at once all the same
     wait_for(lambda: hub.deliveries(state="delivered"))   # long before the minute's pause would end
     assert _value(_samples(hub), "webhookd_partner_circuit_open", partner_id=pid) == 0.0
+
+
+@pytest.mark.parametrize("how", ["cancel-pending", "delete"])
+def test_a_result_the_store_refuses_is_logged_and_counted_as_what_was_recorded(hub_factory, receiver_factory,
+                                                                                caplog, how):
+    """An attempt is on the wire when the admin cancels the partner's pending deliveries (or
+    deletes the partner); the partner answers 200 afterwards. The store keeps the delivery
+    ``cancelled`` and refuses the result: the log says so, and the metrics count one cancelled
+    delivery — not a delivered one as well."""
+    caplog.set_level(logging.INFO, logger="webhookd.delivery")
+    hub = hub_factory(delivery__timeout_s=10.0)
+    receiver = receiver_factory(default=(200, 1.5))      # holds its answer: the attempt stays in flight
+    pid = hub.register(receiver.url, ["payment.success"])["partner_id"]
+    assert hub.publish(PAYMENT_SUCCESS).status_code == 202
+    wait_for(lambda: receiver.received)
+    if how == "delete":
+        r = hub.http.delete(f"/partners/{pid}", headers=hub.admin)
+    else:
+        r = hub.http.post(f"/partners/{pid}/cancel-pending", headers=hub.admin)
+    assert r.status_code == 200 and r.json()["cancelled_deliveries"] == 1, r.text
+
+    def attempt_counted():  # the attempt itself did happen: counted (after its log line) once its result is handled
+        samples = _samples(hub)
+        return samples if _value(samples, "webhookd_attempts_total", result="success") == 1 else None
+
+    samples = wait_for(attempt_counted, timeout=15)
+    assert _value(samples, "webhookd_deliveries_total", partner=pid, outcome="cancelled") == 1
+    assert _value(samples, "webhookd_deliveries_total", partner=pid, outcome="delivered") == 0
+    assert _value(samples, "webhookd_publish_to_delivered_seconds_count") == 0
+    [line] = [rec for rec in caplog.records if rec.name == "webhookd.delivery" and pid in rec.getMessage()]
+    assert line.levelname == "INFO" and line.recorded is False
+    assert line.getMessage().endswith("-> delivered but dropped: the delivery was cancelled while in flight "
+                                      "(cancel-pending, or its partner deleted)")
+    assert hub.rows("SELECT state FROM deliveries") == [("cancelled",)]
+    assert hub.rows("SELECT COUNT(*) FROM attempts") == [(0,)]

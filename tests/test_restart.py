@@ -1,13 +1,17 @@
 """`webhookd serve` as a real process: stop, crash (kill -9) and restart lose nothing."""
 
+import os
 import signal
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, Receiver, free_port, wait_for
+from conftest import ADMIN_TOKEN, ROOT, Receiver, ServeProcess, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
 
 pytestmark = pytest.mark.slow
@@ -166,3 +170,97 @@ def test_kill_9_right_after_a_batch_answer_loses_none_of_its_events(serve_factor
     restarted = serve_factory(port=serve.port, WEBHOOKD_STORAGE_PATH=serve.env["WEBHOOKD_STORAGE_PATH"])
     for event_id in ids:
         assert httpx.get(f"{restarted.url}/events/{event_id}", headers=ADMIN).status_code == 200
+
+
+class ServeWithAStalledLog(ServeProcess):
+    """``webhookd serve`` whose log goes to a pipe the test can stop reading (``stop_reading``).
+    Once the pipe is full every log write blocks, and so does the recorder, which logs each
+    attempt it writes: a recorder that falls behind, as a stuck log collector or a slow disk
+    makes it in production, while the claims and the sends could go on."""
+
+    def start(self) -> "ServeWithAStalledLog":
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"),
+             "serve", "--port", str(self.port)],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        self.copied = bytearray()    # what the copy has read so far
+        self.reading = threading.Event()
+        self.reading.set()
+        self.copier = threading.Thread(target=self._copy_log, daemon=True)
+        self.copier.start()
+        wait_for(self._responds, timeout=20, interval=0.1)
+        return self
+
+    def _copy_log(self) -> None:
+        while self.reading.wait() and (chunk := os.read(self.proc.stdout.fileno(), 4096)):
+            self.copied += chunk
+            self.log.write(chunk.decode(errors="replace"))
+
+    def stop_reading(self, after: str) -> None:
+        """Stop reading the log once the line holding ``after`` is read (the pipe is empty then)."""
+        wait_for(lambda: after.encode() in self.copied, timeout=30)
+        self.reading.clear()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+        self.reading.set()           # read to the end of the pipe, then close the copy
+        self.copier.join(timeout=10)
+        self.log.close()
+
+
+def _settled(receiver: Receiver, total: int, quiet_s: float = 2.0):
+    """A wait_for predicate: every delivery arrived, or none arrived for ``quiet_s``."""
+    last = {"count": -1, "at": 0.0}
+
+    def check() -> bool:
+        count = len(receiver.received)
+        if count >= total:
+            return True
+        if count != last["count"]:
+            last.update(count=count, at=time.monotonic())
+            return False
+        return time.monotonic() - last["at"] >= quiet_s
+
+    return check
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_kill_9_behind_a_stalled_recorder_sends_again_at_most_concurrency(engine, request, tmp_path, serve_factory,
+                                                                          receiver_factory):
+    """A burst of 2,000 deliveries to a fast partner, ``concurrency = 20``; the recorder stalls
+    (its log pipe is full) while the partner keeps answering 200. Answered results wait to be
+    written, and each one holds its place in flight, so the loop stops claiming at 20: a kill -9
+    then sends again at most those 20 — never the thousands answered behind a stalled recorder."""
+    concurrency, total = 20, 2000
+    env = {"WEBHOOKD_DELIVERY_CONCURRENCY": str(concurrency),
+           "WEBHOOKD_DELIVERY_PER_PARTNER_CONCURRENCY": str(total),  # out of the way: the bound is concurrency
+           "WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5"}               # lease = 2 x 0.5 + 10 = 11 s
+    if engine == "postgresql":
+        env["WEBHOOKD_STORAGE_URL"] = request.getfixturevalue("postgres_server").new_database()
+    receiver = receiver_factory()
+    serve = ServeWithAStalledLog(tmp_path, free_port(), env).start()
+    try:
+        partner = _register(serve.url, receiver.url)
+        receiver.secret = partner["shared_secret"]
+        partner_url = f"{serve.url}/partners/{partner['partner_id']}"
+        assert httpx.patch(partner_url, headers=ADMIN, json={"status": "paused"}).status_code == 200
+        with httpx.Client(base_url=serve.url, headers=ADMIN, timeout=30) as client:
+            for first in range(0, total, 500):
+                r = client.post("/events/batch", json={"events": [
+                    {**PAYMENT_SUCCESS, "transaction_id": f"t{i}"} for i in range(first, first + 500)]})
+                assert r.status_code == 202 and r.json()["accepted"] == 500, r.text
+        serve.stop_reading(after=f"published {r.json()['results'][-1]['event_id']}")
+        assert httpx.patch(partner_url, headers=ADMIN, json={"status": "active"}).status_code == 200
+        wait_for(_settled(receiver, total), timeout=60)
+    finally:
+        serve.kill()
+    answered_before_the_kill = len({r.headers["x-webhook-id"] for r in receiver.received})
+
+    again = serve_factory(port=serve.port, **env)       # the leases run out by themselves (11 s)
+    wait_for(lambda: httpx.get(again.url + "/stats", headers=ADMIN).json()["totals"]["delivered"] == total,
+             timeout=90, interval=0.2)
+    ids = [r.headers["x-webhook-id"] for r in receiver.received]
+    assert len(set(ids)) == total and all(r.guide_ok and r.raw_ok for r in receiver.received)
+    duplicates = len(ids) - total
+    assert duplicates <= concurrency, (duplicates, answered_before_the_kill)
+    assert answered_before_the_kill < total, "the recorder did not stall: the scenario tested nothing"
