@@ -2,6 +2,7 @@
 transactions; and what is SQLite's own (file modes, WAL, the claim's index)."""
 
 import os
+import re
 import stat
 import threading
 import time
@@ -9,8 +10,9 @@ from contextlib import contextmanager
 
 import pytest
 
+import openapi
 from models import Attempt, NewEvent, Outcome
-from store import Store
+from store import DELIVERY_FILTERS, Store
 
 _counter = iter(range(10**9))
 
@@ -244,6 +246,55 @@ def test_list_deliveries_pages_newest_first(store):
     ids = [d.id for d in page1.items + page2.items + page3.items]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == 5
     assert page3.next_cursor is None
+
+
+def _deliveries_filters() -> set[str]:
+    """The query parameters GET /deliveries offers, read from the OpenAPI document (so a filter added
+    there is checked here too), but the page size."""
+    doc = openapi.document({}, "test")
+    return {p["name"] for p in doc["paths"]["/deliveries"]["get"]["parameters"] if p["in"] == "query"} - {"limit"}
+
+
+def test_every_filter_of_get_deliveries_reads_through_an_index(store):
+    """Each filter, alone, after a cursor, and beside the others, is searched through an index of
+    its column (never a scan of every delivery); alone it also reads in id order, so a page stops
+    at its limit."""
+    assert _deliveries_filters() == set(DELIVERY_FILTERS)  # every filter the API offers, the store builds
+    columns = {name: re.search(r"(\w+) [=<] :", condition).group(1) for name, condition in DELIVERY_FILTERS.items()}
+    filters = sorted(set(DELIVERY_FILTERS) - {"cursor"})
+    for name in filters:
+        for given in ({name: "x"}, {name: "x", "cursor": "dlv_x"}, {f: "x" for f in filters}):
+            plan = store.explain_deliveries(**given)
+            if store.postgres:
+                assert "Seq Scan on deliveries" not in plan, (given, plan)
+                if len(given) <= 2:
+                    assert re.search(rf"Index Cond: \(.*\b{columns[name]} = ", plan), (given, plan)
+            else:
+                assert "SCAN d" not in plan, (given, plan)
+                assert re.search(r"SEARCH d USING (COVERING )?INDEX \w+ \((\w+)=", plan), (given, plan)
+                if len(given) <= 2:
+                    assert f"({columns[name]}=?" in plan and "TEMP B-TREE" not in plan, (given, plan)
+
+
+def test_each_filter_of_list_deliveries_finds_its_rows_alone_and_together(store):
+    """The statement built from the filters given returns what each asks for, and pages."""
+    a, b = _partner(store), _partner(store, events=("payment.success", "booking.confirmed"))
+    paid = [_publish(store)[0] for _ in range(3)]
+    booked = store.publish(NewEvent(id=_id("evt_"), type="booking.confirmed", body=b"{}"), now=1000.0,
+                           max_attempts=3, new_delivery_id=lambda: _id("dlv_"))[0]
+    first = store.list_deliveries(limit=50, event_id=paid[0].id).items
+    assert {d.partner_id for d in first} == {a.id, b.id} and {d.event_id for d in first} == {paid[0].id}
+    assert [d.event for d in store.list_deliveries(limit=50, event="booking.confirmed").items] == ["booking.confirmed"]
+    assert len(store.list_deliveries(limit=50, partner_id=b.id, event="payment.success").items) == 3
+    assert len(store.list_deliveries(limit=50, state="pending").items) == 7
+    assert store.list_deliveries(limit=50, state="delivered").items == []
+    both = store.list_deliveries(limit=50, partner_id=b.id, state="pending", event="booking.confirmed",
+                                 event_id=booked.id)
+    assert [(d.partner_id, d.event_id) for d in both.items] == [(b.id, booked.id)]
+    page = store.list_deliveries(limit=2, partner_id=b.id)
+    rest = store.list_deliveries(limit=2, partner_id=b.id, cursor=page.next_cursor)
+    assert len(page.items) == 2 and len(rest.items) == 2 and rest.next_cursor is None
+    assert max(d.id for d in rest.items) < min(d.id for d in page.items)
 
 
 def test_claims_respect_the_per_partner_cap_and_what_is_already_in_flight(store):
