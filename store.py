@@ -1275,34 +1275,36 @@ class Store:
 
     def replay(self, partner_id: str, *, since: float, until: float, event_type: str | None, after: str | None,
                limit: int, now: float, max_attempts: int, new_delivery_id: Callable[[], str],
-               audit: AuditEntry | None = None) -> tuple[int, str | None]:
+               include_cancelled: bool = False, audit: AuditEntry | None = None) -> tuple[int, str | None]:
         """Queue a new delivery to the partner of every event it had a delivery of, published in
         ``[since, until)`` (of ``event_type``, if given), delivered ones included: the partner
         restored a backup and lost a day. In event id order from ``after``, at most ``limit``.
         The new deliveries carry the same event, so its id (``X-Webhook-Id``) is the same.
+
+        Left out (``REPLAY_SKIPS``): an event with a delivery to the partner still pending (a second
+        call queues nothing twice), and one whose latest delivery to it was cancelled (the admin
+        cancelled that backlog) unless ``include_cancelled``.
         Returns how many were queued and the last event id queued if more are left (the cursor)."""
+        where, params = _where(REPLAY_FILTERS, {"since": since, "until": until, "type": event_type, "after": after})
+        skips = REPLAY_SKIPS if include_cancelled else REPLAY_SKIPS + REPLAY_SKIPS_CANCELLED
         with self._transaction() as db:
+            if self.postgres:  # two replays of one partner at once take turns (SQLite's one writer does already)
+                db.execute("SELECT id FROM partners WHERE id = :id FOR NO KEY UPDATE", {"id": partner_id})
             rows = db.execute(
-                """SELECT e.id FROM events e
-                   WHERE e.created_at >= :since AND e.created_at < :until
-                     AND (CAST(:type AS TEXT) IS NULL OR e.type = :type)
-                     AND (CAST(:after AS TEXT) IS NULL OR e.id > :after)
-                     AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id)
-                   ORDER BY e.id LIMIT :n""",
-                {"since": since, "until": until, "type": event_type, "after": after, "partner_id": partner_id,
-                 "n": limit + 1}).fetchall()
-            events = [row["id"] for row in rows[:limit]]
+                f"SELECT e.id, e.type FROM events e {where} {skips} ORDER BY e.id LIMIT :n",
+                {**params, "partner_id": partner_id, "n": limit + 1}).fetchall()
+            events = rows[:limit]
             if events:
                 db.executemany(
-                    """INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts, next_attempt_at,
-                                               queued_at, created_at, updated_at)
-                       VALUES (:id, :event_id, :partner_id, 'pending', :max_attempts, :now, :now, :now, :now)""",
-                    [{"id": new_delivery_id(), "event_id": event_id, "partner_id": partner_id,
-                      "max_attempts": max_attempts, "now": now} for event_id in events])
+                    """INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts,
+                                               next_attempt_at, queued_at, created_at, updated_at)
+                       VALUES (:id, :event_id, :type, :partner_id, 'pending', :max_attempts, :now, :now, :now, :now)""",
+                    [{"id": new_delivery_id(), "event_id": row["id"], "type": row["type"], "partner_id": partner_id,
+                      "max_attempts": max_attempts, "now": now} for row in events])
             _write_audit(db, audit, replayed=len(events))
         if events and self.postgres:
             self.announce(WORK_CHANNEL)
-        return len(events), events[-1] if len(rows) > limit else None
+        return len(events), events[-1]["id"] if len(rows) > limit else None
 
     def expire_pending(self, *, queued_before: float, now: float) -> dict[str, int]:
         """End ``expired`` every pending delivery queued before ``queued_before`` that is not in
@@ -1748,6 +1750,18 @@ DELIVERY_FILTERS = {
 # GET /audit's and GET /inbound's, built the same way (smaller tables: the partner's index only).
 AUDIT_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "action": "action = :action"}
 INBOUND_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "event": "type = :event"}
+
+# A replay's window and filters, and the events it leaves out: those the partner never had a delivery
+# of, those it has one pending of, and (unless asked) those whose latest delivery to it was cancelled.
+REPLAY_FILTERS = {"since": "e.created_at >= :since", "until": "e.created_at < :until", "type": "e.type = :type",
+                  "after": "e.id > :after"}
+REPLAY_SKIPS = """
+    AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id)
+    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id
+                                                AND d.state = 'pending')"""
+REPLAY_SKIPS_CANCELLED = """
+    AND (SELECT d.state FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id
+         ORDER BY d.id DESC LIMIT 1) <> 'cancelled'"""
 
 
 def _where(conditions: Mapping[str, str], given: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
