@@ -45,6 +45,7 @@ from models import (
     Partner,
     valid_secrets,
 )
+from targets import redacted_url, url_origin
 
 logger = logging.getLogger("webhookd.store")
 
@@ -172,8 +173,24 @@ DELIVERIES_READ_INDEXES = ["CREATE INDEX IF NOT EXISTS deliveries_by_state ON de
 DELIVERIES_EVENT_TYPE_BACKFILL = ("UPDATE deliveries SET event_type = "
                                   "(SELECT e.type FROM events e WHERE e.id = deliveries.event_id)")
 
+
+
+def _redact_stored_urls(db: Any) -> None:
+    """A migration in Python: the URLs the attempts and the audit trail kept whole before they were
+    written redacted, redacted now (``targets.redacted_url``: a query may hold a partner's token)."""
+    for row in db.execute("SELECT DISTINCT url FROM attempts WHERE url LIKE :query OR url LIKE :user OR url LIKE :rest",
+                          {"query": "%?%", "user": "%@%", "rest": "%#%"}).fetchall():
+        db.execute("UPDATE attempts SET url = :redacted WHERE url = :url",
+                   {"url": row["url"], "redacted": redacted_url(row["url"])})
+    _rewrite_audit_urls(db, "SELECT id, changes FROM audit_log WHERE changes LIKE :url", {"url": "%://%"},
+                        redacted_url)
+
+
+# A migration is a list of steps, each a statement or a function of the transaction (``db``).
+Migration = tuple[str, list[str | Callable[[Any], None]]]
+
 # Named schema changes, applied once each in order and recorded in schema_migrations.
-MIGRATIONS: list[tuple[str, list[str]]] = [
+MIGRATIONS: list[Migration] = [
     ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
     ("partners.max_rate_per_s", ["ALTER TABLE partners ADD COLUMN max_rate_per_s REAL"]),  # a partner's pace
     ("events_by_age.id", ["DROP INDEX IF EXISTS events_by_age",                 # retention walks it in order
@@ -205,6 +222,8 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
     # event's, which never changes) so that filter needs no join.
     ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN event_type TEXT",
                                DELIVERIES_EVENT_TYPE_BACKFILL, *DELIVERIES_READ_INDEXES]),
+    # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
+    ("urls_redacted", [_redact_stored_urls]),
 ]
 
 
@@ -285,7 +304,7 @@ SCHEMA_POSTGRES = [
 ]
 
 # PostgreSQL's schema started at SQLite's third migration: the first ones are in its tables.
-MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
+MIGRATIONS_POSTGRES: list[Migration] = [
     ("attempts.url", []),
     ("partners.max_rate_per_s", []),
     ("events_by_age.id", []),
@@ -320,6 +339,7 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     ("schema_migrations.version", ["ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS version TEXT"]),
     ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS event_type TEXT",
                                DELIVERIES_EVENT_TYPE_BACKFILL, *DELIVERIES_READ_INDEXES]),
+    ("urls_redacted", [_redact_stored_urls]),
 ]
 
 
@@ -557,8 +577,11 @@ class Store:
             self.migrated = [name for name, _ in migrations if name not in recorded]
             for name, statements in migrations:
                 if name in self.migrated:
-                    for statement in statements:
-                        db.execute(statement)
+                    for step in statements:
+                        if callable(step):
+                            step(db)
+                        else:
+                            db.execute(step)
                     db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (:name, :now)",
                                {"name": name, "now": time.time()})
             if self.migrated:
@@ -745,7 +768,8 @@ class Store:
         expired deliveries end ``cancelled``, never sent. An attempt already on the wire finishes,
         but its result is not recorded. The row stays as a tombstone (``status = 'deleted'``, its
         name) so the history and the audit trail still say whose it was; the retention purge
-        removes its history at ``retention.max_age_s`` like everyone's, then the tombstone."""
+        removes its history at ``retention.max_age_s`` like everyone's, then the tombstone. The URLs
+        its attempts and audit entries kept are cut down to their origin (``https://x/…``)."""
         with self._partner_write(partner_id, "deleted") as db:
             if not db.execute(
                     """UPDATE partners SET status = 'deleted', secret = '', previous_secret = NULL,
@@ -759,8 +783,22 @@ class Store:
             db.execute("DELETE FROM subscriptions WHERE partner_id = :id", {"id": partner_id})
             db.execute("DELETE FROM partner_channels WHERE partner_id = :id", {"id": partner_id})
             cancelled = _cancel(db, partner_id, ("pending", "expired"), now)
+            _forget_partner_urls(db, partner_id)
             _write_audit(db, audit, cancelled_deliveries=cancelled)
-            return cancelled
+        self._forget_old_versions()
+        return cancelled
+
+    def _forget_old_versions(self) -> None:
+        """After an erasure, leave no earlier version of the rows in the files: SQLite keeps them in
+        its write-ahead log, and the database file its last checkpoint's pages, until a checkpoint
+        copies the new pages over them; this one also empties the log. Differs on PostgreSQL, whose
+        old row versions are invisible to every query and go at the next vacuum."""
+        if self.postgres:
+            return
+        with self._reader() as db:
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            logger.warning("a long read kept the write-ahead log from being emptied; the next checkpoint will")
 
     def cancel_pending(self, partner_id: str, *, now: float, audit: AuditEntry | None = None) -> int | None:
         """End every pending delivery of the partner ``cancelled`` (never sent; in flight: its result
@@ -1693,7 +1731,8 @@ def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]
                    VALUES (:id, :attempt, :started, :ms, :status, :error, :snippet, :url, :detail, :signatures,
                            :decision)""",
                 {"id": o.delivery_id, "attempt": a.attempt, "started": a.started_at, "ms": a.duration_ms,
-                 "status": a.status_code, "error": a.error, "snippet": a.response_snippet, "url": a.url,
+                 "status": a.status_code, "error": a.error, "snippet": a.response_snippet,
+                 "url": redacted_url(a.url) if a.url else None,
                  "detail": a.error_detail, "signatures": _json_or_none(a.signatures),
                  "decision": _json_or_none(a.decision)})
     return recorded
@@ -1707,7 +1746,8 @@ def _record_at_once(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
                "attempt": [o.attempt.attempt for o in outcomes], "next": [o.next_attempt_at for o in outcomes],
                "started": [o.attempt.started_at for o in outcomes], "ms": [o.attempt.duration_ms for o in outcomes],
                "status": [o.attempt.status_code for o in outcomes], "error": [o.attempt.error for o in outcomes],
-               "snippet": [o.attempt.response_snippet for o in outcomes], "url": [o.attempt.url for o in outcomes],
+               "snippet": [o.attempt.response_snippet for o in outcomes],
+               "url": [redacted_url(o.attempt.url) if o.attempt.url else None for o in outcomes],
                "detail": [o.attempt.error_detail for o in outcomes],
                "signatures": [_json_or_none(o.attempt.signatures) for o in outcomes],
                "decision": [_json_or_none(o.attempt.decision) for o in outcomes]}
@@ -1816,15 +1856,48 @@ def _cancel(db: Any, partner_id: str, states: tuple[str, ...], now: float) -> in
 
 def _write_audit(db: Any, entry: AuditEntry | None, **found: Any) -> None:
     """Record ``entry`` in the transaction of the change it describes, with what the store
-    ``found`` (counts) added to its changes."""
+    ``found`` (counts) added to its changes; a URL in them without its query (``redacted_url``)."""
     if entry is None:
         return
+    changes = _urls_rewritten({**entry.changes, **found}, redacted_url)
     db.execute(
         """INSERT INTO audit_log (id, at, actor, address, action, partner_id, target, changes)
            VALUES (:id, :at, :actor, :address, :action, :partner_id, :target, :changes)""",
         {"id": entry.id, "at": entry.at, "actor": entry.actor, "address": entry.address, "action": entry.action,
          "partner_id": entry.partner_id, "target": entry.target,
-         "changes": json.dumps({**entry.changes, **found}, sort_keys=True)})
+         "changes": json.dumps(changes, sort_keys=True)})
+
+
+def _urls_rewritten(value: Any, rewrite: Callable[[str], str]) -> Any:
+    """``value`` (decoded JSON) with every http(s) URL in it passed through ``rewrite``."""
+    if isinstance(value, str):
+        return rewrite(value) if value[:8].lower().startswith(("http://", "https://")) else value
+    if isinstance(value, dict):
+        return {key: _urls_rewritten(v, rewrite) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_urls_rewritten(v, rewrite) for v in value]
+    return value
+
+
+def _rewrite_audit_urls(db: Any, select: str, params: dict[str, Any], rewrite: Callable[[str], str]) -> None:
+    """Pass every URL in the changes of the audit entries ``select`` finds (id, changes) through ``rewrite``."""
+    for row in db.execute(select, params).fetchall():
+        changes = json.dumps(_urls_rewritten(json.loads(row["changes"]), rewrite), sort_keys=True)
+        if changes != row["changes"]:
+            db.execute("UPDATE audit_log SET changes = :changes WHERE id = :id", {"id": row["id"], "changes": changes})
+
+
+def _forget_partner_urls(db: Any, partner_id: str) -> None:
+    """A deleted partner's URLs, cut down to their origin (``https://x/…``) wherever a record kept
+    them — its attempts and its audit entries: besides the query, a path may hold a token too."""
+    kept = db.execute("""SELECT DISTINCT a.url FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+                         WHERE d.partner_id = :id AND a.url IS NOT NULL""", {"id": partner_id}).fetchall()
+    for row in kept:
+        db.execute("""UPDATE attempts SET url = :origin
+                      WHERE url = :url AND delivery_id IN (SELECT id FROM deliveries WHERE partner_id = :id)""",
+                   {"id": partner_id, "url": row["url"], "origin": url_origin(row["url"])})
+    _rewrite_audit_urls(db, "SELECT id, changes FROM audit_log WHERE partner_id = :id", {"id": partner_id},
+                        url_origin)
 
 
 def _audit_from_row(row: Any) -> AuditEntry:

@@ -1,6 +1,7 @@
 """The store on both engines — a real SQLite file and a real PostgreSQL — claims, leases,
 transactions; and what is SQLite's own (file modes, WAL, the claim's index)."""
 
+import json
 import os
 import re
 import stat
@@ -588,3 +589,29 @@ def test_audit_entries_page_newest_first_and_age_out(store):
     assert store.purge_audit(before=250.0, batch=1) == 1 and store.purge_audit(before=250.0, batch=5) == 1
     assert [e.id for e in store.list_audit(limit=5).items] == ["aud_002"]
     assert store.list_audit(limit=5).items[0].changes == {"status": {"from": "active", "to": "paused"}}
+
+
+def test_a_migration_redacts_the_urls_kept_whole_before(store_target):
+    """Attempts and audit entries written by an earlier version kept a URL's query (a partner's
+    token): the migration "urls_redacted" takes it out of them, on both engines."""
+    store = Store(store_target)
+    partner = _partner(store)
+    _publish(store)
+    delivery = store.list_deliveries(limit=1).items[0]
+    with store._transaction() as db:  # as the earlier version wrote them
+        db.execute("""INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, url)
+                      VALUES (:id, 1, 1000.0, 5, 'https://x.example/hook?token=tok_old_1')""", {"id": delivery.id})
+        db.execute("""INSERT INTO audit_log (id, at, actor, action, partner_id, changes)
+                      VALUES ('aud_old', 1000.0, 'admin', 'partner.updated', :partner, :changes)""",
+                   {"partner": partner.id, "changes": json.dumps({"webhook_url": {
+                       "from": "https://x.example/hook?token=tok_old_1", "to": "https://y.example/in?k=tok_old_2"}})})
+        db.execute("DELETE FROM schema_migrations WHERE name = 'urls_redacted'")
+    store.close()
+    store = Store(store_target)
+    try:
+        assert store.migrated == ["urls_redacted"]
+        assert [a.url for a in store.get_delivery(delivery.id).attempts] == ["https://x.example/hook?…"]
+        entry = store.list_audit(limit=10, action="partner.updated").items[0]
+        assert entry.changes == {"webhook_url": {"from": "https://x.example/hook?…", "to": "https://y.example/in?…"}}
+    finally:
+        store.close()
