@@ -174,7 +174,6 @@ DELIVERIES_EVENT_TYPE_BACKFILL = ("UPDATE deliveries SET event_type = "
                                   "(SELECT e.type FROM events e WHERE e.id = deliveries.event_id)")
 
 
-
 def _redact_stored_urls(db: Any) -> None:
     """A migration in Python: the URLs the attempts and the audit trail kept whole before they were
     written redacted, redacted now (``targets.redacted_url``: a query may hold a partner's token)."""
@@ -795,10 +794,14 @@ class Store:
         old row versions are invisible to every query and go at the next vacuum."""
         if self.postgres:
             return
-        with self._reader() as db:
-            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        try:
+            with self._reader() as db:
+                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except Exception as exc:  # the erasure is committed: a failed checkpoint must not fail it
+            busy = exc
         if busy:
-            logger.warning("a long read kept the write-ahead log from being emptied; the next checkpoint will")
+            logger.warning("the write-ahead log could not be emptied after an erasure (%s); "
+                           "the next checkpoint copies the new rows over the old ones", busy)
 
     def cancel_pending(self, partner_id: str, *, now: float, audit: AuditEntry | None = None) -> int | None:
         """End every pending delivery of the partner ``cancelled`` (never sent; in flight: its result
@@ -1808,8 +1811,8 @@ def _where(conditions: Mapping[str, str], given: Mapping[str, Any]) -> tuple[str
     """A ``WHERE`` of the ``conditions`` whose value is ``given`` (not None), and their parameters.
 
     Only the filters given are written: the one-statement-for-all form, ``(:x IS NULL OR col = :x)``,
-    gives the database one plan for every combination, and that plan can use no index (a full scan
-    of the table at every page)."""
+    gives SQLite one plan for every combination, and that plan can use no index (a walk of the whole
+    table at every page)."""
     params = {name: value for name, value in given.items() if value is not None}
     clause = " AND ".join(conditions[name] for name in params)
     return (f"WHERE {clause}" if clause else ""), params
