@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+@functools.lru_cache(maxsize=4096)  # every attempt is recorded through it; a partner has one URL at a time
 def redacted_url(url: str) -> str:
     """``url`` without what may hold a credential — its query (``?token=…``), a fragment, a
     ``user:password@`` — each shown as ``…``: ``https://x/hook?token=s`` -> ``https://x/hook?…``.
