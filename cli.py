@@ -402,7 +402,8 @@ def _step_line(step: dict[str, Any]) -> str:
 
 def _cmd_replay(args: argparse.Namespace, config: Config) -> int:
     """Every call replays at most 1,000 events; go on with the cursor until the window is done."""
-    query: dict[str, Any] = {"since": args.since, "until": args.until, "event": args.event, "limit": 1000}
+    query: dict[str, Any] = {"since": args.since, "until": args.until, "event": args.event, "limit": 1000,
+                             "include_cancelled": "true" if args.include_cancelled else None}
     total = 0
     while True:
         answer = _api(config, "POST", f"/partners/{args.partner_id}/replay", query=query)
@@ -730,11 +731,14 @@ def build_parser() -> argparse.ArgumentParser:
     trace.set_defaults(handler=_cmd_trace)
 
     replay = commands.add_parser("replay", parents=[with_config, as_json],
-                                 help="send a partner every event of a time window again, delivered ones too")
+                                 help="send a partner every event of a time window again, delivered ones too "
+                                      "(not those still pending for it, nor those cancelled unless asked)")
     replay.add_argument("partner_id")
     replay.add_argument("--since", type=int, required=True, help="unix seconds: events published since")
     replay.add_argument("--until", type=int, help="unix seconds: ...and before (default: now)")
     replay.add_argument("--event", help="only this event type")
+    replay.add_argument("--include-cancelled", action="store_true",
+                        help="also the events whose delivery was cancelled (cancel-pending): left out otherwise")
     replay.set_defaults(handler=_cmd_replay)
 
     backup = commands.add_parser("backup", parents=[with_config],

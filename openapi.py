@@ -266,12 +266,16 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             params=[PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True), QUEUE])},
         "/partners/{partner_id}/replay": {"post": _op(
             "Send again every event of the partner published in [since, until), delivered ones included, as new "
-            "deliveries with the same event ids", 202, "Replayed", params=[
+            "deliveries with the same event ids; not those still pending for it, nor those whose delivery was "
+            "cancelled unless the admin asks", 202, "Replayed", params=[
                 PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True),
                 _query("until", {"type": "integer", "minimum": 1}, "unix seconds, after since (default: now)"),
                 _query("event", {"type": "string", "maxLength": 100}, "only this event type"),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "events per call (default 100)"),
-                _query("cursor", {"type": "string"}, "next_cursor from the previous call"), QUEUE])},
+                _query("cursor", {"type": "string"}, "next_cursor from the previous call"),
+                _query("include_cancelled", {"enum": ["true", "false"]}, "true (admin only; 403 admin_only for a "
+                       "partner's key): also the events whose latest delivery to the partner was cancelled"),
+                QUEUE])},
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
                                    params=[{"name": "Idempotency-Key", "in": "header", "required": False,
                                             "schema": {"type": "string", "maxLength": 255}}])}},

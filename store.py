@@ -45,6 +45,7 @@ from models import (
     Partner,
     valid_secrets,
 )
+from targets import redacted_url, url_origin
 
 logger = logging.getLogger("webhookd.store")
 
@@ -165,8 +166,30 @@ AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS audit_log (
 )"""
 AUDIT_INDEX = "CREATE INDEX IF NOT EXISTS audit_by_partner ON audit_log (partner_id, id)"
 
+# The indexes of GET /deliveries' filters that the tables above lack (see the migration
+# "deliveries.event_type"); the partner's and the event's are deliveries_by_partner and deliveries_by_event.
+DELIVERIES_READ_INDEXES = ["CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state, id)",
+                           "CREATE INDEX IF NOT EXISTS deliveries_by_type ON deliveries (event_type, id)"]
+DELIVERIES_EVENT_TYPE_BACKFILL = ("UPDATE deliveries SET event_type = "
+                                  "(SELECT e.type FROM events e WHERE e.id = deliveries.event_id)")
+
+
+def _redact_stored_urls(db: Any) -> None:
+    """A migration in Python: the URLs the attempts and the audit trail kept whole before they were
+    written redacted, redacted now (``targets.redacted_url``: a query may hold a partner's token)."""
+    for row in db.execute("SELECT DISTINCT url FROM attempts WHERE url LIKE :query OR url LIKE :user OR url LIKE :rest",
+                          {"query": "%?%", "user": "%@%", "rest": "%#%"}).fetchall():
+        db.execute("UPDATE attempts SET url = :redacted WHERE url = :url",
+                   {"url": row["url"], "redacted": redacted_url(row["url"])})
+    _rewrite_audit_urls(db, "SELECT id, changes FROM audit_log WHERE changes LIKE :url", {"url": "%://%"},
+                        redacted_url)
+
+
+# A migration is a list of steps, each a statement or a function of the transaction (``db``).
+Migration = tuple[str, list[str | Callable[[Any], None]]]
+
 # Named schema changes, applied once each in order and recorded in schema_migrations.
-MIGRATIONS: list[tuple[str, list[str]]] = [
+MIGRATIONS: list[Migration] = [
     ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
     ("partners.max_rate_per_s", ["ALTER TABLE partners ADD COLUMN max_rate_per_s REAL"]),  # a partner's pace
     ("events_by_age.id", ["DROP INDEX IF EXISTS events_by_age",                 # retention walks it in order
@@ -193,6 +216,13 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
                         "ALTER TABLE attempts ADD COLUMN decision TEXT"]),
     # Which webhookd applied each migration: a database too new names the version to run.
     ("schema_migrations.version", ["ALTER TABLE schema_migrations ADD COLUMN version TEXT"]),
+    # GET /deliveries filters by state and by event type: an index of its own for each, ending in the id,
+    # so a page is read newest first and stops at its limit. The type is kept on the delivery (its
+    # event's, which never changes) so that filter needs no join.
+    ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN event_type TEXT",
+                               DELIVERIES_EVENT_TYPE_BACKFILL, *DELIVERIES_READ_INDEXES]),
+    # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
+    ("urls_redacted", [_redact_stored_urls]),
 ]
 
 
@@ -273,7 +303,7 @@ SCHEMA_POSTGRES = [
 ]
 
 # PostgreSQL's schema started at SQLite's third migration: the first ones are in its tables.
-MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
+MIGRATIONS_POSTGRES: list[Migration] = [
     ("attempts.url", []),
     ("partners.max_rate_per_s", []),
     ("events_by_age.id", []),
@@ -306,6 +336,9 @@ MIGRATIONS_POSTGRES: list[tuple[str, list[str]]] = [
     ("attempts.trace", ["ALTER TABLE attempts ADD COLUMN IF NOT EXISTS signatures TEXT",
                         "ALTER TABLE attempts ADD COLUMN IF NOT EXISTS decision TEXT"]),
     ("schema_migrations.version", ["ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS version TEXT"]),
+    ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS event_type TEXT",
+                               DELIVERIES_EVENT_TYPE_BACKFILL, *DELIVERIES_READ_INDEXES]),
+    ("urls_redacted", [_redact_stored_urls]),
 ]
 
 
@@ -544,8 +577,11 @@ class Store:
             self.migrated = [name for name, _ in migrations if name not in recorded]
             for name, statements in migrations:
                 if name in self.migrated:
-                    for statement in statements:
-                        db.execute(statement)
+                    for step in statements:
+                        if callable(step):
+                            step(db)
+                        else:
+                            db.execute(step)
                     db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (:name, :now)",
                                {"name": name, "now": time.time()})
             if self.migrated:
@@ -734,7 +770,8 @@ class Store:
         expired deliveries end ``cancelled``, never sent. An attempt already on the wire finishes,
         but its result is not recorded. The row stays as a tombstone (``status = 'deleted'``, its
         name) so the history and the audit trail still say whose it was; the retention purge
-        removes its history at ``retention.max_age_s`` like everyone's, then the tombstone."""
+        removes its history at ``retention.max_age_s`` like everyone's, then the tombstone. The URLs
+        its attempts and audit entries kept are cut down to their origin (``https://x/…``)."""
         with self._partner_write(partner_id, "deleted") as db:
             if not db.execute(
                     """UPDATE partners SET status = 'deleted', secret = '', previous_secret = NULL,
@@ -748,8 +785,26 @@ class Store:
             db.execute("DELETE FROM subscriptions WHERE partner_id = :id", {"id": partner_id})
             db.execute("DELETE FROM partner_channels WHERE partner_id = :id", {"id": partner_id})
             cancelled = _cancel(db, partner_id, ("pending", "expired"), now)
+            _forget_partner_urls(db, partner_id)
             _write_audit(db, audit, cancelled_deliveries=cancelled)
-            return cancelled
+        self._forget_old_versions()
+        return cancelled
+
+    def _forget_old_versions(self) -> None:
+        """After an erasure, leave no earlier version of the rows in the files: SQLite keeps them in
+        its write-ahead log, and the database file its last checkpoint's pages, until a checkpoint
+        copies the new pages over them; this one also empties the log. Differs on PostgreSQL, whose
+        old row versions are invisible to every query and go at the next vacuum."""
+        if self.postgres:
+            return
+        try:
+            with self._reader() as db:
+                busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except Exception as exc:  # the erasure is committed: a failed checkpoint must not fail it
+            busy = exc
+        if busy:
+            logger.warning("the write-ahead log could not be emptied after an erasure (%s); "
+                           "the next checkpoint copies the new rows over the old ones", busy)
 
     def cancel_pending(self, partner_id: str, *, now: float, audit: AuditEntry | None = None) -> int | None:
         """End every pending delivery of the partner ``cancelled`` (never sent; in flight: its result
@@ -1166,14 +1221,10 @@ class Store:
     def list_audit(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                    action: str | None = None) -> Page:
         """Audit entries newest first; each filter applies only when given."""
+        where, params = _where(AUDIT_FILTERS, {"cursor": cursor, "partner_id": partner_id, "action": action})
         with self._reader() as db:
-            rows = db.execute(
-                """SELECT * FROM audit_log
-                   WHERE (CAST(:cursor AS TEXT) IS NULL OR id < :cursor)
-                     AND (CAST(:partner_id AS TEXT) IS NULL OR partner_id = :partner_id)
-                     AND (CAST(:action AS TEXT) IS NULL OR action = :action)
-                   ORDER BY id DESC LIMIT :n""",
-                {"cursor": cursor, "partner_id": partner_id, "action": action, "n": limit + 1}).fetchall()
+            rows = db.execute(f"SELECT * FROM audit_log {where} ORDER BY id DESC LIMIT :n",
+                              {**params, "n": limit + 1}).fetchall()
         return _page([_audit_from_row(r) for r in rows], limit)
 
     # --- Reading and retrying deliveries ---------------------------------------------
@@ -1211,20 +1262,29 @@ class Store:
         self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
         state: str | None = None, event: str | None = None, event_id: str | None = None,
     ) -> Page:
-        """Deliveries newest first; each filter applies only when given."""
+        """Deliveries newest first; each filter applies only when given (``DELIVERY_FILTERS``)."""
+        sql, params = self._deliveries_query(limit=limit, cursor=cursor, partner_id=partner_id, state=state,
+                                             event=event, event_id=event_id)
         with self._reader() as db:
-            rows = db.execute(
-                self._delivery_select + """
-                WHERE (CAST(:cursor AS TEXT) IS NULL OR d.id < :cursor)
-                  AND (CAST(:partner_id AS TEXT) IS NULL OR d.partner_id = :partner_id)
-                  AND (CAST(:state AS TEXT) IS NULL OR d.state = :state)
-                  AND (CAST(:event AS TEXT) IS NULL OR e.type = :event)
-                  AND (CAST(:event_id AS TEXT) IS NULL OR d.event_id = :event_id)
-                ORDER BY d.id DESC LIMIT :n""",
-                {"cursor": cursor, "partner_id": partner_id, "state": state, "event": event,
-                 "event_id": event_id, "n": limit + 1},
-            ).fetchall()
+            rows = db.execute(sql, params).fetchall()
         return _page([_delivery_from_row(r) for r in rows], limit)
+
+    def _deliveries_query(self, *, limit: int, **given: Any) -> tuple[str, dict[str, Any]]:
+        """``list_deliveries``' statement for the filters ``given`` (None: not given), and its parameters."""
+        where, params = _where(DELIVERY_FILTERS, given)
+        return f"{self._delivery_select} {where} ORDER BY d.id DESC LIMIT :n", {**params, "n": limit + 1}
+
+    def explain_deliveries(self, **given: Any) -> str:
+        """The query plan of ``list_deliveries`` with these filters, for tests that check it uses an index."""
+        sql, params = self._deliveries_query(limit=50, **given)
+        if self.postgres:  # a test database is tiny: ask whether an index *can* serve, not whether it pays
+            with self.engine.reader() as db:
+                db.execute("SET enable_seqscan = off", {})
+                try:
+                    return "\n".join(row[0] for row in db.execute("EXPLAIN " + sql, params))
+                finally:
+                    db.execute("RESET enable_seqscan", {})
+        return self.engine.explain(sql, params)
 
     def retry_delivery(self, delivery_id: str, now: float, audit: AuditEntry | None = None) -> Delivery | None:
         """Queue one more attempt of a ``failed`` or ``expired`` delivery and return it as queued (read
@@ -1264,34 +1324,36 @@ class Store:
 
     def replay(self, partner_id: str, *, since: float, until: float, event_type: str | None, after: str | None,
                limit: int, now: float, max_attempts: int, new_delivery_id: Callable[[], str],
-               audit: AuditEntry | None = None) -> tuple[int, str | None]:
+               include_cancelled: bool = False, audit: AuditEntry | None = None) -> tuple[int, str | None]:
         """Queue a new delivery to the partner of every event it had a delivery of, published in
         ``[since, until)`` (of ``event_type``, if given), delivered ones included: the partner
         restored a backup and lost a day. In event id order from ``after``, at most ``limit``.
         The new deliveries carry the same event, so its id (``X-Webhook-Id``) is the same.
+
+        Left out (``REPLAY_SKIPS``): an event with a delivery to the partner still pending (a second
+        call queues nothing twice), and one whose latest delivery to it was cancelled (the admin
+        cancelled that backlog) unless ``include_cancelled``.
         Returns how many were queued and the last event id queued if more are left (the cursor)."""
+        where, params = _where(REPLAY_FILTERS, {"since": since, "until": until, "type": event_type, "after": after})
+        skips = REPLAY_SKIPS if include_cancelled else REPLAY_SKIPS + REPLAY_SKIPS_CANCELLED
         with self._transaction() as db:
+            if self.postgres:  # two replays of one partner at once take turns (SQLite's one writer does already)
+                db.execute("SELECT id FROM partners WHERE id = :id FOR NO KEY UPDATE", {"id": partner_id})
             rows = db.execute(
-                """SELECT e.id FROM events e
-                   WHERE e.created_at >= :since AND e.created_at < :until
-                     AND (CAST(:type AS TEXT) IS NULL OR e.type = :type)
-                     AND (CAST(:after AS TEXT) IS NULL OR e.id > :after)
-                     AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id)
-                   ORDER BY e.id LIMIT :n""",
-                {"since": since, "until": until, "type": event_type, "after": after, "partner_id": partner_id,
-                 "n": limit + 1}).fetchall()
-            events = [row["id"] for row in rows[:limit]]
+                f"SELECT e.id, e.type FROM events e {where} {skips} ORDER BY e.id LIMIT :n",
+                {**params, "partner_id": partner_id, "n": limit + 1}).fetchall()
+            events = rows[:limit]
             if events:
                 db.executemany(
-                    """INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts, next_attempt_at,
-                                               queued_at, created_at, updated_at)
-                       VALUES (:id, :event_id, :partner_id, 'pending', :max_attempts, :now, :now, :now, :now)""",
-                    [{"id": new_delivery_id(), "event_id": event_id, "partner_id": partner_id,
-                      "max_attempts": max_attempts, "now": now} for event_id in events])
+                    """INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts,
+                                               next_attempt_at, queued_at, created_at, updated_at)
+                       VALUES (:id, :event_id, :type, :partner_id, 'pending', :max_attempts, :now, :now, :now, :now)""",
+                    [{"id": new_delivery_id(), "event_id": row["id"], "type": row["type"], "partner_id": partner_id,
+                      "max_attempts": max_attempts, "now": now} for row in events])
             _write_audit(db, audit, replayed=len(events))
         if events and self.postgres:
             self.announce(WORK_CHANNEL)
-        return len(events), events[-1] if len(rows) > limit else None
+        return len(events), events[-1]["id"] if len(rows) > limit else None
 
     def expire_pending(self, *, queued_before: float, now: float) -> dict[str, int]:
         """End ``expired`` every pending delivery queued before ``queued_before`` that is not in
@@ -1335,15 +1397,10 @@ class Store:
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:
+        where, params = _where(INBOUND_FILTERS, {"cursor": cursor, "partner_id": partner_id, "event": event})
         with self._reader() as db:
-            rows = db.execute(
-                """SELECT * FROM inbound_events
-                   WHERE (CAST(:cursor AS TEXT) IS NULL OR id < :cursor)
-                     AND (CAST(:partner_id AS TEXT) IS NULL OR partner_id = :partner_id)
-                     AND (CAST(:event AS TEXT) IS NULL OR type = :event)
-                   ORDER BY id DESC LIMIT :n""",
-                {"cursor": cursor, "partner_id": partner_id, "event": event, "n": limit + 1},
-            ).fetchall()
+            rows = db.execute(f"SELECT * FROM inbound_events {where} ORDER BY id DESC LIMIT :n",
+                              {**params, "n": limit + 1}).fetchall()
         return _page([_inbound_from_row(r) for r in rows], limit)
 
 
@@ -1617,11 +1674,11 @@ def _insert_event(db: Any, event: NewEvent, now: float, max_attempts: int,
         row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
         return _event_from_row(row), False
     db.executemany(
-        """INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts,
+        """INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts,
                                    next_attempt_at, created_at, updated_at)
-           VALUES (:id, :event_id, :partner_id, 'pending', :max_attempts, :now, :now, :now)""",
-        [{"id": new_delivery_id(), "event_id": event.id, "partner_id": pid, "max_attempts": max_attempts,
-          "now": now} for pid in partner_ids],
+           VALUES (:id, :event_id, :type, :partner_id, 'pending', :max_attempts, :now, :now, :now)""",
+        [{"id": new_delivery_id(), "event_id": event.id, "type": event.type, "partner_id": pid,
+          "max_attempts": max_attempts, "now": now} for pid in partner_ids],
     )
     row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event.id}).fetchone()
     return _event_from_row(row), True
@@ -1639,8 +1696,9 @@ _PUBLISH_POSTGRES = """
         ON CONFLICT DO NOTHING
         RETURNING *
     ), fanout AS (
-        INSERT INTO deliveries (id, event_id, partner_id, state, max_attempts, next_attempt_at, created_at, updated_at)
-        SELECT :id_prefix || substr(md5(random()::text || subscriber.partner_id), 1, 12), event.id,
+        INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts, next_attempt_at,
+                                created_at, updated_at)
+        SELECT :id_prefix || substr(md5(random()::text || subscriber.partner_id), 1, 12), event.id, event.type,
                subscriber.partner_id, 'pending', :max_attempts, :now, :now, :now
         FROM event CROSS JOIN subscriber
     )
@@ -1715,7 +1773,8 @@ def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]
                    VALUES (:id, :attempt, :started, :ms, :status, :error, :snippet, :url, :detail, :signatures,
                            :decision)""",
                 {"id": o.delivery_id, "attempt": a.attempt, "started": a.started_at, "ms": a.duration_ms,
-                 "status": a.status_code, "error": a.error, "snippet": a.response_snippet, "url": a.url,
+                 "status": a.status_code, "error": a.error, "snippet": a.response_snippet,
+                 "url": redacted_url(a.url) if a.url else None,
                  "detail": a.error_detail, "signatures": _json_or_none(a.signatures),
                  "decision": _json_or_none(a.decision)})
     return recorded
@@ -1729,7 +1788,8 @@ def _record_at_once(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
                "attempt": [o.attempt.attempt for o in outcomes], "next": [o.next_attempt_at for o in outcomes],
                "started": [o.attempt.started_at for o in outcomes], "ms": [o.attempt.duration_ms for o in outcomes],
                "status": [o.attempt.status_code for o in outcomes], "error": [o.attempt.error for o in outcomes],
-               "snippet": [o.attempt.response_snippet for o in outcomes], "url": [o.attempt.url for o in outcomes],
+               "snippet": [o.attempt.response_snippet for o in outcomes],
+               "url": [redacted_url(o.attempt.url) if o.attempt.url else None for o in outcomes],
                "detail": [o.attempt.error_detail for o in outcomes],
                "signatures": [_json_or_none(o.attempt.signatures) for o in outcomes],
                "decision": [_json_or_none(o.attempt.decision) for o in outcomes]}
@@ -1751,6 +1811,50 @@ def _read_jobs(db: Any, ids: list[str], now: float) -> list[Job]:
         _numbered("id", ids),
     ).fetchall()
     return [_job_from_row(row, now) for row in rows]
+
+
+# The filters of GET /deliveries (and its cursor), each the condition it adds when it is given. Each
+# is searched through an index: the partner, the state and the type through one ending in the id
+# (deliveries_by_partner, _by_state, _by_type), so a page is read newest first and stops at its
+# limit, however many rows there are. An event has only a handful of deliveries (one per partner,
+# and replays): their ids come first from deliveries_by_event and the other filters look them up.
+# (Written `d.event_id = :event_id`, SQLite, which keeps no statistics, would rather walk a
+# partner's whole history in id order to find them.) A new filter needs an index too: the test of
+# every filter's query plan (tests/test_store.py) reads them from the OpenAPI document.
+DELIVERY_FILTERS = {
+    "cursor": "d.id < :cursor",
+    "partner_id": "d.partner_id = :partner_id",
+    "state": "d.state = :state",
+    "event": "d.event_type = :event",
+    "event_id": "d.id IN (SELECT id FROM deliveries WHERE event_id = :event_id)",
+}
+
+# GET /audit's and GET /inbound's, built the same way (smaller tables: the partner's index only).
+AUDIT_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "action": "action = :action"}
+INBOUND_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "event": "type = :event"}
+
+# A replay's window and filters, and the events it leaves out: those the partner never had a delivery
+# of, those it has one pending of, and (unless asked) those whose latest delivery to it was cancelled.
+REPLAY_FILTERS = {"since": "e.created_at >= :since", "until": "e.created_at < :until", "type": "e.type = :type",
+                  "after": "e.id > :after"}
+REPLAY_SKIPS = """
+    AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id)
+    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id
+                                                AND d.state = 'pending')"""
+REPLAY_SKIPS_CANCELLED = """
+    AND (SELECT d.state FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id
+         ORDER BY d.id DESC LIMIT 1) <> 'cancelled'"""
+
+
+def _where(conditions: Mapping[str, str], given: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A ``WHERE`` of the ``conditions`` whose value is ``given`` (not None), and their parameters.
+
+    Only the filters given are written: the one-statement-for-all form, ``(:x IS NULL OR col = :x)``,
+    gives SQLite one plan for every combination, and that plan can use no index (a walk of the whole
+    table at every page)."""
+    params = {name: value for name, value in given.items() if value is not None}
+    clause = " AND ".join(conditions[name] for name in params)
+    return (f"WHERE {clause}" if clause else ""), params
 
 
 def _placeholders(name: str, values: list[Any]) -> str:
@@ -1794,15 +1898,48 @@ def _cancel(db: Any, partner_id: str, states: tuple[str, ...], now: float) -> in
 
 def _write_audit(db: Any, entry: AuditEntry | None, **found: Any) -> None:
     """Record ``entry`` in the transaction of the change it describes, with what the store
-    ``found`` (counts) added to its changes."""
+    ``found`` (counts) added to its changes; a URL in them without its query (``redacted_url``)."""
     if entry is None:
         return
+    changes = _urls_rewritten({**entry.changes, **found}, redacted_url)
     db.execute(
         """INSERT INTO audit_log (id, at, actor, address, action, partner_id, target, changes)
            VALUES (:id, :at, :actor, :address, :action, :partner_id, :target, :changes)""",
         {"id": entry.id, "at": entry.at, "actor": entry.actor, "address": entry.address, "action": entry.action,
          "partner_id": entry.partner_id, "target": entry.target,
-         "changes": json.dumps({**entry.changes, **found}, sort_keys=True)})
+         "changes": json.dumps(changes, sort_keys=True)})
+
+
+def _urls_rewritten(value: Any, rewrite: Callable[[str], str]) -> Any:
+    """``value`` (decoded JSON) with every http(s) URL in it passed through ``rewrite``."""
+    if isinstance(value, str):
+        return rewrite(value) if value[:8].lower().startswith(("http://", "https://")) else value
+    if isinstance(value, dict):
+        return {key: _urls_rewritten(v, rewrite) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_urls_rewritten(v, rewrite) for v in value]
+    return value
+
+
+def _rewrite_audit_urls(db: Any, select: str, params: dict[str, Any], rewrite: Callable[[str], str]) -> None:
+    """Pass every URL in the changes of the audit entries ``select`` finds (id, changes) through ``rewrite``."""
+    for row in db.execute(select, params).fetchall():
+        changes = json.dumps(_urls_rewritten(json.loads(row["changes"]), rewrite), sort_keys=True)
+        if changes != row["changes"]:
+            db.execute("UPDATE audit_log SET changes = :changes WHERE id = :id", {"id": row["id"], "changes": changes})
+
+
+def _forget_partner_urls(db: Any, partner_id: str) -> None:
+    """A deleted partner's URLs, cut down to their origin (``https://x/…``) wherever a record kept
+    them — its attempts and its audit entries: besides the query, a path may hold a token too."""
+    kept = db.execute("""SELECT DISTINCT a.url FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+                         WHERE d.partner_id = :id AND a.url IS NOT NULL""", {"id": partner_id}).fetchall()
+    for row in kept:
+        db.execute("""UPDATE attempts SET url = :origin
+                      WHERE url = :url AND delivery_id IN (SELECT id FROM deliveries WHERE partner_id = :id)""",
+                   {"id": partner_id, "url": row["url"], "origin": url_origin(row["url"])})
+    _rewrite_audit_urls(db, "SELECT id, changes FROM audit_log WHERE partner_id = :id", {"id": partner_id},
+                        url_origin)
 
 
 def _audit_from_row(row: Any) -> AuditEntry:

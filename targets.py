@@ -8,6 +8,9 @@ DNS answer that changed since registration cannot slip a private address in).
   ``user:password@``, on a port the operator allows; gives scheme, host and port.
 * ``resolve_target(host, port, allow_private)``: one DNS lookup, every answer checked,
   and the one address to connect to. The sender connects to exactly that address.
+* ``redacted_url(url)``: the URL as a record keeps it (attempts, the audit trail): its
+  query, where partners put tokens, shown as ``?…``; ``url_origin(url)``, its scheme and host
+  only, once the partner is deleted.
 """
 
 from __future__ import annotations
@@ -18,9 +21,35 @@ import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@functools.lru_cache(maxsize=4096)  # every attempt is recorded through it; a partner has one URL at a time
+def redacted_url(url: str) -> str:
+    """``url`` without what may hold a credential — its query (``?token=…``), a fragment, a
+    ``user:password@`` — each shown as ``…``: ``https://x/hook?token=s`` -> ``https://x/hook?…``.
+    What the attempts and the audit trail keep: where a webhook went, never a partner's token, which
+    would outlive the partner there (the audit trail is kept a year)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "…"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, ("…@" if "@" in parts.netloc else "") + host, parts.path,
+                       "…" if parts.query else "", "…" if parts.fragment else ""))
+
+
+
+def url_origin(url: str) -> str:
+    """Where ``url`` pointed, and no more: ``https://x:8443/hook/T0K3N?a=b`` -> ``https://x:8443/…``.
+    What the records of a deleted partner keep (a path may hold a token too)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "…"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "/…", "", ""))
 
 
 class BadURL(ValueError):

@@ -417,6 +417,9 @@ async def replay_events(request: Request) -> JSONResponse:
     of, published in ``[since, until)`` (until: now), delivered ones included, is sent again as a new
     delivery with the same event id — the partner restored a backup and lost a day. At most
     ``limit`` events a call (default 100, at most 1000), oldest first; ``next_cursor`` continues.
+
+    An event already pending for the partner is not queued again, so calling twice sends once; one
+    whose delivery the admin cancelled stays out unless the admin asks (``include_cancelled=true``).
     """
     partner_id = owned_partner_id(request)
     ctx = context(request)
@@ -430,15 +433,29 @@ async def replay_events(request: Request) -> JSONResponse:
     if event_type is not None and not 1 <= len(event_type) <= 100:
         raise invalid("event", "must be an event type, like payment.success.")
     limit, cursor = page_params(request, most=1000, default=100)
+    include_cancelled = check_include_cancelled(request)
     refuse_if_held(request, await owned_partner(request))
     audit = audit_entry(request, "partner.replayed", partner_id,
-                        {"since": int(since), "until": int(until), "event": event_type})
+                        {"since": int(since), "until": int(until), "event": event_type,
+                         "include_cancelled": include_cancelled})
     replayed, last = await db(ctx.store.replay, partner_id, since=int(since), until=int(until), event_type=event_type,
                               after=cursor, limit=limit, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
-                              new_delivery_id=new_delivery_id, audit=audit)
+                              new_delivery_id=new_delivery_id, include_cancelled=include_cancelled, audit=audit)
     ctx.loop.wake()
     logger.info("partner %s: replayed %d events from %s to %s", partner_id, replayed, since, until)
     return JSONResponse({"replayed": replayed, "next_cursor": cursor_text(last)}, status_code=202)
+
+
+def check_include_cancelled(request: Request) -> bool:
+    """A replay's ``include_cancelled``: the admin's to ask for, since the admin cancelled them (403
+    for a partner's key)."""
+    asked = request.query_params.get("include_cancelled", "false")
+    if asked not in ("true", "false"):
+        raise invalid("include_cancelled", "must be true or false.")
+    if asked == "true" and not caller_of(request).is_admin:
+        raise ApiError(403, "admin_only", "Only the admin can replay cancelled deliveries: the admin cancelled "
+                                          "them. Leave out include_cancelled, or ask the operator.")
+    return asked == "true"
 
 
 # =====================================================================================

@@ -59,9 +59,9 @@ def build(path: Path, *, deliveries: int, urls: list[str], secrets: list[str], b
                SELECT printf('evt_bench%012d', i), :type, :body, NULL, NULL, :fanout, :t0 + i * 0.000001 FROM n""",
             {"events": events, "type": event_type, "body": body, "fanout": PARTNERS, "t0": t0})
         db.execute(
-            """INSERT INTO deliveries (id, event_id, partner_id, state, attempt_count, max_attempts,
+            """INSERT INTO deliveries (id, event_id, event_type, partner_id, state, attempt_count, max_attempts,
                                        next_attempt_at, leased_until, created_at, updated_at)
-               SELECT 'dlv_' || substr(e.id, 5) || '_' || substr(p.id, -1), e.id, p.id, 'pending', 0, :max,
+               SELECT 'dlv_' || substr(e.id, 5) || '_' || substr(p.id, -1), e.id, e.type, p.id, 'pending', 0, :max,
                       e.created_at, NULL, e.created_at, e.created_at
                FROM events e CROSS JOIN partners p ORDER BY e.rowid, p.id""",
             {"max": max_attempts})

@@ -7,6 +7,7 @@ payment.success payload everywhere. Scenarios (``--only`` takes one or more, com
   latency     publish -> delivered p50/p99 at a fixed offered 1,000 deliveries/s
   blackhole   healthy partners' deliveries/s with and without a black-hole partner
   backlog     drain rate and peak RSS with 1,000,000 vs 10,000 pending deliveries
+  reads       (k) GET /events/{id} and filtered GET /deliveries on a history of 1,000,000 deliveries
   inbound     POST /webhooks/partners requests/s vs GET /health
   fanout      (d) partners 100 ms and 500 ms away: 50 partners on a slow receiver, bundled config
   idle        (e) CPU at 10 events/s to one partner, beside 10,000 idle partners and alone
@@ -31,6 +32,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -45,11 +47,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# This checkout's modules first (``backlog`` and ``reads`` import its store before ``common`` puts the
+# root on the path; an installed webhookd elsewhere would be measured instead), then the bench's own.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import backlog  # noqa: E402
 import baselines  # noqa: E402
 import loadgen  # noqa: E402
+import reads  # noqa: E402
 from common import (  # noqa: E402
     ADMIN_HEADERS,
     EVENT_TYPE,
@@ -68,7 +74,8 @@ from common import (  # noqa: E402
     thread_count,
 )
 
-SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "inbound", "fanout", "idle", "postgres", "crash"]
+SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "reads", "inbound", "fanout", "idle", "postgres",
+             "crash"]
 PARTNERS = 5
 PATHS = [f"/p{k}" for k in range(PARTNERS)]
 
@@ -84,6 +91,8 @@ class Params:
     backlog_small: int = 10_000
     backlog_large: int = 1_000_000
     backlog_window_s: float = 20.0
+    reads_history: int = 1_000_000    # (k): deliveries in the file read
+    reads_repeat: int = 50            # (k): calls per read per run (their median is the run's figure)
     inbound_requests: int = 4000
     inbound_threads: int = 8
     fanout_partners: int = 50
@@ -101,8 +110,8 @@ class Params:
     @classmethod
     def quick(cls) -> Params:
         return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500, idle_s=5.0,
-                   backlog_large=100_000, backlog_window_s=5.0, inbound_requests=1500, fanout_deliveries=1000,
-                   pg_stall_s=10.0, crash_deliveries=5000)
+                   backlog_large=100_000, backlog_window_s=5.0, reads_history=100_000, reads_repeat=10,
+                   inbound_requests=1500, fanout_deliveries=1000, pg_stall_s=10.0, crash_deliveries=5000)
 
 
 @dataclass
@@ -419,6 +428,40 @@ def scenario_backlog(bench: Bench) -> None:
             f"RSS {large['rss_mb']:.0f} MiB, start-up {large['startup_s']:.1f} s")
     shutil.rmtree(bdir, ignore_errors=True)
     bench.results["backlog"] = {"series": series, "runs": runs}
+
+
+# --- 4b. (k) Reading deliveries on a long history ----------------------------------------------------
+
+
+def scenario_reads(bench: Bench) -> None:
+    """Each read's median time over ``reads_repeat`` calls, once per run, on one file built here;
+    beside it, the event's deliveries through the statement used before (the baseline)."""
+    p = bench.params
+    path = bench.workdir / "reads" / "history.db"
+    seconds = reads.build(path, deliveries=p.reads_history)
+    log(f"  built a history of {p.reads_history:,} deliveries in {seconds:.1f} s "
+        f"({path.stat().st_size / 2**20:.0f} MiB)")
+    events = p.reads_history // reads.PARTNERS
+    store = reads.Store(str(path))
+    series: dict[str, Series] = {}
+    runs = []
+    try:
+        for r in range(p.runs):
+            rng = random.Random(r)
+            found = {name: reads.median_ms(read, p.reads_repeat) for name, read in reads.reads(store, events, rng).items()}
+            before = reads.median_ms(reads.event_page_before(store, events, rng), max(3, p.reads_repeat // 10))
+            found["slowest"] = max(found.values())
+            found["before"] = before
+            found["before_vs_now"] = before / found["GET /events/{id}"]
+            for name, value in found.items():
+                series.setdefault(name, Series()).add(value)
+            runs.append({"round": r, **found})
+            log(f"  round {r + 1}/{p.runs}: slowest read {found['slowest']:.2f} ms; GET /events/{{id}} "
+                f"{found['GET /events/{id}']:.2f} ms, with the statement used before {before:.0f} ms")
+    finally:
+        store.close()
+        shutil.rmtree(path.parent, ignore_errors=True)
+    bench.results["reads"] = {"series": series, "runs": runs}
 
 
 # --- 5. (c) Inbound partner events vs a trivial route ----------------------------------------------
@@ -847,7 +890,7 @@ def _fmt(value: float | None, unit: str) -> str:
     if unit == "%":
         return f"{100 * value:.0f}%"
     if unit == "ms":
-        return f"{value:.1f} ms"
+        return f"{value:.2f} ms" if value < 1 else f"{value:.1f} ms"
     if unit == "MiB":
         return f"{value:.0f} MiB"
     if unit == "s":
@@ -906,6 +949,16 @@ def table(bench: Bench) -> str:
             _row(f"(b) peak RSS, backlog {small}", s["small_rss"], "MiB"),
             _row(f"(b) peak RSS, backlog {large}", s["large_rss"], "MiB", "≤ 150 MiB", lambda v: v <= 150),
             _row(f"(b) start-up to /health, backlog {large}", s["large_startup"], "s"),
+        ]
+    if "reads" in res:
+        s = res["reads"]["series"]
+        history = f"{p.reads_history:,}"
+        rows += [_row(f"(k) {name}, {history} deliveries" if n == 0 else f"(k) {name}", s[name], "ms", "≤ 5 ms",
+                      lambda v: v <= 5) for n, name in enumerate(s) if name not in ("slowest", "before", "before_vs_now")]
+        rows += [
+            _row("(k)   the slowest of these", s["slowest"], "ms", "≤ 5 ms", lambda v: v <= 5),
+            _row("(k) GET /events/{id}, the statement used before ((:x IS NULL OR …))", s["before"], "ms"),
+            _row("(k)   before / now", s["before_vs_now"], "x"),
         ]
     if "inbound" in res:
         s = res["inbound"]["series"]
@@ -1015,6 +1068,10 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
     if "backlog" in only:
         lines.append(f"(b): rows written into a fresh SQLite file before webhookd starts; rate = deliveries logged "
                      f"until drained or for {p.backlog_window_s:.0f} s after the first one")
+    if "reads" in only:
+        lines.append(f"(k): a history of {p.reads_history:,} deliveries written into a fresh SQLite file (5 partners, "
+                     f"3 event types, one rare; nearly all delivered), read through store.Store as the routes read "
+                     f"it; each figure the median of {p.reads_repeat} calls on ids drawn across the history")
     if "inbound" in only:
         lines.append(f"(c): Python load generator (bench/loadgen.py): {p.inbound_threads} threads, one keep-alive "
                      f"http.client connection each, {p.inbound_requests:,} requests per run; every inbound request "

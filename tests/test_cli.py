@@ -281,5 +281,22 @@ def test_channels_filters_and_targeted_publishes_from_the_command_line(serve_fac
     back = json.loads(_ok(_run(serve, "partners", "ordering", ordered["partner_id"], "--ordering", "concurrent",
                                 "--json")))
     assert back["ordering"] == "concurrent"
+    wait_for(lambda: not json.loads(_ok(_run(serve, "deliveries", "--partner", other["partner_id"], "--status",
+                                             "pending", "--json")))["items"])  # a replay skips what is pending
     replayed = _run(serve, "replay", other["partner_id"], "--since", "0", "--json")
     assert json.loads(_ok(replayed)) == {"replayed": 1}             # its one event: the one named for it
+
+
+def test_replay_from_the_command_line_leaves_cancelled_deliveries_out_unless_asked(serve_factory):
+    serve = serve_factory()
+    late = json.loads(_ok(_run(serve, "partners", "add", "--name", "Late", "--url", "http://127.0.0.1:9/x",
+                               "--events", "payment.success", "--json")))["partner_id"]
+    _ok(_run(serve, "partners", "pause", late))                    # its delivery waits, pending
+    data = json.dumps({k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"})
+    _ok(_run(serve, "publish", "payment.success", "--data", data, "--json"))
+    replay = ("replay", late, "--since", "0", "--json")
+    cancelled = _run(serve, "partners", "cancel-pending", late, "--json")
+    assert json.loads(_ok(cancelled))["cancelled_deliveries"] == 1
+    _ok(_run(serve, "partners", "resume", late))
+    assert json.loads(_ok(_run(serve, *replay))) == {"replayed": 0}  # cancelled: left out
+    assert json.loads(_ok(_run(serve, *replay, "--include-cancelled"))) == {"replayed": 1}

@@ -4,6 +4,7 @@ stale subscriptions, and the audit trail that records every write — against a 
 import json
 import logging
 import time
+from pathlib import Path
 
 import signing
 from conftest import ShiftedClock, wait_for
@@ -71,6 +72,57 @@ def test_a_deleted_partners_key_and_signature_stop_at_once_and_nothing_pending_i
     rows = hub.rows("SELECT secret, previous_secret, api_key_hash, webhook_url, status FROM partners WHERE id = :id",
                     {"id": pid})
     assert rows == [("", None, f"deleted:{pid}", "", "deleted")]  # the tombstone keeps no credential
+
+
+def every_stored_byte(hub) -> bytes:
+    """What the database holds: on SQLite the bytes of its files (the write-ahead log too); on
+    PostgreSQL every text and bytea column of every table."""
+    if hub.store.postgres:
+        columns = hub.rows("""SELECT table_name, column_name, data_type FROM information_schema.columns
+                              WHERE table_schema = 'public' AND data_type IN ('text', 'bytea')""")
+        as_text = {"text": "{}", "bytea": "encode({}, 'escape')"}
+        return "\n".join(str(hub.rows(f"SELECT {as_text[kind].format(c)} FROM {t}")) for t, c, kind in columns).encode()
+    path = hub.config.storage.path
+    return b"".join(Path(name).read_bytes() for name in (path, path + "-wal") if Path(name).exists())
+
+
+def test_a_token_in_a_partners_url_is_kept_nowhere_and_its_url_goes_with_it(hub, receiver_factory):
+    """A URL's query (where partners put tokens) is never recorded: attempts and audit entries keep
+    ``?…``; once the partner is deleted they keep only where it pointed, and no byte of the database
+    holds either token (old row versions included)."""
+    receiver = receiver_factory()
+    first, moved = "tok_first_9f2c71d8e4", "tok_moved_5b03aa61c7"
+    partner = hub.register(f"{receiver.url}?token={first}", ["payment.success"])
+    pid, receiver.secret = partner["partner_id"], partner["shared_secret"]
+    hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: len(hub.deliveries(partner_id=pid, state="delivered")) == 1)
+    moved_url = f"{receiver.url}/moved?token={moved}"
+    assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"webhook_url": moved_url}).status_code == 200
+    event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
+    wait_for(lambda: len(hub.deliveries(partner_id=pid, state="delivered")) == 2)
+    assert all(r.guide_ok for r in receiver.received) and len(receiver.received) == 2
+
+    def shown() -> str:
+        """Everything the API shows of the partner's history: its audit entries, attempts, a trace."""
+        audit = hub.http.get("/audit", headers=hub.admin, params={"partner_id": pid}).json()["items"]
+        attempts = [a for d in hub.deliveries(partner_id=pid) for a in hub.delivery(d["delivery_id"])["attempts"]]
+        trace = hub.http.get(f"/events/{event_id}/trace", headers=hub.admin).json()
+        assert len(audit) >= 2 and len(attempts) == 2, (audit, attempts)
+        return json.dumps([audit, attempts, trace], ensure_ascii=False)
+
+    before = shown()
+    assert first not in before and moved not in before
+    assert f"{receiver.url}?…" in before and f"{receiver.url}/moved?…" in before   # where each attempt went
+    assert hub.http.get(f"/partners/{pid}", headers=hub.admin).json()["webhook_url"] == moved_url  # its own record
+
+    assert hub.http.delete(f"/partners/{pid}", headers=hub.admin).status_code == 200
+    after = shown()
+    origin = receiver.url.split("/webhooks")[0]
+    assert first not in after and moved not in after and "/moved" not in after and f"{origin}/…" in after
+    stored = every_stored_byte(hub)
+    assert pid.encode() in stored                                     # the dump does read the rows
+    assert first.encode() not in stored and moved.encode() not in stored
+    assert partner["shared_secret"].encode() not in stored          # nor its erased secret
 
 
 def test_a_partner_deletes_itself_only_when_the_config_allows_it(hub_factory):

@@ -62,13 +62,45 @@ def test_replay_sends_the_window_again_with_the_original_ids_and_nothing_else(hu
     assert [e["changes"]["replayed"] for e in trail.json()["items"]] == [1, 1, 2]
 
 
-def test_a_replay_for_a_paused_partner_says_so_unless_asked_to_queue(hub_factory):
+def test_a_replay_for_a_paused_partner_says_so_unless_asked_to_queue(hub_factory, receiver_factory):
     hub = hub_factory()
-    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    receiver = receiver_factory()
+    partner = hub.register(receiver.url, ["payment.success"])
     pid = partner["partner_id"]
     hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: hub.deliveries(partner_id=pid, state="delivered"))
     assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "paused"}).status_code == 200
     held = hub.http.post(f"/partners/{pid}/replay", headers=hub.admin, params={"since": 0})
     assert held.status_code == 409 and held.json()["error"]["code"] == "partner_held"
     queued = hub.http.post(f"/partners/{pid}/replay", headers=hub.admin, params={"since": 0, "queue": "true"})
-    assert queued.json()["replayed"] == 1 and len(hub.deliveries(partner_id=pid, state="pending")) == 2
+    assert queued.json()["replayed"] == 1 and len(hub.deliveries(partner_id=pid, state="pending")) == 1
+
+
+def test_a_replay_skips_what_is_still_pending_and_leaves_cancelled_ones_to_the_admin(hub_factory):
+    """Calling twice queues once; what the admin cancelled stays cancelled unless the admin asks."""
+    hub = hub_factory()
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "paused"}).status_code == 200
+    for _ in range(3):
+        hub.publish(PAYMENT_SUCCESS)
+    window = {"since": 0, "queue": "true"}
+
+    def replay(headers, **params):
+        r = hub.http.post(f"/partners/{pid}/replay", headers=headers, params={**window, **params})
+        assert r.status_code == 202, r.text
+        return r.json()["replayed"]
+
+    assert replay(hub.admin) == 0 and replay(own) == 0           # all three are pending already
+    assert len(hub.deliveries(partner_id=pid, state="pending")) == 3
+    assert hub.http.post(f"/partners/{pid}/cancel-pending", headers=hub.admin).json()["cancelled_deliveries"] == 3
+    assert replay(own) == 0 and replay(hub.admin) == 0           # cancelled: left out
+    asked = hub.http.post(f"/partners/{pid}/replay", headers=own, params={**window, "include_cancelled": "true"})
+    assert asked.status_code == 403 and asked.json()["error"]["code"] == "admin_only", asked.text
+    bad = hub.http.post(f"/partners/{pid}/replay", headers=hub.admin, params={**window, "include_cancelled": "yes"})
+    assert bad.status_code == 422 and "'include_cancelled'" in bad.json()["error"]["message"]
+    assert replay(hub.admin, include_cancelled="true") == 3
+    assert replay(hub.admin, include_cancelled="true") == 0      # pending again: not twice
+    assert len(hub.deliveries(partner_id=pid, state="pending", event="payment.success")) == 3
+    trail = hub.http.get("/audit", headers=hub.admin, params={"partner_id": pid, "action": "partner.replayed"})
+    assert [e["changes"]["include_cancelled"] for e in trail.json()["items"]][:2] == [True, True]

@@ -1,7 +1,9 @@
 """The store on both engines — a real SQLite file and a real PostgreSQL — claims, leases,
 transactions; and what is SQLite's own (file modes, WAL, the claim's index)."""
 
+import json
 import os
+import re
 import stat
 import threading
 import time
@@ -9,8 +11,9 @@ from contextlib import contextmanager
 
 import pytest
 
+import openapi
 from models import Attempt, NewEvent, Outcome
-from store import Store
+from store import DELIVERY_FILTERS, Store
 
 _counter = iter(range(10**9))
 
@@ -244,6 +247,55 @@ def test_list_deliveries_pages_newest_first(store):
     ids = [d.id for d in page1.items + page2.items + page3.items]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == 5
     assert page3.next_cursor is None
+
+
+def _deliveries_filters() -> set[str]:
+    """The query parameters GET /deliveries offers, read from the OpenAPI document (so a filter added
+    there is checked here too), but the page size."""
+    doc = openapi.document({}, "test")
+    return {p["name"] for p in doc["paths"]["/deliveries"]["get"]["parameters"] if p["in"] == "query"} - {"limit"}
+
+
+def test_every_filter_of_get_deliveries_reads_through_an_index(store):
+    """Each filter, alone, after a cursor, and beside the others, is searched through an index of
+    its column (never a scan of every delivery); alone it also reads in id order, so a page stops
+    at its limit."""
+    assert _deliveries_filters() == set(DELIVERY_FILTERS)  # every filter the API offers, the store builds
+    columns = {name: re.search(r"(\w+) [=<] :", condition).group(1) for name, condition in DELIVERY_FILTERS.items()}
+    filters = sorted(set(DELIVERY_FILTERS) - {"cursor"})
+    for name in filters:
+        for given in ({name: "x"}, {name: "x", "cursor": "dlv_x"}, {f: "x" for f in filters}):
+            plan = store.explain_deliveries(**given)
+            if store.postgres:
+                assert "Seq Scan on deliveries" not in plan, (given, plan)
+                if len(given) <= 2:
+                    assert re.search(rf"Index Cond: \(.*\b{columns[name]} = ", plan), (given, plan)
+            else:
+                assert "SCAN d" not in plan, (given, plan)
+                assert re.search(r"SEARCH d USING (COVERING )?INDEX \w+ \((\w+)=", plan), (given, plan)
+                if len(given) <= 2:
+                    assert f"({columns[name]}=?" in plan and "TEMP B-TREE" not in plan, (given, plan)
+
+
+def test_each_filter_of_list_deliveries_finds_its_rows_alone_and_together(store):
+    """The statement built from the filters given returns what each asks for, and pages."""
+    a, b = _partner(store), _partner(store, events=("payment.success", "booking.confirmed"))
+    paid = [_publish(store)[0] for _ in range(3)]
+    booked = store.publish(NewEvent(id=_id("evt_"), type="booking.confirmed", body=b"{}"), now=1000.0,
+                           max_attempts=3, new_delivery_id=lambda: _id("dlv_"))[0]
+    first = store.list_deliveries(limit=50, event_id=paid[0].id).items
+    assert {d.partner_id for d in first} == {a.id, b.id} and {d.event_id for d in first} == {paid[0].id}
+    assert [d.event for d in store.list_deliveries(limit=50, event="booking.confirmed").items] == ["booking.confirmed"]
+    assert len(store.list_deliveries(limit=50, partner_id=b.id, event="payment.success").items) == 3
+    assert len(store.list_deliveries(limit=50, state="pending").items) == 7
+    assert store.list_deliveries(limit=50, state="delivered").items == []
+    both = store.list_deliveries(limit=50, partner_id=b.id, state="pending", event="booking.confirmed",
+                                 event_id=booked.id)
+    assert [(d.partner_id, d.event_id) for d in both.items] == [(b.id, booked.id)]
+    page = store.list_deliveries(limit=2, partner_id=b.id)
+    rest = store.list_deliveries(limit=2, partner_id=b.id, cursor=page.next_cursor)
+    assert len(page.items) == 2 and len(rest.items) == 2 and rest.next_cursor is None
+    assert max(d.id for d in rest.items) < min(d.id for d in page.items)
 
 
 def test_claims_respect_the_per_partner_cap_and_what_is_already_in_flight(store):
@@ -626,3 +678,29 @@ def test_audit_entries_page_newest_first_and_age_out(store):
     assert store.purge_audit(before=250.0, batch=1) == 1 and store.purge_audit(before=250.0, batch=5) == 1
     assert [e.id for e in store.list_audit(limit=5).items] == ["aud_002"]
     assert store.list_audit(limit=5).items[0].changes == {"status": {"from": "active", "to": "paused"}}
+
+
+def test_a_migration_redacts_the_urls_kept_whole_before(store_target):
+    """Attempts and audit entries written by an earlier version kept a URL's query (a partner's
+    token): the migration "urls_redacted" takes it out of them, on both engines."""
+    store = Store(store_target)
+    partner = _partner(store)
+    _publish(store)
+    delivery = store.list_deliveries(limit=1).items[0]
+    with store._transaction() as db:  # as the earlier version wrote them
+        db.execute("""INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, url)
+                      VALUES (:id, 1, 1000.0, 5, 'https://x.example/hook?token=tok_old_1')""", {"id": delivery.id})
+        db.execute("""INSERT INTO audit_log (id, at, actor, action, partner_id, changes)
+                      VALUES ('aud_old', 1000.0, 'admin', 'partner.updated', :partner, :changes)""",
+                   {"partner": partner.id, "changes": json.dumps({"webhook_url": {
+                       "from": "https://x.example/hook?token=tok_old_1", "to": "https://y.example/in?k=tok_old_2"}})})
+        db.execute("DELETE FROM schema_migrations WHERE name = 'urls_redacted'")
+    store.close()
+    store = Store(store_target)
+    try:
+        assert store.migrated == ["urls_redacted"]
+        assert [a.url for a in store.get_delivery(delivery.id).attempts] == ["https://x.example/hook?…"]
+        entry = store.list_audit(limit=10, action="partner.updated").items[0]
+        assert entry.changes == {"webhook_url": {"from": "https://x.example/hook?…", "to": "https://y.example/in?…"}}
+    finally:
+        store.close()
