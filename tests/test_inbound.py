@@ -406,3 +406,15 @@ def test_forgeries_naming_a_suspended_partner_count_as_refused_signatures(webhoo
     codes = [_post(hub, body, "00" * 32, **named).status_code for _ in range(6)]
     assert codes == [401] * 4 + [429] * 2
     assert _post(hub, body, signing.sign_hex(partner["shared_secret"], body), **named).status_code == 403
+
+
+def test_the_partner_guide_and_the_api_document_state_the_bounds_the_code_uses(hub):
+    import inbound
+    from conftest import ROOT
+
+    bounds = (f"{inbound.UNNAMED_MAX_BODY_BYTES} bytes", f"{inbound.UNNAMED_MAX_PARTNERS} ")
+    header = next(p for p in hub.http.get("/openapi.json").json()["paths"]["/webhooks/partners"]["post"]["parameters"]
+                  if p["name"] == "X-Partner-Id")
+    for text in ((ROOT / "docs" / "partners.md").read_text(), (ROOT / "docs" / "partners.es.md").read_text(),
+                 header["description"]):
+        assert "partner_id_required" in text and all(bound in text for bound in bounds)
