@@ -19,7 +19,10 @@ One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answ
    on a new connection only if the kept one broke before the whole request went out —
    once written, the partner may have acted on it;
 4. ``_read_answer`` reads the answer: the status, the first 1 KiB of the body, and a
-   429/503 ``Retry-After`` for the loop's next wait; redirects are never followed.
+   429/503 ``Retry-After`` for the loop's next wait; redirects are never followed. What a
+   hostile endpoint can make it hold is bounded: at most ``MAX_INTERIM`` interim (1xx)
+   answers and ``MAX_HEAD_BYTES`` of status line and headers per head; past either the
+   attempt fails (``protocol_error``), so that partner's circuit opens like any failing one's.
 
 Why not threads with ``http.client``: measured with partners 100 ms away (README,
 "Performance"), 16 threads delivered 158/s; 256 threads reached 1,900/s but each
@@ -199,11 +202,13 @@ def parse_retry_after(value: str | None, now: float, max_s: float) -> float | No
 
 
 class BadResponse(http.client.HTTPException):
-    """The partner's answer is not HTTP/1.x (an attempt error ``protocol_error``)."""
+    """The partner's answer is not HTTP/1.x, or more than we read (an attempt error ``protocol_error``)."""
 
 
-MAX_LINE = 65536        # bytes in a status or header line
-MAX_HEADERS = 100
+MAX_LINE = 65536        # bytes in one line the stream buffers (a status, header or chunk-size line)
+MAX_HEAD_BYTES = 16384  # status line and headers of one response head, together (as Node's default)
+MAX_HEADERS = 100       # header lines in one head
+MAX_INTERIM = 5         # interim answers (100 Continue, 103 Early Hints) before the real one
 HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
@@ -218,12 +223,16 @@ async def _read_answer(reader: asyncio.StreamReader, answer: _Answer) -> bool:
     partner's answer: a body cut short only costs the connection.
     """
     status, version, headers = await _read_head(reader)
+    interim = 0
     while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints): the real one follows
+        interim += 1
+        if interim > MAX_INTERIM:  # a partner holding the attempt (and our CPU) until the deadline
+            raise BadResponse(f"too many interim responses: more than {MAX_INTERIM} 1xx answers before the final one")
         status, version, headers = await _read_head(reader)
-    answer.status, answer.retry_after = status, headers.get("retry-after")
-    connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
+    answer.status, answer.retry_after = status, _header(headers, "retry-after") or None
+    connection = {token.strip() for token in _header(headers, "connection").lower().split(",")}
     keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-    transfer_encoding = headers.get("transfer-encoding", "").lower()
+    transfer_encoding = _header(headers, "transfer-encoding").lower()
     if status in (204, 304):
         body, whole = b"", True
     elif transfer_encoding.endswith("chunked"):
@@ -231,7 +240,7 @@ async def _read_answer(reader: asyncio.StreamReader, answer: _Answer) -> bool:
     elif transfer_encoding or "content-length" not in headers:  # the body ends when the partner closes
         body, whole = await _read_up_to(reader, SNIPPET_BYTES), False
     else:
-        length = _content_length(headers["content-length"])
+        length = _content_length(_header(headers, "content-length"))
         body = await _read_up_to(reader, min(length, DRAIN_BYTES))
         whole = len(body) == length
     answer.snippet = body[:SNIPPET_BYTES].decode("utf-8", "replace")
@@ -264,30 +273,43 @@ def _content_length(value: str) -> int:
     return int(next(iter(lengths)))
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, str]]:
-    """The status line and the headers (names in lower case) of one response."""
+Headers = dict[str, list[str]]  # names in lower case; a repeated header's values in order
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, Headers]:
+    """The status line and the headers of one response, at most ``MAX_HEAD_BYTES`` together."""
     line = await _readline(reader)
     if not line:
         raise http.client.RemoteDisconnected("the partner closed the connection without an answer")
     parts = line.decode("latin-1").split(None, 2)
     if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not re.fullmatch(r"[1-5][0-9][0-9]", parts[1]):
         raise BadResponse(f"not an HTTP/1.x status line: {line[:40]!r}")
-    return int(parts[1]), parts[0], await _read_headers(reader)
+    return int(parts[1]), parts[0], await _read_headers(reader, MAX_HEAD_BYTES - len(line))
 
 
-async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
-    """Header lines up to the empty one; a repeated header's values are joined with commas."""
-    headers: dict[str, str] = {}
+async def _read_headers(reader: asyncio.StreamReader, budget: int = MAX_HEAD_BYTES) -> Headers:
+    """Header lines up to the empty one, ``budget`` bytes of them at most. A repeated header's
+    values are collected in a list, joined only when read (``_header``): joining as they come
+    would copy a growing string on every repeat."""
+    headers: Headers = {}
     for _ in range(MAX_HEADERS + 1):
         line = await _readline(reader)
+        budget -= len(line)
+        if budget < 0:
+            raise BadResponse(f"response head too large: more than {MAX_HEAD_BYTES // 1024} KiB of status line "
+                              "and headers")
         if line in (b"\r\n", b"\n", b""):
             return headers
         name, colon, value = line.decode("latin-1").partition(":")
         if not colon:
             raise BadResponse(f"not a header line: {line[:40]!r}")
-        name = name.strip().lower()
-        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
     raise BadResponse(f"more than {MAX_HEADERS} header lines")
+
+
+def _header(headers: Headers, name: str) -> str:
+    """One header's value, its repeats joined with commas (as HTTP reads them); "" if absent."""
+    return ", ".join(headers.get(name, ()))
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
