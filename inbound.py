@@ -72,17 +72,20 @@ from web import (
 
 logger = logging.getLogger("webhookd")
 
+PARTNER_MISS_RELOAD_S = 0.2  # PostgreSQL: an unknown X-Partner-Id reads the partners again, at most this often
+REFUSED = "refused signatures from this address"  # what the refused-signature limit's 429 names
 HMAC_ON_LOOP_BYTES = 65536  # more HMAC input than this per request moves to _SIGNATURE_THREADS
-UNNAMED_MAX_BODY_BYTES = 16384  # without X-Partner-Id, a larger body is refused (400 partner_id_required)
-UNNAMED_MAX_PARTNERS = 50  # without X-Partner-Id, more partners to try than this is refused too
+
+# Without X-Partner-Id a larger body, or more partners to try, is refused (400 partner_id_required).
 # The worst unnamed search is then 50 partners x 16 KiB x two bodies (raw and canonical) x two
 # secrets (during a rotation): 3.2 MiB of HMAC input, about 2 ms of CPU.
+UNNAMED_MAX_BODY_BYTES = 16384
+UNNAMED_MAX_PARTNERS = 50
 
 # Many HMACs over a large body run here, never in the default executor: every route's store
 # calls wait there (GET /health among them), and a burst of signature searches must not make
 # them queue. Two threads: the searches of one moment never hold more than two cores.
 _SIGNATURE_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="webhookd-signatures")
-PARTNER_MISS_RELOAD_S = 0.2  # PostgreSQL: an unknown X-Partner-Id reads the partners again, at most this often
 
 
 async def receive_partner_event(request: Request) -> JSONResponse:
@@ -205,9 +208,6 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
                                                  f"({partner.suspended_reason}); its events are refused until "
                                                  "the admin lifts it.")
     return partner
-
-
-REFUSED = "refused signatures from this address"
 
 
 async def _named_partner(ctx: Context, partner_id: str) -> Partner | None:

@@ -315,7 +315,8 @@ def test_an_unnamed_event_names_its_partner_past_a_small_search(hub):
     assert _post(hub, other, signing.sign_hex(secret, other), **named).status_code == 200
 
     flood = [_padded(200_000 + n) for n in range(20)]
-    codes, _ = _at_once(hub, flood, lambda body: {"X-Webhook-Signature": "00" * 32, "X-Webhook-Event": "tour.purchased"})
+    forged = {"X-Webhook-Signature": "00" * 32, "X-Webhook-Event": "tour.purchased"}
+    codes, _ = _at_once(hub, flood, lambda body: forged)
     assert codes == [400] * 20
     assert sorted(i["payload"].get("tour_id", "large") for i in _inbound(hub)) == ["large", "t1", "t2"]
 
