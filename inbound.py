@@ -3,8 +3,9 @@
 Read top to bottom, one inbound event:
 
 1. **Verify.** ``POST /webhooks/partners`` checks, in the SPEC's order: the headers (400),
-   the size (413), a JSON object whose own ``event`` names its type (400), a signature that
-   some partner's secret makes — the guide's hex ``X-Webhook-Signature``, or Standard
+   the size (413), without ``X-Partner-Id`` a search small enough to run (400), a JSON
+   object whose own ``event`` names its type (400), a signature that some partner's
+   secret makes — the guide's hex ``X-Webhook-Signature``, or Standard
    Webhooks' ``webhook-signature`` over id, time and body (401; refused signatures are
    rate-limited per claimed partner and client address) — then whether that partner is
    suspended (403, said only once its own signature verified), the partner's own rate
@@ -102,7 +103,12 @@ async def _receive(request: Request) -> JSONResponse:
     ctx = context(request)
     signed = _signed_headers(request)
     check_content_type(request)
+    unnamed = "x-partner-id" not in request.headers
+    if unnamed:  # before the body is read, on its declared length
+        _refuse_a_large_unnamed_search(ctx, _declared_length(request))
     raw = await read_body(request, ctx.config.security.max_body_bytes)
+    if unnamed:  # and on the body read, before it is parsed
+        _refuse_a_large_unnamed_search(ctx, len(raw))
     payload = parse_object(raw, ctx.config.security.max_json_depth)
     event_type = _signed_type(payload, signed)
     now = ctx.clock()
@@ -197,7 +203,7 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
     search = functools.partial(_search, ctx, raw=raw, payload=payload, canonical_body=canonical_body, signed=signed,
                                now=now)
     if partner_id is None:
-        return await _search_unnamed(ctx, failures, len(raw), search)
+        return await _search_unnamed(ctx, failures, search)
     named = await _named_partner(ctx, partner_id)
     partner = await search([named] if named is not None and named.status != "disabled" else [])
     if partner is None:
@@ -221,19 +227,33 @@ async def _named_partner(ctx: Context, partner_id: str) -> Partner | None:
     return named
 
 
-async def _search_unnamed(ctx: Context, failures: str, body_bytes: int,
-                          search: Callable[[list[Partner]], Awaitable[Partner | None]]) -> Partner:
-    """The partner of a request without ``X-Partner-Id``, found by trying every partner's
-    secrets, at a bounded cost: a large search is refused (400: name yourself), and each search
-    takes one of the address's refused-signature tokens before it starts (429 when none is
-    left), so that concurrent requests cannot all pass the limit before any of them fails; a
-    signature that verifies gives its token back."""
-    candidates = ctx.store.partners_accepting_inbound()
-    if body_bytes > UNNAMED_MAX_BODY_BYTES or len(candidates) > UNNAMED_MAX_PARTNERS:
+def _refuse_a_large_unnamed_search(ctx: Context, body_bytes: int) -> None:
+    """Without ``X-Partner-Id`` every partner's secrets are tried: a body over
+    ``UNNAMED_MAX_BODY_BYTES`` (but within ``max_body_bytes``: a larger one is a 413), or more
+    than ``UNNAMED_MAX_PARTNERS`` partners to try, is a 400 that asks the partner to name itself."""
+    too_large = UNNAMED_MAX_BODY_BYTES < body_bytes <= ctx.config.security.max_body_bytes
+    if too_large or len(ctx.store.partners_accepting_inbound()) > UNNAMED_MAX_PARTNERS:
         raise ApiError(400, "partner_id_required",
                        "Send X-Partner-Id with your partner_id. Without it your signature is checked against "
                        "every partner's secret, which is done only for bodies of at most "
                        f"{UNNAMED_MAX_BODY_BYTES} bytes and when there are few partners.")
+
+
+def _declared_length(request: Request) -> int:
+    """The request's Content-Length, or 0 when it sends none (or one ``read_body`` will refuse)."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if re.fullmatch(r"[0-9]{1,18}", declared) else 0
+
+
+async def _search_unnamed(ctx: Context, failures: str,
+                          search: Callable[[list[Partner]], Awaitable[Partner | None]]) -> Partner:
+    """The partner of a request without ``X-Partner-Id``, found by trying every partner's
+    secrets, at a bounded cost: a large search was refused already (``_refuse_a_large_unnamed_search``,
+    in this same turn of the event loop), and each search takes one of the address's
+    refused-signature tokens before it starts (429 when none is left), so that concurrent
+    requests cannot all pass the limit before any of them fails; a signature that verifies
+    gives its token back."""
+    candidates = ctx.store.partners_accepting_inbound()
     await ctx.inbound_failure_limit.check(failures, REFUSED)
     partner = await search(candidates)
     if partner is None:

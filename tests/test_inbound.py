@@ -291,6 +291,18 @@ def _status_of(conn):
     return int(answer.split(b" ", 2)[1])
 
 
+def _answer_to_a_head_alone(hub, content_length):
+    """The status answered to an unnamed request whose head promises ``content_length`` bytes of
+    body that never come."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", hub.server.port), timeout=10) as conn:
+        conn.sendall(f"POST /webhooks/partners HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {content_length}\r\nX-Webhook-Signature: {'00' * 32}\r\n"
+                     "X-Webhook-Event: tour.purchased\r\n\r\n".encode())
+        return _status_of(conn)
+
+
 def test_an_unnamed_event_names_its_partner_past_a_small_search(hub):
     """Without X-Partner-Id every partner's secret is tried: the guide's flow (few partners, a small
     body) still works, but a body over 16 KiB or more than 50 partners is a clear 400 that says to
@@ -307,6 +319,9 @@ def test_an_unnamed_event_names_its_partner_past_a_small_search(hub):
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "partner_id_required", refused.text
     assert "X-Partner-Id" in refused.json()["error"]["message"]
     assert _post(hub, large, signing.sign_hex(secret, large), **named).status_code == 200
+    garbled = b"{oops" + large                                  # refused before it is parsed
+    assert _post(hub, garbled, "00" * 32).json()["error"]["code"] == "partner_id_required"
+    assert _answer_to_a_head_alone(hub, len(large)) == 400       # before it is even read
 
     _register_many(hub, inbound.UNNAMED_MAX_PARTNERS)
     other = json.dumps({"event": "tour.purchased", "tour_id": "t2"}).encode()
