@@ -123,6 +123,6 @@ class Metrics:
     def render(self) -> str:
         """The text format. Gauges read their sources now, so call it off the event loop."""
         families = [self.events_published, self.deliveries, self.attempts, self.inbound, self.inbound_partners_tried,
-                    self.storage_refusals,
-                    self.attempt_seconds, self.delivered_seconds, self.claim_rows, self.claim_seconds, *self.gauges]
+                    self.storage_refusals, self.attempt_seconds, self.delivered_seconds, self.claim_rows,
+                    self.claim_seconds, *self.gauges]
         return "\n".join(line for family in families for line in family.render()) + "\n"

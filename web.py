@@ -461,14 +461,6 @@ class RateLimiter:
         await db(self.shared.take_token, f"{self.name}:{key}", rate=self.rate, burst=self.burst, now=time.time(),
                  only_if_left=False, cost=-1.0)
 
-    async def refuse_if_empty(self, key: str, what: str) -> None:
-        """Raise a 429 if ``key`` has no token left, without taking one."""
-        if self.shared is None:
-            self.refuse_if_empty_now(key, what)
-            return
-        self._refuse(await db(self.shared.tokens_left, f"{self.name}:{key}", rate=self.rate, burst=self.burst,
-                              now=time.time()), what)
-
     def refuse_if_empty_now(self, key: str, what: str) -> None:
         self._refuse(self._tokens(key, self.clock()), what)
 
