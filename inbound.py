@@ -3,11 +3,13 @@
 Read top to bottom, one inbound event:
 
 1. **Verify.** ``POST /webhooks/partners`` checks, in the SPEC's order: the headers (400),
-   the size (413), a JSON object whose own ``event`` names its type (400), a signature that
-   some partner's secret makes — the guide's hex ``X-Webhook-Signature``, or Standard
+   the size (413), without ``X-Partner-Id`` a search small enough to run (400), a JSON
+   object whose own ``event`` names its type (400), a signature that some partner's
+   secret makes — the guide's hex ``X-Webhook-Signature``, or Standard
    Webhooks' ``webhook-signature`` over id, time and body (401; refused signatures are
-   rate-limited per claimed partner and client address) — the partner's own rate (429),
-   and a fresh timestamp (401).
+   rate-limited per claimed partner and client address) — then whether that partner is
+   suspended (403, said only once its own signature verified), the partner's own rate
+   (429), and a fresh timestamp (401).
 2. **Store once.** The canonical body is stored once per (partner, ``webhook-id``,
    ``X-Webhook-Id`` or body hash), through the store's group commit.
 3. **200.** ``{"status": "received"}`` goes out only after the commit.
@@ -17,12 +19,23 @@ Read top to bottom, one inbound event:
 
 Finding the partner needs no database read: the store keeps partners in memory
 (``store.partners_accepting_inbound``), so the verification runs on the event loop, and
-only many HMACs over a large body move to a thread.
+only many HMACs over a large body move to threads of their own (``_SIGNATURE_THREADS``).
+
+What an unsigned stranger can make us compute is bounded. A request that names its partner
+(``X-Partner-Id``) is checked against that partner's secrets only. One that does not is
+checked against every partner's, so it is refused with ``400 partner_id_required`` when
+that search would be large (a body over ``UNNAMED_MAX_BODY_BYTES`` or more than
+``UNNAMED_MAX_PARTNERS`` partners), and otherwise takes one of its address's
+refused-signature tokens *before* the search, given back when the signature verifies: an
+address whose unnamed signatures fail runs at most a burst of searches and then a few a
+second, however many it sends at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -60,8 +73,20 @@ from web import (
 
 logger = logging.getLogger("webhookd")
 
-HMAC_ON_LOOP_BYTES = 65536  # more HMAC input than this per request moves to a thread
 PARTNER_MISS_RELOAD_S = 0.2  # PostgreSQL: an unknown X-Partner-Id reads the partners again, at most this often
+REFUSED = "refused signatures from this address"  # what the refused-signature limit's 429 names
+HMAC_ON_LOOP_BYTES = 65536  # more HMAC input than this per request moves to _SIGNATURE_THREADS
+
+# Without X-Partner-Id a larger body, or more partners to try, is refused (400 partner_id_required).
+# The worst unnamed search is then 50 partners x 16 KiB x two bodies (raw and canonical) x two
+# secrets (during a rotation): 3.2 MiB of HMAC input, about 2 ms of CPU.
+UNNAMED_MAX_BODY_BYTES = 16384
+UNNAMED_MAX_PARTNERS = 50
+
+# Many HMACs over a large body run here, never in the default executor: every route's store
+# calls wait there (GET /health among them), and a burst of signature searches must not make
+# them queue. Two threads: the searches of one moment never hold more than two cores.
+_SIGNATURE_THREADS = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="webhookd-signatures")
 
 
 async def receive_partner_event(request: Request) -> JSONResponse:
@@ -78,7 +103,12 @@ async def _receive(request: Request) -> JSONResponse:
     ctx = context(request)
     signed = _signed_headers(request)
     check_content_type(request)
+    unnamed = "x-partner-id" not in request.headers
+    if unnamed:  # before the body is read, on its declared length
+        _refuse_a_large_unnamed_search(ctx, _declared_length(request))
     raw = await read_body(request, ctx.config.security.max_body_bytes)
+    if unnamed:  # and on the body read, before it is parsed
+        _refuse_a_large_unnamed_search(ctx, len(raw))
     payload = parse_object(raw, ctx.config.security.max_json_depth)
     event_type = _signed_type(payload, signed)
     now = ctx.clock()
@@ -160,42 +190,97 @@ def _signed_type(payload: dict[str, Any], signed: Signed) -> str:
 
 async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: dict, canonical_body: bytes,
                            signed: Signed, now: float) -> Partner:
-    """The partner whose secret made ``signature``: the one ``X-Partner-Id`` names, else any
-    partner that is not disabled.
+    """The partner whose secret made the signature: the one ``X-Partner-Id`` names, else any
+    partner that is not disabled or suspended.
 
     Refused signatures are limited per (claimed partner, client address), so that behind a
     reverse proxy, where every client has the proxy's address, a forger limits only itself:
-    with ``X-Partner-Id`` one secret is tried and a valid signature always passes, whatever a
-    forger did; without it every partner's secret is tried, so an address whose unnamed
-    signatures keep failing is refused before that work (429)."""
+    with ``X-Partner-Id`` one partner's secrets are tried and a valid signature always passes,
+    whatever a forger did; without it every partner's secrets are tried, a cost bounded by
+    ``_search_unnamed``."""
     partner_id = request.headers.get("x-partner-id")
     failures = f"{partner_id or '*'}@{client_address(request)}"
-    what = "refused signatures from this address"
+    search = functools.partial(_search, ctx, raw=raw, payload=payload, canonical_body=canonical_body, signed=signed,
+                               now=now)
     if partner_id is None:
-        await ctx.inbound_failure_limit.refuse_if_empty(failures, what)
-    if partner_id is not None:  # memory only, like partners_accepting_inbound: no thread hop
-        named = ctx.store.get_partner(partner_id)
-        if named is None and ctx.store.postgres:  # registered through another process just now?
-            await db(ctx.store.reload_partners, at_most_every_s=PARTNER_MISS_RELOAD_S)
-            named = ctx.store.get_partner(partner_id)
-        if named is not None and named.status == "suspended":
-            raise ApiError(403, "partner_suspended", f"Partner {named.id} is suspended by the admin "
-                                                     f"({named.suspended_reason}); its events are refused until "
-                                                     "the admin lifts it.")
-        candidates = [named] if named is not None and named.status != "disabled" else []
-    else:
-        candidates = ctx.store.partners_accepting_inbound()
-    args = (candidates, raw, payload, canonical_body, signed, now)
-    if len(candidates) * len(raw) > HMAC_ON_LOOP_BYTES:
-        partner = await asyncio.to_thread(_find_sender, *args)
-    else:
-        partner = _find_sender(*args)
+        return await _search_unnamed(ctx, failures, search)
+    named = await _named_partner(ctx, partner_id)
+    partner = await search([named] if named is not None and named.status != "disabled" else [])
     if partner is None:
-        await ctx.inbound_failure_limit.check(failures, what)  # a 429 once the bucket is empty
-        raise ApiError(401, "invalid_signature",
-                       "The signature does not verify for any partner. Sign the body with your shared secret "
-                       "(hex HMAC-SHA256) and send it as X-Webhook-Signature, or sign it the Standard Webhooks "
-                       "way with your whsec_ secret.")
+        await ctx.inbound_failure_limit.check(failures, REFUSED)  # a 429 once the bucket is empty
+        raise _invalid_signature()
+    if partner.status == "suspended":  # said only to the partner itself: the signature verified
+        raise ApiError(403, "partner_suspended", f"Partner {partner.id} is suspended by the admin "
+                                                 f"({partner.suspended_reason}); its events are refused until "
+                                                 "the admin lifts it.")
+    return partner
+
+
+async def _named_partner(ctx: Context, partner_id: str) -> Partner | None:
+    """The partner ``X-Partner-Id`` names, from memory (like ``partners_accepting_inbound``: no
+    thread hop); on PostgreSQL an unknown id reads the partners again (registered through another
+    process just now?), at most every ``PARTNER_MISS_RELOAD_S``."""
+    named = ctx.store.get_partner(partner_id)
+    if named is None and ctx.store.postgres:
+        await db(ctx.store.reload_partners, at_most_every_s=PARTNER_MISS_RELOAD_S)
+        named = ctx.store.get_partner(partner_id)
+    return named
+
+
+def _refuse_a_large_unnamed_search(ctx: Context, body_bytes: int) -> None:
+    """Without ``X-Partner-Id`` every partner's secrets are tried: a body over
+    ``UNNAMED_MAX_BODY_BYTES`` (but within ``max_body_bytes``: a larger one is a 413), or more
+    than ``UNNAMED_MAX_PARTNERS`` partners to try, is a 400 that asks the partner to name itself."""
+    too_large = UNNAMED_MAX_BODY_BYTES < body_bytes <= ctx.config.security.max_body_bytes
+    if too_large or len(ctx.store.partners_accepting_inbound()) > UNNAMED_MAX_PARTNERS:
+        raise ApiError(400, "partner_id_required",
+                       "Send X-Partner-Id with your partner_id. Without it your signature is checked against "
+                       "every partner's secret, which is done only for bodies of at most "
+                       f"{UNNAMED_MAX_BODY_BYTES} bytes and when there are few partners.")
+
+
+def _declared_length(request: Request) -> int:
+    """The request's Content-Length, or 0 when it sends none (or one ``read_body`` will refuse)."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if re.fullmatch(r"[0-9]{1,18}", declared) else 0
+
+
+async def _search_unnamed(ctx: Context, failures: str,
+                          search: Callable[[list[Partner]], Awaitable[Partner | None]]) -> Partner:
+    """The partner of a request without ``X-Partner-Id``, found by trying every partner's
+    secrets, at a bounded cost: a large search was refused already (``_refuse_a_large_unnamed_search``,
+    in this same turn of the event loop), and each search takes one of the address's
+    refused-signature tokens before it starts (429 when none is left), so that concurrent
+    requests cannot all pass the limit before any of them fails; a signature that verifies
+    gives its token back."""
+    candidates = ctx.store.partners_accepting_inbound()
+    await ctx.inbound_failure_limit.check(failures, REFUSED)
+    partner = await search(candidates)
+    if partner is None:
+        raise _invalid_signature()
+    await ctx.inbound_failure_limit.give_back(failures)
+    return partner
+
+
+def _invalid_signature() -> ApiError:
+    return ApiError(401, "invalid_signature",
+                    "The signature does not verify for any partner. Sign the body with your shared secret "
+                    "(hex HMAC-SHA256) and send it as X-Webhook-Signature, or sign it the Standard Webhooks "
+                    "way with your whsec_ secret.")
+
+
+async def _search(ctx: Context, candidates: list[Partner], *, raw: bytes, payload: dict, canonical_body: bytes,
+                  signed: Signed, now: float) -> Partner | None:
+    """``_find_sender`` on the event loop when it is small, else on ``_SIGNATURE_THREADS``; the
+    partners it tried are counted (``webhookd_inbound_partners_tried_total``: the CPU that
+    inbound signatures cost)."""
+    find = functools.partial(_find_sender, candidates, raw, payload, canonical_body, signed, now)
+    if len(candidates) * len(raw) <= HMAC_ON_LOOP_BYTES:
+        partner = find()
+    else:
+        partner = await asyncio.get_running_loop().run_in_executor(_SIGNATURE_THREADS, find)
+    tried = len(candidates) if partner is None else candidates.index(partner) + 1
+    ctx.metrics.inbound_partners_tried.inc(tried)
     return partner
 
 

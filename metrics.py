@@ -102,6 +102,9 @@ class Metrics:
                                   "Deliveries that reached a final state, by partner and outcome.")
         self.attempts = Counter("webhookd_attempts_total", "Delivery attempts by result class.")
         self.inbound = Counter("webhookd_inbound_total", "Inbound partner events by result.")
+        self.inbound_partners_tried = Counter(
+            "webhookd_inbound_partners_tried_total",
+            "Partners whose secrets were tried on an inbound signature (an event without X-Partner-Id tries many).")
         self.storage_refusals = Counter("webhookd_storage_refusals_total",
                                         "Requests answered 503 because the database could not be written (disk full).")
         self.attempt_seconds = Histogram("webhookd_attempt_duration_seconds", "Duration of one delivery attempt.",
@@ -119,6 +122,7 @@ class Metrics:
 
     def render(self) -> str:
         """The text format. Gauges read their sources now, so call it off the event loop."""
-        families = [self.events_published, self.deliveries, self.attempts, self.inbound, self.storage_refusals,
-                    self.attempt_seconds, self.delivered_seconds, self.claim_rows, self.claim_seconds, *self.gauges]
+        families = [self.events_published, self.deliveries, self.attempts, self.inbound, self.inbound_partners_tried,
+                    self.storage_refusals, self.attempt_seconds, self.delivered_seconds, self.claim_rows,
+                    self.claim_seconds, *self.gauges]
         return "\n".join(line for family in families for line in family.render()) + "\n"

@@ -235,7 +235,10 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
          "schema": {"type": "string", "pattern": "^[A-Za-z0-9_]+\\.[A-Za-z0-9_]+$"}},
         {"name": "X-Webhook-Id", "in": "header", "required": False, "schema": STRING,
          "description": "your id for this event; repeats are stored once"},
-        {"name": "X-Partner-Id", "in": "header", "required": False, "schema": STRING},
+        {"name": "X-Partner-Id", "in": "header", "required": False, "schema": STRING,
+         "description": "your partner_id: only your secrets are tried. Without it every partner's are, which is "
+                        "done only for a body of at most 16384 bytes and at most 50 partners (else 400 "
+                        "partner_id_required)"},
     ]
     paths = {
         "/health": {"get": _op("The database answers", 200, "Health", auth=False)},

@@ -633,15 +633,17 @@ class Store:
         with self._transaction(durable=False) as db:
             db.execute("DELETE FROM processes WHERE id = :id", {"id": process_id})
 
-    def take_token(self, key: str, *, rate: float, burst: float, now: float, only_if_left: bool) -> float | None:
-        """PostgreSQL: spend one token of the shared bucket ``key`` (``rate_buckets``) and return
-        what is left; with ``only_if_left``, spend it only if one is left, else return None."""
+    def take_token(self, key: str, *, rate: float, burst: float, now: float, only_if_left: bool,
+                   cost: float = 1.0) -> float | None:
+        """PostgreSQL: spend ``cost`` tokens (one; -1 gives one back) of the shared bucket ``key``
+        (``rate_buckets``) and return what is left; with ``only_if_left``, spend only if one is
+        left, else return None."""
         refill = "LEAST(:burst, rate_buckets.tokens + (:now - rate_buckets.at) * :rate)"
         rows = self.engine.statement(
-            f"""INSERT INTO rate_buckets (key, tokens, at) VALUES (:key, :burst - 1, :now)
-                ON CONFLICT (key) DO UPDATE SET tokens = GREATEST(0, {refill} - 1), at = :now
+            f"""INSERT INTO rate_buckets (key, tokens, at) VALUES (:key, LEAST(:burst, :burst - :cost), :now)
+                ON CONFLICT (key) DO UPDATE SET tokens = LEAST(:burst, GREATEST(0, {refill} - :cost)), at = :now
                 {f"WHERE {refill} >= 1" if only_if_left else ""}
-                RETURNING tokens""", {"key": key, "rate": rate, "burst": burst, "now": now})
+                RETURNING tokens""", {"key": key, "rate": rate, "burst": burst, "now": now, "cost": cost})
         return rows[0]["tokens"] if rows else None
 
     def tokens_left(self, key: str, *, rate: float, burst: float, now: float) -> float:

@@ -485,13 +485,14 @@ class RateLimiter:
         if left is None:
             self._refuse(await db(self.shared.tokens_left, shared_key, rate=self.rate, burst=self.burst, now=now), what)
 
-    async def refuse_if_empty(self, key: str, what: str) -> None:
-        """Raise a 429 if ``key`` has no token left, without taking one."""
+    async def give_back(self, key: str) -> None:
+        """Return the token ``check`` took for ``key`` (work paid for up front that turned out
+        legitimate); a bucket never holds more than ``burst``."""
         if self.shared is None:
-            self.refuse_if_empty_now(key, what)
+            self._take(key, cost=-1.0)
             return
-        self._refuse(await db(self.shared.tokens_left, f"{self.name}:{key}", rate=self.rate, burst=self.burst,
-                              now=time.time()), what)
+        await db(self.shared.take_token, f"{self.name}:{key}", rate=self.rate, burst=self.burst, now=time.time(),
+                 only_if_left=False, cost=-1.0)
 
     def refuse_if_empty_now(self, key: str, what: str) -> None:
         self._refuse(self._tokens(key, self.clock()), what)
@@ -502,9 +503,9 @@ class RateLimiter:
             raise ApiError(429, "rate_limited", f"Too many {what}; try again in {wait} s.",
                            headers={"Retry-After": str(wait)})
 
-    def _take(self, key: str) -> None:
+    def _take(self, key: str, cost: float = 1.0) -> None:
         now = self.clock()
-        self._buckets[key] = (max(0.0, self._tokens(key, now) - 1), now)
+        self._buckets[key] = (min(self.burst, max(0.0, self._tokens(key, now) - cost)), now)
         if len(self._buckets) > self.MAX_KEYS:
             self._buckets = {k: v for k, v in self._buckets.items()
                              if v[0] + (now - v[1]) * self.rate < self.burst}

@@ -244,3 +244,193 @@ def test_standard_webhooks_inbound_needs_all_three_headers_and_a_signed_type(hub
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_event"
     r = _standard(hub, partner, {"type": "tour.purchased"}, "msg_5", **{"X-Webhook-Event": "tour.promoted"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "event_mismatch"
+
+
+# --- What an unnamed request may cost ---------------------------------------------------------
+
+
+def _register_many(hub, n):
+    return [hub.register(f"http://127.0.0.1:9/p{i}", ["payment.success"], name=f"P{i}") for i in range(n)]
+
+
+def _padded(size):
+    """A tour.purchased body of exactly ``size`` bytes."""
+    head = b'{"event":"tour.purchased","pad":"'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def _at_once(hub, bodies, headers):
+    """``bodies`` posted unnamed at the same moment: every connection is opened first, then every
+    request written, then the answers read; meanwhile GET /health must keep answering. Returns the
+    status codes and the seconds it all took."""
+    import socket
+
+    started = time.monotonic()
+    conns = [socket.create_connection(("127.0.0.1", hub.server.port), timeout=30) for _ in bodies]
+    try:
+        for conn, body in zip(conns, bodies):
+            head = "".join(f"{k}: {v}\r\n" for k, v in {
+                "Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": len(body),
+                "Connection": "close", **headers(body)}.items())
+            conn.sendall(f"POST /webhooks/partners HTTP/1.1\r\n{head}\r\n".encode() + body)
+        health = hub.http.get("/health")
+        codes = [_status_of(conn) for conn in conns]
+    finally:
+        for conn in conns:
+            conn.close()
+    assert health.status_code == 200, health.text
+    return codes, time.monotonic() - started
+
+
+def _status_of(conn):
+    answer = b""
+    while b"\r\n" not in answer:
+        chunk = conn.recv(4096)
+        assert chunk, f"the connection closed without an answer: {answer!r}"
+        answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
+def _answer_to_a_head_alone(hub, content_length):
+    """The status answered to an unnamed request whose head promises ``content_length`` bytes of
+    body that never come."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", hub.server.port), timeout=10) as conn:
+        conn.sendall(f"POST /webhooks/partners HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {content_length}\r\nX-Webhook-Signature: {'00' * 32}\r\n"
+                     "X-Webhook-Event: tour.purchased\r\n\r\n".encode())
+        return _status_of(conn)
+
+
+def test_an_unnamed_event_names_its_partner_past_a_small_search(hub):
+    """Without X-Partner-Id every partner's secret is tried: the guide's flow (few partners, a small
+    body) still works, but a body over 16 KiB or more than 50 partners is a clear 400 that says to
+    send X-Partner-Id; named, the same events are accepted."""
+    import inbound
+
+    first = hub.register("http://127.0.0.1:9/first", ["payment.success"], name="First")
+    secret, named = first["shared_secret"], {"X-Partner-Id": first["partner_id"]}
+    small = json.dumps({"event": "tour.purchased", "tour_id": "t1"}).encode()
+    assert _post(hub, small, signing.sign_hex(secret, small)).status_code == 200
+
+    large = _padded(inbound.UNNAMED_MAX_BODY_BYTES + 1)
+    refused = _post(hub, large, signing.sign_hex(secret, large))
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "partner_id_required", refused.text
+    assert "X-Partner-Id" in refused.json()["error"]["message"]
+    assert _post(hub, large, signing.sign_hex(secret, large), **named).status_code == 200
+    garbled = b"{oops" + large                                  # refused before it is parsed
+    assert _post(hub, garbled, "00" * 32).json()["error"]["code"] == "partner_id_required"
+    assert _answer_to_a_head_alone(hub, len(large)) == 400       # before it is even read
+
+    _register_many(hub, inbound.UNNAMED_MAX_PARTNERS)
+    other = json.dumps({"event": "tour.purchased", "tour_id": "t2"}).encode()
+    r = _post(hub, other, signing.sign_hex(secret, other))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "partner_id_required"
+    assert _post(hub, other, signing.sign_hex(secret, other), **named).status_code == 200
+
+    flood = [_padded(200_000 + n) for n in range(20)]
+    forged = {"X-Webhook-Signature": "00" * 32, "X-Webhook-Event": "tour.purchased"}
+    codes, _ = _at_once(hub, flood, lambda body: forged)
+    assert codes == [400] * 20
+    assert sorted(i["payload"].get("tour_id", "large") for i in _inbound(hub)) == ["large", "t1", "t2"]
+
+
+def _partners_tried(hub):
+    text = hub.http.get("/metrics", headers=hub.admin).text
+    (line,) = [line for line in text.splitlines() if line.startswith("webhookd_inbound_partners_tried_total ")]
+    return float(line.split()[1])
+
+
+def test_concurrent_unnamed_forgeries_are_charged_before_the_search(hub_factory):
+    """Each unnamed search takes one of its address's refused-signature tokens before it starts, so
+    forgeries sent all at once cannot all pass the limit before the first of them fails: at most
+    the burst (4) plus what refilled meanwhile are searched (401; the metric counts the partners
+    tried), the rest are 429 without a search, /health answers throughout; the partner, naming
+    itself, still gets through."""
+    import inbound
+
+    hub = hub_factory(security__inbound_failures_per_s=1.0)
+    partners = _register_many(hub, inbound.UNNAMED_MAX_PARTNERS)  # the largest search allowed
+    forged = [_padded(inbound.UNNAMED_MAX_BODY_BYTES - n) for n in range(30)]
+    codes, took_s = _at_once(hub, forged, lambda body: {"X-Webhook-Signature": "00" * 32,
+                                                        "X-Webhook-Event": "tour.purchased"})
+    assert set(codes) <= {401, 429} and codes.count(429) > 0, codes
+    searches = _partners_tried(hub) / len(partners)
+    assert searches == codes.count(401) <= 4 + 1.0 * took_s, (searches, codes, took_s)
+    mine = partners[-1]
+    body = json.dumps({"event": "tour.purchased", "tour_id": "mine"}).encode()
+    r = _post(hub, body, signing.sign_hex(mine["shared_secret"], body), **{"X-Partner-Id": mine["partner_id"]})
+    assert r.status_code == 200, r.text
+
+
+def test_a_valid_unnamed_signature_gives_its_token_back(webhookd_factory):
+    """The token an unnamed search takes is returned when the signature verifies: a partner that
+    does not name itself is limited by its own rate, not by the refused-signature limit."""
+    hub = webhookd_factory(clock=ShiftedClock(frozen=True), security__inbound_failures_per_s=1.0)
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    codes = [_signed(hub, partner, {"event": "tour.purchased", "n": n}).status_code for n in range(10)]
+    assert codes == [200] * 10
+
+
+def test_many_hmacs_run_on_threads_of_their_own(hub):
+    """A large search runs on webhookd-signatures threads, never in the default executor where
+    every route's store calls (/health's among them) wait for a thread."""
+    import threading
+
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    body = _padded(200_000)
+    r = _post(hub, body, signing.sign_hex(partner["shared_secret"], body), **{"X-Partner-Id": partner["partner_id"]})
+    assert r.status_code == 200, r.text
+    assert any(t.name.startswith("webhookd-signatures") for t in threading.enumerate())
+
+
+# --- A suspended partner ------------------------------------------------------------------------
+
+
+def _suspend(hub, partner, reason="chargebacks under review"):
+    r = hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin,
+                       json={"status": "suspended", "reason": reason})
+    assert r.status_code == 200, r.text
+
+
+def test_only_a_suspended_partners_own_signature_learns_it_is_suspended(hub):
+    """A request naming a suspended partner with a bad signature gets the 401 any bad signature
+    gets, without a word of the suspension; the partner's own signature gets the 403 and the
+    admin's reason; unnamed, its secrets are not tried."""
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    _suspend(hub, partner)
+    body = json.dumps({"event": "tour.purchased", "tour_id": "t1"}).encode()
+    named = {"X-Partner-Id": partner["partner_id"]}
+    forged = _post(hub, body, signing.sign_hex("sk_live_not_the_secret", body), **named)
+    assert forged.status_code == 401 and forged.json()["error"]["code"] == "invalid_signature"
+    assert "suspend" not in forged.text and "chargebacks" not in forged.text
+    own = _post(hub, body, signing.sign_hex(partner["shared_secret"], body), **named)
+    assert own.status_code == 403 and own.json()["error"]["code"] == "partner_suspended"
+    assert "chargebacks under review" in own.json()["error"]["message"]
+    unnamed = _post(hub, body, signing.sign_hex(partner["shared_secret"], body))
+    assert unnamed.status_code == 401 and unnamed.json()["error"]["code"] == "invalid_signature"
+    assert _inbound(hub) == []
+
+
+def test_forgeries_naming_a_suspended_partner_count_as_refused_signatures(webhookd_factory):
+    hub = webhookd_factory(clock=ShiftedClock(frozen=True), security__inbound_failures_per_s=1.0)
+    partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    _suspend(hub, partner)
+    body = b'{"event":"tour.purchased"}'
+    named = {"X-Partner-Id": partner["partner_id"]}
+    codes = [_post(hub, body, "00" * 32, **named).status_code for _ in range(6)]
+    assert codes == [401] * 4 + [429] * 2
+    assert _post(hub, body, signing.sign_hex(partner["shared_secret"], body), **named).status_code == 403
+
+
+def test_the_partner_guide_and_the_api_document_state_the_bounds_the_code_uses(hub):
+    import inbound
+    from conftest import ROOT
+
+    bounds = (f"{inbound.UNNAMED_MAX_BODY_BYTES} bytes", f"{inbound.UNNAMED_MAX_PARTNERS} ")
+    header = next(p for p in hub.http.get("/openapi.json").json()["paths"]["/webhooks/partners"]["post"]["parameters"]
+                  if p["name"] == "X-Partner-Id")
+    for text in ((ROOT / "docs" / "partners.md").read_text(), (ROOT / "docs" / "partners.es.md").read_text(),
+                 header["description"]):
+        assert "partner_id_required" in text and all(bound in text for bound in bounds)

@@ -26,10 +26,11 @@ def _ws(hub, token):
     return connect(hub.url.replace("http://", "ws://") + f"/ws?token={token}", open_timeout=5)
 
 
-def _promote(hub, partner, payload):
+def _promote(hub, partner, payload, **headers):
     body = json.dumps({"event": "tour.promoted", **payload}).encode()
     r = hub.http.post("/webhooks/partners", content=body, headers={
-        "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": "tour.promoted"})
+        "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": "tour.promoted",
+        **headers})
     assert r.status_code == 200, r.text
 
 
@@ -111,7 +112,7 @@ def test_a_client_that_stops_reading_blocks_nobody(hub):
         pad = os.urandom(30_000).hex()
         started = time.monotonic()
         for n in range(150):
-            _promote(hub, partner, {"tour_id": "t", "n": n, "pad": pad})
+            _promote(hub, partner, {"tour_id": "t", "n": n, "pad": pad}, **{"X-Partner-Id": partner["partner_id"]})
         publishing = time.monotonic() - started
         thread.join(timeout=20)
         assert got == list(range(150))                 # the reading client got everything, in order

@@ -99,7 +99,10 @@ class RawReceiver:
                 action = self.actions.pop(0) if self.actions else "answer"
                 if isinstance(action, (bytes, tuple)):
                     data, close = action if isinstance(action, tuple) else (action, False)
-                    conn.sendall(data)
+                    try:
+                        conn.sendall(data)
+                    except OSError:  # the sender stopped reading a hostile answer and closed
+                        return
                     if close:
                         self.closed += 1
                         return
@@ -215,6 +218,10 @@ CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text
     (CHUNKED, 200, "recibido.", True),                                                  # chunked, trailers
     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", 201, "ok", True),
     (b"HTTP/1.1 204 No Content\r\nRetry-After: 5\r\n\r\n", 204, "", True),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 4 + b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, "ok", True),                 # 5 interim: allowed
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+     b"Connection: close\r\n\r\nok", 200, "ok", False),                                     # repeats read together
     (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", 200, "ok", True),       # repeated, agreeing
     # The receiver leaves these open: the sender must not reuse them on its own account.
     (b"HTTP/1.1 503 Busy\r\nConnection: keep-alive, close\r\nContent-Length: 4\r\n\r\nbusy", 503, "busy", False),
@@ -325,3 +332,40 @@ def test_backoff_doubles_with_equal_jitter_within_its_bounds(attempt):
     waits = [delivery.backoff_delay(attempt, base, cap, random.Random(seed)) for seed in range(2000)]
     assert all(d / 2 <= w <= d for w in waits)
     assert min(waits) < d / 2 + d * 0.01 and max(waits) > d - d * 0.01
+
+
+# --- A hostile partner endpoint -------------------------------------------------------------------
+
+
+INTERIM_FLOOD = b"HTTP/1.1 100 Continue\r\n\r\n" * 1000 + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+HUGE_INTERIM = (b"HTTP/1.1 103 Early Hints\r\n" + (b"Link: </" + b"a" * 500 + b".css>; rel=preload\r\n") * 50 + b"\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+REPEATED_HEADERS = (b"HTTP/1.1 200 OK\r\n" + (b"Set-Cookie: " + b"a" * 60_000 + b"\r\n") * 99
+                    + b"Content-Length: 2\r\n\r\nok")
+
+
+@pytest.mark.parametrize("answer, detail", [
+    (INTERIM_FLOOD, "too many interim responses: more than 5 1xx answers before the final one"),
+    (HUGE_INTERIM, "response head too large: more than 16 KiB of status line and headers"),
+    (REPEATED_HEADERS, "response head too large: more than 16 KiB of status line and headers"),
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20_000 + b"\r\nContent-Length: 2\r\n\r\nok",
+     "response head too large: more than 16 KiB of status line and headers"),
+])
+def test_a_hostile_answer_is_a_failed_attempt_and_a_healthy_partner_is_still_delivered(
+        webhookd_factory, raw_receiver_factory, receiver_factory, answer, detail):
+    """A partner that answers 1xx after 1xx until the deadline, or heads of many large headers,
+    ends 2xx in the end, but each of its attempts fails with a detail that says why (so it is
+    retried, and its circuit counts it): the sender reads at most 5 interim answers and 16 KiB per
+    head. A healthy partner beside it gets its delivery, its signature verified."""
+    hub = webhookd_factory(delivery__max_attempts=2)
+    hostile = raw_receiver_factory([answer, answer])
+    hostile_id = hub.register(hostile.url, ["payment.success"], name="Hostile")["partner_id"]
+    healthy = receiver_factory()
+    healthy.secret = hub.register(healthy.url, ["payment.success"], name="Healthy")["shared_secret"]
+    hub.publish(PAYMENT_SUCCESS)
+    (failed,) = wait_for(lambda: hub.deliveries(partner_id=hostile_id, state="failed"), timeout=30)
+    attempts = hub.delivery(failed["delivery_id"])["attempts"]
+    summary = [(a["error"], a["error_detail"], a["status_code"]) for a in attempts]
+    assert summary == [("protocol_error", detail, None)] * 2  # retried by the usual rules, failed both times
+    wait_for(lambda: len(hub.deliveries(state="delivered")) == 1)
+    assert [(r.guide_ok, r.raw_ok) for r in healthy.received] == [(True, True)]

@@ -32,7 +32,7 @@ import uuid
 
 WEBHOOKD_URL = os.environ.get("WEBHOOKD_URL", "http://127.0.0.1:8080").rstrip("/")
 SECRET = os.environ.get("PARTNER_SHARED_SECRET", "")
-PARTNER_ID = os.environ.get("PARTNER_ID", "")  # optional: lets webhookd find you directly
+PARTNER_ID = os.environ.get("PARTNER_ID", "")  # recommended; required past 16 KiB or 50 partners
 
 SAMPLE = {"tour_id": "tour_xyz789", "tour_name": "Montaña Blanca", "price": 250.0,
           "url": "https://example.com/tours/montana-blanca"}
