@@ -76,7 +76,7 @@ class ServerConfig:
 class StorageConfig:
     path: str = "data/webhookd.db"   # SQLite, the default
     url: str = ""                    # postgresql://user:password@host/db: PostgreSQL instead (webhookd[postgres])
-    lock_timeout_s: float = 1.0      # PostgreSQL: a statement waiting this long for a row lock is cancelled (a 503)
+    lock_timeout_s: float = 2.0      # PostgreSQL: a statement waiting this long for a row lock is cancelled (a 503)
     statement_timeout_s: float = 10.0  # PostgreSQL: a statement running this long is cancelled (a 503)
 
     @property

@@ -338,7 +338,7 @@ class PostgresEngine:
 
     name = "postgresql"
 
-    def __init__(self, url: str, max_connections: int = 20, *, lock_timeout_s: float = 1.0,
+    def __init__(self, url: str, max_connections: int = 20, *, lock_timeout_s: float = 2.0,
                  statement_timeout_s: float = 10.0):
         try:
             from psycopg_pool import ConnectionPool
@@ -346,6 +346,7 @@ class PostgresEngine:
             raise RuntimeError("storage.url is a PostgreSQL URL, but psycopg is not installed: "
                                "pip install 'webhookd[postgres]'") from None
         self.url = url
+        self.lock_timeout_s = lock_timeout_s
         # Server-side binding: values travel apart from the SQL, and psycopg prepares a statement
         # a connection has run five times, so the claim, the publish and the results are planned
         # once per connection, not once per call. (A parameter the server cannot type, as in
@@ -373,7 +374,16 @@ class PostgresEngine:
     def transaction(self, durable: bool = True) -> Iterator[_PgConnection]:
         pool = self._pool if durable else self._bookkeeping
         with self._unavailable_as_such(), self._connection(pool) as conn, conn.transaction():
+            self._wait_for_locks_until_the_deadline(conn)
             yield _PgConnection(conn)
+
+    def _wait_for_locks_until_the_deadline(self, conn: Any) -> None:
+        """A transaction begun late in its caller's time (a publish that queued behind a stuck
+        group commit) waits for row locks no longer than that time: ``SET LOCAL lock_timeout``, a
+        round trip paid only then, never by a transaction with its full time before it."""
+        left = seconds_left(self.lock_timeout_s)
+        if left < self.lock_timeout_s:
+            conn.execute(f"SET LOCAL lock_timeout = {max(1, round(left * 1000))}")
 
     def statement(self, sql: str, params: Any) -> list[Any]:
         with self._unavailable_as_such(), self._connection(self._bookkeeping) as conn:

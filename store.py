@@ -431,7 +431,7 @@ class Store:
     ``target`` is a file path (SQLite) or a ``postgresql://`` URL.
     """
 
-    def __init__(self, target: str, *, lock_timeout_s: float = 1.0, statement_timeout_s: float = 10.0):
+    def __init__(self, target: str, *, lock_timeout_s: float = 2.0, statement_timeout_s: float = 10.0):
         """``lock_timeout_s``, ``statement_timeout_s``: PostgreSQL's bounds on each statement (see
         ``engines.PostgresEngine``); SQLite has one writer and no row locks to wait for."""
         self.engine = (PostgresEngine(target, lock_timeout_s=lock_timeout_s, statement_timeout_s=statement_timeout_s)

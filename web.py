@@ -236,7 +236,7 @@ def context(request: Request) -> Context:
     return request.app.state.ctx
 
 
-DB_DEADLINE_S = 3.0  # a route's store call answers, or gives up with a 503, this long after it is made
+DB_DEADLINE_S = 2.5  # a route's store call gives up this long after it is made: its 503 leaves within 3 s
 STORE_THREADS = 16   # threads for the routes' store calls, apart from asyncio's default ones
 
 _store_threads = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="webhookd-store")
