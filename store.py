@@ -22,13 +22,12 @@ and one durable flush. Nothing outside this module sees a cursor.
 from __future__ import annotations
 
 import json
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from config import VERSION
@@ -531,7 +530,7 @@ class Store:
             if batch:
                 # The batch waits for a connection no longer than its most hurried caller would.
                 deadlines = [r.deadline for r in batch if r.deadline is not None]
-                with answer_by(min(deadlines)) if deadlines else contextlib.nullcontext():
+                with answer_by(min(deadlines)) if deadlines else nullcontext():
                     self._write_together(batch)
             # One notification after the commit and outside it, however many publishes it held, and
             # at most one per ANNOUNCE_GAP_S: the others also look every second by themselves.
@@ -547,7 +546,7 @@ class Store:
         try:
             results = self._commit_together(batch)
         except Exception as exc:
-            if len(batch) == 1 or isinstance(exc, DatabaseUnavailable):  # the database is away: all failed
+            if len(batch) == 1 or isinstance(exc, DatabaseUnavailable):  # the database is away or busy: all failed
                 for request in batch:
                     request.finish(error=exc)
                 return
