@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import math
 import os
 import queue
 import random
@@ -41,6 +42,7 @@ T = TypeVar("T")
 logger = logging.getLogger("webhookd.store")
 
 BOOKKEEPING_PATIENCE_S = 0.05  # how long a claim or a result waits for the publishes queued before it
+SQLITE_BUSY_S = 10.0           # SQLite: how long a write waits for another process's lock on the file
 BOOKKEEPING_CONNECTIONS = 4     # PostgreSQL: connections for claims, results and sweeps, per process
 POOL_WAIT_S = 3.0               # PostgreSQL: how long a call waits for a connection before DatabaseUnavailable
 CONFLICT_RETRIES = 4            # a transaction PostgreSQL rolled back for a deadlock runs again this often, at most
@@ -156,9 +158,10 @@ class WriterLock:
         with self._cond:
             if urgent:
                 self._urgent_waiting += 1
-                while self._held:
-                    self._cond.wait()
-                self._urgent_waiting -= 1
+                try:
+                    self._wait_until_free()
+                finally:
+                    self._urgent_waiting -= 1
             else:
                 give_way_until = time.monotonic() + BOOKKEEPING_PATIENCE_S
                 while self._held or (self._urgent_waiting and time.monotonic() < give_way_until):
@@ -170,6 +173,15 @@ class WriterLock:
             with self._cond:
                 self._held = False
                 self._cond.notify_all()
+
+    def _wait_until_free(self) -> None:
+        """Wait (under the condition) until nobody holds the writer, or until the call's deadline
+        (``answer_by``: a route's write), then ``DatabaseBusy``."""
+        while self._held:
+            left = seconds_left(math.inf)
+            if left <= 0:
+                raise DatabaseBusy("the database file's one writer stayed busy past the deadline")
+            self._cond.wait(None if left == math.inf else left)
 
 
 def connect_sqlite(path: str) -> sqlite3.Connection:
@@ -183,7 +195,7 @@ def connect_sqlite(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {round(SQLITE_BUSY_S * 1000)}")
     return conn
 
 
@@ -222,7 +234,7 @@ class SQLiteEngine:
                 self._writer.execute(f"PRAGMA synchronous = {mode}")
                 self._sync_mode = mode
             try:
-                self._writer.execute("BEGIN IMMEDIATE")
+                self._begin_immediate()
                 yield self._writer
                 self._writer.execute("COMMIT")
             except BaseException as exc:
@@ -236,9 +248,24 @@ class SQLiteEngine:
                 if storage_fault(exc):
                     self.write_fault = f"{exc.sqlite_errorname}: {exc}"
                     raise StorageUnavailable(f"the database file {self.path} cannot be written ({exc})") from exc
+                if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+                    raise DatabaseBusy(f"the database file {self.path} is locked by another process ({exc})") from exc
                 raise
             if durable:  # bookkeeping updates rows in place; only a durable write (new rows) proves room
                 self.write_fault = None
+
+    def _begin_immediate(self) -> None:
+        """``BEGIN IMMEDIATE``: the file's write lock, waited for (another process may hold it) at
+        most ``SQLITE_BUSY_S``, or until the call's deadline (a route's write)."""
+        wait = seconds_left(SQLITE_BUSY_S)
+        if wait >= SQLITE_BUSY_S:
+            self._writer.execute("BEGIN IMMEDIATE")
+            return
+        self._writer.execute(f"PRAGMA busy_timeout = {max(1, round(wait * 1000))}")
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+        finally:
+            self._writer.execute(f"PRAGMA busy_timeout = {round(SQLITE_BUSY_S * 1000)}")
 
     @contextmanager
     def reader(self, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
