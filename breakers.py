@@ -16,13 +16,17 @@ streak's start and the disabled state are also written to the store by the recor
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from engines import DatabaseUnavailable
 from models import Job
+
+logger = logging.getLogger("webhookd.breakers")
 
 if TYPE_CHECKING:
     from delivery import Settings
@@ -160,11 +164,20 @@ class Breakers:
                 and self._last_failure_of is not None and not known)
 
     def record(self, job: Job, sent: Sent, now: float) -> tuple[float | None, bool, str | None]:
-        """Count one attempt. Returns (failing_since, whether it changed, reason to disable or None)."""
+        """Count one attempt. Returns (failing_since, whether it changed, reason to disable or None).
+
+        When the partner's history is needed and the database cannot be read (it is restarting),
+        this one failure is left out of the partner's streak and circuit, which stay as the store
+        has them; the next failure reads the history again. The attempt itself is recorded all the
+        same: its result never waits on this read."""
         restored_last_failure = None
-        if (sent.attempt.error is not None and job.partner_failing_since is not None
-                and self._last_failure_of is not None and job.partner_id not in self._health):
-            restored_last_failure = self._last_failure_of(job.partner_id)  # a read: not under the lock
+        if self.needs_history(job, sent):
+            try:
+                restored_last_failure = self._last_failure_of(job.partner_id)  # a read: not under the lock
+            except DatabaseUnavailable as exc:
+                logger.warning("partner %s: its failing streak cannot be read now (%s); this failed attempt is "
+                               "recorded, but not counted towards the streak", job.partner_id, exc)
+                return job.partner_failing_since, False, None
         with self._lock:
             if sent.attempt.error is None:
                 was = self._health.pop(job.partner_id, None)

@@ -85,7 +85,8 @@ def _migrate(config: Config) -> tuple[str, list[str]]:
     from store import SchemaTooNew, Store
 
     try:
-        store = Store(config.storage.target)
+        store = Store(config.storage.target, lock_timeout_s=config.storage.lock_timeout_s,
+                      statement_timeout_s=config.storage.statement_timeout_s)
     except SchemaTooNew as exc:
         raise CliError(str(exc)) from None
     try:

@@ -75,6 +75,8 @@ class ServerConfig:
 class StorageConfig:
     path: str = "data/webhookd.db"   # SQLite, the default
     url: str = ""                    # postgresql://user:password@host/db: PostgreSQL instead (webhookd[postgres])
+    lock_timeout_s: float = 2.0      # PostgreSQL: a statement waiting this long for a row lock is cancelled (a 503)
+    statement_timeout_s: float = 10.0  # PostgreSQL: a statement running this long is cancelled (a 503)
 
     @property
     def target(self) -> str:
@@ -169,6 +171,8 @@ SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": Securi
 # Keys that must be positive numbers; the message says what the number means.
 POSITIVE = {
     "server.port": "a TCP port (1-65535)",
+    "storage.lock_timeout_s": "a number of seconds",
+    "storage.statement_timeout_s": "a number of seconds",
     "security.max_body_bytes": "a size in bytes",
     "security.max_json_depth": "a number of nesting levels",
     "security.max_batch_events": "a number of events",

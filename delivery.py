@@ -48,6 +48,7 @@ from typing import Any
 from alerts import Alerts
 from breakers import Breakers, Pacer
 from config import Config, DeliveryConfig
+from engines import DatabaseUnavailable
 from metrics import Metrics
 from models import Job, Outcome, Partner
 from sender import Sender, Sent
@@ -324,6 +325,9 @@ class DeliveryLoop:
                 # Took nothing: wait for what is due next, but never spin — due rows may belong to
                 # a partner another process paused or fills (PostgreSQL), which we cannot claim.
                 pause = max(await self._seconds_until_next_due(), NOTHING_CLAIMED_WAIT_S)
+            except DatabaseUnavailable as exc:  # a restart, an outage: expected, and said in one line
+                logger.warning("claiming deliveries failed (%s); trying again shortly", exc)
+                pause = 1.0
             except Exception:
                 logger.exception("claiming deliveries failed; trying again shortly")
                 pause = 1.0
@@ -585,21 +589,27 @@ class DeliveryLoop:
         return partner is not None and partner.ordering == "fifo"
 
     def _finish_with_retries(self, batch: list[Outcome], now: float) -> list[str] | None:
-        """``store.finish_attempts``, tried again after a failure (a deadlock, the database away for
-        a moment): writing a batch twice is harmless, each row expects one attempt number. None if
-        it never went in: those attempts are sent again when their leases run out."""
-        for wait in RECORD_RETRY_WAITS_S:
+        """``store.finish_attempts``, tried again while the database is away (a restart) or busy:
+        writing a batch twice is harmless, each row expects one attempt number. It keeps trying
+        for as long as a lease lasts (``lease_s``); past that, those rows are due again and sent
+        again anyway. None if it never went in."""
+        give_up_at = time.monotonic() + self.settings.lease_s
+        waits = iter(RECORD_RETRY_WAITS_S)
+        while True:
             try:
                 return self.store.finish_attempts(batch, now=now)
-            except Exception as exc:
+            except DatabaseUnavailable as exc:  # expected in an outage: a line, no traceback
+                wait = next(waits, RECORD_RETRY_WAITS_S[-1])
+                if time.monotonic() + wait > give_up_at:
+                    logger.warning("recording %d attempts failed (%s) for %.0f s; their leases have run out and "
+                                   "they will be sent again", len(batch), exc, self.settings.lease_s)
+                    return None
                 logger.warning("recording %d attempts failed (%s); trying again in %.1f s", len(batch), exc, wait)
                 time.sleep(wait)
-        try:
-            return self.store.finish_attempts(batch, now=now)
-        except Exception:
-            logger.exception("recording %d attempts failed; their leases will run out and they "
-                             "will be sent again", len(batch))
-            return None
+            except Exception:
+                logger.exception("recording %d attempts failed; their leases will run out and they "
+                                 "will be sent again", len(batch))
+                return None
 
     # Retention ----------------------------------------------------------------------------
 

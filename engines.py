@@ -21,10 +21,13 @@ by column name or position, and ``executemany``.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
+import math
 import os
 import queue
+import random
 import re
 import sqlite3
 import threading
@@ -32,17 +35,34 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 logger = logging.getLogger("webhookd.store")
 
 BOOKKEEPING_PATIENCE_S = 0.05  # how long a claim or a result waits for the publishes queued before it
+SQLITE_BUSY_S = 10.0           # SQLite: how long a write waits for another process's lock on the file
 BOOKKEEPING_CONNECTIONS = 4     # PostgreSQL: connections for claims, results and sweeps, per process
+POOL_WAIT_S = 3.0               # PostgreSQL: how long a call waits for a connection before DatabaseUnavailable
+CONFLICT_RETRIES = 4            # a transaction PostgreSQL rolled back for a deadlock runs again this often, at most
 
 
 class DatabaseUnavailable(RuntimeError):
     """The database cannot be reached now (PostgreSQL down or restarting, no connection free in
     time). The API answers 503, never a 202 for what was not stored; the delivery loop tries again."""
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """The database answers but did not finish in time: a row lock held elsewhere past
+    ``storage.lock_timeout_s``, a statement past ``storage.statement_timeout_s``, or the call waited
+    past its deadline (``answer_by``) for a thread or a connection. Nothing was written; the API
+    answers 503, and trying again shortly is the remedy."""
+
+
+class Conflict(DatabaseBusy):
+    """PostgreSQL rolled a transaction back to break a deadlock or a serialization failure: nothing
+    of it was written, and it may simply run again (``retry_on_conflict``)."""
 
 
 class StorageUnavailable(DatabaseUnavailable):
@@ -59,6 +79,55 @@ def storage_fault(exc: BaseException) -> bool:
     """Whether a SQLite error means the storage itself refuses writes (not a bug, not bad input)."""
     name = getattr(exc, "sqlite_errorname", "") or ""
     return isinstance(exc, sqlite3.Error) and any(name.startswith(code) for code in _STORAGE_ERRORS)
+
+
+# --- Deadlines and conflicts ------------------------------------------------------------------
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("webhookd_db_deadline", default=None)
+
+
+@contextmanager
+def answer_by(deadline: float) -> Iterator[None]:
+    """Calls made inside the block give up waiting — for a PostgreSQL connection, for the
+    group commit — at ``deadline`` (``time.monotonic()``) with ``DatabaseUnavailable``, rather than
+    after their own full wait: a route promises its 503 within a few seconds of the request,
+    however long the request queued first."""
+    token = _deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def current_deadline() -> float | None:
+    """The deadline ``answer_by`` set for this call, or None (no deadline: the delivery loop)."""
+    return _deadline.get()
+
+
+def seconds_left(at_most: float) -> float:
+    """How long this call may still wait: ``at_most``, or less when its deadline is nearer."""
+    deadline = _deadline.get()
+    return at_most if deadline is None else min(at_most, deadline - time.monotonic())
+
+
+def retry_on_conflict(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn`` again, after a short random pause, when PostgreSQL rolled its transaction back to
+    break a deadlock or a serialization failure (``Conflict``): a collision of two transactions, not
+    a database away, so the caller should not see it. At most ``CONFLICT_RETRIES`` more runs; then
+    the ``Conflict`` (a 503 ``database_busy``) goes up. ``fn`` must be one transaction with no
+    effect outside it, so that running it again is safe."""
+
+    @functools.wraps(fn)
+    def again_after_a_conflict(*args: Any, **kwargs: Any) -> T:
+        for retry in range(CONFLICT_RETRIES):
+            try:
+                return fn(*args, **kwargs)
+            except Conflict as exc:
+                logger.info("%s collided with another transaction (%s); running it again", fn.__name__, exc)
+                time.sleep(random.uniform(0.01, 0.05) * (retry + 1))  # out of step with the other one
+        return fn(*args, **kwargs)
+
+    return again_after_a_conflict
 
 
 def is_postgres_url(target: str) -> bool:
@@ -89,9 +158,10 @@ class WriterLock:
         with self._cond:
             if urgent:
                 self._urgent_waiting += 1
-                while self._held:
-                    self._cond.wait()
-                self._urgent_waiting -= 1
+                try:
+                    self._wait_until_free()
+                finally:
+                    self._urgent_waiting -= 1
             else:
                 give_way_until = time.monotonic() + BOOKKEEPING_PATIENCE_S
                 while self._held or (self._urgent_waiting and time.monotonic() < give_way_until):
@@ -103,6 +173,15 @@ class WriterLock:
             with self._cond:
                 self._held = False
                 self._cond.notify_all()
+
+    def _wait_until_free(self) -> None:
+        """Wait (under the condition) until nobody holds the writer, or until the call's deadline
+        (``answer_by``: a route's write), then ``DatabaseBusy``."""
+        while self._held:
+            left = seconds_left(math.inf)
+            if left <= 0:
+                raise DatabaseBusy("the database file's one writer stayed busy past the deadline")
+            self._cond.wait(None if left == math.inf else left)
 
 
 def connect_sqlite(path: str) -> sqlite3.Connection:
@@ -116,7 +195,7 @@ def connect_sqlite(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {round(SQLITE_BUSY_S * 1000)}")
     return conn
 
 
@@ -155,7 +234,7 @@ class SQLiteEngine:
                 self._writer.execute(f"PRAGMA synchronous = {mode}")
                 self._sync_mode = mode
             try:
-                self._writer.execute("BEGIN IMMEDIATE")
+                self._begin_immediate()
                 yield self._writer
                 self._writer.execute("COMMIT")
             except BaseException as exc:
@@ -169,9 +248,24 @@ class SQLiteEngine:
                 if storage_fault(exc):
                     self.write_fault = f"{exc.sqlite_errorname}: {exc}"
                     raise StorageUnavailable(f"the database file {self.path} cannot be written ({exc})") from exc
+                if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+                    raise DatabaseBusy(f"the database file {self.path} is locked by another process ({exc})") from exc
                 raise
             if durable:  # bookkeeping updates rows in place; only a durable write (new rows) proves room
                 self.write_fault = None
+
+    def _begin_immediate(self) -> None:
+        """``BEGIN IMMEDIATE``: the file's write lock, waited for (another process may hold it) at
+        most ``SQLITE_BUSY_S``, or until the call's deadline (a route's write)."""
+        wait = seconds_left(SQLITE_BUSY_S)
+        if wait >= SQLITE_BUSY_S:
+            self._writer.execute("BEGIN IMMEDIATE")
+            return
+        self._writer.execute(f"PRAGMA busy_timeout = {max(1, round(wait * 1000))}")
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+        finally:
+            self._writer.execute(f"PRAGMA busy_timeout = {round(SQLITE_BUSY_S * 1000)}")
 
     @contextmanager
     def reader(self, snapshot: bool = False) -> Iterator[sqlite3.Connection]:
@@ -271,26 +365,33 @@ class PostgresEngine:
 
     name = "postgresql"
 
-    def __init__(self, url: str, max_connections: int = 20):
+    def __init__(self, url: str, max_connections: int = 20, *, lock_timeout_s: float = 2.0,
+                 statement_timeout_s: float = 10.0):
         try:
             from psycopg_pool import ConnectionPool
         except ImportError:
             raise RuntimeError("storage.url is a PostgreSQL URL, but psycopg is not installed: "
                                "pip install 'webhookd[postgres]'") from None
         self.url = url
+        self.lock_timeout_s = lock_timeout_s
         # Server-side binding: values travel apart from the SQL, and psycopg prepares a statement
         # a connection has run five times, so the claim, the publish and the results are planned
         # once per connection, not once per call. (A parameter the server cannot type, as in
         # ``:x IS NULL``, is written ``CAST(:x AS TEXT)`` in store.py.)
+        # Time bounds on every connection: a statement that waits for a row lock longer than
+        # lock_timeout (a transaction left open elsewhere, holding it) or runs longer than
+        # statement_timeout is cancelled (DatabaseBusy: a 503), so one stuck statement cannot
+        # hold the group commit, and every publish behind it, for ever.
         # timeout: how long a caller waits for a connection before DatabaseUnavailable (a 503).
-        kwargs = {"row_factory": _row_factory}
-        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=3,
+        bounds = f"-c lock_timeout={round(lock_timeout_s * 1000)} -c statement_timeout={round(statement_timeout_s * 1000)}"
+        kwargs = {"row_factory": _row_factory, "options": bounds}
+        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=POOL_WAIT_S,
                                     kwargs=kwargs, check=ConnectionPool.check_connection)
         # Bookkeeping (claims, results, leases) on connections of its own, where every commit is
         # ``synchronous_commit = off`` and a lone statement needs no BEGIN/COMMIT round trips.
         self._bookkeeping = ConnectionPool(
-            url, min_size=1, max_size=BOOKKEEPING_CONNECTIONS, open=True, timeout=3,
-            kwargs={**kwargs, "autocommit": True, "options": "-c synchronous_commit=off"},
+            url, min_size=1, max_size=BOOKKEEPING_CONNECTIONS, open=True, timeout=POOL_WAIT_S,
+            kwargs={**kwargs, "autocommit": True, "options": f"-c synchronous_commit=off {bounds}"},
             check=ConnectionPool.check_connection)
 
     def describe(self) -> str:
@@ -299,32 +400,53 @@ class PostgresEngine:
     @contextmanager
     def transaction(self, durable: bool = True) -> Iterator[_PgConnection]:
         pool = self._pool if durable else self._bookkeeping
-        with self._unavailable_as_such(), pool.connection() as conn, conn.transaction():
+        with self._unavailable_as_such(), self._connection(pool) as conn, conn.transaction():
+            self._wait_for_locks_until_the_deadline(conn)
             yield _PgConnection(conn)
 
+    def _wait_for_locks_until_the_deadline(self, conn: Any) -> None:
+        """A transaction begun late in its caller's time (a publish that queued behind a stuck
+        group commit) waits for row locks no longer than that time: ``SET LOCAL lock_timeout``, a
+        round trip paid only then, never by a transaction with its full time before it."""
+        left = seconds_left(self.lock_timeout_s)
+        if left < self.lock_timeout_s:
+            conn.execute(f"SET LOCAL lock_timeout = {max(1, round(left * 1000))}")
+
     def statement(self, sql: str, params: Any) -> list[Any]:
-        with self._unavailable_as_such(), self._bookkeeping.connection() as conn:
+        with self._unavailable_as_such(), self._connection(self._bookkeeping) as conn:
             cursor = conn.execute(to_pyformat(sql), params)
             return cursor.fetchall() if cursor.description else []
 
     @contextmanager
     def reader(self, snapshot: bool = False) -> Iterator[_PgConnection]:
-        with self._unavailable_as_such(), self._pool.connection() as conn:
+        with self._unavailable_as_such(), self._connection(self._pool) as conn:
             if snapshot:
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             yield _PgConnection(conn)
 
+    def _connection(self, pool: Any) -> Any:
+        """A connection from ``pool``, waited for at most ``POOL_WAIT_S`` or until the call's deadline
+        (an idle one is taken even when the deadline has just passed: that costs no wait)."""
+        return pool.connection(timeout=max(0.01, seconds_left(POOL_WAIT_S)))
+
     @contextmanager
     def _unavailable_as_such(self) -> Iterator[None]:
-        """A lost connection or a pool that found none in time is ``DatabaseUnavailable``; the pool
-        checks each connection before lending it, so the next call reconnects by itself."""
+        """PostgreSQL's errors in our words. A lost connection or a pool that found none in time is
+        ``DatabaseUnavailable`` (the pool checks each connection before lending it, so the next call
+        reconnects by itself); a lock or statement timeout is ``DatabaseBusy``; a deadlock or a
+        serialization failure is a ``Conflict``, which ``retry_on_conflict`` runs again."""
         import psycopg
         from psycopg_pool import PoolTimeout
 
+        errors = psycopg.errors
         try:
             yield
-        except psycopg.errors.InsufficientResources as exc:  # class 53: disk full, out of memory
+        except errors.InsufficientResources as exc:  # class 53: disk full, out of memory
             raise StorageUnavailable(f"PostgreSQL at {self.describe()} cannot write: {exc}") from exc
+        except (errors.DeadlockDetected, errors.SerializationFailure) as exc:  # class 40: the server rolled it back
+            raise Conflict(f"PostgreSQL at {self.describe()} rolled the transaction back: {exc}") from exc
+        except (errors.LockNotAvailable, errors.QueryCanceled) as exc:  # lock_timeout, statement_timeout
+            raise DatabaseBusy(f"PostgreSQL at {self.describe()} did not finish in time: {exc}") from exc
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise DatabaseUnavailable(f"PostgreSQL at {self.describe()} is not reachable: {exc}") from exc
 

@@ -27,11 +27,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 from config import VERSION
-from engines import DatabaseUnavailable, PostgresEngine, SQLiteEngine, is_postgres_url
+from engines import (DatabaseBusy, DatabaseUnavailable, PostgresEngine, SQLiteEngine, answer_by, current_deadline,
+                     is_postgres_url, retry_on_conflict)
 from models import (
     Attempt,
     AuditEntry,
@@ -416,14 +417,34 @@ T = TypeVar("T")
 
 class _GroupWrite:
     """One request waiting for the group-commit writer: its work, then its result or error;
-    ``announce``: a channel to notify once it is committed (other processes have work)."""
+    ``announce``: a channel to notify once it is committed (other processes have work);
+    ``deadline``: when its caller stops waiting (``engines.answer_by``), or None.
 
-    def __init__(self, work: Callable[[Any], Any], announce: str | None = None):
+    Exactly one of two things happens to a request: the writer takes it (``take``), and then its
+    caller waits for the commit's outcome, or its caller gives it up before that (``give_up``),
+    and then the writer skips it. So a caller that gave up knows nothing of it was written."""
+
+    def __init__(self, work: Callable[[Any], Any], announce: str | None = None, deadline: float | None = None):
         self.work = work
         self.announce = announce
+        self.deadline = deadline
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._taken = self._given_up = False
+
+    def take(self) -> bool:
+        """The writer's side: True if the request is still wanted, and from now on it is the writer's."""
+        with self._lock:
+            self._taken = not self._given_up
+            return self._taken
+
+    def give_up(self) -> bool:
+        """The caller's side: True if the writer had not taken it, and now never will."""
+        with self._lock:
+            self._given_up = not self._taken
+            return self._given_up
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
@@ -442,8 +463,11 @@ class Store:
     ``target`` is a file path (SQLite) or a ``postgresql://`` URL.
     """
 
-    def __init__(self, target: str):
-        self.engine = PostgresEngine(target) if is_postgres_url(target) else SQLiteEngine(target)
+    def __init__(self, target: str, *, lock_timeout_s: float = 2.0, statement_timeout_s: float = 10.0):
+        """``lock_timeout_s``, ``statement_timeout_s``: PostgreSQL's bounds on each statement (see
+        ``engines.PostgresEngine``); SQLite has one writer and no row locks to wait for."""
+        self.engine = (PostgresEngine(target, lock_timeout_s=lock_timeout_s, statement_timeout_s=statement_timeout_s)
+                       if is_postgres_url(target) else SQLiteEngine(target))
         self._claim_round = 0  # which partner the next claim starts with
         self._order = "seq" if self.engine.name == "postgresql" else "rowid"  # deliveries in insertion order
         self._delivery_select = _DELIVERY_SELECT.format(order=self._order)
@@ -516,19 +540,32 @@ class Store:
         back and each request runs again in a transaction of its own: the one that fails
         alone gets the exception, the others are written. (No SAVEPOINT per request: on
         PostgreSQL each would cost two more round trips, and a failure is rare.)
+
+        A caller with a deadline (``engines.answer_by``: a route) that is still queued when it
+        passes gives its request up and gets ``DatabaseBusy``: nothing of it is written. One the
+        writer has taken is waited for, bounded by the writer's own waits (a connection, and
+        PostgreSQL's lock and statement timeouts).
         """
-        request = _GroupWrite(work, announce)
+        request = _GroupWrite(work, announce, current_deadline())
         self._group_queue.put(request)
-        request.done.wait()
+        wait = None if request.deadline is None else max(0.0, request.deadline - time.monotonic())
+        if not request.done.wait(wait):
+            if request.give_up():
+                raise DatabaseBusy("the write waited its whole deadline behind other writes and was not made")
+            request.done.wait()
         if request.error is not None:
             raise request.error
         return request.result
 
     def _group_writer(self) -> None:
         while True:
-            batch, stopping = take_batch(self._group_queue, GROUP_COMMIT_MAX)
+            queued, stopping = take_batch(self._group_queue, GROUP_COMMIT_MAX)
+            batch = [request for request in queued if request.take()]
             if batch:
-                self._write_together(batch)
+                # The batch waits for a connection no longer than its most hurried caller would.
+                deadlines = [r.deadline for r in batch if r.deadline is not None]
+                with answer_by(min(deadlines)) if deadlines else nullcontext():
+                    self._write_together(batch)
             # One notification after the commit and outside it, however many publishes it held, and
             # at most one per ANNOUNCE_GAP_S: the others also look every second by themselves.
             for channel in {r.announce for r in batch if r.announce and r.error is None}:
@@ -541,10 +578,9 @@ class Store:
     def _write_together(self, batch: list[_GroupWrite]) -> None:
         """One transaction for the whole batch; after a failure, one each (see ``_in_group_commit``)."""
         try:
-            with self._transaction() as db:
-                results = [request.work(db) for request in batch]
+            results = self._commit_together(batch)
         except Exception as exc:
-            if len(batch) == 1 or isinstance(exc, DatabaseUnavailable):  # the database is away: all failed
+            if len(batch) == 1 or isinstance(exc, DatabaseUnavailable):  # the database is away or busy: all failed
                 for request in batch:
                     request.finish(error=exc)
                 return
@@ -554,6 +590,11 @@ class Store:
         for request, result in zip(batch, results):
             request.finish(result)
 
+    @retry_on_conflict
+    def _commit_together(self, batch: list[_GroupWrite]) -> list[Any]:
+        with self._transaction() as db:
+            return [request.work(db) for request in batch]
+
     def _apply_schema(self) -> None:
         """Create what is missing, then apply the migrations not yet recorded, in order, each
         recorded with the version that applied it (``self.migrated`` lists them). A database
@@ -562,6 +603,10 @@ class Store:
         schema, migrations = (SCHEMA_POSTGRES, MIGRATIONS_POSTGRES) if self.postgres else (SCHEMA, MIGRATIONS)
         with self._transaction() as db:
             if self.postgres:  # processes starting together take turns (SQLite's writer is one already)
+                # ...and a migration may wait for the one before it, or build an index on a big table,
+                # for longer than any API statement may: no time bounds in this transaction.
+                db.execute("SET LOCAL lock_timeout = 0")
+                db.execute("SET LOCAL statement_timeout = 0")
                 db.execute("SELECT pg_advisory_xact_lock(72071)")
             for statement in schema:
                 db.execute(statement)
@@ -1033,6 +1078,7 @@ class Store:
         (``_PENDING_PARTNERS``): one index seek per such partner, none for the idle ones."""
         return db.execute(self._pending_partners, {"now": now}).fetchall()
 
+    @retry_on_conflict
     def _claim_in_one_statement(self, now: float, lease_until: float, limit: int, per_partner: int,
                                 room: dict[str, int]) -> list[Job]:
         """PostgreSQL, where several processes claim at once: lock the partners (``_LOCK_PARTNERS``),
@@ -1051,6 +1097,7 @@ class Store:
                 "round": str(self._claim_round), "room_ids": list(room), "room_n": list(room.values())}).fetchall()
         return [_job_from_row(row, now) for row in rows]
 
+    @retry_on_conflict
     def finish_attempts(self, outcomes: list[Outcome], now: float) -> list[str]:
         """Record many attempts in one transaction (group commit); return the ids not recorded.
 
@@ -1514,9 +1561,14 @@ _DUE_FOR_PARTNER = """
 # publishes, whose deliveries point at these rows, are not held up). It must be a statement of
 # its own: a statement reads the database as it was when it began, so a count of leases made in
 # the statement that waited for the lock would miss the leases of the claim that held it.
+# In id order, byte by byte (COLLATE "C", Python's order): SKIP LOCKED skips a row locked by
+# another, but still waits for the newest version of a row another transaction just updated,
+# and the recorder updates partners' health in sorted(id) order (_write_partner_health). Locks
+# taken in one order by both never deadlock; in the table's order they did.
 _LOCK_PARTNERS = """
     SELECT id, ordering FROM partners
     WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
+    ORDER BY id COLLATE "C"
     FOR NO KEY UPDATE SKIP LOCKED
 """
 

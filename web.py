@@ -13,8 +13,9 @@ A route in ``webhookd.py`` or ``inbound.py`` is short because the common work is
 5. **Reading requests.** Size-limited bodies, strict JSON objects, ``?limit=&cursor=`` pages.
 
 ``Context`` is what the routes share, built once in ``create_app``'s lifespan. The store
-is blocking: a route calls it through ``db()``, which runs it in a worker thread (see
-``store.Store`` for the few memory-only reads that may run on the event loop).
+is blocking: a route calls it through ``db()``, which runs it on the routes' own threads
+within a deadline (see ``store.Store`` for the few memory-only reads that may run on the
+event loop).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import hashlib
 import hmac
 import ipaddress
@@ -44,7 +46,7 @@ from starlette.routing import Route
 import realtime
 import signing
 from config import admin_tokens
-from engines import DatabaseUnavailable, StorageUnavailable
+from engines import DatabaseBusy, DatabaseUnavailable, StorageUnavailable, answer_by
 from models import AuditEntry
 
 if TYPE_CHECKING:
@@ -106,6 +108,13 @@ async def _on_database_unavailable(request: Request, exc: DatabaseUnavailable) -
                           {"Retry-After": "5"})
 
 
+async def _on_database_busy(request: Request, exc: DatabaseBusy) -> JSONResponse:
+    logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, "database_busy",
+                          "The database did not answer in time (a lock held elsewhere, or too much waiting "
+                          "already); nothing was stored. Try again shortly.", {"Retry-After": "1"})
+
+
 async def _on_storage_unavailable(request: Request, exc: StorageUnavailable) -> JSONResponse:
     logger.error("%s %s: %s", request.method, request.url.path, exc)
     context(request).metrics.storage_refusals.inc()
@@ -121,7 +130,8 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 EXCEPTION_HANDLERS = {ApiError: _on_api_error, HTTPException: _on_http_exception,
-                      StorageUnavailable: _on_storage_unavailable, DatabaseUnavailable: _on_database_unavailable,
+                      StorageUnavailable: _on_storage_unavailable, DatabaseBusy: _on_database_busy,
+                      DatabaseUnavailable: _on_database_unavailable,
                       Exception: _on_unexpected}
 
 
@@ -225,9 +235,36 @@ def context(request: Request) -> Context:
     return request.app.state.ctx
 
 
+DB_DEADLINE_S = 2.5  # a route's store call gives up this long after it is made: its 503 leaves within 3 s
+STORE_THREADS = 16   # threads for the routes' store calls, apart from asyncio's default ones
+
+_store_threads = concurrent.futures.ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="webhookd-store")
+
+
 async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a (blocking) store call in a worker thread, off the event loop."""
-    return await asyncio.to_thread(fn, *args, **kwargs)
+    """Run a (blocking) store call on the routes' own threads, off the event loop, and answer
+    within ``DB_DEADLINE_S`` however long it queued for a thread.
+
+    The routes' threads are theirs alone (the delivery loop uses asyncio's default ones), so a
+    stuck store call ties up one thread, never every route. A call still queued at its deadline
+    is dropped unrun, with ``DatabaseBusy`` (a 503); one that started waits for a connection or the
+    group commit only until that deadline (``engines.answer_by``), and PostgreSQL's lock and
+    statement timeouts bound the rest. A call that started is never abandoned: it may be writing."""
+    deadline = time.monotonic() + DB_DEADLINE_S
+    call = _store_threads.submit(_call_by, deadline, fn, args, kwargs)
+    answer = asyncio.wrap_future(call)
+    await asyncio.wait([answer], timeout=DB_DEADLINE_S)
+    if not answer.done() and call.cancel():
+        raise DatabaseBusy(f"every thread for store calls was busy for {DB_DEADLINE_S:g} s")
+    return await answer
+
+
+def _call_by(deadline: float, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)`` on a store thread, its waits bounded by ``deadline``."""
+    if time.monotonic() >= deadline:  # it queued past its deadline: its caller has given up
+        raise DatabaseBusy(f"every thread for store calls was busy for {DB_DEADLINE_S:g} s")
+    with answer_by(deadline):
+        return fn(*args, **kwargs)
 
 
 def client_address(request: Request) -> str:

@@ -4,6 +4,7 @@ Each test starts its own processes (``serve_factory``) on a fresh database of th
 throwaway PostgreSQL (``postgres_server``, tests/pg.py) and real receivers on 127.0.0.1.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -304,3 +305,250 @@ def test_metrics_show_the_oldest_open_transaction_and_dead_rows(webhookd_factory
     with psycopg.connect(url) as idle:
         idle.execute("SELECT 1")        # a transaction opened and left open
         wait_for(lambda: gauges()["webhookd_db_oldest_transaction_seconds"] >= 1.0, timeout=30)
+
+
+# --- Time bounds: a lock held elsewhere, a database away, a deadlock ------------------------------
+
+# The README promises a route's 503 within 3 s of the request (its store calls give up after
+# web.DB_DEADLINE_S, 2.5 s, their wait for a thread, a connection or a row lock included). On a
+# loaded 2-core machine, with this test's own clients in the same process, each answer is allowed
+# that plus a generous margin; without the bounds they took 9.7 s and more, or never came.
+PROMISED_S = 3.0
+LOAD_MARGIN_S = 4.0
+
+
+def _call_all(base_url, calls, bound_s):
+    """Make every call at once, each on its own thread; for each: (status or None if it took
+    longer than ``bound_s``, the JSON answer, the seconds it took)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(spec):
+        method, path, headers, body = spec
+        started = time.monotonic()
+        try:
+            r = httpx.request(method, base_url + path, headers=headers, json=body, timeout=bound_s)
+        except httpx.TimeoutException:
+            return None, None, time.monotonic() - started
+        return r.status_code, r.json(), time.monotonic() - started
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(call, calls))
+
+
+def _transaction_ids(receiver):
+    return {r.json.get("transaction_id") for r in receiver.received}
+
+
+@contextlib.contextmanager
+def _holding_what_a_publish_needs(hub, partner_id):
+    """A transaction opened elsewhere and left open, holding what every publish needs: on
+    PostgreSQL the partner's row (``SELECT … FOR UPDATE``: the publish's deliveries point at it),
+    on SQLite the file's one write lock (``BEGIN IMMEDIATE``)."""
+    import sqlite3
+
+    import psycopg
+
+    if hub.config.storage.url:
+        with psycopg.connect(hub.config.storage.url) as holder:
+            holder.execute("SELECT id FROM partners WHERE id = %s FOR UPDATE", (partner_id,))
+            yield
+            holder.rollback()
+    else:
+        holder = sqlite3.connect(hub.config.storage.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+
+def test_a_lock_held_elsewhere_costs_the_publishes_a_503_and_no_other_route_waits(hub_factory, receiver_factory):
+    """A transaction left open elsewhere holds what every publish needs. Twelve publishes and a
+    partner update give up with a 503 within the promised 3 s (on PostgreSQL the lock timeout, cut to
+    what is left of a late caller's time); /health, /me and GET /deliveries answer at once meanwhile.
+    Once the lock is released everything works, and every event accepted arrives."""
+    receiver = receiver_factory()
+    hub = hub_factory()
+    partner = hub.register(receiver.url, ["payment.success"])
+    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    accepted = [hub.publish({**PAYMENT_SUCCESS, "transaction_id": "before"}).json()["event_id"]]
+    publishes = [("POST", "/events", ADMIN, {**PAYMENT_SUCCESS, "transaction_id": f"locked{i}"}) for i in range(12)]
+    others = [("GET", "/health", {}, None), ("GET", "/me", own, None), ("GET", "/deliveries", ADMIN, None)] * 3
+    update = [("PATCH", f"/partners/{pid}", ADMIN, {"max_rate_per_s": 50})]
+    bound_s = PROMISED_S + LOAD_MARGIN_S
+    with _holding_what_a_publish_needs(hub, pid):
+        answers = _call_all(hub.url, publishes + update + others, bound_s + 30)  # the bound is checked below
+    for (method, path, _, _), (status, body, seconds) in zip(publishes + update + others, answers):
+        assert status is not None, f"{method} {path} did not answer at all"
+        if (method, path) in (("POST", "/events"), ("PATCH", f"/partners/{pid}")):
+            assert status == 503 and body["error"]["code"] == "database_busy", (path, status, body)
+        else:
+            assert status == 200, (path, status, body)
+        assert seconds <= bound_s, f"{method} {path} answered {status} after {seconds:.1f} s"
+    for i in range(5):
+        r = hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"after{i}"})
+        assert r.status_code == 202, r.text
+        accepted.append(r.json()["event_id"])
+    assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"max_rate_per_s": 50}).status_code == 200
+    wait_for(lambda: set(accepted) <= set(receiver.event_ids), timeout=60)
+    assert not {f"locked{i}" for i in range(12)} & _transaction_ids(receiver)  # a 503 stored nothing
+
+
+def test_while_the_database_is_away_every_route_answers_503_within_3_s_under_concurrent_requests(
+        webhookd_factory, postgres_server, receiver_factory):
+    """PostgreSQL stopped, 48 requests at once to five routes that need it: three times the threads
+    the routes have, each call of which waits for a connection. Every one answers 503 JSON within
+    the promised 3 s (plus the margin for a loaded machine): the wait for a thread counts against the
+    same deadline. Once the database is back, everything works again."""
+    receiver = receiver_factory()
+    hub = webhookd_factory(storage__url=postgres_server.new_database())
+    partner = hub.register(receiver.url, ["payment.success"])
+    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    event_id = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "before"}).json()["event_id"]
+    calls = [("POST", "/events", ADMIN, {**PAYMENT_SUCCESS, "transaction_id": "away"}), ("GET", "/health", {}, None),
+             ("GET", "/deliveries", ADMIN, None), ("GET", f"/events/{event_id}", ADMIN, None),
+             ("GET", "/me", own, None), ("PATCH", f"/partners/{pid}", ADMIN, {"max_rate_per_s": 50})] * 8
+    bound_s = PROMISED_S + LOAD_MARGIN_S
+    postgres_server.crash()
+    try:
+        answers = _call_all(hub.url, calls, bound_s + 30)  # the bound is checked below, with a message
+    finally:
+        postgres_server.start_again()
+    for (method, path, _, _), (status, body, seconds) in zip(calls, answers):
+        assert status == 503, (method, path, status, body)
+        assert body["error"]["code"] in ("database_unavailable", "database_busy"), body
+        assert seconds <= bound_s, f"{method} {path} answered its 503 after {seconds:.1f} s"
+    wait_for(lambda: hub.http.get("/health").status_code == 200, timeout=30)
+    r = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "after"})
+    assert r.status_code == 202, r.text
+    assert hub.http.get("/me", headers=own).status_code == 200
+    wait_for(lambda: {"before", "after"} <= _transaction_ids(receiver), timeout=60)
+    assert "away" not in _transaction_ids(receiver)
+
+
+def test_an_attempt_that_fails_while_the_database_is_away_is_recorded_once_it_is_back(
+        webhookd_factory, postgres_server, caplog):
+    """A partner with a failing streak in the store, this process new to it: its failed attempt
+    needs the partner's history (``last_failed_attempt_at``), and PostgreSQL crashes while the
+    attempt is on the wire. The attempt is neither dropped nor logged as a crash: the recorder
+    keeps trying, one warning line at a time, and once the database is back the attempt is there."""
+    import asyncio
+    import threading
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from conftest import ThreadServer
+
+    arrived, answer = threading.Event(), threading.Event()
+
+    async def failing(request):
+        arrived.set()
+        await asyncio.to_thread(answer.wait, 60)
+        return JSONResponse({"error": "down"}, status_code=500)
+
+    receiver = ThreadServer(Starlette(routes=[Route("/hook", failing, methods=["POST"])])).start()
+    url = postgres_server.new_database()
+    hub = webhookd_factory(storage__url=url, delivery__timeout_s=30.0)
+    try:
+        pid = hub.register(receiver.url + "/hook", ["payment.success"])["partner_id"]
+        with hub.store._transaction() as db:  # failing since a minute ago, as another run left it
+            db.execute("UPDATE partners SET failing_since = :t WHERE id = :id", {"t": time.time() - 60, "id": pid})
+        caplog.clear()
+        hub.publish({**PAYMENT_SUCCESS, "transaction_id": "t1"})
+        assert arrived.wait(30)
+        postgres_server.crash()
+        try:
+            answer.set()  # the attempt ends 500 with the database away
+            retries = "recording 1 attempts failed"  # it keeps trying, longer than it used to
+            wait_for(lambda: sum(retries in r.getMessage() for r in caplog.records) >= 3, timeout=60)
+        finally:
+            postgres_server.start_again()
+        wait_for(lambda: (1, 500) in hub.rows("SELECT attempt, status_code FROM attempts"), timeout=60)
+    finally:
+        hub.stop()
+        receiver.stop()
+    traced = [r for r in caplog.records if r.exc_info]
+    assert not traced, [f"{r.name}: {r.getMessage()}" for r in traced]
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+
+
+def test_a_deadlock_runs_the_transaction_again_and_it_succeeds(postgres_server):
+    """Two transactions lock two rows in opposite orders: PostgreSQL breaks the deadlock by rolling
+    ours back (the other waits longer before it looks), and ours runs again and succeeds — no
+    DatabaseUnavailable, no 503."""
+    import threading
+
+    import psycopg
+
+    from engines import retry_on_conflict
+    from store import Store
+
+    url = postgres_server.new_database()
+    store = Store(url, lock_timeout_s=10)  # the deadlock is found (after 1 s) long before a lock times out
+    try:
+        with store._transaction() as db:
+            db.execute("INSERT INTO roles (name, holder, until) VALUES ('a', 'x', 0), ('b', 'x', 0)")
+        runs, ours_holds_a, theirs_holds_b = [], threading.Event(), threading.Event()
+
+        @retry_on_conflict
+        def a_then_b():
+            with store._transaction() as db:
+                runs.append(len(runs) + 1)
+                db.execute("SELECT * FROM roles WHERE name = 'a' FOR UPDATE")
+                if len(runs) == 1:
+                    ours_holds_a.set()
+                    assert theirs_holds_b.wait(10)
+                db.execute("SELECT * FROM roles WHERE name = 'b' FOR UPDATE")
+                db.execute("UPDATE roles SET holder = 'ours' WHERE name IN ('a', 'b')")
+            return len(runs)
+
+        def b_then_a():
+            with psycopg.connect(url) as conn:
+                conn.execute("SET deadlock_timeout = '20s'")  # so PostgreSQL picks ours to roll back
+                conn.execute("SELECT * FROM roles WHERE name = 'b' FOR UPDATE")
+                theirs_holds_b.set()
+                assert ours_holds_a.wait(10)
+                conn.execute("SELECT * FROM roles WHERE name = 'a' FOR UPDATE")
+
+        theirs = threading.Thread(target=b_then_a)
+        theirs.start()
+        assert a_then_b() == 2
+        theirs.join(timeout=30)
+        assert {r[0] for r in _rows(store, "SELECT holder FROM roles")} == {"ours"}
+    finally:
+        store.close()
+
+
+def _rows(store, sql):
+    with store._reader() as db:
+        return [tuple(row) for row in db.execute(sql)]
+
+
+def test_the_claim_locks_partners_in_id_order(postgres_server):
+    """``_LOCK_PARTNERS`` returns each row as it locks it: partners registered in a shuffled order,
+    and updated since (so the table's order is neither), come back — are locked — in id order, the
+    order the recorder's health writes lock them in (sorted ids)."""
+    import random
+
+    import store as store_module
+    from store import Store
+
+    store = Store(postgres_server.new_database())
+    try:
+        ids = [f"ptr_{n:04d}" for n in range(40)]
+        random.Random(7).shuffle(ids)
+        for pid in ids:
+            store.add_partner(partner_id=pid, name=pid, webhook_url="http://127.0.0.1:9/x", events=["payment.success"],
+                              secret="s" * 32, api_key_hash=pid, now=time.time())
+        with store._transaction() as db:
+            for pid in ids[::3]:
+                db.execute("UPDATE partners SET failing_since = 1 WHERE id = :id", {"id": pid})
+        with store._transaction(durable=False) as db:
+            locked = [row["id"] for row in db.execute(store_module._LOCK_PARTNERS, {"now": time.time()})]
+        assert sorted(locked) == sorted(ids)
+        assert locked == sorted(ids)
+    finally:
+        store.close()
