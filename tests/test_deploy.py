@@ -1,5 +1,5 @@
 """deploy/webhookd.service: systemd accepts it as it is (systemd-analyze verify, no warning), and it
-holds what the README promises — its own user, its state directory, a read-only system, no new
+holds what docs/operations.md promises — its own user, its state directory, a read-only system, no new
 privileges, restart on failure, and a stop timeout longer than the SIGTERM drain."""
 
 from __future__ import annotations

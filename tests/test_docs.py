@@ -1,4 +1,5 @@
-"""The README is the front door: every config key, command and route it promises is real."""
+"""The README is the front door and docs/ holds the reference: every config key, command and route
+they promise is real, every link between them leads somewhere, and they read as product docs."""
 
 import dataclasses
 import re
@@ -8,56 +9,172 @@ import cli
 import config
 from conftest import ROOT
 
+DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+PARTNER_GUIDES = {DOCS / "partners.md", DOCS / "partners.es.md"}
 
 
-def test_every_config_key_is_in_the_readme_and_the_bundled_file():
+def page(name: str) -> str:
+    return (DOCS / name).read_text(encoding="utf-8")
+
+
+def test_every_config_key_is_in_the_configuration_page_and_the_bundled_file():
+    documented = page("configuration.md")
     bundled = (ROOT / "webhookd.toml").read_text()
     for section, cls in config.SECTIONS.items():
         for f in dataclasses.fields(cls):
-            assert f"`{section}.{f.name}`" in README, f"{section}.{f.name} missing from the README"
+            assert f"`{section}.{f.name}`" in documented, f"{section}.{f.name} missing from docs/configuration.md"
             if f.name != "admin_token":
                 assert re.search(rf"^#?\s*{f.name}\s*=", bundled, re.M), f"{section}.{f.name} missing from webhookd.toml"
 
 
-def test_every_command_is_in_the_readme_with_help():
+def test_every_command_is_in_the_command_line_table_with_help():
+    operations = page("operations.md")
+    table = operations[operations.index("## Command line"):]
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
     assert set(commands) >= {"serve", "token", "partners", "publish", "deliveries", "retry", "recover", "sign", "listen"}
     for name, sub in commands.items():
-        assert f"`webhookd {name}" in README, f"webhookd {name} missing from the README"
+        assert re.search(rf"^\|[^|\n]*`webhookd {re.escape(name)}[ `]", table, re.M), \
+            f"webhookd {name} has no row in docs/operations.md's command line table"
         assert sub.format_help().startswith("usage: webhookd")
 
 
-def test_every_route_is_in_the_readme(hub):
+def test_every_route_is_in_the_api_page(hub):
+    api = page("api.md")
     for r in hub.app.routes:
         path = re.sub(r"\{[^}]+\}", "{id}", r.path)
-        assert path in README, f"{path} missing from the README"
+        assert path in api, f"{path} missing from docs/api.md"
 
 
 def test_the_readme_opens_with_the_two_commands():
-    head = README[:600]
-    assert "make run" in head and "make test" in head
+    """The first shell block, before any section, is `make run` and `make test`."""
+    before_sections = README[:README.index("\n## ")]
+    first_block = re.search(r"^```bash\n(.*?)^```", before_sections, flags=re.S | re.M)
+    assert first_block, "the README's opening has no ```bash block"
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
+    assert commands == ["make run", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_every_module_is_in_the_layout_the_architecture_page_and_the_install():
-    """A module added without a row in the README's layout, in docs/architecture.md's table, or in
-    pyproject's py-modules (which the installed `webhookd` command imports from) fails here."""
+def test_the_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 300, "README.md over 300 lines: move the reference into docs/"
+    for name in ("configuration.md", "api.md", "operations.md", "postgresql.md", "performance.md",
+                 "security.md", "architecture.md", "partners.md", "partners.es.md"):
+        assert f"](docs/{name})" in README, f"the README does not link docs/{name}"
+    assert "/dashboard" in README and "/portal" in README and "/openapi.json" in README
+
+
+def test_every_module_is_in_the_architecture_page_and_the_install():
+    """A module added without a row in docs/architecture.md's table, or in pyproject's py-modules
+    (which the installed `webhookd` command imports from) fails here."""
     modules = sorted(p.stem for p in ROOT.glob("*.py"))
-    layout = README[README.index("## Layout"):]
-    architecture = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    architecture = page("architecture.md")
     for module in modules:
-        assert f"`{module}.py`" in layout, f"{module}.py missing from the README's layout table"
         assert f"`{module}.py`" in architecture, f"{module}.py missing from docs/architecture.md"
     installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
     assert sorted(installed) == modules
 
 
+def test_every_folder_is_in_the_layout():
+    development = page("development.md")
+    layout = development[development.index("## Layout"):]
+    folders = sorted(p.name for p in ROOT.iterdir()
+                     if p.is_dir() and not p.name.startswith((".", "_")) and any(p.rglob("*.*"))
+                     and p.name not in {"data", "build", "node_modules"} and not p.name.endswith(".egg-info"))
+    for folder in folders:
+        assert f"`{folder}/`" in layout, f"{folder}/ missing from docs/development.md's layout"
+
+
+# --- links -------------------------------------------------------------------------------------------
+
+
+def prose(text: str) -> str:
+    """Markdown without its code blocks and inline code (where a link or a word is only an example)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(text: str) -> set[str]:
+    """The heading anchors GitHub makes: rendered text, lower case, punctuation dropped, spaces as
+    hyphens, a repeated one numbered."""
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in re.findall(r"^#{1,6} (.+?)\s*$", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M), re.M):
+        rendered = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "")
+        slug = re.sub(r"[^\w\- ]", "", rendered.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+def relative_links(text: str) -> list[str]:
+    targets = re.findall(r"\]\(([^)\s]+)\)", prose(text))
+    return [t for t in targets if not re.match(r"^[a-z]+:", t)]
+
+
+def test_the_anchors_are_made_as_github_makes_them():
+    assert anchors("## Ordered delivery (`\"ordering\": \"fifo\"`)\n## 2. Put it behind a TLS proxy\n"
+                   "## A partner's whole life: expiry\n## Watching it\n## Watching it\n") == {
+        "ordered-delivery-ordering-fifo", "2-put-it-behind-a-tls-proxy", "a-partners-whole-life-expiry",
+        "watching-it", "watching-it-1"}
+
+
+def test_every_relative_link_leads_to_a_file_and_heading_that_exist():
+    checked = 0
+    for source in PAGES:
+        for target in relative_links(source.read_text(encoding="utf-8")):
+            path, _, anchor = target.partition("#")
+            destination = (source.parent / path).resolve() if path else source
+            where = f"{source.relative_to(ROOT)} links {target}"
+            assert destination.exists(), f"{where}: no such file"
+            assert destination.is_relative_to(ROOT), f"{where}: outside the repository"
+            if anchor:
+                assert destination.suffix == ".md", f"{where}: an anchor into a file that is not Markdown"
+                assert anchor in anchors(destination.read_text(encoding="utf-8")), f"{where}: no such heading"
+            checked += 1
+    assert checked >= 20
+
+
+# --- product voice -------------------------------------------------------------------------------------
+
+# Development history has no place in product docs: issue numbers, "this session", "the SPEC" (say
+# "the contract", or link /openapi.json), and first person. The partner guides speak for the
+# operator to its partners ("we send you…"), so only their singular "I" is refused.
+HISTORY = {
+    "an issue number": re.compile(r"\bissues? #?\d+", re.I),
+    "this session": re.compile(r"\bthis session\b", re.I),
+    "the SPEC": re.compile(r"\bSPEC\b"),
+    "first person (I)": re.compile(r"(?<!\S)I(?:'[a-z]+)?(?!\S)"),
+}
+WE = re.compile(r"\b[Ww]e\b")
+
+
+def history_words(text: str, partner_guide: bool = False) -> list[str]:
+    text = prose(text)
+    found = [f"{name}: {m.group(0)!r}" for name, pattern in HISTORY.items() for m in pattern.finditer(text)]
+    if not partner_guide:
+        found += [f"first person (we): {m.group(0)!r}" for m in WE.finditer(text)]
+    return found
+
+
+def test_the_history_check_catches_what_it_should_and_only_that():
+    assert len(history_words("Decided in issue 10. In this session I could not measure it; the SPEC says we wait.")) == 5
+    assert history_words("An I/O error; `issue 3` in code; the spec of a URL; a webhook. Issued keys.") == []
+    assert history_words("We send you every event.", partner_guide=True) == []
+
+
+def test_no_development_history_in_the_readme_and_docs():
+    for source in PAGES:
+        found = history_words(source.read_text(encoding="utf-8"), partner_guide=source in PARTNER_GUIDES)
+        assert not found, f"{source.relative_to(ROOT)}: {found}"
+
+
 def test_the_spanish_partner_guide_is_the_same_guide():
     """docs/partners.es.md is kept in step with docs/partners.md: the same numbered sections and
     every code block — every command a partner runs — the same, line for line."""
-    import re
 
     def blocks(text: str) -> list[str]:
         return re.findall(r"^```\w*\n(.*?)^```", text, flags=re.S | re.M)
@@ -65,8 +182,15 @@ def test_the_spanish_partner_guide_is_the_same_guide():
     def sections(text: str) -> list[str]:
         return re.findall(r"^## (\d+)\.", text, flags=re.M)
 
-    english = (ROOT / "docs" / "partners.md").read_text()
-    spanish = (ROOT / "docs" / "partners.es.md").read_text()
+    english = page("partners.md")
+    spanish = page("partners.es.md")
     assert sections(spanish) == sections(english) and len(sections(english)) >= 8
     assert blocks(spanish) == blocks(english), "a code block differs: update docs/partners.es.md with the English"
     assert "partners.es.md" in english and "partners.md" in spanish
+
+
+def test_pages_are_found_from_the_readme():
+    """Every page in docs/ is linked from the README (directly), so none is an orphan."""
+    for doc in sorted(DOCS.glob("*.md")):
+        assert f"](docs/{doc.name})" in README, f"docs/{doc.name} is not linked from the README"
+

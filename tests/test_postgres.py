@@ -309,7 +309,7 @@ def test_metrics_show_the_oldest_open_transaction_and_dead_rows(webhookd_factory
 
 # --- Time bounds: a lock held elsewhere, a database away, a deadlock ------------------------------
 
-# The README promises a route's 503 within 3 s of the request (its store calls give up after
+# docs/postgresql.md promises a route's 503 within 3 s of the request (its store calls give up after
 # web.DB_DEADLINE_S, 2.5 s, their wait for a thread, a connection or a row lock included). On a
 # loaded 2-core machine, with this test's own clients in the same process, each answer is allowed
 # that plus a generous margin; without the bounds they took 9.7 s and more, or never came.
