@@ -7,7 +7,7 @@
 * ``partners``, ``publish``, ``deliveries``, ``retry``, ``recover``, ``replay`` and ``audit`` talk to the running
   server's HTTP API with the admin token, and print tables (or ``--json``).
 
-``main`` is the console script; ``python webhookd.py ...`` calls it too. A command that
+``main`` is the console script; ``python cli.py ...`` calls it too. A command that
 cannot do its job prints one line saying why and exits 1 (2 for a bad config).
 """
 

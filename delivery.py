@@ -42,12 +42,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from alerts import Alerts
 from breakers import Breakers, Pacer
-from config import Config, DeliveryConfig
+from config import DeliverySettings
 from engines import DatabaseUnavailable
 from metrics import Metrics
 from models import Job, Outcome, Partner
@@ -73,53 +72,6 @@ HEARTBEAT_S = 2.0       # each process renews its row in `processes` this often.
 ALIVE_S = 3 * HEARTBEAT_S  # ...and counts as alive while its last one is this recent
 
 
-@dataclass(frozen=True)
-class Settings(DeliveryConfig):
-    """Everything the loop needs: the ``[delivery]`` keys plus a few keys of other sections."""
-
-    retention_s: float = 2592000.0
-    purge_batch: int = 500
-    purge_interval_s: float = 300.0
-    audit_retention_s: float = 31536000.0
-    allow_private_targets: bool = False
-    allowed_ports: tuple[int, ...] = ()
-    user_agent: str = "webhookd"
-
-    @classmethod
-    def from_config(cls, config: Config, user_agent: str) -> Settings:
-        return cls(
-            **dataclasses.asdict(config.delivery),
-            retention_s=config.retention.max_age_s,
-            purge_batch=config.retention.batch_size,
-            purge_interval_s=config.retention.interval_s,
-            audit_retention_s=config.retention.audit_max_age_s,
-            allow_private_targets=config.security.allow_private_targets,
-            allowed_ports=config.security.allowed_ports,
-            user_agent=user_agent,
-        )
-
-    @property
-    def cooldown_s(self) -> float:
-        """The first pause of an open circuit: ``breaker_cooldown_s``, or by default the
-        smaller of 30 s and ``backoff_max_s`` (no longer than the retry schedule's)."""
-        return self.breaker_cooldown_s if self.breaker_cooldown_s is not None else min(30.0, self.backoff_max_s)
-
-    @property
-    def cooldown_max_s(self) -> float:
-        """The longest pause: ``breaker_cooldown_max_s``, or the smaller of 600 s and ``backoff_max_s``."""
-        if self.breaker_cooldown_max_s is not None:
-            return self.breaker_cooldown_max_s
-        return min(600.0, self.backoff_max_s)
-
-    @property
-    def lease_s(self) -> float:
-        """How long a claim holds a row. A claimed row starts at once and its attempt lasts at
-        most ``timeout_s``, lookup and connect included: twice that and a margin for recording
-        the result (a busy disk, a stop's grace period) mean a slow attempt is never taken
-        over — and sent twice — while it is still running."""
-        return 2 * self.timeout_s + 10
-
-
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (from 1).
 
@@ -131,7 +83,7 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random)
     return delay / 2 + rng.uniform(0, delay / 2)
 
 
-def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: float) -> tuple[str, float, str]:
+def decide(job: Job, sent: Sent, settings: DeliverySettings, rng: random.Random, now: float) -> tuple[str, float, str]:
     """The delivery's next state and due time after one attempt, and why, in words (its trace)."""
     if sent.attempt.error is None:
         return "delivered", now, "the partner answered 2xx"
@@ -160,7 +112,7 @@ class DeliveryLoop:
     so under load the loop claims in batches instead of once per delivery.
     """
 
-    def __init__(self, store: Store, settings: Settings, rng: random.Random | None = None,
+    def __init__(self, store: Store, settings: DeliverySettings, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
                  alerts: Alerts | None = None):
         self.store = store

@@ -44,7 +44,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -64,7 +63,7 @@ import realtime
 import signing
 import timeline
 from alerts import Alerts
-from config import FIELD_TYPES, VERSION, Config, admin_token
+from config import FIELD_TYPES, VERSION, Config, DeliverySettings, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event, NewEvent, Partner
 from partner_fields import (
@@ -933,7 +932,7 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
     store = Store(config.storage.target, lock_timeout_s=config.storage.lock_timeout_s,
                   statement_timeout_s=config.storage.statement_timeout_s)
     counters = metrics.Metrics()
-    settings = delivery.Settings.from_config(config, user_agent=f"webhookd/{__version__}")
+    settings = DeliverySettings.from_config(config, user_agent=f"webhookd/{__version__}")
     alerts = Alerts(config.alerts, store, clock, new_id, max_attempts=config.delivery.max_attempts)
     loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters, alerts=alerts)
     admin_token(config)  # created now if it is the generated file, before the first request reads it
@@ -980,9 +979,3 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
                    lambda: {(): float(len(notifier.clients))})
     counters.gauge("webhookd_websocket_dropped_messages", "Messages dropped for /ws clients that did not read.",
                    lambda: {(): float(notifier.dropped)})
-
-
-if __name__ == "__main__":  # `python webhookd.py serve` works as well as the `webhookd` command
-    from cli import main
-
-    sys.exit(main())
