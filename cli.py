@@ -442,7 +442,7 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
     existing database unless asked (``--replace``). Warns about the credentials it brings back."""
     import sqlite3
 
-    from delivery import ALIVE_S
+    from housekeeping import ALIVE_S
 
     _refuse_postgres(config, "pg_restore --clean --dbname=\"$URL\" webhookd.dump")
     backup, target = Path(args.path), Path(config.storage.path)

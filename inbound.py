@@ -339,7 +339,7 @@ async def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> 
     reached = ctx.notifier.notify(message, user_id)
     logger.info("offer from %s sent to %d live connections (%s)", partner_id, reached, user_id or "everyone")
     if ctx.store.postgres:
-        note = json.dumps({"origin": ctx.loop.process_id, "message": message, "user_id": user_id}, ensure_ascii=False)
+        note = json.dumps({"origin": ctx.housekeeping.process_id, "message": message, "user_id": user_id}, ensure_ascii=False)
         if len(note.encode()) < OFFER_NOTE_MAX:
             await db(ctx.store.announce, OFFERS_CHANNEL, note)
         else:
@@ -354,7 +354,7 @@ def relay_offer(ctx: Context, note: str) -> None:
     """An offer another process received, for the users connected here (on the event loop)."""
     try:
         relayed = json.loads(note)
-        if relayed["origin"] == ctx.loop.process_id:
+        if relayed["origin"] == ctx.housekeeping.process_id:
             return  # ours: our users had it already
         reached = ctx.notifier.notify(relayed["message"], relayed["user_id"])
     except (ValueError, KeyError, TypeError):

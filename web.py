@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from alerts import Alerts
     from config import Config
     from delivery import DeliveryLoop
+    from housekeeping import Housekeeping
     from models import Partner
     from store import Store
 
@@ -219,6 +220,7 @@ class Context:
     config: Config
     store: Store
     loop: DeliveryLoop
+    housekeeping: Housekeeping
     clock: Callable[[], float]
     notifier: realtime.Notifier
     tokens: realtime.Tokens

@@ -57,6 +57,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import WebSocketRoute
 
 import delivery
+import housekeeping
 import metrics
 import openapi
 import realtime
@@ -800,7 +801,8 @@ async def stats(request: Request) -> JSONResponse:
         per_minute.setdefault(minute, {"minute": minute, "delivered": 0, "failed": 0})[state] = n
     totals = {state: sum(c.get(state, 0) for c in counts.values()) for state in ("pending", "delivered", "failed")}
     processes = [{"id": p["id"], "host": p["host"], "pid": p["pid"], "started_at": int(p["started_at"]),
-                  "seen_at": int(p["seen_at"]), "this": p["id"] == ctx.loop.process_id} for p in ctx.loop.processes]
+                  "seen_at": int(p["seen_at"]), "this": p["id"] == ctx.housekeeping.process_id}
+                 for p in ctx.housekeeping.processes]
     return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
                          "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
                          "processes": processes, "now": int(now)})
@@ -889,6 +891,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     async def lifespan(app: Starlette):
         ctx = app.state.ctx = build_context(config, clock, rng)
         await asyncio.to_thread(ctx.alerts.install, clock())
+        await ctx.housekeeping.start()
         await ctx.loop.start()
         await ctx.alerts.start(wake=ctx.loop.wake)
         log_stale_subscriptions(ctx.store, config.events)
@@ -900,6 +903,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
             await asyncio.to_thread(stop_listening)
             await ctx.alerts.stop()
             await ctx.loop.stop()
+            await ctx.housekeeping.stop()
             ctx.store.close()
 
     proxies = [Middleware(RealClient, trusted=config.server.trusted_proxies)] if config.server.trusted_proxies else []
@@ -934,7 +938,9 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
     counters = metrics.Metrics()
     settings = DeliverySettings.from_config(config, user_agent=f"webhookd/{__version__}")
     alerts = Alerts(config.alerts, store, clock, new_id, max_attempts=config.delivery.max_attempts)
-    loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters, alerts=alerts)
+    keeper = housekeeping.Housekeeping(store, settings, clock=clock, metrics=counters)
+    loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters, alerts=alerts,
+                                 live_processes=keeper.live_processes)
     admin_token(config)  # created now if it is the generated file, before the first request reads it
     admin_tokens = AdminTokens(config, clock)
     tokens = realtime.Tokens(admin_tokens.realtime_keys, config.realtime.token_ttl_s)
@@ -947,7 +953,7 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
         return RateLimiter(rate_per_s, burst, clock, shared=shared, name=name)
 
     return Context(
-        config=config, store=store, loop=loop, clock=clock, metrics=counters,
+        config=config, store=store, loop=loop, housekeeping=keeper, clock=clock, metrics=counters,
         notifier=notifier, tokens=tokens,
         inbound_limit=limit("inbound", sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s),
         inbound_failure_limit=limit("refused", sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s),

@@ -9,6 +9,7 @@ import delivery
 from breakers import Breakers, Pacer
 from config import DeliverySettings
 from conftest import free_port, wait_for
+from housekeeping import Housekeeping
 from models import Attempt, Job, NewEvent
 from payloads import PAYMENT_SUCCESS
 from sender import Sent
@@ -329,8 +330,8 @@ def test_one_retention_pass_purges_every_table_until_done(tmp_path):
                 disable_reason=None, event_id=job.event_id, created_at=100.0))
         assert store.finish_attempts(outcomes, now=200.0) == []
         settings = DeliverySettings(retention_s=1000.0, purge_batch=2)
-        loop = delivery.DeliveryLoop(store, settings, clock=lambda: 5000.0)
-        assert asyncio.run(loop.purge_expired()) == (5, 7)
+        keeper = Housekeeping(store, settings, clock=lambda: 5000.0)
+        assert asyncio.run(keeper.purge_expired()) == (5, 7)
         assert store.list_inbound(limit=10).items == []
         assert sorted(d.event_id for d in store.list_deliveries(limit=20).items) == ["evt_0", "evt_1", "evt_2", "evt_5"]
     finally:
