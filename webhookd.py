@@ -21,7 +21,7 @@ Where the rest lives, in the order an event meets it:
 ====================  ===============================================================
 ``web.py``            what every route stands on: errors, credentials, access rules,
                       rate limits, reading bodies, paging
-``partner_fields.py`` what a partner's fields may hold (the 422s of registration, PATCH)
+``partners.py``       partner management: its routes, and what a partner's fields may hold
 ``store.py``          both engines' schema and every SQL statement (publish, claim, record)
 ``delivery.py``       the delivery loop: claim → one task per attempt on the sender
                       thread → recorder; backoff, expiry, retention
@@ -67,7 +67,7 @@ from alerts import Alerts
 from config import FIELD_TYPES, VERSION, Config, DeliverySettings, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event, NewEvent, Partner
-from partner_fields import (
+from partners import (
     check_audience_setter,
     check_channels,
     check_contact_email,
