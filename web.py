@@ -162,6 +162,10 @@ def new_id(prefix: str, unpredictable: bool = False) -> str:
     return prefix + _base36(int(time.time() * 1000), 9) + _base36(bits, 12)
 
 
+def new_delivery_id() -> str:
+    return new_id("dlv_")
+
+
 def new_shared_secret() -> str:
     """A partner's HMAC key: 256 bits from the OS, shown to the partner once."""
     return "sk_live_" + secrets.token_urlsafe(32)
