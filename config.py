@@ -84,6 +84,17 @@ class StorageConfig:
         """What ``Store`` opens: the PostgreSQL URL when set, else the SQLite file."""
         return self.url or self.path
 
+    @property
+    def is_one_file(self) -> bool:
+        """The database is the SQLite file at ``path``, which ``webhookd backup`` and ``restore``
+        copy; a database server (``url``) is backed up with its own tools."""
+        return not self.url
+
+
+def is_server_url(url: str) -> bool:
+    """A ``storage.url`` webhookd can open: a PostgreSQL server's, ``postgresql://user:password@host/db``."""
+    return url.startswith(("postgresql://", "postgres://"))
+
 
 @dataclass(frozen=True)
 class SecurityConfig:
@@ -398,7 +409,7 @@ def _check_values(sections: dict[str, Any]) -> None:
         raise ConfigError(f"Config 'storage.path' has value {storage_path!r}. Expected a file path: "
                           "webhookd's threads each open the file, so it must be on disk.")
     url = sections["storage"].url
-    if url and not url.startswith(("postgresql://", "postgres://")):
+    if url and not is_server_url(url):
         raise ConfigError("Config 'storage.url' is not a PostgreSQL URL. Expected postgresql://user:password@host/db "
                           "(or leave it empty for the SQLite file in storage.path).")
     _check_alerts(sections["alerts"])

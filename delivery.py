@@ -135,8 +135,8 @@ class DeliveryLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task | None = None
         self._stopping = False
-        # On PostgreSQL another process may publish what this one should send: look every second.
-        self._recheck_s = SHARED_RECHECK_S if store.postgres else IDLE_RECHECK_S
+        # On a shared database another process may publish what this one should send: look every second.
+        self._recheck_s = SHARED_RECHECK_S if store.shared else IDLE_RECHECK_S
         self._read_partners_at = 0.0
 
     # Starting, waking and stopping ---------------------------------------------------
@@ -242,9 +242,9 @@ class DeliveryLoop:
         while not self._stopping:
             self._wakeup.clear()
             try:
-                # Read the partners again after a reload that failed, and on PostgreSQL every second:
-                # other processes change them too (registrations, pauses, circuits they opened).
-                shared_due = self.store.postgres and time.monotonic() >= self._read_partners_at
+                # Read the partners again after a reload that failed, and on a shared database every
+                # second: other processes change them too (registrations, pauses, circuits they opened).
+                shared_due = self.store.shared and time.monotonic() >= self._read_partners_at
                 if self.store.partners_stale or shared_due:
                     self._read_partners_at = time.monotonic() + SHARED_RECHECK_S
                     await asyncio.to_thread(self.store.reload_partners)

@@ -488,9 +488,9 @@ async def owned_partner(request: Request) -> Partner:
 
 
 async def known_partner(store: Store, partner_id: str) -> Partner | None:
-    """A partner from the in-memory copy; on PostgreSQL a miss reads the partners again first."""
+    """A partner from the in-memory copy; on a shared database a miss reads the partners again first."""
     partner = store.get_partner(partner_id)
-    if partner is None and store.postgres:
+    if partner is None and store.shared:
         await db(store.reload_partners)
         partner = store.get_partner(partner_id)
     return partner

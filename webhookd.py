@@ -614,7 +614,7 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
     notifier = realtime.Notifier(queue_size=config.realtime.client_queue)
     _add_gauges(counters, store, loop, notifier, clock)
     sec = config.security
-    shared = store if store.postgres else None  # several processes: one limit for all of them
+    shared = store if store.shared else None  # several processes: one limit for all of them
 
     def limit(name: str, rate_per_s: float, burst: float) -> RateLimiter:
         return RateLimiter(rate_per_s, burst, clock, shared=shared, name=name)
@@ -642,7 +642,7 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
     counters.gauge("webhookd_partner_circuit_open", "1 while a partner's circuit is open or half-open, else 0.",
                    lambda: {(("partner_id", p.id),): float(loop.circuit(p, clock())["state"] != "closed")
                             for p in store.all_partners()})
-    if store.postgres:
+    if store.shared:  # the health of a database server several processes share (store.database_health)
         counters.gauge("webhookd_db_oldest_transaction_seconds",
                        "Age of the oldest open transaction on the database (a long one stalls claims).",
                        lambda: {(): store.database_health()["oldest_transaction_seconds"]})

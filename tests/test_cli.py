@@ -123,6 +123,21 @@ def test_listen_refuses_a_wrong_signature_with_401(tmp_path):
         out.close()
 
 
+def test_backup_and_restore_send_a_database_server_to_its_own_tools_and_migrate_store_wants_one(tmp_path):
+    """``backup`` and ``restore`` copy one SQLite file: with ``storage.url`` set they name the
+    server's own tool instead (nothing is connected to); ``migrate-store --to`` takes a server's URL."""
+    server = {"WEBHOOKD_STORAGE_URL": "postgresql://webhookd@127.0.0.1:9/webhookd", "WEBHOOKD_ADMIN_TOKEN": "adm_x"}
+    config = ("--config", str(ROOT / "webhookd.toml"))
+    backup = _cli(*config, "backup", str(tmp_path / "copy.db"), env=server)
+    restore = _cli(*config, "restore", str(tmp_path / "copy.db"), env=server)
+    assert (backup.returncode, restore.returncode) == (1, 1)
+    assert "pg_dump" in backup.stderr and "pg_restore" in restore.stderr
+    assert not (tmp_path / "copy.db").exists()
+    migrate = _cli(*config, "migrate-store", "--to", str(tmp_path / "other.db"),
+                   env={"WEBHOOKD_STORAGE_PATH": str(tmp_path / "w.db")})
+    assert migrate.returncode == 1 and "--to must be a PostgreSQL URL" in migrate.stderr
+
+
 # --- Operator commands against a running `webhookd serve` ---------------------------------
 
 

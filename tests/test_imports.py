@@ -92,3 +92,22 @@ def test_every_kind_of_import_counts(tmp_path):
                       "def f():\n    import delivery.x\n    from web import y\n"
                       "if __name__ == '__main__':\n    from cli import main\n")
     assert imported_modules(module) == {"config", "store", "delivery", "web", "cli"}
+
+
+# --- Nothing above the store asks which engine it is -------------------------------------------
+
+ENGINE_MODULES = ("store", "engines")  # the store and its engines' files (store_*.py) may
+
+
+def engine_questions(path) -> list[int]:
+    """The lines of ``path`` that read a ``.postgres`` attribute (``store.postgres``, ``ctx.store.postgres``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "postgres"]
+
+
+def test_no_module_above_the_store_asks_which_engine_it_is():
+    """Code above the store asks a capability (``store.shared``: several processes may share the
+    database), never the engine's name; what differs by engine lives in the store's files."""
+    asked = {f"{name}.py": lines for name, path in sorted(MODULES.items())
+             if not name.startswith(ENGINE_MODULES) and (lines := engine_questions(path))}
+    assert not asked, f"ask store.shared (or another capability) instead of .postgres: {asked}"
