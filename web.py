@@ -1,6 +1,6 @@
 """What every route stands on: errors, credentials, access rules, reading requests, paging.
 
-A route in ``webhookd.py`` or ``inbound.py`` is short because the common work is here:
+A route in ``webhookd.py``, ``partners.py`` or ``inbound.py`` is short because the common work is here:
 
 1. **Errors.** A route raises ``ApiError``; every error, ours or Starlette's, leaves as
    ``{"error": {"code", "message"}}`` with its status. A 500 means a bug, and is logged.
