@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from config import DeliverySettings
 from engines import DatabaseUnavailable
 from models import Job
 
 logger = logging.getLogger("webhookd.breakers")
 
 if TYPE_CHECKING:
-    from delivery import Settings
     from sender import Sent
 
 
@@ -63,7 +63,7 @@ class Breakers:
     **Disabled**: a streak that has lasted ``disable_after_s``, or a ``410 Gone``.
     """
 
-    def __init__(self, settings: Settings, last_failure_of: Callable[[str], float | None] | None = None):
+    def __init__(self, settings: DeliverySettings, last_failure_of: Callable[[str], float | None] | None = None):
         """``last_failure_of(partner_id)``: the partner's latest failed attempt as the store
         knows it, to pick up a failing streak after a restart (it is asked once per partner)."""
         self.settings = settings

@@ -7,7 +7,7 @@
 * ``partners``, ``publish``, ``deliveries``, ``retry``, ``recover``, ``replay`` and ``audit`` talk to the running
   server's HTTP API with the admin token, and print tables (or ``--json``).
 
-``main`` is the console script; ``python webhookd.py ...`` calls it too. A command that
+``main`` is the console script; ``python cli.py ...`` calls it too. A command that
 cannot do its job prints one line saying why and exits 1 (2 for a bad config).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import signing
-from config import VERSION, Config, ConfigError, admin_token, load_config, rotate_admin_token
+from config import VERSION, Config, ConfigError, admin_token, is_server_url, load_config, rotate_admin_token
 
 logger = logging.getLogger("webhookd")
 
@@ -419,7 +419,7 @@ def _cmd_backup(args: argparse.Namespace, config: Config) -> int:
     every page as of one moment (a read transaction; in WAL mode writers go on meanwhile)."""
     import sqlite3
 
-    _refuse_postgres(config, "pg_dump --format=custom --file=webhookd.dump \"$URL\"")
+    _refuse_a_server(config, "pg_dump --format=custom --file=webhookd.dump \"$URL\"")
     source, target = Path(config.storage.path), Path(args.path)
     if not source.exists():
         raise CliError(f"there is no database at {source} (storage.path) to back up")
@@ -442,9 +442,9 @@ def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
     existing database unless asked (``--replace``). Warns about the credentials it brings back."""
     import sqlite3
 
-    from delivery import ALIVE_S
+    from housekeeping import ALIVE_S
 
-    _refuse_postgres(config, "pg_restore --clean --dbname=\"$URL\" webhookd.dump")
+    _refuse_a_server(config, "pg_restore --clean --dbname=\"$URL\" webhookd.dump")
     backup, target = Path(args.path), Path(config.storage.path)
     if not backup.exists():
         raise CliError(f"there is no backup at {backup}")
@@ -598,8 +598,9 @@ def _sqlite(path: Path, readonly: bool = False) -> Iterator[Any]:
         con.close()
 
 
-def _refuse_postgres(config: Config, command: str) -> None:
-    if config.storage.url:
+def _refuse_a_server(config: Config, command: str) -> None:
+    """``backup`` and ``restore`` copy one SQLite file; a database server has its own tools."""
+    if not config.storage.is_one_file:
         raise CliError(f"storage.url is PostgreSQL: use its own tools, e.g. {command}")
 
 
@@ -615,7 +616,7 @@ def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
     one box"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
     from store import Store, copy_store
 
-    if not args.to.startswith(("postgresql://", "postgres://")):
+    if not is_server_url(args.to):
         raise CliError("--to must be a PostgreSQL URL, like postgresql://webhookd:secret@db.internal/webhookd")
     if not Path(config.storage.path).exists():
         raise CliError(f"there is no SQLite file at {config.storage.path} (storage.path) to copy from")

@@ -4,7 +4,8 @@ Read this file to answer "what can I set, and what happens if I don't". It impor
 nothing of webhookd's own, so it reads on its own:
 
 1. the event catalog (what ``POST /events`` accepts) and the partner guide's default,
-2. one frozen dataclass per section of ``webhookd.toml``: field = key, value = default,
+2. one frozen dataclass per section of ``webhookd.toml``: field = key, value = default;
+   ``DeliverySettings``, what the delivery loop and the housekeeping read of them,
 3. ``load_config``: the TOML file, then ``WEBHOOKD_<SECTION>_<KEY>`` variables, then checks
    that stop start-up with one line naming the key and the value,
 4. ``admin_token``: the token from the config, or a 0600 file created beside the database.
@@ -82,6 +83,17 @@ class StorageConfig:
     def target(self) -> str:
         """What ``Store`` opens: the PostgreSQL URL when set, else the SQLite file."""
         return self.url or self.path
+
+    @property
+    def is_one_file(self) -> bool:
+        """The database is the SQLite file at ``path``, which ``webhookd backup`` and ``restore``
+        copy; a database server (``url``) is backed up with its own tools."""
+        return not self.url
+
+
+def is_server_url(url: str) -> bool:
+    """A ``storage.url`` webhookd can open: a PostgreSQL server's, ``postgresql://user:password@host/db``."""
+    return url.startswith(("postgresql://", "postgres://"))
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,54 @@ class Config:
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     events: dict[str, dict[str, str]] = field(default_factory=lambda: dict(GUIDE_CATALOG))  # type -> field -> JSON type
+
+
+@dataclass(frozen=True)
+class DeliverySettings(DeliveryConfig):
+    """What the delivery loop, its breakers, its sender and the housekeeping read: the
+    ``[delivery]`` keys plus a few keys of other sections, and the values derived from them."""
+
+    retention_s: float = 2592000.0
+    purge_batch: int = 500
+    purge_interval_s: float = 300.0
+    audit_retention_s: float = 31536000.0
+    allow_private_targets: bool = False
+    allowed_ports: tuple[int, ...] = ()
+    user_agent: str = "webhookd"
+
+    @classmethod
+    def from_config(cls, config: Config, user_agent: str) -> DeliverySettings:
+        return cls(
+            **dataclasses.asdict(config.delivery),
+            retention_s=config.retention.max_age_s,
+            purge_batch=config.retention.batch_size,
+            purge_interval_s=config.retention.interval_s,
+            audit_retention_s=config.retention.audit_max_age_s,
+            allow_private_targets=config.security.allow_private_targets,
+            allowed_ports=config.security.allowed_ports,
+            user_agent=user_agent,
+        )
+
+    @property
+    def cooldown_s(self) -> float:
+        """The first pause of an open circuit: ``breaker_cooldown_s``, or by default the
+        smaller of 30 s and ``backoff_max_s`` (no longer than the retry schedule's)."""
+        return self.breaker_cooldown_s if self.breaker_cooldown_s is not None else min(30.0, self.backoff_max_s)
+
+    @property
+    def cooldown_max_s(self) -> float:
+        """The longest pause: ``breaker_cooldown_max_s``, or the smaller of 600 s and ``backoff_max_s``."""
+        if self.breaker_cooldown_max_s is not None:
+            return self.breaker_cooldown_max_s
+        return min(600.0, self.backoff_max_s)
+
+    @property
+    def lease_s(self) -> float:
+        """How long a claim holds a row. A claimed row starts at once and its attempt lasts at
+        most ``timeout_s``, lookup and connect included: twice that and a margin for recording
+        the result (a busy disk, a stop's grace period) mean a slow attempt is never taken
+        over — and sent twice — while it is still running."""
+        return 2 * self.timeout_s + 10
 
 
 SECTIONS = {"server": ServerConfig, "storage": StorageConfig, "security": SecurityConfig,
@@ -349,7 +409,7 @@ def _check_values(sections: dict[str, Any]) -> None:
         raise ConfigError(f"Config 'storage.path' has value {storage_path!r}. Expected a file path: "
                           "webhookd's threads each open the file, so it must be on disk.")
     url = sections["storage"].url
-    if url and not url.startswith(("postgresql://", "postgres://")):
+    if url and not is_server_url(url):
         raise ConfigError("Config 'storage.url' is not a PostgreSQL URL. Expected postgresql://user:password@host/db "
                           "(or leave it empty for the SQLite file in storage.path).")
     _check_alerts(sections["alerts"])

@@ -34,20 +34,16 @@ import collections
 import dataclasses
 import logging
 import math
-import os
 import queue
 import random
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from alerts import Alerts
 from breakers import Breakers, Pacer
-from config import Config, DeliveryConfig
+from config import DeliverySettings
 from engines import DatabaseUnavailable
 from metrics import Metrics
 from models import Job, Outcome, Partner
@@ -69,55 +65,6 @@ CANCELLED_IN_FLIGHT = "the delivery was cancelled while in flight (cancel-pendin
 TAKEN_OVER = "the delivery had moved on (its lease ran out and another attempt took it over)"
 REFUSED = "the delivery no longer expected this attempt (cancelled, or taken over, meanwhile)"
 NOT_WRITTEN = "the database did not take the result; the delivery is sent again when its lease runs out"
-HEARTBEAT_S = 2.0       # each process renews its row in `processes` this often...
-ALIVE_S = 3 * HEARTBEAT_S  # ...and counts as alive while its last one is this recent
-
-
-@dataclass(frozen=True)
-class Settings(DeliveryConfig):
-    """Everything the loop needs: the ``[delivery]`` keys plus a few keys of other sections."""
-
-    retention_s: float = 2592000.0
-    purge_batch: int = 500
-    purge_interval_s: float = 300.0
-    audit_retention_s: float = 31536000.0
-    allow_private_targets: bool = False
-    allowed_ports: tuple[int, ...] = ()
-    user_agent: str = "webhookd"
-
-    @classmethod
-    def from_config(cls, config: Config, user_agent: str) -> Settings:
-        return cls(
-            **dataclasses.asdict(config.delivery),
-            retention_s=config.retention.max_age_s,
-            purge_batch=config.retention.batch_size,
-            purge_interval_s=config.retention.interval_s,
-            audit_retention_s=config.retention.audit_max_age_s,
-            allow_private_targets=config.security.allow_private_targets,
-            allowed_ports=config.security.allowed_ports,
-            user_agent=user_agent,
-        )
-
-    @property
-    def cooldown_s(self) -> float:
-        """The first pause of an open circuit: ``breaker_cooldown_s``, or by default the
-        smaller of 30 s and ``backoff_max_s`` (no longer than the retry schedule's)."""
-        return self.breaker_cooldown_s if self.breaker_cooldown_s is not None else min(30.0, self.backoff_max_s)
-
-    @property
-    def cooldown_max_s(self) -> float:
-        """The longest pause: ``breaker_cooldown_max_s``, or the smaller of 600 s and ``backoff_max_s``."""
-        if self.breaker_cooldown_max_s is not None:
-            return self.breaker_cooldown_max_s
-        return min(600.0, self.backoff_max_s)
-
-    @property
-    def lease_s(self) -> float:
-        """How long a claim holds a row. A claimed row starts at once and its attempt lasts at
-        most ``timeout_s``, lookup and connect included: twice that and a margin for recording
-        the result (a busy disk, a stop's grace period) mean a slow attempt is never taken
-        over — and sent twice — while it is still running."""
-        return 2 * self.timeout_s + 10
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
@@ -131,7 +78,7 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random)
     return delay / 2 + rng.uniform(0, delay / 2)
 
 
-def decide(job: Job, sent: Sent, settings: Settings, rng: random.Random, now: float) -> tuple[str, float, str]:
+def decide(job: Job, sent: Sent, settings: DeliverySettings, rng: random.Random, now: float) -> tuple[str, float, str]:
     """The delivery's next state and due time after one attempt, and why, in words (its trace)."""
     if sent.attempt.error is None:
         return "delivered", now, "the partner answered 2xx"
@@ -160,9 +107,9 @@ class DeliveryLoop:
     so under load the loop claims in batches instead of once per delivery.
     """
 
-    def __init__(self, store: Store, settings: Settings, rng: random.Random | None = None,
+    def __init__(self, store: Store, settings: DeliverySettings, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.time, metrics: Metrics | None = None,
-                 alerts: Alerts | None = None):
+                 alerts: Alerts | None = None, live_processes: Callable[[], int] = lambda: 1):
         self.store = store
         self.alerts = alerts
         self.metrics = metrics or Metrics()
@@ -170,9 +117,7 @@ class DeliveryLoop:
         self.rng = rng or random.Random()
         self.clock = clock
         self.sender = Sender(settings, clock)
-        self.process_id = "proc_" + secrets.token_hex(8)  # this process, among several on one database
-        self.started_at = clock()
-        self.processes: list[dict[str, Any]] = []  # the live ones, from the last heartbeat
+        self.live_processes = live_processes  # how many share the database (housekeeping's heartbeats)
         self.breakers = Breakers(settings, last_failure_of=store.last_failed_attempt_at)
         self.pacer = Pacer()
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
@@ -189,11 +134,9 @@ class DeliveryLoop:
         self._wake_sent = False             # a wake-up from another thread is on its way
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_task: asyncio.Task | None = None
-        self._purge_task: asyncio.Task | None = None
-        self._heartbeat_task: asyncio.Task | None = None
         self._stopping = False
-        # On PostgreSQL another process may publish what this one should send: look every second.
-        self._recheck_s = SHARED_RECHECK_S if store.postgres else IDLE_RECHECK_S
+        # On a shared database another process may publish what this one should send: look every second.
+        self._recheck_s = SHARED_RECHECK_S if store.shared else IDLE_RECHECK_S
         self._read_partners_at = 0.0
 
     # Starting, waking and stopping ---------------------------------------------------
@@ -205,10 +148,7 @@ class DeliveryLoop:
         if requeued:
             logger.warning("re-queued %d deliveries whose lease ran out (an earlier run stopped mid-send)", requeued)
         self._recorder.start()
-        await self._heartbeat()
         self._run_task = asyncio.create_task(self.run(), name="webhookd-delivery-loop")
-        self._purge_task = asyncio.create_task(self._purge_old(), name="webhookd-retention")
-        self._heartbeat_task = asyncio.create_task(self._keep_beating(), name="webhookd-heartbeat")
 
     def wake(self) -> None:
         """Tell the loop there may be work now. Safe to call from any thread.
@@ -263,11 +203,8 @@ class DeliveryLoop:
         """
         self._stopping = True
         self.wake()
-        for task in (self._purge_task, self._heartbeat_task):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._run_task, self._purge_task, self._heartbeat_task) if t),
-                             return_exceptions=True)
+        if self._run_task is not None:
+            await asyncio.gather(self._run_task, return_exceptions=True)
         grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
         await asyncio.to_thread(self._all_done.wait, grace)
         with self._lock:
@@ -281,10 +218,6 @@ class DeliveryLoop:
         await asyncio.to_thread(self._recorder.join, 10)
         unfinished = self.in_flight
         await asyncio.to_thread(self.sender.close)
-        try:
-            await asyncio.to_thread(self.store.forget_process, self.process_id)
-        except Exception:  # the database is away: the row simply stops being renewed
-            logger.warning("could not remove this process from the processes table; it will age out")
         logger.info("delivery loop stopped; %d attempts left unfinished (their leases will run out "
                     "and they will be sent again)", unfinished)
 
@@ -309,9 +242,9 @@ class DeliveryLoop:
         while not self._stopping:
             self._wakeup.clear()
             try:
-                # Read the partners again after a reload that failed, and on PostgreSQL every second:
-                # other processes change them too (registrations, pauses, circuits they opened).
-                shared_due = self.store.postgres and time.monotonic() >= self._read_partners_at
+                # Read the partners again after a reload that failed, and on a shared database every
+                # second: other processes change them too (registrations, pauses, circuits they opened).
+                shared_due = self.store.shared and time.monotonic() >= self._read_partners_at
                 if self.store.partners_stale or shared_due:
                     self._read_partners_at = time.monotonic() + SHARED_RECHECK_S
                     await asyncio.to_thread(self.store.reload_partners)
@@ -353,7 +286,7 @@ class DeliveryLoop:
         Several processes on one database each send at their share of a partner's own pace
         (``max_rate_per_s`` / the live processes), so together they keep to it. A process with
         no work for that partner leaves its share unused: the pace is a ceiling, not a promise."""
-        shares = max(1, len(self.processes))
+        shares = max(1, self.live_processes())
         own = {p: rate / shares for p, rate in self.store.paces().items()}
         rates = {p: self.pacer.rate(p, own.get(p), now) for p in set(own) | set(self.pacer.paced(now))}
         return {p: rate for p, rate in rates.items() if rate is not None}
@@ -610,90 +543,3 @@ class DeliveryLoop:
                 logger.exception("recording %d attempts failed; their leases will run out and they "
                                  "will be sent again", len(batch))
                 return None
-
-    # Retention ----------------------------------------------------------------------------
-
-    async def _purge_old(self) -> None:
-        """Every ``purge_interval_s``, one retention pass (``purge_expired``) — by one process
-        only when several share a database: the one holding the ``sweeper`` role, which passes
-        to another if it stops renewing it for three intervals."""
-        while not self._stopping:
-            try:
-                sweeper = await asyncio.to_thread(self.store.hold_role, "sweeper", self.process_id,
-                                                  3 * self.settings.purge_interval_s, self.clock())
-                if not sweeper:
-                    await asyncio.sleep(self.settings.purge_interval_s)
-                    continue
-                await self.expire_pending()
-                events, inbound = await self.purge_expired()
-                if self.store.postgres:  # the shared rate limits' buckets that are full again
-                    await asyncio.to_thread(self.store.purge_rate_buckets, before=time.time() - 3600)
-                if events or inbound:
-                    logger.info("retention: purged %d delivered events and %d inbound events older than %d s",
-                                events, inbound, int(self.settings.retention_s))
-            except Exception:
-                logger.exception("retention purge failed; will try again")
-            await asyncio.sleep(self.settings.purge_interval_s)
-
-    async def _keep_beating(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(HEARTBEAT_S)
-            try:
-                await self._heartbeat()
-            except Exception as exc:  # the database is away; the next beat tries again
-                logger.warning("heartbeat failed (%s); trying again in %.0f s", exc, HEARTBEAT_S)
-
-    async def _heartbeat(self) -> None:
-        """Renew this process's row in ``processes`` and learn which others are alive (``/stats``
-        lists them; the pace is shared among them)."""
-        self.processes = await asyncio.to_thread(
-            self.store.heartbeat, self.process_id, host=socket.gethostname(), pid=os.getpid(),
-            started_at=self.started_at, now=self.clock(), alive_s=ALIVE_S)
-
-    async def expire_pending(self) -> int:
-        """End ``expired`` the deliveries pending for longer than ``max_pending_age_s`` (a partner
-        paused or disabled for weeks gets nothing stale when it resumes); a log line per partner."""
-        now, max_age = self.clock(), self.settings.max_pending_age_s
-        expired = await asyncio.to_thread(self.store.expire_pending, queued_before=now - max_age, now=now)
-        for partner_id, count in sorted(expired.items()):
-            self.metrics.deliveries.inc(count, partner=partner_id, outcome="expired")
-            logger.warning("partner %s: %d deliveries pending for over %d s ended expired; retry them by hand "
-                           "(POST /partners/%s/recover?since=...) if they still matter",
-                           partner_id, count, int(max_age), partner_id)
-        return sum(expired.values())
-
-    async def purge_expired(self) -> tuple[int, int]:
-        """Delete what is older than ``retention_s`` — delivered events, then inbound events —
-        each table in batches of ``purge_batch`` until nothing old is left; then the tombstones
-        of deleted partners whose history is gone, and audit entries older than
-        ``audit_retention_s``. Returns the counts of events and inbound events."""
-        cutoff, size = self.clock() - self.settings.retention_s, self.settings.purge_batch
-        cursor: tuple[float, str] | None = None
-
-        def events_batch() -> tuple[int, bool]:
-            nonlocal cursor
-            purged, cursor = self.store.purge_delivered(before=cutoff, batch=size, after=cursor)
-            return purged, cursor is not None
-
-        def inbound_batch() -> tuple[int, bool]:
-            purged = self.store.purge_inbound(before=cutoff, batch=size)
-            return purged, purged == size
-
-        def audit_batch() -> tuple[int, bool]:
-            purged = self.store.purge_audit(before=self.clock() - self.settings.audit_retention_s, batch=size)
-            return purged, purged == size
-
-        counts = await self._in_batches(events_batch), await self._in_batches(inbound_batch)
-        await asyncio.to_thread(self.store.purge_deleted_partners, before=cutoff)
-        await self._in_batches(audit_batch)
-        return counts
-
-    async def _in_batches(self, batch: Callable[[], tuple[int, bool]]) -> int:
-        """Run ``batch`` (in a thread) until it says nothing is left; the total it purged."""
-        total = 0
-        while True:
-            purged, more = await asyncio.to_thread(batch)
-            total += purged
-            if not more or self._stopping:
-                return total
-            await asyncio.sleep(0.05)  # let other writers in between batches

@@ -218,10 +218,10 @@ async def _verified_sender(request: Request, ctx: Context, raw: bytes, payload: 
 
 async def _named_partner(ctx: Context, partner_id: str) -> Partner | None:
     """The partner ``X-Partner-Id`` names, from memory (like ``partners_accepting_inbound``: no
-    thread hop); on PostgreSQL an unknown id reads the partners again (registered through another
-    process just now?), at most every ``PARTNER_MISS_RELOAD_S``."""
+    thread hop); on a shared database an unknown id reads the partners again (registered through
+    another process just now?), at most every ``PARTNER_MISS_RELOAD_S``."""
     named = ctx.store.get_partner(partner_id)
-    if named is None and ctx.store.postgres:
+    if named is None and ctx.store.shared:
         await db(ctx.store.reload_partners, at_most_every_s=PARTNER_MISS_RELOAD_S)
         named = ctx.store.get_partner(partner_id)
     return named
@@ -338,8 +338,8 @@ async def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> 
     message, user_id = offer
     reached = ctx.notifier.notify(message, user_id)
     logger.info("offer from %s sent to %d live connections (%s)", partner_id, reached, user_id or "everyone")
-    if ctx.store.postgres:
-        note = json.dumps({"origin": ctx.loop.process_id, "message": message, "user_id": user_id}, ensure_ascii=False)
+    if ctx.store.shared:  # the other processes' /ws clients hear of it too
+        note = json.dumps({"origin": ctx.housekeeping.process_id, "message": message, "user_id": user_id}, ensure_ascii=False)
         if len(note.encode()) < OFFER_NOTE_MAX:
             await db(ctx.store.announce, OFFERS_CHANNEL, note)
         else:
@@ -354,7 +354,7 @@ def relay_offer(ctx: Context, note: str) -> None:
     """An offer another process received, for the users connected here (on the event loop)."""
     try:
         relayed = json.loads(note)
-        if relayed["origin"] == ctx.loop.process_id:
+        if relayed["origin"] == ctx.housekeeping.process_id:
             return  # ours: our users had it already
         reached = ctx.notifier.notify(relayed["message"], relayed["user_id"])
     except (ValueError, KeyError, TypeError):

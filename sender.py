@@ -43,15 +43,13 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import signing
+from config import DeliverySettings
 from models import Attempt, Job
 from targets import Target, TargetRefused, parse_target, resolve_target_async
-
-if TYPE_CHECKING:
-    from delivery import Settings
 
 logger = logging.getLogger("webhookd.delivery")
 
@@ -370,7 +368,7 @@ class Sender:
     when it has been idle longer than ``idle_connection_s`` (servers drop idle ones).
     """
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time):
+    def __init__(self, settings: DeliverySettings, clock: Callable[[], float] = time.time):
         self.settings = settings
         self.clock = clock
         self._idle: dict[tuple, list[_Connection]] = {}   # per origin, the most recent last

@@ -517,6 +517,7 @@ class Store:
     @property
     def postgres(self) -> bool:
         return self.engine.name == "postgresql"
+    shared = postgres  # a capability, for the code above the store: several processes may share this database
 
     def close(self) -> None:
         self._group_queue.put(None)

@@ -1,6 +1,6 @@
 """What every route stands on: errors, credentials, access rules, reading requests, paging.
 
-A route in ``webhookd.py`` or ``inbound.py`` is short because the common work is here:
+A route in ``webhookd.py``, ``partners.py`` or ``inbound.py`` is short because the common work is here:
 
 1. **Errors.** A route raises ``ApiError``; every error, ours or Starlette's, leaves as
    ``{"error": {"code", "message"}}`` with its status. A 500 means a bug, and is logged.
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from alerts import Alerts
     from config import Config
     from delivery import DeliveryLoop
+    from housekeeping import Housekeeping
     from models import Partner
     from store import Store
 
@@ -161,6 +162,10 @@ def new_id(prefix: str, unpredictable: bool = False) -> str:
     return prefix + _base36(int(time.time() * 1000), 9) + _base36(bits, 12)
 
 
+def new_delivery_id() -> str:
+    return new_id("dlv_")
+
+
 def new_shared_secret() -> str:
     """A partner's HMAC key: 256 bits from the OS, shown to the partner once."""
     return "sk_live_" + secrets.token_urlsafe(32)
@@ -219,6 +224,7 @@ class Context:
     config: Config
     store: Store
     loop: DeliveryLoop
+    housekeeping: Housekeeping
     clock: Callable[[], float]
     notifier: realtime.Notifier
     tokens: realtime.Tokens
@@ -482,9 +488,9 @@ async def owned_partner(request: Request) -> Partner:
 
 
 async def known_partner(store: Store, partner_id: str) -> Partner | None:
-    """A partner from the in-memory copy; on PostgreSQL a miss reads the partners again first."""
+    """A partner from the in-memory copy; on a shared database a miss reads the partners again first."""
     partner = store.get_partner(partner_id)
-    if partner is None and store.postgres:
+    if partner is None and store.shared:
         await db(store.reload_partners)
         partner = store.get_partner(partner_id)
     return partner

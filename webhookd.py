@@ -5,26 +5,25 @@ events; webhookd stores each one, signs it with HMAC-SHA256 and delivers it to e
 subscribed partner, durably and with retries. Partners post their own signed events
 back to us, and a promoted offer reaches our users live over WebSocket.
 
-This file is the outbound API and the application, top to bottom:
+This file is the application and the event routes, top to bottom:
 
-1. partners: register, read, change (who may change a status), rotate the secret, reissue the
-   API key, delete, ping, recover failed deliveries, replay a time window;
-2. publishing: ``POST /events`` checks the payload against the catalog, takes out whom it is
+1. publishing: ``POST /events`` checks the payload against the catalog, takes out whom it is
    for, and answers 202 only once the event and its deliveries are on disk; an event's trace;
-3. deliveries: read them (a partner sees only its own), retry a failed one, the audit trail;
-4. operations: health, metrics, the dashboard, the partners' portal, the OpenAPI document;
-5. the route table, which says who may call each route, and ``create_app``, whose
-   lifespan opens the store and starts the delivery loop.
+2. deliveries: read them (a partner sees only its own), retry a failed one, the audit trail;
+3. operations: health, metrics, the dashboard, the partners' portal, the OpenAPI document;
+4. the route table, which says who may call each route, and ``create_app``, whose lifespan
+   opens the store and starts the delivery loop and the housekeeping.
 
 Where the rest lives, in the order an event meets it:
 
 ====================  ===============================================================
 ``web.py``            what every route stands on: errors, credentials, access rules,
                       rate limits, reading bodies, paging
-``partner_fields.py`` what a partner's fields may hold (the 422s of registration, PATCH)
+``partners.py``       the ``/partners`` routes and what a partner's fields may hold
 ``store.py``          both engines' schema and every SQL statement (publish, claim, record)
 ``delivery.py``       the delivery loop: claim → one task per attempt on the sender
-                      thread → recorder; backoff, expiry, retention
+                      thread → recorder; backoff
+``housekeeping.py``   heartbeats, and the sweeper's expiry and retention passes
 ``breakers.py``       a partner's circuit breaker, failing streak and pace
 ``sender.py``         one HTTP attempt in plain standard library; ``signing.py`` signs it
 ``targets.py``        where a webhook may go: the URL rule and the SSRF address rule
@@ -44,7 +43,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -58,28 +56,33 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import WebSocketRoute
 
 import delivery
+import housekeeping
 import metrics
 import openapi
 import realtime
 import signing
 import timeline
 from alerts import Alerts
-from config import FIELD_TYPES, VERSION, Config, admin_token
+from config import FIELD_TYPES, VERSION, Config, DeliverySettings, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
-from models import AuditEntry, Delivery, Event, NewEvent, Partner
-from partner_fields import (
-    check_audience_setter,
+from models import AuditEntry, Delivery, Event, NewEvent
+from partners import (
+    cancel_pending,
     check_channels,
-    check_contact_email,
-    check_events,
-    check_filter,
-    check_max_rate,
-    check_ordering,
-    check_partner_name,
-    check_status_change,
-    check_webhook_url,
+    delete_partner,
+    get_partner,
+    list_partners,
     log_stale_subscriptions,
-    stale_subscriptions,
+    partner_json,
+    probe_everywhere,
+    recover_failed,
+    refuse_if_held,
+    register_partner,
+    reissue_api_key,
+    replay_events,
+    rotate_secret,
+    send_test_event,
+    update_partner,
 )
 from store import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL, Store
 from web import (
@@ -98,52 +101,28 @@ from web import (
     RealClient,
     audit_entry,
     caller_of,
-    client_address,
     context,
-    cursor_text,
     db,
     error_body,
     error_response,
-    hash_api_key,
     invalid,
-    is_small_number,
     known_partner,
-    new_api_key,
+    new_delivery_id,
     new_id,
-    new_shared_secret,
-    owned_partner,
-    owned_partner_id,
     page_json,
     page_params,
     partner_not_found,
     read_json_object,
     route,
-    secret_json,
 )
 
 __version__ = VERSION
 
 logger = logging.getLogger("webhookd")
 
-TEST_EVENT = "webhook.test"
-
-
 # =====================================================================================
 # Resource shapes (never a secret)
 # =====================================================================================
-
-
-def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
-    """A partner as the API shows it, with its circuit as the delivery loop sees it now."""
-    return {"partner_id": partner.id, "partner_name": partner.name, "webhook_url": partner.webhook_url,
-            "status": partner.status, "events_subscribed": list(partner.events),
-            "stale_subscriptions": stale_subscriptions(partner, ctx.config.events),
-            "disabled_reason": partner.disabled_reason, "suspended_reason": partner.suspended_reason,
-            "failing_since": int(partner.failing_since) if partner.failing_since else None,
-            "channels": list(partner.channels), "filter": partner.payload_filter, "ordering": partner.ordering,
-            "max_rate_per_s": partner.max_rate_per_s, "contact_email": partner.contact_email,
-            "circuit": ctx.loop.circuit(partner, ctx.clock()),
-            "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
 
 def delivery_json(d: Delivery, with_attempts: bool = False) -> dict[str, Any]:
@@ -174,292 +153,7 @@ def event_json(event: Event) -> dict[str, Any]:
 
 
 # =====================================================================================
-# 1. Partners
-# =====================================================================================
-
-
-async def register_partner(request: Request) -> JSONResponse:
-    """``POST /partners/register``: the only response that ever shows the secret and the API key."""
-    ctx = context(request)
-    caller = caller_of(request)
-    if caller is None or not caller.is_admin:  # open registration: limit each client address
-        await ctx.registration_limit.check(client_address(request), "registrations")
-    body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s",
-                                                    "contact_email", "channels", "filter", "ordering"})
-    check_audience_setter(body, caller)  # an open registration cannot pick its own audience
-    name = check_partner_name(body.get("partner_name"))
-    url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
-    events = check_events(body.get("events"), ctx.config.events)
-    rate = check_max_rate(body.get("max_rate_per_s"))
-    email = check_contact_email(body.get("contact_email"))
-    channels = check_channels(body.get("channels", []))
-    payload_filter = check_filter(body.get("filter"))
-    ordering = check_ordering(body.get("ordering", "concurrent"))
-    shared_secret, api_key = new_shared_secret(), new_api_key()
-    partner_id = new_id("partner_", unpredictable=True)
-    audit = audit_entry(request, "partner.registered", partner_id,
-                        {"partner_name": name, "webhook_url": url, "events": events, "max_rate_per_s": rate,
-                         "contact_email": email, "channels": channels, "filter": payload_filter or None,
-                         "ordering": ordering})
-    partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
-                       secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
-                       max_rate_per_s=rate, contact_email=email, channels=channels, payload_filter=payload_filter,
-                       ordering=ordering, audit=audit)
-    logger.info("registered partner %s for %s", partner.id, ",".join(events))
-    return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
-                        status_code=201)
-
-
-async def list_partners(request: Request) -> JSONResponse:
-    limit, cursor = page_params(request)
-    ctx = context(request)
-    page = await db(ctx.store.list_partners, limit=limit, cursor=cursor)
-    return JSONResponse(page_json(page, lambda partner: partner_json(partner, ctx)))
-
-
-async def get_partner(request: Request) -> JSONResponse:
-    return JSONResponse(partner_json(await owned_partner(request), context(request)))
-
-
-async def update_partner(request: Request) -> JSONResponse:
-    """``PATCH /partners/{id}``: any of ``PATCHABLE``, each checked as at registration; ``null``
-    removes a pace, a filter or a contact email. ``channels`` and ``filter`` are the admin's
-    (``check_audience_setter``).
-
-    Setting ``active`` resumes a paused or disabled partner: its held deliveries go out. Who
-    may make which change of ``status`` is ``check_status_change``'s rule.
-    """
-    partner_id = owned_partner_id(request)
-    ctx = context(request)
-    body = await read_json_object(request, allowed=PATCHABLE | {"reason"})
-    if not body.keys() - {"reason"}:
-        raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(PATCHABLE))}.")
-    before = await owned_partner(request)
-    change = await check_change(body, before, ctx, caller_of(request))
-    status = change["status"]
-    action = STATUS_ACTIONS[status] if status not in (None, before.status) else "partner.updated"
-    audit = audit_entry(request, action, partner_id, changed_fields(before, body, change))
-    partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), audit=audit, **change)
-    if partner is None:
-        raise partner_not_found(partner_id)
-    if status == "active":
-        ctx.loop.partner_reactivated(partner_id)  # the other processes were told by the store
-        if before.status == "disabled":
-            ctx.alerts.note("partner_enabled", partner_id, f"made active again by the {audit.actor}")
-    logger.info("partner %s updated: %s", partner_id, ", ".join(sorted(body)))
-    return JSONResponse(partner_json(partner, ctx))
-
-
-PATCHABLE = {"webhook_url", "events", "channels", "filter", "ordering", "status", "max_rate_per_s", "contact_email"}
-STATUS_ACTIONS = {"active": "partner.activated", "paused": "partner.paused", "suspended": "partner.suspended"}
-
-
-async def check_change(body: dict[str, Any], before: Partner, ctx: Context, caller: Any) -> dict[str, Any]:
-    """The fields a PATCH sent, checked, as ``Store.update_partner`` takes them: None for a field
-    not sent; a removal as the store's "remove" value (a pace of 0, an empty filter, an empty
-    address). A partner's own key that sends ``channels`` or ``filter`` gets a 403."""
-    check_audience_setter(body, caller)
-    sent = body.get
-    return {
-        "webhook_url": await check_webhook_url(sent("webhook_url"), ctx.config.security)
-        if "webhook_url" in body else None,
-        "events": check_events(sent("events"), ctx.config.events, kept=before.events) if "events" in body else None,
-        "channels": check_channels(sent("channels")) if "channels" in body else None,
-        "payload_filter": check_filter(sent("filter")) if "filter" in body else None,
-        "ordering": check_ordering(sent("ordering")) if "ordering" in body else None,
-        "status": sent("status"),
-        "reason": check_status_change(before, body, caller),
-        "max_rate_per_s": (check_max_rate(sent("max_rate_per_s")) or 0.0) if "max_rate_per_s" in body else None,
-        "contact_email": (check_contact_email(sent("contact_email")) or "") if "contact_email" in body else None,
-    }
-
-
-def changed_fields(before: Partner, body: dict[str, Any], change: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """What a PATCH changes, ``{field: {"from": old, "to": new}}`` in the API's names, for the audit
-    trail: the fields ``body`` sent that differ from ``before`` (a suspension's reason goes with it)."""
-    old = {"webhook_url": before.webhook_url, "events": list(before.events), "channels": list(before.channels),
-           "filter": before.payload_filter, "ordering": before.ordering, "status": before.status,
-           "reason": before.suspended_reason, "max_rate_per_s": before.max_rate_per_s,
-           "contact_email": before.contact_email}
-    new = {**change, "filter": change["payload_filter"] or None, "max_rate_per_s": change["max_rate_per_s"] or None,
-           "contact_email": change["contact_email"] or None}
-    return {name: {"from": old[name], "to": new[name]} for name in old
-            if (name in body or name == "reason" and "status" in body) and old[name] != new[name]}
-
-
-async def rotate_secret(request: Request) -> JSONResponse:
-    """``POST /partners/{id}/rotate-secret``: a new secret, shown this once.
-
-    The old secret stays valid for ``secret_overlap_s``: outgoing webhooks carry a
-    Standard Webhooks signature for both, and inbound events verify with either, so
-    the partner can switch without losing a webhook. ``X-Webhook-Signature`` uses
-    the new secret at once.
-    """
-    partner_id = owned_partner_id(request)
-    ctx = context(request)
-    revoke_old = request.query_params.get("revoke_old", "false")
-    if revoke_old not in ("true", "false"):
-        raise invalid("revoke_old", "must be true or false.")
-    partner = await owned_partner(request)
-    now = ctx.clock()
-    if revoke_old == "false" and partner.previous_secret_until is not None and partner.previous_secret_until > now:
-        # A second rotation would drop the secret the first one promised until then: refuse, and
-        # say how to end it now on purpose (a leak).
-        raise ApiError(409, "rotation_in_progress",
-                       f"The previous secret stays valid until {int(partner.previous_secret_until)} (unix), as the "
-                       "last rotation promised. Rotate again after that, or with ?revoke_old=true to revoke every "
-                       "old secret at once (for a leaked secret).")
-    new_secret = new_shared_secret()
-    overlap_until = now if revoke_old == "true" else now + ctx.config.security.secret_overlap_s
-    audit = audit_entry(request, "partner.secret_rotated", partner_id,
-                        {"revoke_old": revoke_old == "true",
-                         "previous_secret_expires_at": None if revoke_old == "true" else int(overlap_until)})
-    partner = await db(ctx.store.rotate_secret, partner_id, new_secret=new_secret, previous_until=overlap_until,
-                       now=now, revoke_old=revoke_old == "true", audit=audit)
-    if partner is None:
-        raise partner_not_found(partner_id)
-    if revoke_old == "true":
-        logger.warning("partner %s rotated its secret and revoked every old one at once", partner_id)
-    else:
-        logger.info("partner %s rotated its secret; the old one stays valid until %d", partner_id, int(overlap_until))
-    return JSONResponse({**partner_json(partner, ctx), **secret_json(new_secret),
-                         "previous_secret_expires_at": None if revoke_old == "true" else int(overlap_until)})
-
-
-async def reissue_api_key(request: Request) -> JSONResponse:
-    """``POST /partners/{id}/api-key``: a new API key, shown this once; the old one stops working
-    at once (a leaked key). Logged without either key."""
-    partner_id = owned_partner_id(request)
-    ctx = context(request)
-    api_key = new_api_key()
-    partner = await db(ctx.store.reissue_api_key, partner_id, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
-                       audit=audit_entry(request, "partner.api_key_reissued", partner_id))
-    if partner is None:
-        raise partner_not_found(partner_id)
-    logger.warning("partner %s: API key reissued by %s; the old one no longer works", partner_id,
-                   "the admin" if caller_of(request).is_admin else "the partner")
-    return JSONResponse({**partner_json(partner, ctx), "api_key": api_key})
-
-
-async def delete_partner(request: Request) -> JSONResponse:
-    """``DELETE /partners/{id}``: the admin's, or the partner's own if ``security.partner_self_delete``.
-
-    At once: its secrets and API key are erased (its signatures and its key stop working on
-    the next request), its subscriptions go, and its pending deliveries end ``cancelled``. What
-    stays, and for how long, is ``store.delete_partner``'s rule (the README's "Deleting a partner").
-    """
-    ctx = context(request)
-    partner = await owned_partner(request)
-    if not caller_of(request).is_admin and not ctx.config.security.partner_self_delete:
-        raise ApiError(403, "admin_only", "Only the admin can delete a partner on this server "
-                                          "(security.partner_self_delete is false): ask the operator.")
-    cancelled = await db(ctx.store.delete_partner, partner.id, now=ctx.clock(),
-                         audit=audit_entry(request, "partner.deleted", partner.id, {"partner_name": partner.name}))
-    if cancelled is None:
-        raise partner_not_found(partner.id)
-    count_cancelled(ctx, partner.id, cancelled)
-    logger.warning("partner %s deleted by %s; %d deliveries cancelled", partner.id,
-                   "the admin" if caller_of(request).is_admin else "itself", cancelled)
-    return JSONResponse({"partner_id": partner.id, "deleted": True, "cancelled_deliveries": cancelled})
-
-
-async def cancel_pending(request: Request) -> JSONResponse:
-    """``POST /partners/{id}/cancel-pending`` (admin): every pending delivery of the partner ends
-    ``cancelled`` and is never sent — a backlog nobody wants any more, in one call."""
-    ctx = context(request)
-    partner = await owned_partner(request)
-    cancelled = await db(ctx.store.cancel_pending, partner.id, now=ctx.clock(),
-                         audit=audit_entry(request, "partner.pending_cancelled", partner.id))
-    if cancelled is None:
-        raise partner_not_found(partner.id)
-    count_cancelled(ctx, partner.id, cancelled)
-    logger.warning("partner %s: %d pending deliveries cancelled by the admin", partner.id, cancelled)
-    return JSONResponse({"partner_id": partner.id, "cancelled_deliveries": cancelled})
-
-
-def count_cancelled(ctx: Context, partner_id: str, cancelled: int) -> None:
-    if cancelled:
-        ctx.metrics.deliveries.inc(cancelled, partner=partner_id, outcome="cancelled")
-
-
-async def send_test_event(request: Request) -> JSONResponse:
-    """``POST /partners/{id}/test``: a ``webhook.test`` event to this partner alone (GitHub's ping)."""
-    partner_id = (await owned_partner(request)).id
-    ctx = context(request)
-    payload = {"event": TEST_EVENT, "timestamp": int(ctx.clock()), "partner_id": partner_id,
-               "message": "This is a test webhook from webhookd."}
-    ping = NewEvent(id=new_id("evt_"), type=TEST_EVENT, body=signing.canonical(payload), only_partner=partner_id)
-    event, _ = await db(ctx.store.publish, ping, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
-                        new_delivery_id=new_delivery_id)
-    ctx.loop.wake()
-    return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
-
-
-async def recover_failed(request: Request) -> JSONResponse:
-    """``POST /partners/{id}/recover?since=``: every ``failed`` or ``expired`` delivery created since
-    then gets a fresh round of attempts (Svix's recover). Answers how many were re-queued."""
-    partner_id = owned_partner_id(request)
-    ctx = context(request)
-    since_text = request.query_params.get("since", "")
-    if not is_small_number(since_text):
-        raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
-    refuse_if_held(request, await owned_partner(request))  # an unknown partner: 404, after the 422 for 'since'
-    count = await db(ctx.store.recover_failed, partner_id, since=int(since_text),
-                     extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock(),
-                     audit=audit_entry(request, "partner.recovered", partner_id, {"since": int(since_text)}))
-    await probe_everywhere(ctx, partner_id)
-    logger.info("partner %s: re-queued %d failed deliveries since %s", partner_id, count, since_text)
-    return JSONResponse({"requeued": count})
-
-
-async def replay_events(request: Request) -> JSONResponse:
-    """``POST /partners/{id}/replay?since=&until=&event=``: every event the partner had a delivery
-    of, published in ``[since, until)`` (until: now), delivered ones included, is sent again as a new
-    delivery with the same event id — the partner restored a backup and lost a day. At most
-    ``limit`` events a call (default 100, at most 1000), oldest first; ``next_cursor`` continues.
-
-    An event already pending for the partner is not queued again, so calling twice sends once; one
-    whose delivery the admin cancelled stays out unless the admin asks (``include_cancelled=true``).
-    """
-    partner_id = owned_partner_id(request)
-    ctx = context(request)
-    q = request.query_params
-    since, until = q.get("since", ""), q.get("until", str(int(ctx.clock()) + 1))
-    if not is_small_number(since):
-        raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
-    if not is_small_number(until) or int(until) <= int(since):
-        raise invalid("until", "must be unix seconds after since (leave it out for now).")
-    event_type = q.get("event")
-    if event_type is not None and not 1 <= len(event_type) <= 100:
-        raise invalid("event", "must be an event type, like payment.success.")
-    limit, cursor = page_params(request, most=1000, default=100)
-    include_cancelled = check_include_cancelled(request)
-    refuse_if_held(request, await owned_partner(request))
-    audit = audit_entry(request, "partner.replayed", partner_id,
-                        {"since": int(since), "until": int(until), "event": event_type,
-                         "include_cancelled": include_cancelled})
-    replayed, last = await db(ctx.store.replay, partner_id, since=int(since), until=int(until), event_type=event_type,
-                              after=cursor, limit=limit, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
-                              new_delivery_id=new_delivery_id, include_cancelled=include_cancelled, audit=audit)
-    ctx.loop.wake()
-    logger.info("partner %s: replayed %d events from %s to %s", partner_id, replayed, since, until)
-    return JSONResponse({"replayed": replayed, "next_cursor": cursor_text(last)}, status_code=202)
-
-
-def check_include_cancelled(request: Request) -> bool:
-    """A replay's ``include_cancelled``: the admin's to ask for, since the admin cancelled them (403
-    for a partner's key)."""
-    asked = request.query_params.get("include_cancelled", "false")
-    if asked not in ("true", "false"):
-        raise invalid("include_cancelled", "must be true or false.")
-    if asked == "true" and not caller_of(request).is_admin:
-        raise ApiError(403, "admin_only", "Only the admin can replay cancelled deliveries: the admin cancelled "
-                                          "them. Leave out include_cancelled, or ask the operator.")
-    return asked == "true"
-
-
-# =====================================================================================
-# 2. Publishing
+# 1. Publishing
 # =====================================================================================
 
 
@@ -522,10 +216,6 @@ def new_event(payload: dict[str, Any], ctx: Context, key: str | None,
     payload.setdefault("timestamp", int(ctx.clock()))
     return NewEvent(id=new_id("evt_"), type=event_type, body=signing.canonical(payload), idempotency_key=key,
                     request_hash=request_hash, audience=audience)
-
-
-def new_delivery_id() -> str:
-    return new_id("dlv_")
 
 
 def key_reused(event: Event, created: bool, new: NewEvent) -> bool:
@@ -638,7 +328,7 @@ async def trace_event(request: Request) -> JSONResponse:
 
 
 # =====================================================================================
-# 3. Deliveries
+# 2. Deliveries
 # =====================================================================================
 
 
@@ -697,22 +387,6 @@ async def retry_delivery(request: Request) -> JSONResponse:
     return JSONResponse(delivery_json(queued), status_code=202)  # as queued: it may be sent by now
 
 
-def refuse_if_held(request: Request, partner: Partner | None) -> None:
-    """A retry or a recover for a partner that is not active sends nothing until it is: say so
-    (409, naming why) unless the caller asks to queue it anyway (``?queue=true``)."""
-    if partner is None or partner.status == "active":
-        return
-    queue = request.query_params.get("queue", "false")
-    if queue not in ("true", "false"):
-        raise invalid("queue", "must be true or false.")
-    if queue == "true":
-        return
-    why = {"paused": "it is paused", "disabled": f"it was disabled ({partner.disabled_reason})",
-           "suspended": f"the admin suspended it ({partner.suspended_reason})"}.get(partner.status, partner.status)
-    raise ApiError(409, "partner_held", f"Nothing is sent to partner {partner.id} now: {why}. Make it active "
-                                        "first, or add ?queue=true to queue this anyway (it goes out once active).")
-
-
 async def list_audit(request: Request) -> JSONResponse:
     """``GET /audit`` (admin): every write an admin or a partner made, newest first, with who, when,
     from where and what changed (never a secret); ``?partner_id=`` and ``?action=`` narrow it."""
@@ -723,15 +397,8 @@ async def list_audit(request: Request) -> JSONResponse:
     return JSONResponse(page_json(page, audit_json))
 
 
-async def probe_everywhere(ctx: Context, partner_id: str) -> None:
-    """An operator asked for another attempt: an open circuit probes now, in this process and
-    (PostgreSQL) in every other one, whose own breaker may have opened too."""
-    ctx.loop.probe_partner(partner_id)
-    await db(ctx.store.tell_partner_changed, partner_id, "probe")
-
-
 # =====================================================================================
-# 4. Operations: metrics, the dashboard, the API's description, health
+# 3. Operations: metrics, the dashboard, the API's description, health
 # =====================================================================================
 
 
@@ -801,7 +468,8 @@ async def stats(request: Request) -> JSONResponse:
         per_minute.setdefault(minute, {"minute": minute, "delivered": 0, "failed": 0})[state] = n
     totals = {state: sum(c.get(state, 0) for c in counts.values()) for state in ("pending", "delivered", "failed")}
     processes = [{"id": p["id"], "host": p["host"], "pid": p["pid"], "started_at": int(p["started_at"]),
-                  "seen_at": int(p["seen_at"]), "this": p["id"] == ctx.loop.process_id} for p in ctx.loop.processes]
+                  "seen_at": int(p["seen_at"]), "this": p["id"] == ctx.housekeeping.process_id}
+                 for p in ctx.housekeeping.processes]
     return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
                          "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
                          "processes": processes, "now": int(now)})
@@ -840,7 +508,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 # =====================================================================================
-# 5. The route table — who may call each route — and the application
+# 4. The route table — who may call each route — and the application
 # =====================================================================================
 
 ROUTES = [
@@ -890,6 +558,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     async def lifespan(app: Starlette):
         ctx = app.state.ctx = build_context(config, clock, rng)
         await asyncio.to_thread(ctx.alerts.install, clock())
+        await ctx.housekeeping.start()
         await ctx.loop.start()
         await ctx.alerts.start(wake=ctx.loop.wake)
         log_stale_subscriptions(ctx.store, config.events)
@@ -901,6 +570,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
             await asyncio.to_thread(stop_listening)
             await ctx.alerts.stop()
             await ctx.loop.stop()
+            await ctx.housekeeping.stop()
             ctx.store.close()
 
     proxies = [Middleware(RealClient, trusted=config.server.trusted_proxies)] if config.server.trusted_proxies else []
@@ -933,22 +603,24 @@ def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Conte
     store = Store(config.storage.target, lock_timeout_s=config.storage.lock_timeout_s,
                   statement_timeout_s=config.storage.statement_timeout_s)
     counters = metrics.Metrics()
-    settings = delivery.Settings.from_config(config, user_agent=f"webhookd/{__version__}")
+    settings = DeliverySettings.from_config(config, user_agent=f"webhookd/{__version__}")
     alerts = Alerts(config.alerts, store, clock, new_id, max_attempts=config.delivery.max_attempts)
-    loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters, alerts=alerts)
+    keeper = housekeeping.Housekeeping(store, settings, clock=clock, metrics=counters)
+    loop = delivery.DeliveryLoop(store, settings, rng=rng, clock=clock, metrics=counters, alerts=alerts,
+                                 live_processes=keeper.live_processes)
     admin_token(config)  # created now if it is the generated file, before the first request reads it
     admin_tokens = AdminTokens(config, clock)
     tokens = realtime.Tokens(admin_tokens.realtime_keys, config.realtime.token_ttl_s)
     notifier = realtime.Notifier(queue_size=config.realtime.client_queue)
     _add_gauges(counters, store, loop, notifier, clock)
     sec = config.security
-    shared = store if store.postgres else None  # several processes: one limit for all of them
+    shared = store if store.shared else None  # several processes: one limit for all of them
 
     def limit(name: str, rate_per_s: float, burst: float) -> RateLimiter:
         return RateLimiter(rate_per_s, burst, clock, shared=shared, name=name)
 
     return Context(
-        config=config, store=store, loop=loop, clock=clock, metrics=counters,
+        config=config, store=store, loop=loop, housekeeping=keeper, clock=clock, metrics=counters,
         notifier=notifier, tokens=tokens,
         inbound_limit=limit("inbound", sec.inbound_rate_per_s, 2 * sec.inbound_rate_per_s),
         inbound_failure_limit=limit("refused", sec.inbound_failures_per_s, 4 * sec.inbound_failures_per_s),
@@ -970,7 +642,7 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
     counters.gauge("webhookd_partner_circuit_open", "1 while a partner's circuit is open or half-open, else 0.",
                    lambda: {(("partner_id", p.id),): float(loop.circuit(p, clock())["state"] != "closed")
                             for p in store.all_partners()})
-    if store.postgres:
+    if store.shared:  # the health of a database server several processes share (store.database_health)
         counters.gauge("webhookd_db_oldest_transaction_seconds",
                        "Age of the oldest open transaction on the database (a long one stalls claims).",
                        lambda: {(): store.database_health()["oldest_transaction_seconds"]})
@@ -980,9 +652,3 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
                    lambda: {(): float(len(notifier.clients))})
     counters.gauge("webhookd_websocket_dropped_messages", "Messages dropped for /ws clients that did not read.",
                    lambda: {(): float(notifier.dropped)})
-
-
-if __name__ == "__main__":  # `python webhookd.py serve` works as well as the `webhookd` command
-    from cli import main
-
-    sys.exit(main())

@@ -475,9 +475,9 @@ class Webhookd:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = 120.0) -> Webhookd:
-        # `python webhookd.py` rather than the console script: the script's editable install lists
+        # `python cli.py` rather than the console script: the script's editable install lists
         # its modules as of the last `pip install -e`, the source folder always has them all.
-        argv = [sys.executable, str(ROOT / "webhookd.py"), "--config", str(self.config_path), "serve"]
+        argv = [sys.executable, str(ROOT / "cli.py"), "--config", str(self.config_path), "serve"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")}
         started = time.monotonic()
         self.proc = self.procs.start("webhookd", argv, cwd=str(ROOT), env=env,

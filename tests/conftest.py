@@ -456,7 +456,7 @@ class ServeProcess:
 
     def start(self) -> ServeProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"),
+            [sys.executable, str(ROOT / "cli.py"), "--config", str(ROOT / "webhookd.toml"),
              "serve", "--port", str(self.port)],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         wait_for(self._responds, timeout=20, interval=0.1)
@@ -490,7 +490,7 @@ class ServeProcess:
 def webhookd_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``webhookd ARGS`` on the bundled config as a subprocess with ``env`` (a ServeProcess's, for its
     database and token); its exit status and output."""
-    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"), *args],
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "--config", str(ROOT / "webhookd.toml"), *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""The command line (cli.py), run as a user runs it: `python webhookd.py ...` in a subprocess.
+"""The command line (cli.py), run as a user runs it: `python cli.py ...` in a subprocess.
 
 Starting and configuring (`serve`, `token`, `sign`, `--help`), the partner's local receiver
 (`listen`), and the operator commands against a running `webhookd serve`."""
@@ -16,7 +16,7 @@ from payloads import PAYMENT_SUCCESS
 
 
 def _cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=30)
 
 
@@ -66,7 +66,7 @@ def test_listen_verifies_a_real_delivery_three_ways(hub, tmp_path):
     partner = hub.register(f"http://127.0.0.1:{port}/", ["payment.success"])
     out = open(tmp_path / "listen.out", "w+")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "webhookd.py"), "listen", "--secret", partner["shared_secret"],
+        [sys.executable, str(ROOT / "cli.py"), "listen", "--secret", partner["shared_secret"],
          "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(GUARD_DIR)})
     try:
@@ -88,7 +88,7 @@ def test_listen_accepts_either_secret_during_a_rotation(hub, tmp_path):
     rotated = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=hub.admin).json()
     out = open(tmp_path / "listen.out", "w+")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "webhookd.py"), "listen", "--secret",
+        [sys.executable, str(ROOT / "cli.py"), "listen", "--secret",
          f"{rotated['shared_secret']},{partner['shared_secret']}", "--port", str(port)],
         stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(GUARD_DIR)})
     try:
@@ -109,7 +109,7 @@ def test_listen_refuses_a_wrong_signature_with_401(tmp_path):
     port = free_port()
     out = open(tmp_path / "listen.out", "w+")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "webhookd.py"), "listen", "--secret", "sk_live_right", "--port", str(port)],
+        [sys.executable, str(ROOT / "cli.py"), "listen", "--secret", "sk_live_right", "--port", str(port)],
         stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(GUARD_DIR)})
     try:
         wait_for(lambda: "listening on" in (tmp_path / "listen.out").read_text())
@@ -123,12 +123,27 @@ def test_listen_refuses_a_wrong_signature_with_401(tmp_path):
         out.close()
 
 
+def test_backup_and_restore_send_a_database_server_to_its_own_tools_and_migrate_store_wants_one(tmp_path):
+    """``backup`` and ``restore`` copy one SQLite file: with ``storage.url`` set they name the
+    server's own tool instead (nothing is connected to); ``migrate-store --to`` takes a server's URL."""
+    server = {"WEBHOOKD_STORAGE_URL": "postgresql://webhookd@127.0.0.1:9/webhookd", "WEBHOOKD_ADMIN_TOKEN": "adm_x"}
+    config = ("--config", str(ROOT / "webhookd.toml"))
+    backup = _cli(*config, "backup", str(tmp_path / "copy.db"), env=server)
+    restore = _cli(*config, "restore", str(tmp_path / "copy.db"), env=server)
+    assert (backup.returncode, restore.returncode) == (1, 1)
+    assert "pg_dump" in backup.stderr and "pg_restore" in restore.stderr
+    assert not (tmp_path / "copy.db").exists()
+    migrate = _cli(*config, "migrate-store", "--to", str(tmp_path / "other.db"),
+                   env={"WEBHOOKD_STORAGE_PATH": str(tmp_path / "w.db")})
+    assert migrate.returncode == 1 and "--to must be a PostgreSQL URL" in migrate.stderr
+
+
 # --- Operator commands against a running `webhookd serve` ---------------------------------
 
 
 def _run(serve, *args):
     env = {**serve.env, "WEBHOOKD_SERVER_PORT": str(serve.port)}
-    return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"), *args],
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "--config", str(ROOT / "webhookd.toml"), *args],
                           capture_output=True, text=True, env=env, timeout=60)
 
 

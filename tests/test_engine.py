@@ -7,7 +7,9 @@ import pytest
 
 import delivery
 from breakers import Breakers, Pacer
+from config import DeliverySettings
 from conftest import free_port, wait_for
+from housekeeping import Housekeeping
 from models import Attempt, Job, NewEvent
 from payloads import PAYMENT_SUCCESS
 from sender import Sent
@@ -188,7 +190,7 @@ def _job(partner_failing_since):
 
 
 def test_a_success_resets_the_failing_streak_even_for_jobs_claimed_before_it():
-    breakers = Breakers(delivery.Settings(disable_after_s=100.0))
+    breakers = Breakers(DeliverySettings(disable_after_s=100.0))
     fail = Sent(Attempt(1, 0, 1, 500, "http_error", ""))
     ok = Sent(Attempt(1, 0, 1, 200, None, ""))
     assert breakers.record(_job(None), fail, now=1000.0) == (1000.0, True, None)
@@ -229,7 +231,7 @@ def test_a_job_claimed_before_a_change_begins_with_the_partner_as_it_is_now(tmp_
         (job,) = store.claim_due(now=100.0, lease_s=30, limit=1, per_partner=1)
         store.update_partner(partner.id, webhook_url="http://127.0.0.1:9/new", max_rate_per_s=2.0, now=101.0)
         store.rotate_secret(partner.id, new_secret="sk_live_new", previous_until=101.0, now=101.0)
-        loop = delivery.DeliveryLoop(store, delivery.Settings(), clock=lambda: 102.0)
+        loop = delivery.DeliveryLoop(store, DeliverySettings(), clock=lambda: 102.0)
         current = loop._as_partner_is_now(job)
         assert (job.url, job.secrets) == ("http://127.0.0.1:9/old", ("sk_live_old",))
         assert (current.url, current.secrets, current.max_rate_per_s) == ("http://127.0.0.1:9/new", ("sk_live_new",), 2.0)
@@ -252,7 +254,7 @@ def test_a_job_claimed_when_the_stop_comes_is_released_unsent(tmp_path):
                           events=["payment.success"], secret="sk_live_s", api_key_hash="h", now=100.0)
         store.publish(NewEvent(id="evt_1", type="payment.success", body=b"{}"), now=100.0, max_attempts=3,
                       new_delivery_id=lambda: "dlv_1")
-        loop = delivery.DeliveryLoop(store, delivery.Settings(), clock=lambda: 100.0)
+        loop = delivery.DeliveryLoop(store, DeliverySettings(), clock=lambda: 100.0)
 
         async def claim_then_stop():
             loop._recorder.start()
@@ -327,9 +329,9 @@ def test_one_retention_pass_purges_every_table_until_done(tmp_path):
                 next_attempt_at=200.0, partner_failing_since=None, partner_failing_changed=False,
                 disable_reason=None, event_id=job.event_id, created_at=100.0))
         assert store.finish_attempts(outcomes, now=200.0) == []
-        settings = delivery.Settings(retention_s=1000.0, purge_batch=2)
-        loop = delivery.DeliveryLoop(store, settings, clock=lambda: 5000.0)
-        assert asyncio.run(loop.purge_expired()) == (5, 7)
+        settings = DeliverySettings(retention_s=1000.0, purge_batch=2)
+        keeper = Housekeeping(store, settings, clock=lambda: 5000.0)
+        assert asyncio.run(keeper.purge_expired()) == (5, 7)
         assert store.list_inbound(limit=10).items == []
         assert sorted(d.event_id for d in store.list_deliveries(limit=20).items) == ["evt_0", "evt_1", "evt_2", "evt_5"]
     finally:
@@ -344,7 +346,7 @@ def _failed(started_at, status=500, retry_after=None):
 
 
 def _breakers(**settings):
-    return Breakers(delivery.Settings(**{"breaker_threshold": 5, "breaker_span_s": 10.0,
+    return Breakers(DeliverySettings(**{"breaker_threshold": 5, "breaker_span_s": 10.0,
                                                   "disable_after_s": 3 * 86400.0, **settings}))
 
 
@@ -352,7 +354,7 @@ def test_a_burst_of_concurrent_failures_does_not_open_the_circuit():
     breakers = _breakers()
     for n in range(6):  # six attempts in flight together, all refused within 50 ms
         breakers.record(_job(None), _failed(started_at=0.0), now=0.01 * n)
-    assert breakers.state("p", now=0.1) == "closed" and breakers.room("p", busy=0, now=0.1) == delivery.Settings().per_partner_concurrency
+    assert breakers.state("p", now=0.1) == "closed" and breakers.room("p", busy=0, now=0.1) == DeliverySettings().per_partner_concurrency
 
 
 def test_sustained_failure_opens_the_circuit_and_a_probe_doubles_the_pause():
@@ -373,17 +375,17 @@ def test_sustained_failure_opens_the_circuit_and_a_probe_doubles_the_pause():
 
 
 def test_the_breakers_pause_follows_the_retry_schedule_unless_set():
-    assert delivery.Settings(backoff_max_s=8.0).cooldown_s == 8.0
-    assert delivery.Settings(backoff_max_s=8.0).cooldown_max_s == 8.0
-    assert delivery.Settings().cooldown_s == 30.0 and delivery.Settings().cooldown_max_s == 600.0
-    assert delivery.Settings(backoff_max_s=8.0, breaker_cooldown_s=20.0).cooldown_s == 20.0
+    assert DeliverySettings(backoff_max_s=8.0).cooldown_s == 8.0
+    assert DeliverySettings(backoff_max_s=8.0).cooldown_max_s == 8.0
+    assert DeliverySettings().cooldown_s == 30.0 and DeliverySettings().cooldown_max_s == 600.0
+    assert DeliverySettings(backoff_max_s=8.0, breaker_cooldown_s=20.0).cooldown_s == 20.0
 
 
 def test_a_retry_after_pause_ends_without_a_probe():
     breakers = _breakers()
     breakers.record(_job(None), _failed(started_at=0.0, status=429, retry_after=5.0), now=0.0)
     assert breakers.describe("p", now=1.0)["reason"] == "retry_after"
-    assert breakers.room("p", busy=0, now=1.0) == 0 and breakers.room("p", busy=0, now=5.0) == delivery.Settings().per_partner_concurrency
+    assert breakers.room("p", busy=0, now=1.0) == 0 and breakers.room("p", busy=0, now=5.0) == DeliverySettings().per_partner_concurrency
 
 
 def test_two_isolated_failures_days_apart_do_not_disable_the_partner():
@@ -472,9 +474,9 @@ def test_a_pace_that_is_not_a_positive_number_is_422(hub, rate):
 def test_after_a_restart_a_long_failing_streak_goes_on_from_the_stores_last_failure():
     day = 86400.0
     # A partner failing since day 0, last failed at day 2.4; the process restarts at day 2.5.
-    restored = Breakers(delivery.Settings(disable_after_s=3 * day), last_failure_of=lambda partner: 2.4 * day)
+    restored = Breakers(DeliverySettings(disable_after_s=3 * day), last_failure_of=lambda partner: 2.4 * day)
     assert restored.record(_job(0.0), _failed(2.9 * day), now=2.9 * day)[2] is None
     assert restored.record(_job(0.0), _failed(3.1 * day), now=3.1 * day)[2].startswith("every attempt failed")
     # Without that read the streak would restart at day 2.9 (its start is older than a quiet spell).
-    forgetful = Breakers(delivery.Settings(disable_after_s=3 * day))
+    forgetful = Breakers(DeliverySettings(disable_after_s=3 * day))
     assert forgetful.record(_job(0.0), _failed(2.9 * day), now=2.9 * day)[0] == 2.9 * day

@@ -242,7 +242,7 @@ def test_migrate_store_moves_partners_and_work_from_the_sqlite_file(webhookd_fac
     url = postgres_server.new_database()
 
     def migrate():
-        return subprocess.run([sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"),
+        return subprocess.run([sys.executable, str(ROOT / "cli.py"), "--config", str(ROOT / "webhookd.toml"),
                                "migrate-store", "--to", url], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "WEBHOOKD_STORAGE_PATH": sqlite_path})
 

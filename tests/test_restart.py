@@ -180,7 +180,7 @@ class ServeWithAStalledLog(ServeProcess):
 
     def start(self) -> "ServeWithAStalledLog":
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "webhookd.py"), "--config", str(ROOT / "webhookd.toml"),
+            [sys.executable, str(ROOT / "cli.py"), "--config", str(ROOT / "webhookd.toml"),
              "serve", "--port", str(self.port)],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT))
         self.copied = bytearray()    # what the copy has read so far

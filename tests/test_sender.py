@@ -8,6 +8,7 @@ import pytest
 
 import delivery
 import sender
+from config import DeliverySettings
 from conftest import wait_for
 from models import Job
 from payloads import PAYMENT_SUCCESS
@@ -206,7 +207,7 @@ def test_the_sender_checks_the_url_again_before_connecting(url, error):
     gets a connection (the attempt has no status code)."""
     job = Job(delivery_id="dlv_1", event_id="evt_1", event="payment.success", partner_id="partner_1", url=url,
               secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
-    sent = sender.Sender(delivery.Settings(allowed_ports=(443,))).send(job)
+    sent = sender.Sender(DeliverySettings(allowed_ports=(443,))).send(job)
     assert (sent.attempt.error, sent.attempt.status_code, sent.attempt.url) == (error, None, url)
 
 
