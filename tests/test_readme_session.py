@@ -280,7 +280,7 @@ def venv_webhookd(folder: Path) -> None:
     """``.venv/bin/webhookd``, as ``make run`` installs it, for the interpreter under test."""
     script = folder / ".venv" / "bin" / "webhookd"
     script.parent.mkdir(parents=True)
-    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(ROOT / "webhookd.py"))} '
+    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(ROOT / "cli.py"))} '
                       f'--config {shlex.quote(str(ROOT / "webhookd.toml"))} "$@"\n')
     script.chmod(0o755)
 
