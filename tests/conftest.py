@@ -42,6 +42,14 @@ import sitecustomize  # noqa: E402  (installs the loopback guard in this process
 
 ADMIN_TOKEN = "adm_test_token_0123456789abcdefghijklmnop"
 
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header that presents ``token`` (the admin token or a partner's API key)."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+ADMIN = bearer(ADMIN_TOKEN)  # the admin's header; spread it (``{**ADMIN, ...}``) to add others
+
 assert sitecustomize.GUARD_INSTALLED
 
 
@@ -346,7 +354,7 @@ class Webhookd:
         self.app = webhookd.create_app(config, **({"clock": clock} if clock else {}))
         self.server = ThreadServer(self.app).start()
         self.http = httpx.Client(base_url=self.server.url, timeout=10)
-        self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        self.admin = ADMIN
 
     @property
     def url(self) -> str:
@@ -370,6 +378,17 @@ class Webhookd:
     def publish(self, payload: dict, headers: dict | None = None) -> httpx.Response:
         return self.http.post("/events", headers={**self.admin, **(headers or {})}, json=payload)
 
+    def publish_many(self, n: int, **extra: Any) -> list[str]:
+        """Publish ``n`` payment.success events (``transaction_id`` txn_0, txn_1, ...); their event ids."""
+        from payloads import PAYMENT_SUCCESS
+
+        ids = []
+        for i in range(n):
+            r = self.publish({**PAYMENT_SUCCESS, "transaction_id": f"txn_{i}", **extra})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["event_id"])
+        return ids
+
     def delivery(self, delivery_id: str) -> dict:
         r = self.http.get(f"/deliveries/{delivery_id}", headers=self.admin)
         assert r.status_code == 200, r.text
@@ -377,6 +396,23 @@ class Webhookd:
 
     def deliveries(self, **filters: str) -> list[dict]:
         r = self.http.get("/deliveries", headers=self.admin, params=filters)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]
+
+    def all_deliveries(self, partner_id: str) -> list[dict]:
+        """Every delivery to ``partner_id``, page after page."""
+        items, cursor = [], None
+        while True:
+            params = {"partner_id": partner_id, "limit": 200, **({"cursor": cursor} if cursor else {})}
+            page = self.http.get("/deliveries", headers=self.admin, params=params).json()
+            items += page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return items
+
+    def inbound(self) -> list[dict]:
+        """The inbound events, as ``GET /inbound`` lists them."""
+        r = self.http.get("/inbound", headers=self.admin)
         assert r.status_code == 200, r.text
         return r.json()["items"]
 

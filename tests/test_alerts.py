@@ -4,7 +4,7 @@ is down holds up no partner's deliveries."""
 
 import time
 
-from conftest import ShiftedClock, wait_for
+from conftest import ShiftedClock, bearer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 ALERT_SECRET = "alerts-secret-0123456789"
@@ -113,7 +113,7 @@ def test_a_partner_that_disables_and_enables_itself_again_and_again_is_told_once
                            delivery__max_attempts=50)
     gone = receiver_factory(default=(410, 0.0))
     partner = hub.register(gone.url, ["payment.success"], name="Flapping Tours")
-    pid, own_key = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own_key = partner["partner_id"], bearer(partner["api_key"])
 
     def status():
         return hub.http.get(f"/partners/{pid}", headers=hub.admin).json()["status"]

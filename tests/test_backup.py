@@ -21,11 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, ROOT, Receiver, free_port, wait_for, webhookd_cli
+from conftest import ADMIN, ROOT, Receiver, free_port, wait_for, webhookd_cli
 from payloads import PAYMENT_SUCCESS
 
 pytestmark = pytest.mark.slow
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 RETRYING = dict(WEBHOOKD_DELIVERY_MAX_ATTEMPTS="100", WEBHOOKD_DELIVERY_BACKOFF_BASE_S="0.5",
                 WEBHOOKD_DELIVERY_BACKOFF_MAX_S="1")
 

@@ -7,14 +7,10 @@ import time
 from pathlib import Path
 
 import signing
-from conftest import ShiftedClock, wait_for
+from conftest import ShiftedClock, bearer, wait_for
 from payloads import BOOKING_CANCELLED_WITH_URL, PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def signed_inbound(hub, partner: dict, named: bool = True):

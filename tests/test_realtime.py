@@ -11,7 +11,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import signing
-from conftest import wait_for
+from conftest import ADMIN, wait_for
 from payloads import PAYMENT_SUCCESS
 
 
@@ -126,22 +126,20 @@ def test_the_guides_whole_scenario_end_to_end(serve_factory, receiver_factory, m
     import httpx
 
     import guide_sender
-    from conftest import ADMIN_TOKEN
 
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     serve = serve_factory()
     receiver = receiver_factory()
-    partner = httpx.post(serve.url + "/partners/register", headers=admin, json={
+    partner = httpx.post(serve.url + "/partners/register", headers=ADMIN, json={
         "partner_name": "Montaña Tours", "webhook_url": receiver.url, "events": ["payment.success"]}).json()
     receiver.secret = partner["shared_secret"]
-    token = httpx.post(serve.url + "/realtime/tokens", headers=admin, json={"user_id": "user_uuid_here"}).json()["token"]
+    token = httpx.post(serve.url + "/realtime/tokens", headers=ADMIN, json={"user_id": "user_uuid_here"}).json()["token"]
     with connect(serve.url.replace("http://", "ws://") + f"/ws?token={token}", open_timeout=5) as user:
         time.sleep(0.2)
-        assert httpx.post(serve.url + "/events", headers=admin, json=PAYMENT_SUCCESS).status_code == 202
+        assert httpx.post(serve.url + "/events", headers=ADMIN, json=PAYMENT_SUCCESS).status_code == 202
         wait_for(lambda: receiver.received)                    # 3. the partner receives and verifies
         got = receiver.received[0]
         assert got.guide_ok and got.raw_ok and got.json["transaction_id"] == PAYMENT_SUCCESS["transaction_id"]
-        wait_for(lambda: httpx.get(serve.url + "/deliveries", headers=admin).json()["items"][0]["state"] == "delivered")
+        wait_for(lambda: httpx.get(serve.url + "/deliveries", headers=ADMIN).json()["items"][0]["state"] == "delivered")
 
         monkeypatch.setenv("PARTNER_SHARED_SECRET", partner["shared_secret"])    # 4. it promotes a combo
         monkeypatch.setattr(guide_sender, "WEBHOOK_URL", serve.url + "/webhooks/partners")

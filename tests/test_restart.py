@@ -11,11 +11,10 @@ import time
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, ROOT, Receiver, ServeProcess, free_port, wait_for
+from conftest import ADMIN, ROOT, Receiver, ServeProcess, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
 
 pytestmark = pytest.mark.slow
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _register(url, receiver_url):
