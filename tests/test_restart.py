@@ -99,7 +99,7 @@ def test_sigterm_starts_no_new_send_and_a_restart_sends_the_rest_once(serve_fact
     """``concurrency = 1``, one attempt in flight and two due behind it when SIGTERM comes: the one
     in flight finishes and is recorded; nothing new is claimed or sent, no lease is left behind,
     so a restart sends the other two at once and exactly once. (A job claimed but not begun when
-    the stop comes is released: test_engine.py.)"""
+    the stop comes is released: test_delivery.py.)"""
     receiver = receiver_factory(default=(200, 0.8))
     serve = serve_factory(WEBHOOKD_DELIVERY_CONCURRENCY="1", WEBHOOKD_DELIVERY_TIMEOUT_S="5")
     _register(serve.url, receiver.url)
