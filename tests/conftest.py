@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -416,9 +417,58 @@ class Webhookd:
         assert r.status_code == 200, r.text
         return r.json()["items"]
 
+    def wait_until_nothing_is_due(self, timeout: float = 30.0) -> None:
+        """``wait_until_nothing_is_due`` on this server, waking its delivery loop as it goes."""
+        wait_until_nothing_is_due(self.url, wake=self.app.state.ctx.loop.wake, timeout=timeout)
+
+    def wait_for_a_retention_pass(self, timeout: float = 30.0) -> None:
+        """Wait until a whole retention pass (the sweeper's: expiry, then the purges) has run since
+        this call. Each pass begins by renewing the ``sweeper`` role until now + 3 intervals: a
+        renewal written after this call, then a later one, frame a whole pass."""
+        called_at = self.app.state.ctx.clock()
+        ttl_s = 3 * self.config.retention.interval_s
+
+        def sweeper_until() -> float:
+            rows = self.rows("SELECT until FROM roles WHERE name = 'sweeper'")
+            return rows[0][0] if rows else float("-inf")
+
+        began = wait_for(lambda: (until := sweeper_until()) >= called_at + ttl_s and until, timeout=timeout)
+        wait_for(lambda: sweeper_until() > began, timeout=timeout)
+
     def stop(self) -> None:
         self.http.close()
         self.server.stop()
+
+
+def loop_counts(url: str) -> tuple[float, float]:
+    """From the /metrics of the webhookd at ``url``: how many claims of its delivery loop found
+    nothing to take (the ``le="0"`` bucket of ``webhookd_claim_rows``), then (read after) how many
+    attempts it has in flight."""
+    r = httpx.get(url + "/metrics", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+
+    def sample(pattern: str) -> float:
+        found = re.search(pattern, r.text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    return sample(r'^webhookd_claim_rows_bucket\{le="0"\} (\S+)$'), sample(r"^webhookd_deliveries_in_flight (\S+)$")
+
+
+def wait_until_nothing_is_due(url: str, wake: Callable[[], None] = lambda: None, timeout: float = 30.0) -> None:
+    """Wait until the delivery loop of the webhookd at ``url`` has twice found nothing to claim
+    since this call (the first may have begun before it) and has no attempt in flight: whatever
+    was due at the call, with room to go, has been sent and its result recorded. A test that says
+    something was NOT sent waits for this first, so that it cannot pass only because it looked too
+    early on a slow machine. ``wake`` (the loop's, in this process) makes it look at once; a
+    process of its own looks again within a second on PostgreSQL, or within 30 s on SQLite."""
+    first, _ = loop_counts(url)
+
+    def nothing_left() -> bool:
+        wake()
+        empty_claims, in_flight = loop_counts(url)
+        return empty_claims >= first + 2 and in_flight == 0
+
+    wait_for(nothing_left, timeout=timeout)
 
 
 @pytest.fixture

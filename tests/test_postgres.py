@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import signing
-from conftest import ADMIN, ROOT, bearer, wait_for
+from conftest import ADMIN, ROOT, bearer, wait_for, wait_until_nothing_is_due
 from payloads import PAYMENT_SUCCESS
 
 pytestmark = pytest.mark.slow
@@ -180,7 +180,8 @@ def test_a_circuit_opened_by_one_process_pauses_the_others(serve_factory, postgr
     assert {x["reason"] for x in shown} == {"paused_by_another_process"}
     sent = len(receiver.received)
     _publish_round_robin(others, 6)  # new work, published through the processes that never failed
-    time.sleep(2.5)                   # each of them looks for due work every second
+    for process in others:            # each of them looks for due work every second
+        wait_until_nothing_is_due(process.url)
     assert len(receiver.received) == sent, "a process sent to a partner another process had paused"
     receiver.default = (200, 0.0)
     r = httpx.post(f"{others[0].url}/partners/{partner['partner_id']}/recover?since=0", headers=ADMIN, timeout=10)
