@@ -7,6 +7,7 @@ import json
 import random
 import time
 
+import pytest
 import standardwebhooks
 
 import delivery
@@ -260,12 +261,26 @@ def test_the_loop_sleeps_after_a_partner_failed_past_its_pause(webhookd_factory)
     hub.register(f"http://127.0.0.1:{free_port()}/down", ["payment.success"])
     hub.publish(PAYMENT_SUCCESS)
     wait_for(lambda: hub.deliveries(state="failed"))
-    calls = []
-    real = hub.store.next_due_at
-    hub.store.next_due_at = lambda *a, **k: calls.append(1) or real(*a, **k)
-    time.sleep(1.0)
-    hub.store.next_due_at = real
-    assert len(calls) < 10, f"the loop spun: {len(calls)} looks for due work in 1 s"
+    loop = hub.app.state.ctx.loop
+    calls, pauses = [], []
+    real_next_due_at, real_sleep = hub.store.next_due_at, loop._sleep
+
+    async def recorded_sleep(seconds):
+        pauses.append(seconds)
+        await real_sleep(seconds)
+
+    hub.store.next_due_at = lambda *a, **k: calls.append(1) or real_next_due_at(*a, **k)
+    loop._sleep = recorded_sleep
+    loop.wake()
+    try:
+        # Once the partner's pause is over nothing is due: the loop sleeps long, where a loop that
+        # spins would look again every 0.05 s (NOTHING_CLAIMED_WAIT_S), on a machine of any speed.
+        wait_for(lambda: pauses and pauses[-1] >= 1.0)
+    except AssertionError:
+        pytest.fail(f"the loop spun: {len(calls)} looks for due work, its pauses {pauses[-5:]}, never a long sleep")
+    finally:
+        hub.store.next_due_at, loop._sleep = real_next_due_at, real_sleep
+    assert len(calls) < 10, f"the loop spun: {len(calls)} looks for due work before it slept"
 
 
 # --- A partner's change reaches every attempt that starts after the answer --------------------

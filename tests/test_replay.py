@@ -1,7 +1,6 @@
 """Replay: a partner that lost a day gets every event of the window again — delivered ones too,
 with their original ids — and nothing outside the window, and never another partner's."""
 
-import time
 
 from conftest import ShiftedClock, bearer, wait_for
 from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
@@ -39,7 +38,7 @@ def test_replay_sends_the_window_again_with_the_original_ids_and_nothing_else(hu
                          params={"since": since, "until": until, "limit": 2, "cursor": r.json()["next_cursor"]})
     assert rest.status_code == 202 and rest.json() == {"replayed": 1, "next_cursor": None}
     wait_for(lambda: len(mine.received) == first_round + 3)
-    time.sleep(0.3)  # anything more would be wrong: give it the time to show up
+    hub.wait_until_nothing_is_due()  # anything more would be wrong: it would have gone out by now
     again = mine.event_ids[first_round:]
     assert sorted(again) == sorted(window) and before not in again and after not in again
     assert all(r.guide_ok for r in mine.received)

@@ -149,9 +149,14 @@ def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, recei
         (in_flight,) = db.execute(
             "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND leased_until IS NOT NULL").fetchone()
 
-    serve_factory(port=serve.port, **env)              # leases run out by themselves (11 s)
+    restarted = serve_factory(port=serve.port, **env)  # leases run out by themselves (11 s)
     wait_for(lambda: {(r.path, r.headers["x-webhook-id"]) for r in receiver.received} >= expected, timeout=60)
-    time.sleep(0.5)
+
+    def every_result_recorded():  # all 2,000 delivered and none in flight: no duplicate can still come
+        totals = httpx.get(restarted.url + "/stats", headers=ADMIN, timeout=10).json()["totals"]
+        return totals["delivered"] == len(expected) and totals["in_flight"] == 0
+
+    wait_for(every_result_recorded, timeout=60)
     got = [(r.path, r.headers["x-webhook-id"]) for r in receiver.received]
     assert set(got) == expected
     duplicates = len(got) - len(expected)
