@@ -849,6 +849,7 @@ def test_hostile_requests_get_their_4xx_and_change_nothing(world: World):
     assert len(methods_and_routes) >= 30
 
     # The "before" dump: all deliveries settled, and nothing moving any more.
+    hub.wait_until_nothing_is_due()
     before = dump(world.db_path)
     for _ in range(50):
         time.sleep(0.1)
@@ -896,7 +897,7 @@ def test_hostile_requests_get_their_4xx_and_change_nothing(world: World):
         client.close()
     elapsed = time.monotonic() - started
 
-    time.sleep(0.3)  # anything a row wrongly queued has time to show up in the dump
+    hub.wait_until_nothing_is_due()  # anything a row wrongly queued has been sent and recorded: it shows in the dump
     health = fresh(hub, "GET", "/health")
     if health.status_code != 200 or health.json() != {"status": "ok"}:
         failures.append(f"GET /health after the matrix -> {health.status_code} {health.text[:200]!r}")
