@@ -246,7 +246,7 @@ def test_a_restore_names_the_keys_and_secrets_revoked_after_the_backup(serve_fac
     assert restored.returncode == 0 and "restored" in restored.stdout, restored.stderr
     warning = restored.stderr
     assert warning.startswith("webhookd: warning: the backup is from about ") and "brings them back" in warning
-    line = {pid: next((l for l in warning.splitlines() if l.strip().startswith(pid)), "")
+    line = {pid: next((ln for ln in warning.splitlines() if ln.strip().startswith(pid)), "")
             for pid in (reissued, revoked, rotated, suspended, deleted, untouched, later)}
     assert "(Reissued): API key reissued at" in line[reissued] and "the old key works again" in line[reissued]
     assert "(Revoked): secret rotated with the old ones revoked at" in line[revoked]

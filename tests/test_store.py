@@ -330,9 +330,9 @@ def _tried(attempt, status):
 def test_a_fifo_partner_gets_nothing_while_one_of_its_deliveries_is_in_flight(store):
     """A retry by hand of an old failed delivery makes it the head again (publish order) while a
     newer one is on the wire: it waits for that one to end, then goes before the rows behind."""
-    fifo = store.add_partner(partner_id=_id("partner_"), name="Ledger", webhook_url="http://127.0.0.1:9/x",
-                             events=["payment.success"], secret="sk_live_s", api_key_hash=_id("h"), now=1000.0,
-                             ordering="fifo")
+    store.add_partner(partner_id=_id("partner_"), name="Ledger", webhook_url="http://127.0.0.1:9/x",
+                      events=["payment.success"], secret="sk_live_s", api_key_hash=_id("h"), now=1000.0,
+                      ordering="fifo")
     _publish(store, now=1000.0)
     (old,) = store.claim_due(now=1000.0, lease_s=30, limit=10, per_partner=10)
     assert _finish(store, old.delivery_id, _tried(1, 500), "failed", now=1001.0)
