@@ -8,6 +8,9 @@
   way the partner guide's Python receiver does (re-serialize the parsed body) *and*
   over the raw body, records everything, and answers what the test scripts.
 * ``webhookd`` runs the app under test on a real uvicorn server, with a tmp database.
+* Tests wait for a condition (``wait_for``), never for a while. One that says something did NOT
+  happen first waits for a later event that proves the moment has passed, such as
+  ``wait_until_nothing_is_due`` (the delivery loop has nothing left to send), then looks.
 """
 
 from __future__ import annotations
@@ -447,11 +450,10 @@ def loop_counts(url: str) -> tuple[float, float]:
     r = httpx.get(url + "/metrics", headers=ADMIN, timeout=10)
     assert r.status_code == 200, r.text
 
-    def sample(pattern: str) -> float:
-        found = re.search(pattern, r.text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
-
-    return sample(r'^webhookd_claim_rows_bucket\{le="0"\} (\S+)$'), sample(r"^webhookd_deliveries_in_flight (\S+)$")
+    claims = re.search(r'^webhookd_claim_rows_bucket\{le="0"\} (\S+)$', r.text, re.MULTILINE)  # none before the first
+    in_flight = re.search(r"^webhookd_deliveries_in_flight (\S+)$", r.text, re.MULTILINE)
+    assert in_flight, "webhookd_deliveries_in_flight is not on /metrics"
+    return float(claims.group(1)) if claims else 0.0, float(in_flight.group(1))
 
 
 def wait_until_nothing_is_due(url: str, wake: Callable[[], None] = lambda: None, timeout: float = 30.0) -> None:
