@@ -8,6 +8,9 @@
   way the partner guide's Python receiver does (re-serialize the parsed body) *and*
   over the raw body, records everything, and answers what the test scripts.
 * ``webhookd`` runs the app under test on a real uvicorn server, with a tmp database.
+* Tests wait for a condition (``wait_for``), never for a while. One that says something did NOT
+  happen first waits for a later event that proves the moment has passed, such as
+  ``wait_until_nothing_is_due`` (the delivery loop has nothing left to send), then looks.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -41,6 +45,14 @@ sys.path.insert(0, str(GUARD_DIR))
 import sitecustomize  # noqa: E402  (installs the loopback guard in this process)
 
 ADMIN_TOKEN = "adm_test_token_0123456789abcdefghijklmnop"
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header that presents ``token`` (the admin token or a partner's API key)."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+ADMIN = bearer(ADMIN_TOKEN)  # the admin's header; spread it (``{**ADMIN, ...}``) to add others
 
 assert sitecustomize.GUARD_INSTALLED
 
@@ -346,7 +358,7 @@ class Webhookd:
         self.app = webhookd.create_app(config, **({"clock": clock} if clock else {}))
         self.server = ThreadServer(self.app).start()
         self.http = httpx.Client(base_url=self.server.url, timeout=10)
-        self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        self.admin = ADMIN
 
     @property
     def url(self) -> str:
@@ -370,6 +382,17 @@ class Webhookd:
     def publish(self, payload: dict, headers: dict | None = None) -> httpx.Response:
         return self.http.post("/events", headers={**self.admin, **(headers or {})}, json=payload)
 
+    def publish_many(self, n: int, **extra: Any) -> list[str]:
+        """Publish ``n`` payment.success events (``transaction_id`` txn_0, txn_1, ...); their event ids."""
+        from payloads import PAYMENT_SUCCESS
+
+        ids = []
+        for i in range(n):
+            r = self.publish({**PAYMENT_SUCCESS, "transaction_id": f"txn_{i}", **extra})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["event_id"])
+        return ids
+
     def delivery(self, delivery_id: str) -> dict:
         r = self.http.get(f"/deliveries/{delivery_id}", headers=self.admin)
         assert r.status_code == 200, r.text
@@ -380,9 +403,74 @@ class Webhookd:
         assert r.status_code == 200, r.text
         return r.json()["items"]
 
+    def all_deliveries(self, partner_id: str) -> list[dict]:
+        """Every delivery to ``partner_id``, page after page."""
+        items, cursor = [], None
+        while True:
+            params = {"partner_id": partner_id, "limit": 200, **({"cursor": cursor} if cursor else {})}
+            page = self.http.get("/deliveries", headers=self.admin, params=params).json()
+            items += page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return items
+
+    def inbound(self) -> list[dict]:
+        """The inbound events, as ``GET /inbound`` lists them."""
+        r = self.http.get("/inbound", headers=self.admin)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]
+
+    def wait_until_nothing_is_due(self, timeout: float = 30.0) -> None:
+        """``wait_until_nothing_is_due`` on this server, waking its delivery loop as it goes."""
+        wait_until_nothing_is_due(self.url, wake=self.app.state.ctx.loop.wake, timeout=timeout)
+
+    def wait_for_a_retention_pass(self, timeout: float = 30.0) -> None:
+        """Wait until a whole retention pass (the sweeper's: expiry, then the purges) has run since
+        this call. Each pass begins by renewing the ``sweeper`` role until now + 3 intervals: a
+        renewal written after this call, then a later one, frame a whole pass."""
+        called_at = self.app.state.ctx.clock()
+        ttl_s = 3 * self.config.retention.interval_s
+
+        def sweeper_until() -> float:
+            rows = self.rows("SELECT until FROM roles WHERE name = 'sweeper'")
+            return rows[0][0] if rows else float("-inf")
+
+        began = wait_for(lambda: (until := sweeper_until()) >= called_at + ttl_s and until, timeout=timeout)
+        wait_for(lambda: sweeper_until() > began, timeout=timeout)
+
     def stop(self) -> None:
         self.http.close()
         self.server.stop()
+
+
+def loop_counts(url: str) -> tuple[float, float]:
+    """From the /metrics of the webhookd at ``url``: how many claims of its delivery loop found
+    nothing to take (the ``le="0"`` bucket of ``webhookd_claim_rows``), then (read after) how many
+    attempts it has in flight."""
+    r = httpx.get(url + "/metrics", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+
+    claims = re.search(r'^webhookd_claim_rows_bucket\{le="0"\} (\S+)$', r.text, re.MULTILINE)  # none before the first
+    in_flight = re.search(r"^webhookd_deliveries_in_flight (\S+)$", r.text, re.MULTILINE)
+    assert in_flight, "webhookd_deliveries_in_flight is not on /metrics"
+    return float(claims.group(1)) if claims else 0.0, float(in_flight.group(1))
+
+
+def wait_until_nothing_is_due(url: str, wake: Callable[[], None] = lambda: None, timeout: float = 30.0) -> None:
+    """Wait until the delivery loop of the webhookd at ``url`` has twice found nothing to claim
+    since this call (the first may have begun before it) and has no attempt in flight: whatever
+    was due at the call, with room to go, has been sent and its result recorded. A test that says
+    something was NOT sent waits for this first, so that it cannot pass only because it looked too
+    early on a slow machine. ``wake`` (the loop's, in this process) makes it look at once; a
+    process of its own looks again within a second on PostgreSQL, or within 30 s on SQLite."""
+    first, _ = loop_counts(url)
+
+    def nothing_left() -> bool:
+        wake()
+        empty_claims, in_flight = loop_counts(url)
+        return empty_claims >= first + 2 and in_flight == 0
+
+    wait_for(nothing_left, timeout=timeout)
 
 
 @pytest.fixture

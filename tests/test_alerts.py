@@ -2,9 +2,10 @@
 engine — a circuit that opens, failed deliveries grouped per partner — and an alert receiver that
 is down holds up no partner's deliveries."""
 
+import threading
 import time
 
-from conftest import ShiftedClock, wait_for
+from conftest import ShiftedClock, bearer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 ALERT_SECRET = "alerts-secret-0123456789"
@@ -15,6 +16,49 @@ def alerts_of(receiver, kind: str) -> list:
     return [r for r in receiver.received if r.json.get("alert") == kind]
 
 
+class AlertsWatch:
+    """Counts what the running alerts task has done, so that a test can wait for it to have moved
+    past a moment before it says that no alert came: the task's ticks (each takes what is due and
+    publishes it) and its looks at the oldest pending delivery. It wraps those methods on the live
+    object; the real ones still run."""
+
+    def __init__(self, hub):
+        self.hub = hub
+        self.ticks = 0
+        self.backlog_looks = 0
+        self._lock = threading.Lock()
+        alerts = hub.app.state.ctx.alerts
+        take_due, check_backlog = alerts._take_due, alerts._check_backlog
+
+        def counted_take_due(now):
+            due = take_due(now)
+            with self._lock:
+                self.ticks += 1
+            return due
+
+        async def counted_check_backlog(now):
+            await check_backlog(now)
+            with self._lock:
+                self.backlog_looks += 1
+
+        alerts._take_due, alerts._check_backlog = counted_take_due, counted_check_backlog
+
+    def everything_told(self) -> None:
+        """Wait until whatever was noted before now has reached the alert receiver: two more ticks
+        (the first takes it, the second begins only once the first has published it), then every
+        alert published has been delivered."""
+        seen = self.ticks
+        wait_for(lambda: self.ticks >= seen + 2, timeout=15)
+        wait_for(lambda: all(d["state"] == "delivered"
+                             for d in self.hub.deliveries(partner_id=ALERTS_PARTNER, limit="200")), timeout=15)
+
+    def backlog_looked_at(self) -> None:
+        """Wait for the next look at the oldest pending delivery to be over, and what it noted told."""
+        seen = self.backlog_looks
+        wait_for(lambda: self.backlog_looks > seen, timeout=15)
+        self.everything_told()
+
+
 def test_a_failing_partner_gives_one_circuit_alert_and_one_grouped_failed_alert(webhookd_factory, receiver_factory):
     clock = ShiftedClock()
     alarm = receiver_factory(secret=ALERT_SECRET)
@@ -23,17 +67,25 @@ def test_a_failing_partner_gives_one_circuit_alert_and_one_grouped_failed_alert(
                            delivery__breaker_cooldown_s=600.0, delivery__breaker_cooldown_max_s=600.0)
     broken = receiver_factory(default=(500, 0.0))
     partner = hub.register(broken.url, ["payment.success"], name="Broken Bus")
+    watch = AlertsWatch(hub)
     for i in range(6):
         assert hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
     wait_for(lambda: alerts_of(alarm, "circuit_opened"), timeout=15)
     failed = wait_for(lambda: hub.deliveries(partner_id=partner["partner_id"], state="failed"))
-    time.sleep(1.0)  # a second alert, or a failed-deliveries alert before its window ends, would show now
+
+    def every_attempt_recorded():  # each ended failed (max_attempts = 1); none on the wire
+        leased = hub.rows("SELECT COUNT(*) FROM deliveries WHERE partner_id = :p AND leased_until IS NOT NULL",
+                          {"p": partner["partner_id"]})[0][0]
+        return leased == 0 and len(hub.deliveries(partner_id=partner["partner_id"], state="failed")) == len(broken.received)
+
+    wait_for(every_attempt_recorded, timeout=15)
+    watch.everything_told()  # a second alert, or a failed-deliveries alert before its window ends, would show now
     assert len(alerts_of(alarm, "circuit_opened")) == 1 and alerts_of(alarm, "deliveries_failed") == []
     failed = hub.deliveries(partner_id=partner["partner_id"], state="failed")
 
     clock.advance(61)  # the failures' window ends: one alert, with their count
     grouped = wait_for(lambda: alerts_of(alarm, "deliveries_failed"), timeout=15)
-    time.sleep(1.0)
+    watch.everything_told()
     assert len(alerts_of(alarm, "deliveries_failed")) == 1 and grouped[0].json["count"] == len(failed) >= 3
     opened = alerts_of(alarm, "circuit_opened")[0]
     assert opened.json["partner_id"] == partner["partner_id"] and opened.json["partner_name"] == "Broken Bus"
@@ -79,6 +131,7 @@ def test_a_disabled_partner_an_enabled_one_and_an_old_backlog_are_told(webhookd_
                            delivery__backoff_max_s=5.0)
     gone = receiver_factory(default=(410, 0.0))
     partner = hub.register(gone.url, ["payment.success"], name="Gone Tours")
+    watch = AlertsWatch(hub)
     hub.publish(PAYMENT_SUCCESS)
     disabled = wait_for(lambda: alerts_of(alarm, "partner_disabled"), timeout=15)
     assert disabled[0].json["partner_id"] == partner["partner_id"] and "410" in disabled[0].json["detail"]
@@ -92,12 +145,12 @@ def test_a_disabled_partner_an_enabled_one_and_an_old_backlog_are_told(webhookd_
     old = wait_for(lambda: alerts_of(alarm, "backlog_old"), timeout=15)
     assert old[0].json["partner_id"] == partner["partner_id"] and old[0].json["oldest_pending_s"] >= 3600
     clock.advance(40)              # looked at again 30 s later: within the interval, no second alert
-    time.sleep(1.5)
+    watch.backlog_looked_at()
     assert len(alerts_of(alarm, "backlog_old")) == 1
     assert hub.http.patch(f"/partners/{partner['partner_id']}", headers=hub.admin,
                           json={"status": "paused"}).status_code == 200
     clock.advance(700)             # past the interval, but paused: its backlog waits on purpose
-    time.sleep(1.5)
+    watch.backlog_looked_at()
     assert len(alerts_of(alarm, "backlog_old")) == 1
     assert all(r.guide_ok for r in alarm.received)
 
@@ -113,7 +166,8 @@ def test_a_partner_that_disables_and_enables_itself_again_and_again_is_told_once
                            delivery__max_attempts=50)
     gone = receiver_factory(default=(410, 0.0))
     partner = hub.register(gone.url, ["payment.success"], name="Flapping Tours")
-    pid, own_key = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own_key = partner["partner_id"], bearer(partner["api_key"])
+    watch = AlertsWatch(hub)
 
     def status():
         return hub.http.get(f"/partners/{pid}", headers=hub.admin).json()["status"]
@@ -124,7 +178,7 @@ def test_a_partner_that_disables_and_enables_itself_again_and_again_is_told_once
         assert hub.http.patch(f"/partners/{pid}", headers=own_key, json={"status": "active"}).status_code == 200
     wait_for(lambda: status() == "disabled", timeout=15)
     wait_for(lambda: alerts_of(alarm, "partner_disabled") and alerts_of(alarm, "partner_enabled"), timeout=15)
-    time.sleep(1.0)                # more alerts, were they not held back, would show now
+    watch.everything_told()        # more alerts, were they not held back, would show now
     assert len(alerts_of(alarm, "partner_disabled")) == 1 and len(alerts_of(alarm, "partner_enabled")) == 1
     assert "made active again by the partner" in alerts_of(alarm, "partner_enabled")[0].json["detail"]
 

@@ -3,7 +3,7 @@
 
 import pytest
 
-from conftest import ADMIN_TOKEN, wait_for
+from conftest import ADMIN_TOKEN, bearer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
@@ -49,7 +49,7 @@ def test_registration_returns_the_secret_once_and_stores_only_a_hash_of_the_api_
 def test_a_partner_reads_itself_with_its_api_key_but_not_others(hub):
     a = hub.register("http://127.0.0.1:9/a", ["payment.success"], name="A")
     b = hub.register("http://127.0.0.1:9/b", ["payment.success"], name="B")
-    key = {"Authorization": f"Bearer {a['api_key']}"}
+    key = bearer(a["api_key"])
     assert hub.http.get(f"/partners/{a['partner_id']}", headers=key).status_code == 200
     check_error(hub.http.get(f"/partners/{b['partner_id']}", headers=key), 404, "partner_not_found")
     check_error(hub.http.get("/partners", headers=key), 403, "admin_only")
@@ -176,7 +176,7 @@ def test_a_partner_sees_only_its_own_deliveries(hub, receiver_factory):
     b = hub.register(rb.url, ["payment.success"], name="B")
     assert hub.publish(PAYMENT_SUCCESS).status_code == 202
     wait_for(lambda: ra.received and rb.received)
-    key = {"Authorization": f"Bearer {a['api_key']}"}
+    key = bearer(a["api_key"])
     mine = hub.http.get("/deliveries", headers=key).json()["items"]
     assert [d["partner_id"] for d in mine] == [a["partner_id"]]
     check_error(hub.http.get("/deliveries", headers=key, params={"partner_id": b["partner_id"]}), 404)

@@ -21,11 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, ROOT, Receiver, free_port, wait_for, webhookd_cli
+from conftest import ADMIN, ROOT, Receiver, free_port, wait_for, webhookd_cli
 from payloads import PAYMENT_SUCCESS
 
 pytestmark = pytest.mark.slow
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 RETRYING = dict(WEBHOOKD_DELIVERY_MAX_ATTEMPTS="100", WEBHOOKD_DELIVERY_BACKOFF_BASE_S="0.5",
                 WEBHOOKD_DELIVERY_BACKOFF_MAX_S="1")
 
@@ -247,7 +246,7 @@ def test_a_restore_names_the_keys_and_secrets_revoked_after_the_backup(serve_fac
     assert restored.returncode == 0 and "restored" in restored.stdout, restored.stderr
     warning = restored.stderr
     assert warning.startswith("webhookd: warning: the backup is from about ") and "brings them back" in warning
-    line = {pid: next((text for text in warning.splitlines() if text.strip().startswith(pid)), "")
+    line = {pid: next((ln for ln in warning.splitlines() if ln.strip().startswith(pid)), "")
             for pid in (reissued, revoked, rotated, suspended, deleted, untouched, later)}
     assert "(Reissued): API key reissued at" in line[reissued] and "the old key works again" in line[reissued]
     assert "(Revoked): secret rotated with the old ones revoked at" in line[revoked]

@@ -38,7 +38,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, Receiver, Webhookd, make_config, wait_for
+from conftest import ADMIN, ADMIN_TOKEN, Receiver, Webhookd, bearer, make_config, wait_for
 from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
 
 MAX_BODY = 262144
@@ -177,8 +177,8 @@ def world(request, tmp_path_factory):
 
 
 def build_rows(w: World) -> list[Row]:
-    ADM = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    KA = {"Authorization": f"Bearer {w.a['api_key']}"}
+    ADM = ADMIN
+    KA = bearer(w.a["api_key"])
     A, B = w.a["partner_id"], w.b["partner_id"]
     secret_a = w.a["shared_secret"]
     adm_raw = (b"authorization", f"Bearer {ADMIN_TOKEN}".encode())
@@ -228,7 +228,7 @@ def build_rows(w: World) -> list[Row]:
         Row("register: 'Bearer' with no token", "POST", "/partners/register",
             {"Authorization": "Bearer"}, reg(), 401, "missing_credentials"),
         Row("register: SQL injection as the bearer token", "POST", "/partners/register",
-            {"Authorization": f"Bearer {SQLI}"}, reg(), 401, "invalid_credentials"),
+            bearer(SQLI), reg(), 401, "invalid_credentials"),
         Row("register: pak_ + SQL injection as the API key", "POST", "/partners/register",
             {"Authorization": f"Bearer pak_{SQLI}"}, reg(), 401, "invalid_credentials"),
         Row("register: admin token + a non-UTF-8 byte (raw header)", "POST", "/partners/register",
@@ -738,7 +738,7 @@ def build_rows(w: World) -> list[Row]:
         # ---- The operator's routes: /metrics, /stats, /dashboard, /openapi.json, /ws ------------
         Row("metrics: no credentials", "GET", "/metrics", {}, None, 401, "missing_credentials"),
         Row("metrics: a partner API key", "GET", "/metrics", KA, None, 403, "admin_only"),
-        Row("metrics: SQL injection as the token", "GET", "/metrics", {"Authorization": f"Bearer {SQLI}"}, None,
+        Row("metrics: SQL injection as the token", "GET", "/metrics", bearer(SQLI), None,
             401, "invalid_credentials"),
         Row("metrics: POST", "POST", "/metrics", ADM, b"{}", 405, "method_not_allowed"),
         Row("stats: no credentials", "GET", "/stats", {}, None, 401, "missing_credentials"),
@@ -849,6 +849,7 @@ def test_hostile_requests_get_their_4xx_and_change_nothing(world: World):
     assert len(methods_and_routes) >= 30
 
     # The "before" dump: all deliveries settled, and nothing moving any more.
+    hub.wait_until_nothing_is_due()
     before = dump(world.db_path)
     for _ in range(50):
         time.sleep(0.1)
@@ -885,7 +886,7 @@ def test_hostile_requests_get_their_4xx_and_change_nothing(world: World):
                                 f"{row.code or ''}: " + "; ".join(found))
 
         # Hostile text in free-form filters is a harmless filter: 200, nothing found, nothing run.
-        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        admin = ADMIN
         for path in (f"/deliveries?event={q(SQLI)}", f"/deliveries?event_id={q(TRAVERSAL)}",
                      f"/deliveries?partner_id={q(SQLI)}", f"/deliveries?event={ENCODED_TRAVERSAL}",
                      f"/inbound?partner_id={q(SQLI)}", f"/inbound?event={q(TRAVERSAL)}"):
@@ -896,7 +897,7 @@ def test_hostile_requests_get_their_4xx_and_change_nothing(world: World):
         client.close()
     elapsed = time.monotonic() - started
 
-    time.sleep(0.3)  # anything a row wrongly queued has time to show up in the dump
+    hub.wait_until_nothing_is_due()  # anything a row wrongly queued has been sent and recorded: it shows in the dump
     health = fresh(hub, "GET", "/health")
     if health.status_code != 200 or health.json() != {"status": "ok"}:
         failures.append(f"GET /health after the matrix -> {health.status_code} {health.text[:200]!r}")

@@ -187,12 +187,6 @@ def _run_sender(url: str, secret: str, *args: str, partner_id: str = "") -> subp
                           capture_output=True, text=True, timeout=30)
 
 
-def _inbound(hub) -> list[dict]:
-    r = hub.http.get("/inbound", headers=hub.admin)
-    assert r.status_code == 200, r.text
-    return r.json()["items"]
-
-
 def test_example_sender_is_received_once_even_when_sent_twice(hub):
     partner = hub.register("http://127.0.0.1:9/unused", ["payment.success"], name="Montaña Tours")
     event = json.dumps({"tour_id": "tour_xyz789", "price": 250.0, "url": "https://example.com/a/b"})
@@ -201,14 +195,14 @@ def test_example_sender_is_received_once_even_when_sent_twice(hub):
                            partner_id=partner["partner_id"])
         assert done.returncode == 0, done.stdout + done.stderr
         assert "-> 200" in done.stdout
-    stored = _inbound(hub)
+    stored = hub.inbound()
     assert len(stored) == 1
     assert stored[0]["partner_id"] == partner["partner_id"] and stored[0]["event"] == "tour.purchased"
     assert stored[0]["payload"]["url"] == "https://example.com/a/b" and stored[0]["payload"]["price"] == 250.0
     # without X-Partner-Id webhookd finds the partner by its secret; a new id is a new event
     done = _run_sender(hub.url, partner["shared_secret"])
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [i["event"] for i in _inbound(hub)] == ["tour.promoted", "tour.purchased"]
+    assert [i["event"] for i in hub.inbound()] == ["tour.promoted", "tour.purchased"]
     # a wrong secret is a 401, not retried
     done = _run_sender(hub.url, "sk_live_wrong", "--backoff", "0.01")
     assert done.returncode == 1 and done.stdout.count("attempt") == 1 and "-> 401" in done.stdout

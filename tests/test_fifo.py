@@ -9,11 +9,10 @@ import time
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, Receiver, wait_for
+from conftest import ADMIN, Receiver, wait_for
 from payloads import PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # the in-process test runs on SQLite and on PostgreSQL (conftest.hub)
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def in_order(received) -> list[str]:

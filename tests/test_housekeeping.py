@@ -1,7 +1,7 @@
 """Housekeeping (housekeeping.py), started and stopped by the app beside the delivery loop.
 
 The sweep it runs is tested through the app in test_lifecycle.py (a paused partner's backlog
-ends expired) and pass by pass in test_engine.py (retention in batches); here, the heartbeat."""
+ends expired) and pass by pass in test_delivery.py (retention in batches); here, the heartbeat."""
 
 from conftest import wait_for
 from store import Store

@@ -20,12 +20,6 @@ def partner(hub):
     return hub.register("http://127.0.0.1:9/unused", ["payment.success"], name="Montaña Tours")
 
 
-def _inbound(hub):
-    r = hub.http.get("/inbound", headers=hub.admin)
-    assert r.status_code == 200, r.text
-    return r.json()["items"]
-
-
 def _post(hub, body: bytes, signature: str | None, event: str | None = "tour.purchased", **extra):
     headers = {"Content-Type": "application/json", **extra}
     if signature is not None:
@@ -41,7 +35,7 @@ def test_the_guides_sender_as_written_gets_200_and_is_stored_once(hub, partner, 
     payload = guide_sender.tour_payload()
     assert guide_sender.send_webhook_to_partner("tour.purchased", payload) is True
     assert guide_sender.send_webhook_to_partner("tour.purchased", payload) is True  # a partner retry
-    stored = _inbound(hub)
+    stored = hub.inbound()
     assert len(stored) == 1
     assert stored[0]["partner_id"] == partner["partner_id"]
     assert stored[0]["event"] == "tour.purchased"
@@ -56,7 +50,7 @@ def test_the_sender_response_is_received_with_a_timestamp(hub, partner):
     assert r.json()["status"] == "received" and abs(r.json()["timestamp"] - time.time()) < 5
     again = _post(hub, body, signing.sign_hex(partner["shared_secret"], body), event="tour.promoted")
     assert again.json() == r.json()  # the duplicate gets the same 200
-    assert len(_inbound(hub)) == 1
+    assert len(hub.inbound()) == 1
 
 
 def test_x_webhook_id_deduplicates_even_when_the_body_changes(hub, partner):
@@ -65,7 +59,7 @@ def test_x_webhook_id_deduplicates_even_when_the_body_changes(hub, partner):
         body = json.dumps({"event": "tour.purchased", "price": price}).encode()
         r = _post(hub, body, signing.sign_hex(secret, body), **{"X-Webhook-Id": "msg_1"})
         assert r.status_code == 200
-    assert len(_inbound(hub)) == 1 and _inbound(hub)[0]["payload"]["price"] == 1
+    assert len(hub.inbound()) == 1 and hub.inbound()[0]["payload"]["price"] == 1
 
 
 def test_the_partner_is_found_by_x_partner_id(hub, partner):
@@ -78,7 +72,7 @@ def test_the_partner_is_found_by_x_partner_id(hub, partner):
     assert wrong.status_code == 401
     unknown = _post(hub, body, signature, **{"X-Partner-Id": "partner_nosuchpartner00"})
     assert unknown.status_code == 401 and unknown.json()["error"]["code"] == "invalid_signature"
-    assert [i["partner_id"] for i in _inbound(hub)] == [other["partner_id"]]
+    assert [i["partner_id"] for i in hub.inbound()] == [other["partner_id"]]
 
 
 def test_a_wrong_secret_is_401_and_stores_nothing(hub, partner):
@@ -87,7 +81,7 @@ def test_a_wrong_secret_is_401_and_stores_nothing(hub, partner):
     assert r.status_code == 401
     assert set(r.json()["error"]) == {"code", "message"}
     assert partner["shared_secret"] not in r.text
-    assert _inbound(hub) == []
+    assert hub.inbound() == []
 
 
 @pytest.mark.parametrize("missing", ["signature", "event", "both"])
@@ -109,7 +103,7 @@ def test_checks_run_in_the_specs_order(hub, partner):
     assert _post(hub, stale, "00").json()["error"]["code"] == "invalid_signature"  # signature before timestamp
     r = _post(hub, stale, signing.sign_hex(partner["shared_secret"], stale))
     assert r.status_code == 401 and r.json()["error"]["code"] == "stale_timestamp"
-    assert _inbound(hub) == []
+    assert hub.inbound() == []
 
 
 def test_a_non_ascii_signature_header_is_401_not_500(hub, partner):
@@ -333,7 +327,7 @@ def test_an_unnamed_event_names_its_partner_past_a_small_search(hub):
     forged = {"X-Webhook-Signature": "00" * 32, "X-Webhook-Event": "tour.purchased"}
     codes, _ = _at_once(hub, flood, lambda body: forged)
     assert codes == [400] * 20
-    assert sorted(i["payload"].get("tour_id", "large") for i in _inbound(hub)) == ["large", "t1", "t2"]
+    assert sorted(i["payload"].get("tour_id", "large") for i in hub.inbound()) == ["large", "t1", "t2"]
 
 
 def _partners_tried(hub):
@@ -410,7 +404,7 @@ def test_only_a_suspended_partners_own_signature_learns_it_is_suspended(hub):
     assert "chargebacks under review" in own.json()["error"]["message"]
     unnamed = _post(hub, body, signing.sign_hex(partner["shared_secret"], body))
     assert unnamed.status_code == 401 and unnamed.json()["error"]["code"] == "invalid_signature"
-    assert _inbound(hub) == []
+    assert hub.inbound() == []
 
 
 def test_forgeries_naming_a_suspended_partner_count_as_refused_signatures(webhookd_factory):

@@ -7,14 +7,10 @@ import time
 from pathlib import Path
 
 import signing
-from conftest import ShiftedClock, wait_for
+from conftest import ShiftedClock, bearer, wait_for
 from payloads import BOOKING_CANCELLED_WITH_URL, PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def signed_inbound(hub, partner: dict, named: bool = True):
@@ -67,7 +63,7 @@ def test_a_deleted_partners_key_and_signature_stop_at_once_and_nothing_pending_i
     retry = hub.http.post(f"/deliveries/{cancelled[0]['delivery_id']}/retry", headers=hub.admin)
     assert retry.status_code == 409 and retry.json()["error"]["code"] == "partner_deleted"
     assert metric(hub, f'webhookd_deliveries_total{{outcome="cancelled",partner="{pid}"}}') == 3
-    time.sleep(0.5)  # nothing may go out meanwhile (a slower machine only gives it longer to be wrong)
+    hub.wait_until_nothing_is_due()  # nothing may go out meanwhile
     assert len(receiver.received) == 0
     rows = hub.rows("SELECT secret, previous_secret, api_key_hash, webhook_url, status FROM partners WHERE id = :id",
                     {"id": pid})
@@ -152,7 +148,7 @@ def test_the_admin_cancels_a_partners_backlog_and_none_of_it_is_sent(hub, receiv
     assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "active"}).status_code == 200
     fresh = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "new"}).json()["event_id"]
     wait_for(lambda: fresh in receiver.event_ids)
-    time.sleep(0.3)
+    hub.wait_until_nothing_is_due()
     assert receiver.event_ids == [fresh]
     assert len(hub.deliveries(partner_id=pid, state="cancelled")) == 2
 
@@ -167,13 +163,13 @@ def test_a_delivery_pending_too_long_expires_is_never_sent_and_can_be_retried_by
     pid = partner["partner_id"]
     pause(hub, pid)
     event_id = hub.publish(PAYMENT_SUCCESS).json()["event_id"]
-    time.sleep(0.3)  # several retention passes: not old enough yet
+    hub.wait_for_a_retention_pass()  # not old enough yet
     assert hub.deliveries(partner_id=pid)[0]["state"] == "pending"
     clock.advance(3601)
     expired = wait_for(lambda: hub.deliveries(partner_id=pid, state="expired"))
     assert metric(hub, f'webhookd_deliveries_total{{outcome="expired",partner="{pid}"}}') == 1
     assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "active"}).status_code == 200
-    time.sleep(0.5)
+    hub.wait_until_nothing_is_due()
     assert receiver.received == []
     r = hub.http.post(f"/deliveries/{expired[0]['delivery_id']}/retry", headers=bearer(partner["api_key"]))
     assert r.status_code == 202 and r.json()["state"] == "pending"

@@ -4,7 +4,7 @@ import json
 import time
 
 import signing
-from conftest import wait_for
+from conftest import bearer, wait_for
 from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
@@ -14,12 +14,12 @@ def test_test_ping_goes_to_that_partner_alone_without_a_subscription(hub, receiv
     target, other = receiver_factory(), receiver_factory()
     partner = hub.register(target.url, ["booking.cancelled"], name="Target")
     hub.register(other.url, ["booking.cancelled"], name="Other")
-    r = hub.http.post(f"/partners/{partner['partner_id']}/test", headers={"Authorization": f"Bearer {partner['api_key']}"})
+    r = hub.http.post(f"/partners/{partner['partner_id']}/test", headers=bearer(partner["api_key"]))
     assert r.status_code == 202 and r.json()["deliveries"] == 1
     wait_for(lambda: target.received)
     got = target.received[0]
     assert got.headers["x-webhook-event"] == "webhook.test" and got.json["partner_id"] == partner["partner_id"]
-    time.sleep(0.3)
+    hub.wait_until_nothing_is_due()
     assert other.received == []
 
 
@@ -51,7 +51,7 @@ def test_patch_changes_url_and_events_with_the_same_validation(hub, receiver_fac
     bad_status = hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "disabled"})
     assert bad_status.status_code == 422
     assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={}).status_code == 422
-    r = hub.http.patch(f"/partners/{pid}", headers={"Authorization": f"Bearer {partner['api_key']}"},
+    r = hub.http.patch(f"/partners/{pid}", headers=bearer(partner["api_key"]),
                        json={"webhook_url": second.url, "events": ["booking.confirmed"]})
     assert r.status_code == 200 and r.json()["events_subscribed"] == ["booking.confirmed"]
     assert hub.publish(PAYMENT_SUCCESS).json()["deliveries"] == 0
@@ -66,7 +66,7 @@ def test_a_paused_partner_holds_deliveries_until_resumed(hub, receiver_factory):
     pid = partner["partner_id"]
     assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "paused"}).json()["status"] == "paused"
     hub.publish(PAYMENT_SUCCESS)
-    time.sleep(0.5)
+    hub.wait_until_nothing_is_due()
     assert receiver.received == [] and hub.deliveries()[0]["state"] == "pending"
     hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "active"})
     wait_for(lambda: receiver.received)
@@ -98,7 +98,7 @@ def test_only_the_admin_suspends_and_lifts_and_a_suspended_partner_gets_nothing(
     what waited goes out."""
     receiver = receiver_factory()
     partner = hub.register(receiver.url, ["payment.success"])
-    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own = partner["partner_id"], bearer(partner["api_key"])
 
     def patch(headers, **body):
         return hub.http.patch(f"/partners/{pid}", headers=headers, json=body)
@@ -122,7 +122,7 @@ def test_only_the_admin_suspends_and_lifts_and_a_suspended_partner_gets_nothing(
         "X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], body), "X-Webhook-Event": "tour.purchased",
         "X-Partner-Id": pid})
     assert r.status_code == 403 and r.json()["error"]["code"] == "partner_suspended"
-    time.sleep(0.5)  # nothing may go out meanwhile (a slower machine only gives it longer to be wrong)
+    hub.wait_until_nothing_is_due()  # nothing may go out meanwhile
     assert receiver.received == []
     assert hub.deliveries(partner_id=pid)[0]["state"] == "pending"
 
@@ -163,7 +163,7 @@ def test_a_partners_own_writes_have_a_budget(webhookd_factory):
     clock = ShiftedClock(frozen=True)
     hub = webhookd_factory(clock=clock, security__partner_writes_per_min=3)
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
-    own = {"Authorization": f"Bearer {partner['api_key']}"}
+    own = bearer(partner["api_key"])
     codes = [hub.http.post(f"/partners/{partner['partner_id']}/test", headers=own).status_code for _ in range(5)]
     assert codes == [202, 202, 202, 429, 429]
     limited = hub.http.patch(f"/partners/{partner['partner_id']}", headers=own, json={"status": "paused"})
@@ -178,17 +178,17 @@ def test_a_reissued_api_key_replaces_the_old_one_at_once(hub):
     """For a leaked key: the partner (or the admin) gets a new one, shown once; the old one is a 401
     on the very next request; the new one works."""
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
-    pid, old = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, old = partner["partner_id"], bearer(partner["api_key"])
     r = hub.http.post(f"/partners/{pid}/api-key", headers=old)
     assert r.status_code == 200 and r.json()["api_key"].startswith("pak_") and r.json()["api_key"] != partner["api_key"]
-    new = {"Authorization": f"Bearer {r.json()['api_key']}"}
+    new = bearer(r.json()["api_key"])
     assert hub.http.get(f"/partners/{pid}", headers=old).status_code == 401
     assert hub.http.get(f"/partners/{pid}", headers=new).status_code == 200
     again = hub.http.post(f"/partners/{pid}/api-key", headers=hub.admin)
     assert again.status_code == 200
     assert hub.http.get(f"/partners/{pid}", headers=new).status_code == 401
     other = hub.register("http://127.0.0.1:9/y", ["payment.success"], name="Other")
-    mine = {"Authorization": f"Bearer {other['api_key']}"}
+    mine = bearer(other["api_key"])
     assert hub.http.post(f"/partners/{pid}/api-key", headers=mine).status_code == 404   # not another's key
 
 
@@ -205,7 +205,7 @@ def test_a_contact_email_is_kept_shown_to_both_sides_and_changed_with_patch(hub)
         assert r.status_code == 422 and "'contact_email'" in r.json()["error"]["message"], (bad, r.text)
     created = register("ops@tours.example.com")
     assert created.status_code == 201 and created.json()["contact_email"] == "ops@tours.example.com"
-    pid, own = created.json()["partner_id"], {"Authorization": f"Bearer {created.json()['api_key']}"}
+    pid, own = created.json()["partner_id"], bearer(created.json()['api_key'])
     assert hub.http.get(f"/partners/{pid}", headers=own).json()["contact_email"] == "ops@tours.example.com"
     r = hub.http.patch(f"/partners/{pid}", headers=own, json={"contact_email": "soporte@tours.example.com"})
     assert r.status_code == 200 and r.json()["contact_email"] == "soporte@tours.example.com"

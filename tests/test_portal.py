@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import re
 
-from conftest import ADMIN_TOKEN, CHROMIUM, CHROMIUM_ARGS, wait_for
+from conftest import ADMIN_TOKEN, CHROMIUM, CHROMIUM_ARGS, bearer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 TIMEOUT_MS = 10_000
@@ -120,6 +120,6 @@ def test_a_partner_signs_in_sees_only_its_own_retries_rotates_and_checks_a_signa
             assert errors == []
         finally:
             browser.close()
-    assert hub.http.get("/me", headers={"Authorization": f"Bearer {partner['api_key']}"}).status_code == 200
+    assert hub.http.get("/me", headers=bearer(partner["api_key"])).status_code == 200
     me_admin = hub.http.get("/me", headers=hub.admin)
     assert me_admin.status_code == 403 and me_admin.json()["error"]["code"] == "not_a_partner"

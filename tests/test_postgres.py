@@ -16,10 +16,8 @@ import httpx
 import pytest
 
 import signing
-from conftest import ADMIN_TOKEN, ROOT, wait_for
+from conftest import ADMIN, ROOT, bearer, wait_for, wait_until_nothing_is_due
 from payloads import PAYMENT_SUCCESS
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +121,7 @@ def test_a_partner_registered_through_one_process_is_known_to_another_at_once(se
         partner = _register(a, "http://127.0.0.1:9/x", name=f"P{n}")
         r = httpx.get(f"{b.url}/partners/{partner['partner_id']}", headers=ADMIN, timeout=10)
         assert r.status_code == 200, r.text
-        own = {"Authorization": f"Bearer {partner['api_key']}"}
+        own = bearer(partner["api_key"])
         r = httpx.get(f"{b.url}/partners/{partner['partner_id']}", headers=own, timeout=10)
         assert r.status_code == 200, r.text
 
@@ -182,7 +180,8 @@ def test_a_circuit_opened_by_one_process_pauses_the_others(serve_factory, postgr
     assert {x["reason"] for x in shown} == {"paused_by_another_process"}
     sent = len(receiver.received)
     _publish_round_robin(others, 6)  # new work, published through the processes that never failed
-    time.sleep(2.5)                   # each of them looks for due work every second
+    for process in others:            # each of them looks for due work every second
+        wait_until_nothing_is_due(process.url)
     assert len(receiver.received) == sent, "a process sent to a partner another process had paused"
     receiver.default = (200, 0.0)
     r = httpx.post(f"{others[0].url}/partners/{partner['partner_id']}/recover?since=0", headers=ADMIN, timeout=10)
@@ -371,7 +370,7 @@ def test_a_lock_held_elsewhere_costs_the_publishes_a_503_and_no_other_route_wait
     receiver = receiver_factory()
     hub = hub_factory()
     partner = hub.register(receiver.url, ["payment.success"])
-    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own = partner["partner_id"], bearer(partner["api_key"])
     accepted = [hub.publish({**PAYMENT_SUCCESS, "transaction_id": "before"}).json()["event_id"]]
     publishes = [("POST", "/events", ADMIN, {**PAYMENT_SUCCESS, "transaction_id": f"locked{i}"}) for i in range(12)]
     others = [("GET", "/health", {}, None), ("GET", "/me", own, None), ("GET", "/deliveries", ADMIN, None)] * 3
@@ -404,7 +403,7 @@ def test_while_the_database_is_away_every_route_answers_503_within_3_s_under_con
     receiver = receiver_factory()
     hub = webhookd_factory(storage__url=postgres_server.new_database())
     partner = hub.register(receiver.url, ["payment.success"])
-    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own = partner["partner_id"], bearer(partner["api_key"])
     event_id = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "before"}).json()["event_id"]
     calls = [("POST", "/events", ADMIN, {**PAYMENT_SUCCESS, "transaction_id": "away"}), ("GET", "/health", {}, None),
              ("GET", "/deliveries", ADMIN, None), ("GET", f"/events/{event_id}", ADMIN, None),

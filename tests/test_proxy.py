@@ -22,9 +22,8 @@ import pytest
 from websockets.sync.client import connect
 
 import signing
-from conftest import ADMIN_TOKEN, ROOT, free_port, wait_for
+from conftest import ADMIN, ROOT, free_port, wait_for
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 WRAPPER = """\
 daemon off;
 worker_processes 1;

@@ -1,9 +1,8 @@
 """Replay: a partner that lost a day gets every event of the window again — delivered ones too,
 with their original ids — and nothing outside the window, and never another partner's."""
 
-import time
 
-from conftest import ShiftedClock, wait_for
+from conftest import ShiftedClock, bearer, wait_for
 from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
 
 
@@ -13,7 +12,7 @@ def test_replay_sends_the_window_again_with_the_original_ids_and_nothing_else(hu
     mine, theirs = receiver_factory(), receiver_factory()
     partner = hub.register(mine.url, ["payment.success", "booking.confirmed"])
     hub.register(theirs.url, ["payment.success"], name="Other")
-    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own = partner["partner_id"], bearer(partner["api_key"])
     mine.secret = partner["shared_secret"]
 
     def publish(payload):
@@ -39,7 +38,7 @@ def test_replay_sends_the_window_again_with_the_original_ids_and_nothing_else(hu
                          params={"since": since, "until": until, "limit": 2, "cursor": r.json()["next_cursor"]})
     assert rest.status_code == 202 and rest.json() == {"replayed": 1, "next_cursor": None}
     wait_for(lambda: len(mine.received) == first_round + 3)
-    time.sleep(0.3)  # anything more would be wrong: give it the time to show up
+    hub.wait_until_nothing_is_due()  # anything more would be wrong: it would have gone out by now
     again = mine.event_ids[first_round:]
     assert sorted(again) == sorted(window) and before not in again and after not in again
     assert all(r.guide_ok for r in mine.received)
@@ -56,7 +55,7 @@ def test_replay_sends_the_window_again_with_the_original_ids_and_nothing_else(hu
         bad = hub.http.post(f"/partners/{pid}/replay", headers=own, params=params)
         assert bad.status_code == 422 and f"'{field}'" in bad.json()["error"]["message"], (params, bad.text)
     other = hub.register("http://127.0.0.1:9/x", ["payment.success"], name="Third")
-    stranger = {"Authorization": f"Bearer {other['api_key']}"}
+    stranger = bearer(other["api_key"])
     assert hub.http.post(f"/partners/{pid}/replay", headers=stranger, params={"since": 0}).status_code == 404
     trail = hub.http.get("/audit", headers=hub.admin, params={"partner_id": pid, "action": "partner.replayed"})
     assert [e["changes"]["replayed"] for e in trail.json()["items"]] == [1, 1, 2]
@@ -80,7 +79,7 @@ def test_a_replay_skips_what_is_still_pending_and_leaves_cancelled_ones_to_the_a
     """Calling twice queues once; what the admin cancelled stays cancelled unless the admin asks."""
     hub = hub_factory()
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
-    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own = partner["partner_id"], bearer(partner["api_key"])
     assert hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"status": "paused"}).status_code == 200
     for _ in range(3):
         hub.publish(PAYMENT_SUCCESS)

@@ -11,11 +11,10 @@ import time
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, ROOT, Receiver, ServeProcess, free_port, wait_for
+from conftest import ADMIN, ROOT, Receiver, ServeProcess, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
 
 pytestmark = pytest.mark.slow
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def _register(url, receiver_url):
@@ -100,7 +99,7 @@ def test_sigterm_starts_no_new_send_and_a_restart_sends_the_rest_once(serve_fact
     """``concurrency = 1``, one attempt in flight and two due behind it when SIGTERM comes: the one
     in flight finishes and is recorded; nothing new is claimed or sent, no lease is left behind,
     so a restart sends the other two at once and exactly once. (A job claimed but not begun when
-    the stop comes is released: test_engine.py.)"""
+    the stop comes is released: test_delivery.py.)"""
     receiver = receiver_factory(default=(200, 0.8))
     serve = serve_factory(WEBHOOKD_DELIVERY_CONCURRENCY="1", WEBHOOKD_DELIVERY_TIMEOUT_S="5")
     _register(serve.url, receiver.url)
@@ -150,9 +149,14 @@ def test_kill_9_in_a_burst_of_2000_deliveries_loses_nothing(serve_factory, recei
         (in_flight,) = db.execute(
             "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND leased_until IS NOT NULL").fetchone()
 
-    serve_factory(port=serve.port, **env)              # leases run out by themselves (11 s)
+    restarted = serve_factory(port=serve.port, **env)  # leases run out by themselves (11 s)
     wait_for(lambda: {(r.path, r.headers["x-webhook-id"]) for r in receiver.received} >= expected, timeout=60)
-    time.sleep(0.5)
+
+    def every_result_recorded():  # all 2,000 delivered and none in flight: no duplicate can still come
+        totals = httpx.get(restarted.url + "/stats", headers=ADMIN, timeout=10).json()["totals"]
+        return totals["delivered"] == len(expected) and totals["in_flight"] == 0
+
+    wait_for(every_result_recorded, timeout=60)
     got = [(r.path, r.headers["x-webhook-id"]) for r in receiver.received]
     assert set(got) == expected
     duplicates = len(got) - len(expected)

@@ -11,7 +11,7 @@ import standardwebhooks
 
 import signing
 import web
-from conftest import ADMIN_TOKEN, ShiftedClock, wait_for
+from conftest import ADMIN, ADMIN_TOKEN, ShiftedClock, bearer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 WHO = {web.PUBLIC, web.ADMIN, web.CALLER, web.SIGNED, web.REGISTRATION, web.METRICS}
@@ -37,7 +37,7 @@ def test_every_route_declares_who_may_call_it(hub):
 
 def test_every_protected_route_refuses_missing_and_wrong_credentials(hub):
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
-    partner_key = {"Authorization": f"Bearer {partner['api_key']}"}
+    partner_key = bearer(partner["api_key"])
     checked = 0
     for method, r in _routes(hub.app):
         if r.who in (web.PUBLIC, web.SIGNED):
@@ -75,7 +75,7 @@ def test_registration_is_open_only_when_configured(webhookd_factory):
 def test_a_partner_key_cannot_touch_another_partner(hub):
     a = hub.register("http://127.0.0.1:9/a", ["payment.success"], name="A")
     b = hub.register("http://127.0.0.1:9/b", ["payment.success"], name="B")
-    key = {"Authorization": f"Bearer {a['api_key']}"}
+    key = bearer(a["api_key"])
     for method, path, body in [
         ("GET", f"/partners/{b['partner_id']}", None),
         ("PATCH", f"/partners/{b['partner_id']}", {"status": "paused"}),
@@ -97,7 +97,7 @@ def test_rotation_overlap_signs_with_both_then_only_the_new_secret(webhookd_fact
     partner = hub.register(receiver.url, ["payment.success"])
     old_secret, old_whsec = partner["shared_secret"], partner["standard_webhooks_secret"]
     r = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret",
-                      headers={"Authorization": f"Bearer {partner['api_key']}"})
+                      headers=bearer(partner["api_key"]))
     assert r.status_code == 200
     rotated = r.json()
     new_secret = rotated["shared_secret"]
@@ -137,7 +137,7 @@ def test_a_second_rotation_keeps_the_first_ones_promise(webhookd_factory):
     how to revoke on purpose, and the old secret keeps working."""
     hub = webhookd_factory(security__secret_overlap_s=3600)
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
-    own = {"Authorization": f"Bearer {partner['api_key']}"}
+    own = bearer(partner["api_key"])
     first = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=own)
     assert first.status_code == 200
     again = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=own)
@@ -152,7 +152,7 @@ def test_revoke_old_ends_every_old_secret_at_once(webhookd_factory, receiver_fac
     hub = webhookd_factory(security__secret_overlap_s=3600)
     receiver = receiver_factory()
     partner = hub.register(receiver.url, ["payment.success"])
-    own = {"Authorization": f"Bearer {partner['api_key']}"}
+    own = bearer(partner["api_key"])
     first = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret", headers=own).json()
     r = hub.http.post(f"/partners/{partner['partner_id']}/rotate-secret?revoke_old=true", headers=own)
     assert r.status_code == 200 and r.json()["previous_secret_expires_at"] is None
@@ -234,7 +234,7 @@ def test_no_secret_appears_in_any_log_line_of_a_full_flow(webhookd_factory, rece
     hub = webhookd_factory()
     receiver = receiver_factory(default=(500, 0))
     partner = hub.register(receiver.url, ["payment.success"])
-    pid, key = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, key = partner["partner_id"], bearer(partner["api_key"])
     rotated = hub.http.post(f"/partners/{pid}/rotate-secret", headers=key).json()
     hub.publish(PAYMENT_SUCCESS)
     wait_for(lambda: len(hub.deliveries(state="failed")) == 1)
@@ -261,7 +261,7 @@ def test_no_credential_reaches_the_access_log(serve_factory):
     from websockets.sync.client import connect
 
     process = serve_factory(WEBHOOKD_SERVER_ACCESS_LOG="true")
-    token = httpx.post(process.url + "/realtime/tokens", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    token = httpx.post(process.url + "/realtime/tokens", headers=ADMIN,
                        json={"user_id": "ana"}, timeout=10).json()["token"]
     with connect(process.url.replace("http://", "ws://") + f"/ws?token={token}", open_timeout=10):
         pass

@@ -8,7 +8,7 @@ import pytest
 
 import signing
 import web
-from conftest import wait_for
+from conftest import bearer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 REASON = "chargebacks under review"
@@ -34,7 +34,7 @@ def write_requests(partner: dict, delivery_id: str, elsewhere: str) -> dict[tupl
     """One request per partner-writable route, each one an active partner would be allowed to make
     (in this order: a retry before the recover that would requeue the same delivery, and the two
     that end the key last): (method, route path) → (URL, httpx arguments)."""
-    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own = partner["partner_id"], bearer(partner["api_key"])
     inbound = json.dumps({"event": "tour.purchased", "tour_id": "tour_1"}).encode()
     signed = {"X-Webhook-Signature": signing.sign_hex(partner["shared_secret"], inbound),
               "X-Webhook-Event": "tour.purchased", "X-Partner-Id": pid}
@@ -99,7 +99,7 @@ def test_every_partner_write_of_a_suspended_partner_is_403_and_changes_nothing(s
         assert snapshot(hub) == before, f"{method} {path} changed the data"
     assert len(receiver.received) == 1   # the failed attempt before the suspension, nothing since
 
-    own = {"Authorization": f"Bearer {partner['api_key']}"}
+    own = bearer(partner["api_key"])
     reads = read_requests(partner, delivery_id)
     assert routes(hub, (web.CALLER,), writes=False) == set(reads)
     for url in reads.values():
@@ -112,7 +112,7 @@ def test_every_partner_write_of_a_suspended_partner_is_403_and_changes_nothing(s
 def test_the_admin_is_unaffected_and_lifting_the_suspension_gives_the_key_its_writes_back(suspended,
                                                                                          receiver_factory):
     hub, receiver, partner, delivery_id = suspended
-    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own = partner["partner_id"], bearer(partner["api_key"])
     moved = receiver_factory()
     r = hub.http.patch(f"/partners/{pid}", headers=hub.admin, json={"webhook_url": moved.url})
     assert r.status_code == 200 and r.json()["status"] == "suspended"
@@ -133,7 +133,7 @@ def test_a_suspension_made_in_another_process_counts_on_the_next_request(postgre
     database = postgres_server.new_database()
     first, second = webhookd_factory(storage__url=database), webhookd_factory(storage__url=database)
     partner = first.register("http://127.0.0.1:9/x", ["payment.success"])
-    pid, own = partner["partner_id"], {"Authorization": f"Bearer {partner['api_key']}"}
+    pid, own = partner["partner_id"], bearer(partner["api_key"])
     assert second.http.patch(f"/partners/{pid}", headers=own, json={"contact_email": "a@b.example"}).status_code == 200
     r = first.http.patch(f"/partners/{pid}", headers=first.admin, json={"status": "suspended", "reason": REASON})
     assert r.status_code == 200

@@ -1,9 +1,8 @@
 """Each partner gets only what is theirs: events named for partners or published to channels, and
 partners' payload filters — against a live server, with receivers that verify every signature."""
 
-import time
 
-from conftest import wait_for
+from conftest import bearer, wait_for
 from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
@@ -18,9 +17,10 @@ def register(hub, receiver, name: str, events: list[str], **extra) -> dict:
 
 
 def settle(hub, *receivers) -> None:
-    """Wait until nothing is pending; then give a wrong extra delivery the time to show up."""
+    """Wait until nothing is pending and the loop has nothing left to send: a wrong extra delivery
+    would have shown up by then."""
     wait_for(lambda: not hub.deliveries(state="pending"))
-    time.sleep(0.3)
+    hub.wait_until_nothing_is_due()
     for receiver in receivers:
         assert all(r.guide_ok for r in receiver.received), "a webhook did not verify"
 
@@ -134,8 +134,8 @@ def test_a_partner_cannot_widen_its_audience_and_the_admin_can(hub, receiver_fac
     a = register(hub, ra, "Operator A", ["booking.confirmed"], channels=["operator_a"])
     register(hub, rb, "Operator B", ["booking.confirmed"], channels=["operator_b"])
     c = register(hub, rc, "Payments C", ["payment.success"], filter={"currency": "EUR"})
-    own_a = {"Authorization": f"Bearer {a['api_key']}"}
-    own_c = {"Authorization": f"Bearer {c['api_key']}"}
+    own_a = bearer(a["api_key"])
+    own_c = bearer(c["api_key"])
 
     def patch(partner, headers, **body):
         return hub.http.patch(f"/partners/{partner['partner_id']}", headers=headers, json=body)
@@ -182,7 +182,7 @@ def test_an_open_registration_cannot_choose_its_audience(hub_factory):
     hub = hub_factory(security__open_registration=True)
     body = {"partner_name": "Newcomer", "webhook_url": "http://127.0.0.1:9/x", "events": ["booking.confirmed"]}
     existing = hub.register("http://127.0.0.1:9/y", ["booking.confirmed"], name="Existing")
-    own = {"Authorization": f"Bearer {existing['api_key']}"}
+    own = bearer(existing["api_key"])
     before = audience_rows(hub)
     for headers in ({}, own):
         for extra, field in (({"channels": ["operator_b"]}, "channels"), ({"channels": []}, "channels"),

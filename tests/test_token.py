@@ -19,13 +19,13 @@ from websockets.sync.client import connect
 
 import config
 import signing
-from conftest import wait_for, webhookd_cli
+from conftest import bearer, wait_for, webhookd_cli
 
 FILE_TOKEN = dict(WEBHOOKD_ADMIN_TOKEN="")   # the generated token file beside the database, not the config's
 
 
 def status(serve, token: str) -> int:
-    return httpx.get(serve.url + "/stats", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+    return httpx.get(serve.url + "/stats", headers=bearer(token), timeout=10).status_code
 
 
 def forged_ws_token(admin_token: str, user_id: str) -> str:
@@ -38,14 +38,14 @@ def forged_ws_token(admin_token: str, user_id: str) -> str:
 
 
 def minted_ws_token(serve, admin_token: str, user_id: str) -> str:
-    r = httpx.post(serve.url + "/realtime/tokens", headers={"Authorization": f"Bearer {admin_token}"},
+    r = httpx.post(serve.url + "/realtime/tokens", headers=bearer(admin_token),
                    json={"user_id": user_id}, timeout=10)
     assert r.status_code == 201, r.text
     return r.json()["token"]
 
 
 def ws_clients(serve, admin_token: str) -> int:
-    metrics = httpx.get(serve.url + "/metrics", headers={"Authorization": f"Bearer {admin_token}"}, timeout=10).text
+    metrics = httpx.get(serve.url + "/metrics", headers=bearer(admin_token), timeout=10).text
     return int(float(re.search(r"^webhookd_websocket_clients (\S+)$", metrics, re.M).group(1)))
 
 
@@ -103,7 +103,7 @@ def test_revoke_old_ends_the_old_token_and_every_ws_token_it_could_sign_at_once(
     and so is a /ws token it minted or one forged offline from it (the key derived from it)."""
     serve = serve_factory(**FILE_TOKEN)   # the default overlap, a day: --revoke-old overrides it
     leaked = webhookd_cli(serve.env, "token").stdout.strip()
-    partner = httpx.post(serve.url + "/partners/register", headers={"Authorization": f"Bearer {leaked}"}, json={
+    partner = httpx.post(serve.url + "/partners/register", headers=bearer(leaked), json={
         "partner_name": "Promo Tours", "webhook_url": "http://127.0.0.1:9/hook", "events": ["payment.success"]}).json()
     minted, forged = minted_ws_token(serve, leaked, "ana"), forged_ws_token(leaked, "ana")
     assert_ws_accepts(serve, minted, leaked)

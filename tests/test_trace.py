@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import json
 
-from conftest import wait_for
+from conftest import bearer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
@@ -65,5 +65,5 @@ def test_a_trace_tells_three_attempts_with_their_signed_strings_and_no_secret(hu
                    other["shared_secret"], other["api_key"]):
         assert secret not in text
     assert hub.http.get("/events/evt_nope/trace", headers=hub.admin).status_code == 404
-    own = {"Authorization": f"Bearer {partner['api_key']}"}
+    own = bearer(partner["api_key"])
     assert hub.http.get(f"/events/{event_id}/trace", headers=own).status_code == 403

@@ -14,10 +14,9 @@ import httpx
 import config
 import signing
 import store
-from conftest import ADMIN_TOKEN, Receiver, free_port, wait_for, webhookd_cli
+from conftest import ADMIN, ADMIN_TOKEN, Receiver, free_port, wait_for, webhookd_cli
 from payloads import PAYMENT_SUCCESS
 
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PREVIOUS = "partners.suspended_reason"   # the last migration of the release before this one
 
 
