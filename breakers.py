@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engines import DatabaseUnavailable
 from models import Job
+from store import DatabaseUnavailable
 
 logger = logging.getLogger("webhookd.breakers")
 

@@ -13,7 +13,8 @@ import pytest
 
 import openapi
 from models import Attempt, NewEvent, Outcome
-from store import DELIVERY_FILTERS, Store
+from storage import open_store
+from store_history import DELIVERY_FILTERS
 
 _counter = iter(range(10**9))
 
@@ -24,14 +25,14 @@ def _id(prefix):
 
 @pytest.fixture
 def store(store_target):
-    s = Store(store_target)
+    s = open_store(store_target)
     yield s
     s.close()
 
 
 @pytest.fixture
 def sqlite_store(tmp_path):
-    s = Store(str(tmp_path / "data" / "w.db"))
+    s = open_store(str(tmp_path / "data" / "w.db"))
     yield s
     s.close()
 
@@ -191,13 +192,13 @@ def test_paused_partners_hold_their_deliveries(store):
 
 def test_concurrent_claimers_never_claim_the_same_delivery_twice(store_target):
     path = store_target
-    setup = Store(path)
+    setup = open_store(path)
     for _ in range(5):
         _partner(setup)
     for _ in range(200):
         _publish(setup)  # 1000 deliveries
     setup.close()
-    stores = [Store(path) for _ in range(4)]  # separate writers, like separate processes
+    stores = [open_store(path) for _ in range(4)]  # separate writers, like separate processes
     claimed: list[str] = []
     lock = threading.Lock()
 
@@ -582,18 +583,18 @@ def test_a_database_written_by_a_newer_webhookd_is_refused(store_target):
     could run old SQL against new tables, so the store refuses, naming what it found."""
     from store import SchemaTooNew
 
-    first = Store(store_target)
+    first = open_store(store_target)
     with first._transaction() as db:
         db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES ('from.the.future', 1.0)")
     first.close()
     with pytest.raises(SchemaTooNew, match="from.the.future"):
-        Store(store_target)
+        open_store(store_target)
 
 
 def test_one_idempotency_key_published_at_once_by_two_processes_is_stored_once(store_target):
     """Two stores on one database (two processes) publish the same key at the same moment: one
     event is stored, both callers get its id, neither gets an error."""
-    stores = [Store(store_target) for _ in range(2)]
+    stores = [open_store(store_target) for _ in range(2)]
     try:
         _partner(stores[0])
         results, start = [], threading.Barrier(8)
@@ -683,7 +684,7 @@ def test_audit_entries_page_newest_first_and_age_out(store):
 def test_a_migration_redacts_the_urls_kept_whole_before(store_target):
     """Attempts and audit entries written by an earlier version kept a URL's query (a partner's
     token): the migration "urls_redacted" takes it out of them, on both engines."""
-    store = Store(store_target)
+    store = open_store(store_target)
     partner = _partner(store)
     _publish(store)
     delivery = store.list_deliveries(limit=1).items[0]
@@ -696,7 +697,7 @@ def test_a_migration_redacts_the_urls_kept_whole_before(store_target):
                        "from": "https://x.example/hook?token=tok_old_1", "to": "https://y.example/in?k=tok_old_2"}})})
         db.execute("DELETE FROM schema_migrations WHERE name = 'urls_redacted'")
     store.close()
-    store = Store(store_target)
+    store = open_store(store_target)
     try:
         assert store.migrated == ["urls_redacted"]
         assert [a.url for a in store.get_delivery(delivery.id).attempts] == ["https://x.example/hook?…"]
