@@ -614,8 +614,7 @@ def _counts(db: Any) -> str:
 def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
     """Copy the SQLite file of ``storage.path`` into a new PostgreSQL database (README, "Outgrowing
     one box"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
-    from storage import open_store
-    from store import copy_store
+    from storage import copy_store, open_store
 
     if not args.to.startswith(("postgresql://", "postgres://")):
         raise CliError("--to must be a PostgreSQL URL, like postgresql://webhookd:secret@db.internal/webhookd")

@@ -23,12 +23,12 @@ finish, the statements that differ. This file holds what both share, top to bott
    queue for one thread, which writes whatever has queued in one transaction and one durable
    flush (``Store._in_group_commit``);
 4. ``Store``, the contract both engines fulfil: what each must write itself (marked
-   ``abstractmethod``) and what both run as written — publishing, the claim's other half
-   (releases, leases that ran out, when the next one is due), roles and heartbeats. The
-   partners and their in-memory copy (``store_partners.py``) and the history — reads, retries,
-   retention, audit, inbound (``store_history.py``) — are parts of it; rows become objects in
-   ``store_rows.py``;
-5. moving to another database (``copy_store``).
+   ``abstractmethod``) and what both run as written — publishing, and the claim's other half
+   (releases, leases that ran out, when the next one is due). Three parts of it live in files
+   of their own: the partners and their in-memory copy (``store_partners.py``); the history —
+   reads, retries, retention, audit, inbound (``store_history.py``); and the processes that
+   share a database — hints, roles, heartbeats (``store_processes.py``). Rows become objects in
+   ``store_rows.py``.
 
 Code above the store never asks which engine it has: it asks what the store can do
 (``shared``: several processes may share this database). Every multi-statement write runs in
@@ -61,11 +61,10 @@ from typing import Any, TypeVar
 from config import VERSION
 from models import Event, Job, NewEvent, Outcome
 from store_history import History
-from store_partners import PARTNERS_CHANNEL, Partners
+from store_partners import Partners
+from store_processes import WORK_CHANNEL, Processes
 from store_rows import event_from_row, numbered, placeholders, rewrite_audit_urls
 from targets import redacted_url
-
-__all__ = ["PARTNERS_CHANNEL"]  # the channels' names live with what they announce; this one with the partners
 
 T = TypeVar("T")
 
@@ -191,9 +190,7 @@ Migration = tuple[str, list[str | Callable[[Any], None]]]
 # --- The group commit ---------------------------------------------------------------------------
 
 GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
-WORK_CHANNEL = "webhookd_work"      # NOTIFY after publishes: deliveries are due
-ANNOUNCE_GAP_S = 0.05               # at most one such NOTIFY per process this often
-OFFERS_CHANNEL = "webhookd_offers"  # NOTIFY with a /ws offer, for the users connected to other processes
+ANNOUNCE_GAP_S = 0.05  # at most one WORK_CHANNEL notification per process this often
 
 
 def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]:
@@ -246,7 +243,7 @@ class _GroupWrite:
 # --- The store ------------------------------------------------------------------------------------
 
 
-class Store(Partners, History, abc.ABC):
+class Store(Partners, History, Processes, abc.ABC):
     """The store both engines are: ``store_sqlite.SQLiteStore`` and ``store_postgres.PostgresStore``
     (``storage.open_store`` opens one). Thread-safe: each engine serializes or pools its connections.
 
@@ -259,7 +256,7 @@ class Store(Partners, History, abc.ABC):
 
     # What each engine states about itself (its class attributes):
     shared: bool                  # several processes may share the database (and tell each other things)
-    SCHEMA: list[str]             # the tables as a fresh database gets them
+    SCHEMA: list[str]             # the tables as the oldest supported database had them
     MIGRATIONS: list[Migration]   # named changes from the oldest supported database, in order
     _pending_partners: str        # PENDING_PARTNERS in the engine's words
 
@@ -422,72 +419,6 @@ class Store(Partners, History, abc.ABC):
     def _begin_schema(self, db: Any) -> None:
         """The first statements of the schema's transaction: nothing to do where one writer applies
         it at a time (SQLite); a shared database makes processes that start together take turns."""
-
-    # --- Telling the other processes (a store of one process has nobody to tell) --------------
-
-    def announce(self, channel: str, payload: str = "") -> None:
-        """A hint to every process on the database (``NOTIFY``); a failure is only logged."""
-        try:
-            self.engine.notify(channel, payload)
-        except Exception as exc:
-            logger.warning("notifying %s failed (%s); the other processes will find out by polling", channel, exc)
-
-    def listen(self, handlers: dict[str, Callable[[str], None]]) -> Callable[[], None]:
-        """Call ``handlers[channel](payload)`` for each hint another process (or this one) sends,
-        from a thread; returns the function that stops listening."""
-        return self.engine.listen(lambda channel, payload: handlers[channel](payload), list(handlers))
-
-    def hold_role(self, name: str, holder: str, ttl_s: float, now: float) -> bool:
-        """Take or renew ``name`` for ``holder`` until ``now + ttl_s``; True if ``holder`` has it.
-        Another process gets it only once its holder stopped renewing (died, or stopped)."""
-        with self._transaction(durable=False) as db:
-            row = db.execute(
-                """INSERT INTO roles (name, holder, until) VALUES (:name, :holder, :until)
-                   ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
-                   WHERE roles.holder = excluded.holder OR roles.until < :now
-                   RETURNING holder""",
-                {"name": name, "holder": holder, "until": now + ttl_s, "now": now}).fetchone()
-        return row is not None
-
-    def heartbeat(self, process_id: str, *, host: str, pid: int, started_at: float, now: float,
-                  alive_s: float) -> list[dict[str, Any]]:
-        """Renew this process's row; forget rows silent for an hour; return the processes
-        seen within ``alive_s`` (this one included), oldest first."""
-        with self._transaction(durable=False) as db:
-            db.execute("""INSERT INTO processes (id, host, pid, started_at, seen_at)
-                          VALUES (:id, :host, :pid, :started, :now)
-                          ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at""",
-                       {"id": process_id, "host": host, "pid": pid, "started": started_at, "now": now})
-            db.execute("DELETE FROM processes WHERE seen_at < :gone", {"gone": now - 3600})
-            rows = db.execute("SELECT * FROM processes WHERE seen_at >= :alive ORDER BY started_at, id",
-                              {"alive": now - alive_s}).fetchall()
-        return [{key: row[key] for key in row.keys()} for row in rows]
-
-    def forget_process(self, process_id: str) -> None:
-        """A process that stops says so (its heartbeats would only run out)."""
-        with self._transaction(durable=False) as db:
-            db.execute("DELETE FROM processes WHERE id = :id", {"id": process_id})
-
-    def _announce_work(self) -> None:
-        """Tell every process that deliveries are due (after a replay; publishes announce theirs
-        through the group commit)."""
-        self.announce(WORK_CHANNEL)
-
-    def take_token(self, key: str, *, rate: float, burst: float, now: float, only_if_left: bool,
-                   cost: float = 1.0) -> float | None:
-        """A shared store: spend ``cost`` tokens (one; -1 gives one back) of the bucket ``key``, which
-        every process shares, and return what is left; with ``only_if_left``, spend only if one is
-        left, else return None. A store of one process keeps no buckets (its rate limits live in
-        memory): ask only a store that is ``shared``."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no shared rate buckets: it is not shared")
-
-    def tokens_left(self, key: str, *, rate: float, burst: float, now: float) -> float:
-        """A shared store: the tokens in the bucket ``key`` now, without spending one."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no shared rate buckets: it is not shared")
-
-    def purge_rate_buckets(self, *, before: float) -> int:
-        """A shared store: forget buckets untouched since ``before`` (full again long ago)."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no shared rate buckets: it is not shared")
 
     def ping(self) -> bool:
         with self._reader() as db:
@@ -691,56 +622,3 @@ def write_partner_health(db: Any, outcomes: list[Outcome], now: float) -> None:
         if "reason" in h:
             db.execute("""UPDATE partners SET status = 'disabled', disabled_reason = :reason, updated_at = :now
                           WHERE id = :id AND status = 'active'""", {"id": partner_id, "reason": h["reason"], "now": now})
-
-
-
-# --- Moving to another database (webhookd migrate-store) ---------------------------------------
-
-# What is copied, table by table, in an order the foreign keys accept. ``:since`` bounds the
-# history: pending and failed deliveries always go (they are work), delivered ones and inbound
-# events only if recent; every event a copied delivery needs goes with it.
-_COPY = [
-    ("partners", "SELECT * FROM partners"),
-    ("subscriptions", "SELECT * FROM subscriptions"),
-    ("partner_channels", "SELECT * FROM partner_channels"),
-    ("events", """SELECT * FROM events e WHERE e.created_at >= :since OR EXISTS (
-                      SELECT 1 FROM deliveries d WHERE d.event_id = e.id
-                      AND (d.state != 'delivered' OR d.updated_at >= :since))"""),
-    ("deliveries", """SELECT * FROM deliveries d WHERE d.state != 'delivered' OR d.updated_at >= :since
-                      OR EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id AND e.created_at >= :since)"""),
-    ("attempts", """SELECT a.* FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
-                    WHERE d.state != 'delivered' OR d.updated_at >= :since
-                    OR EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id AND e.created_at >= :since)"""),
-    ("inbound_events", "SELECT * FROM inbound_events WHERE received_at >= :since"),
-    ("audit_log", "SELECT * FROM audit_log"),
-]
-
-
-def copy_store(source: Store, target: Store, *, since: float, now: float, batch: int = 1000) -> dict[str, int]:
-    """Copy partners (secrets, API key hashes, subscriptions), all pending and failed deliveries
-    and the history since ``since`` from ``source`` into the empty ``target``, in one transaction
-    on the target. Leases are dropped: what was in flight when the source stopped is due at once.
-    Returns the rows copied per table. Refuses a target that already holds partners or events."""
-    with target._reader() as db:
-        if db.execute("SELECT (SELECT COUNT(*) FROM partners) + (SELECT COUNT(*) FROM events)").fetchone()[0]:
-            raise ValueError(f"the target database {target.engine.describe()} is not empty: "
-                             "migrate-store only fills a new database")
-    copied = {}
-    with source._reader(snapshot=True) as src, target._transaction() as dst:
-        for table, select in _COPY:
-            rows = src.execute(select, {"since": since})
-            copied[table] = 0
-            while chunk := rows.fetchmany(batch):
-                columns = list(chunk[0].keys())
-                values = [dict(zip(columns, row)) for row in chunk]
-                if table == "deliveries":
-                    for row in values:
-                        if row["leased_until"] is not None:  # in flight when the source stopped
-                            row["leased_until"], row["next_attempt_at"] = None, now
-                dst.executemany(f"INSERT INTO {table} ({', '.join(columns)}) "
-                                f"VALUES ({', '.join(':' + c for c in columns)})", values)
-                copied[table] += len(chunk)
-    target.reload_partners()
-    return copied
-
-

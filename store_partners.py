@@ -29,13 +29,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from models import AuditEntry, NewEvent, Page, Partner
+from store_processes import PARTNERS_CHANNEL
 from store_rows import numbered, page_of, partner_from_row, placeholders, rewrite_audit_urls, write_audit
 from targets import url_origin
 
 logger = logging.getLogger("webhookd.store")
-
-PARTNERS_CHANNEL = "webhookd_partners"  # NOTIFY after a partner changed, or an operator reset its circuit
-
 
 class Partners:
     """The partner half of the store (see the module docstring)."""

@@ -110,7 +110,6 @@ class PostgresEngine:
     Several webhookd processes may share the database: every write is a transaction of its
     own, and nothing is held open across an HTTP call."""
 
-    name = "postgresql"
     write_fault: str | None = None  # a full disk fails each write by itself (StorageUnavailable): nothing to remember
 
     def __init__(self, url: str, max_connections: int = 20, *, lock_timeout_s: float = 2.0,
@@ -473,7 +472,8 @@ _LOCK_PARTNERS = """
 #   chosen   `limit` of them, each partner's first before anyone's second (fair shares), the
 #            partners shuffled anew at each claim (md5 of a counter) so nobody always goes first;
 #   leased   the lease written into next_attempt_at (due again if its holder dies);
-# and what a sender needs, read in the same statement.
+# and what an attempt needs from the rows, read in the same statement (not the partner's URL and
+# secrets: an attempt takes them from the partner as it is when it starts).
 _CLAIM = """
     WITH partner AS (
         SELECT * FROM unnest(CAST(:partners AS TEXT[]), CAST(:fifo AS BOOLEAN[])) AS partner (id, fifo)
@@ -510,8 +510,7 @@ _CLAIM = """
         RETURNING deliveries.id, deliveries.event_id, deliveries.partner_id, deliveries.attempt_count,
                   deliveries.max_attempts, deliveries.created_at
     )
-    SELECT leased.id, leased.event_id, e.type, leased.partner_id, p.webhook_url, p.secret,
-           p.previous_secret, p.previous_secret_until, p.failing_since, e.body,
+    SELECT leased.id, leased.event_id, e.type, leased.partner_id, p.failing_since, e.body,
            leased.attempt_count, leased.max_attempts, leased.created_at
     FROM leased JOIN events e ON e.id = leased.event_id JOIN partners p ON p.id = leased.partner_id
 """
@@ -591,25 +590,16 @@ class PostgresStore(Store):
 
     # --- Claim ----------------------------------------------------------------------------
 
+    @retry_on_conflict
     def claim_due(self, *, now: float, lease_s: float, limit: int, per_partner: int,
                   room: Mapping[str, int] | None = None) -> list[Job]:
-        """Differs from SQLite's loop, because several processes claim at once: the partners are
-        locked first (``_LOCK_PARTNERS``), then the claim itself is one statement (``_CLAIM``).
-        Each partner's room is cut to its cap less what *every* process has in flight for it, so
-        three processes never send a partner three times its cap; fair shares come from the
-        order of the chosen rows (each partner's first before anyone's second)."""
+        """Differs from SQLite's loop, because several processes claim at once: one transaction of
+        two statements, the partners locked first (``_LOCK_PARTNERS``), then the claim itself
+        (``_CLAIM``). Each partner's room is cut to its cap less what *every* process has in
+        flight for it, so three processes never send a partner three times its cap; fair shares
+        come from the order of the chosen rows (each partner's first before anyone's second)."""
         room = dict(room or {})
-        lease_until = now + lease_s
         self._claim_round += 1
-        return self._claim_in_one_statement(now, lease_until, limit, per_partner, room)
-
-    @retry_on_conflict
-    def _claim_in_one_statement(self, now: float, lease_until: float, limit: int, per_partner: int,
-                                room: dict[str, int]) -> list[Job]:
-        """PostgreSQL, where several processes claim at once: lock the partners (``_LOCK_PARTNERS``),
-        then the claim itself in one statement (``_CLAIM``). Each partner's room is cut to its cap
-        less what *every* process has in flight for it, so three processes never send a partner
-        three times its cap."""
         if limit <= 0:
             return []
         with self._transaction(durable=False) as db:
@@ -618,9 +608,9 @@ class PostgresStore(Store):
                 return []
             rows = db.execute(_CLAIM, {
                 "partners": [row["id"] for row in locked], "fifo": [row["ordering"] == "fifo" for row in locked],
-                "now": now, "lease": lease_until, "limit": limit, "per_partner": per_partner,
+                "now": now, "lease": now + lease_s, "limit": limit, "per_partner": per_partner,
                 "round": str(self._claim_round), "room_ids": list(room), "room_n": list(room.values())}).fetchall()
-        return [job_from_row(row, now) for row in rows]
+        return [job_from_row(row) for row in rows]
 
     # --- Finish ---------------------------------------------------------------------------
 

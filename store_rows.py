@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner, valid_secrets
+from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner
 from targets import redacted_url
 
 # --- Rows to objects ------------------------------------------------------------------------
@@ -68,11 +68,13 @@ def inbound_from_row(row: Any) -> InboundEvent:
         body=bytes(row["body"]), received_at=row["received_at"],
     )
 
-def job_from_row(row: Any, now: float) -> Job:
-    secrets = valid_secrets(row["secret"], row["previous_secret"], row["previous_secret_until"], now)
+def job_from_row(row: Any) -> Job:
+    """A claimed delivery, without the partner's URL and secrets: the attempt takes them from the
+    partner as it is when it starts (``delivery.DeliveryLoop._as_partner_is_now``), so a change
+    made after the claim reaches it; the claim need not read them."""
     return Job(
         delivery_id=row["id"], event_id=row["event_id"], event=row["type"],
-        partner_id=row["partner_id"], url=row["webhook_url"], secrets=tuple(secrets),
+        partner_id=row["partner_id"], url="", secrets=(),
         body=bytes(row["body"]), attempt=row["attempt_count"] + 1, max_attempts=row["max_attempts"],
         partner_failing_since=row["failing_since"], created_at=row["created_at"],
     )

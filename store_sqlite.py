@@ -146,8 +146,6 @@ class SQLiteEngine:
     """One connection writes, behind ``WriterLock``, each transaction ``BEGIN IMMEDIATE``;
     readers get connections of their own from a small pool (WAL lets them read while it writes)."""
 
-    name = "sqlite"
-
     def __init__(self, path: str):
         self.path = path
         _create_private_file(path)
@@ -406,20 +404,19 @@ _DUE_FOR_PARTNER = """
 """
 
 
-def _read_jobs(db: Any, ids: list[str], now: float) -> list[Job]:
-    """The claimed deliveries with everything a sender needs, read in the claim's transaction."""
+def _read_jobs(db: Any, ids: list[str]) -> list[Job]:
+    """The claimed deliveries as jobs, read in the claim's transaction (see ``job_from_row``)."""
     if not ids:
         return []
     rows = db.execute(
-        f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.webhook_url, p.secret,
-                   p.previous_secret, p.previous_secret_until, p.failing_since, e.body,
+        f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.failing_since, e.body,
                    d.attempt_count, d.max_attempts, d.created_at
             FROM deliveries d JOIN events e ON e.id = d.event_id
                               JOIN partners p ON p.id = d.partner_id
             WHERE d.id IN ({placeholders("id", ids)})""",
         numbered("id", ids),
     ).fetchall()
-    return [job_from_row(row, now) for row in rows]
+    return [job_from_row(row) for row in rows]
 
 
 def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
@@ -448,7 +445,7 @@ def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]
 
 
 def _as_json(params: dict[str, Any]) -> dict[str, Any]:
-    """``SUBSCRIBERS``' lists as JSON text: SQLite reads an array with ``json_each``, so the
+    """``_SUBSCRIBERS``' lists as JSON text: SQLite reads an array with ``json_each``, so the
     statement's text is the same whatever their length."""
     return {**params, **{k: None if params[k] is None else json.dumps(params[k]) for k in ("recipients", "channels",
                                                                                           "passed")}}
@@ -476,7 +473,7 @@ class SQLiteStore(Store):
     def _insert_event(self, db: Any, event: NewEvent, now: float, max_attempts: int,
                       new_delivery_id: Callable[[], str], passed: list[str] | None) -> tuple[Event, bool]:
         """One event and its fan-out (see ``Store.publish``), inside the caller's transaction:
-        the idempotency key looked up, the subscribers read (``SUBSCRIBERS``), then the event and
+        the idempotency key looked up, the subscribers read (``_SUBSCRIBERS``), then the event and
         one delivery each."""
         if event.idempotency_key is not None:
             row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
@@ -487,15 +484,14 @@ class SQLiteStore(Store):
             partner_ids = [event.only_partner]
         else:
             partner_ids = [r["partner_id"] for r in db.execute(_SUBSCRIBERS, params)]
-        stored = db.execute(
+        # The key's check above and this insert are one transaction of the file's one writer (even
+        # across processes: BEGIN IMMEDIATE), so no other publish can store the same key between them.
+        db.execute(
             """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, audience, created_at)
-               VALUES (:id, :type, :body, :key, :hash, :fanout, :audience, :now) ON CONFLICT DO NOTHING""",
+               VALUES (:id, :type, :body, :key, :hash, :fanout, :audience, :now)""",
             {"id": event.id, "type": event.type, "body": event.body, "key": event.idempotency_key,
              "hash": event.request_hash, "fanout": len(partner_ids), "audience": params["audience"], "now": now},
-        ).rowcount
-        if not stored:  # the same id, or a key another writer stored after the check above
-            row = db.execute("SELECT * FROM events WHERE idempotency_key = :k", {"k": event.idempotency_key}).fetchone()
-            return event_from_row(row), False
+        )
         db.executemany(
             """INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts,
                                        next_attempt_at, created_at, updated_at)
@@ -548,7 +544,7 @@ class SQLiteStore(Store):
                                    {"lease": lease_until, **numbered("id", batch)})
                     taken[partner_id] += len(batch)
                     ids += batch
-            return _read_jobs(db, ids, now)
+            return _read_jobs(db, ids)
 
     # --- Finish ---------------------------------------------------------------------------
 

@@ -82,7 +82,8 @@ from partner_fields import (
     stale_subscriptions,
 )
 from storage import open_store
-from store import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL, Store
+from store import Store
+from store_processes import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL
 from web import (
     ACCESS_LOG_FILTER,
     ADMIN,
