@@ -705,3 +705,74 @@ def test_a_migration_redacts_the_urls_kept_whole_before(store_target):
         assert entry.changes == {"webhook_url": {"from": "https://x.example/hook?…", "to": "https://y.example/in?…"}}
     finally:
         store.close()
+
+
+def test_an_engines_transaction_commits_whole_or_not_at_all(store):
+    """The engine's face the store stands on (``transaction``, ``reader``, ``statement``): a block
+    that raises leaves nothing behind, and the writer is free again after it."""
+    engine = store.engine
+
+    def xs() -> list[int]:
+        with engine.reader() as db:
+            return [row["x"] for row in db.execute("SELECT x FROM t ORDER BY x")]
+
+    with engine.transaction() as db:
+        db.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+        db.execute("INSERT INTO t (x) VALUES (:x)", {"x": 1})
+        db.executemany("INSERT INTO t (x) VALUES (:x)", [{"x": 2}])
+    with pytest.raises(RuntimeError, match="the block fails"), engine.transaction() as db:
+        db.execute("INSERT INTO t (x) VALUES (:x)", {"x": 3})
+        raise RuntimeError("the block fails")
+    assert xs() == [1, 2]
+    assert [row["x"] for row in engine.statement("INSERT INTO t (x) VALUES (4) RETURNING x", {})] == [4]
+    assert xs() == [1, 2, 4]
+
+
+# --- The two engines, side by side ------------------------------------------------------------
+
+# What one engine has and the other has not, and why: PostgreSQL has no rowid, so publish order is
+# a column of its own; and only a shared store keeps the rate limits' buckets in the database.
+ONLY_ON_POSTGRES = {"deliveries": {"seq"}, "rate_buckets": {"key", "tokens", "at"}}
+
+
+def _tables_and_columns(store) -> dict[str, set[str]]:
+    """Each table of a store's database with the names of its columns, whichever engine."""
+    from store_sqlite import SQLiteStore
+
+    sql = ("SELECT m.name, c.name FROM sqlite_master m JOIN pragma_table_info(m.name) c WHERE m.type = 'table'"
+           if isinstance(store, SQLiteStore) else
+           "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'")
+    tables: dict[str, set[str]] = {}
+    with store._reader() as db:
+        for table, column in db.execute(sql).fetchall():
+            tables.setdefault(table, set()).add(column)
+    return tables
+
+
+def test_both_engines_have_the_same_tables_and_columns(tmp_path, postgres_server):
+    """A fresh store on each engine: the same tables, each with the same columns, but for the
+    differences ``ONLY_ON_POSTGRES`` names (a column added to one engine only fails here)."""
+    lite, pg = open_store(str(tmp_path / "w.db")), open_store(postgres_server.new_database())
+    try:
+        on_sqlite, on_postgres = _tables_and_columns(lite), _tables_and_columns(pg)
+    finally:
+        lite.close()
+        pg.close()
+    for table, columns in ONLY_ON_POSTGRES.items():
+        on_postgres[table] -= columns
+    assert {t: c for t, c in on_postgres.items() if c} == on_sqlite
+
+
+def test_both_stores_expose_the_same_public_methods_and_each_is_the_whole_contract():
+    """Code above the store holds a ``Store`` and may call any of its methods, whichever engine:
+    each engine writes every method the contract leaves to it, and adds no public one of its own."""
+    from store import Store
+    from store_postgres import PostgresStore
+    from store_sqlite import SQLiteStore
+
+    def public(cls: type) -> set[str]:
+        return {name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name))}
+
+    assert public(SQLiteStore) == public(PostgresStore) == public(Store)
+    assert not SQLiteStore.__abstractmethods__ and not PostgresStore.__abstractmethods__
+    assert (SQLiteStore.shared, PostgresStore.shared) == (False, True)
