@@ -15,7 +15,7 @@ a delay only. The API key is the exception: it is looked up in the database on e
 (``api_key_owner``), so a reissued key, a deletion or a suspension counts at once everywhere.
 
 ``Partners`` is a part of ``store.Store`` (a mixin): it uses the store's ``_transaction``,
-``_reader``, ``announce`` and ``_forget_old_versions``, which ``store.py`` and the engines define.
+``_reader``, ``announce`` (``store_processes.py``) and ``_forget_old_versions`` (each engine's).
 """
 
 from __future__ import annotations
