@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from config import DeliverySettings
-from engines import DatabaseUnavailable
 from models import Job
+from store import DatabaseUnavailable
 
 logger = logging.getLogger("webhookd.breakers")
 

@@ -82,11 +82,12 @@ def _cmd_migrate(args: argparse.Namespace, config: Config) -> int:
 
 def _migrate(config: Config) -> tuple[str, list[str]]:
     """Open the store once (which applies what is pending); where it is, and what was applied."""
-    from store import SchemaTooNew, Store
+    from storage import open_store
+    from store import SchemaTooNew
 
     try:
-        store = Store(config.storage.target, lock_timeout_s=config.storage.lock_timeout_s,
-                      statement_timeout_s=config.storage.statement_timeout_s)
+        store = open_store(config.storage.target, lock_timeout_s=config.storage.lock_timeout_s,
+                           statement_timeout_s=config.storage.statement_timeout_s)
     except SchemaTooNew as exc:
         raise CliError(str(exc)) from None
     try:
@@ -614,13 +615,13 @@ def _counts(db: Any) -> str:
 def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
     """Copy the SQLite file of ``storage.path`` into a new PostgreSQL database (README, "Outgrowing
     one box"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
-    from store import Store, copy_store
+    from storage import copy_store, open_store
 
     if not is_server_url(args.to):
         raise CliError("--to must be a PostgreSQL URL, like postgresql://webhookd:secret@db.internal/webhookd")
     if not Path(config.storage.path).exists():
         raise CliError(f"there is no SQLite file at {config.storage.path} (storage.path) to copy from")
-    source, target = Store(config.storage.path), Store(args.to)
+    source, target = open_store(config.storage.path), open_store(args.to)
     try:
         now = time.time()
         copied = copy_store(source, target, since=now - args.history_days * 86400, now=now)

@@ -44,11 +44,10 @@ from typing import Any
 from alerts import Alerts
 from breakers import Breakers, Pacer
 from config import DeliverySettings
-from engines import DatabaseUnavailable
 from metrics import Metrics
 from models import Job, Outcome, Partner
 from sender import Sender, Sent
-from store import Store, take_batch
+from store import DatabaseUnavailable, Store, take_batch
 
 logger = logging.getLogger("webhookd.delivery")
 

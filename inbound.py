@@ -54,7 +54,7 @@ import realtime
 import signing
 from config import EVENT_TYPE
 from models import InboundEvent, Partner
-from store import OFFERS_CHANNEL
+from store_processes import OFFERS_CHANNEL
 from web import (
     ApiError,
     Context,

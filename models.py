@@ -119,7 +119,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Job:
-    """One claimed delivery with everything needed to send it, read in the claim's transaction."""
+    """One claimed delivery, read in the claim's transaction; its partner's URL, secrets and pace
+    are filled in from the partner as it is when the attempt starts."""
 
     delivery_id: str
     event_id: str

@@ -46,8 +46,8 @@ from starlette.routing import Route
 import realtime
 import signing
 from config import admin_tokens
-from engines import DatabaseBusy, DatabaseUnavailable, StorageUnavailable, answer_by
 from models import AuditEntry
+from store import DatabaseBusy, DatabaseUnavailable, StorageUnavailable, answer_by
 
 if TYPE_CHECKING:
     import metrics

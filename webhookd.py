@@ -84,7 +84,9 @@ from partners import (
     send_test_event,
     update_partner,
 )
-from store import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL, Store
+from storage import open_store
+from store import Store
+from store_processes import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL
 from web import (
     ACCESS_LOG_FILTER,
     ADMIN,
@@ -600,8 +602,8 @@ def _listen_to_other_processes(ctx: Context) -> Callable[[], None]:
 
 def build_context(config: Config, clock: Callable[[], float], rng: Any) -> Context:
     """What the routes share: the store, the delivery loop, /ws tokens, rate limits, metrics."""
-    store = Store(config.storage.target, lock_timeout_s=config.storage.lock_timeout_s,
-                  statement_timeout_s=config.storage.statement_timeout_s)
+    store = open_store(config.storage.target, lock_timeout_s=config.storage.lock_timeout_s,
+                       statement_timeout_s=config.storage.statement_timeout_s)
     counters = metrics.Metrics()
     settings = DeliverySettings.from_config(config, user_agent=f"webhookd/{__version__}")
     alerts = Alerts(config.alerts, store, clock, new_id, max_attempts=config.delivery.max_attempts)

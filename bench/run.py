@@ -442,7 +442,7 @@ def scenario_reads(bench: Bench) -> None:
     log(f"  built a history of {p.reads_history:,} deliveries in {seconds:.1f} s "
         f"({path.stat().st_size / 2**20:.0f} MiB)")
     events = p.reads_history // reads.PARTNERS
-    store = reads.Store(str(path))
+    store = reads.open_store(str(path))
     series: dict[str, Series] = {}
     runs = []
     try:

@@ -306,9 +306,9 @@ def test_a_job_claimed_before_a_change_begins_with_the_partner_as_it_is_now(tmp_
     """A change answered 200 reaches every attempt that begins after it, even of a job claimed
     before it: the attempt takes the URL, secrets and pace from the partner as it is now, and a
     partner paused meanwhile gets nothing (the job is given back)."""
-    from store import Store
+    from storage import open_store
 
-    store = Store(str(tmp_path / "w.db"))
+    store = open_store(str(tmp_path / "w.db"))
     try:
         partner = store.add_partner(partner_id="partner_1", name="P", webhook_url="http://127.0.0.1:9/old",
                                     events=["payment.success"], secret="sk_live_old", api_key_hash="h", now=100.0)
@@ -319,7 +319,7 @@ def test_a_job_claimed_before_a_change_begins_with_the_partner_as_it_is_now(tmp_
         store.rotate_secret(partner.id, new_secret="sk_live_new", previous_until=101.0, now=101.0)
         loop = delivery.DeliveryLoop(store, DeliverySettings(), clock=lambda: 102.0)
         current = loop._as_partner_is_now(job)
-        assert (job.url, job.secrets) == ("http://127.0.0.1:9/old", ("sk_live_old",))
+        assert (job.url, job.secrets) == ("", ())  # the claim reads neither: the attempt takes them as they are then
         assert (current.url, current.secrets, current.max_rate_per_s) == ("http://127.0.0.1:9/new", ("sk_live_new",), 2.0)
         store.update_partner(partner.id, status="paused", now=103.0)
         assert loop._as_partner_is_now(job) is None
@@ -332,9 +332,9 @@ def test_a_job_claimed_when_the_stop_comes_is_released_unsent(tmp_path):
     released with its attempt count unchanged, so the next run sends it at once."""
     import asyncio
 
-    from store import Store
+    from storage import open_store
 
-    store = Store(str(tmp_path / "w.db"))
+    store = open_store(str(tmp_path / "w.db"))
     try:
         store.add_partner(partner_id="partner_1", name="P", webhook_url="http://127.0.0.1:9/x",
                           events=["payment.success"], secret="sk_live_s", api_key_hash="h", now=100.0)
@@ -396,9 +396,9 @@ def test_one_retention_pass_purges_every_table_until_done(tmp_path):
     import asyncio
 
     from models import Outcome
-    from store import Store
+    from storage import open_store
 
-    store = Store(str(tmp_path / "w.db"))
+    store = open_store(str(tmp_path / "w.db"))
     try:
         partner = store.add_partner(partner_id="partner_1", name="P", webhook_url="http://127.0.0.1:9/x",
                                     events=["payment.success"], secret="sk_live_s", api_key_hash="h", now=100.0)

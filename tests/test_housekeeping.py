@@ -4,7 +4,7 @@ The sweep it runs is tested through the app in test_lifecycle.py (a paused partn
 ends expired) and pass by pass in test_delivery.py (retention in batches); here, the heartbeat."""
 
 from conftest import wait_for
-from store import Store
+from storage import open_store
 
 
 def test_a_running_app_renews_its_process_row_and_removes_it_when_it_stops(hub_factory):
@@ -18,7 +18,7 @@ def test_a_running_app_renews_its_process_row_and_removes_it_when_it_stops(hub_f
     first = seen_at()
     wait_for(lambda: seen_at() > first, timeout=30)  # a heartbeat every 2 s renews it
     hub.stop()
-    store = Store(hub.config.storage.target)
+    store = open_store(hub.config.storage.target)
     try:
         with store._reader() as db:
             left = [tuple(row) for row in db.execute("SELECT id FROM processes")]

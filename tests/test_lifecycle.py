@@ -73,7 +73,7 @@ def test_a_deleted_partners_key_and_signature_stop_at_once_and_nothing_pending_i
 def every_stored_byte(hub) -> bytes:
     """What the database holds: on SQLite the bytes of its files (the write-ahead log too); on
     PostgreSQL every text and bytea column of every table."""
-    if hub.store.postgres:
+    if hub.store.shared:
         columns = hub.rows("""SELECT table_name, column_name, data_type FROM information_schema.columns
                               WHERE table_schema = 'public' AND data_type IN ('text', 'bytea')""")
         as_text = {"text": "{}", "bytea": "encode({}, 'escape')"}

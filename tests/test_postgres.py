@@ -482,11 +482,11 @@ def test_a_deadlock_runs_the_transaction_again_and_it_succeeds(postgres_server):
 
     import psycopg
 
-    from engines import retry_on_conflict
-    from store import Store
+    from storage import open_store
+    from store import retry_on_conflict
 
     url = postgres_server.new_database()
-    store = Store(url, lock_timeout_s=10)  # the deadlock is found (after 1 s) long before a lock times out
+    store = open_store(url, lock_timeout_s=10)  # the deadlock is found (after 1 s) long before a lock times out
     try:
         with store._transaction() as db:
             db.execute("INSERT INTO roles (name, holder, until) VALUES ('a', 'x', 0), ('b', 'x', 0)")
@@ -532,10 +532,10 @@ def test_the_claim_locks_partners_in_id_order(postgres_server):
     order the recorder's health writes lock them in (sorted ids)."""
     import random
 
-    import store as store_module
-    from store import Store
+    import store_postgres
+    from storage import open_store
 
-    store = Store(postgres_server.new_database())
+    store = open_store(postgres_server.new_database())
     try:
         ids = [f"ptr_{n:04d}" for n in range(40)]
         random.Random(7).shuffle(ids)
@@ -546,7 +546,7 @@ def test_the_claim_locks_partners_in_id_order(postgres_server):
             for pid in ids[::3]:
                 db.execute("UPDATE partners SET failing_since = 1 WHERE id = :id", {"id": pid})
         with store._transaction(durable=False) as db:
-            locked = [row["id"] for row in db.execute(store_module._LOCK_PARTNERS, {"now": time.time()})]
+            locked = [row["id"] for row in db.execute(store_postgres._LOCK_PARTNERS, {"now": time.time()})]
         assert sorted(locked) == sorted(ids)
         assert locked == sorted(ids)
     finally:

@@ -13,7 +13,8 @@ import pytest
 
 import openapi
 from models import Attempt, NewEvent, Outcome
-from store import DELIVERY_FILTERS, Store
+from storage import open_store
+from store_history import DELIVERY_FILTERS
 
 _counter = iter(range(10**9))
 
@@ -24,14 +25,14 @@ def _id(prefix):
 
 @pytest.fixture
 def store(store_target):
-    s = Store(store_target)
+    s = open_store(store_target)
     yield s
     s.close()
 
 
 @pytest.fixture
 def sqlite_store(tmp_path):
-    s = Store(str(tmp_path / "data" / "w.db"))
+    s = open_store(str(tmp_path / "data" / "w.db"))
     yield s
     s.close()
 
@@ -64,7 +65,7 @@ def test_publishes_and_inbound_events_commit_durably_on_the_writer(store):
     synchronous_commit on (PostgreSQL). Bookkeeping, which may be lost, is the opposite."""
     seen: list[tuple[str, list[str]]] = []  # (the writer's mode, the statements of that transaction)
     real = store.engine.transaction
-    query = "SHOW synchronous_commit" if store.postgres else "PRAGMA synchronous"
+    query = "SHOW synchronous_commit" if store.shared else "PRAGMA synchronous"
 
     class Recording:
         def __init__(self, db, statements):
@@ -91,12 +92,12 @@ def test_publishes_and_inbound_events_commit_durably_on_the_writer(store):
     _publish(store)
     store.add_inbound(inbound_id="inb_1", partner_id=partner.id, event_type="tour.purchased", dedupe_key="k",
                       body=b"{}", now=1000.0)
-    durable = "on" if store.postgres else "2"  # PRAGMA synchronous: 2 is FULL
+    durable = "on" if store.shared else "2"  # PRAGMA synchronous: 2 is FULL
     for table in ("INSERT INTO events", "INSERT INTO inbound_events"):
         modes = [mode for mode, statements in seen if any(table in sql for sql in statements)]
         assert modes == [durable], (table, seen)
     seen.clear()
-    if store.postgres:  # claims and results: one statement each on the bookkeeping connections
+    if store.shared:  # claims and results: one statement each on the bookkeeping connections
         with store.engine._bookkeeping.connection() as conn:
             assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "off"
     else:
@@ -114,7 +115,7 @@ def test_the_claim_query_uses_the_due_index(store):
     """SQLite searches deliveries_partner_due; PostgreSQL its partial index of pending rows only,
     so delivered history, however long, never slows a claim."""
     plan = store.explain_claim()
-    if store.postgres:
+    if store.shared:
         assert "Index Scan using deliveries_partner_pending" in plan, plan
         assert "on deliveries_leased" in plan or "using deliveries_leased" in plan, plan
         assert "Seq Scan on deliveries" not in plan, plan
@@ -191,13 +192,13 @@ def test_paused_partners_hold_their_deliveries(store):
 
 def test_concurrent_claimers_never_claim_the_same_delivery_twice(store_target):
     path = store_target
-    setup = Store(path)
+    setup = open_store(path)
     for _ in range(5):
         _partner(setup)
     for _ in range(200):
         _publish(setup)  # 1000 deliveries
     setup.close()
-    stores = [Store(path) for _ in range(4)]  # separate writers, like separate processes
+    stores = [open_store(path) for _ in range(4)]  # separate writers, like separate processes
     claimed: list[str] = []
     lock = threading.Lock()
 
@@ -266,7 +267,7 @@ def test_every_filter_of_get_deliveries_reads_through_an_index(store):
     for name in filters:
         for given in ({name: "x"}, {name: "x", "cursor": "dlv_x"}, {f: "x" for f in filters}):
             plan = store.explain_deliveries(**given)
-            if store.postgres:
+            if store.shared:
                 assert "Seq Scan on deliveries" not in plan, (given, plan)
                 if len(given) <= 2:
                     assert re.search(rf"Index Cond: \(.*\b{columns[name]} = ", plan), (given, plan)
@@ -305,7 +306,7 @@ def test_claims_respect_the_per_partner_cap_and_what_is_already_in_flight(store)
     assert len(store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4)) == 4
     # The caller's room (its own in-flight count and breaker) is obeyed; PostgreSQL, shared by
     # several processes, also counts what is leased in the database: four are, so none more.
-    assert len(store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4)) == (0 if store.postgres else 4)
+    assert len(store.claim_due(now=1000.0, lease_s=30, limit=16, per_partner=4)) == (0 if store.shared else 4)
     later = 1031.0  # the leases above ran out: nothing is in flight any more
     assert len(store.claim_due(now=later, lease_s=30, limit=16, per_partner=4, room={p.id: 1})) == 1
     assert store.claim_due(now=later, lease_s=30, limit=16, per_partner=4, room={p.id: 0}) == []
@@ -582,18 +583,18 @@ def test_a_database_written_by_a_newer_webhookd_is_refused(store_target):
     could run old SQL against new tables, so the store refuses, naming what it found."""
     from store import SchemaTooNew
 
-    first = Store(store_target)
+    first = open_store(store_target)
     with first._transaction() as db:
         db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES ('from.the.future', 1.0)")
     first.close()
     with pytest.raises(SchemaTooNew, match="from.the.future"):
-        Store(store_target)
+        open_store(store_target)
 
 
 def test_one_idempotency_key_published_at_once_by_two_processes_is_stored_once(store_target):
     """Two stores on one database (two processes) publish the same key at the same moment: one
     event is stored, both callers get its id, neither gets an error."""
-    stores = [Store(store_target) for _ in range(2)]
+    stores = [open_store(store_target) for _ in range(2)]
     try:
         _partner(stores[0])
         results, start = [], threading.Barrier(8)
@@ -683,7 +684,7 @@ def test_audit_entries_page_newest_first_and_age_out(store):
 def test_a_migration_redacts_the_urls_kept_whole_before(store_target):
     """Attempts and audit entries written by an earlier version kept a URL's query (a partner's
     token): the migration "urls_redacted" takes it out of them, on both engines."""
-    store = Store(store_target)
+    store = open_store(store_target)
     partner = _partner(store)
     _publish(store)
     delivery = store.list_deliveries(limit=1).items[0]
@@ -696,7 +697,7 @@ def test_a_migration_redacts_the_urls_kept_whole_before(store_target):
                        "from": "https://x.example/hook?token=tok_old_1", "to": "https://y.example/in?k=tok_old_2"}})})
         db.execute("DELETE FROM schema_migrations WHERE name = 'urls_redacted'")
     store.close()
-    store = Store(store_target)
+    store = open_store(store_target)
     try:
         assert store.migrated == ["urls_redacted"]
         assert [a.url for a in store.get_delivery(delivery.id).attempts] == ["https://x.example/hook?…"]
@@ -704,3 +705,74 @@ def test_a_migration_redacts_the_urls_kept_whole_before(store_target):
         assert entry.changes == {"webhook_url": {"from": "https://x.example/hook?…", "to": "https://y.example/in?…"}}
     finally:
         store.close()
+
+
+def test_an_engines_transaction_commits_whole_or_not_at_all(store):
+    """The engine's face the store stands on (``transaction``, ``reader``, ``statement``): a block
+    that raises leaves nothing behind, and the writer is free again after it."""
+    engine = store.engine
+
+    def xs() -> list[int]:
+        with engine.reader() as db:
+            return [row["x"] for row in db.execute("SELECT x FROM t ORDER BY x")]
+
+    with engine.transaction() as db:
+        db.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+        db.execute("INSERT INTO t (x) VALUES (:x)", {"x": 1})
+        db.executemany("INSERT INTO t (x) VALUES (:x)", [{"x": 2}])
+    with pytest.raises(RuntimeError, match="the block fails"), engine.transaction() as db:
+        db.execute("INSERT INTO t (x) VALUES (:x)", {"x": 3})
+        raise RuntimeError("the block fails")
+    assert xs() == [1, 2]
+    assert [row["x"] for row in engine.statement("INSERT INTO t (x) VALUES (4) RETURNING x", {})] == [4]
+    assert xs() == [1, 2, 4]
+
+
+# --- The two engines, side by side ------------------------------------------------------------
+
+# What one engine has and the other has not, and why: PostgreSQL has no rowid, so publish order is
+# a column of its own; and only a shared store keeps the rate limits' buckets in the database.
+ONLY_ON_POSTGRES = {"deliveries": {"seq"}, "rate_buckets": {"key", "tokens", "at"}}
+
+
+def _tables_and_columns(store) -> dict[str, set[str]]:
+    """Each table of a store's database with the names of its columns, whichever engine."""
+    from store_sqlite import SQLiteStore
+
+    sql = ("SELECT m.name, c.name FROM sqlite_master m JOIN pragma_table_info(m.name) c WHERE m.type = 'table'"
+           if isinstance(store, SQLiteStore) else
+           "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'")
+    tables: dict[str, set[str]] = {}
+    with store._reader() as db:
+        for table, column in db.execute(sql).fetchall():
+            tables.setdefault(table, set()).add(column)
+    return tables
+
+
+def test_both_engines_have_the_same_tables_and_columns(tmp_path, postgres_server):
+    """A fresh store on each engine: the same tables, each with the same columns, but for the
+    differences ``ONLY_ON_POSTGRES`` names (a column added to one engine only fails here)."""
+    lite, pg = open_store(str(tmp_path / "w.db")), open_store(postgres_server.new_database())
+    try:
+        on_sqlite, on_postgres = _tables_and_columns(lite), _tables_and_columns(pg)
+    finally:
+        lite.close()
+        pg.close()
+    for table, columns in ONLY_ON_POSTGRES.items():
+        on_postgres[table] -= columns
+    assert {t: c for t, c in on_postgres.items() if c} == on_sqlite
+
+
+def test_both_stores_expose_the_same_public_methods_and_each_is_the_whole_contract():
+    """Code above the store holds a ``Store`` and may call any of its methods, whichever engine:
+    each engine writes every method the contract leaves to it, and adds no public one of its own."""
+    from store import Store
+    from store_postgres import PostgresStore
+    from store_sqlite import SQLiteStore
+
+    def public(cls: type) -> set[str]:
+        return {name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name))}
+
+    assert public(SQLiteStore) == public(PostgresStore) == public(Store)
+    assert not SQLiteStore.__abstractmethods__ and not PostgresStore.__abstractmethods__
+    assert (SQLiteStore.shared, PostgresStore.shared) == (False, True)

@@ -13,9 +13,10 @@ import httpx
 
 import config
 import signing
-import store
+import store_sqlite
 from conftest import ADMIN, ADMIN_TOKEN, Receiver, free_port, wait_for, webhookd_cli
 from payloads import PAYMENT_SUCCESS
+from storage import open_store
 
 PREVIOUS = "partners.suspended_reason"   # the last migration of the release before this one
 
@@ -23,12 +24,12 @@ PREVIOUS = "partners.suspended_reason"   # the last migration of the release bef
 def previous_database(path, receiver_url: str) -> list[str]:
     """The schema as the previous release left it, with a partner and a pending delivery in it;
     the migrations it lacks."""
-    names = [name for name, _ in store.MIGRATIONS]
+    names = [name for name, _ in store_sqlite.MIGRATIONS]
     done = names[:names.index(PREVIOUS) + 1]
     with sqlite3.connect(path) as db:
-        for statement in store.SCHEMA:
+        for statement in store_sqlite.SCHEMA:
             db.execute(statement)
-        for name, statements in store.MIGRATIONS[:len(done)]:
+        for name, statements in store_sqlite.MIGRATIONS[:len(done)]:
             for statement in statements:
                 db.execute(statement)
             db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", (name, 1.0))
@@ -73,7 +74,7 @@ def test_migrate_upgrades_a_previous_database_and_the_server_delivers_what_waite
 
 def test_a_database_newer_than_the_code_is_refused_with_one_line_naming_the_version(tmp_path):
     path = tmp_path / "new.db"
-    store.Store(str(path)).close()
+    open_store(str(path)).close()
     with sqlite3.connect(path) as db:
         db.execute("INSERT INTO schema_migrations (name, applied_at, version) VALUES ('from.the.future', 1.0, '9.9.9')")
     env = {**os.environ, "WEBHOOKD_STORAGE_PATH": str(path), "WEBHOOKD_ADMIN_TOKEN": ADMIN_TOKEN}
