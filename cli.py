@@ -613,8 +613,8 @@ def _counts(db: Any) -> str:
 
 
 def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
-    """Copy the SQLite file of ``storage.path`` into a new PostgreSQL database (README, "Outgrowing
-    one box"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
+    """Copy the SQLite file of ``storage.path`` into a new PostgreSQL database (``docs/postgresql.md``,
+    "Moving over"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
     from storage import copy_store, open_store
 
     if not is_server_url(args.to):

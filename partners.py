@@ -237,7 +237,7 @@ async def delete_partner(request: Request) -> JSONResponse:
 
     At once: its secrets and API key are erased (its signatures and its key stop working on
     the next request), its subscriptions go, and its pending deliveries end ``cancelled``. What
-    stays, and for how long, is ``store.delete_partner``'s rule (the README's "Deleting a partner").
+    stays, and for how long, is ``store.delete_partner``'s rule (``docs/api.md``, "A partner's whole life").
     """
     ctx = context(request)
     partner = await owned_partner(request)

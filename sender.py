@@ -24,8 +24,8 @@ One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answ
    answers and ``MAX_HEAD_BYTES`` of status line and headers per head; past either the
    attempt fails (``protocol_error``), so that partner's circuit opens like any failing one's.
 
-Why not threads with ``http.client``: measured with partners 100 ms away (README,
-"Performance"), 16 threads delivered 158/s; 256 threads reached 1,900/s but each
+Why not threads with ``http.client``: measured with partners 100 ms away (``docs/performance.md``,
+"Where the time goes"), 16 threads delivered 158/s; 256 threads reached 1,900/s but each
 ``POST /events`` then took 112 ms at p99, as hundreds of threads fought for the GIL.
 One loop thread holds a thousand attempts and leaves the API its speed.
 """

@@ -254,7 +254,7 @@ async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     The routes' threads are theirs alone (the delivery loop uses asyncio's default ones), so a
     stuck store call ties up one thread, never every route. A call still queued at its deadline
     is dropped unrun, with ``DatabaseBusy`` (a 503); one that started waits for a connection or the
-    group commit only until that deadline (``engines.answer_by``), and PostgreSQL's lock and
+    group commit only until that deadline (``store.answer_by``), and PostgreSQL's lock and
     statement timeouts bound the rest. A call that started is never abandoned: it may be writing."""
     deadline = time.monotonic() + DB_DEADLINE_S
     call = _store_threads.submit(_call_by, deadline, fn, args, kwargs)

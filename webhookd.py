@@ -20,7 +20,9 @@ Where the rest lives, in the order an event meets it:
 ``web.py``            what every route stands on: errors, credentials, access rules,
                       rate limits, reading bodies, paging
 ``partners.py``       the ``/partners`` routes and what a partner's fields may hold
-``store.py``          both engines' schema and every SQL statement (publish, claim, record)
+``storage.py``        opens the store the config names: ``store_sqlite.py`` (the
+                      default) or ``store_postgres.py``, each its schema, migrations
+                      and publish → claim → finish; ``store.py`` what both share
 ``delivery.py``       the delivery loop: claim → one task per attempt on the sender
                       thread → recorder; backoff
 ``housekeeping.py``   heartbeats, and the sweeper's expiry and retention passes
