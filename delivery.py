@@ -265,6 +265,29 @@ class DeliveryLoop:
                 pause = 1.0
             await self._sleep(pause)
 
+    async def _claim_and_start(self) -> int:
+        free = min(self.settings.concurrency - self._claimed, CLAIM_BATCH)
+        if free <= 0:
+            return 0
+        now = self.clock()
+        began = time.monotonic()
+        jobs = await asyncio.to_thread(
+            self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
+            per_partner=self.settings.per_partner_concurrency, room=self._room(now))
+        self.metrics.claim_rows.observe(len(jobs))
+        self.metrics.claim_seconds.observe(time.monotonic() - began)
+        if not jobs:
+            return 0
+        with self._lock:
+            self._claimed += len(jobs)
+            for job in jobs:
+                self._busy[job.partner_id] += 1
+            self._all_done.clear()
+        for job in jobs:
+            self.pacer.claimed(job)
+        self.sender.loop.call_soon_threadsafe(self._start_attempts, jobs)  # one hand-off per claim
+        return len(jobs)
+
     def _room(self, now: float) -> dict[str, int]:
         """Room of every partner that is not simply idle, healthy and unpaced (those get the
         full cap): the breaker's room, and at most the pace's."""
@@ -289,29 +312,6 @@ class DeliveryLoop:
         own = {p: rate / shares for p, rate in self.store.paces().items()}
         rates = {p: self.pacer.rate(p, own.get(p), now) for p in set(own) | set(self.pacer.paced(now))}
         return {p: rate for p, rate in rates.items() if rate is not None}
-
-    async def _claim_and_start(self) -> int:
-        free = min(self.settings.concurrency - self._claimed, CLAIM_BATCH)
-        if free <= 0:
-            return 0
-        now = self.clock()
-        began = time.monotonic()
-        jobs = await asyncio.to_thread(
-            self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
-            per_partner=self.settings.per_partner_concurrency, room=self._room(now))
-        self.metrics.claim_rows.observe(len(jobs))
-        self.metrics.claim_seconds.observe(time.monotonic() - began)
-        if not jobs:
-            return 0
-        with self._lock:
-            self._claimed += len(jobs)
-            for job in jobs:
-                self._busy[job.partner_id] += 1
-            self._all_done.clear()
-        for job in jobs:
-            self.pacer.claimed(job)
-        self.sender.loop.call_soon_threadsafe(self._start_attempts, jobs)  # one hand-off per claim
-        return len(jobs)
 
     def _start_attempts(self, jobs: list[Job]) -> None:
         """On the sender's loop: one task per claimed job, all started now."""
@@ -448,31 +448,6 @@ class DeliveryLoop:
         if state == "failed":
             self.alerts.failed(job.partner_id, now)
 
-    def _report(self, o: Outcome, now: float, not_recorded: str | None) -> None:
-        """One log line and the metrics of one attempt, as the store took it (in the recorder: one
-        thread, no lock fights). An attempt whose result the store refused is still an attempt,
-        but its delivery did not end (or fail) by it: ``not_recorded`` says why."""
-        a = o.attempt
-        level = logging.INFO if not_recorded in (None, CANCELLED_IN_FLIGHT) else logging.WARNING
-        result = o.state if not_recorded is None else f"{o.state} but dropped: {not_recorded}"
-        logger.log(level, "delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
-                   o.delivery_id, o.event_id, o.partner_id, a.attempt, a.status_code, a.error, a.duration_ms,
-                   result, extra={"delivery_id": o.delivery_id, "event_id": o.event_id, "partner_id": o.partner_id,
-                                  "attempt": a.attempt, "status_code": a.status_code, "error": a.error,
-                                  "duration_ms": a.duration_ms, "state": o.state, "recorded": not_recorded is None})
-        m = self.metrics
-        m.attempts.inc(result=a.error or "success")
-        m.attempt_seconds.observe(a.duration_ms / 1000)
-        if not_recorded is not None:
-            return
-        if o.disable_reason:
-            logger.warning("partner %s disabled: %s; its deliveries wait until it is made active again",
-                           o.partner_id, o.disable_reason)
-        if o.state != "pending":
-            m.deliveries.inc(partner=o.partner_id, outcome=o.state)
-        if o.state == "delivered":
-            m.delivered_seconds.observe(max(0.0, now - o.created_at))
-
     # The recorder: many results, one commit -------------------------------------------------
 
     def _record_results(self) -> None:
@@ -506,20 +481,6 @@ class DeliveryLoop:
             # in flight, due at its lease's end).
             self.wake()
 
-    def _why_not_recorded(self, delivery_id: str) -> str:
-        """Why the store refused an attempt's result: the row no longer expected it."""
-        try:
-            delivery = self.store.get_delivery(delivery_id)
-        except Exception:  # the database is away again: say only what is sure
-            return REFUSED
-        if delivery is None:
-            return "the delivery no longer exists"
-        return CANCELLED_IN_FLIGHT if delivery.state == "cancelled" else TAKEN_OVER
-
-    def _in_order(self, partner_id: str) -> bool:
-        partner = self.store.get_partner(partner_id)
-        return partner is not None and partner.ordering == "fifo"
-
     def _finish_with_retries(self, batch: list[Outcome], now: float) -> list[str] | None:
         """``store.finish_attempts``, tried again while the database is away (a restart) or busy:
         writing a batch twice is harmless, each row expects one attempt number. It keeps trying
@@ -542,3 +503,42 @@ class DeliveryLoop:
                 logger.exception("recording %d attempts failed; their leases will run out and they "
                                  "will be sent again", len(batch))
                 return None
+
+    def _why_not_recorded(self, delivery_id: str) -> str:
+        """Why the store refused an attempt's result: the row no longer expected it."""
+        try:
+            delivery = self.store.get_delivery(delivery_id)
+        except Exception:  # the database is away again: say only what is sure
+            return REFUSED
+        if delivery is None:
+            return "the delivery no longer exists"
+        return CANCELLED_IN_FLIGHT if delivery.state == "cancelled" else TAKEN_OVER
+
+    def _report(self, o: Outcome, now: float, not_recorded: str | None) -> None:
+        """One log line and the metrics of one attempt, as the store took it (in the recorder: one
+        thread, no lock fights). An attempt whose result the store refused is still an attempt,
+        but its delivery did not end (or fail) by it: ``not_recorded`` says why."""
+        a = o.attempt
+        level = logging.INFO if not_recorded in (None, CANCELLED_IN_FLIGHT) else logging.WARNING
+        result = o.state if not_recorded is None else f"{o.state} but dropped: {not_recorded}"
+        logger.log(level, "delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
+                   o.delivery_id, o.event_id, o.partner_id, a.attempt, a.status_code, a.error, a.duration_ms,
+                   result, extra={"delivery_id": o.delivery_id, "event_id": o.event_id, "partner_id": o.partner_id,
+                                  "attempt": a.attempt, "status_code": a.status_code, "error": a.error,
+                                  "duration_ms": a.duration_ms, "state": o.state, "recorded": not_recorded is None})
+        m = self.metrics
+        m.attempts.inc(result=a.error or "success")
+        m.attempt_seconds.observe(a.duration_ms / 1000)
+        if not_recorded is not None:
+            return
+        if o.disable_reason:
+            logger.warning("partner %s disabled: %s; its deliveries wait until it is made active again",
+                           o.partner_id, o.disable_reason)
+        if o.state != "pending":
+            m.deliveries.inc(partner=o.partner_id, outcome=o.state)
+        if o.state == "delivered":
+            m.delivered_seconds.observe(max(0.0, now - o.created_at))
+
+    def _in_order(self, partner_id: str) -> bool:
+        partner = self.store.get_partner(partner_id)
+        return partner is not None and partner.ordering == "fifo"

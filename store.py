@@ -314,6 +314,74 @@ class Store(Partners, History, Processes, abc.ABC):
     def _reader(self, snapshot: bool = False) -> Any:
         return self.engine.reader(snapshot)
 
+    def _apply_schema(self) -> None:
+        """Create what is missing, then apply the migrations not yet recorded, in order, each
+        recorded with the version that applied it (``self.migrated`` lists them). A database
+        with migrations this code does not know was written by a newer webhookd: refuse it,
+        naming that version, rather than run old SQL on a new schema."""
+        schema, migrations = self.SCHEMA, self.MIGRATIONS
+        with self._transaction() as db:
+            self._begin_schema(db)
+            for statement in schema:
+                db.execute(statement)
+            recorded = {row["name"]: {k: row[k] for k in row.keys()} for row in db.execute("SELECT * FROM schema_migrations")}
+            unknown = sorted(recorded.keys() - {name for name, _ in migrations})
+            if unknown:
+                newer = sorted({str(recorded[name].get("version")) for name in unknown if recorded[name].get("version")})
+                raise SchemaTooNew(
+                    f"the database {self.engine.describe()} was upgraded by "
+                    f"{'webhookd ' + newer[-1] if newer else 'a newer webhookd'} (migrations this one, {VERSION}, "
+                    f"does not know: {', '.join(unknown)}): run webhookd {newer[-1] if newer else 'that version'} "
+                    "or newer on it, or restore a backup made before the upgrade")
+            self.migrated = [name for name, _ in migrations if name not in recorded]
+            for name, statements in migrations:
+                if name in self.migrated:
+                    for step in statements:
+                        if callable(step):
+                            step(db)
+                        else:
+                            db.execute(step)
+                    db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (:name, :now)",
+                               {"name": name, "now": time.time()})
+            if self.migrated:
+                db.execute(f"UPDATE schema_migrations SET version = :v WHERE name IN "
+                           f"({placeholders('m', self.migrated)})", {"v": VERSION, **numbered("m", self.migrated)})
+
+    def _begin_schema(self, db: Any) -> None:
+        """The first statements of the schema's transaction: nothing to do where one writer applies
+        it at a time (SQLite); a shared database makes processes that start together take turns."""
+
+    def ping(self) -> bool:
+        with self._reader() as db:
+            return db.execute("SELECT 1").fetchone()[0] == 1
+
+    # --- Events and their fan-out: the publish, then the group commit that writes it ----
+
+    def publish(self, event: NewEvent, *, now: float, max_attempts: int,
+                new_delivery_id: Callable[[], str]) -> tuple[Event, bool]:
+        """Store an event and one pending delivery per subscriber, in one transaction.
+
+        Returns ``(event, created)``. With an ``idempotency_key`` already used, nothing is
+        written and the first event comes back with ``created`` False. Who gets a delivery:
+        the partners subscribed to its type, narrowed by the event's ``audience`` and each
+        partner's payload filter (each engine's ``_insert_event`` writes the rule in its own
+        SQL). ``only_partner`` targets one partner whatever its subscriptions (the
+        ``webhook.test`` ping). Paused and disabled partners get their rows too: they stay
+        ``pending`` until the partner is active again.
+        """
+        passed = self._filters_passed(event)
+        return self._in_group_commit(
+            lambda db: self._insert_event(db, event, now, max_attempts, new_delivery_id, passed), announce=WORK_CHANNEL)
+
+    def publish_batch(self, events: list[NewEvent], *, now: float, max_attempts: int,
+                      new_delivery_id: Callable[[], str]) -> list[tuple[Event, bool]]:
+        """``publish`` for many events, in one transaction and one durable commit."""
+        passed = [self._filters_passed(event) for event in events]
+        return self._in_group_commit(
+            lambda db: [self._insert_event(db, event, now, max_attempts, new_delivery_id, p)
+                        for event, p in zip(events, passed)],
+            announce=WORK_CHANNEL)
+
     def _in_group_commit(self, work: Callable[[Any], T], announce: str | None = None) -> T:
         """Run ``work(db)`` in the group-commit writer's next transaction; return after its commit.
 
@@ -377,74 +445,6 @@ class Store(Partners, History, Processes, abc.ABC):
     def _commit_together(self, batch: list[_GroupWrite]) -> list[Any]:
         with self._transaction() as db:
             return [request.work(db) for request in batch]
-
-    def _apply_schema(self) -> None:
-        """Create what is missing, then apply the migrations not yet recorded, in order, each
-        recorded with the version that applied it (``self.migrated`` lists them). A database
-        with migrations this code does not know was written by a newer webhookd: refuse it,
-        naming that version, rather than run old SQL on a new schema."""
-        schema, migrations = self.SCHEMA, self.MIGRATIONS
-        with self._transaction() as db:
-            self._begin_schema(db)
-            for statement in schema:
-                db.execute(statement)
-            recorded = {row["name"]: {k: row[k] for k in row.keys()} for row in db.execute("SELECT * FROM schema_migrations")}
-            unknown = sorted(recorded.keys() - {name for name, _ in migrations})
-            if unknown:
-                newer = sorted({str(recorded[name].get("version")) for name in unknown if recorded[name].get("version")})
-                raise SchemaTooNew(
-                    f"the database {self.engine.describe()} was upgraded by "
-                    f"{'webhookd ' + newer[-1] if newer else 'a newer webhookd'} (migrations this one, {VERSION}, "
-                    f"does not know: {', '.join(unknown)}): run webhookd {newer[-1] if newer else 'that version'} "
-                    "or newer on it, or restore a backup made before the upgrade")
-            self.migrated = [name for name, _ in migrations if name not in recorded]
-            for name, statements in migrations:
-                if name in self.migrated:
-                    for step in statements:
-                        if callable(step):
-                            step(db)
-                        else:
-                            db.execute(step)
-                    db.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (:name, :now)",
-                               {"name": name, "now": time.time()})
-            if self.migrated:
-                db.execute(f"UPDATE schema_migrations SET version = :v WHERE name IN "
-                           f"({placeholders('m', self.migrated)})", {"v": VERSION, **numbered("m", self.migrated)})
-
-    def _begin_schema(self, db: Any) -> None:
-        """The first statements of the schema's transaction: nothing to do where one writer applies
-        it at a time (SQLite); a shared database makes processes that start together take turns."""
-
-    def ping(self) -> bool:
-        with self._reader() as db:
-            return db.execute("SELECT 1").fetchone()[0] == 1
-
-    # --- Events and their fan-out ---------------------------------------------------
-
-    def publish(self, event: NewEvent, *, now: float, max_attempts: int,
-                new_delivery_id: Callable[[], str]) -> tuple[Event, bool]:
-        """Store an event and one pending delivery per subscriber, in one transaction.
-
-        Returns ``(event, created)``. With an ``idempotency_key`` already used, nothing is
-        written and the first event comes back with ``created`` False. Who gets a delivery:
-        the partners subscribed to its type, narrowed by the event's ``audience`` and each
-        partner's payload filter (each engine's ``_insert_event`` writes the rule in its own
-        SQL). ``only_partner`` targets one partner whatever its subscriptions (the
-        ``webhook.test`` ping). Paused and disabled partners get their rows too: they stay
-        ``pending`` until the partner is active again.
-        """
-        passed = self._filters_passed(event)
-        return self._in_group_commit(
-            lambda db: self._insert_event(db, event, now, max_attempts, new_delivery_id, passed), announce=WORK_CHANNEL)
-
-    def publish_batch(self, events: list[NewEvent], *, now: float, max_attempts: int,
-                      new_delivery_id: Callable[[], str]) -> list[tuple[Event, bool]]:
-        """``publish`` for many events, in one transaction and one durable commit."""
-        passed = [self._filters_passed(event) for event in events]
-        return self._in_group_commit(
-            lambda db: [self._insert_event(db, event, now, max_attempts, new_delivery_id, p)
-                        for event, p in zip(events, passed)],
-            announce=WORK_CHANNEL)
 
     def get_event(self, event_id: str) -> Event | None:
         with self._reader() as db:

@@ -396,6 +396,14 @@ _SUBSCRIBERS = """
     ORDER BY s.partner_id
 """
 
+
+def _as_json(params: dict[str, Any]) -> dict[str, Any]:
+    """``_SUBSCRIBERS``' lists as JSON text: SQLite reads an array with ``json_each``, so the
+    statement's text is the same whatever their length."""
+    return {**params, **{k: None if params[k] is None else json.dumps(params[k]) for k in ("recipients", "channels",
+                                                                                          "passed")}}
+
+
 # The claim's search on SQLite: one partner's due rows, oldest first, through deliveries_partner_due.
 _DUE_FOR_PARTNER = """
     SELECT id FROM deliveries
@@ -442,13 +450,6 @@ def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]
                  "detail": a.error_detail, "signatures": json_or_none(a.signatures),
                  "decision": json_or_none(a.decision)})
     return recorded
-
-
-def _as_json(params: dict[str, Any]) -> dict[str, Any]:
-    """``_SUBSCRIBERS``' lists as JSON text: SQLite reads an array with ``json_each``, so the
-    statement's text is the same whatever their length."""
-    return {**params, **{k: None if params[k] is None else json.dumps(params[k]) for k in ("recipients", "channels",
-                                                                                          "passed")}}
 
 
 class SQLiteStore(Store):
