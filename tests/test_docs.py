@@ -1,6 +1,7 @@
 """The README is the front door and docs/ holds the reference: every config key, command and route
 they promise is real, every link between them leads somewhere, and they read as product docs."""
 
+import ast
 import dataclasses
 import re
 import tomllib
@@ -8,6 +9,7 @@ import tomllib
 import cli
 import config
 from conftest import ROOT
+from test_imports import imported_modules
 
 DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -75,6 +77,65 @@ def test_every_module_is_in_the_architecture_page_and_the_install():
         assert f"`{module}.py`" in architecture, f"{module}.py missing from docs/architecture.md"
     installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
     assert sorted(installed) == modules
+
+
+# --- the map: docs/architecture.md names functions and imports that exist ---------------------------
+
+# `store_sqlite.py:SQLiteStore.claim_due`, `web.py:route.guarded`, `delivery.py:decide`: a file, then a
+# dotted path through its classes and functions.
+REFERENCE = re.compile(r"`([a-z_][a-z0-9_]*\.py):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)`")
+
+
+def defines(path, dotted: str) -> bool:
+    """Whether the file at ``path`` defines the function ``dotted`` names: ``name``, ``Class.method``
+    or ``function.inner``, each step a class or function defined directly in the one before."""
+    scope = ast.parse(path.read_text(encoding="utf-8")).body
+    *outer, last = dotted.split(".")
+    for name in outer:
+        found = [n for n in scope if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == name]
+        if not found:
+            return False
+        scope = found[0].body
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == last for n in scope)
+
+
+def wrong_references(text: str) -> list[str]:
+    """The ``file.py:function`` references in ``text`` that name no function of that file."""
+    return [f"{file}:{dotted}" for file, dotted in REFERENCE.findall(text)
+            if not (ROOT / file).is_file() or not defines(ROOT / file, dotted)]
+
+
+def test_the_reference_check_catches_what_it_should_and_only_that():
+    assert wrong_references("`delivery.py:decide`, `store.py:Store.publish`, `web.py:route.guarded`") == []
+    assert wrong_references("`delivery.py:Store.publish`, `store.py:Store.decide`, `engines.py:connect`, "
+                            "`store.py:Store`, `web.py:guarded`") == [
+        "delivery.py:Store.publish", "store.py:Store.decide", "engines.py:connect", "store.py:Store", "web.py:guarded"]
+
+
+def test_every_function_the_architecture_page_names_exists():
+    """Each `file.py:function` or `file.py:Class.method` step in docs/architecture.md is a function
+    defined in that file, so a rename or a move that forgets the map fails here."""
+    architecture = page("architecture.md")
+    assert len(REFERENCE.findall(architecture)) >= 40, "the page lost its path of file:function steps"
+    assert not wrong_references(architecture), f"docs/architecture.md names functions that do not exist: " \
+                                               f"{wrong_references(architecture)}"
+
+
+def test_the_module_table_lists_what_each_module_imports():
+    """The last column of docs/architecture.md's module table is every module of ours the row's
+    modules import (anywhere: at the top, in a function, for type hints), as tests/test_imports.py
+    reads them."""
+    architecture = page("architecture.md")
+    table = architecture[architecture.index("## The modules"):architecture.index("## One outbound event")]
+    modules = {path.stem for path in ROOT.glob("*.py")}
+    rows = re.findall(r"^\| (`[^|]*\.py`[^|]*) \|[^\n]*\| ([^|\n]*) \|$", table, flags=re.M)
+    assert {m for cell, _ in rows for m in re.findall(r"`(\w+)\.py`", cell)} == modules
+    for cell, imports in rows:
+        named = set(re.findall(r"`(\w+)`", imports)) & modules
+        for module in re.findall(r"`(\w+)\.py`", cell):
+            actual = imported_modules(ROOT / f"{module}.py") - {module}
+            assert named == actual, f"{module}.py imports {sorted(actual)}; docs/architecture.md says {sorted(named)}"
 
 
 def test_every_folder_is_in_the_layout():
