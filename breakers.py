@@ -9,7 +9,7 @@ deliveries may start now? — and reports every attempt back:
 * ``Pacer`` answers for the partner's pace: ``max_rate_per_s``, and a slower pace for a while
   after a ``429``.
 
-Both live in memory, guarded by a lock (sender threads report, the loop asks); the failing
+Both live in memory, guarded by a lock (the sender's thread reports, the loop asks); the failing
 streak's start and the disabled state are also written to the store by the recorder.
 """
 

@@ -4,8 +4,10 @@
 * ``token`` prints the admin token, creating it on first use;
 * ``sign`` and ``listen`` are for partners and students: sign a payload the way the
   guide does, or run a local receiver that verifies every webhook three ways;
-* ``partners``, ``publish``, ``deliveries``, ``retry``, ``recover``, ``replay`` and ``audit`` talk to the running
-  server's HTTP API with the admin token, and print tables (or ``--json``).
+* ``migrate``, ``backup``, ``restore`` and ``migrate-store`` work on the database itself;
+* ``partners``, ``publish``, ``deliveries``, ``trace``, ``retry``, ``recover``, ``replay`` and
+  ``audit`` talk to the running server's HTTP API with the admin token, and print tables (or
+  ``--json``).
 
 ``main`` is the console script; ``python cli.py ...`` calls it too. A command that
 cannot do its job prints one line saying why and exits 1 (2 for a bad config).

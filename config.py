@@ -42,7 +42,7 @@ FIELD_TYPES = {
 }
 
 # The outbound catalog when the config has no [events] tables: the partner guide's four events
-# and the fields the SPEC names for each.
+# and the fields the guide names for each.
 GUIDE_CATALOG = {
     "payment.success": {"transaction_id": "string", "amount": "number", "currency": "string", "user_id": "string"},
     "payment.failed": {"transaction_id": "string", "reason": "string", "user_id": "string", "amount": "number"},

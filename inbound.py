@@ -2,7 +2,7 @@
 
 Read top to bottom, one inbound event:
 
-1. **Verify.** ``POST /webhooks/partners`` checks, in the SPEC's order: the headers (400),
+1. **Verify.** ``POST /webhooks/partners`` checks, in the contract's order (``/openapi.json``): the headers (400),
    the size (413), without ``X-Partner-Id`` a search small enough to run (400), a JSON
    object whose own ``event`` names its type (400), a signature that some partner's
    secret makes — the guide's hex ``X-Webhook-Signature``, or Standard

@@ -1,7 +1,7 @@
 """Prometheus metrics in the text exposition format, with no dependency.
 
 Counters and histograms are updated where things happen (the routes, the delivery
-workers); gauges are read when ``/metrics`` is scraped. Every update takes one lock:
+loop's threads); gauges are read when ``/metrics`` is scraped. Every update takes one lock:
 worker threads and the event loop both write here.
 """
 

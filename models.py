@@ -7,7 +7,7 @@ needs to send, read in one transaction) and hands back an **outcome** (the attem
 the delivery's next state). Events that partners post to us are **inbound events**. Every
 write an admin or a partner makes is an **audit entry**.
 
-Plain frozen dataclasses, no behaviour beyond reading themselves: ``store.py`` turns
+Plain frozen dataclasses, no behaviour beyond reading themselves: ``store_rows.py`` turns
 rows into them, and nothing outside the store sees a row.
 """
 

@@ -14,7 +14,7 @@ One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answ
 2. ``build_headers`` signs the stored bytes (``X-Webhook-Signature`` and the Standard
    Webhooks headers), and ``_request_bytes`` writes the whole request in one buffer;
 3. a kept-alive connection to that origin is reused if it is fresh and the partner has
-   not closed it, else a new one is opened to the address ``targets.resolve_target``
+   not closed it, else a new one is opened to the address ``targets.resolve_target_async``
    checked (pinned: TLS still checks the URL's host name); a request is written again
    on a new connection only if the kept one broke before the whole request went out —
    once written, the partner may have acted on it;
@@ -82,7 +82,7 @@ SIGNATURE_HEADERS = ("X-Webhook-Signature", "webhook-signature")  # kept with ea
 
 
 def build_headers(job: Job, timestamp: int, user_agent: str) -> dict[str, str]:
-    """Every header of an outgoing webhook, as the SPEC lists them."""
+    """Every header of an outgoing webhook, as the partner guide lists them."""
     current_secret = job.secrets[0]
     return {
         "Content-Type": "application/json",

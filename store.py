@@ -1,4 +1,4 @@
-"""The store: every SQL statement webhookd runs, behind a narrow face of domain objects (models.py).
+"""The store: what both engines share, behind a narrow face of domain objects (models.py).
 
 The data model, in one paragraph: a **partner** subscribes to event types
 (**subscriptions**). Publishing stores one **event** (its canonical body, the exact
@@ -19,12 +19,13 @@ finish, the statements that differ. This file holds what both share, top to bott
 
 1. the errors a caller may see, and the deadline a route puts on its calls (``answer_by``);
 2. the schema both engines write alike, and how it is applied (``Store._apply_schema``);
-3. the group commit: publishes and inbound events — the writes we answer a 202 or a 200 for —
-   queue for one thread, which writes whatever has queued in one transaction and one durable
-   flush (``Store._in_group_commit``);
+3. the group commit's request (``_GroupWrite``): publishes and inbound events — the writes we
+   answer a 202 or a 200 for — queue for one thread, which writes whatever has queued in one
+   transaction and one durable flush;
 4. ``Store``, the contract both engines fulfil: what each must write itself (marked
-   ``abstractmethod``) and what both run as written — publishing, and the claim's other half
-   (releases, leases that ran out, when the next one is due). Three parts of it live in files
+   ``abstractmethod``) and what both run as written — the schema applied, then the publish
+   (``Store.publish``) followed by the group commit that writes it (``Store._in_group_commit``),
+   and the claim's other half (releases, leases that ran out, when the next one is due). Three parts of it live in files
    of their own: the partners and their in-memory copy (``store_partners.py``); the history —
    reads, retries, retention, audit, inbound (``store_history.py``); and the processes that
    share a database — hints, roles, heartbeats (``store_processes.py``). Rows become objects in

@@ -545,6 +545,25 @@ _RECORD_RESULTS = """
 """
 
 
+def _results_as_arrays(outcomes: list[Outcome], now: float) -> dict[str, Any]:
+    """``_RECORD_RESULTS``' parameters: the batch as one array per column (one statement for a
+    hundred results, and the same statement text whatever the batch's size)."""
+    columns = {"id": [o.delivery_id for o in outcomes], "state": [o.state for o in outcomes],
+               "attempt": [o.attempt.attempt for o in outcomes], "next": [o.next_attempt_at for o in outcomes],
+               "started": [o.attempt.started_at for o in outcomes], "ms": [o.attempt.duration_ms for o in outcomes],
+               "status": [o.attempt.status_code for o in outcomes], "error": [o.attempt.error for o in outcomes],
+               "snippet": [o.attempt.response_snippet for o in outcomes],
+               "url": [redacted_url(o.attempt.url) if o.attempt.url else None for o in outcomes],
+               "detail": [o.attempt.error_detail for o in outcomes],
+               "signatures": [json_or_none(o.attempt.signatures) for o in outcomes],
+               "decision": [json_or_none(o.attempt.decision) for o in outcomes]}
+    return {"now": now, **columns}
+
+
+def _rows_recorded(rows: list[Any]) -> set[str]:
+    return {row["id"] for row in rows}
+
+
 class PostgresStore(Store):
     """The store on a PostgreSQL database that several processes may share (see the module docstring)."""
 
@@ -694,22 +713,3 @@ class PostgresStore(Store):
                 return "\n".join(row[0] for row in db.execute("EXPLAIN " + sql, params))
             finally:
                 db.execute("RESET enable_seqscan", {})
-
-
-def _results_as_arrays(outcomes: list[Outcome], now: float) -> dict[str, Any]:
-    """``_RECORD_RESULTS``' parameters: the batch as one array per column (one statement for a
-    hundred results, and the same statement text whatever the batch's size)."""
-    columns = {"id": [o.delivery_id for o in outcomes], "state": [o.state for o in outcomes],
-               "attempt": [o.attempt.attempt for o in outcomes], "next": [o.next_attempt_at for o in outcomes],
-               "started": [o.attempt.started_at for o in outcomes], "ms": [o.attempt.duration_ms for o in outcomes],
-               "status": [o.attempt.status_code for o in outcomes], "error": [o.attempt.error for o in outcomes],
-               "snippet": [o.attempt.response_snippet for o in outcomes],
-               "url": [redacted_url(o.attempt.url) if o.attempt.url else None for o in outcomes],
-               "detail": [o.attempt.error_detail for o in outcomes],
-               "signatures": [json_or_none(o.attempt.signatures) for o in outcomes],
-               "decision": [json_or_none(o.attempt.decision) for o in outcomes]}
-    return {"now": now, **columns}
-
-
-def _rows_recorded(rows: list[Any]) -> set[str]:
-    return {row["id"] for row in rows}

@@ -6,7 +6,7 @@ engine's ``notify`` does nothing), it holds every role, its heartbeat lists itse
 PostgreSQL several processes share the database, and these are how they stay in step:
 
 * **hints** (``announce`` / ``listen``: ``NOTIFY`` and ``LISTEN`` on a channel) — work is due
-  (``WORK_CHANNEL``), a partner changed (``store_partners.PARTNERS_CHANNEL``), an offer for a
+  (``WORK_CHANNEL``), a partner changed (``PARTNERS_CHANNEL``), an offer for a
   ``/ws`` user connected to another process (``OFFERS_CHANNEL``). A hint is only a hint: whoever
   acts on one also looks by itself now and then, so a lost one costs a delay only;
 * **roles** (``hold_role``) — the sweeps (retention, expiry) run in one process at a time, the

@@ -14,27 +14,32 @@ This file is the application and the event routes, top to bottom:
 4. the route table, which says who may call each route, and ``create_app``, whose lifespan
    opens the store and starts the delivery loop and the housekeeping.
 
-Where the rest lives, in the order an event meets it:
+Where the rest lives: first in the order a published event meets it, then the other jobs.
 
-====================  ===============================================================
-``web.py``            what every route stands on: errors, credentials, access rules,
-                      rate limits, reading bodies, paging
-``partners.py``       the ``/partners`` routes and what a partner's fields may hold
-``storage.py``        opens the store the config names: ``store_sqlite.py`` (the
-                      default) or ``store_postgres.py``, each its schema, migrations
-                      and publish → claim → finish; ``store.py`` what both share
-``delivery.py``       the delivery loop: claim → one task per attempt on the sender
-                      thread → recorder; backoff
-``housekeeping.py``   heartbeats, and the sweeper's expiry and retention passes
-``breakers.py``       a partner's circuit breaker, failing streak and pace
-``sender.py``         one HTTP attempt in plain standard library; ``signing.py`` signs it
-``targets.py``        where a webhook may go: the URL rule and the SSRF address rule
-``timeline.py``       one event's story, from the rows the loop keeps
-``alerts.py``         webhookd's own signed alerts to the operator
-``inbound.py``        the other direction: verify → store once → 200 → offer on ``/ws``
-``realtime.py``       ``/ws`` tokens and the bounded fan-out of offers
-``config.py``         every config key and its default; ``cli.py`` the command line
-====================  ===============================================================
+=======================  ============================================================
+``web.py``               what every route stands on: errors, credentials, access
+                         rules, rate limits, reading bodies, paging, ``db()``
+``storage.py``           opens the store the config names: ``store_sqlite.py`` (the
+                         default) or ``store_postgres.py``, each its schema,
+                         migrations and publish → claim → finish
+``store.py``             what both engines share: errors, the group commit, ``Store``;
+                         its parts ``store_partners.py``, ``store_history.py``,
+                         ``store_processes.py``; rows to objects in ``store_rows.py``
+``delivery.py``          the delivery loop: claim → one task per attempt on the sender
+                         thread → recorder; backoff
+``breakers.py``          a partner's circuit breaker, failing streak and pace
+``sender.py``            one HTTP attempt in plain standard library; ``signing.py``
+                         signs it, ``targets.py`` says where it may go
+``housekeeping.py``      heartbeats, and the sweeper's expiry and retention passes
+``partners.py``          the ``/partners`` routes and what a partner's fields may hold
+``inbound.py``           the other direction: verify → store once → 200 → offer on
+                         ``/ws``; ``realtime.py`` the ``/ws`` tokens and fan-out
+``timeline.py``          one event's story, from the rows the loop keeps
+``alerts.py``            webhookd's own signed alerts to the operator
+``config.py``            every config key and its default; ``cli.py`` the command line
+``models.py``            the nouns; ``metrics.py`` the Prometheus text; ``openapi.py``
+                         the API's description, served at ``/openapi.json``
+=======================  ============================================================
 
 ``docs/architecture.md`` draws the whole path, with every thread and task.
 """

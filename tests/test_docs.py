@@ -6,10 +6,11 @@ import dataclasses
 import re
 import tomllib
 
+from test_imports import imported_modules
+
 import cli
 import config
 from conftest import ROOT
-from test_imports import imported_modules
 
 DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -136,6 +137,17 @@ def test_the_module_table_lists_what_each_module_imports():
         for module in re.findall(r"`(\w+)\.py`", cell):
             actual = imported_modules(ROOT / f"{module}.py") - {module}
             assert named == actual, f"{module}.py imports {sorted(actual)}; docs/architecture.md says {sorted(named)}"
+
+
+def test_webhookds_map_names_every_module():
+    """webhookd.py's docstring, where a reader starts, has the map in short: "Where the rest lives"
+    names every other module, as docs/architecture.md's table does."""
+    import webhookd
+
+    short_map = webhookd.__doc__[webhookd.__doc__.index("Where the rest lives"):]
+    for path in sorted(ROOT.glob("*.py")):
+        if path.stem != "webhookd":
+            assert f"``{path.name}``" in short_map, f"{path.name} missing from webhookd.py's 'Where the rest lives'"
 
 
 def test_every_folder_is_in_the_layout():
