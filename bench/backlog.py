@@ -26,22 +26,30 @@ from storage import open_store
 PARTNERS = 5
 
 
+def fresh_file(path: Path) -> sqlite3.Connection:
+    """A new SQLite file at ``path`` with webhookd's schema, exactly as it creates it, and a
+    connection to it inside an open transaction, set for bulk writes (no journal, no sync):
+    the caller INSERTs, then COMMITs and switches the file to WAL as webhookd runs it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    open_store(str(path)).close()
+    db = sqlite3.connect(str(path), isolation_level=None)
+    db.execute("PRAGMA journal_mode = OFF")
+    db.execute("PRAGMA synchronous = OFF")
+    db.execute("PRAGMA cache_size = -200000")
+    db.execute("BEGIN")
+    return db
+
+
 def build(path: Path, *, deliveries: int, urls: list[str], secrets: list[str], body: bytes,
           event_type: str, max_attempts: int = 3) -> float:
     """Write the file; returns the seconds it took."""
     assert len(urls) == len(secrets) == PARTNERS and deliveries % PARTNERS == 0
     started = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    open_store(str(path)).close()  # the schema, exactly as webhookd creates it
+    db = fresh_file(path)
     now = time.time()
-    db = sqlite3.connect(str(path), isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode = OFF")
-        db.execute("PRAGMA synchronous = OFF")
-        db.execute("PRAGMA cache_size = -200000")
-        db.execute("BEGIN")
         for k, (url, secret) in enumerate(zip(urls, secrets)):
             partner_id = f"partner_bench{k:013d}"
             db.execute(

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import os
 import random
-import sqlite3
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from storage import open_store
+from backlog import fresh_file
+
 from store import Store
 
 PARTNERS = 5
@@ -36,18 +36,10 @@ def build(path: Path, *, deliveries: int) -> float:
     """Write the file; returns the seconds it took."""
     assert deliveries % PARTNERS == 0
     started = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    open_store(str(path)).close()
+    db = fresh_file(path)
     events = deliveries // PARTNERS
     now = time.time()
-    db = sqlite3.connect(str(path), isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode = OFF")
-        db.execute("PRAGMA synchronous = OFF")
-        db.execute("PRAGMA cache_size = -200000")
-        db.execute("BEGIN")
         db.executemany(
             """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash, created_at, updated_at)
                VALUES (:id, :name, 'http://127.0.0.1:9/hook', 'active', 'sk_bench', :key, :now, :now)""",
