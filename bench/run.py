@@ -74,6 +74,8 @@ from common import (  # noqa: E402
     thread_count,
 )
 
+from storage import open_store  # noqa: E402
+
 SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "reads", "inbound", "fanout", "idle", "postgres",
              "crash"]
 PARTNERS = 5
@@ -442,7 +444,7 @@ def scenario_reads(bench: Bench) -> None:
     log(f"  built a history of {p.reads_history:,} deliveries in {seconds:.1f} s "
         f"({path.stat().st_size / 2**20:.0f} MiB)")
     events = p.reads_history // reads.PARTNERS
-    store = reads.open_store(str(path))
+    store = open_store(str(path))
     series: dict[str, Series] = {}
     runs = []
     try:
