@@ -328,11 +328,16 @@ class History:
     def list_audit(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                    action: str | None = None) -> Page:
         """Audit entries newest first; each filter applies only when given."""
-        where, params = where_clause(AUDIT_FILTERS, {"cursor": cursor, "partner_id": partner_id, "action": action})
+        return self._newest_first("audit_log", AUDIT_FILTERS, audit_from_row, limit,
+                                  {"cursor": cursor, "partner_id": partner_id, "action": action})
+
+    def _newest_first(self, table: str, filters: Any, from_row: Any, limit: int, given: dict[str, Any]) -> Page:
+        """One page of ``table``, newest first, with only the filters given (so an index serves it)."""
+        where, params = where_clause(filters, given)
         with self._reader() as db:
-            rows = db.execute(f"SELECT * FROM audit_log {where} ORDER BY id DESC LIMIT :n",
+            rows = db.execute(f"SELECT * FROM {table} {where} ORDER BY id DESC LIMIT :n",
                               {**params, "n": limit + 1}).fetchall()
-        return page_of([audit_from_row(r) for r in rows], limit)
+        return page_of([from_row(r) for r in rows], limit)
 
     # --- Inbound partner events --------------------------------------------------------
 
@@ -360,8 +365,5 @@ class History:
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:
-        where, params = where_clause(INBOUND_FILTERS, {"cursor": cursor, "partner_id": partner_id, "event": event})
-        with self._reader() as db:
-            rows = db.execute(f"SELECT * FROM inbound_events {where} ORDER BY id DESC LIMIT :n",
-                              {**params, "n": limit + 1}).fetchall()
-        return page_of([inbound_from_row(r) for r in rows], limit)
+        return self._newest_first("inbound_events", INBOUND_FILTERS, inbound_from_row, limit,
+                                  {"cursor": cursor, "partner_id": partner_id, "event": event})
