@@ -4,7 +4,8 @@
 * ``token`` prints the admin token, creating it on first use;
 * ``sign`` and ``listen`` are for partners and students: sign a payload the way the
   guide does, or run a local receiver that verifies every webhook three ways;
-* ``migrate``, ``backup``, ``restore`` and ``migrate-store`` work on the database itself;
+* ``migrate`` brings the schema up to date; ``backup``, ``restore`` and ``migrate-store`` work
+  on the database files themselves (``backup.py``);
 * ``partners``, ``publish``, ``deliveries``, ``trace``, ``retry``, ``recover``, ``replay`` and
   ``audit`` talk to the running server's HTTP API with the admin token, and print tables (or
   ``--json``).
@@ -21,15 +22,13 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import backup
 import signing
-from config import VERSION, Config, ConfigError, admin_token, is_server_url, load_config, rotate_admin_token
+from config import VERSION, Config, ConfigError, admin_token, load_config, rotate_admin_token
 
 logger = logging.getLogger("webhookd")
 
@@ -418,222 +417,20 @@ def _cmd_replay(args: argparse.Namespace, config: Config) -> int:
 
 
 def _cmd_backup(args: argparse.Namespace, config: Config) -> int:
-    """A consistent copy of the SQLite file while the server runs: SQLite's online backup API copies
-    every page as of one moment (a read transaction; in WAL mode writers go on meanwhile)."""
-    import sqlite3
-
-    _refuse_a_server(config, "pg_dump --format=custom --file=webhookd.dump \"$URL\"")
-    source, target = Path(config.storage.path), Path(args.path)
-    if not source.exists():
-        raise CliError(f"there is no database at {source} (storage.path) to back up")
-    if target.exists():
-        raise CliError(f"{target} exists already: give a new path (a backup never overwrites)")
-    if not target.parent.is_dir():
-        raise CliError(f"there is no folder {target.parent} to write the backup in: create it first")
-    try:
-        with _private_copy(target) as partial, _sqlite(source, readonly=True) as src, _sqlite(partial) as dst:
-            src.backup(dst)
-            counts = _counts(dst)
-    except sqlite3.Error as exc:
-        raise CliError(f"the backup failed ({exc}); nothing was written at {target}") from None
-    print(f"backed up {source} to {target}: {counts}")
+    print(backup.backup(config, args.path))
     return 0
 
 
 def _cmd_restore(args: argparse.Namespace, config: Config) -> int:
-    """Put a backup in place of ``storage.path``; never under a running server, never over an
-    existing database unless asked (``--replace``). Warns about the credentials it brings back."""
-    import sqlite3
-
-    from housekeeping import ALIVE_S
-
-    _refuse_a_server(config, "pg_restore --clean --dbname=\"$URL\" webhookd.dump")
-    backup, target = Path(args.path), Path(config.storage.path)
-    if not backup.exists():
-        raise CliError(f"there is no backup at {backup}")
-    with _sqlite(backup, readonly=True) as src:
-        if not _has_table(src, "schema_migrations"):
-            raise CliError(f"{backup} is not a webhookd database (no schema_migrations table)")
-    if target.exists():
-        with _sqlite(target, readonly=True) as live:
-            seen = live.execute("SELECT MAX(seen_at) FROM processes").fetchone()[0] \
-                if _has_table(live, "processes") else None
-        if seen is not None and time.time() - seen < 2 * ALIVE_S:
-            raise CliError(f"a webhookd server is using {target} (its last heartbeat was {time.time() - seen:.0f} s "
-                           "ago): stop it first, then restore")
-        if not args.replace:
-            raise CliError(f"{target} (storage.path) exists: add --replace to overwrite it with the backup")
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    warning = _revocations_undone(backup, target)
-    try:
-        with _private_copy(target) as partial:
-            with _sqlite(backup, readonly=True) as src, _sqlite(partial) as dst:
-                src.backup(dst)
-                dst.execute("DELETE FROM processes")  # the backed-up server's heartbeats and roles are not ours
-                dst.execute("DELETE FROM roles")
-                counts = _counts(dst)
-    except sqlite3.Error as exc:
-        raise CliError(f"the restore failed ({exc}); {target} is as it was") from None
-    print(f"restored {backup} into {target}: {counts}. Start webhookd on it: pending deliveries go out.")
+    done, warning = backup.restore(config, args.path, args.replace)
+    print(done)
     if warning:
         print(warning, file=sys.stderr)
     return 0
 
 
-@contextmanager
-def _private_copy(target: Path) -> Iterator[Path]:
-    """A new file beside ``target``, mode 0600 from its first byte (a backup holds every partner's
-    secret), renamed onto ``target`` when the block ends well and removed when it fails. Killed
-    midway, the copy leaves a ``.<name>.*.partial`` file only its owner can read, never a partial
-    file at ``target``."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")  # 0600
-    os.close(fd)
-    partial = Path(name)
-    try:
-        yield partial
-        _replace_database(partial, target)
-    except BaseException:
-        for leftover in (partial, *_sidecars(partial)):
-            leftover.unlink(missing_ok=True)
-        raise
-
-
-def _replace_database(new: Path, target: Path) -> None:
-    """Rename ``new`` onto ``target``. The old database's WAL must not outlive it (SQLite would
-    replay it onto the new file): it is folded into the old file first, so a kill at any step
-    leaves one whole database at ``target``, then its side files go, then the rename."""
-    if target.exists():
-        with _sqlite(target) as old:
-            old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    for side_file in _sidecars(target):
-        side_file.unlink(missing_ok=True)
-    os.replace(new, target)
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
-
-
-def _sidecars(database: Path) -> list[Path]:
-    return [database.with_name(database.name + suffix) for suffix in ("-wal", "-shm", "-journal")]
-
-
-# What a restore gives back that was taken away after its backup was made, by audit action: what
-# happened, what the restore undoes, and the command that takes it away again once webhookd runs.
-_TAKEN_AWAY = {
-    "partner.api_key_reissued": ("API key reissued", "the old key works again", "webhookd partners api-key {id}"),
-    "partner.secret_rotated": ("secret rotated", "the secret it replaced is current again",
-                               "webhookd partners rotate {id}"),
-    "partner.suspended": ("suspended", "it is no longer suspended", "webhookd partners suspend {id} --reason ..."),
-    "partner.deleted": ("deleted", "it is back, with its secret, its API key and its pending deliveries (they go "
-                                   "out when webhookd starts)", "webhookd partners delete {id} --yes"),
-}
-_SECRET_REVOKED = ("secret rotated with the old ones revoked", "the revoked secret is current again",
-                   "webhookd partners rotate {id} --revoke-old")  # a partner.secret_rotated with revoke_old
-
-
-def _revocations_undone(backup: Path, target: Path) -> str:
-    """A warning naming the partners whose API key reissues, secret rotations, suspensions and
-    deletions, recorded in the audit trail of the database being replaced, the backup predates
-    (the restore brings those keys and secrets back), with the commands that take them away again.
-    Empty when there is nothing to say."""
-    with _sqlite(backup, readonly=True) as old:
-        made_at = _backup_time(old)
-        partners = dict(old.execute("SELECT id, name FROM partners WHERE status <> 'deleted'").fetchall())
-        known = {row[0] for row in old.execute("SELECT id FROM audit_log WHERE at >= :at", {"at": made_at})} \
-            if _has_table(old, "audit_log") else set()
-    when = _local_time(made_at)
-    if not target.exists():
-        return (f"webhookd: note: the backup is from about {when}. An API key reissued, a secret rotated or a "
-                "partner suspended or deleted after that is back as it was then (there was no database at "
-                "storage.path to compare with): check, and reissue or rotate with --revoke-old where in doubt.")
-    with _sqlite(target, readonly=True) as live:
-        if not _has_table(live, "audit_log"):
-            return ""
-        since = live.execute(
-            f"SELECT id, at, action, partner_id, changes FROM audit_log WHERE at >= :at "
-            f"AND action IN ({', '.join(repr(a) for a in _TAKEN_AWAY)}) ORDER BY id", {"at": made_at}).fetchall()
-    # Entries the backup holds happened before it; partners it lacks come back with nothing.
-    undone = [row for row in since if row[0] not in known and row[3] in partners]
-    if not undone:
-        return ""
-    lines = [f"webhookd: warning: the backup is from about {when}. Since then, the database it replaces took "
-             "these away, and the restore brings them back:"]
-    commands: dict[str, None] = {}  # in order, without repeats
-    for _, at, action, partner_id, changes in undone:
-        revoked = action == "partner.secret_rotated" and json.loads(changes or "{}").get("revoke_old")
-        what, effect, command = _SECRET_REVOKED if revoked else _TAKEN_AWAY[action]
-        lines.append(f"  {partner_id} ({partners[partner_id]}): {what} at {_local_time(at)}; {effect}")
-        commands[command.format(id=partner_id)] = None
-    lines.append("Once webhookd runs on the restored database, take them away again: " + "; ".join(commands))
-    return "\n".join(lines)
-
-
-def _local_time(at: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
-
-
-def _backup_time(db: Any) -> float:
-    """About when a backup was made: the latest moment it records (a heartbeat of the server it was
-    taken from, an audit entry, an event, a partner's change). Never later than the real moment."""
-    latest = [db.execute(f"SELECT MAX({column}) FROM {table}").fetchone()[0]
-              for table, column in (("processes", "seen_at"), ("audit_log", "at"), ("events", "created_at"),
-                                    ("partners", "updated_at")) if _has_table(db, table)]
-    return max((t for t in latest if t is not None), default=0.0)
-
-
-def _has_table(db: Any, name: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name", {"name": name}).fetchone() \
-        is not None
-
-
-@contextmanager
-def _sqlite(path: Path, readonly: bool = False) -> Iterator[Any]:
-    """A connection to a SQLite file, committed and closed at the end of the block."""
-    import sqlite3
-
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True) if readonly else sqlite3.connect(path)
-    try:
-        with con:
-            yield con
-    finally:
-        con.close()
-
-
-def _refuse_a_server(config: Config, command: str) -> None:
-    """``backup`` and ``restore`` copy one SQLite file; a database server has its own tools."""
-    if not config.storage.is_one_file:
-        raise CliError(f"storage.url is PostgreSQL: use its own tools, e.g. {command}")
-
-
-def _counts(db: Any) -> str:
-    events = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
-    pending = db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
-    partners = db.execute("SELECT COUNT(*) FROM partners WHERE status <> 'deleted'").fetchone()[0]
-    return f"{partners} partners, {events} events, {pending} pending deliveries"
-
-
 def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
-    """Copy the SQLite file of ``storage.path`` into a new PostgreSQL database (``docs/postgresql.md``,
-    "Moving over"). Run it with the SQLite server stopped; start the processes on the URL afterwards."""
-    from storage import copy_store, open_store
-
-    if not is_server_url(args.to):
-        raise CliError("--to must be a PostgreSQL URL, like postgresql://webhookd:secret@db.internal/webhookd")
-    if not Path(config.storage.path).exists():
-        raise CliError(f"there is no SQLite file at {config.storage.path} (storage.path) to copy from")
-    source, target = open_store(config.storage.path), open_store(args.to)
-    try:
-        now = time.time()
-        copied = copy_store(source, target, since=now - args.history_days * 86400, now=now)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        source.close()
-        target.close()
-    print(f"copied into {target.engine.describe()}: " + ", ".join(f"{n} {table}" for table, n in copied.items()))
-    print("Partners keep their secrets and API keys. Start webhookd with storage.url set to that database.")
+    print(backup.migrate_store(config, args.to, args.history_days))
     return 0
 
 
@@ -815,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.server.log_format)
     try:
         return args.handler(args, config)
-    except (CliError, signing.BadJSON, OSError) as exc:
+    except (CliError, backup.Refused, signing.BadJSON, OSError) as exc:
         print(f"webhookd: {exc}", file=sys.stderr)
         return 1
 

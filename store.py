@@ -18,7 +18,8 @@ engine's file holds its schema, its migrations, its connections, and its own pub
 finish, the statements that differ. This file holds what both share, top to bottom:
 
 1. the errors a caller may see, and the deadline a route puts on its calls (``answer_by``);
-2. the schema both engines write alike, and how it is applied (``Store._apply_schema``);
+2. how the schema is applied (``Store._apply_schema``; the SQL both engines write alike is in
+   ``store_schema.py``, each engine's own in its file);
 3. the group commit's request (``_GroupWrite``): publishes and inbound events — the writes we
    answer a 202 or a 200 for — queue for one thread, which writes whatever has queued in one
    transaction and one durable flush;
@@ -64,8 +65,8 @@ from models import Event, Job, NewEvent, Outcome
 from store_history import History
 from store_partners import Partners
 from store_processes import WORK_CHANNEL, Processes
-from store_rows import event_from_row, numbered, placeholders, rewrite_audit_urls
-from targets import redacted_url
+from store_rows import event_from_row, numbered, placeholders
+from store_schema import Migration
 
 T = TypeVar("T")
 
@@ -152,40 +153,6 @@ def retry_on_conflict(fn: Callable[..., T]) -> Callable[..., T]:
         return fn(*args, **kwargs)
 
     return again_after_a_conflict
-
-
-# --- The schema both engines write alike ------------------------------------------------------
-
-# The channels a partner listens on: an event published to channels reaches only subscribers of one.
-CHANNELS_TABLE = """CREATE TABLE IF NOT EXISTS partner_channels (
-    partner_id TEXT NOT NULL REFERENCES partners(id),
-    channel    TEXT NOT NULL,
-    PRIMARY KEY (channel, partner_id)
-)"""
-
-AUDIT_INDEX = "CREATE INDEX IF NOT EXISTS audit_by_partner ON audit_log (partner_id, id)"
-
-# The indexes of GET /deliveries' filters that the tables above lack (see the migration
-# "deliveries.event_type"); the partner's and the event's are deliveries_by_partner and deliveries_by_event.
-DELIVERIES_READ_INDEXES = ["CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state, id)",
-                           "CREATE INDEX IF NOT EXISTS deliveries_by_type ON deliveries (event_type, id)"]
-DELIVERIES_EVENT_TYPE_BACKFILL = ("UPDATE deliveries SET event_type = "
-                                  "(SELECT e.type FROM events e WHERE e.id = deliveries.event_id)")
-
-
-def redact_stored_urls(db: Any) -> None:
-    """A migration in Python: the URLs the attempts and the audit trail kept whole before they were
-    written redacted, redacted now (``targets.redacted_url``: a query may hold a partner's token)."""
-    for row in db.execute("SELECT DISTINCT url FROM attempts WHERE url LIKE :query OR url LIKE :user OR url LIKE :rest",
-                          {"query": "%?%", "user": "%@%", "rest": "%#%"}).fetchall():
-        db.execute("UPDATE attempts SET url = :redacted WHERE url = :url",
-                   {"url": row["url"], "redacted": redacted_url(row["url"])})
-    rewrite_audit_urls(db, "SELECT id, changes FROM audit_log WHERE changes LIKE :url", {"url": "%://%"},
-                        redacted_url)
-
-
-# A migration is a list of steps, each a statement or a function of the transaction (``db``).
-Migration = tuple[str, list[str | Callable[[Any], None]]]
 
 
 # --- The group commit ---------------------------------------------------------------------------

@@ -28,25 +28,30 @@ from typing import Any
 
 from models import Event, Job, NewEvent, Outcome
 from store import (
-    AUDIT_INDEX,
-    CHANNELS_TABLE,
-    DELIVERIES_EVENT_TYPE_BACKFILL,
-    DELIVERIES_READ_INDEXES,
     PENDING_PARTNERS,
     Conflict,
     DatabaseBusy,
     DatabaseUnavailable,
-    Migration,
     StorageUnavailable,
     Store,
     audience_params,
-    redact_stored_urls,
     retry_on_conflict,
     seconds_left,
     write_partner_health,
 )
 from store_history import DELIVERY_SELECT
 from store_rows import event_from_row, job_from_row, json_or_none
+from store_schema import (
+    AUDIT_INDEX,
+    AUDIT_TABLE,
+    CHANNELS_TABLE,
+    DELIVERIES_EVENT_TYPE_BACKFILL,
+    DELIVERIES_READ_INDEXES,
+    PROCESSES_TABLE,
+    ROLES_TABLE,
+    Migration,
+    redact_stored_urls,
+)
 from targets import redacted_url
 
 logger = logging.getLogger("webhookd.store")
@@ -323,22 +328,6 @@ SCHEMA_POSTGRES = [
     )""",
 ]
 
-# One row per role a single process holds at a time (the sweeps), renewed while it lives.
-ROLES_TABLE = """CREATE TABLE IF NOT EXISTS roles (
-    name   TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    until  DOUBLE PRECISION NOT NULL
-)"""
-
-# The processes serving from this database, each renewing its row every few seconds (heartbeats).
-PROCESSES_TABLE = """CREATE TABLE IF NOT EXISTS processes (
-    id         TEXT PRIMARY KEY,
-    host       TEXT NOT NULL,
-    pid        INTEGER NOT NULL,
-    started_at DOUBLE PRECISION NOT NULL,
-    seen_at    DOUBLE PRECISION NOT NULL
-)"""
-
 # PostgreSQL only: the token buckets of the rate limits that protect us (open registration,
 # refused signatures, a partner's inbound events), shared by every process. UNLOGGED: a crash
 # that empties them only hands everybody a full bucket.
@@ -346,18 +335,6 @@ RATE_BUCKETS_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS rate_buckets (
     key    TEXT PRIMARY KEY,
     tokens DOUBLE PRECISION NOT NULL,
     at     DOUBLE PRECISION NOT NULL
-)"""
-
-# Every write an admin or a partner makes (GET /audit): who, when, what changed — never a secret.
-AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS audit_log (
-    id         TEXT PRIMARY KEY,           -- aud_ + time-sorted, like every id
-    at         DOUBLE PRECISION NOT NULL,
-    actor      TEXT NOT NULL,              -- admin | partner (itself) | anonymous (open registration)
-    address    TEXT,                       -- the caller's address
-    action     TEXT NOT NULL,              -- partner.registered, partner.suspended, delivery.retried, ...
-    partner_id TEXT,                       -- no foreign key: the trail outlives a deleted partner
-    target     TEXT,                       -- a delivery id, when the action was on one
-    changes    TEXT NOT NULL               -- JSON
 )"""
 
 # PostgreSQL's schema started at SQLite's third migration: the first ones are in its tables.

@@ -35,23 +35,28 @@ from typing import Any
 
 from models import Event, Job, NewEvent, Outcome
 from store import (
-    AUDIT_INDEX,
-    CHANNELS_TABLE,
-    DELIVERIES_EVENT_TYPE_BACKFILL,
-    DELIVERIES_READ_INDEXES,
     PENDING_PARTNERS,
     DatabaseBusy,
-    Migration,
     StorageUnavailable,
     Store,
     audience_params,
     claimable_at,
-    redact_stored_urls,
     seconds_left,
     write_partner_health,
 )
 from store_history import DELIVERY_SELECT
 from store_rows import event_from_row, job_from_row, json_or_none, numbered, placeholders
+from store_schema import (
+    AUDIT_INDEX,
+    AUDIT_TABLE,
+    CHANNELS_TABLE,
+    DELIVERIES_EVENT_TYPE_BACKFILL,
+    DELIVERIES_READ_INDEXES,
+    PROCESSES_TABLE,
+    ROLES_TABLE,
+    Migration,
+    redact_stored_urls,
+)
 from targets import redacted_url
 
 logger = logging.getLogger("webhookd.store")
@@ -313,33 +318,6 @@ SCHEMA = [
         applied_at REAL NOT NULL
     )""",
 ]
-
-# One row per role a single process holds at a time (the sweeps), renewed while it lives.
-ROLES_TABLE = """CREATE TABLE IF NOT EXISTS roles (
-    name   TEXT PRIMARY KEY,
-    holder TEXT NOT NULL,
-    until  REAL NOT NULL
-)"""
-
-# The processes serving from this database, each renewing its row every few seconds (heartbeats).
-PROCESSES_TABLE = """CREATE TABLE IF NOT EXISTS processes (
-    id         TEXT PRIMARY KEY,
-    host       TEXT NOT NULL,
-    pid        INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    seen_at    REAL NOT NULL
-)"""
-# Every write an admin or a partner makes (GET /audit): who, when, what changed — never a secret.
-AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS audit_log (
-    id         TEXT PRIMARY KEY,           -- aud_ + time-sorted, like every id
-    at         REAL NOT NULL,
-    actor      TEXT NOT NULL,              -- admin | partner (itself) | anonymous (open registration)
-    address    TEXT,                       -- the caller's address
-    action     TEXT NOT NULL,              -- partner.registered, partner.suspended, delivery.retried, ...
-    partner_id TEXT,                       -- no foreign key: the trail outlives a deleted partner
-    target     TEXT,                       -- a delivery id, when the action was on one
-    changes    TEXT NOT NULL               -- JSON
-)"""
 
 # Named schema changes, applied once each in order and recorded in schema_migrations.
 MIGRATIONS: list[Migration] = [

@@ -24,7 +24,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          migrations and publish → claim → finish
 ``store.py``             what both engines share: errors, the group commit, ``Store``;
                          its parts ``store_partners.py``, ``store_history.py``,
-                         ``store_processes.py``; rows to objects in ``store_rows.py``
+                         ``store_processes.py``; rows to objects in ``store_rows.py``;
+                         the SQL both write alike in ``store_schema.py``
 ``delivery.py``          the delivery loop: claim → one task per attempt on the sender
                          thread → recorder; backoff
 ``breakers.py``          a partner's circuit breaker, failing streak and pace
@@ -36,7 +37,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          ``/ws``; ``realtime.py`` the ``/ws`` tokens and fan-out
 ``timeline.py``          one event's story, from the rows the loop keeps
 ``alerts.py``            webhookd's own signed alerts to the operator
-``config.py``            every config key and its default; ``cli.py`` the command line
+``config.py``            every config key and its default; ``cli.py`` the command line,
+                         ``backup.py`` its backup, restore and migrate-store
 ``models.py``            the nouns; ``metrics.py`` the Prometheus text; ``openapi.py``
                          the API's description, served at ``/openapi.json``
 =======================  ============================================================
