@@ -16,8 +16,6 @@ from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
 
 TIMEOUT_MS = 10_000
 LAPTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
-# The dashboard's wrong-token sign-in is not done here; a webhookd without GET /event-types answers 404.
-EXPECTED_CONSOLE = re.compile(r"status of 404")
 ENGLISH_STATE_WORDS = re.compile(r"\b(active|paused|pending|delivered|failed|open|half_open|concurrent|fifo|answered)\b", re.I)
 
 # Every visible column header: on screen, or inside a box that scrolls sideways (which itself is).
@@ -53,6 +51,12 @@ VISIBLE_TEXT = """() => {
 }"""
 
 
+def catalog_missing(message) -> bool:
+    """The browser's report of a 404 from GET /event-types (a webhookd without the catalog route:
+    the portal then leaves the section out); every other console error counts."""
+    return "status of 404" in message.text and message.location.get("url", "").endswith("/event-types")
+
+
 @pytest.fixture(scope="module")
 def browser(browser_ready):
     from playwright.sync_api import expect, sync_playwright
@@ -67,8 +71,7 @@ def browser(browser_ready):
 def open_page(browser, url: str, errors: list[str], locale: str = "en-US"):
     page = browser.new_context(viewport=LAPTOP, locale=locale).new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.on("console", lambda m: m.type == "error" and not EXPECTED_CONSOLE.search(m.text)
-            and errors.append(f"console: {m.text}"))
+    page.on("console", lambda m: m.type == "error" and not catalog_missing(m) and errors.append(f"console: {m.text}"))
     page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
     page.goto(url)
     return page
@@ -184,7 +187,7 @@ def test_portal_fits_and_speaks_spanish_throughout(browser, webhookd_factory, re
             expect(tid("send-test")).to_have_text("Enviar un evento de prueba")
             expect(tid("partner-circuit")).to_contain_text("en pausa tras fallos repetidos; próximo intento dentro de ")
             expect(tid("partner-status")).to_have_text("activo")
-            expect(tid("meta-ordering")).to_have_text("varias a la vez concurrent")
+            expect(tid("meta-ordering")).to_have_text("en paralelo, sin orden fijo concurrent")
             expect(tid("detail-state")).to_have_text("fallida")
             expect(tid("attempt-detail").first).to_have_text("el socio respondió 500")
             expect(tid("delivery-state")).to_have_text(["pendiente", "fallida", "entregada"])
