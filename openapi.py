@@ -125,6 +125,10 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                          "description": "only partners listening on one of these (among the type's subscribers); "
                                         "not sent"}}, required=["event"], extra=True),
                          "description": "The event's fields; the catalog in webhookd.toml says which are required."},
+        "EventTypes": _obj({"event_types": {"type": "array", "items": _obj({
+            "type": {"enum": events}, "description": STRING,
+            "schema": {"type": "object", "description": "a JSON Schema (draft 2020-12) of the body delivered"},
+            "example": {"type": "object", "description": "a body of this type, as a partner receives it"}})}}),
         "EventAccepted": _obj({"event_id": STRING, "deliveries": {"type": "integer"}}),
         "EventBatch": _obj({"events": {"type": "array", "minItems": 1, "items": _ref("EventPayload")}}),
         "BatchAccepted": _obj({
@@ -279,6 +283,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                 _query("include_cancelled", {"enum": ["true", "false"]}, "true (admin only; 403 admin_only for a "
                        "partner's key): also the events whose latest delivery to the partner was cancelled"),
                 QUEUE])},
+        "/event-types": {"get": _op("Every event type of the catalog, with a JSON Schema of its payload and an "
+                                    "example (the admin token or any partner's API key)", 200, "EventTypes")},
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
                                    params=[{"name": "Idempotency-Key", "in": "header", "required": False,
                                             "schema": {"type": "string", "maxLength": 255}}])}},

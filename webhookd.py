@@ -37,6 +37,7 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          ``/ws``; ``realtime.py`` the ``/ws`` tokens and fan-out
 ``timeline.py``          one event's story, from the rows the loop keeps
 ``alerts.py``            webhookd's own signed alerts to the operator
+``catalog.py``           the event catalog as partners read it: ``/event-types``
 ``config.py``            every config key and its default; ``cli.py`` the command line,
                          ``backup.py`` its backup, restore and migrate-store
 ``models.py``            the nouns; ``metrics.py`` the Prometheus text; ``openapi.py``
@@ -72,6 +73,7 @@ import realtime
 import signing
 import timeline
 from alerts import Alerts
+from catalog import list_event_types
 from config import FIELD_TYPES, VERSION, Config, DeliverySettings, admin_token
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event, NewEvent
@@ -535,6 +537,7 @@ ROUTES = [
     route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
     route("POST", "/partners/{partner_id}/replay", replay_events, CALLER),
+    route("GET", "/event-types", list_event_types, CALLER),
     route("POST", "/events", publish_event, ADMIN),
     route("POST", "/events/batch", publish_batch, ADMIN),
     route("GET", "/events/{event_id}", get_event, ADMIN),
