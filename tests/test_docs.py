@@ -247,19 +247,21 @@ def test_no_development_history_in_the_readme_and_docs():
 
 # A comment in a code block: `# ...` or `// ...` at the start of a line or after a space (not the
 # `//` of a URL, nor the `#` of `$#`), to the end of the line.
-CODE_COMMENT = re.compile(r"(?:^|\s)(?:#|//)(?: .*)?$", re.M)
+CODE_COMMENT = re.compile(r"(?:^|[ \t])(?:#|//)(?: .*)?$")
 # Comments the Spanish guide may keep as they are: a command to run, or an answer shown.
 UNTRANSLATED = re.compile(r"^(?:#|//) (?:(?:pip|npm) install \S+|(?:\d{3} )?\{.*\})$")
 
 
 def code_and_comments(block: str) -> tuple[str, list[str]]:
-    comments = [m.group(0).strip() for m in CODE_COMMENT.finditer(block)]
-    return CODE_COMMENT.sub("", block), comments
+    """A block's code, each line without its comment and trailing blanks; and its comments."""
+    lines = block.splitlines()
+    comments = [m.group(0).strip() for line in lines if (m := CODE_COMMENT.search(line))]
+    return "\n".join(CODE_COMMENT.sub("", line).rstrip() for line in lines), comments
 
 
 def test_the_comment_split_keeps_urls_and_finds_comments():
     code, comments = code_and_comments('curl "https://x.example/a"  # en local\n// tras verificar\nx = 1\n')
-    assert code == 'curl "https://x.example/a"\n\nx = 1\n'
+    assert code == 'curl "https://x.example/a"\n\nx = 1'
     assert comments == ["# en local", "// tras verificar"]
 
 
