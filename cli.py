@@ -140,6 +140,21 @@ def _cmd_sign(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _cmd_catalog(args: argparse.Namespace, config: Config) -> int:
+    """The config's event catalog as ``GET /event-types`` answers it: each type's required fields
+    and description, or with --json its JSON Schema and example too."""
+    from catalog import event_types  # the server's own code, so the two cannot drift apart
+
+    answer = event_types(config.events)
+    if args.json:
+        return _show(args, answer)
+    rows = [{"type": t["type"], "description": t["description"],
+             "required": [f"{name}:{t['schema']['properties'][name]['type']}" for name in t["schema"]["required"]
+                          if name not in ("event", "timestamp")]} for t in answer["event_types"]]
+    _print_table(rows, ["type", "required", "description"])
+    return 0
+
+
 def _listen_verdicts(secrets_held: list[str], headers: Any, body: bytes, now: float) -> dict[str, bool]:
     """How a receiver holding these secrets judges one webhook, each way a partner might check it."""
     verdicts = [_verdicts_for(s, headers, body, now) for s in secrets_held]
@@ -561,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="delivered events and inbound events this recent go too (default 30); "
                               "pending and failed deliveries always do")
     migrate.set_defaults(handler=_cmd_migrate_store)
+
+    catalog = commands.add_parser("catalog", parents=[with_config, as_json],
+                                  help="print the event catalog: each type's fields (--json: as GET /event-types)")
+    catalog.set_defaults(handler=_cmd_catalog)
 
     sign = commands.add_parser("sign", parents=[with_config], help="print the X-Webhook-Signature of a JSON payload")
     sign.add_argument("--secret", required=True, help="the partner's shared secret")
