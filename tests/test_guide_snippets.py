@@ -248,7 +248,7 @@ class GuideSession:
         env = {k: os.environ[k] for k in RUNTIME if k in os.environ}
         env.update(PATH=self.path, PYTHONPATH=str(GUARD_DIR))
         for name in names:
-            value = self.value(name) if name in self.values or name == "DELIVERY_ID" else None
+            value = self.value(name)
             if value is not None:
                 env[name] = value
         return env
