@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,7 +49,8 @@ CATALOG_START, CATALOG_END = "<!-- event-types:start -->", "<!-- event-types:end
 FENCE = re.compile(r"^```(\w*)\s*$")
 RECEIVER_FILE = re.compile(r"`(receiver\w*\.(?:py|js|php))`")
 RECEIVER_START = re.compile(r"`((?:uvicorn |PORT=\d+ node |php -S )[^`]+)`")
-DOCUMENTED_PORT = re.compile(r"\b(9\d{3})\b")
+# A port in a start command (`--port 9100`, `PORT=9200`, `127.0.0.1:9300`) or a default in code (`PORT || 9200`).
+PORT = re.compile(r"(--port |PORT=|127\.0\.0\.1:|PORT \|\| )(\d+)")
 SENDS_AN_EVENT = re.compile(r"/webhooks/partners|send_event\.py")
 RUNTIME = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
 
@@ -141,7 +143,7 @@ def test_every_receiver_says_how_to_start_it_on_a_port_of_its_own(guide):
         name = RECEIVER_FILE.search(block.above).group(1)
         start = RECEIVER_START.search(block.above)
         assert start and name.rsplit(".", 1)[0] in start.group(1), f"line {block.line}: how to start {name}?"
-        ports = DOCUMENTED_PORT.findall(start.group(1)) + DOCUMENTED_PORT.findall(block.code)
+        ports = [p for _, p in PORT.findall(start.group(1)) + PORT.findall(block.code)]
         assert ports and not {"8080", "9000"} & set(ports), f"{name}: ports {ports} clash with webhookd or listen"
 
 
@@ -288,8 +290,20 @@ class GuideSession:
         self.failing.stop()
 
 
+@pytest.fixture(scope="module")
+def shell_tools() -> None:
+    """curl and openssl, which the guides' steps call: installed when missing; a failure, never a skip."""
+    missing = [tool for tool in ("curl", "openssl") if shutil.which(tool) is None]
+    if missing:
+        subprocess.run(["bash", str(ROOT / "scripts" / "apt-install-no-services.sh"), *missing],
+                       check=True, timeout=900)
+    still = [tool for tool in ("curl", "openssl") if shutil.which(tool) is None]
+    if still:
+        pytest.fail(f"{still} missing after scripts/apt-install-no-services.sh")
+
+
 @pytest.mark.parametrize("guide", GUIDES)
-def test_every_step_runs_as_written_in_order(guide, hub, tmp_path):
+def test_every_step_runs_as_written_in_order(guide, shell_tools, hub, tmp_path):
     blocks = guide_blocks(guide)
     shell_wide = shell_wide_names(blocks)
     session = GuideSession(hub, tmp_path)
@@ -317,7 +331,7 @@ def test_every_step_runs_as_written_in_order(guide, hub, tmp_path):
         session.stop()
 
 
-def test_a_step_using_a_variable_nobody_named_fails(hub, tmp_path):
+def test_a_step_using_a_variable_nobody_named_fails(shell_tools, hub, tmp_path):
     """The check above has teeth: a snippet using a name neither set nor named is refused."""
     session = GuideSession(hub, tmp_path)
     try:
@@ -347,7 +361,7 @@ class StartedReceiver:
 
     def __init__(self, block: Block, name: str, port: int, secrets: dict[str, str], tmp_path: Path):
         (tmp_path / name).write_text(block.code)
-        command = DOCUMENTED_PORT.sub(str(port), RECEIVER_START.search(block.above).group(1))
+        command = PORT.sub(rf"\g<1>{port}", RECEIVER_START.search(block.above).group(1))
         env = {k: os.environ[k] for k in RUNTIME if k in os.environ}
         env.update(secrets, PYTHONPATH=str(GUARD_DIR), NODE_PATH=str(ROOT / "examples" / "node" / "node_modules"),
                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
