@@ -62,7 +62,8 @@ def write_requests(partner: dict, delivery_id: str, elsewhere: str) -> dict[tupl
 def read_requests(partner: dict, delivery_id: str) -> dict[tuple[str, str], str]:
     pid = partner["partner_id"]
     return {("GET", "/partners/{partner_id}"): f"/partners/{pid}", ("GET", "/deliveries"): "/deliveries",
-            ("GET", "/deliveries/{delivery_id}"): f"/deliveries/{delivery_id}", ("GET", "/me"): "/me"}
+            ("GET", "/deliveries/{delivery_id}"): f"/deliveries/{delivery_id}", ("GET", "/me"): "/me",
+            ("GET", "/event-types"): "/event-types"}
 
 
 @pytest.fixture
