@@ -25,6 +25,7 @@ from web import context
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 EXAMPLE_TIMESTAMP = 1795811341  # a fixed time, so the examples printed in the guides never change
+ENVELOPE = ("event", "timestamp")  # in every body; a catalog that lists them too cannot change what they are
 
 DESCRIPTIONS = {
     "payment.success": "A payment went through: the amount charged, its currency and the transaction id.",
@@ -60,11 +61,11 @@ def payload_schema(event_type: str, fields: dict[str, str]) -> dict[str, Any]:
     webhookd fills it in when the publisher leaves it out."""
     properties: dict[str, Any] = {
         "event": {"const": event_type},
-        "timestamp": {"type": "number", "description": "unix seconds: when the event was published"},
+        "timestamp": {"type": fields.get("timestamp", "number"), "description": "unix seconds: when it was published"},
     }
-    properties.update({name: {"type": kind} for name, kind in fields.items()})
+    properties.update({name: {"type": kind} for name, kind in fields.items() if name not in ENVELOPE})
     return {"$schema": SCHEMA_DIALECT, "title": event_type, "type": "object", "properties": properties,
-            "required": ["event", "timestamp", *fields], "additionalProperties": True}
+            "required": list(dict.fromkeys([*ENVELOPE, *fields])), "additionalProperties": True}
 
 
 def sample(name: str, kind: str) -> Any:
@@ -78,7 +79,7 @@ def sample(name: str, kind: str) -> Any:
 def example(event_type: str, fields: dict[str, str]) -> dict[str, Any]:
     """A body of ``event_type`` that the catalog accepts, as a partner would receive it."""
     return {"event": event_type, "timestamp": EXAMPLE_TIMESTAMP,
-            **{name: sample(name, kind) for name, kind in fields.items()}}
+            **{name: sample(name, kind) for name, kind in fields.items() if name not in ENVELOPE}}
 
 
 def event_types(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:

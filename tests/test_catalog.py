@@ -7,10 +7,11 @@ import pytest
 from conftest import ADMIN, bearer
 
 # A catalog of the operator's own, with every JSON type, a known field name declared with another
-# type than the guide's (amount as an integer) and a type without fields.
+# type than the guide's (amount as an integer), the envelope's timestamp listed too, and a type
+# without fields.
 OWN_CATALOG = {
     "tour.rated": {"tour_id": "string", "stars": "integer", "amount": "integer", "verified": "boolean",
-                   "tags": "array", "details": "object", "score": "number"},
+                   "tags": "array", "details": "object", "score": "number", "timestamp": "integer"},
     "ping.sent": {},
 }
 
@@ -72,3 +73,6 @@ def test_an_own_type_is_described_by_its_fields(webhookd_factory):
     assert by_type["tour.rated"]["example"]["amount"] == 1  # the guide's 150.0 is not an integer
     assert by_type["tour.rated"]["example"]["tour_id"] == "tour_xyz789"
     assert by_type["ping.sent"]["schema"]["required"] == ["event", "timestamp"]
+    rated = by_type["tour.rated"]["schema"]
+    assert rated["required"][:2] == ["event", "timestamp"] and rated["required"].count("timestamp") == 1
+    assert rated["properties"]["timestamp"]["type"] == "integer"
