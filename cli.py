@@ -384,6 +384,18 @@ def _cmd_recover(args: argparse.Namespace, config: Config) -> int:
     return _show(args, _api(config, "POST", f"/partners/{args.partner_id}/recover", query={"since": args.since}))
 
 
+def _cmd_check(args: argparse.Namespace, config: Config) -> int:
+    """Probe a partner's endpoint (``POST /partners/{id}/check``); exit 1 when a check fails."""
+    report = _api(config, "POST", f"/partners/{args.partner_id}/check", query={"lang": args.lang})
+    if args.json:
+        _show(args, report)
+    for check in [] if args.json else report["checks"]:
+        print(f"{check['result'].upper():<5} {check['name']}: {check['detail']}")
+        if check["fix"]:
+            print(f"      {check['fix']}")
+    return 1 if report["result"] == "fail" else 0
+
+
 AUDIT_COLUMNS = ["at", "actor", "action", "partner_id", "target", "changes"]
 
 
@@ -534,6 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("partner_id")
     recover.add_argument("--since", type=int, required=True, help="unix seconds: failed deliveries created since")
     recover.set_defaults(handler=_cmd_recover)
+
+    check = commands.add_parser("check", parents=[with_config, as_json],
+                                help="probe a partner's endpoint: does it verify signatures, over the raw body? "
+                                     "(exit 1 when a check fails)")
+    check.add_argument("partner_id")
+    check.add_argument("--lang", choices=["en", "es"], help="the report's language (default: en)")
+    check.set_defaults(handler=_cmd_check)
 
     audit = commands.add_parser("audit", parents=[with_config, as_json],
                                 help="the audit trail: who changed what, newest first")
