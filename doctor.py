@@ -407,7 +407,7 @@ def words(finding: Finding, lang: str) -> dict[str, str | None]:
 
 GUIDE = {"en": "partner guide, section {n}", "es": "guía para socios, sección {n}"}
 WHICH = {"other_key": {"en": "a signature made with another key", "es": "una firma hecha con otra clave"},
-         "short": {"en": "a signature of half the length", "es": "una firma de la mitad de longitud"}}
+         "short": {"en": "a signature of half the length", "es": "una firma de la mitad de la longitud"}}
 BODY_NAMES = {
     "non_ascii": {"en": "non-ASCII text (é, ñ, emoji)", "es": "texto no ASCII (é, ñ, emoji)"},
     "zero_fraction": {"en": "a number written 150.0", "es": "un número escrito 150.0"},
