@@ -267,3 +267,53 @@ def test_webhookd_check_prints_the_report_and_exits_1_on_a_failure(serve_factory
     assert "PASS  accepts_signed" in done.stdout
     done = webhookd_cli(env, "check", partner_id, "--lang", "es", "--json")
     assert done.returncode == 1 and '"lang": "es"' in done.stdout and "no verifica las firmas" in done.stdout
+
+
+def test_the_portals_button_shows_the_report_in_both_languages(browser_ready, webhookd_factory, receiver_factory,
+                                                              tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from conftest import CHROMIUM, CHROMIUM_ARGS
+
+    hub = webhookd_factory()
+    anything = receiver_factory()
+    partner = hub.register(anything.url, ["payment.success"], name="Andes Trails")
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400}, locale="en-US")
+            page.set_default_timeout(20_000)
+            expect.set_options(timeout=20_000)
+            page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text}"))
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            tid = page.get_by_test_id
+            page.goto(hub.url + "/portal")
+            tid("key-input").fill(partner["api_key"])
+            tid("key-submit").click()
+            expect(tid("check")).to_have_text("Check my endpoint")
+            expect(tid("check-report")).to_be_hidden()
+            tid("check").click()
+            items = tid("check-item")
+            expect(items).to_have_count(len(CHECKS))
+            bad = page.locator('[data-check="rejects_bad_signature"]')
+            expect(bad.get_by_test_id("check-result")).to_have_text("fail")
+            expect(bad.get_by_test_id("check-detail")).to_contain_text("does not verify signatures")
+            expect(bad.get_by_test_id("check-fix")).to_contain_text("Fix: Compute the HMAC-SHA256 of the raw body")
+            expect(tid("check-overall")).to_have_text("fail")
+            expect(page.locator('[data-check="accepts_signed"]').get_by_test_id("check-fix")).to_have_count(0)
+            page.screenshot(path=tmp_path / "portal-check.png", full_page=True)
+
+            tid("lang-es").click()
+            expect(tid("check")).to_have_text("Comprobar mi endpoint")
+            tid("check").click()
+            expect(bad.get_by_test_id("check-detail")).to_contain_text("no verifica las firmas")
+            expect(bad.get_by_test_id("check-result")).to_have_text("fallo")
+            expect(bad.get_by_test_id("check-fix")).to_contain_text("Solución: Calcula el HMAC-SHA256 del cuerpo crudo")
+            expect(page.locator('[data-check="accepts_signed"]').get_by_test_id("check-result")).to_have_text("correcto")
+            page.screenshot(path=tmp_path / "portal-check-es.png", full_page=True)
+            print(f"screenshots: {tmp_path / 'portal-check.png'} {tmp_path / 'portal-check-es.png'}")
+            assert errors == []
+        finally:
+            browser.close()
+    assert len(anything.received) == 2 * PROBES
