@@ -30,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import http.client
+import ipaddress
 import logging
 import re
 import ssl
@@ -59,7 +61,6 @@ STALE_S = 3600            # the stale probe's age: far outside any sensible tole
 IN_FLIGHT = 3             # probes at once, after the first two: a check lasts at most 5 timeouts
 CERT_WARN_DAYS = 14       # a certificate expiring sooner is a warning
 LANGUAGES = ("en", "es")
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 # Bodies that a receiver which parses and re-serialises the JSON before hashing gets wrong in at
 # least one common language (JavaScript's JSON.stringify, PHP's json_encode); each signed correctly.
@@ -236,7 +237,7 @@ async def _line(reader: asyncio.StreamReader) -> bytes:
         return await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
-            raise ConnectionResetError("the partner closed the connection without an answer") from None
+            raise http.client.RemoteDisconnected("the partner closed the connection without an answer") from None
         return exc.partial
     except asyncio.LimitOverrunError:
         raise BadResponse("a line of the answer is longer than 64 KiB") from None
@@ -367,8 +368,7 @@ def _https(url: str, answer: Answer, now: float) -> Finding | None:
     """Plain http:// (a warning, but to this machine), or the certificate: valid, its days left.
     None when an https endpoint could not be reached at all (``accepts_signed`` says why)."""
     if not url.lower().startswith("https://"):
-        host = (urlsplit(url).hostname or "").lower()
-        local = host in LOCAL_HOSTS or host.startswith("127.")
+        local = _is_loopback(urlsplit(url).hostname or "")
         return Finding("https", "pass" if local else "warn", "https.local" if local else "https.plain", {})
     if answer.error == "tls_error":
         return Finding("https", "fail", "https.invalid", {"detail": answer.detail})
@@ -379,6 +379,14 @@ def _https(url: str, answer: Answer, now: float) -> Finding | None:
     if days < CERT_WARN_DAYS:
         return Finding("https", "warn", "https.expiring", {"date": date, "days": days})
     return Finding("https", "pass", "https.pass", {"date": date, "days": days})
+
+
+def _is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address: plain http:// there is local testing, not a risk."""
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- The report, in the partner's language ---------------------------------------------------------------
@@ -443,10 +451,11 @@ WORDS: dict[str, dict[str, tuple[str, str | None]]] = {
         ("Ninguna respuesta HTTP a un evento bien firmado: {detail}." + _NEXT_ES,
          "Comprueba que la URL es correcta y que el endpoint está en marcha y accesible desde internet"), 7),
     "accepts_signed.blocked": _both(
-        ("Not sent: {detail}. Webhooks go to public addresses only." + _NEXT_EN,
-         "Register a URL whose host name resolves to public addresses only"),
-        ("No se envió: {detail}. Los webhooks solo van a direcciones públicas." + _NEXT_ES,
-         "Registra una URL cuyo nombre de host resuelva solo a direcciones públicas"), 1),
+        ("Not sent: {detail}. Webhooks go only to public addresses, on the ports the operator allows." + _NEXT_EN,
+         "Register a URL whose host resolves to public addresses only, on an allowed port"),
+        ("No se envió: {detail}. Los webhooks solo van a direcciones públicas, en los puertos que permite el "
+         "operador." + _NEXT_ES,
+         "Registra una URL cuyo host resuelva solo a direcciones públicas, en un puerto permitido"), 1),
     "accepts_signed.redirect": _both(
         ("Answered {status} to a correctly signed event: redirects are not followed." + _NEXT_EN,
          "Register the final URL, the one that answers without redirecting"),

@@ -96,6 +96,20 @@ def test_a_receiver_that_answers_200_to_anything_fails_and_the_probes_are_marked
     assert hub.http.get("/deliveries", headers=hub.admin).json()["items"] == []
 
 
+def test_the_other_probes_wait_for_a_2xx_to_the_first(webhookd_factory, receiver_factory, black_hole):
+    hub = webhookd_factory()
+    refusing = receiver_factory(default=(401, 0.0))
+    partner = hub.register(refusing.url, ["payment.success"])
+    report = run_check(hub, partner["partner_id"])
+    assert [(c["name"], c["result"]) for c in report["checks"]] == [("accepts_signed", "fail"), ("https", "pass")]
+    assert "Refused a correctly signed event with 401" in report["checks"][0]["detail"]
+    assert "current shared secret" in report["checks"][0]["fix"] and len(refusing.received) == 1
+    silent = hub.register(black_hole.url, ["payment.success"])
+    unanswered = run_check(hub, silent["partner_id"])["checks"][0]
+    assert unanswered["result"] == "fail" and "no answer within 1 s" in unanswered["detail"], unanswered
+    assert wait_for(lambda: len(black_hole.accepted)) == 1     # one connection: no other probe was sent
+
+
 class SeedReceiver:
     """A receiver of the original partner guide (tests/seed_receivers/), started on 127.0.0.1:``port``."""
 
@@ -223,7 +237,7 @@ def test_a_check_obeys_the_address_rule_of_deliveries(webhookd_factory, receiver
     assert [c["name"] for c in report["checks"]] == ["accepts_signed", "https"]
     refused = report["checks"][0]
     assert refused["result"] == "fail" and "non-public address 127.0.0.1" in refused["detail"], refused
-    assert "public addresses only" in refused["fix"]
+    assert "public addresses only" in refused["fix"] and "section 1" in refused["fix"]
     assert inside.received == []
 
 
