@@ -512,12 +512,13 @@ WORDS: dict[str, dict[str, tuple[str, str | None]]] = {
     "rejects_stale_timestamp.accepted": _both(
         ("Answered {status} to a correctly signed event whose timestamp is {minutes} minutes old: a captured "
          "webhook can be replayed to it.",
-         "Refuse a webhook-timestamp more than 5 minutes away from your clock, as the Standard Webhooks libraries "
-         "do"),
+         "Verify webhook-signature, which signs webhook-timestamp (X-Webhook-Signature does not), and refuse a "
+         "webhook-timestamp more than 5 minutes away from your clock, as the Standard Webhooks libraries do"),
         ("Respondió {status} a un evento bien firmado cuya marca de tiempo tiene {minutes} minutos: se le puede "
          "reenviar un webhook capturado.",
-         "Rechaza un webhook-timestamp que se aleje más de 5 minutos de tu reloj, como hacen las bibliotecas de "
-         "Standard Webhooks"), 2),
+         "Verifica webhook-signature, que firma webhook-timestamp (X-Webhook-Signature no lo firma), y rechaza un "
+         "webhook-timestamp que se aleje más de 5 minutos de tu reloj, como hacen las bibliotecas de Standard "
+         "Webhooks"), 2),
     "rejects_stale_timestamp.other": _both(
         ("Answered {status} to a correctly signed event whose timestamp is {minutes} minutes old, instead of 401.",
          "Answer 401 to a webhook-timestamp more than 5 minutes away from your clock"),
