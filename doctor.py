@@ -103,7 +103,7 @@ def chosen_language(asked: str | None, accept_language: str) -> str:
     for position, part in enumerate(accept_language.split(",")[:20]):
         tag, _, params = part.strip().partition(";")
         q = re.search(r"q=([01](?:\.\d{0,3})?)", params)
-        ranked.append((-(float(q.group(1)) if q else 1.0), position, tag.strip().lower()[:2]))
+        ranked.append((-(float(q.group(1)) if q else 1.0), position, tag.strip().lower().split("-")[0]))
     return next((tag for weight, _, tag in sorted(ranked) if tag in LANGUAGES and weight < 0), "en")
 
 
