@@ -20,7 +20,7 @@ trusted_proxies = []                 # e.g. ["127.0.0.1"] behind nginx or Caddy 
 
 [storage]
 path = "data/webhookd.db"            # SQLite: one server per file; the admin token file goes beside it
-# url = "postgresql://webhookd:secret@127.0.0.1/webhookd"   # PostgreSQL instead (pip install 'webhookd[postgres]'):
+# url = "postgresql://webhookd:secret@127.0.0.1/webhookd"   # PostgreSQL instead (pip install '.[postgres]'):
 #                                    # several processes may share it; set security.admin_token then
 
 [security]

@@ -39,8 +39,10 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          ``/ws``; ``realtime.py`` the ``/ws`` tokens and fan-out
 ``timeline.py``          one event's story, from the rows the loop keeps
 ``alerts.py``            webhookd's own signed alerts to the operator
-``config.py``            every config key and its default; ``cli.py`` the command line,
-                         ``backup.py`` its backup, restore and migrate-store
+``config.py``            every config key and its default (``config_template.py``: the
+                         file ``webhookd init`` writes); ``cli.py`` the command line,
+                         ``cli_parser.py`` its grammar, ``serving.py`` ``webhookd
+                         serve``, ``backup.py`` backup, restore and migrate-store
 ``models.py``            the nouns; ``metrics.py`` the Prometheus text; ``openapi.py``
                          the API's description, served at ``/openapi.json``
 =======================  ============================================================
