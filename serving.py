@@ -23,7 +23,9 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -191,13 +193,23 @@ def where_to_go(config: Config, config_path: str | None, base: str) -> list[str]
         token = "the admin token is security.admin_token in the config (or WEBHOOKD_ADMIN_TOKEN)"
     else:
         with_config = f" --config {config_path}" if config_path and config_path != "webhookd.toml" else ""
-        token = f"`webhookd{with_config} token` prints it"
+        token = f"`{own_command()}{with_config} token` prints it"
     settings = str(Path(config_path).resolve()) if config_path else (
         f"built-in defaults, no webhookd.toml in {Path.cwd()} (`webhookd init` writes one to edit)")
     return [f"API        {base}/  (its contract: {base}/openapi.json)",
             f"dashboard  {base}/dashboard  (sign in with the admin token: {token})",
             f"portal     {base}/portal  (for partners, with their own API key)",
             f"configuration  {settings}; Ctrl+C stops"]
+
+
+def own_command() -> str:
+    """How to call webhookd again, as it was started: ``webhookd`` when that is on the PATH, else
+    the path it was started by (``.venv/bin/webhookd`` under ``make run``)."""
+    started_as = sys.argv[0] if sys.argv and os.path.basename(sys.argv[0]) == "webhookd" else ""
+    on_path = shutil.which("webhookd")
+    if not started_as or (on_path and os.path.realpath(on_path) == os.path.realpath(started_as)):
+        return "webhookd"
+    return started_as
 
 
 def base_url(host: str, port: int) -> str:
