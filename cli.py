@@ -82,7 +82,9 @@ def _cmd_init(args: argparse.Namespace, config: Config) -> int:
     if target.exists() and not args.force:
         raise CliError(f"{target} exists already: edit it, or add --force to replace it with the defaults")
     target.write_text(config_template.TEXT, encoding="utf-8")
-    print(f"wrote {target}: every value in it is the default. Edit it, then: webhookd --config {target} serve")
+    serve = "webhookd serve" if args.path == "webhookd.toml" else f"webhookd --config {target} serve"
+    print(f"wrote {target}: every value in it is the default, so webhook URLs on this machine or a private "
+          f"network are refused (security.allow_private_targets). Edit it, then: {serve}")
     return 0
 
 

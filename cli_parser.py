@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, summary: str, *parents: argparse.ArgumentParser, needs_config: bool = True):
         """A subcommand whose one-line summary is both its entry in ``webhookd --help`` and its description."""
-        sub = commands.add_parser(name, parents=[with_config, *parents], help=summary, description=summary + ".",
+        sub = commands.add_parser(name, parents=[with_config, *parents], help=summary,
+                                  description=summary[0].upper() + summary[1:] + ".",
                                   epilog=EXIT_CODES)
         sub.set_defaults(needs_config=needs_config)
         return sub
@@ -115,13 +116,13 @@ def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
 
     recover = command("recover", "re-queue a partner's failed deliveries (after an outage it has fixed)", as_json)
     recover.add_argument("partner_id", help="the partner whose failed deliveries go again")
-    recover.add_argument("--since", type=when, required=True, help=f"failed deliveries created since: {TIMES}")
+    recover.add_argument("--since", type=when, required=True, metavar="TIME", help=f"failed deliveries created since: {TIMES}")
 
     replay = command("replay", "send a partner every event of a time window again, delivered ones too "
                                "(not those still pending for it, nor those cancelled unless asked)", as_json)
     replay.add_argument("partner_id", help="the partner to send the events to")
-    replay.add_argument("--since", type=when, required=True, help=f"events published since: {TIMES}")
-    replay.add_argument("--until", type=when, help=f"...and before (default: now): {TIMES}")
+    replay.add_argument("--since", type=when, required=True, metavar="TIME", help=f"events published since: {TIMES}")
+    replay.add_argument("--until", type=when, metavar="TIME", help=f"...and before (default: now): {TIMES}")
     replay.add_argument("--event", help="only this event type")
     replay.add_argument("--include-cancelled", action="store_true",
                         help="also the events whose delivery was cancelled (cancel-pending): left out otherwise")
