@@ -139,6 +139,21 @@ def _cmd_sign(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _cmd_catalog(args: argparse.Namespace, config: Config) -> int:
+    """The config's event catalog as ``GET /event-types`` answers it: each type's required fields
+    and description, or with --json its JSON Schema and example too."""
+    from catalog import event_types  # the server's own code, so the two cannot drift apart
+
+    answer = event_types(config.events)
+    if args.json:
+        return _show(args, answer)
+    rows = [{"type": t["type"], "description": t["description"],
+             "required": [f"{name}:{t['schema']['properties'][name]['type']}" for name in t["schema"]["required"]
+                          if name not in ("event", "timestamp")]} for t in answer["event_types"]]
+    _print_table(rows, ["type", "required", "description"])
+    return 0
+
+
 def _listen_verdicts(secrets_held: list[str], headers: Any, body: bytes, now: float) -> dict[str, bool]:
     """How a receiver holding these secrets judges one webhook, each way a partner might check it."""
     verdicts = [_verdicts_for(s, headers, body, now) for s in secrets_held]
@@ -378,6 +393,18 @@ def _cmd_recover(args: argparse.Namespace, config: Config) -> int:
     return _show(args, _api(config, "POST", f"/partners/{args.partner_id}/recover", query={"since": args.since}))
 
 
+def _cmd_check(args: argparse.Namespace, config: Config) -> int:
+    """Probe a partner's endpoint (``POST /partners/{id}/check``); exit 1 when a check fails."""
+    report = _api(config, "POST", f"/partners/{args.partner_id}/check", query={"lang": args.lang})
+    if args.json:
+        _show(args, report)
+    for check in [] if args.json else report["checks"]:
+        print(f"{check['result'].upper():<5} {check['name']}: {check['detail']}")
+        if check["fix"]:
+            print(f"      {check['fix']}")
+    return 1 if report["result"] == "fail" else 0
+
+
 AUDIT_COLUMNS = ["at", "actor", "action", "partner_id", "target", "changes"]
 
 
@@ -473,10 +500,10 @@ def configure_logging(log_format: str) -> None:
 
 COMMANDS = {
     "serve": _cmd_serve, "init": _cmd_init, "token": _cmd_token, "migrate": _cmd_migrate,
-    "partners": _cmd_partners, "recover": _cmd_recover, "replay": _cmd_replay,
+    "partners": _cmd_partners, "recover": _cmd_recover, "replay": _cmd_replay, "check": _cmd_check,
     "publish": _cmd_publish, "deliveries": _cmd_deliveries, "retry": _cmd_retry, "trace": _cmd_trace,
-    "audit": _cmd_audit, "backup": _cmd_backup, "restore": _cmd_restore, "migrate-store": _cmd_migrate_store,
-    "sign": _cmd_sign, "listen": _cmd_listen,
+    "audit": _cmd_audit, "catalog": _cmd_catalog, "backup": _cmd_backup, "restore": _cmd_restore,
+    "migrate-store": _cmd_migrate_store, "sign": _cmd_sign, "listen": _cmd_listen,
 }
 
 

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _partner_commands(command, as_json)
     _delivery_commands(command, as_json)
     _database_commands(command)
-    _tools_for_partners(command)
+    _tools_for_partners(command, as_json)
     return parser
 
 
@@ -151,6 +151,11 @@ def _delivery_commands(command, as_json: argparse.ArgumentParser) -> None:
                     as_json)
     trace.add_argument("event_id", help="the event (evt_...), as POST /events or 'webhookd publish' answered it")
 
+    check = command("check", "probe a partner's endpoint: does it verify signatures, over the raw body? "
+                             "(exit 1 when a check fails)", as_json)
+    check.add_argument("partner_id", help="the partner whose endpoint to probe")
+    check.add_argument("--lang", choices=["en", "es"], help="the report's language (default: en)")
+
     audit = command("audit", "the audit trail: who changed what, newest first", as_json)
     audit.add_argument("--partner", help="only this partner id")
     audit.add_argument("--action", help="only this action, e.g. partner.suspended")
@@ -174,7 +179,9 @@ def _database_commands(command) -> None:
                               "pending and failed deliveries always do")
 
 
-def _tools_for_partners(command) -> None:
+def _tools_for_partners(command, as_json: argparse.ArgumentParser) -> None:
+    command("catalog", "print the event catalog: each type's fields (--json: as GET /event-types)", as_json)
+
     sign = command("sign", "print the X-Webhook-Signature of a JSON payload, as a partner computes it",
                    needs_config=False)
     sign.add_argument("--secret", required=True, help="the partner's shared secret")

@@ -131,6 +131,10 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                          "description": "only partners listening on one of these (among the type's subscribers); "
                                         "not sent"}}, required=["event"], extra=True),
                          "description": "The event's fields; the catalog in webhookd.toml says which are required."},
+        "EventTypes": _obj({"event_types": {"type": "array", "items": _obj({
+            "type": {"enum": events}, "description": STRING,
+            "schema": {"type": "object", "description": "a JSON Schema (draft 2020-12) of the body delivered"},
+            "example": {"type": "object", "description": "a body of this type, as a partner receives it"}})}}),
         "EventAccepted": _obj({"event_id": STRING, "deliveries": {"type": "integer"}, "note": _obj({
             "code": {"enum": ["no_subscriber", "no_match"]}, "message": STRING}, extra=False) | {
             "description": "only when deliveries is 0: why the event reached no partner (no_subscriber: no "
@@ -169,6 +173,17 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "DeliveryDetail": _obj({**delivery, "attempts": {"type": "array", "items": _obj(attempt)}}),
         "DeliveryList": _list_of("Delivery"),
         "Recovered": _obj({"requeued": {"type": "integer"}}),
+        "CheckReport": _obj({
+            "partner_id": STRING, "lang": {"enum": ["en", "es"]}, "checked_at": TIME,
+            "result": {"enum": ["pass", "warn", "fail"], "description": "the worst of the checks' results"},
+            "checks": {"type": "array", "items": _obj({
+                "name": {"enum": ["accepts_signed", "accepts_retry", "rejects_bad_signature",
+                                  "rejects_stale_timestamp", "verifies_raw_body", "answer_time", "https"]},
+                "result": {"enum": ["pass", "warn", "fail"]},
+                "detail": {"type": "string", "description": "what the probes found"},
+                "fix": {"type": ["string", "null"], "description": "one line: what to change, and the partner "
+                                                                   "guide's section with the code; null for a pass"},
+            })}}),
         "Replayed": _obj({"replayed": {"type": "integer", "description": "events queued again for the partner"},
                           "next_cursor": {"type": ["string", "null"],
                                           "description": "more events are in the window: call again with it"}}),
@@ -276,6 +291,13 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             "A new API key, shown once; the old one stops at once", 200, "PartnerWithKey", params=[PARTNER])},
         "/partners/{partner_id}/test": {"post": _op("Send webhook.test to this partner", 202, "EventAccepted",
                                                     params=[PARTNER])},
+        "/partners/{partner_id}/check": {"post": _op(
+            "Probe the partner's endpoint with marked webhook.check requests (header X-Webhook-Check: 1; not "
+            "deliveries, never retried, under the deliveries' address rules) and report, check by check, whether "
+            "it verifies signatures over the raw body; at most 3 checks a partner back to back, then one a minute "
+            "(429 rate_limited with Retry-After)", 200, "CheckReport", params=[
+                PARTNER, _query("lang", {"enum": ["en", "es"]}, "the report's language; without it, the first of "
+                                "Accept-Language's that is en or es; else English")])},
         "/partners/{partner_id}/recover": {"post": _op(
             "Re-queue failed and expired deliveries created since `since`", 200, "Recovered",
             params=[PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True), QUEUE])},
@@ -291,6 +313,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                 _query("include_cancelled", {"enum": ["true", "false"]}, "true (admin only; 403 admin_only for a "
                        "partner's key): also the events whose latest delivery to the partner was cancelled"),
                 QUEUE])},
+        "/event-types": {"get": _op("Every event type of the catalog, with a JSON Schema of its payload and an "
+                                    "example (the admin token or any partner's API key)", 200, "EventTypes")},
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
                                    params=[{"name": "Idempotency-Key", "in": "header", "required": False,
                                             "schema": {"type": "string", "maxLength": 255}}])}},

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import store_schema as common
 from models import Event, Job, NewEvent, Outcome
 from store import (
     PENDING_PARTNERS,
@@ -41,17 +42,6 @@ from store import (
 )
 from store_history import DELIVERY_SELECT
 from store_rows import event_from_row, job_from_row, json_or_none
-from store_schema import (
-    AUDIT_INDEX,
-    AUDIT_TABLE,
-    CHANNELS_TABLE,
-    DELIVERIES_EVENT_TYPE_BACKFILL,
-    DELIVERIES_READ_INDEXES,
-    PROCESSES_TABLE,
-    ROLES_TABLE,
-    Migration,
-    redact_stored_urls,
-)
 from targets import redacted_url
 
 logger = logging.getLogger("webhookd.store")
@@ -338,12 +328,12 @@ RATE_BUCKETS_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS rate_buckets (
 )"""
 
 # PostgreSQL's schema started at SQLite's third migration: the first ones are in its tables.
-MIGRATIONS_POSTGRES: list[Migration] = [
+MIGRATIONS_POSTGRES: list[common.Migration] = [
     ("attempts.url", []),
     ("partners.max_rate_per_s", []),
     ("events_by_age.id", []),
     ("partners.paused_until", ["ALTER TABLE partners ADD COLUMN paused_until DOUBLE PRECISION"]),
-    ("roles", [ROLES_TABLE]),
+    ("roles", [common.ROLES_TABLE]),
     # The claim searches pending rows only: delivered history grows, this index does not.
     ("deliveries_partner_pending", ["CREATE INDEX IF NOT EXISTS deliveries_partner_pending "
                                     "ON deliveries (partner_id, next_attempt_at) WHERE state = 'pending'"]),
@@ -353,14 +343,14 @@ MIGRATIONS_POSTGRES: list[Migration] = [
     # The two partial indexes above do their work: the full ones only cost every write.
     ("deliveries_full_due_indexes_dropped", ["DROP INDEX IF EXISTS deliveries_due",
                                              "DROP INDEX IF EXISTS deliveries_partner_due"]),
-    ("processes", [PROCESSES_TABLE]),
+    ("processes", [common.PROCESSES_TABLE]),
     ("rate_buckets", [RATE_BUCKETS_TABLE]),
     ("attempts.error_detail", ["ALTER TABLE attempts ADD COLUMN IF NOT EXISTS error_detail TEXT"]),
     ("partners.suspended_reason", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS suspended_reason TEXT"]),
-    ("audit_log", [AUDIT_TABLE, AUDIT_INDEX]),
+    ("audit_log", [common.AUDIT_TABLE, common.AUDIT_INDEX]),
     ("deliveries.queued_at", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS queued_at DOUBLE PRECISION"]),
     ("partners.contact_email", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS contact_email TEXT"]),
-    ("partner_channels", [CHANNELS_TABLE]),
+    ("partner_channels", [common.CHANNELS_TABLE]),
     ("partners.payload_filter", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS payload_filter TEXT"]),
     ("events.audience", ["ALTER TABLE events ADD COLUMN IF NOT EXISTS audience TEXT"]),
     # PostgreSQL has no rowid: a FIFO partner's publish order is an identity column, numbered at insert.
@@ -372,8 +362,8 @@ MIGRATIONS_POSTGRES: list[Migration] = [
                         "ALTER TABLE attempts ADD COLUMN IF NOT EXISTS decision TEXT"]),
     ("schema_migrations.version", ["ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS version TEXT"]),
     ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS event_type TEXT",
-                               DELIVERIES_EVENT_TYPE_BACKFILL, *DELIVERIES_READ_INDEXES]),
-    ("urls_redacted", [redact_stored_urls]),
+                               common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
+    ("urls_redacted", [common.redact_stored_urls]),
 ]
 
 

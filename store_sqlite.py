@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import store_schema as common
 from models import Event, Job, NewEvent, Outcome
 from store import (
     PENDING_PARTNERS,
@@ -46,17 +47,6 @@ from store import (
 )
 from store_history import DELIVERY_SELECT
 from store_rows import event_from_row, job_from_row, json_or_none, numbered, placeholders
-from store_schema import (
-    AUDIT_INDEX,
-    AUDIT_TABLE,
-    CHANNELS_TABLE,
-    DELIVERIES_EVENT_TYPE_BACKFILL,
-    DELIVERIES_READ_INDEXES,
-    PROCESSES_TABLE,
-    ROLES_TABLE,
-    Migration,
-    redact_stored_urls,
-)
 from targets import redacted_url
 
 logger = logging.getLogger("webhookd.store")
@@ -320,22 +310,22 @@ SCHEMA = [
 ]
 
 # Named schema changes, applied once each in order and recorded in schema_migrations.
-MIGRATIONS: list[Migration] = [
+MIGRATIONS: list[common.Migration] = [
     ("attempts.url", ["ALTER TABLE attempts ADD COLUMN url TEXT"]),  # where the attempt went
     ("partners.max_rate_per_s", ["ALTER TABLE partners ADD COLUMN max_rate_per_s REAL"]),  # a partner's pace
     ("events_by_age.id", ["DROP INDEX IF EXISTS events_by_age",                 # retention walks it in order
                           "CREATE INDEX events_by_age ON events (created_at, id)"]),
     ("partners.paused_until", ["ALTER TABLE partners ADD COLUMN paused_until REAL"]),  # a shared circuit pause
-    ("roles", [ROLES_TABLE]),   # which process runs the sweeps
-    ("processes", [PROCESSES_TABLE]),  # heartbeats
+    ("roles", [common.ROLES_TABLE]),   # which process runs the sweeps
+    ("processes", [common.PROCESSES_TABLE]),  # heartbeats
     ("attempts.error_detail", ["ALTER TABLE attempts ADD COLUMN error_detail TEXT"]),  # what happened, in words
     ("partners.suspended_reason", ["ALTER TABLE partners ADD COLUMN suspended_reason TEXT"]),  # the admin's why
-    ("audit_log", [AUDIT_TABLE, AUDIT_INDEX]),
+    ("audit_log", [common.AUDIT_TABLE, common.AUDIT_INDEX]),
     # When a pending delivery was queued (published, or retried by hand; null: created_at): its age
     # for delivery.max_pending_age_s.
     ("deliveries.queued_at", ["ALTER TABLE deliveries ADD COLUMN queued_at REAL"]),
     ("partners.contact_email", ["ALTER TABLE partners ADD COLUMN contact_email TEXT"]),
-    ("partner_channels", [CHANNELS_TABLE]),
+    ("partner_channels", [common.CHANNELS_TABLE]),
     ("partners.payload_filter", ["ALTER TABLE partners ADD COLUMN payload_filter TEXT"]),  # JSON {field: [values]}
     ("events.audience", ["ALTER TABLE events ADD COLUMN audience TEXT"]),  # JSON {"partners", "channels"}
     # A FIFO partner's deliveries go in publish order: the order of insertion, which is rowid
@@ -351,9 +341,9 @@ MIGRATIONS: list[Migration] = [
     # so a page is read newest first and stops at its limit. The type is kept on the delivery (its
     # event's, which never changes) so that filter needs no join.
     ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN event_type TEXT",
-                               DELIVERIES_EVENT_TYPE_BACKFILL, *DELIVERIES_READ_INDEXES]),
+                               common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
-    ("urls_redacted", [redact_stored_urls]),
+    ("urls_redacted", [common.redact_stored_urls]),
 ]
 
 

@@ -39,6 +39,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          ``/ws``; ``realtime.py`` the ``/ws`` tokens and fan-out
 ``timeline.py``          one event's story, from the rows the loop keeps
 ``alerts.py``            webhookd's own signed alerts to the operator
+``catalog.py``           the event catalog as partners read it: ``/event-types``
+``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
 ``config.py``            every config key and its default (``config_template.py``: the
                          file ``webhookd init`` writes); ``cli.py`` the command line,
                          ``cli_parser.py`` its grammar, ``serving.py`` ``webhookd
@@ -74,7 +76,9 @@ import openapi
 import realtime
 import timeline
 from alerts import Alerts
+from catalog import list_event_types
 from config import VERSION, Config, DeliverySettings, admin_token
+from doctor import check_endpoint
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
 from models import AuditEntry, Delivery, Event
 from partners import (
@@ -390,8 +394,10 @@ ROUTES = [
     route("DELETE", "/partners/{partner_id}", delete_partner, CALLER),
     route("POST", "/partners/{partner_id}/cancel-pending", cancel_pending, ADMIN),
     route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
+    route("POST", "/partners/{partner_id}/check", check_endpoint, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
     route("POST", "/partners/{partner_id}/replay", replay_events, CALLER),
+    route("GET", "/event-types", list_event_types, CALLER),
     route("POST", "/events", publish_event, ADMIN),
     route("POST", "/events/batch", publish_batch, ADMIN),
     route("GET", "/events/{event_id}", get_event, ADMIN),

@@ -78,6 +78,30 @@ def browser_ready() -> None:
         pytest.fail(f"Playwright is not importable after scripts/ensure-browser.sh: {exc}")
 
 
+@pytest.fixture(scope="session")
+def example_runtimes() -> None:
+    """Run scripts/ensure-example-deps.sh once (examples/ and the partner guides' receivers); fail,
+    never skip, if node, php, Express, standardwebhooks or FastAPI is still missing."""
+    import importlib
+    import shutil
+
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "ensure-example-deps.sh")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    missing = [tool for tool in ("node", "php") if shutil.which(tool) is None]
+    for package in ("express", "standardwebhooks"):
+        if not (ROOT / "examples" / "node" / "node_modules" / package).is_dir():
+            missing.append(f"examples/node/node_modules/{package}")
+    importlib.invalidate_caches()
+    for module in ("fastapi", "uvicorn", "standardwebhooks"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(f"python: {module}")
+    if done.returncode != 0 or missing:
+        pytest.fail(f"example runtimes missing: {missing or 'none'}; ensure-example-deps.sh exited "
+                    f"{done.returncode}:\n{done.stdout}\n{done.stderr}")
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 
-from conftest import GUARD_DIR, ROOT, free_port, wait_for
+from conftest import ADMIN, GUARD_DIR, ROOT, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
 
 # --- Starting: serve, token, sign, help ---------------------------------------------------
@@ -50,6 +50,19 @@ def test_sign_prints_the_guides_troubleshooting_signature(tmp_path):
     result = _cli("sign", "--secret", "test_secret", '{"event": "test", "data": 123}', cwd=tmp_path)
     assert result.returncode == 0
     assert result.stdout.strip() == "6d2c88f3cf5e2ab91f79fbde2f24d550ba260b1271f66ddf45bcd7de350ac9cc"
+
+
+def test_catalog_prints_what_get_event_types_answers(hub):
+    """The same catalog (the bundled webhookd.toml's) through the command and through the API."""
+    as_json = _cli("--config", str(ROOT / "webhookd.toml"), "catalog", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == hub.http.get("/event-types", headers=ADMIN).json()
+    table = _cli("--config", str(ROOT / "webhookd.toml"), "catalog")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["TYPE", "REQUIRED", "DESCRIPTION"]
+    assert [line.split()[0] for line in lines[1:]] == sorted(hub.config.events)
+    assert "booking_id:string,user_id:string" in lines[1]
 
 
 def test_every_command_has_help():

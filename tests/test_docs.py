@@ -245,9 +245,30 @@ def test_no_development_history_in_the_readme_and_docs():
         assert not found, f"{source.relative_to(ROOT)}: {found}"
 
 
+# A comment in a code block: `# ...` or `// ...` at the start of a line or after a space (not the
+# `//` of a URL, nor the `#` of `$#`), to the end of the line.
+CODE_COMMENT = re.compile(r"(?:^|[ \t])(?:#|//)(?: .*)?$")
+# Comments the Spanish guide may keep as they are: a command to run, or an answer shown.
+UNTRANSLATED = re.compile(r"^(?:#|//) (?:(?:pip|npm) install \S+|(?:\d{3} )?\{.*\})$")
+
+
+def code_and_comments(block: str) -> tuple[str, list[str]]:
+    """A block's code, each line without its comment and trailing blanks; and its comments."""
+    lines = block.splitlines()
+    comments = [m.group(0).strip() for line in lines if (m := CODE_COMMENT.search(line))]
+    return "\n".join(CODE_COMMENT.sub("", line).rstrip() for line in lines), comments
+
+
+def test_the_comment_split_keeps_urls_and_finds_comments():
+    code, comments = code_and_comments('curl "https://x.example/a"  # en local\n// tras verificar\nx = 1\n')
+    assert code == 'curl "https://x.example/a"\n\nx = 1'
+    assert comments == ["# en local", "// tras verificar"]
+
+
 def test_the_spanish_partner_guide_is_the_same_guide():
     """docs/partners.es.md is kept in step with docs/partners.md: the same numbered sections and
-    every code block — every command a partner runs — the same, line for line."""
+    every code block — every command a partner runs — the same, line for line, but for its
+    comments, which are in Spanish (a command or an answer shown in a comment may stay as is)."""
 
     def blocks(text: str) -> list[str]:
         return re.findall(r"^```\w*\n(.*?)^```", text, flags=re.S | re.M)
@@ -258,7 +279,20 @@ def test_the_spanish_partner_guide_is_the_same_guide():
     english = page("partners.md")
     spanish = page("partners.es.md")
     assert sections(spanish) == sections(english) and len(sections(english)) >= 8
-    assert blocks(spanish) == blocks(english), "a code block differs: update docs/partners.es.md with the English"
+    assert len(blocks(spanish)) == len(blocks(english))
+    for en, es in zip(blocks(english), blocks(spanish)):
+        (en_code, en_comments), (es_code, es_comments) = code_and_comments(en), code_and_comments(es)
+        assert es_code == en_code, f"a code block differs: update docs/partners.es.md with the English:\n{en}"
+        assert len(es_comments) == len(en_comments), f"a comment is missing or extra in the Spanish block:\n{es}"
+        kept = [c for c, e in zip(es_comments, en_comments) if c == e and not UNTRANSLATED.match(c)]
+        assert not kept, f"comments left in English in docs/partners.es.md: {kept}"
+    # The placeholders of the prose, like `<your webhook_url>`, are translated; a field name such
+    # as `<next_cursor>` stays what the API calls it.
+    placeholders = {p for span in re.findall(r"`[^`\n]+`", re.sub(r"^```.*?^```", "", english, flags=re.S | re.M))
+                    for p in re.findall(r"<[a-z][^>`]*>", span)}
+    assert "<your webhook_url>" in placeholders
+    kept = {p for p in placeholders if p in spanish and not re.fullmatch(r"<[a-z]+(?:_[a-z]+)+>", p)}
+    assert not kept, f"placeholders left in English in docs/partners.es.md: {sorted(kept)}"
     assert "partners.es.md" in english and "partners.md" in spanish
 
 

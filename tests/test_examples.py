@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,19 +27,6 @@ from payloads import ALL_OUTBOUND, BOOKING_CANCELLED_WITH_URL, BOOKING_CONFIRMED
 EXAMPLES = ROOT / "examples"
 PAYLOADS = [PAYMENT_SUCCESS, BOOKING_CONFIRMED, PAYMENT_FAILED, BOOKING_CANCELLED_WITH_URL]
 SENDER = EXAMPLES / "sender" / "send_event.py"
-
-
-@pytest.fixture(scope="module")
-def example_runtimes():
-    """Run scripts/ensure-example-deps.sh once; fail if node, Express or php is still missing."""
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "ensure-example-deps.sh")],
-                          capture_output=True, text=True, timeout=600)
-    missing = [tool for tool in ("node", "php") if shutil.which(tool) is None]
-    if not (EXAMPLES / "node" / "node_modules" / "express").is_dir():
-        missing.append("examples/node/node_modules/express")
-    if done.returncode != 0 or missing:
-        pytest.fail(f"example runtimes missing: {missing or 'none'}; ensure-example-deps.sh exited "
-                    f"{done.returncode}:\n{done.stdout}\n{done.stderr}")
 
 
 def _command(language: str, port: int) -> list[str]:

@@ -47,6 +47,7 @@ def write_requests(partner: dict, delivery_id: str, elsewhere: str) -> dict[tupl
         ("POST", "/partners/{partner_id}/rotate-secret"): (f"/partners/{pid}/rotate-secret?revoke_old=true",
                                                             dict(headers=own)),
         ("POST", "/partners/{partner_id}/test"): (f"/partners/{pid}/test", dict(headers=own)),
+        ("POST", "/partners/{partner_id}/check"): (f"/partners/{pid}/check", dict(headers=own)),
         ("POST", "/deliveries/{delivery_id}/retry"): (f"/deliveries/{delivery_id}/retry?queue=true",
                                                        dict(headers=own)),
         ("POST", "/partners/{partner_id}/recover"): (f"/partners/{pid}/recover?since=0&queue=true",
@@ -62,7 +63,8 @@ def write_requests(partner: dict, delivery_id: str, elsewhere: str) -> dict[tupl
 def read_requests(partner: dict, delivery_id: str) -> dict[tuple[str, str], str]:
     pid = partner["partner_id"]
     return {("GET", "/partners/{partner_id}"): f"/partners/{pid}", ("GET", "/deliveries"): "/deliveries",
-            ("GET", "/deliveries/{delivery_id}"): f"/deliveries/{delivery_id}", ("GET", "/me"): "/me"}
+            ("GET", "/deliveries/{delivery_id}"): f"/deliveries/{delivery_id}", ("GET", "/me"): "/me",
+            ("GET", "/event-types"): "/event-types"}
 
 
 @pytest.fixture

@@ -2,9 +2,9 @@
 //
 // Run it from this folder:
 //
-//     npm install && PARTNER_SHARED_SECRET=sk_live_... PORT=9000 node receiver.js
+//     npm install && PARTNER_SHARED_SECRET=sk_live_... PORT=9200 node receiver.js
 //
-// then register http://127.0.0.1:9000/webhooks/events with webhookd.
+// then register http://127.0.0.1:9200/webhooks/events with webhookd.
 //
 // What it checks, for every POST /webhooks/events:
 //   1. X-Webhook-Signature: lowercase hex HMAC-SHA256 of the RAW body bytes, keyed by the shared
@@ -22,7 +22,7 @@ const fs = require("fs");
 const express = require("express");
 
 const SECRET = process.env.PARTNER_SHARED_SECRET || "";
-const PORT = Number(process.env.PORT || 9000);
+const PORT = Number(process.env.PORT || 9200);
 const HOST = process.env.HOST || "127.0.0.1";
 const RECEIVER_LOG = process.env.RECEIVER_LOG; // optional: one JSON line per request, for tests
 const TOLERANCE_S = 5 * 60;

@@ -3,9 +3,9 @@
 //
 // Run it from this folder with PHP's built-in server:
 //
-//     PARTNER_SHARED_SECRET=sk_live_... php -S 127.0.0.1:9000 receiver.php
+//     PARTNER_SHARED_SECRET=sk_live_... php -S 127.0.0.1:9300 receiver.php
 //
-// then register http://127.0.0.1:9000/webhooks/events with webhookd.
+// then register http://127.0.0.1:9300/webhooks/events with webhookd.
 // (Behind Apache or nginx + PHP-FPM the same file works as the endpoint's script.)
 //
 // What it checks, for every POST /webhooks/events:

@@ -2,9 +2,9 @@
 
 Run it from this folder:
 
-    PARTNER_SHARED_SECRET=sk_live_... PORT=9000 python3 receiver.py
+    PARTNER_SHARED_SECRET=sk_live_... PORT=9100 python3 receiver.py
 
-then register http://127.0.0.1:9000/webhooks/events with webhookd.
+then register http://127.0.0.1:9100/webhooks/events with webhookd.
 
 What it checks, for every POST /webhooks/events:
   1. X-Webhook-Signature: lowercase hex HMAC-SHA256 of the RAW body bytes, keyed by the shared
@@ -27,7 +27,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SECRET = os.environ.get("PARTNER_SHARED_SECRET", "")
-PORT = int(os.environ.get("PORT", "9000"))
+PORT = int(os.environ.get("PORT", "9100"))
 HOST = os.environ.get("HOST", "127.0.0.1")
 RECEIVER_LOG = os.environ.get("RECEIVER_LOG")  # optional: one JSON line per request, for tests
 TOLERANCE_S = 5 * 60
