@@ -114,7 +114,7 @@ def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
     partners.add_argument("--revoke-old", action="store_true",
                           help="rotate: revoke every old secret at once, no overlap (a leaked secret)")
 
-    recover = command("recover", "re-queue a partner's failed deliveries (after an outage it has fixed)", as_json)
+    recover = command("recover", "re-queue a partner's failed and expired deliveries (after an outage it has fixed)", as_json)
     recover.add_argument("partner_id", help="the partner whose failed deliveries go again")
     recover.add_argument("--since", type=when, required=True, metavar="TIME", help=f"failed deliveries created since: {TIMES}")
 
