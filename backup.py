@@ -219,7 +219,8 @@ def _counts(db: Any) -> str:
     events = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     pending = db.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0]
     partners = db.execute("SELECT COUNT(*) FROM partners WHERE status <> 'deleted'").fetchone()[0]
-    return f"{partners} partners, {events} events, {pending} pending deliveries"
+    return (f"{partners} partner{'s' * (partners != 1)}, {events} event{'s' * (events != 1)}, "
+            f"{pending} pending deliver{'y' if pending == 1 else 'ies'}")
 
 
 def migrate_store(config: Config, to: str, history_days: float) -> str:

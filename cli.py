@@ -1,6 +1,7 @@
 """The command line: ``webhookd serve`` and the tools around it.
 
-* ``serve`` runs the HTTP API and the delivery loop (``webhookd.create_app`` on uvicorn);
+* ``serve`` runs the HTTP API and the delivery loop (``serving.py``: one server per SQLite file,
+  the port, then ``webhookd.create_app`` on uvicorn); ``init`` writes a commented webhookd.toml;
 * ``token`` prints the admin token, creating it on first use;
 * ``sign`` and ``listen`` are for partners and students: sign a payload the way the
   guide does, or run a local receiver that verifies every webhook three ways;
@@ -11,13 +12,13 @@
   ``--json``).
 
 ``main`` is the console script; ``python cli.py ...`` calls it too. A command that
-cannot do its job prints one line saying why and exits 1 (2 for a bad config).
+cannot do its job prints one line saying why and exits 1; a usage or config mistake (an
+unknown option, JSON that does not parse, a missing ``--yes``, a bad config) exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
@@ -28,22 +29,35 @@ from typing import Any
 
 import backup
 import signing
+from cli_parser import build_parser
 from config import VERSION, Config, ConfigError, admin_token, load_config, rotate_admin_token
 
 logger = logging.getLogger("webhookd")
 
 
 class CliError(Exception):
-    """Raised by a command to stop with one clear line and exit status 1."""
+    """Raised by a command to stop with one clear line and exit status 1: it was refused."""
+
+
+class UsageError(CliError):
+    """The command was given wrong: one clear line and exit status 2, as argparse's own mistakes."""
 
 
 def _read_json_argument(text: str) -> Any:
     if text.startswith("@"):
-        text = Path(text[1:]).read_text(encoding="utf-8")
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read {text[1:]} ({exc.strerror})") from None
     try:
         return signing.parse_json(text.encode("utf-8"))
     except signing.BadJSON as exc:
-        raise CliError(f"the JSON given is not valid: {exc}") from None
+        raise UsageError(f"the JSON given is not valid: {exc}") from None
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 partner``, ``2 partners``, ``0 partners``."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 # =====================================================================================
@@ -52,63 +66,48 @@ def _read_json_argument(text: str) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    import uvicorn
+    import serving
 
-    from webhookd import create_app
+    try:
+        return serving.serve(config, args.config, args.host or config.server.host, args.port or config.server.port)
+    except serving.Refused as exc:
+        raise CliError(str(exc)) from None
 
-    host = args.host or config.server.host
-    port = args.port or config.server.port
-    _migrate(config)  # a database newer than this code: one line that says which version to run, not a traceback
-    admin_token(config)  # created now, so `webhookd token` works at once
-    if not _is_loopback(host) and config.security.allow_private_targets:
-        logger.warning("listening on %s with allow_private_targets = true: partners could reach your "
-                       "internal network. Set [security] allow_private_targets = false.", host)
-    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from 127.0.0.1 by default.
-    # Whom to believe is server.trusted_proxies' to say (web.RealClient), and by default nobody.
-    uvicorn.run(create_app(config), host=host, port=port, log_level=config.server.log_level, log_config=None,
-                access_log=config.server.access_log, proxy_headers=False,
-                timeout_graceful_shutdown=int(config.delivery.timeout_s) + 2)
+
+def _cmd_init(args: argparse.Namespace, config: Config) -> int:
+    """Write the commented starting configuration; never over a file that exists."""
+    import config_template
+
+    target = Path(args.path)
+    if target.exists() and not args.force:
+        raise CliError(f"{target} exists already: edit it, or add --force to replace it with the defaults")
+    target.write_text(config_template.TEXT, encoding="utf-8")
+    serve = "webhookd serve" if args.path == "webhookd.toml" else f"webhookd --config {target} serve"
+    print(f"wrote {target}: every value in it is the default, so webhook URLs on this machine or a private "
+          f"network are refused (security.allow_private_targets). Edit it, then: {serve}")
     return 0
 
 
 def _cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     """Apply the migrations the database lacks, and say which (``serve`` applies them too, at start)."""
-    where, applied = _migrate(config)
+    import serving
+
+    try:
+        where, applied = serving.migrate(config)
+    except serving.Refused as exc:
+        raise CliError(str(exc)) from None
     if applied:
-        print(f"applied {len(applied)} migrations to {where}, as webhookd {VERSION}: " + ", ".join(applied))
+        print(f"applied {plural(len(applied), 'migration')} to {where}, as webhookd {VERSION}: " + ", ".join(applied))
     else:
         print(f"{where} is up to date for webhookd {VERSION}: nothing to apply")
     return 0
-
-
-def _migrate(config: Config) -> tuple[str, list[str]]:
-    """Open the store once (which applies what is pending); where it is, and what was applied."""
-    from storage import open_store
-    from store import SchemaTooNew
-
-    try:
-        store = open_store(config.storage.target, lock_timeout_s=config.storage.lock_timeout_s,
-                           statement_timeout_s=config.storage.statement_timeout_s)
-    except SchemaTooNew as exc:
-        raise CliError(str(exc)) from None
-    try:
-        return store.engine.describe(), store.migrated
-    finally:
-        store.close()
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _cmd_token(args: argparse.Namespace, config: Config) -> int:
     """Print the admin token; ``--rotate``: a new one (printed), the old one valid for the overlap,
     or revoked at once with ``--revoke-old``."""
     if args.revoke_old and not args.rotate:
-        raise CliError("--revoke-old goes with --rotate: webhookd token --rotate --revoke-old")
+        raise UsageError("--revoke-old goes with --rotate: webhookd token --rotate --revoke-old")
     if not args.rotate:
         print(admin_token(config))
         return 0
@@ -202,7 +201,12 @@ def _cmd_listen(args: argparse.Namespace, config: Config) -> int:
         def log_message(self, format: str, *log_args: Any) -> None:
             pass  # one line per webhook is printed above
 
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), Handler)
+    except OSError as exc:
+        import serving
+
+        raise CliError(serving.busy_port_line(args.host, args.port, exc, "--port (and register that URL)")) from None
     print(f"listening on http://{args.host}:{args.port}/ — register this URL; Ctrl+C stops", flush=True)
     try:
         server.serve_forever()
@@ -306,7 +310,7 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
             print("Save shared_secret and api_key now: they are not shown again.", file=sys.stderr)
         return _show(args, answer)
     if not args.partner_id:
-        raise CliError(f"'partners {action}' needs a PARTNER_ID")
+        raise UsageError(f"'partners {action}' needs a PARTNER_ID")
     path = f"/partners/{args.partner_id}"
     if action == "show":
         return _show(args, _api(config, "GET", path))
@@ -317,7 +321,7 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         return _show(args, _api(config, "POST", path + "/api-key"))
     if action == "delete":
         if not args.yes:
-            raise CliError(f"'partners delete' erases {args.partner_id}'s secrets and API key and cancels its "
+            raise UsageError(f"'partners delete' erases {args.partner_id}'s secrets and API key and cancels its "
                            "pending deliveries, at once and for good: add --yes to do it")
         return _show(args, _api(config, "DELETE", path))
     if action == "channels":
@@ -327,7 +331,7 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
                                 {"filter": _read_json_argument(args.filter) if args.filter else None}))
     if action == "ordering":
         if args.ordering is None:
-            raise CliError("'partners ordering' needs --ordering concurrent or --ordering fifo")
+            raise UsageError("'partners ordering' needs --ordering concurrent or --ordering fifo")
         return _show(args, _api(config, "PATCH", path, {"ordering": args.ordering}))
     if action == "contact":
         return _show(args, _api(config, "PATCH", path, {"contact_email": args.email or None}))
@@ -335,7 +339,7 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         return _show(args, _api(config, "POST", path + "/cancel-pending"))
     if action == "suspend":
         if not args.reason:
-            raise CliError("'partners suspend' needs --reason: the partner is shown why")
+            raise UsageError("'partners suspend' needs --reason: the partner is shown why")
         return _show(args, _api(config, "PATCH", path, {"status": "suspended", "reason": args.reason}))
     if action == "rotate":
         return _show(args, _api(config, "POST", path + "/rotate-secret",
@@ -354,13 +358,18 @@ def _names(text: str) -> list[str]:
 def _cmd_publish(args: argparse.Namespace, config: Config) -> int:
     payload = _read_json_argument(args.data)
     if not isinstance(payload, dict):
-        raise CliError("--data must be a JSON object of the event's fields")
+        raise UsageError("--data must be a JSON object of the event's fields")
     if args.partners:
         payload["partners"] = _names(args.partners)
     if args.channels:
         payload["channels"] = _names(args.channels)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
-    return _show(args, _api(config, "POST", "/events", {**payload, "event": args.type}, headers=headers))
+    answer = _api(config, "POST", "/events", {**payload, "event": args.type}, headers=headers)
+    if args.json or "note" not in answer:
+        return _show(args, answer)
+    _show(args, {k: v for k, v in answer.items() if k != "note"})
+    print(f"webhookd: reached no partner: {answer['note']['message']}", file=sys.stderr)
+    return 0
 
 
 def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
@@ -410,7 +419,7 @@ def _cmd_trace(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         return _show(args, story)
     print(f"{story['event_id']}  {story['event']}  published {_cell('at', int(story['published_at']))}"
-          f"  to {story['fanout']} partners")
+          f"  to {plural(story['fanout'], 'partner')}")
     for d in story["deliveries"]:
         print(f"\n{d['partner_id']}  {d['delivery_id']}  now {d['state']}")
         for step in d["steps"]:
@@ -466,155 +475,6 @@ def _cmd_migrate_store(args: argparse.Namespace, config: Config) -> int:
 # =====================================================================================
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="webhookd", description="A small, auditable webhook hub.")
-    config_help = "path to webhookd.toml (default: ./webhookd.toml, or $WEBHOOKD_CONFIG)"
-    parser.add_argument("--config", default=os.environ.get("WEBHOOKD_CONFIG", "webhookd.toml"), help=config_help)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # `webhookd serve --config X` works as well as `webhookd --config X serve`.
-    with_config = argparse.ArgumentParser(add_help=False)
-    with_config.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
-    as_json = argparse.ArgumentParser(add_help=False)
-    as_json.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
-
-    serve = commands.add_parser("serve", parents=[with_config], help="run the HTTP API and the delivery loop")
-    serve.add_argument("--host", help="listen address (default: [server] host)")
-    serve.add_argument("--port", type=int, help="listen port (default: [server] port)")
-    serve.set_defaults(handler=_cmd_serve)
-
-    migrate_now = commands.add_parser("migrate", parents=[with_config],
-                                      help="apply the database's pending migrations and say which")
-    migrate_now.set_defaults(handler=_cmd_migrate)
-
-    token = commands.add_parser("token", parents=[with_config], help="print the admin token (creating it on first use)")
-    token.add_argument("--rotate", action="store_true",
-                       help="issue a new admin token; the old one works for security.admin_token_overlap_s more")
-    token.add_argument("--revoke-old", action="store_true",
-                       help="with --rotate: revoke every old admin token at once, no overlap (a leaked token)")
-    token.set_defaults(handler=_cmd_token)
-
-    partners = commands.add_parser("partners", parents=[with_config, as_json],
-                                   help="list, show, add, pause, resume, suspend, rotate, api-key, pace, "
-                                        "channels, filter, ordering, contact, cancel-pending, delete")
-    partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
-                                             "api-key", "pace", "channels", "filter", "ordering", "contact",
-                                             "cancel-pending", "delete"])
-    partners.add_argument("--ordering", choices=["concurrent", "fifo"],
-                          help="add, ordering: fifo sends one at a time, in publish order (default concurrent)")
-    partners.add_argument("--channels", help="comma-separated channels it listens on (add, channels; "
-                                             "channels without it: none). The admin's to set: a partner's "
-                                             "own key cannot")
-    partners.add_argument("--filter", help='a payload filter as JSON or @file, e.g. \'{"currency": ["EUR"]}\' '
-                                           "(add, filter; filter without it removes it). The admin's to set: a "
-                                           "partner's own key cannot")
-    partners.add_argument("--email", help="contact email (add, contact; contact without it removes it)")
-    partners.add_argument("partner_id", nargs="?", help="the partner (every action but list and add)")
-    partners.add_argument("--yes", action="store_true", help="delete: yes, delete it (it cannot be undone)")
-    partners.add_argument("--reason", help="suspend: why (shown to the partner; only the admin can lift it)")
-    partners.add_argument("--max-rate", type=float, help="requests per second at most (add, pace; 0 removes)")
-    partners.add_argument("--name", help="partner name (add)")
-    partners.add_argument("--url", help="webhook URL (add)")
-    partners.add_argument("--events", default="", help="comma-separated event types (add)")
-    partners.add_argument("--limit", type=int, default=50, help="how many to list (default 50)")
-    partners.add_argument("--revoke-old", action="store_true",
-                          help="rotate: revoke every old secret at once, no overlap (a leaked secret)")
-    partners.set_defaults(handler=_cmd_partners)
-
-    publish = commands.add_parser("publish", parents=[with_config, as_json], help="publish an event to its subscribers")
-    publish.add_argument("type", help="the event type, e.g. payment.success (fills 'event')")
-    publish.add_argument("--data", default="{}", help="the payload fields as JSON, or @file")
-    publish.add_argument("--idempotency-key", help="publishing twice with the same key fans out once")
-    publish.add_argument("--partners", help="comma-separated partner ids: only these (among its subscribers)")
-    publish.add_argument("--channels", help="comma-separated channels: only partners listening on one of them")
-    publish.set_defaults(handler=_cmd_publish)
-
-    deliveries = commands.add_parser("deliveries", parents=[with_config, as_json],
-                                     help="list deliveries, newest first; or one, with its attempts")
-    deliveries.add_argument("delivery_id", nargs="?", help="show this delivery and its attempts")
-    deliveries.add_argument("--status", choices=["pending", "delivered", "failed", "expired", "cancelled"],
-                            help="only this state")
-    deliveries.add_argument("--partner", help="only this partner id")
-    deliveries.add_argument("--event", help="only this event type")
-    deliveries.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
-    deliveries.set_defaults(handler=_cmd_deliveries)
-
-    retry = commands.add_parser("retry", parents=[with_config, as_json], help="one more attempt of a failed delivery")
-    retry.add_argument("delivery_id")
-    retry.set_defaults(handler=_cmd_retry)
-
-    recover = commands.add_parser("recover", parents=[with_config, as_json], help="re-queue a partner's failed deliveries")
-    recover.add_argument("partner_id")
-    recover.add_argument("--since", type=int, required=True, help="unix seconds: failed deliveries created since")
-    recover.set_defaults(handler=_cmd_recover)
-
-    check = commands.add_parser("check", parents=[with_config, as_json],
-                                help="probe a partner's endpoint: does it verify signatures, over the raw body? "
-                                     "(exit 1 when a check fails)")
-    check.add_argument("partner_id")
-    check.add_argument("--lang", choices=["en", "es"], help="the report's language (default: en)")
-    check.set_defaults(handler=_cmd_check)
-
-    audit = commands.add_parser("audit", parents=[with_config, as_json],
-                                help="the audit trail: who changed what, newest first")
-    audit.add_argument("--partner", help="only this partner id")
-    audit.add_argument("--action", help="only this action, e.g. partner.suspended")
-    audit.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
-    audit.set_defaults(handler=_cmd_audit)
-
-    trace = commands.add_parser("trace", parents=[with_config, as_json],
-                                help="one event's whole story: every attempt, its signatures, what came next and why")
-    trace.add_argument("event_id")
-    trace.set_defaults(handler=_cmd_trace)
-
-    replay = commands.add_parser("replay", parents=[with_config, as_json],
-                                 help="send a partner every event of a time window again, delivered ones too "
-                                      "(not those still pending for it, nor those cancelled unless asked)")
-    replay.add_argument("partner_id")
-    replay.add_argument("--since", type=int, required=True, help="unix seconds: events published since")
-    replay.add_argument("--until", type=int, help="unix seconds: ...and before (default: now)")
-    replay.add_argument("--event", help="only this event type")
-    replay.add_argument("--include-cancelled", action="store_true",
-                        help="also the events whose delivery was cancelled (cancel-pending): left out otherwise")
-    replay.set_defaults(handler=_cmd_replay)
-
-    backup = commands.add_parser("backup", parents=[with_config],
-                                 help="a consistent copy of the SQLite database, while the server runs")
-    backup.add_argument("path", help="where to write the copy (a new file)")
-    backup.set_defaults(handler=_cmd_backup)
-
-    restore = commands.add_parser("restore", parents=[with_config],
-                                  help="put a backup in place of storage.path (the server stopped)")
-    restore.add_argument("path", help="the backup to restore")
-    restore.add_argument("--replace", action="store_true", help="overwrite an existing database at storage.path")
-    restore.set_defaults(handler=_cmd_restore)
-
-    migrate = commands.add_parser("migrate-store", parents=[with_config],
-                                  help="copy the SQLite file into a new PostgreSQL database")
-    migrate.add_argument("--to", required=True, metavar="URL", help="postgresql://user:password@host/db (empty)")
-    migrate.add_argument("--history-days", type=float, default=30, metavar="DAYS",
-                         help="delivered events and inbound events this recent go too (default 30); "
-                              "pending and failed deliveries always do")
-    migrate.set_defaults(handler=_cmd_migrate_store)
-
-    catalog = commands.add_parser("catalog", parents=[with_config, as_json],
-                                  help="print the event catalog: each type's fields (--json: as GET /event-types)")
-    catalog.set_defaults(handler=_cmd_catalog)
-
-    sign = commands.add_parser("sign", parents=[with_config], help="print the X-Webhook-Signature of a JSON payload")
-    sign.add_argument("--secret", required=True, help="the partner's shared secret")
-    sign.add_argument("json", nargs="?", default="{}", help="the payload, or @file to read it from a file")
-    sign.set_defaults(handler=_cmd_sign, needs_config=False)
-
-    listen = commands.add_parser("listen", parents=[with_config], help="run a local receiver that verifies and prints webhooks")
-    listen.add_argument("--secret", required=True,
-                        help="the shared secret registration gave you (during a rotation: NEW,OLD)")
-    listen.add_argument("--port", type=int, default=9000, help="port to listen on (default: 9000)")
-    listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    listen.add_argument("--verbose", "-v", action="store_true", help="print each body too")
-    listen.set_defaults(handler=_cmd_listen, needs_config=False)
-    return parser
-
-
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and the record's structured fields."""
 
@@ -638,10 +498,28 @@ def configure_logging(log_format: str) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
+COMMANDS = {
+    "serve": _cmd_serve, "init": _cmd_init, "token": _cmd_token, "migrate": _cmd_migrate,
+    "partners": _cmd_partners, "recover": _cmd_recover, "replay": _cmd_replay, "check": _cmd_check,
+    "publish": _cmd_publish, "deliveries": _cmd_deliveries, "retry": _cmd_retry, "trace": _cmd_trace,
+    "audit": _cmd_audit, "catalog": _cmd_catalog, "backup": _cmd_backup, "restore": _cmd_restore,
+    "migrate-store": _cmd_migrate_store, "sign": _cmd_sign, "listen": _cmd_listen,
+}
+
+
+def config_path(given: str | None) -> str | None:
+    """The config file to read: --config (or $WEBHOOKD_CONFIG), else ./webhookd.toml if there is one;
+    None: the built-in defaults (``webhookd init`` writes a file to start from)."""
+    if given:
+        return given
+    return "webhookd.toml" if os.path.exists("webhookd.toml") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = Config()
-    if getattr(args, "needs_config", True):
+    args.config = config_path(args.config)
+    if args.needs_config:
         try:
             config = load_config(args.config)
         except ConfigError as exc:
@@ -649,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     configure_logging(config.server.log_format)
     try:
-        return args.handler(args, config)
+        return COMMANDS[args.command](args, config)
+    except UsageError as exc:
+        print(f"webhookd: {exc}", file=sys.stderr)
+        return 2
     except (CliError, backup.Refused, signing.BadJSON, OSError) as exc:
         print(f"webhookd: {exc}", file=sys.stderr)
         return 1

@@ -217,8 +217,9 @@ class DeliveryLoop:
         await asyncio.to_thread(self._recorder.join, 10)
         unfinished = self.in_flight
         await asyncio.to_thread(self.sender.close)
-        logger.info("delivery loop stopped; %d attempts left unfinished (their leases will run out "
-                    "and they will be sent again)", unfinished)
+        logger.info("delivery loop stopped; %s", "every attempt in flight finished" if not unfinished else
+                    f"{unfinished} attempt{'s' * (unfinished != 1)} left unfinished, sent again once "
+                    f"{'their leases run' if unfinished != 1 else 'its lease runs'} out")
 
     @property
     def in_flight(self) -> int:

@@ -14,6 +14,8 @@ from typing import Any
 TIME = {"type": "integer", "description": "unix seconds"}
 MAYBE_TIME = {"type": ["integer", "null"], "description": "unix seconds"}
 STRING = {"type": "string"}
+PROBLEM = {"type": "object", "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+           "required": ["field", "message"], "additionalProperties": False}
 EMAIL = {"type": ["string", "null"], "maxLength": 254, "pattern": "^[^@\\s]+@[^@\\s.]+(\\.[^@\\s.]+)+$",
          "description": "whom the operator writes to, e.g. ops@example.com; null: none"}
 SCALAR = {"type": ["string", "number", "boolean"]}
@@ -91,7 +93,11 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
     }
     return {
         "Error": _obj({"error": _obj({"code": {"type": "string", "pattern": "^[a-z_]+$"},
-                                      "message": {"type": "string", "minLength": 1}})}),
+                                      "message": {"type": "string", "minLength": 1},
+                                      "problems": {"type": "array", "items": PROBLEM, "description": (
+                                          "a payload refused for its fields (invalid_field): every problem "
+                                          "found, the first being the message")}},
+                                     required=["code", "message"])}),
         "Registration": _obj({
             "partner_name": {"type": "string", "minLength": 1, "maxLength": 200},
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
@@ -129,13 +135,19 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "type": {"enum": events}, "description": STRING,
             "schema": {"type": "object", "description": "a JSON Schema (draft 2020-12) of the body delivered"},
             "example": {"type": "object", "description": "a body of this type, as a partner receives it"}})}}),
-        "EventAccepted": _obj({"event_id": STRING, "deliveries": {"type": "integer"}}),
+        "EventAccepted": _obj({"event_id": STRING, "deliveries": {"type": "integer"}, "note": _obj({
+            "code": {"enum": ["no_subscriber", "no_match"]}, "message": STRING}, extra=False) | {
+            "description": "only when deliveries is 0: why the event reached no partner (no_subscriber: no "
+                           "partner subscribes to its type; no_match: its subscribers were left out by the "
+                           "partners or channels named, or by their payload filters)"}},
+            required=["event_id", "deliveries"]),
         "EventBatch": _obj({"events": {"type": "array", "minItems": 1, "items": _ref("EventPayload")}}),
         "BatchAccepted": _obj({
             "accepted": {"type": "integer"}, "refused": {"type": "integer"},
             "results": {"type": "array", "description": "one per event, in order", "items": {"oneOf": [
                 _ref("EventAccepted"),
-                _obj({"error": _obj({"code": STRING, "message": STRING}), "status": {"type": "integer"}}),
+                _obj({"error": _obj({"code": STRING, "message": STRING, "problems": {"type": "array", "items": PROBLEM}},
+                                    required=["code", "message"]), "status": {"type": "integer"}}),
             ]}}}),
         "Event": _obj({"event_id": STRING, "event": STRING, "payload": {"type": "object"}, "created_at": TIME,
                        "partners": {"type": ["array", "null"], "items": STRING, "description": "whom it was for"},

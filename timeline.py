@@ -13,6 +13,7 @@ decide → retry or end.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from models import Attempt, AuditEntry, Delivery, Event
@@ -81,5 +82,5 @@ def _end(d: Delivery) -> str:
             "failed": "out of attempts: retry it by hand, or recover the partner's failed deliveries",
             "expired": "pending longer than delivery.max_pending_age_s: retry it by hand if it still matters",
             "cancelled": "cancelled by the admin, or its partner was deleted: never sent again",
-            "pending": f"waiting: due at {d.next_attempt_at:.0f}" + (
+            "pending": "waiting: due at " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(d.next_attempt_at)) + (
                 f", behind {d.held_behind} (FIFO)" if d.held_behind else "")}.get(d.state, d.state)

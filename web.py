@@ -65,16 +65,19 @@ logger = logging.getLogger("webhookd")
 
 
 class ApiError(Exception):
-    """Raised by a route to answer ``{"error": {"code", "message"}}`` with ``status``."""
+    """Raised by a route to answer ``{"error": {"code", "message"}}`` with ``status``; a payload
+    refused for its fields adds ``problems``, every one found (``message`` is the first)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 problems: list[dict[str, str]] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+        self.problems = problems
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    """The one shape of every error: ``{"error": {"code", "message"}}``."""
-    return {"error": {"code": code, "message": message}}
+def error_body(code: str, message: str, problems: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The one shape of every error: ``{"error": {"code", "message"}}`` (and ``problems``)."""
+    return {"error": {"code": code, "message": message, **({"problems": problems} if problems else {})}}
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -92,7 +95,7 @@ def partner_not_found(partner_id: str | None) -> ApiError:
 
 
 async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return JSONResponse(error_body(exc.code, exc.message, exc.problems), status_code=exc.status, headers=exc.headers)
 
 
 async def _on_http_exception(request: Request, exc: HTTPException) -> JSONResponse:

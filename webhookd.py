@@ -7,8 +7,9 @@ back to us, and a promoted offer reaches our users live over WebSocket.
 
 This file is the application and the event routes, top to bottom:
 
-1. publishing: ``POST /events`` checks the payload against the catalog, takes out whom it is
-   for, and answers 202 only once the event and its deliveries are on disk; an event's trace;
+1. an event and its trace (publishing itself, ``POST /events``, is ``publishing.py``: it checks
+   the payload against the catalog, takes out whom it is for, and answers 202 only once the
+   event and its deliveries are on disk);
 2. deliveries: read them (a partner sees only its own), retry a failed one, the audit trail;
 3. operations: health, metrics, the dashboard, the partners' portal, the OpenAPI document;
 4. the route table, which says who may call each route, and ``create_app``, whose lifespan
@@ -19,6 +20,7 @@ Where the rest lives: first in the order a published event meets it, then the ot
 =======================  ============================================================
 ``web.py``               what every route stands on: errors, credentials, access
                          rules, rate limits, reading bodies, paging, ``db()``
+``publishing.py``        ``POST /events``: check, store with its deliveries, answer 202
 ``storage.py``           opens the store the config names: ``store_sqlite.py`` (the
                          default) or ``store_postgres.py``, each its schema,
                          migrations and publish → claim → finish
@@ -39,8 +41,10 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``alerts.py``            webhookd's own signed alerts to the operator
 ``catalog.py``           the event catalog as partners read it: ``/event-types``
 ``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
-``config.py``            every config key and its default; ``cli.py`` the command line,
-                         ``backup.py`` its backup, restore and migrate-store
+``config.py``            every config key and its default (``config_template.py``: the
+                         file ``webhookd init`` writes); ``cli.py`` the command line,
+                         ``cli_parser.py`` its grammar, ``serving.py`` ``webhookd
+                         serve``, ``backup.py`` backup, restore and migrate-store
 ``models.py``            the nouns; ``metrics.py`` the Prometheus text; ``openapi.py``
                          the API's description, served at ``/openapi.json``
 =======================  ============================================================
@@ -51,7 +55,6 @@ Where the rest lives: first in the order a published event meets it, then the ot
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -71,17 +74,15 @@ import housekeeping
 import metrics
 import openapi
 import realtime
-import signing
 import timeline
 from alerts import Alerts
 from catalog import list_event_types
-from config import FIELD_TYPES, VERSION, Config, DeliverySettings, admin_token
+from config import VERSION, Config, DeliverySettings, admin_token
 from doctor import check_endpoint
 from inbound import list_inbound, live_notifications, mint_realtime_token, receive_partner_event, relay_offer
-from models import AuditEntry, Delivery, Event, NewEvent
+from models import AuditEntry, Delivery, Event
 from partners import (
     cancel_pending,
-    check_channels,
     delete_partner,
     get_partner,
     list_partners,
@@ -97,6 +98,7 @@ from partners import (
     send_test_event,
     update_partner,
 )
+from publishing import publish_batch, publish_event
 from storage import open_store
 from store import Store
 from store_processes import OFFERS_CHANNEL, PARTNERS_CHANNEL, WORK_CHANNEL
@@ -118,16 +120,13 @@ from web import (
     caller_of,
     context,
     db,
-    error_body,
     error_response,
     invalid,
     known_partner,
-    new_delivery_id,
     new_id,
     page_json,
     page_params,
     partner_not_found,
-    read_json_object,
     route,
 )
 
@@ -168,150 +167,8 @@ def event_json(event: Event) -> dict[str, Any]:
 
 
 # =====================================================================================
-# 1. Publishing
+# 1. Publishing (``POST /events`` and ``/events/batch``: publishing.py), an event's story
 # =====================================================================================
-
-
-def check_payload(payload: dict[str, Any], catalog: dict[str, dict[str, str]]) -> str:
-    """The event type of a publishable payload, after checking it against the catalog (422)."""
-    event_type = payload.get("event")
-    valid = ", ".join(sorted(catalog))
-    if not isinstance(event_type, str) or event_type not in catalog:
-        shown = repr(event_type)[:100] if event_type is not None else "missing"
-        raise invalid("event", f"must be a known event type ({shown} is not). Valid types: {valid}.")
-    for name, kind in catalog[event_type].items():
-        if name not in payload:
-            raise invalid(name, f"is required for {event_type} ({kind}).")
-        value = payload[name]
-        wrong_bool = isinstance(value, bool) and kind != "boolean"
-        if wrong_bool or not isinstance(value, FIELD_TYPES[kind]):
-            raise invalid(name, f"must be of type {kind} for {event_type}.")
-    timestamp = payload.get("timestamp")
-    if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, (int, float))):
-        raise invalid("timestamp", "must be unix seconds (a number), or be left out to be filled in.")
-    return event_type
-
-
-def idempotency_key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
-    if key is None:
-        return None
-    if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
-        raise ApiError(400, "bad_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters.")
-    return key
-
-
-async def take_audience(payload: dict[str, Any], ctx: Context) -> dict[str, list[str]] | None:
-    """Take ``partners`` and ``channels`` out of a payload to publish: they say whom the event is
-    for and are not sent (one partner has no business seeing the ids of the others). None: every
-    subscriber of its type."""
-    audience = {}
-    if "partners" in payload:
-        ids = payload.pop("partners")
-        if not isinstance(ids, list) or not 1 <= len(ids) <= 100 or not all(isinstance(i, str) for i in ids):
-            raise invalid("partners", "must be a list of 1 to 100 partner ids; leave it out to reach every "
-                                      "subscriber of the type.")
-        for partner_id in ids:
-            if await known_partner(ctx.store, partner_id) is None:
-                raise invalid("partners", f"names {partner_id[:100]!r}, which is not a partner.")
-        audience["partners"] = sorted(set(ids))
-    if "channels" in payload:
-        audience["channels"] = check_channels(payload.pop("channels"), at_least=1, at_most=10)
-    return audience or None
-
-
-def new_event(payload: dict[str, Any], ctx: Context, key: str | None,
-              audience: dict[str, list[str]] | None = None) -> NewEvent:
-    """A checked payload (422 otherwise) as the event to store: ``timestamp`` filled in when
-    absent, canonical bytes, and the hash that tells a reused ``Idempotency-Key`` apart (the
-    audience is part of the request it hashes)."""
-    event_type = check_payload(payload, ctx.config.events)
-    request = {"payload": payload, "audience": audience} if audience else payload
-    request_hash = hashlib.sha256(signing.canonical(request)).hexdigest()
-    payload.setdefault("timestamp", int(ctx.clock()))
-    return NewEvent(id=new_id("evt_"), type=event_type, body=signing.canonical(payload), idempotency_key=key,
-                    request_hash=request_hash, audience=audience)
-
-
-def key_reused(event: Event, created: bool, new: NewEvent) -> bool:
-    """The same ``Idempotency-Key`` with a different body: the caller is confused (409)."""
-    return not created and event.request_hash != new.request_hash
-
-
-KEY_REUSED = "This Idempotency-Key was used with a different body. Use a new key for a new event."
-
-
-async def publish_event(request: Request) -> JSONResponse:
-    """``POST /events``: store the event and its deliveries in one transaction, then answer 202.
-
-    The 202 comes only after the commit: an accepted event is on disk. The same
-    ``Idempotency-Key`` again answers the first event's 202 and stores nothing; with
-    a different body it is a 409 (Stripe does the same), since the caller is confused.
-    """
-    ctx = context(request)
-    key = idempotency_key(request)
-    payload = await read_json_object(request)
-    new = new_event(payload, ctx, key, await take_audience(payload, ctx))
-    event, created = await db(ctx.store.publish, new, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
-                              new_delivery_id=new_delivery_id)
-    if key_reused(event, created, new):
-        raise ApiError(409, "idempotency_key_reused", KEY_REUSED)
-    if created:
-        _published(ctx, [event])
-    return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
-
-
-async def publish_batch(request: Request) -> JSONResponse:
-    """``POST /events/batch``: ``{"events": [payload, ...]}``, each payload what ``POST /events``
-    takes, up to ``security.max_batch_events``; all the accepted ones in one durable commit.
-
-    The answer (202) has one result per event, in order: ``{"event_id", "deliveries"}`` or
-    ``{"error": {...}, "status": 4xx}``; one bad event refuses only itself. With an
-    ``Idempotency-Key`` header, event *i* gets a key of its own made of the header's and *i*
-    (joined by a control character, which no header key can hold, so it never meets a key of
-    ``POST /events``): the same batch sent again stores nothing twice and answers the same ids.
-    Each event may nest as deep as it could alone (the wrapper's two levels do not count).
-    """
-    ctx = context(request)
-    key = idempotency_key(request)
-    items = (await read_json_object(request, allowed={"events"}, extra_depth=2)).get("events")
-    most = ctx.config.security.max_batch_events
-    if not isinstance(items, list) or not items or len(items) > most:
-        raise invalid("events", f"must be a list of 1 to {most} events, each what POST /events takes.")
-    results: list[dict[str, Any]] = [{} for _ in items]
-    checked: list[tuple[int, NewEvent]] = []
-    for i, payload in enumerate(items):
-        try:
-            if not isinstance(payload, dict):
-                raise ApiError(400, "not_an_object", "The event must be a JSON object, like {\"event\": ...}.")
-            audience = await take_audience(payload, ctx)
-            checked.append((i, new_event(payload, ctx, f"{key}\x1f{i}" if key else None, audience)))
-        except ApiError as refused:
-            results[i] = _refused(refused)
-    stored = await db(ctx.store.publish_batch, [new for _, new in checked], now=ctx.clock(),
-                      max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id) if checked else []
-    for (i, new), (event, created) in zip(checked, stored):
-        if key_reused(event, created, new):
-            results[i] = _refused(ApiError(409, "idempotency_key_reused", KEY_REUSED))
-        else:
-            results[i] = {"event_id": event.id, "deliveries": event.fanout}
-    _published(ctx, [event for event, created in stored if created])
-    accepted = sum("event_id" in r for r in results)
-    return JSONResponse({"accepted": accepted, "refused": len(items) - accepted, "results": results}, status_code=202)
-
-
-def _refused(error: ApiError) -> dict[str, Any]:
-    return {**error_body(error.code, error.message), "status": error.status}
-
-
-def _published(ctx: Context, events: list[Event]) -> None:
-    """After the commit: wake the delivery loop, count, log."""
-    if not events:
-        return
-    ctx.loop.wake()
-    for event in events:
-        ctx.metrics.events_published.inc(event=event.type)
-        logger.info("published %s %s to %d partners", event.id, event.type, event.fanout)
 
 
 async def get_event(request: Request) -> JSONResponse:

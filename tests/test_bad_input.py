@@ -814,9 +814,14 @@ def problems_with(row: Row, r: httpx.Response, secrets_issued: list[str]) -> lis
     if not (r.headers.get("content-type", "").startswith("application/json")):
         found.append(f"Content-Type {r.headers.get('content-type')!r}")
     error = body.get("error") if isinstance(body, dict) else None
+    # A payload refused for its fields lists every problem too (the first is the message).
+    listed = isinstance(error, dict) and error.get("code") == "invalid_field" and "problems" in error
     if not (isinstance(body, dict) and set(body) == {"error"} and isinstance(error, dict)
-            and set(error) == {"code", "message"}):
+            and set(error) == {"code", "message"} | ({"problems"} if listed else set())):
         return found + [f"not the error shape: {r.text[:300]!r}"]
+    if listed and not (isinstance(error["problems"], list) and error["problems"]
+                       and error["problems"][0].get("message") == error["message"]):
+        found.append(f"problems do not begin with the message: {r.text[:300]!r}")
     code, message = error["code"], error["message"]
     if not (isinstance(code, str) and SNAKE_CASE.match(code)):
         found.append(f"code {code!r} is not snake_case")

@@ -238,7 +238,7 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
     assert json.loads(_ok(_run(serve, "partners", "cancel-pending", pid, "--json")))["cancelled_deliveries"] == 1
     assert "cancelled" in _ok(_run(serve, "deliveries", "--status", "cancelled", "--partner", pid))
     unsure = _run(serve, "partners", "delete", pid)
-    assert unsure.returncode == 1 and "--yes" in unsure.stderr
+    assert unsure.returncode == 2 and "--yes" in unsure.stderr  # a usage mistake
     assert json.loads(_ok(_run(serve, "partners", "delete", pid, "--yes", "--json")))["deleted"] is True
     assert "404" in _run(serve, "partners", "show", pid).stderr
     trail = _ok(_run(serve, "audit", "--partner", pid))
@@ -254,12 +254,12 @@ def test_operator_commands_work_while_the_server_runs(serve_factory, receiver_fa
 def test_commands_fail_with_one_clear_line(serve_factory, tmp_path):
     serve = serve_factory()
     bad_json = _run(serve, "publish", "payment.success", "--data", "{oops")
-    assert bad_json.returncode == 1 and bad_json.stderr.startswith("webhookd: the JSON given is not valid")
+    assert bad_json.returncode == 2 and bad_json.stderr.startswith("webhookd: the JSON given is not valid")
     invalid = _run(serve, "publish", "payment.success", "--data", "{}")
     assert invalid.returncode == 1 and "'transaction_id' is required" in invalid.stderr
     assert invalid.stderr.count("\n") == 1
     missing = _run(serve, "partners", "show")
-    assert missing.returncode == 1 and "needs a PARTNER_ID" in missing.stderr
+    assert missing.returncode == 2 and "needs a PARTNER_ID" in missing.stderr
     serve.stop()
     down = _run(serve, "partners", "list")
     assert down.returncode == 1 and "cannot reach webhookd" in down.stderr and down.stderr.count("\n") == 1

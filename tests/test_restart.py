@@ -89,7 +89,7 @@ def test_sigterm_drains_attempts_in_flight(serve_factory, receiver_factory):
                           json={**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
     wait_for(lambda: len(receiver.received) == 3)   # all three are in flight now
     serve.stop(signal.SIGTERM)
-    assert "delivery loop stopped; 0 attempts left unfinished" in serve.output()
+    assert "delivery loop stopped; every attempt in flight finished" in serve.output()
     with sqlite3.connect(serve.env["WEBHOOKD_STORAGE_PATH"]) as db:
         rows = db.execute("SELECT state, leased_until FROM deliveries").fetchall()
     assert rows == [("delivered", None)] * 3

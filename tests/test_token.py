@@ -162,7 +162,7 @@ def test_rotating_again_during_the_overlap_ends_the_token_from_two_rotations_ago
 def test_revoke_old_goes_with_rotate_and_a_negative_overlap_is_refused(serve_factory, tmp_path):
     serve = serve_factory(**FILE_TOKEN)
     alone = webhookd_cli(serve.env, "token", "--revoke-old")
-    assert alone.returncode == 1 and "--rotate --revoke-old" in alone.stderr and not alone.stdout
+    assert alone.returncode == 2 and "--rotate --revoke-old" in alone.stderr and not alone.stdout
     config.load_config(None, {"WEBHOOKD_SECURITY_ADMIN_TOKEN_OVERLAP_S": "0"})   # zero is allowed
     with pytest.raises(config.ConfigError, match="security.admin_token_overlap_s.*zero or more"):
         config.load_config(None, {"WEBHOOKD_SECURITY_ADMIN_TOKEN_OVERLAP_S": "-1"})
