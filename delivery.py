@@ -14,7 +14,8 @@ How one delivery travels (the server's event loop on the left, other threads on 
                    results queue ◄────────────────┘
                      ▼
                    recorder thread: store.finish_attempts(batch)  (many results, one
-                   commit), then a log line and metrics per attempt the store recorded
+                   commit), then the metrics of each attempt, a log line per failure
+                   and a summary of the successes (attempt_log.py)
 
 The loop claims at most ``concurrency`` rows at a time, and every claimed row starts at
 once — or is given back, due again, if since its claim the partner was paused, its
@@ -42,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alerts import Alerts
+from attempt_log import CANCELLED_IN_FLIGHT, SUMMARY_EVERY_S, AttemptLog
 from breakers import Breakers, Pacer
 from config import DeliverySettings
 from metrics import Metrics
@@ -60,7 +62,6 @@ CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the writ
 CLAIM_GATHER_S = 0.005  # with attempts in flight, let finished ones gather this long before claiming again
 NOTHING_CLAIMED_WAIT_S = 0.05  # after a claim that took nothing, wait at least this long (or a wake-up)
 # Why an attempt's result went unrecorded (the attempt's log line says it; no metric counts it as an end).
-CANCELLED_IN_FLIGHT = "the delivery was cancelled while in flight (cancel-pending, or its partner deleted)"
 TAKEN_OVER = "the delivery had moved on (its lease ran out and another attempt took it over)"
 REFUSED = "the delivery no longer expected this attempt (cancelled, or taken over, meanwhile)"
 NOT_WRITTEN = "the database did not take the result; the delivery is sent again when its lease runs out"
@@ -122,6 +123,7 @@ class DeliveryLoop:
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
+        self.attempt_log = AttemptLog()     # the recorder's alone
         self._lock = threading.Lock()       # guards the two counts below
         self._claimed = 0                   # claimed and not finished: starting, being sent, or sent
                                             # with its result not yet written
@@ -455,15 +457,15 @@ class DeliveryLoop:
         attempt leaves the in-flight count once its batch is written (or given up)."""
         stopping = False
         while not stopping:
-            batch, stopping = take_batch(self._results, RECORD_BATCH)
-            if not batch:
-                continue
-            try:
-                self._record(batch)
-            except Exception:  # never dies on one batch: what went unrecorded is sent again
-                logger.exception("recording %d attempts failed", len(batch))
-            finally:
-                self._finished([o.partner_id for o in batch])
+            batch, stopping = take_batch(self._results, RECORD_BATCH, timeout=SUMMARY_EVERY_S)
+            if batch:
+                try:
+                    self._record(batch)
+                except Exception:  # never dies on one batch: what went unrecorded is sent again
+                    logger.exception("recording %d attempts failed", len(batch))
+                finally:
+                    self._finished([o.partner_id for o in batch])
+            self.attempt_log.summarise_if_due(force=stopping)
 
     def _record(self, batch: list[Outcome]) -> None:
         """Write one batch, then log and count each attempt as the store took it."""
@@ -515,17 +517,12 @@ class DeliveryLoop:
         return CANCELLED_IN_FLIGHT if delivery.state == "cancelled" else TAKEN_OVER
 
     def _report(self, o: Outcome, now: float, not_recorded: str | None) -> None:
-        """One log line and the metrics of one attempt, as the store took it (in the recorder: one
-        thread, no lock fights). An attempt whose result the store refused is still an attempt,
-        but its delivery did not end (or fail) by it: ``not_recorded`` says why."""
+        """The log (attempt_log.py: a line per failure, successes summed up) and the metrics of one
+        attempt, as the store took it (in the recorder: one thread, no lock fights). An attempt whose
+        result the store refused is still an attempt, but its delivery did not end (or fail) by it:
+        ``not_recorded`` says why."""
         a = o.attempt
-        level = logging.INFO if not_recorded in (None, CANCELLED_IN_FLIGHT) else logging.WARNING
-        result = o.state if not_recorded is None else f"{o.state} but dropped: {not_recorded}"
-        logger.log(level, "delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
-                   o.delivery_id, o.event_id, o.partner_id, a.attempt, a.status_code, a.error, a.duration_ms,
-                   result, extra={"delivery_id": o.delivery_id, "event_id": o.event_id, "partner_id": o.partner_id,
-                                  "attempt": a.attempt, "status_code": a.status_code, "error": a.error,
-                                  "duration_ms": a.duration_ms, "state": o.state, "recorded": not_recorded is None})
+        self.attempt_log.attempt(o, not_recorded)
         m = self.metrics
         m.attempts.inc(result=a.error or "success")
         m.attempt_seconds.observe(a.duration_ms / 1000)

@@ -194,10 +194,14 @@ GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
 ANNOUNCE_GAP_S = 0.05  # at most one WORK_CHANNEL notification per process this often
 
 
-def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]:
-    """Wait for one item, then take whatever else is already queued, up to ``limit``.
-    A ``None`` in the queue means stop: returns the real items and whether to stop."""
-    batch = [waiting.get()]
+def take_batch(waiting: queue.SimpleQueue, limit: int, timeout: float | None = None) -> tuple[list[Any], bool]:
+    """Wait for one item (at most ``timeout`` seconds: then none), then take whatever else is
+    already queued, up to ``limit``. A ``None`` in the queue means stop: returns the real items
+    and whether to stop."""
+    try:
+        batch = [waiting.get(timeout=timeout)]
+    except queue.Empty:
+        return [], False
     while len(batch) < limit:
         try:
             batch.append(waiting.get_nowait())

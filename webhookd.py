@@ -26,7 +26,7 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          its parts ``store_partners.py``, ``store_history.py``,
                          ``store_processes.py``; rows to objects in ``store_rows.py``
 ``delivery.py``          the delivery loop: claim → one task per attempt on the sender
-                         thread → recorder; backoff
+                         thread → recorder; backoff; ``attempt_log.py`` its log lines
 ``breakers.py``          a partner's circuit breaker, failing streak and pace
 ``sender.py``            one HTTP attempt in plain standard library; ``signing.py``
                          signs it, ``targets.py`` says where it may go
@@ -562,6 +562,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     # no credential in a query string reaches a log line.
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(ACCESS_LOG_FILTER)
+    if config.server.log_level == "debug":  # webhookd's own DEBUG lines too: one per successful attempt
+        logging.getLogger("webhookd").setLevel(logging.DEBUG)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
