@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import math
 import queue
@@ -408,8 +407,10 @@ class DeliveryLoop:
         partner = self.store.get_partner(job.partner_id)
         if partner is None or partner.status != "active":
             return None
-        return dataclasses.replace(job, url=partner.webhook_url, secrets=tuple(partner.valid_secrets(self.clock())),
-                                   max_rate_per_s=partner.max_rate_per_s)
+        # Built field by field: dataclasses.replace() costs three times as much, once per attempt.
+        return Job(job.delivery_id, job.event_id, job.event, job.partner_id, partner.webhook_url,
+                   tuple(partner.valid_secrets(self.clock())), job.body, job.attempt, job.max_attempts,
+                   job.partner_failing_since, job.created_at, partner.max_rate_per_s)
 
     def _outcome(self, job: Job, sent: Sent, rate: float | None) -> Outcome:
         """What the attempt means: the pace, the delivery's next state, the partner's health."""
@@ -425,10 +426,9 @@ class DeliveryLoop:
             why += f"; this failure paused the partner (its circuit) for {paused_after - now:.0f} s"
         if disable_reason:
             why += f"; the partner was disabled: {disable_reason}"
-        decision = {"state": state, "wait_s": round(next_at - now, 3), "why": why}
         return Outcome(
-            delivery_id=job.delivery_id, partner_id=job.partner_id,
-            attempt=dataclasses.replace(sent.attempt, decision=decision), state=state,
+            delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=sent.attempt,
+            decision={"state": state, "wait_s": round(next_at - now, 3), "why": why}, state=state,
             next_attempt_at=next_at, partner_failing_since=failing_since,
             partner_failing_changed=failing_changed, disable_reason=disable_reason,
             paused_until=paused_after if paused_after > paused_before else None,

@@ -10,9 +10,11 @@ the store keeps: the status code, or an error class like ``timeout`` or
 
 One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answer):
 
-1. ``targets.parse_target`` checks the URL and the allowed ports again;
+1. ``targets.parse_target`` checks the URL and the allowed ports again (once per URL and
+   process: ``Sender._route``);
 2. ``build_headers`` signs the stored bytes (``X-Webhook-Signature`` and the Standard
-   Webhooks headers), and ``_request_bytes`` writes the whole request in one buffer;
+   Webhooks headers), and ``_request_bytes`` writes the whole request in one buffer, behind
+   the request line and fixed headers its ``Route`` holds (built once per URL);
 3. a kept-alive connection to that origin is reused if it is fresh and the partner has
    not closed it, else a new one is opened to the address ``targets.resolve_target_async``
    checked (pinned: TLS still checks the URL's host name); a request is written again
@@ -55,6 +57,7 @@ logger = logging.getLogger("webhookd.delivery")
 
 SNIPPET_BYTES = 1024
 DRAIN_BYTES = 64 * 1024  # read at most this much of a response to reuse its connection
+ROUTES_KEPT = 10_000     # URLs whose Route is kept (a partner's URL changes rarely)
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,12 @@ class _Answer:
 SIGNATURE_HEADERS = ("X-Webhook-Signature", "webhook-signature")  # kept with each attempt, for its trace
 
 
-def build_headers(job: Job, timestamp: int, user_agent: str) -> dict[str, str]:
-    """Every header of an outgoing webhook, as the partner guide lists them."""
-    current_secret = job.secrets[0]
+def build_headers(job: Job, timestamp: int) -> dict[str, str]:
+    """The headers of an outgoing webhook that change from one request to the next, as the partner
+    guide lists them (the fixed ones, ``Content-Type`` and ``User-Agent``, are in its ``Route``)."""
     return {
-        "Content-Type": "application/json",
-        "User-Agent": user_agent,
         "X-Webhook-Event": job.event,
-        "X-Webhook-Signature": signing.sign_hex(current_secret, job.body),
+        "X-Webhook-Signature": signing.sign_hex(job.secrets[0], job.body),
         "X-Webhook-Id": job.event_id,
         "X-Webhook-Timestamp": str(timestamp),
         "webhook-id": job.event_id,
@@ -97,20 +98,38 @@ def build_headers(job: Job, timestamp: int, user_agent: str) -> dict[str, str]:
     }
 
 
-def _request_bytes(target: Target, headers: dict[str, str], body: bytes) -> bytes:
-    """The whole HTTP/1.1 request, head and body, to be written in one ``sendall``.
+@dataclass(frozen=True)
+class Route:
+    """What every request to one URL shares, worked out once per URL (``Sender._route``): where it
+    goes (the URL checked by ``targets.parse_target``), and the request line and the fixed headers
+    as bytes. Built per request they cost more than the signature."""
 
-    One buffer, one write: a head and a body in two writes would wait on Nagle's
-    algorithm or cost the partner two reads.
-    """
+    target: Target
+    head: bytes
+
+
+def plan_route(url: str, allowed_ports: tuple[int, ...], user_agent: str) -> Route:
+    """The ``Route`` of ``url``, or ``TargetRefused``/``ValueError`` saying why no request goes there."""
+    target = parse_target(url, allowed_ports)
     if any(ord(c) < 33 or ord(c) == 127 for c in target.path):
         raise ValueError("the URL's path holds spaces or control characters")
     path = quote(target.path, safe="/%?=&:@!$'()*+,;~-._")  # non-ASCII as UTF-8 %XX, the rest as it was
     host = f"[{target.host}]" if ":" in target.host else target.host
     default_port = 443 if target.scheme == "https" else 80
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}" + ("" if target.port == default_port else f":{target.port}"),
-             f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in headers.items()), "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
+             "Content-Type: application/json", f"User-Agent: {user_agent}", ""]
+    return Route(target, "\r\n".join(lines).encode("latin-1"))
+
+
+def _request_bytes(route: Route, headers: dict[str, str], body: bytes) -> bytes:
+    """The whole HTTP/1.1 request, head and body, to be written in one ``sendall``.
+
+    One buffer, one write: a head and a body in two writes would wait on Nagle's
+    algorithm or cost the partner two reads.
+    """
+    varying = "".join([f"Content-Length: {len(body)}\r\n", *(f"{name}: {value}\r\n" for name, value in headers.items()),
+                       "\r\n"])
+    return route.head + varying.encode("latin-1") + body
 
 
 # --- What an answer means ---------------------------------------------------------------------
@@ -372,6 +391,7 @@ class Sender:
         self.settings = settings
         self.clock = clock
         self._idle: dict[tuple, list[_Connection]] = {}   # per origin, the most recent last
+        self._routes: dict[str, Route] = {}   # per URL: the target and the request's fixed head
         self._last_sweep = time.monotonic()
         # Built once (it costs milliseconds): the system's CAs, or delivery.ca_file for a private CA.
         self._tls = ssl.create_default_context(cafile=settings.ca_file or None)
@@ -418,11 +438,11 @@ class Sender:
         retry_after: float | None = None
         signatures = None
         try:
-            target = parse_target(job.url, self.settings.allowed_ports)
-            headers = build_headers(job, int(started), self.settings.user_agent)
+            route = self._route(job.url)
+            headers = build_headers(job, int(started))
             signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
             async with asyncio.timeout(self.settings.timeout_s):
-                await self._post(target, _request_bytes(target, headers, job.body), answer)
+                await self._post(route.target, _request_bytes(route, headers, job.body), answer)
             error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)
         except Exception as exc:  # one bad endpoint must never take the sender down
             # Once the status has arrived it is the partner's answer: a body cut short by the
@@ -439,6 +459,17 @@ class Sender:
                           status_code=answer.status, error=error, response_snippet=answer.snippet, url=job.url,
                           error_detail=detail, signatures=signatures)
         return Sent(attempt, retry_after)
+
+    def _route(self, url: str) -> Route:
+        """The URL's ``Route``, from the ones already worked out (a URL refused is checked again
+        each time: it raises). At most ``ROUTES_KEPT`` are kept; past that they are worked out anew."""
+        route = self._routes.get(url)
+        if route is None:
+            route = plan_route(url, self.settings.allowed_ports, self.settings.user_agent)
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[url] = route
+        return route
 
     async def _post(self, target: Target, request: bytes, answer: _Answer) -> None:
         """Write ``request`` to ``target`` and read the answer into ``answer``."""
