@@ -134,6 +134,7 @@ class DeliveryConfig:
     idle_connection_s: float = 30.0
     max_pending_age_s: float = 604800.0          # a delivery pending longer ends "expired" (7 days)
     ca_file: str = ""                            # PEM file of the CAs partners' certificates chain to; empty: the system's
+    native_speedups: bool = True                 # the sender on uvloop, answers parsed by llhttp (httptools), if installed
 
 
 @dataclass(frozen=True)

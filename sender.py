@@ -20,11 +20,14 @@ One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answ
    checked (pinned: TLS still checks the URL's host name); a request is written again
    on a new connection only if the kept one broke before the whole request went out —
    once written, the partner may have acted on it;
-4. ``_read_answer`` reads the answer: the status, the first 1 KiB of the body, and a
+4. ``sender_http.py`` reads the answer: the status, the first 1 KiB of the body, and a
    429/503 ``Retry-After`` for the loop's next wait; redirects are never followed. What a
-   hostile endpoint can make it hold is bounded: at most ``MAX_INTERIM`` interim (1xx)
-   answers and ``MAX_HEAD_BYTES`` of status line and headers per head; past either the
-   attempt fails (``protocol_error``), so that partner's circuit opens like any failing one's.
+   hostile endpoint can make it hold is bounded (see there).
+
+With ``delivery.native_speedups`` on (the default) and ``uvicorn[standard]`` installed, the
+sender's loop is uvloop's (libuv: the loop uvicorn already runs the API on) and llhttp parses the
+answers (``httptools``); without them, the standard library's loop and webhookd's own reader do
+the same work, a little slower. ``docs/performance.md`` says what each bought.
 
 Why not threads with ``http.client``: measured with partners 100 ms away (``docs/performance.md``,
 "Where the time goes"), 16 threads delivered 158/s; 256 threads reached 1,900/s but each
@@ -39,7 +42,6 @@ import concurrent.futures
 import email.utils
 import http.client
 import logging
-import re
 import ssl
 import threading
 import time
@@ -51,12 +53,16 @@ from urllib.parse import quote
 import signing
 from config import DeliverySettings
 from models import Attempt, Job
+from sender_http import MAX_LINE, Answer, BadResponse, answer_reader
 from targets import Target, TargetRefused, parse_target, resolve_target_async
+
+try:  # uvicorn[standard] installs it; without it, the sender runs on the standard library's loop
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the installation
+    uvloop = None
 
 logger = logging.getLogger("webhookd.delivery")
 
-SNIPPET_BYTES = 1024
-DRAIN_BYTES = 64 * 1024  # read at most this much of a response to reuse its connection
 ROUTES_KEPT = 10_000     # URLs whose Route is kept (a partner's URL changes rarely)
 
 
@@ -66,16 +72,6 @@ class Sent:
 
     attempt: Attempt
     retry_after_s: float | None = None
-
-
-@dataclass
-class _Answer:
-    """The part of a partner's HTTP response that webhookd keeps, filled in as it arrives:
-    a status that came before the deadline cut the body off is still recorded."""
-
-    status: int | None = None
-    snippet: str | None = None
-    retry_after: str | None = None
 
 
 # --- The request --------------------------------------------------------------------------
@@ -215,145 +211,6 @@ def parse_retry_after(value: str | None, now: float, max_s: float) -> float | No
     return min(max(seconds, 0.0), max_s)
 
 
-# --- Reading the answer -------------------------------------------------------------------------
-
-
-class BadResponse(http.client.HTTPException):
-    """The partner's answer is not HTTP/1.x, or more than we read (an attempt error ``protocol_error``)."""
-
-
-MAX_LINE = 65536        # bytes in one line the stream buffers (a status, header or chunk-size line)
-MAX_HEAD_BYTES = 16384  # status line and headers of one response head, together (as Node's default)
-MAX_HEADERS = 100       # header lines in one head
-MAX_INTERIM = 5         # interim answers (100 Continue, 103 Early Hints) before the real one
-HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
-async def _read_answer(reader: asyncio.StreamReader, answer: _Answer) -> bool:
-    """Read one HTTP/1.x response into ``answer``: its status, its ``Retry-After``, the first
-    ``SNIPPET_BYTES`` of its body. Returns whether the connection may carry the next request.
-
-    A small reader of our own (the standard library has no asyncio HTTP client, and
-    ``http.client`` parses headers with the ``email`` package, a third of an attempt's
-    time). The body is read only as far as the framing needs, at most ``DRAIN_BYTES``; a
-    larger one costs its connection instead. Once the status has arrived it is the
-    partner's answer: a body cut short only costs the connection.
-    """
-    status, version, headers = await _read_head(reader)
-    interim = 0
-    while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints): the real one follows
-        interim += 1
-        if interim > MAX_INTERIM:  # a partner holding the attempt (and our CPU) until the deadline
-            raise BadResponse(f"too many interim responses: more than {MAX_INTERIM} 1xx answers before the final one")
-        status, version, headers = await _read_head(reader)
-    answer.status, answer.retry_after = status, _header(headers, "retry-after") or None
-    connection = {token.strip() for token in _header(headers, "connection").lower().split(",")}
-    keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-    transfer_encoding = _header(headers, "transfer-encoding").lower()
-    if status in (204, 304):
-        body, whole = b"", True
-    elif transfer_encoding.endswith("chunked"):
-        body, whole = await _read_chunked(reader)
-    elif transfer_encoding or "content-length" not in headers:  # the body ends when the partner closes
-        body, whole = await _read_up_to(reader, SNIPPET_BYTES), False
-    else:
-        length = _content_length(_header(headers, "content-length"))
-        body = await _read_up_to(reader, min(length, DRAIN_BYTES))
-        whole = len(body) == length
-    answer.snippet = body[:SNIPPET_BYTES].decode("utf-8", "replace")
-    return keep and whole
-
-
-async def _readline(reader: asyncio.StreamReader) -> bytes:
-    """One line, with its ending; what came before a close if the partner closed mid-line."""
-    try:
-        return await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError as exc:
-        return exc.partial
-    except asyncio.LimitOverrunError:
-        raise BadResponse("a line of the answer is longer than 64 KiB") from None
-
-
-async def _read_up_to(reader: asyncio.StreamReader, size: int) -> bytes:
-    """``size`` bytes, or fewer if the partner closes first."""
-    try:
-        return await reader.readexactly(size)
-    except asyncio.IncompleteReadError as exc:
-        return exc.partial
-
-
-def _content_length(value: str) -> int:
-    """One length (repeated copies must agree: ``5, 5``), ASCII digits only."""
-    lengths = {v.strip() for v in value.split(",")}
-    if len(lengths) != 1 or not re.fullmatch(r"[0-9]{1,18}", next(iter(lengths))):
-        raise BadResponse(f"Content-Length {value[:40]!r} is not one number")
-    return int(next(iter(lengths)))
-
-
-Headers = dict[str, list[str]]  # names in lower case; a repeated header's values in order
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, Headers]:
-    """The status line and the headers of one response, at most ``MAX_HEAD_BYTES`` together."""
-    line = await _readline(reader)
-    if not line:
-        raise http.client.RemoteDisconnected("the partner closed the connection without an answer")
-    parts = line.decode("latin-1").split(None, 2)
-    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not re.fullmatch(r"[1-5][0-9][0-9]", parts[1]):
-        raise BadResponse(f"not an HTTP/1.x status line: {line[:40]!r}")
-    return int(parts[1]), parts[0], await _read_headers(reader, MAX_HEAD_BYTES - len(line))
-
-
-async def _read_headers(reader: asyncio.StreamReader, budget: int = MAX_HEAD_BYTES) -> Headers:
-    """Header lines up to the empty one, ``budget`` bytes of them at most. A repeated header's
-    values are collected in a list, joined only when read (``_header``): joining as they come
-    would copy a growing string on every repeat."""
-    headers: Headers = {}
-    for _ in range(MAX_HEADERS + 1):
-        line = await _readline(reader)
-        budget -= len(line)
-        if budget < 0:
-            raise BadResponse(f"response head too large: more than {MAX_HEAD_BYTES // 1024} KiB of status line "
-                              "and headers")
-        if line in (b"\r\n", b"\n", b""):
-            return headers
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon:
-            raise BadResponse(f"not a header line: {line[:40]!r}")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    raise BadResponse(f"more than {MAX_HEADERS} header lines")
-
-
-def _header(headers: Headers, name: str) -> str:
-    """One header's value, its repeats joined with commas (as HTTP reads them); "" if absent."""
-    return ", ".join(headers.get(name, ()))
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
-    """A chunked body: its first ``SNIPPET_BYTES``, and whether it was read whole (within
-    ``DRAIN_BYTES``) so the connection can be kept."""
-    kept, total = bytearray(), 0
-    while True:
-        size_line = await _readline(reader)
-        if not size_line:  # the partner closed mid-body: its status stands, the connection goes
-            return bytes(kept), False
-        size_text = size_line.split(b";")[0].strip()
-        if not HEX.fullmatch(size_text):
-            raise BadResponse(f"not a chunk size: {size_text[:20]!r}")
-        size = int(size_text, 16)
-        if size == 0:
-            await _read_headers(reader)  # the trailers
-            return bytes(kept), True
-        total += size
-        if total > DRAIN_BYTES:
-            return bytes(kept), False
-        data = await _read_up_to(reader, size)
-        kept += data[:max(0, SNIPPET_BYTES - len(kept))]
-        if len(data) < size:
-            return bytes(kept), False
-        await _readline(reader)  # the CRLF after the chunk
-
-
 # --- Kept-alive connections, pinned to the checked address ---------------------------------------
 
 
@@ -392,6 +249,7 @@ class Sender:
         self.clock = clock
         self._idle: dict[tuple, list[_Connection]] = {}   # per origin, the most recent last
         self._routes: dict[str, Route] = {}   # per URL: the target and the request's fixed head
+        self._read_answer = answer_reader(settings.native_speedups)   # llhttp's, or webhookd's own
         self._last_sweep = time.monotonic()
         # Built once (it costs milliseconds): the system's CAs, or delivery.ca_file for a private CA.
         self._tls = ssl.create_default_context(cafile=settings.ca_file or None)
@@ -406,7 +264,8 @@ class Sender:
         """The sender's event loop, started in its thread on first use."""
         with self._start_lock:
             if self._loop is None:
-                self._loop = asyncio.new_event_loop()
+                native = self.settings.native_speedups and uvloop is not None
+                self._loop = uvloop.new_event_loop() if native else asyncio.new_event_loop()
                 self._thread = threading.Thread(target=self._loop.run_forever, name="webhookd-sender", daemon=True)
                 self._thread.start()
         return self._loop
@@ -434,7 +293,7 @@ class Sender:
     async def attempt(self, job: Job) -> Sent:
         """Make one HTTP attempt of ``job`` and describe what happened. Never raises for I/O."""
         started = self.clock()
-        answer = _Answer()
+        answer = Answer()
         retry_after: float | None = None
         signatures = None
         try:
@@ -471,7 +330,7 @@ class Sender:
             self._routes[url] = route
         return route
 
-    async def _post(self, target: Target, request: bytes, answer: _Answer) -> None:
+    async def _post(self, target: Target, request: bytes, answer: Answer) -> None:
         """Write ``request`` to ``target`` and read the answer into ``answer``."""
         conn, reused = await self._checkout(target)
         try:
@@ -487,7 +346,7 @@ class Sender:
                 conn.close()
                 conn, reused = await self._checkout(target, fresh=True)
                 await _write(conn, request)
-            reusable = await _read_answer(conn.reader, answer)
+            reusable = await self._read_answer(conn.reader, answer)
         except BaseException:  # an error, the deadline (a cancellation) or a stop
             conn.close()
             raise

@@ -28,8 +28,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``delivery.py``          the delivery loop: claim → one task per attempt on the sender
                          thread → recorder; backoff; ``attempt_log.py`` its log lines
 ``breakers.py``          a partner's circuit breaker, failing streak and pace
-``sender.py``            one HTTP attempt in plain standard library; ``signing.py``
-                         signs it, ``targets.py`` says where it may go
+``sender.py``            one HTTP attempt; ``sender_http.py`` reads the answer;
+                         ``signing.py`` signs it, ``targets.py`` says where it may go
 ``housekeeping.py``      heartbeats, and the sweeper's expiry and retention passes
 ``partners.py``          the ``/partners`` routes and what a partner's fields may hold
 ``inbound.py``           the other direction: verify → store once → 200 → offer on
