@@ -79,6 +79,7 @@ from storage import open_store  # noqa: E402
 SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "reads", "inbound", "fanout", "idle", "postgres",
              "crash"]
 PARTNERS = 5
+FLOOR_DELIVERIES = 20_000  # per floor run, at least (the floor sends 30,000-60,000/s)
 PATHS = [f"/p{k}" for k in range(PARTNERS)]
 
 
@@ -253,11 +254,13 @@ def scenario_throughput(bench: Bench) -> None:
     p = bench.params
     n = p.deliveries
     secret = "sk_live_bench_secret_for_the_baselines"
-    series = {k: Series() for k in ("guide", "pool", "webhookd", "vs_pool", "vs_guide", "rss", "cpu_ms")}
+    series = {k: Series() for k in ("guide", "pool", "webhookd", "vs_pool", "vs_guide", "rss", "cpu_ms", "floor",
+                                    "floor_uvloop", "vs_floor")}
     runs: list[dict] = []
+    floors = ["floor", "floor_uvloop"] if baselines.uvloop_installed() else ["floor"]
     for r in range(p.runs):
         order = ["guide", "pool", "webhookd"]
-        order = order[r % 3:] + order[:r % 3]
+        order = order[r % 3:] + order[:r % 3] + floors
         rates: dict[str, float] = {}
         for sender in order:
             tail = bench.nginx.tail()
@@ -271,6 +274,12 @@ def scenario_throughput(bench: Bench) -> None:
                 logged = collect(tail, n, timeout=5, accept=lambda line: line.uri in PATHS)
                 rates[sender] = ok / seconds
                 runs.append({"round": r, "sender": sender, "ok": ok, "logged": len(logged), "seconds": seconds})
+            elif sender.startswith("floor"):
+                total = max(n, FLOOR_DELIVERIES)  # it is fast: enough requests to last about a second
+                ok, seconds = baselines.streams_floor(bench.urls(), secret, PAYLOAD_BYTES, EVENT_TYPE, total,
+                                                      time_limit_s=60, use_uvloop=sender == "floor_uvloop")
+                rates[sender] = ok / seconds
+                runs.append({"round": r, "sender": sender, "ok": ok, "seconds": seconds})
             else:
                 res = webhookd_throughput(bench, n, name=f"throughput-{r}")
                 rates[sender] = res["rate"]
@@ -278,8 +287,9 @@ def scenario_throughput(bench: Bench) -> None:
                 series["cpu_ms"].add(res["cpu_ms_per_delivery"])
                 runs.append({"round": r, "sender": sender, **res})
             log(f"  round {r + 1}/{p.runs} {sender:<8} {rates[sender]:8.0f} deliveries/s")
-        for k in ("guide", "pool", "webhookd"):
+        for k in ("guide", "pool", "webhookd", *floors):
             series[k].add(rates[k])
+        series["vs_floor"].add(rates["webhookd"] / rates[floors[-1]])
         series["vs_pool"].add(rates["webhookd"] / rates["pool"])
         series["vs_guide"].add(rates["webhookd"] / rates["guide"])
     bench.results["throughput"] = {"series": series, "runs": runs}
@@ -920,6 +930,9 @@ def table(bench: Bench) -> str:
             _row(f"deliveries/s  webhookd (POST /events x {PARTNERS} partners)", s["webhookd"], "/s"),
             _row("  webhookd / stdlib pool", s["vs_pool"], "x", "≥ 1.50×", lambda v: v >= 1.5),
             _row("  webhookd / guide sender", s["vs_guide"], "x", "≥ 4.00×", lambda v: v >= 4.0),
+            _row("deliveries/s  floor: bare asyncio streams + HMAC, keep-alive", s["floor"], "/s"),
+            _row("deliveries/s  floor on uvloop", s["floor_uvloop"], "/s"),
+            _row(f"  webhookd / floor{' on uvloop' if s['floor_uvloop'].values else ''}", s["vs_floor"], "%"),
             _row("webhookd peak RSS (VmHWM, throughput runs)", s["rss"], "MiB"),
             _row("webhookd CPU per delivery (all threads, publish included)", s["cpu_ms"], "ms"),
         ]
@@ -1060,7 +1073,8 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
     if "throughput" in only:
         lines.append(f"throughput: {p.deliveries:,} deliveries per sender per run; webhookd: {p.deliveries // PARTNERS:,} "
                      f"events via POST /events from {p.publish_threads} keep-alive connections, timed from the first "
-                     f"publish to the last delivery in nginx's access log")
+                     f"publish to the last delivery in nginx's access log; the floor: {max(p.deliveries, FLOOR_DELIVERIES):,} "
+                     f"requests from 20 kept-alive asyncio streams in the bench's own process, an HMAC each")
     if "latency" in only:
         lines.append(f"latency: {p.latency_rate / PARTNERS:.0f} events/s x {PARTNERS} partners for {p.latency_s:.0f} s "
                      f"(paced, 8 connections); latency = nginx $msec (ms resolution) - time the publish was sent")
