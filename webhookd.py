@@ -114,6 +114,7 @@ from web import (
     db,
     error_body,
     error_response,
+    group_written,
     invalid,
     known_partner,
     new_delivery_id,
@@ -246,8 +247,10 @@ async def publish_event(request: Request) -> JSONResponse:
     key = idempotency_key(request)
     payload = await read_json_object(request)
     new = new_event(payload, ctx, key, await take_audience(payload, ctx))
-    event, created = await db(ctx.store.publish, new, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
-                              new_delivery_id=new_delivery_id)
+    now = ctx.clock()
+    event, created = await group_written(lambda deadline, on_done: ctx.store.publish_soon(
+        new, now=now, max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id,
+        deadline=deadline, on_done=on_done))
     if key_reused(event, created, new):
         raise ApiError(409, "idempotency_key_reused", KEY_REUSED)
     if created:
