@@ -17,7 +17,8 @@ How one delivery travels (the server's event loop on the left, other threads on 
                    commit), then the metrics of each attempt, a log line per failure
                    and a summary of the successes (attempt_log.py)
 
-The loop claims at most ``concurrency`` rows at a time, and every claimed row starts at
+The loop holds at most ``concurrency`` rows at a time — fewer while publishes wait on
+deliveries (governor.py: publishes first) — and every claimed row starts at
 once — or is given back, due again, if since its claim the partner was paused, its
 circuit opened, its pace slowed or the process began to stop — so its lease only has
 to cover one attempt. A lease that runs out (the process died mid-send) makes the row
@@ -45,6 +46,7 @@ from alerts import Alerts
 from attempt_log import CANCELLED_IN_FLIGHT, SUMMARY_EVERY_S, AttemptLog
 from breakers import Breakers, Pacer
 from config import DeliverySettings
+from governor import WINDOW_S, PublishFirst
 from metrics import Metrics
 from models import Job, Outcome, Partner
 from sender import Sender, Sent
@@ -119,6 +121,7 @@ class DeliveryLoop:
         self.live_processes = live_processes  # how many share the database (housekeeping's heartbeats)
         self.breakers = Breakers(settings, last_failure_of=store.last_failed_attempt_at)
         self.pacer = Pacer()
+        self.publish_first = PublishFirst(settings.concurrency)  # the in-flight bound: publishes first
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
@@ -267,7 +270,7 @@ class DeliveryLoop:
             await self._sleep(pause)
 
     async def _claim_and_start(self) -> int:
-        free = min(self.settings.concurrency - self._claimed, CLAIM_BATCH)
+        free = min(self.publish_first.adjust(self._claimed) - self._claimed, CLAIM_BATCH)
         if free <= 0:
             return 0
         now = self.clock()
@@ -332,15 +335,15 @@ class DeliveryLoop:
                     del self._busy[partner_id]
             if not self._claimed:
                 self._all_done.set()
-            room_opened = self._claimed <= self.settings.concurrency - min(CLAIM_BATCH, self._claimed + 1)
+            room_opened = self._claimed <= self.publish_first.bound - min(CLAIM_BATCH, self._claimed + 1)
         if room_opened:
             self.wake()
 
     async def _seconds_until_next_due(self) -> float:
         """Sleep until the next due row of a partner with room, or until a paused partner reopens.
         With the claimed work at its limit, sleep until an attempt finishes (it wakes the loop)."""
-        if self._claimed >= self.settings.concurrency:
-            return self._recheck_s
+        if self._claimed >= self.publish_first.bound:
+            return min(self._recheck_s, WINDOW_S)  # the bound may rise again
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
         candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full, now=now),

@@ -26,7 +26,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          its parts ``store_partners.py``, ``store_history.py``,
                          ``store_processes.py``; rows to objects in ``store_rows.py``
 ``delivery.py``          the delivery loop: claim → one task per attempt on the sender
-                         thread → recorder; backoff; ``attempt_log.py`` its log lines
+                         thread → recorder; backoff; ``attempt_log.py`` its log lines;
+                         ``governor.py`` its in-flight bound (publishes first)
 ``breakers.py``          a partner's circuit breaker, failing streak and pace
 ``sender.py``            one HTTP attempt; ``sender_http.py`` reads the answer;
                          ``signing.py`` signs it, ``targets.py`` says where it may go
@@ -247,10 +248,11 @@ async def publish_event(request: Request) -> JSONResponse:
     key = idempotency_key(request)
     payload = await read_json_object(request)
     new = new_event(payload, ctx, key, await take_audience(payload, ctx))
-    now = ctx.clock()
+    now, began = ctx.clock(), time.monotonic()
     event, created = await group_written(lambda deadline, on_done: ctx.store.publish_soon(
         new, now=now, max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id,
         deadline=deadline, on_done=on_done))
+    ctx.loop.publish_first.publish_waited(time.monotonic() - began)  # deliveries give way if this grows
     if key_reused(event, created, new):
         raise ApiError(409, "idempotency_key_reused", KEY_REUSED)
     if created:
@@ -483,6 +485,7 @@ async def stats(request: Request) -> JSONResponse:
                   "seen_at": int(p["seen_at"]), "this": p["id"] == ctx.housekeeping.process_id}
                  for p in ctx.housekeeping.processes]
     return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
+                         "delivery": ctx.loop.publish_first.describe(),
                          "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
                          "processes": processes, "now": int(now)})
 
@@ -651,6 +654,7 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
     counters.gauge("webhookd_deliveries_in_flight",
                    "Attempts claimed and not finished: being sent, or answered and not yet recorded.",
                    lambda: {(): float(loop.in_flight)})
+    loop.publish_first.add_gauges(counters)  # the in-flight bound, and how long publishes wait
     counters.gauge("webhookd_circuit_breakers_open", "Partners whose circuit is open or half-open.",
                    lambda: {(): float(loop.breakers.open_count(clock()))})
     counters.gauge("webhookd_partner_circuit_open", "1 while a partner's circuit is open or half-open, else 0.",

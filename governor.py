@@ -1,0 +1,96 @@
+"""Publishes first: the delivery loop's in-flight bound, adapted to how long publishes wait.
+
+Everything Python in webhookd shares one GIL, and SQLite one writer: a delivery storm — thousands
+of attempts a second, their claims and their results — competes with ``POST /events`` for both.
+The company's checkout calls that route, so it must win. ``PublishFirst`` watches how long each
+publish waits for its commit (from its request's queueing to the route taking the answer up again:
+the writer lock, the group commit's queue, the GIL) and moves the number of attempts the loop may
+hold in flight between a floor and ``delivery.concurrency``:
+
+* every ``WINDOW_S`` it takes the 90th percentile of the window's waits, less what a publish waits
+  with nothing in the way (the lowest wait seen lately, rising only slowly: the disk's flush, which
+  no bound changes);
+* above ``EXCESS_TARGET_S``, deliveries are in the way: the bound falls to 80% of what is in
+  flight (never below the floor);
+* below half of it, or with no publish at all, the bound climbs back by an eighth (at least 10)
+  while the loop uses it, up to ``delivery.concurrency``.
+
+So with nobody publishing, or publishes that do not wait, deliveries get the whole of
+``concurrency``; under a storm that slows the API they give way within a window or two, without an
+operator touching a knob. ``/stats`` (``delivery``) and ``/metrics`` show the bound and the wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from metrics import Metrics
+
+WINDOW_S = 0.5             # the waits of this long are judged together
+EXCESS_TARGET_S = 0.010    # what deliveries may add to a publish's wait (the p99 goal of POST /events is 25 ms)
+FLOOR_SHARE = 10           # the bound never falls below concurrency / FLOOR_SHARE...
+FLOOR_MIN = 50             # ...nor below this (nor above concurrency)
+WAITS_KEPT = 10_000        # waits kept per window, at most
+USUAL_RISE = 0.01          # the share of the way a higher lowest wait moves the usual one, per window
+
+
+class PublishFirst:
+    """The in-flight bound (``bound``). Its two calls come from the server's event loop only (the
+    routes' ``publish_waited``, the delivery loop's ``adjust``): no lock."""
+
+    def __init__(self, ceiling: int, clock: Callable[[], float] = time.monotonic):
+        self.ceiling = ceiling
+        self.floor = min(ceiling, max(FLOOR_MIN, ceiling // FLOOR_SHARE))
+        self.bound = ceiling
+        self.clock = clock
+        self.wait_p90_s = 0.0              # the last window's 90th percentile
+        self.usual_s: float | None = None  # what a publish waits with nothing in the way, lately
+        self.lowered = 0                   # how many times the bound was lowered (a counter, for /metrics)
+        self._waits: list[float] = []
+        self._window_ends = clock() + WINDOW_S
+
+    def publish_waited(self, seconds: float) -> None:
+        """A publish waited ``seconds`` for its commit."""
+        if len(self._waits) < WAITS_KEPT:
+            self._waits.append(seconds)
+
+    def adjust(self, in_flight: int) -> int:
+        """The bound for now, judged again once a window has passed; ``in_flight`` is what the loop holds."""
+        now = self.clock()
+        if now < self._window_ends:
+            return self.bound
+        self._window_ends = now + WINDOW_S
+        waits, self._waits = sorted(self._waits), []
+        excess = 0.0
+        if waits:
+            lowest = waits[0]
+            # The usual wait follows a lower one at once and a higher one slowly (a disk that got
+            # slower), over a minute or so: a storm of a few seconds does not become the usual.
+            self.usual_s = lowest if self.usual_s is None or lowest < self.usual_s else \
+                self.usual_s + (lowest - self.usual_s) * USUAL_RISE
+            self.wait_p90_s = waits[int(0.9 * (len(waits) - 1))]
+            excess = self.wait_p90_s - self.usual_s
+        if excess > EXCESS_TARGET_S:
+            lowered = max(self.floor, int(min(self.bound, in_flight) * 0.8))
+            if lowered < self.bound:
+                self.bound = lowered
+                self.lowered += 1
+        elif excess < EXCESS_TARGET_S / 2 and in_flight >= self.bound * 0.8:
+            self.bound = min(self.ceiling, self.bound + max(10, self.bound // 8))
+        return self.bound
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/stats`` shows under ``delivery``."""
+        return {"in_flight_bound": self.bound, "in_flight_max": self.ceiling, "in_flight_floor": self.floor,
+                "publish_wait_p90_ms": round(self.wait_p90_s * 1000, 1),
+                "publish_wait_usual_ms": round((self.usual_s or 0.0) * 1000, 1)}
+
+    def add_gauges(self, metrics: Metrics) -> None:
+        """The bound and the wait in ``/metrics``."""
+        metrics.gauge("webhookd_deliveries_in_flight_bound", "Attempts the delivery loop may hold in flight now "
+                      "(delivery.concurrency, less while publishes wait on deliveries).",
+                      lambda: {(): float(self.bound)})
+        metrics.gauge("webhookd_publish_wait_seconds", "90th percentile of how long POST /events waited for its "
+                      "commit, over the last half second with publishes.", lambda: {(): self.wait_p90_s})
