@@ -46,7 +46,7 @@ from alerts import Alerts
 from attempt_log import CANCELLED_IN_FLIGHT, SUMMARY_EVERY_S, AttemptLog
 from breakers import Breakers, Pacer
 from config import DeliverySettings
-from governor import WINDOW_S, PublishFirst
+from governor import WINDOW_S, PartnerLimits, PublishFirst
 from metrics import Metrics
 from models import Job, Outcome, Partner
 from sender import Sender, Sent
@@ -122,6 +122,7 @@ class DeliveryLoop:
         self.breakers = Breakers(settings, last_failure_of=store.last_failed_attempt_at)
         self.pacer = Pacer()
         self.publish_first = PublishFirst(settings.concurrency)  # the in-flight bound: publishes first
+        self.partner_limits = PartnerLimits(settings.per_partner_concurrency)  # each partner's, by how it answers
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
@@ -277,7 +278,7 @@ class DeliveryLoop:
         began = time.monotonic()
         jobs = await asyncio.to_thread(
             self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
-            per_partner=self.settings.per_partner_concurrency, room=self._room(now))
+            per_partner=self.partner_limits.start, room=self._room(now))
         self.metrics.claim_rows.observe(len(jobs))
         self.metrics.claim_seconds.observe(time.monotonic() - began)
         if not jobs:
@@ -293,14 +294,17 @@ class DeliveryLoop:
         return len(jobs)
 
     def _room(self, now: float) -> dict[str, int]:
-        """Room of every partner that is not simply idle, healthy and unpaced (those get the
-        full cap): the breaker's room, and at most the pace's."""
+        """Room of every partner that is not simply idle, healthy, unpaced and at its starting
+        bound (those get that bound): the breaker's room, at most its own bound's
+        (``PartnerLimits``), and at most the pace's."""
         with self._lock:
             busy = dict(self._busy)
         paces = self._paces(now)
+        limits = self.partner_limits.changed()
         room = {}
-        for p in set(busy) | set(self.breakers.constrained()) | set(paces):
-            room[p] = self.breakers.room(p, busy.get(p, 0), now)
+        for p in set(busy) | set(self.breakers.constrained()) | set(paces) | set(limits):
+            room[p] = min(self.breakers.room(p, busy.get(p, 0), now),
+                          limits.get(p, self.partner_limits.start) - busy.get(p, 0))
             if p in paces:
                 room[p] = min(room[p], self.pacer.room(p, paces[p], now))
         return room
@@ -420,6 +424,8 @@ class DeliveryLoop:
         now = self.clock()
         if sent.attempt.status_code == 429:
             self.pacer.slow_down(job.partner_id, rate, now)
+        self.partner_limits.finished(job.partner_id, sent.attempt.error, sent.attempt.status_code,
+                                     busy=self._busy.get(job.partner_id, 0))
         state, next_at, why = decide(job, sent, self.settings, self.rng, now)
         paused_before, open_before = self.breakers.paused_until(job.partner_id), self.breakers.is_open(job.partner_id)
         failing_since, failing_changed, disable_reason = self.breakers.record(job, sent, now)

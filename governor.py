@@ -1,4 +1,6 @@
-"""Publishes first: the delivery loop's in-flight bound, adapted to how long publishes wait.
+"""Two bounds the delivery loop adapts as it runs: publishes first (``PublishFirst``: how many
+attempts may be in flight in all, by how long publishes wait), and slow but healthy partners keep
+up (``PartnerLimits``: how many to one partner, by how it answers).
 
 Everything Python in webhookd shares one GIL, and SQLite one writer: a delivery storm — thousands
 of attempts a second, their claims and their results — competes with ``POST /events`` for both.
@@ -22,6 +24,7 @@ operator touching a knob. ``/stats`` (``delivery``) and ``/metrics`` show the bo
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -94,3 +97,52 @@ class PublishFirst:
                       lambda: {(): float(self.bound)})
         metrics.gauge("webhookd_publish_wait_seconds", "90th percentile of how long POST /events waited for its "
                       "commit, over the last half second with publishes.", lambda: {(): self.wait_p90_s})
+
+
+# --- Slow but healthy partners keep up ---------------------------------------------------------
+
+PARTNER_START = 25   # a partner's in-flight bound to begin with (and after a restart)
+
+
+class PartnerLimits:
+    """Each partner's in-flight bound, adapted to how it answers (the way TCP opens its window).
+
+    A partner starts at ``PARTNER_START`` attempts in flight. Each attempt that succeeds while the
+    partner used (nearly) all of its bound raises the bound by one, so it doubles every round trip
+    while the partner keeps answering 2xx: a partner 2 s away offered 200 deliveries a second
+    needs 400 in flight, and gets them within a few seconds. An attempt that fails for a reason
+    of load — a timeout, a refused or reset connection, a 5xx, a 429 — halves it (at least 1): a
+    partner that struggles gets fewer, and a black hole holds few of the loop's places. Never
+    above ``delivery.per_partner_concurrency``; the loop's own bound and a partner's
+    ``max_rate_per_s`` still apply on top. Written from the sender's thread, read by the loop's.
+    """
+
+    GROW_WHEN_USING = 0.8  # a success grows the bound only while the partner used this share of it
+
+    def __init__(self, ceiling: int):
+        self.ceiling = ceiling
+        self.start = min(PARTNER_START, ceiling)
+        self._limits: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def limit(self, partner_id: str) -> int:
+        return int(self._limits.get(partner_id, self.start))
+
+    def changed(self) -> dict[str, int]:
+        """The partners whose bound is not the starting one."""
+        with self._lock:
+            return {p: int(limit) for p, limit in self._limits.items()}
+
+    def finished(self, partner_id: str, error: str | None, status: int | None, busy: int) -> None:
+        """One attempt of the partner ended (``error`` None: a 2xx) while ``busy`` of its attempts were out."""
+        with self._lock:
+            limit = self._limits.get(partner_id, self.start)
+            if error is None:
+                if busy >= limit * self.GROW_WHEN_USING:
+                    limit = min(self.ceiling, limit + 1)
+            elif status is None or status >= 500 or status in (408, 429):
+                limit = max(1.0, limit / 2)
+            if limit == self.start:
+                self._limits.pop(partner_id, None)
+            else:
+                self._limits[partner_id] = limit

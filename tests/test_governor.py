@@ -2,7 +2,7 @@
 on deliveries, and comes back when they do not; the loop holds no more than the bound."""
 
 from conftest import wait_for
-from governor import EXCESS_TARGET_S, WINDOW_S, PublishFirst
+from governor import EXCESS_TARGET_S, WINDOW_S, PartnerLimits, PublishFirst
 
 
 class Clock:
@@ -64,3 +64,46 @@ def test_the_loop_holds_no_more_attempts_than_the_bound_and_stats_show_it(webhoo
     assert receiver.max_in_flight == 3
     assert hub.http.get("/stats", headers=hub.admin).json()["delivery"]["in_flight_bound"] == 3
     assert "webhookd_deliveries_in_flight_bound 3.0" in hub.http.get("/metrics", headers=hub.admin).text
+
+
+# --- Slow but healthy partners keep up (PartnerLimits) ---------------------------------------------
+
+
+def test_a_partner_s_bound_doubles_per_round_trip_of_successes_and_halves_on_load_failures():
+    limits = PartnerLimits(ceiling=500)
+    assert limits.start == 25 and limits.limit("p") == 25
+    for _ in range(25):                       # a round trip of successes with the bound in use
+        limits.finished("p", None, 200, busy=limits.limit("p"))
+    assert limits.limit("p") == 50 and limits.changed() == {"p": 50}
+    limits.finished("p", None, 200, busy=10)  # a success with the bound far from used: no growth
+    assert limits.limit("p") == 50
+    limits.finished("p", "timeout", None, busy=50)
+    assert limits.limit("p") == 25 and limits.changed() == {}   # back at the start: not listed
+    limits.finished("p", "http_error", 503, busy=25)
+    limits.finished("p", "http_error", 429, busy=12)
+    assert limits.limit("p") == 6
+    limits.finished("p", "http_error", 404, busy=6)   # a 4xx is no sign of load: the bound stays
+    assert limits.limit("p") == 6
+    for _ in range(10):
+        limits.finished("p", "connection_refused", None, busy=1)
+    assert limits.limit("p") == 1                     # never below one
+    for _ in range(2000):
+        limits.finished("q", None, 200, busy=limits.limit("q"))
+    assert limits.limit("q") == 500                   # never past per_partner_concurrency
+    assert PartnerLimits(ceiling=4).start == 4
+
+
+def test_a_slow_healthy_partner_gets_more_than_its_starting_bound_and_stats_show_it(webhookd_factory,
+                                                                                   receiver_factory):
+    """A partner answering 200 after 0.5 s with 150 deliveries waiting: it starts at 25 in flight
+    (what every partner had before, at most) and its bound grows with its successes; the bundled
+    per_partner_concurrency (500) is far off."""
+    hub = webhookd_factory()
+    assert hub.config.delivery.per_partner_concurrency == 500
+    receiver = receiver_factory(default=(200, 0.5))
+    pid = hub.register(receiver.url, ["payment.success"])["partner_id"]
+    hub.publish_many(150)
+    wait_for(lambda: len(hub.deliveries(state="delivered", limit=200)) == 150, timeout=60)
+    assert receiver.max_in_flight > 25, receiver.max_in_flight
+    (row,) = [p for p in hub.http.get("/stats", headers=hub.admin).json()["partners"] if p["partner_id"] == pid]
+    assert row["concurrency"] > 25
