@@ -108,9 +108,9 @@ class PartnerLimits:
     """Each partner's in-flight bound, adapted to how it answers (the way TCP opens its window).
 
     A partner starts at ``PARTNER_START`` attempts in flight. Each attempt that succeeds while the
-    partner used (nearly) all of its bound raises the bound by one, so it doubles every round trip
+    partner used (nearly) all of its bound raises the bound by two, so it triples every round trip
     while the partner keeps answering 2xx: a partner 2 s away offered 200 deliveries a second
-    needs 400 in flight, and gets them within a few seconds. An attempt that fails for a reason
+    needs 400 in flight, and has them after three round trips. An attempt that fails for a reason
     of load — a timeout, a refused or reset connection, a 5xx, a 429 — halves it (at least 1): a
     partner that struggles gets fewer, and a black hole holds few of the loop's places. Never
     above ``delivery.per_partner_concurrency``; the loop's own bound and a partner's
@@ -118,6 +118,7 @@ class PartnerLimits:
     """
 
     GROW_WHEN_USING = 0.8  # a success grows the bound only while the partner used this share of it
+    GROWTH = 2             # what each such success adds: the bound triples per round trip
 
     def __init__(self, ceiling: int):
         self.ceiling = ceiling
@@ -139,7 +140,7 @@ class PartnerLimits:
             limit = self._limits.get(partner_id, self.start)
             if error is None:
                 if busy >= limit * self.GROW_WHEN_USING:
-                    limit = min(self.ceiling, limit + 1)
+                    limit = min(self.ceiling, limit + self.GROWTH)
             elif status is None or status >= 500 or status in (408, 429):
                 limit = max(1.0, limit / 2)
             if limit == self.start:

@@ -69,21 +69,21 @@ def test_the_loop_holds_no_more_attempts_than_the_bound_and_stats_show_it(webhoo
 # --- Slow but healthy partners keep up (PartnerLimits) ---------------------------------------------
 
 
-def test_a_partner_s_bound_doubles_per_round_trip_of_successes_and_halves_on_load_failures():
+def test_a_partner_s_bound_triples_per_round_trip_of_successes_and_halves_on_load_failures():
     limits = PartnerLimits(ceiling=500)
     assert limits.start == 25 and limits.limit("p") == 25
     for _ in range(25):                       # a round trip of successes with the bound in use
         limits.finished("p", None, 200, busy=limits.limit("p"))
-    assert limits.limit("p") == 50 and limits.changed() == {"p": 50}
+    assert limits.limit("p") == 75 and limits.changed() == {"p": 75}
     limits.finished("p", None, 200, busy=10)  # a success with the bound far from used: no growth
-    assert limits.limit("p") == 50
-    limits.finished("p", "timeout", None, busy=50)
-    assert limits.limit("p") == 25 and limits.changed() == {}   # back at the start: not listed
-    limits.finished("p", "http_error", 503, busy=25)
-    limits.finished("p", "http_error", 429, busy=12)
-    assert limits.limit("p") == 6
-    limits.finished("p", "http_error", 404, busy=6)   # a 4xx is no sign of load: the bound stays
-    assert limits.limit("p") == 6
+    assert limits.limit("p") == 75
+    limits.finished("p", "timeout", None, busy=75)
+    assert limits.limit("p") == 37
+    limits.finished("p", "http_error", 503, busy=37)
+    limits.finished("p", "http_error", 429, busy=18)
+    assert limits.limit("p") == 9
+    limits.finished("p", "http_error", 404, busy=9)   # a 4xx is no sign of load: the bound stays
+    assert limits.limit("p") == 9
     for _ in range(10):
         limits.finished("p", "connection_refused", None, busy=1)
     assert limits.limit("p") == 1                     # never below one
