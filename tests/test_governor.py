@@ -23,19 +23,19 @@ def _window(bound, clock, waits, in_flight):
 def test_the_bound_falls_while_publishes_wait_and_climbs_back_when_they_do_not():
     clock = Clock()
     bound = PublishFirst(1000, clock=clock)
-    assert (bound.bound, bound.floor) == (1000, 100)
+    assert (bound.bound, bound.floor) == (1000, 250)
     _window(bound, clock, [0.002] * 20, in_flight=1000)        # a commit's usual wait: 2 ms
     assert bound.bound == 1000
     slow = [0.002 + 3 * EXCESS_TARGET_S] * 20                  # deliveries in the way: 30 ms more
-    assert _window(bound, clock, slow, in_flight=900) == 720   # 80% of what is in flight
-    assert _window(bound, clock, slow, in_flight=720) == 576
+    assert _window(bound, clock, slow, in_flight=900) == 810   # 90% of what is in flight
+    assert _window(bound, clock, slow, in_flight=810) == 729
     for _ in range(20):
         _window(bound, clock, slow, in_flight=bound.bound)
-    assert bound.bound == bound.floor == 100                   # never below the floor
+    assert bound.bound == bound.floor == 250                   # never below the floor
     shown = bound.describe()
-    assert shown["publish_wait_p90_ms"] == 32.0 and 2.0 < shown["publish_wait_usual_ms"] < 12.0  # rises slowly
+    assert shown["publish_wait_p90_ms"] == 62.0 and 2.0 < shown["publish_wait_usual_ms"] < 22.0  # rises slowly
     climbed = [_window(bound, clock, [0.002] * 20, in_flight=bound.bound) for _ in range(30)]
-    assert climbed[0] > 100 and climbed == sorted(climbed) and climbed[-1] == 1000   # back up, never past it
+    assert climbed[0] > 250 and climbed == sorted(climbed) and climbed[-1] == 1000   # back up, never past it
 
 
 def test_with_no_publish_the_bound_climbs_only_while_the_loop_uses_it():
@@ -43,11 +43,11 @@ def test_with_no_publish_the_bound_climbs_only_while_the_loop_uses_it():
     bound = PublishFirst(1000, clock=clock)
     _window(bound, clock, [0.001] * 5, in_flight=1000)
     _window(bound, clock, [0.001 + 2 * EXCESS_TARGET_S] * 5, in_flight=500)
-    assert bound.bound == 400
-    assert _window(bound, clock, [], in_flight=10) == 400      # idle: nothing to judge it by
-    assert _window(bound, clock, [], in_flight=400) == 450     # in use, nobody waiting: more
+    assert bound.bound == 450
+    assert _window(bound, clock, [], in_flight=10) == 450      # idle: nothing to judge it by
+    assert _window(bound, clock, [], in_flight=450) == 506     # in use, nobody waiting: more
     clock.now += WINDOW_S / 10
-    assert bound.adjust(450) == 450                            # judged once a window
+    assert bound.adjust(506) == 506                            # judged once a window
 
 
 def test_the_loop_holds_no_more_attempts_than_the_bound_and_stats_show_it(webhookd_factory, receiver_factory):
