@@ -500,8 +500,10 @@ class SQLiteStore(Store):
             [{"id": new_delivery_id(), "event_id": event.id, "type": event.type, "partner_id": pid,
               "max_attempts": max_attempts, "now": now} for pid in partner_ids],
         )
-        row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event.id}).fetchone()
-        return event_from_row(row), True
+        # The event as stored, without reading it back: every column is one written just above.
+        return Event(id=event.id, type=event.type, body=event.body, fanout=len(partner_ids), created_at=now,
+                     idempotency_key=event.idempotency_key, request_hash=event.request_hash,
+                     audience=event.audience or None), True
 
     # --- Claim ----------------------------------------------------------------------------
 
