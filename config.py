@@ -124,7 +124,7 @@ class DeliveryConfig:
     backoff_base_s: float = 30.0
     backoff_max_s: float = 3600.0
     concurrency: int = 1000                      # attempts in flight at once, all partners together
-    per_partner_concurrency: int = 25
+    per_partner_concurrency: int = 500           # at most; each partner starts at 25 (governor.PartnerLimits)
     breaker_threshold: int = 5
     breaker_span_s: float = 10.0
     breaker_cooldown_s: float | None = None      # unset: the smaller of 30 s and backoff_max_s
@@ -134,6 +134,7 @@ class DeliveryConfig:
     idle_connection_s: float = 30.0
     max_pending_age_s: float = 604800.0          # a delivery pending longer ends "expired" (7 days)
     ca_file: str = ""                            # PEM file of the CAs partners' certificates chain to; empty: the system's
+    native_speedups: bool = True                 # the sender on uvloop, answers parsed by llhttp (httptools), if installed
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,11 @@ How one delivery travels (the server's event loop on the left, other threads on 
                    results queue ◄────────────────┘
                      ▼
                    recorder thread: store.finish_attempts(batch)  (many results, one
-                   commit), then a log line and metrics per attempt the store recorded
+                   commit), then the metrics of each attempt, a log line per failure
+                   and a summary of the successes (attempt_log.py)
 
-The loop claims at most ``concurrency`` rows at a time, and every claimed row starts at
+The loop holds at most ``concurrency`` rows at a time — fewer while publishes wait on
+deliveries (governor.py: publishes first) — and every claimed row starts at
 once — or is given back, due again, if since its claim the partner was paused, its
 circuit opened, its pace slowed or the process began to stop — so its lease only has
 to cover one attempt. A lease that runs out (the process died mid-send) makes the row
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import math
 import queue
@@ -42,8 +43,10 @@ from collections.abc import Callable
 from typing import Any
 
 from alerts import Alerts
+from attempt_log import CANCELLED_IN_FLIGHT, SUMMARY_EVERY_S, AttemptLog
 from breakers import Breakers, Pacer
 from config import DeliverySettings
+from governor import WINDOW_S, PartnerLimits, PublishFirst
 from metrics import Metrics
 from models import Job, Outcome, Partner
 from sender import Sender, Sent
@@ -60,7 +63,6 @@ CLAIM_BATCH = 100       # rows leased per claim, at most: a claim holds the writ
 CLAIM_GATHER_S = 0.005  # with attempts in flight, let finished ones gather this long before claiming again
 NOTHING_CLAIMED_WAIT_S = 0.05  # after a claim that took nothing, wait at least this long (or a wake-up)
 # Why an attempt's result went unrecorded (the attempt's log line says it; no metric counts it as an end).
-CANCELLED_IN_FLIGHT = "the delivery was cancelled while in flight (cancel-pending, or its partner deleted)"
 TAKEN_OVER = "the delivery had moved on (its lease ran out and another attempt took it over)"
 REFUSED = "the delivery no longer expected this attempt (cancelled, or taken over, meanwhile)"
 NOT_WRITTEN = "the database did not take the result; the delivery is sent again when its lease runs out"
@@ -119,9 +121,12 @@ class DeliveryLoop:
         self.live_processes = live_processes  # how many share the database (housekeeping's heartbeats)
         self.breakers = Breakers(settings, last_failure_of=store.last_failed_attempt_at)
         self.pacer = Pacer()
+        self.publish_first = PublishFirst(settings.concurrency)  # the in-flight bound: publishes first
+        self.partner_limits = PartnerLimits(settings.per_partner_concurrency)  # each partner's, by how it answers
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
+        self.attempt_log = AttemptLog()     # the recorder's alone
         self._lock = threading.Lock()       # guards the two counts below
         self._claimed = 0                   # claimed and not finished: starting, being sent, or sent
                                             # with its result not yet written
@@ -267,14 +272,14 @@ class DeliveryLoop:
             await self._sleep(pause)
 
     async def _claim_and_start(self) -> int:
-        free = min(self.settings.concurrency - self._claimed, CLAIM_BATCH)
+        free = min(self.publish_first.adjust(self._claimed) - self._claimed, CLAIM_BATCH)
         if free <= 0:
             return 0
         now = self.clock()
         began = time.monotonic()
         jobs = await asyncio.to_thread(
             self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
-            per_partner=self.settings.per_partner_concurrency, room=self._room(now))
+            per_partner=self.partner_limits.start, room=self._room(now))
         self.metrics.claim_rows.observe(len(jobs))
         self.metrics.claim_seconds.observe(time.monotonic() - began)
         if not jobs:
@@ -290,14 +295,17 @@ class DeliveryLoop:
         return len(jobs)
 
     def _room(self, now: float) -> dict[str, int]:
-        """Room of every partner that is not simply idle, healthy and unpaced (those get the
-        full cap): the breaker's room, and at most the pace's."""
+        """Room of every partner that is not simply idle, healthy, unpaced and at its starting
+        bound (those get that bound): the breaker's room, at most its own bound's
+        (``PartnerLimits``), and at most the pace's."""
         with self._lock:
             busy = dict(self._busy)
         paces = self._paces(now)
+        limits = self.partner_limits.changed()
         room = {}
-        for p in set(busy) | set(self.breakers.constrained()) | set(paces):
-            room[p] = self.breakers.room(p, busy.get(p, 0), now)
+        for p in set(busy) | set(self.breakers.constrained()) | set(paces) | set(limits):
+            room[p] = min(self.breakers.room(p, busy.get(p, 0), now),
+                          limits.get(p, self.partner_limits.start) - busy.get(p, 0))
             if p in paces:
                 room[p] = min(room[p], self.pacer.room(p, paces[p], now))
         return room
@@ -332,15 +340,15 @@ class DeliveryLoop:
                     del self._busy[partner_id]
             if not self._claimed:
                 self._all_done.set()
-            room_opened = self._claimed <= self.settings.concurrency - min(CLAIM_BATCH, self._claimed + 1)
+            room_opened = self._claimed <= self.publish_first.bound - min(CLAIM_BATCH, self._claimed + 1)
         if room_opened:
             self.wake()
 
     async def _seconds_until_next_due(self) -> float:
         """Sleep until the next due row of a partner with room, or until a paused partner reopens.
         With the claimed work at its limit, sleep until an attempt finishes (it wakes the loop)."""
-        if self._claimed >= self.settings.concurrency:
-            return self._recheck_s
+        if self._claimed >= self.publish_first.bound:
+            return min(self._recheck_s, WINDOW_S)  # the bound may rise again
         now = self.clock()
         full = [p for p, room in self._room(now).items() if room <= 0]
         candidates = [await asyncio.to_thread(self.store.next_due_at, skip=full, now=now),
@@ -407,14 +415,18 @@ class DeliveryLoop:
         partner = self.store.get_partner(job.partner_id)
         if partner is None or partner.status != "active":
             return None
-        return dataclasses.replace(job, url=partner.webhook_url, secrets=tuple(partner.valid_secrets(self.clock())),
-                                   max_rate_per_s=partner.max_rate_per_s)
+        # Built field by field: dataclasses.replace() costs three times as much, once per attempt.
+        return Job(job.delivery_id, job.event_id, job.event, job.partner_id, partner.webhook_url,
+                   tuple(partner.valid_secrets(self.clock())), job.body, job.attempt, job.max_attempts,
+                   job.partner_failing_since, job.created_at, partner.max_rate_per_s)
 
     def _outcome(self, job: Job, sent: Sent, rate: float | None) -> Outcome:
         """What the attempt means: the pace, the delivery's next state, the partner's health."""
         now = self.clock()
         if sent.attempt.status_code == 429:
             self.pacer.slow_down(job.partner_id, rate, now)
+        self.partner_limits.finished(job.partner_id, sent.attempt.error, sent.attempt.status_code,
+                                     busy=self._busy.get(job.partner_id, 0))
         state, next_at, why = decide(job, sent, self.settings, self.rng, now)
         paused_before, open_before = self.breakers.paused_until(job.partner_id), self.breakers.is_open(job.partner_id)
         failing_since, failing_changed, disable_reason = self.breakers.record(job, sent, now)
@@ -424,10 +436,9 @@ class DeliveryLoop:
             why += f"; this failure paused the partner (its circuit) for {paused_after - now:.0f} s"
         if disable_reason:
             why += f"; the partner was disabled: {disable_reason}"
-        decision = {"state": state, "wait_s": round(next_at - now, 3), "why": why}
         return Outcome(
-            delivery_id=job.delivery_id, partner_id=job.partner_id,
-            attempt=dataclasses.replace(sent.attempt, decision=decision), state=state,
+            delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=sent.attempt,
+            decision={"state": state, "wait_s": round(next_at - now, 3), "why": why}, state=state,
             next_attempt_at=next_at, partner_failing_since=failing_since,
             partner_failing_changed=failing_changed, disable_reason=disable_reason,
             paused_until=paused_after if paused_after > paused_before else None,
@@ -456,15 +467,15 @@ class DeliveryLoop:
         attempt leaves the in-flight count once its batch is written (or given up)."""
         stopping = False
         while not stopping:
-            batch, stopping = take_batch(self._results, RECORD_BATCH)
-            if not batch:
-                continue
-            try:
-                self._record(batch)
-            except Exception:  # never dies on one batch: what went unrecorded is sent again
-                logger.exception("recording %d attempts failed", len(batch))
-            finally:
-                self._finished([o.partner_id for o in batch])
+            batch, stopping = take_batch(self._results, RECORD_BATCH, timeout=SUMMARY_EVERY_S)
+            if batch:
+                try:
+                    self._record(batch)
+                except Exception:  # never dies on one batch: what went unrecorded is sent again
+                    logger.exception("recording %d attempts failed", len(batch))
+                finally:
+                    self._finished([o.partner_id for o in batch])
+            self.attempt_log.summarise_if_due(force=stopping)
 
     def _record(self, batch: list[Outcome]) -> None:
         """Write one batch, then log and count each attempt as the store took it."""
@@ -516,17 +527,12 @@ class DeliveryLoop:
         return CANCELLED_IN_FLIGHT if delivery.state == "cancelled" else TAKEN_OVER
 
     def _report(self, o: Outcome, now: float, not_recorded: str | None) -> None:
-        """One log line and the metrics of one attempt, as the store took it (in the recorder: one
-        thread, no lock fights). An attempt whose result the store refused is still an attempt,
-        but its delivery did not end (or fail) by it: ``not_recorded`` says why."""
+        """The log (attempt_log.py: a line per failure, successes summed up) and the metrics of one
+        attempt, as the store took it (in the recorder: one thread, no lock fights). An attempt whose
+        result the store refused is still an attempt, but its delivery did not end (or fail) by it:
+        ``not_recorded`` says why."""
         a = o.attempt
-        level = logging.INFO if not_recorded in (None, CANCELLED_IN_FLIGHT) else logging.WARNING
-        result = o.state if not_recorded is None else f"{o.state} but dropped: {not_recorded}"
-        logger.log(level, "delivery %s event=%s partner=%s attempt=%d status=%s error=%s duration_ms=%d -> %s",
-                   o.delivery_id, o.event_id, o.partner_id, a.attempt, a.status_code, a.error, a.duration_ms,
-                   result, extra={"delivery_id": o.delivery_id, "event_id": o.event_id, "partner_id": o.partner_id,
-                                  "attempt": a.attempt, "status_code": a.status_code, "error": a.error,
-                                  "duration_ms": a.duration_ms, "state": o.state, "recorded": not_recorded is None})
+        self.attempt_log.attempt(o, not_recorded)
         m = self.metrics
         m.attempts.inc(result=a.error or "success")
         m.attempt_seconds.observe(a.duration_ms / 1000)

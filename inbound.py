@@ -62,6 +62,7 @@ from web import (
     client_address,
     context,
     db,
+    group_written,
     invalid,
     new_id,
     page_json,
@@ -124,8 +125,9 @@ async def _receive(request: Request) -> JSONResponse:
         _check_timestamp(payload.get("timestamp"), now, tolerance_s)
     dedupe_key = f"id:{signed.msg_id}" if signed.standard else _dedupe_key(request, canonical_body)
 
-    stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
-                               event_type=event_type, dedupe_key=dedupe_key, body=canonical_body, now=now)
+    stored, created = await group_written(lambda deadline, on_done: ctx.store.add_inbound_soon(
+        deadline=deadline, on_done=on_done, inbound_id=new_id("inb_"), partner_id=partner.id, event_type=event_type,
+        dedupe_key=dedupe_key, body=canonical_body, now=now))
     ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
     logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,

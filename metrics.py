@@ -7,6 +7,8 @@ worker threads and the event loop both write here.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 from collections.abc import Callable, Iterable
 
@@ -53,16 +55,19 @@ class Counter:
 class Histogram:
     def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]):
         self.name, self.help, self.buckets = name, help_text, buckets
-        self._series: dict[Labels, list[float]] = {}  # per bucket counts, then sum, then count
+        # Per labels: the count of each bucket alone (then of the values above the last), the sum,
+        # the count. Cumulated only when rendered: an observation adds to one bucket (found by
+        # bisection), not to every bucket above it, as it happens several times per delivery.
+        self._series: dict[Labels, list[float]] = {}
         self._lock = threading.Lock()
 
     def observe(self, value: float, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
         with self._lock:
-            series = self._series.setdefault(key, [0.0] * (len(self.buckets) + 2))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    series[i] += 1
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = [0.0] * (len(self.buckets) + 3)
+            series[bisect.bisect_left(self.buckets, value)] += 1
             series[-2] += value
             series[-1] += 1
 
@@ -71,7 +76,7 @@ class Histogram:
         yield f"# TYPE {self.name} histogram"
         with self._lock:
             for key, series in sorted(self._series.items()):
-                for bound, count in zip(self.buckets, series):
+                for bound, count in zip(self.buckets, itertools.accumulate(series)):
                     le = f'le="{bound}"'
                     yield f"{self.name}_bucket{_labels(key, le)} {count}"
                 le = 'le="+Inf"'

@@ -151,6 +151,7 @@ class Outcome:
     paused_until: float | None = None   # set: this attempt paused the partner (circuit, Retry-After) until then
     event_id: str = ""                  # for the log line and metrics
     created_at: float = 0.0             # the delivery's creation (publish) time
+    decision: dict[str, Any] | None = None  # what comes next and why: the attempt row's decision
 
 
 @dataclass(frozen=True)

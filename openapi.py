@@ -207,6 +207,9 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "Health": _obj({"status": {"const": "ok"}}),
         "Stats": _obj({"partners": {"type": "array", "items": {"type": "object"}}, "totals": {"type": "object"},
                        "per_minute": {"type": "array", "items": {"type": "object"}},
+                       "delivery": _obj({k: {"type": "number"} for k in (
+                           "in_flight_bound", "in_flight_max", "in_flight_floor", "publish_wait_p90_ms",
+                           "publish_wait_usual_ms")}),
                        "processes": {"type": "array", "items": _obj({
                            "id": STRING, "host": STRING, "pid": {"type": "integer"}, "started_at": TIME,
                            "seen_at": TIME, "this": {"type": "boolean"}})},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -25,6 +26,7 @@ from web import (
     context,
     db,
     error_body,
+    group_written,
     invalid,
     known_partner,
     new_delivery_id,
@@ -122,8 +124,11 @@ async def publish_event(request: Request) -> JSONResponse:
     key = idempotency_key(request)
     payload = await read_json_object(request)
     new = new_event(payload, ctx, key, await take_audience(payload, ctx))
-    event, created = await db(ctx.store.publish, new, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
-                              new_delivery_id=new_delivery_id)
+    now, began = ctx.clock(), time.monotonic()
+    event, created = await group_written(lambda deadline, on_done: ctx.store.publish_soon(
+        new, now=now, max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id,
+        deadline=deadline, on_done=on_done))
+    ctx.loop.publish_first.publish_waited(time.monotonic() - began)  # deliveries give way if this grows
     if key_reused(event, created, new):
         raise ApiError(409, "idempotency_key_reused", KEY_REUSED)
     if created:

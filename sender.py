@@ -10,19 +10,24 @@ the store keeps: the status code, or an error class like ``timeout`` or
 
 One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answer):
 
-1. ``targets.parse_target`` checks the URL and the allowed ports again;
+1. ``targets.parse_target`` checks the URL and the allowed ports again (once per URL and
+   process: ``Sender._route``);
 2. ``build_headers`` signs the stored bytes (``X-Webhook-Signature`` and the Standard
-   Webhooks headers), and ``_request_bytes`` writes the whole request in one buffer;
+   Webhooks headers), and ``_request_bytes`` writes the whole request in one buffer, behind
+   the request line and fixed headers its ``Route`` holds (built once per URL);
 3. a kept-alive connection to that origin is reused if it is fresh and the partner has
    not closed it, else a new one is opened to the address ``targets.resolve_target_async``
    checked (pinned: TLS still checks the URL's host name); a request is written again
    on a new connection only if the kept one broke before the whole request went out —
    once written, the partner may have acted on it;
-4. ``_read_answer`` reads the answer: the status, the first 1 KiB of the body, and a
+4. ``sender_http.py`` reads the answer: the status, the first 1 KiB of the body, and a
    429/503 ``Retry-After`` for the loop's next wait; redirects are never followed. What a
-   hostile endpoint can make it hold is bounded: at most ``MAX_INTERIM`` interim (1xx)
-   answers and ``MAX_HEAD_BYTES`` of status line and headers per head; past either the
-   attempt fails (``protocol_error``), so that partner's circuit opens like any failing one's.
+   hostile endpoint can make it hold is bounded (see there).
+
+With ``delivery.native_speedups`` on (the default) and ``uvicorn[standard]`` installed, the
+sender's loop is uvloop's (libuv: the loop uvicorn already runs the API on) and llhttp parses the
+answers (``httptools``); without them, the standard library's loop and webhookd's own reader do
+the same work, a little slower. ``docs/performance.md`` says what each bought.
 
 Why not threads with ``http.client``: measured with partners 100 ms away (``docs/performance.md``,
 "Where the time goes"), 16 threads delivered 158/s; 256 threads reached 1,900/s but each
@@ -37,7 +42,6 @@ import concurrent.futures
 import email.utils
 import http.client
 import logging
-import re
 import ssl
 import threading
 import time
@@ -49,12 +53,17 @@ from urllib.parse import quote
 import signing
 from config import DeliverySettings
 from models import Attempt, Job
+from sender_http import MAX_LINE, Answer, BadResponse, answer_reader
 from targets import Target, TargetRefused, parse_target, resolve_target_async
+
+try:  # uvicorn[standard] installs it; without it, the sender runs on the standard library's loop
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the installation
+    uvloop = None
 
 logger = logging.getLogger("webhookd.delivery")
 
-SNIPPET_BYTES = 1024
-DRAIN_BYTES = 64 * 1024  # read at most this much of a response to reuse its connection
+ROUTES_KEPT = 10_000     # URLs whose Route is kept (a partner's URL changes rarely)
 
 
 @dataclass(frozen=True)
@@ -65,30 +74,18 @@ class Sent:
     retry_after_s: float | None = None
 
 
-@dataclass
-class _Answer:
-    """The part of a partner's HTTP response that webhookd keeps, filled in as it arrives:
-    a status that came before the deadline cut the body off is still recorded."""
-
-    status: int | None = None
-    snippet: str | None = None
-    retry_after: str | None = None
-
-
 # --- The request --------------------------------------------------------------------------
 
 
 SIGNATURE_HEADERS = ("X-Webhook-Signature", "webhook-signature")  # kept with each attempt, for its trace
 
 
-def build_headers(job: Job, timestamp: int, user_agent: str) -> dict[str, str]:
-    """Every header of an outgoing webhook, as the partner guide lists them."""
-    current_secret = job.secrets[0]
+def build_headers(job: Job, timestamp: int) -> dict[str, str]:
+    """The headers of an outgoing webhook that change from one request to the next, as the partner
+    guide lists them (the fixed ones, ``Content-Type`` and ``User-Agent``, are in its ``Route``)."""
     return {
-        "Content-Type": "application/json",
-        "User-Agent": user_agent,
         "X-Webhook-Event": job.event,
-        "X-Webhook-Signature": signing.sign_hex(current_secret, job.body),
+        "X-Webhook-Signature": signing.sign_hex(job.secrets[0], job.body),
         "X-Webhook-Id": job.event_id,
         "X-Webhook-Timestamp": str(timestamp),
         "webhook-id": job.event_id,
@@ -97,20 +94,38 @@ def build_headers(job: Job, timestamp: int, user_agent: str) -> dict[str, str]:
     }
 
 
-def _request_bytes(target: Target, headers: dict[str, str], body: bytes) -> bytes:
-    """The whole HTTP/1.1 request, head and body, to be written in one ``sendall``.
+@dataclass(frozen=True)
+class Route:
+    """What every request to one URL shares, worked out once per URL (``Sender._route``): where it
+    goes (the URL checked by ``targets.parse_target``), and the request line and the fixed headers
+    as bytes. Built per request they cost more than the signature."""
 
-    One buffer, one write: a head and a body in two writes would wait on Nagle's
-    algorithm or cost the partner two reads.
-    """
+    target: Target
+    head: bytes
+
+
+def plan_route(url: str, allowed_ports: tuple[int, ...], user_agent: str) -> Route:
+    """The ``Route`` of ``url``, or ``TargetRefused``/``ValueError`` saying why no request goes there."""
+    target = parse_target(url, allowed_ports)
     if any(ord(c) < 33 or ord(c) == 127 for c in target.path):
         raise ValueError("the URL's path holds spaces or control characters")
     path = quote(target.path, safe="/%?=&:@!$'()*+,;~-._")  # non-ASCII as UTF-8 %XX, the rest as it was
     host = f"[{target.host}]" if ":" in target.host else target.host
     default_port = 443 if target.scheme == "https" else 80
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}" + ("" if target.port == default_port else f":{target.port}"),
-             f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in headers.items()), "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
+             "Content-Type: application/json", f"User-Agent: {user_agent}", ""]
+    return Route(target, "\r\n".join(lines).encode("latin-1"))
+
+
+def _request_bytes(route: Route, headers: dict[str, str], body: bytes) -> bytes:
+    """The whole HTTP/1.1 request, head and body, to be written in one ``sendall``.
+
+    One buffer, one write: a head and a body in two writes would wait on Nagle's
+    algorithm or cost the partner two reads.
+    """
+    varying = "".join([f"Content-Length: {len(body)}\r\n", *(f"{name}: {value}\r\n" for name, value in headers.items()),
+                       "\r\n"])
+    return route.head + varying.encode("latin-1") + body
 
 
 # --- What an answer means ---------------------------------------------------------------------
@@ -196,145 +211,6 @@ def parse_retry_after(value: str | None, now: float, max_s: float) -> float | No
     return min(max(seconds, 0.0), max_s)
 
 
-# --- Reading the answer -------------------------------------------------------------------------
-
-
-class BadResponse(http.client.HTTPException):
-    """The partner's answer is not HTTP/1.x, or more than we read (an attempt error ``protocol_error``)."""
-
-
-MAX_LINE = 65536        # bytes in one line the stream buffers (a status, header or chunk-size line)
-MAX_HEAD_BYTES = 16384  # status line and headers of one response head, together (as Node's default)
-MAX_HEADERS = 100       # header lines in one head
-MAX_INTERIM = 5         # interim answers (100 Continue, 103 Early Hints) before the real one
-HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
-async def _read_answer(reader: asyncio.StreamReader, answer: _Answer) -> bool:
-    """Read one HTTP/1.x response into ``answer``: its status, its ``Retry-After``, the first
-    ``SNIPPET_BYTES`` of its body. Returns whether the connection may carry the next request.
-
-    A small reader of our own (the standard library has no asyncio HTTP client, and
-    ``http.client`` parses headers with the ``email`` package, a third of an attempt's
-    time). The body is read only as far as the framing needs, at most ``DRAIN_BYTES``; a
-    larger one costs its connection instead. Once the status has arrived it is the
-    partner's answer: a body cut short only costs the connection.
-    """
-    status, version, headers = await _read_head(reader)
-    interim = 0
-    while 100 <= status < 200:  # interim answers (100 Continue, 103 Early Hints): the real one follows
-        interim += 1
-        if interim > MAX_INTERIM:  # a partner holding the attempt (and our CPU) until the deadline
-            raise BadResponse(f"too many interim responses: more than {MAX_INTERIM} 1xx answers before the final one")
-        status, version, headers = await _read_head(reader)
-    answer.status, answer.retry_after = status, _header(headers, "retry-after") or None
-    connection = {token.strip() for token in _header(headers, "connection").lower().split(",")}
-    keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-    transfer_encoding = _header(headers, "transfer-encoding").lower()
-    if status in (204, 304):
-        body, whole = b"", True
-    elif transfer_encoding.endswith("chunked"):
-        body, whole = await _read_chunked(reader)
-    elif transfer_encoding or "content-length" not in headers:  # the body ends when the partner closes
-        body, whole = await _read_up_to(reader, SNIPPET_BYTES), False
-    else:
-        length = _content_length(_header(headers, "content-length"))
-        body = await _read_up_to(reader, min(length, DRAIN_BYTES))
-        whole = len(body) == length
-    answer.snippet = body[:SNIPPET_BYTES].decode("utf-8", "replace")
-    return keep and whole
-
-
-async def _readline(reader: asyncio.StreamReader) -> bytes:
-    """One line, with its ending; what came before a close if the partner closed mid-line."""
-    try:
-        return await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError as exc:
-        return exc.partial
-    except asyncio.LimitOverrunError:
-        raise BadResponse("a line of the answer is longer than 64 KiB") from None
-
-
-async def _read_up_to(reader: asyncio.StreamReader, size: int) -> bytes:
-    """``size`` bytes, or fewer if the partner closes first."""
-    try:
-        return await reader.readexactly(size)
-    except asyncio.IncompleteReadError as exc:
-        return exc.partial
-
-
-def _content_length(value: str) -> int:
-    """One length (repeated copies must agree: ``5, 5``), ASCII digits only."""
-    lengths = {v.strip() for v in value.split(",")}
-    if len(lengths) != 1 or not re.fullmatch(r"[0-9]{1,18}", next(iter(lengths))):
-        raise BadResponse(f"Content-Length {value[:40]!r} is not one number")
-    return int(next(iter(lengths)))
-
-
-Headers = dict[str, list[str]]  # names in lower case; a repeated header's values in order
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, Headers]:
-    """The status line and the headers of one response, at most ``MAX_HEAD_BYTES`` together."""
-    line = await _readline(reader)
-    if not line:
-        raise http.client.RemoteDisconnected("the partner closed the connection without an answer")
-    parts = line.decode("latin-1").split(None, 2)
-    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not re.fullmatch(r"[1-5][0-9][0-9]", parts[1]):
-        raise BadResponse(f"not an HTTP/1.x status line: {line[:40]!r}")
-    return int(parts[1]), parts[0], await _read_headers(reader, MAX_HEAD_BYTES - len(line))
-
-
-async def _read_headers(reader: asyncio.StreamReader, budget: int = MAX_HEAD_BYTES) -> Headers:
-    """Header lines up to the empty one, ``budget`` bytes of them at most. A repeated header's
-    values are collected in a list, joined only when read (``_header``): joining as they come
-    would copy a growing string on every repeat."""
-    headers: Headers = {}
-    for _ in range(MAX_HEADERS + 1):
-        line = await _readline(reader)
-        budget -= len(line)
-        if budget < 0:
-            raise BadResponse(f"response head too large: more than {MAX_HEAD_BYTES // 1024} KiB of status line "
-                              "and headers")
-        if line in (b"\r\n", b"\n", b""):
-            return headers
-        name, colon, value = line.decode("latin-1").partition(":")
-        if not colon:
-            raise BadResponse(f"not a header line: {line[:40]!r}")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    raise BadResponse(f"more than {MAX_HEADERS} header lines")
-
-
-def _header(headers: Headers, name: str) -> str:
-    """One header's value, its repeats joined with commas (as HTTP reads them); "" if absent."""
-    return ", ".join(headers.get(name, ()))
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
-    """A chunked body: its first ``SNIPPET_BYTES``, and whether it was read whole (within
-    ``DRAIN_BYTES``) so the connection can be kept."""
-    kept, total = bytearray(), 0
-    while True:
-        size_line = await _readline(reader)
-        if not size_line:  # the partner closed mid-body: its status stands, the connection goes
-            return bytes(kept), False
-        size_text = size_line.split(b";")[0].strip()
-        if not HEX.fullmatch(size_text):
-            raise BadResponse(f"not a chunk size: {size_text[:20]!r}")
-        size = int(size_text, 16)
-        if size == 0:
-            await _read_headers(reader)  # the trailers
-            return bytes(kept), True
-        total += size
-        if total > DRAIN_BYTES:
-            return bytes(kept), False
-        data = await _read_up_to(reader, size)
-        kept += data[:max(0, SNIPPET_BYTES - len(kept))]
-        if len(data) < size:
-            return bytes(kept), False
-        await _readline(reader)  # the CRLF after the chunk
-
-
 # --- Kept-alive connections, pinned to the checked address ---------------------------------------
 
 
@@ -372,6 +248,8 @@ class Sender:
         self.settings = settings
         self.clock = clock
         self._idle: dict[tuple, list[_Connection]] = {}   # per origin, the most recent last
+        self._routes: dict[str, Route] = {}   # per URL: the target and the request's fixed head
+        self._read_answer = answer_reader(settings.native_speedups)   # llhttp's, or webhookd's own
         self._last_sweep = time.monotonic()
         # Built once (it costs milliseconds): the system's CAs, or delivery.ca_file for a private CA.
         self._tls = ssl.create_default_context(cafile=settings.ca_file or None)
@@ -386,7 +264,8 @@ class Sender:
         """The sender's event loop, started in its thread on first use."""
         with self._start_lock:
             if self._loop is None:
-                self._loop = asyncio.new_event_loop()
+                native = self.settings.native_speedups and uvloop is not None
+                self._loop = uvloop.new_event_loop() if native else asyncio.new_event_loop()
                 self._thread = threading.Thread(target=self._loop.run_forever, name="webhookd-sender", daemon=True)
                 self._thread.start()
         return self._loop
@@ -414,15 +293,15 @@ class Sender:
     async def attempt(self, job: Job) -> Sent:
         """Make one HTTP attempt of ``job`` and describe what happened. Never raises for I/O."""
         started = self.clock()
-        answer = _Answer()
+        answer = Answer()
         retry_after: float | None = None
         signatures = None
         try:
-            target = parse_target(job.url, self.settings.allowed_ports)
-            headers = build_headers(job, int(started), self.settings.user_agent)
+            route = self._route(job.url)
+            headers = build_headers(job, int(started))
             signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
             async with asyncio.timeout(self.settings.timeout_s):
-                await self._post(target, _request_bytes(target, headers, job.body), answer)
+                await self._post(route.target, _request_bytes(route, headers, job.body), answer)
             error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)
         except Exception as exc:  # one bad endpoint must never take the sender down
             # Once the status has arrived it is the partner's answer: a body cut short by the
@@ -440,7 +319,18 @@ class Sender:
                           error_detail=detail, signatures=signatures)
         return Sent(attempt, retry_after)
 
-    async def _post(self, target: Target, request: bytes, answer: _Answer) -> None:
+    def _route(self, url: str) -> Route:
+        """The URL's ``Route``, from the ones already worked out (a URL refused is checked again
+        each time: it raises). At most ``ROUTES_KEPT`` are kept; past that they are worked out anew."""
+        route = self._routes.get(url)
+        if route is None:
+            route = plan_route(url, self.settings.allowed_ports, self.settings.user_agent)
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[url] = route
+        return route
+
+    async def _post(self, target: Target, request: bytes, answer: Answer) -> None:
         """Write ``request`` to ``target`` and read the answer into ``answer``."""
         conn, reused = await self._checkout(target)
         try:
@@ -456,7 +346,7 @@ class Sender:
                 conn.close()
                 conn, reused = await self._checkout(target, fresh=True)
                 await _write(conn, request)
-            reusable = await _read_answer(conn.reader, answer)
+            reusable = await self._read_answer(conn.reader, answer)
         except BaseException:  # an error, the deadline (a cancellation) or a stop
             conn.close()
             raise

@@ -161,10 +161,14 @@ GROUP_COMMIT_MAX = 256  # requests written per group commit, at most
 ANNOUNCE_GAP_S = 0.05  # at most one WORK_CHANNEL notification per process this often
 
 
-def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]:
-    """Wait for one item, then take whatever else is already queued, up to ``limit``.
-    A ``None`` in the queue means stop: returns the real items and whether to stop."""
-    batch = [waiting.get()]
+def take_batch(waiting: queue.SimpleQueue, limit: int, timeout: float | None = None) -> tuple[list[Any], bool]:
+    """Wait for one item (at most ``timeout`` seconds: then none), then take whatever else is
+    already queued, up to ``limit``. A ``None`` in the queue means stop: returns the real items
+    and whether to stop."""
+    try:
+        batch = [waiting.get(timeout=timeout)]
+    except queue.Empty:
+        return [], False
     while len(batch) < limit:
         try:
             batch.append(waiting.get_nowait())
@@ -181,10 +185,12 @@ class _GroupWrite:
     caller waits for the commit's outcome, or its caller gives it up before that (``give_up``),
     and then the writer skips it. So a caller that gave up knows nothing of it was written."""
 
-    def __init__(self, work: Callable[[Any], Any], announce: str | None = None, deadline: float | None = None):
+    def __init__(self, work: Callable[[Any], Any], announce: str | None = None, deadline: float | None = None,
+                 on_done: Callable[[], None] | None = None):
         self.work = work
         self.announce = announce
         self.deadline = deadline
+        self.on_done = on_done  # called in the writer's thread once it is finished (a caller on an event loop)
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -206,6 +212,11 @@ class _GroupWrite:
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done()
+            except Exception:  # the caller's loop is gone (a stop): nobody waits for this answer
+                logger.exception("telling a caller its write is committed failed")
 
 
 # --- The store ------------------------------------------------------------------------------------
@@ -217,7 +228,7 @@ class Store(Partners, History, Processes, abc.ABC):
 
     Which calls may run on the event loop: only ``get_partner``, ``all_partners``, ``paces`` and
     ``partners_accepting_inbound``, which read the in-memory copy of the partners table
-    and never touch the database. Every other method blocks on it, so it is called
+    and never touch the database, and ``publish_soon``, which only queues for the group commit. Every other method blocks on it, so it is called
     from a thread: a route writes ``await db(store.method, ...)``, the delivery loop
     ``asyncio.to_thread``, and its sender and recorder threads call it directly.
     """
@@ -340,6 +351,24 @@ class Store(Partners, History, Processes, abc.ABC):
         passed = self._filters_passed(event)
         return self._in_group_commit(
             lambda db: self._insert_event(db, event, now, max_attempts, new_delivery_id, passed), announce=WORK_CHANNEL)
+
+    def publish_soon(self, event: NewEvent, *, now: float, max_attempts: int, new_delivery_id: Callable[[], str],
+                     deadline: float, on_done: Callable[[], None]) -> _GroupWrite:
+        """``publish`` for a caller on an event loop, which must not block: the request is queued for
+        the group commit and returned at once; the writer's thread calls ``on_done()`` once it is
+        committed or failed (then its ``result`` or ``error``). Until the writer takes it, a caller
+        past its ``deadline`` may ``give_up`` it, and nothing of it is written. No worker thread
+        waits in between: the hops of a thread pool cost a publish more than its share of the commit."""
+        passed = self._filters_passed(event)
+        return self._group_commit_soon(lambda db: self._insert_event(db, event, now, max_attempts, new_delivery_id,
+                                                                     passed), WORK_CHANNEL, deadline, on_done)
+
+    def _group_commit_soon(self, work: Callable[[Any], Any], announce: str | None, deadline: float,
+                           on_done: Callable[[], None]) -> _GroupWrite:
+        """``work`` queued for the group commit, not waited for (see ``publish_soon``)."""
+        request = _GroupWrite(work, announce, deadline, on_done)
+        self._group_queue.put(request)
+        return request
 
     def publish_batch(self, events: list[NewEvent], *, now: float, max_attempts: int,
                       new_delivery_id: Callable[[], str]) -> list[tuple[Event, bool]]:

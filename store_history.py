@@ -341,11 +341,19 @@ class History:
 
     # --- Inbound partner events --------------------------------------------------------
 
-    def add_inbound(
-        self, *, inbound_id: str, partner_id: str, event_type: str, dedupe_key: str, body: bytes,
-        now: float,
-    ) -> tuple[InboundEvent, bool]:
-        """Store an inbound event once per (partner, dedupe key). Returns ``(event, created)``."""
+    def add_inbound(self, **fields: Any) -> tuple[InboundEvent, bool]:
+        """Store an inbound event once per (partner, dedupe key): ``inbound_id``, ``partner_id``,
+        ``event_type``, ``dedupe_key``, ``body``, ``now``. Returns ``(event, created)``."""
+        return self._in_group_commit(self._inbound_write(**fields))
+
+    def add_inbound_soon(self, *, deadline: float, on_done: Callable[[], None], **fields: Any) -> Any:
+        """``add_inbound`` for a caller on an event loop: queued, not waited for (``Store.publish_soon``)."""
+        return self._group_commit_soon(self._inbound_write(**fields), None, deadline, on_done)
+
+    @staticmethod
+    def _inbound_write(*, inbound_id: str, partner_id: str, event_type: str, dedupe_key: str, body: bytes,
+                       now: float) -> Callable[[Any], tuple[InboundEvent, bool]]:
+        """The group commit's work of one inbound event."""
 
         def work(db: Any) -> tuple[InboundEvent, bool]:
             created = db.execute(
@@ -361,7 +369,7 @@ class History:
             ).fetchone()
             return inbound_from_row(row), created
 
-        return self._in_group_commit(work)
+        return work
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:

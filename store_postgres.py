@@ -523,7 +523,7 @@ def _results_as_arrays(outcomes: list[Outcome], now: float) -> dict[str, Any]:
                "url": [redacted_url(o.attempt.url) if o.attempt.url else None for o in outcomes],
                "detail": [o.attempt.error_detail for o in outcomes],
                "signatures": [json_or_none(o.attempt.signatures) for o in outcomes],
-               "decision": [json_or_none(o.attempt.decision) for o in outcomes]}
+               "decision": [json_or_none(o.decision) for o in outcomes]}
     return {"now": now, **columns}
 
 

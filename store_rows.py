@@ -13,6 +13,7 @@ This is the lowest of the store's files: it imports nothing of the others.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -119,7 +120,23 @@ def page_of(items: list[Any], limit: int) -> Page:
 
 
 def json_or_none(value: Any) -> str | None:
-    return json.dumps(value) if value is not None else None
+    """``json.dumps(value)``, or None; a flat object of strings and numbers (an attempt's signatures
+    and decision, written per attempt) put together directly, in the same text, at a third of the cost."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and all(_plain(v) for v in value.values()):
+        return "{" + ", ".join(f"{_quoted(k)}: {_quoted(v) if type(v) is str else repr(v)}"
+                               for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+_quoted = json.encoder.encode_basestring_ascii  # json.dumps' own quoting of a string, in C
+
+
+def _plain(value: Any) -> bool:
+    """A string, an int or a finite float: written the same by ``repr`` and JSON (not a bool)."""
+    kind = type(value)
+    return kind is str or kind is int or (kind is float and math.isfinite(value))
 
 
 # --- The audit trail's rows -------------------------------------------------------------------

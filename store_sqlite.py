@@ -396,8 +396,11 @@ def _read_jobs(db: Any, ids: list[str]) -> list[Job]:
 
 
 def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]:
-    """SQLite: two statements per result (no round trips, and SQLite plans these best)."""
+    """SQLite: an update per result (its row count says whether the row still expected it: no
+    round trips, and SQLite plans these best), then the attempts of those it took in one
+    ``executemany``."""
     recorded = set()
+    attempts = []
     for o in outcomes:
         a = o.attempt
         if db.execute(
@@ -407,16 +410,13 @@ def _record_one_by_one(db: Any, outcomes: list[Outcome], now: float) -> set[str]
                 {"id": o.delivery_id, "state": o.state, "attempt": a.attempt, "next": o.next_attempt_at,
                  "now": now}).rowcount:
             recorded.add(o.delivery_id)
-            db.execute(
-                """INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error,
-                                         response_snippet, url, error_detail, signatures, decision)
-                   VALUES (:id, :attempt, :started, :ms, :status, :error, :snippet, :url, :detail, :signatures,
-                           :decision)""",
-                {"id": o.delivery_id, "attempt": a.attempt, "started": a.started_at, "ms": a.duration_ms,
-                 "status": a.status_code, "error": a.error, "snippet": a.response_snippet,
-                 "url": redacted_url(a.url) if a.url else None,
-                 "detail": a.error_detail, "signatures": json_or_none(a.signatures),
-                 "decision": json_or_none(a.decision)})
+            attempts.append((o.delivery_id, a.attempt, a.started_at, a.duration_ms, a.status_code, a.error,
+                             a.response_snippet, redacted_url(a.url) if a.url else None, a.error_detail,
+                             json_or_none(a.signatures), json_or_none(o.decision)))
+    db.executemany(
+        """INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, status_code, error,
+                                 response_snippet, url, error_detail, signatures, decision)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", attempts)
     return recorded
 
 
@@ -468,8 +468,10 @@ class SQLiteStore(Store):
             [{"id": new_delivery_id(), "event_id": event.id, "type": event.type, "partner_id": pid,
               "max_attempts": max_attempts, "now": now} for pid in partner_ids],
         )
-        row = db.execute("SELECT * FROM events WHERE id = :id", {"id": event.id}).fetchone()
-        return event_from_row(row), True
+        # The event as stored, without reading it back: every column is one written just above.
+        return Event(id=event.id, type=event.type, body=event.body, fanout=len(partner_ids), created_at=now,
+                     idempotency_key=event.idempotency_key, request_hash=event.request_hash,
+                     audience=event.audience or None), True
 
     # --- Claim ----------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @functools.lru_cache(maxsize=4096)  # every attempt is recorded through it; a partner has one URL at a time
+@functools.lru_cache(maxsize=4096)  # once per attempt, on a handful of partners' URLs
 def redacted_url(url: str) -> str:
     """``url`` without what may hold a credential — its query (``?token=…``), a fragment, a
     ``user:password@`` — each shown as ``…``: ``https://x/hook?token=s`` -> ``https://x/hook?…``.

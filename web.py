@@ -144,11 +144,16 @@ EXCEPTION_HANDLERS = {ApiError: _on_api_error, HTTPException: _on_http_exception
 _BASE36 = string.digits + string.ascii_lowercase  # in sorting order
 
 
+_BASE36_PAIRS = [a + b for a in _BASE36 for b in _BASE36]  # two digits a step: ids are made per delivery
+
+
 def _base36(number: int, width: int) -> str:
     digits = []
-    for _ in range(width):
-        number, digit = divmod(number, 36)
-        digits.append(_BASE36[digit])
+    for _ in range(width // 2):
+        number, pair = divmod(number, 36 * 36)
+        digits.append(_BASE36_PAIRS[pair])
+    if width % 2:
+        digits.append(_BASE36[number % 36])
     return "".join(reversed(digits))
 
 
@@ -156,13 +161,18 @@ def _base36(number: int, width: int) -> str:
 # seeded once from the OS saves a system call per id. Partner ids, which partners see and
 # which must not hint at each other, come from the OS every time.
 _FAST_BITS = random.Random(secrets.randbits(256))
+_this_ms = (-1, "")
 
 
 def new_id(prefix: str, unpredictable: bool = False) -> str:
     """``prefix`` + 9 base-36 digits of the time in ms + 12 random ones (62 bits): unique,
     and sortable by creation time."""
+    global _this_ms
     bits = secrets.randbits(62) if unpredictable else _FAST_BITS.getrandbits(62)
-    return prefix + _base36(int(time.time() * 1000), 9) + _base36(bits, 12)
+    ms = int(time.time() * 1000)
+    if _this_ms[0] != ms:  # the time's digits, once per millisecond (one tuple: threads read it whole)
+        _this_ms = (ms, _base36(ms, 9))
+    return prefix + _this_ms[1] + _base36(bits, 12)
 
 
 def new_delivery_id() -> str:
@@ -266,6 +276,31 @@ async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if not answer.done() and call.cancel():
         raise DatabaseBusy(f"every thread for store calls was busy for {DB_DEADLINE_S:g} s")
     return await answer
+
+
+async def group_written(start: Callable[[float, Callable[[], None]], Any]) -> Any:
+    """A group-commit write queued from the event loop, its result awaited without a worker thread
+    (``Store.publish_soon``): ``start(deadline, on_done)`` queues it; its answer comes within
+    ``DB_DEADLINE_S`` as ``db()``'s does. Still queued at the deadline, it is given up unwritten
+    (``DatabaseBusy``, a 503); taken by the writer, it is waited for (it may be writing)."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    request = start(time.monotonic() + DB_DEADLINE_S, lambda: loop.call_soon_threadsafe(_settle, finished, True))
+    timer = loop.call_later(DB_DEADLINE_S, _settle, finished, False)
+    in_time = await finished
+    timer.cancel()
+    if not in_time:
+        if request.give_up():
+            raise DatabaseBusy(f"the write waited {DB_DEADLINE_S:g} s behind other writes and was not made")
+        await asyncio.to_thread(request.done.wait)
+    if request.error is not None:
+        raise request.error
+    return request.result
+
+
+def _settle(future: asyncio.Future, value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _call_by(deadline: float, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -29,10 +29,11 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          ``store_processes.py``; rows to objects in ``store_rows.py``;
                          the SQL both write alike in ``store_schema.py``
 ``delivery.py``          the delivery loop: claim → one task per attempt on the sender
-                         thread → recorder; backoff
+                         thread → recorder; backoff; ``attempt_log.py`` its log lines;
+                         ``governor.py`` its in-flight bound (publishes first)
 ``breakers.py``          a partner's circuit breaker, failing streak and pace
-``sender.py``            one HTTP attempt in plain standard library; ``signing.py``
-                         signs it, ``targets.py`` says where it may go
+``sender.py``            one HTTP attempt; ``sender_http.py`` reads the answer;
+                         ``signing.py`` signs it, ``targets.py`` says where it may go
 ``housekeeping.py``      heartbeats, and the sweeper's expiry and retention passes
 ``partners.py``          the ``/partners`` routes and what a partner's fields may hold
 ``inbound.py``           the other direction: verify → store once → 200 → offer on
@@ -332,6 +333,7 @@ async def stats(request: Request) -> JSONResponse:
                      "disabled_reason": p.disabled_reason,
                      "failing_since": int(p.failing_since) if p.failing_since else None,
                      "circuit": ctx.loop.circuit(p, now), "max_rate_per_s": p.max_rate_per_s,
+                     "concurrency": ctx.loop.partner_limits.limit(p.id),
                      "delivered": c.get("delivered", 0),
                      "failed": c.get("failed", 0), "pending": c.get("pending", 0),
                      "success_rate": round(c.get("delivered", 0) / done, 4) if done else None})
@@ -343,6 +345,7 @@ async def stats(request: Request) -> JSONResponse:
                   "seen_at": int(p["seen_at"]), "this": p["id"] == ctx.housekeeping.process_id}
                  for p in ctx.housekeeping.processes]
     return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
+                         "delivery": ctx.loop.publish_first.describe(),
                          "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
                          "processes": processes, "now": int(now)})
 
@@ -427,6 +430,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
     # no credential in a query string reaches a log line.
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(ACCESS_LOG_FILTER)
+    if config.server.log_level == "debug":  # webhookd's own DEBUG lines too: one per successful attempt
+        logging.getLogger("webhookd").setLevel(logging.DEBUG)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -511,6 +516,7 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
     counters.gauge("webhookd_deliveries_in_flight",
                    "Attempts claimed and not finished: being sent, or answered and not yet recorded.",
                    lambda: {(): float(loop.in_flight)})
+    loop.publish_first.add_gauges(counters)  # the in-flight bound, and how long publishes wait
     counters.gauge("webhookd_circuit_breakers_open", "Partners whose circuit is open or half-open.",
                    lambda: {(): float(loop.breakers.open_count(clock()))})
     counters.gauge("webhookd_partner_circuit_open", "1 while a partner's circuit is open or half-open, else 0.",

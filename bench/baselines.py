@@ -7,10 +7,14 @@
    is a module variable instead of api.nuestro-sistema.com, and the body is ``data=`` the
    signed canonical bytes instead of ``json=payload`` (whose bytes differ from what is signed).
 2. ``stdlib_pool`` — 32 threads of ``urllib.request``, a new connection per webhook.
+3. ``streams_floor`` — the floor: a bare ``asyncio`` streams sender, kept-alive connections, a
+   hex HMAC per request and nothing else (no durability, no retries, no answer beyond its status
+   and length), on the standard library's loop or on uvloop. What one Python core can send.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
@@ -18,6 +22,7 @@ import hmac
 import json
 import os
 import time
+import urllib.parse
 import urllib.request
 
 import requests
@@ -133,3 +138,64 @@ def stdlib_pool(urls: list[str], secret: str, body: bytes, event_type: str, tota
         ok = sum(f.result() for f in futures)
         elapsed = time.perf_counter() - started
     return ok, elapsed
+
+
+# --- 3. The floor: a bare asyncio streams sender --------------------------------------------------
+
+
+async def _floor_connection(host: str, port: int, paths: list[str], key: bytes, body: bytes, event_type: str,
+                            next_index, total: int, deadline: float) -> int:
+    """One kept-alive connection sending requests until ``total`` are taken; returns its 200s."""
+    reader, writer = await asyncio.open_connection(host, port)
+    ok = 0
+    try:
+        while (i := next_index()) < total and time.monotonic() < deadline:
+            signature = hmac.new(key, body, hashlib.sha256).hexdigest()
+            head = (f"POST {paths[i % len(paths)]} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    f"X-Webhook-Event: {event_type}\r\nX-Webhook-Id: floor_{i}\r\n"
+                    f"X-Webhook-Signature: {signature}\r\n\r\n")
+            writer.write(head.encode("latin-1") + body)
+            answer = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in answer.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            ok += answer.startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    return ok
+
+
+async def _floor(urls: list[str], secret: str, body: bytes, event_type: str, total: int, time_limit_s: float,
+                 connections: int) -> tuple[int, float]:
+    first = urllib.parse.urlsplit(urls[0])
+    paths = [urllib.parse.urlsplit(url).path for url in urls]
+    counter = iter(range(total + connections))
+    deadline = time.monotonic() + time_limit_s
+    started = time.perf_counter()
+    done = await asyncio.gather(*(
+        _floor_connection(first.hostname, first.port, paths, secret.encode(), body, event_type,
+                          lambda: next(counter), total, deadline) for _ in range(connections)))
+    return sum(done), time.perf_counter() - started
+
+
+def streams_floor(urls: list[str], secret: str, body: bytes, event_type: str, total: int, time_limit_s: float,
+                  use_uvloop: bool = False, connections: int = 20) -> tuple[int, float]:
+    """``total`` webhooks from ``connections`` kept-alive asyncio streams in this process (one
+    thread), on uvloop if asked. Returns (answered 200, seconds). Every URL is on one server."""
+    coroutine = _floor(urls, secret, body, event_type, total, time_limit_s, connections)
+    if use_uvloop:
+        import uvloop
+
+        return uvloop.run(coroutine)
+    return asyncio.run(coroutine)
+
+
+def uvloop_installed() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -515,6 +515,14 @@ class Webhookd:
         self.partners.append(partner)
         return partner
 
+    def get_json(self, path: str) -> Any:
+        """GET ``path`` as the admin; its JSON answer."""
+        client = Client(self.port)
+        try:
+            return json.loads(client.request("GET", path, None, ADMIN_HEADERS)[1])
+        finally:
+            client.close()
+
     def peak_rss_mb(self) -> float | None:
         return peak_rss_mb(self.pid) if self.alive() else None
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen  # noqa: E402
 import run  # noqa: E402
+import stages  # noqa: E402
 from common import ROOT, Nginx, Procs  # noqa: E402
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
@@ -100,6 +101,7 @@ def main() -> int:
     procs = Procs()
     workdir = Path(tempfile.mkdtemp(prefix="webhookd-profile-"))
     server = None  # the PostgreSQL of --postgres
+    throughput: dict | None = None  # the throughput run's figures
 
     @contextlib.contextmanager
     def recording(wd):
@@ -126,6 +128,7 @@ def main() -> int:
                 overrides = {"storage": {"url": server.new_database()}}
             res = run.webhookd_throughput(bench, args.deliveries, name="profile", around=recording,
                                           overrides=overrides)
+            throughput = res
             print(f"webhookd: {res['deliveries']:,} deliveries at {res['rate']:,.0f}/s while profiled "
                   f"({res['cpu_ms_per_delivery']:.2f} ms CPU each; {mode})")
         else:
@@ -147,6 +150,9 @@ def main() -> int:
         print("py-spy wrote nothing", file=sys.stderr)
         return 1
     print(summarize(raw))
+    if throughput is not None:
+        print("\nby stage (bench/stages.py):")
+        print(stages.table(raw, args.rate, throughput["deliveries"], throughput["cpu_ms_per_delivery"]))
     print(f"\ncollapsed stacks: {raw}")
     return 0
 

@@ -10,6 +10,7 @@ payment.success payload everywhere. Scenarios (``--only`` takes one or more, com
   reads       (k) GET /events/{id} and filtered GET /deliveries on a history of 1,000,000 deliveries
   inbound     POST /webhooks/partners requests/s vs GET /health
   fanout      (d) partners 100 ms and 500 ms away: 50 partners on a slow receiver, bundled config
+  slow        (l) one healthy partner 2 s away offered 200 deliveries/s: does it keep up?
   idle        (e) CPU at 10 events/s to one partner, beside 10,000 idle partners and alone
   postgres    (f) one process on PostgreSQL vs one on SQLite, (g) three processes on one PostgreSQL
   crash       (j) a kill -9 under full load: how many deliveries nginx got twice after the restart
@@ -76,9 +77,10 @@ from common import (  # noqa: E402
 
 from storage import open_store  # noqa: E402
 
-SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "reads", "inbound", "fanout", "idle", "postgres",
+SCENARIOS = ["throughput", "latency", "blackhole", "backlog", "reads", "inbound", "fanout", "slow", "idle", "postgres",
              "crash"]
 PARTNERS = 5
+FLOOR_DELIVERIES = 20_000  # per floor run, at least (the floor sends 30,000-60,000/s)
 PATHS = [f"/p{k}" for k in range(PARTNERS)]
 
 
@@ -102,6 +104,9 @@ class Params:
     fanout_deliveries: int = 10_000   # per webhookd run at 100 ms (fewer at 500 ms, see fanout_total)
     fanout_time_limit_s: float = 60.0
     fanout_delivery: dict[str, Any] = field(default_factory=dict)  # [delivery] keys over the bundled config
+    slow_delay_s: float = 2.0         # (l): the partner answers after this long...
+    slow_rate: float = 200.0          # (l): ...offered this many deliveries a second...
+    slow_s: float = 20.0              # (l): ...for this long
     idle_partners: int = 10_000       # (e): registered partners that get no events
     idle_rate: float = 10.0           # (e): events/s to the one active partner
     idle_s: float = 10.0              # (e): how long that rate is offered (CPU shown per 10 s)
@@ -113,7 +118,7 @@ class Params:
     def quick(cls) -> Params:
         return cls(runs=1, deliveries=1500, latency_s=2.0, blackhole_deliveries=1500, idle_s=5.0,
                    backlog_large=100_000, backlog_window_s=5.0, reads_history=100_000, reads_repeat=10,
-                   inbound_requests=1500, fanout_deliveries=1000, pg_stall_s=10.0, crash_deliveries=5000)
+                   inbound_requests=1500, fanout_deliveries=1000, pg_stall_s=10.0, crash_deliveries=5000, slow_s=10.0)
 
 
 @dataclass
@@ -253,11 +258,13 @@ def scenario_throughput(bench: Bench) -> None:
     p = bench.params
     n = p.deliveries
     secret = "sk_live_bench_secret_for_the_baselines"
-    series = {k: Series() for k in ("guide", "pool", "webhookd", "vs_pool", "vs_guide", "rss", "cpu_ms")}
+    series = {k: Series() for k in ("guide", "pool", "webhookd", "vs_pool", "vs_guide", "rss", "cpu_ms", "floor",
+                                    "floor_uvloop", "vs_floor")}
     runs: list[dict] = []
+    floors = ["floor", "floor_uvloop"] if baselines.uvloop_installed() else ["floor"]
     for r in range(p.runs):
         order = ["guide", "pool", "webhookd"]
-        order = order[r % 3:] + order[:r % 3]
+        order = order[r % 3:] + order[:r % 3] + floors
         rates: dict[str, float] = {}
         for sender in order:
             tail = bench.nginx.tail()
@@ -271,6 +278,12 @@ def scenario_throughput(bench: Bench) -> None:
                 logged = collect(tail, n, timeout=5, accept=lambda line: line.uri in PATHS)
                 rates[sender] = ok / seconds
                 runs.append({"round": r, "sender": sender, "ok": ok, "logged": len(logged), "seconds": seconds})
+            elif sender.startswith("floor"):
+                total = max(n, FLOOR_DELIVERIES)  # it is fast: enough requests to last about a second
+                ok, seconds = baselines.streams_floor(bench.urls(), secret, PAYLOAD_BYTES, EVENT_TYPE, total,
+                                                      time_limit_s=60, use_uvloop=sender == "floor_uvloop")
+                rates[sender] = ok / seconds
+                runs.append({"round": r, "sender": sender, "ok": ok, "seconds": seconds})
             else:
                 res = webhookd_throughput(bench, n, name=f"throughput-{r}")
                 rates[sender] = res["rate"]
@@ -278,8 +291,9 @@ def scenario_throughput(bench: Bench) -> None:
                 series["cpu_ms"].add(res["cpu_ms_per_delivery"])
                 runs.append({"round": r, "sender": sender, **res})
             log(f"  round {r + 1}/{p.runs} {sender:<8} {rates[sender]:8.0f} deliveries/s")
-        for k in ("guide", "pool", "webhookd"):
+        for k in ("guide", "pool", "webhookd", *floors):
             series[k].add(rates[k])
+        series["vs_floor"].add(rates["webhookd"] / rates[floors[-1]])
         series["vs_pool"].add(rates["webhookd"] / rates["pool"])
         series["vs_guide"].add(rates["webhookd"] / rates["guide"])
     bench.results["throughput"] = {"series": series, "runs": runs}
@@ -668,6 +682,62 @@ def scenario_fanout(bench: Bench) -> None:
 # --- (e) Idle partners ------------------------------------------------------------------------------
 
 
+def webhookd_slow_partner(bench: Bench, name: str) -> dict:
+    """One partner on bench/slow_receiver.py answering 200 after ``slow_delay_s``, offered
+    ``slow_rate`` events/s (one delivery each) for ``slow_s`` on the bundled config. Its rate in the
+    second half of the offer (the first fills the pipe: rate x delay in flight) against the rate
+    offered; how far behind it is when the offer ends; how long until every delivery arrived."""
+    p = bench.params
+    receiver = SlowReceiver(bench.procs, p.slow_delay_s).start()
+    wd = start_webhookd(bench, name, register=False)
+    try:
+        partner = wd.register(receiver.url("/slow"), "Slow partner")
+        total = int(p.slow_rate * p.slow_s)
+        receiver.stats(reset=True)
+        offer = threading.Thread(target=loadgen.paced, kwargs=dict(
+            port=wd.port, threads=8, total=total, rate=p.slow_rate, build=publish_request))
+        started = time.monotonic()
+        offer.start()
+        counts = []  # (seconds since the start, requests the receiver counted)
+        while time.monotonic() - started < p.slow_s + 30 and (not counts or counts[-1][1] < total):
+            time.sleep(0.5)
+            counts.append((time.monotonic() - started, receiver.stats()["requests"]))
+        offer.join(timeout=30)
+        stats = receiver.stats()
+        concurrency = next(row["concurrency"] for row in wd.get_json("/stats")["partners"]
+                           if row["partner_id"] == partner["partner_id"])
+    finally:
+        wd.stop()
+        receiver.stop()
+
+    def count_at(t: float) -> int:
+        return max((n for s, n in counts if s <= t), default=0)
+
+    half, end = p.slow_s / 2, p.slow_s
+    rate = (count_at(end) - count_at(half)) / (end - half)
+    done_at = next((s for s, n in counts if n >= total), None)
+    return {"offered_per_s": p.slow_rate, "rate": rate, "ratio": rate / p.slow_rate,
+            "behind_at_end": total - count_at(end), "drained_after_s": None if done_at is None else done_at - end,
+            "delivered": stats["requests"], "expected": total, "peak_in_flight": stats["max_in_flight"],
+            "partner_concurrency": concurrency}
+
+
+def scenario_slow(bench: Bench) -> None:
+    p = bench.params
+    series = {k: Series() for k in ("rate", "ratio", "behind", "drained", "peak", "concurrency")}
+    runs = []
+    for r in range(p.runs):
+        res = webhookd_slow_partner(bench, f"slow-{r}")
+        runs.append(res)
+        for key, value in (("rate", res["rate"]), ("ratio", res["ratio"]), ("behind", res["behind_at_end"]),
+                           ("drained", res["drained_after_s"]), ("peak", res["peak_in_flight"]),
+                           ("concurrency", res["partner_concurrency"])):
+            series[key].add(value)
+        log(f"  round {r + 1}/{p.runs} slow partner: {res['rate']:.0f}/s of {res['offered_per_s']:.0f}/s offered, "
+            f"{res['peak_in_flight']} in flight at most, {res['delivered']} of {res['expected']} delivered")
+    bench.results["slow"] = {"series": series, "runs": runs}
+
+
 def webhookd_idle_cpu(bench: Bench, name: str, idle_partners: int) -> dict:
     """webhookd on a file holding ``idle_partners`` registered partners that get nothing, plus one
     partner (nginx /p0) published to at ``idle_rate`` events/s for ``idle_s`` s (paced, after a
@@ -920,6 +990,9 @@ def table(bench: Bench) -> str:
             _row(f"deliveries/s  webhookd (POST /events x {PARTNERS} partners)", s["webhookd"], "/s"),
             _row("  webhookd / stdlib pool", s["vs_pool"], "x", "≥ 1.50×", lambda v: v >= 1.5),
             _row("  webhookd / guide sender", s["vs_guide"], "x", "≥ 4.00×", lambda v: v >= 4.0),
+            _row("deliveries/s  floor: bare asyncio streams + HMAC, keep-alive", s["floor"], "/s"),
+            _row("deliveries/s  floor on uvloop", s["floor_uvloop"], "/s"),
+            _row(f"  webhookd / floor{' on uvloop' if s['floor_uvloop'].values else ''}", s["vs_floor"], "%"),
             _row("webhookd peak RSS (VmHWM, throughput runs)", s["rss"], "MiB"),
             _row("webhookd CPU per delivery (all threads, publish included)", s["cpu_ms"], "ms"),
         ]
@@ -968,6 +1041,17 @@ def table(bench: Bench) -> str:
             _row("(c) POST /webhooks/partners (signed, stored)", s["inbound"], "/s"),
             _row("(c) GET /health (trivial route)", s["health"], "/s"),
             _row("(c)   inbound / trivial", s["ratio"], "%", "≥ 50%", lambda v: v >= 0.5),
+        ]
+    if "slow" in res:
+        s = res["slow"]["series"]
+        offered = f"{p.slow_rate:.0f}/s offered, {p.slow_delay_s:g} s away"
+        rows += [
+            _row(f"(l) one healthy partner, {offered}: delivered/s", s["rate"], "/s"),
+            _row("(l)   delivered / offered (second half of the offer)", s["ratio"], "%", "≥ 95%", lambda v: v >= 0.95),
+            _row("(l)   behind when the offer ends (in flight included)", s["behind"], ""),
+            _row("(l)   every delivery arrived, seconds after the offer ended", s["drained"], "s"),
+            _row("(l)   peak in flight at the partner / its bound at the end", s["peak"], ""),
+            _row("(l)   the partner's concurrency (GET /stats) at the end", s["concurrency"], ""),
         ]
     if "idle" in res:
         s = res["idle"]["series"]
@@ -1060,7 +1144,8 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
     if "throughput" in only:
         lines.append(f"throughput: {p.deliveries:,} deliveries per sender per run; webhookd: {p.deliveries // PARTNERS:,} "
                      f"events via POST /events from {p.publish_threads} keep-alive connections, timed from the first "
-                     f"publish to the last delivery in nginx's access log")
+                     f"publish to the last delivery in nginx's access log; the floor: {max(p.deliveries, FLOOR_DELIVERIES):,} "
+                     f"requests from 20 kept-alive asyncio streams in the bench's own process, an HMAC each")
     if "latency" in only:
         lines.append(f"latency: {p.latency_rate / PARTNERS:.0f} events/s x {PARTNERS} partners for {p.latency_s:.0f} s "
                      f"(paced, 8 connections); latency = nginx $msec (ms resolution) - time the publish was sent")
@@ -1084,6 +1169,10 @@ def describe(bench: Bench, only: list[str], source_at_start: str) -> str:
                      f"{p.fanout_partners} partners on it; webhookd on the bundled webhookd.toml"
                      + (f" with [delivery] {p.fanout_delivery}" if p.fanout_delivery else "") + "; a probe times "
                      "POST /events (no subscriber) and GET /health every 50 ms during each run")
+    if "slow" in only:
+        lines.append(f"(l): one partner on bench/slow_receiver.py answering 200 after {p.slow_delay_s:g} s, "
+                     f"{p.slow_rate:.0f} events/s paced for {p.slow_s:.0f} s (one delivery each), bundled config; "
+                     "its rate counted by the receiver over the second half of the offer")
     if "idle" in only:
         lines.append(f"(e): {p.idle_partners:,} active partners written into the file before webhookd starts, "
                      f"subscribed to a type nobody publishes; {p.idle_rate:.0f} events/s paced to one partner on "

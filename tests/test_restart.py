@@ -179,8 +179,9 @@ def test_kill_9_right_after_a_batch_answer_loses_none_of_its_events(serve_factor
 class ServeWithAStalledLog(ServeProcess):
     """``webhookd serve`` whose log goes to a pipe the test can stop reading (``stop_reading``).
     Once the pipe is full every log write blocks, and so does the recorder, which logs each
-    attempt it writes: a recorder that falls behind, as a stuck log collector or a slow disk
-    makes it in production, while the claims and the sends could go on."""
+    attempt it writes (at DEBUG for a success: the test runs it at ``server.log_level = "debug"``):
+    a recorder that falls behind, as a stuck log collector or a slow disk makes it in production,
+    while the claims and the sends could go on."""
 
     def start(self) -> "ServeWithAStalledLog":
         self.proc = subprocess.Popen(
@@ -238,7 +239,8 @@ def test_kill_9_behind_a_stalled_recorder_sends_again_at_most_concurrency(engine
     concurrency, total = 20, 2000
     env = {"WEBHOOKD_DELIVERY_CONCURRENCY": str(concurrency),
            "WEBHOOKD_DELIVERY_PER_PARTNER_CONCURRENCY": str(total),  # out of the way: the bound is concurrency
-           "WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5"}               # lease = 2 x 0.5 + 10 = 11 s
+           "WEBHOOKD_DELIVERY_TIMEOUT_S": "0.5",               # lease = 2 x 0.5 + 10 = 11 s
+           "WEBHOOKD_SERVER_LOG_LEVEL": "debug"}               # a line per successful attempt: what stalls
     if engine == "postgresql":
         env["WEBHOOKD_STORAGE_URL"] = request.getfixturevalue("postgres_server").new_database()
     receiver = receiver_factory()

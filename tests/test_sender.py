@@ -32,6 +32,30 @@ def test_retry_after_parsing_is_strict_and_clamped():
     assert parse_retry_after("soon", now=0, max_s=3600) is None
 
 
+@pytest.fixture(params=[True, False], ids=["uvloop-llhttp", "stdlib"])
+def speedups(request):
+    """``delivery.native_speedups``: the sender on uvloop with llhttp reading answers, or on the
+    standard library's loop with webhookd's own reader. Every real-HTTP test below runs on both."""
+    return request.param
+
+
+def test_the_sender_runs_on_the_loop_and_reader_the_config_asks_for(webhookd_factory, receiver_factory, speedups):
+    import asyncio
+
+    import uvloop
+
+    import sender_http
+
+    hub = webhookd_factory(delivery__native_speedups=speedups)
+    receiver = receiver_factory()
+    hub.register(receiver.url, ["payment.success"])
+    hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: hub.deliveries(state="delivered"))
+    used = hub.app.state.ctx.loop.sender
+    assert isinstance(used.loop, uvloop.Loop) is speedups and isinstance(used.loop, asyncio.AbstractEventLoop)
+    assert used._read_answer is (sender_http.read_answer_llhttp if speedups else sender_http.read_answer_python)
+
+
 # --- Kept-alive connections and what a partner may have read ----------------------------------
 
 
@@ -150,11 +174,11 @@ def raw_receiver_factory():
 
 
 def test_a_request_the_partner_read_is_not_written_again_in_the_same_attempt(webhookd_factory,
-                                                                               raw_receiver_factory):
+                                                                               raw_receiver_factory, speedups):
     """The partner reads the second request on a kept-alive connection, then closes it without an
     answer: it may have acted on it, so that attempt fails (connection_reset) and the request is
     sent again only by the next attempt, after a backoff — never twice inside one attempt."""
-    hub = webhookd_factory(delivery__concurrency=1)
+    hub = webhookd_factory(delivery__concurrency=1, delivery__native_speedups=speedups)
     receiver = raw_receiver_factory(["answer", "read_then_close"])
     hub.register(receiver.url, ["payment.success"])
     first = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_1"}).json()["event_id"]
@@ -168,10 +192,10 @@ def test_a_request_the_partner_read_is_not_written_again_in_the_same_attempt(web
 
 
 def test_a_kept_connection_the_partner_closed_while_idle_is_replaced_before_writing(webhookd_factory,
-                                                                                   raw_receiver_factory):
+                                                                                   raw_receiver_factory, speedups):
     """A partner that closes idle connections at once costs no failed attempt: the sender sees the
     closed connection before it writes, and opens a new one."""
-    hub = webhookd_factory(delivery__concurrency=1)
+    hub = webhookd_factory(delivery__concurrency=1, delivery__native_speedups=speedups)
     receiver = raw_receiver_factory(["answer_then_close"])
     hub.register(receiver.url, ["payment.success"])
     hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_1"})
@@ -183,10 +207,10 @@ def test_a_kept_connection_the_partner_closed_while_idle_is_replaced_before_writ
 
 
 def test_a_partner_that_drips_its_answer_is_cut_off_at_the_attempt_deadline(webhookd_factory,
-                                                                             raw_receiver_factory):
+                                                                             raw_receiver_factory, speedups):
     """A byte every 0.1 s never lets a per-read timeout fire; the attempt's one deadline
     (timeout_s = 1 s in the tests, lookup to last byte) still ends it."""
-    hub = webhookd_factory(delivery__max_attempts=1)
+    hub = webhookd_factory(delivery__max_attempts=1, delivery__native_speedups=speedups)
     receiver = raw_receiver_factory(["drip"])
     hub.register(receiver.url, ["payment.success"])
     hub.publish(PAYMENT_SUCCESS)
@@ -233,10 +257,10 @@ CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text
     ((b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nshort", True), 200, "short", False),
 ])
 def test_answers_in_every_http_1_framing_are_read_whole(webhookd_factory, raw_receiver_factory,
-                                                       answer, status, snippet, kept):
+                                                       answer, status, snippet, kept, speedups):
     """The sender's own response reader: status, snippet and whether the connection is kept for
     the next delivery (a second connection appears only when the first could not be kept)."""
-    hub = webhookd_factory(delivery__concurrency=1, delivery__max_attempts=1)
+    hub = webhookd_factory(delivery__concurrency=1, delivery__max_attempts=1, delivery__native_speedups=speedups)
     receiver = raw_receiver_factory([answer, "answer"])
     hub.register(receiver.url, ["payment.success"])
     first = hub.publish({**PAYMENT_SUCCESS, "transaction_id": "txn_1"}).json()["event_id"]
@@ -257,8 +281,8 @@ def test_answers_in_every_http_1_framing_are_read_whole(webhookd_factory, raw_re
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
     b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n",
 ])
-def test_an_answer_that_is_not_http_is_a_protocol_error(webhookd_factory, raw_receiver_factory, answer):
-    hub = webhookd_factory(delivery__max_attempts=1)
+def test_an_answer_that_is_not_http_is_a_protocol_error(webhookd_factory, raw_receiver_factory, answer, speedups):
+    hub = webhookd_factory(delivery__max_attempts=1, delivery__native_speedups=speedups)
     receiver = raw_receiver_factory([answer])
     hub.register(receiver.url, ["payment.success"])
     hub.publish(PAYMENT_SUCCESS)
@@ -266,11 +290,11 @@ def test_an_answer_that_is_not_http_is_a_protocol_error(webhookd_factory, raw_re
     assert hub.delivery(failed["delivery_id"])["attempts"][0]["error"] == "protocol_error"
 
 
-def test_a_2xx_whose_body_never_ends_is_delivered_not_sent_again(webhookd_factory, raw_receiver_factory):
+def test_a_2xx_whose_body_never_ends_is_delivered_not_sent_again(webhookd_factory, raw_receiver_factory, speedups):
     """The partner said 200, then left its body unfinished (Content-Length 100, 5 bytes, the
     connection open): the attempt's deadline cuts the body, not the answer. The delivery is
     delivered with that status — not retried, which would send the event again."""
-    hub = webhookd_factory()
+    hub = webhookd_factory(delivery__native_speedups=speedups)
     receiver = raw_receiver_factory([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"])
     hub.register(receiver.url, ["payment.success"])
     hub.publish(PAYMENT_SUCCESS)
@@ -353,12 +377,12 @@ REPEATED_HEADERS = (b"HTTP/1.1 200 OK\r\n" + (b"Set-Cookie: " + b"a" * 60_000 + 
      "response head too large: more than 16 KiB of status line and headers"),
 ])
 def test_a_hostile_answer_is_a_failed_attempt_and_a_healthy_partner_is_still_delivered(
-        webhookd_factory, raw_receiver_factory, receiver_factory, answer, detail):
+        webhookd_factory, raw_receiver_factory, receiver_factory, answer, detail, speedups):
     """A partner that answers 1xx after 1xx until the deadline, or heads of many large headers,
     ends 2xx in the end, but each of its attempts fails with a detail that says why (so it is
     retried, and its circuit counts it): the sender reads at most 5 interim answers and 16 KiB per
     head. A healthy partner beside it gets its delivery, its signature verified."""
-    hub = webhookd_factory(delivery__max_attempts=2)
+    hub = webhookd_factory(delivery__max_attempts=2, delivery__native_speedups=speedups)
     hostile = raw_receiver_factory([answer, answer])
     hostile_id = hub.register(hostile.url, ["payment.success"], name="Hostile")["partner_id"]
     healthy = receiver_factory()

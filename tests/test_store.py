@@ -776,3 +776,18 @@ def test_both_stores_expose_the_same_public_methods_and_each_is_the_whole_contra
     assert public(SQLiteStore) == public(PostgresStore) == public(Store)
     assert not SQLiteStore.__abstractmethods__ and not PostgresStore.__abstractmethods__
     assert (SQLiteStore.shared, PostgresStore.shared) == (False, True)
+
+
+def test_an_attempt_s_flat_json_is_the_text_json_dumps_writes():
+    """store_rows.json_or_none writes an attempt's signatures and decision without json.dumps: the
+    same text, whatever the strings hold; anything else still goes through json.dumps."""
+    import json
+
+    from store_rows import json_or_none
+
+    for value in [{"X-Webhook-Signature": "ab12", "webhook-signature": "v1,abc= v1,def="},
+                  {"state": "pending", "wait_s": 12.345, "why": 'the partner\'s "Retry-After" é\n\u2028'},
+                  {"n": 10**20, "f": 1e-7, "g": -0.0, "é": "ü"}, {"b": True, "none": None}, {"x": float("inf")},
+                  {"k": [1, {"a": 2}]}, {}]:
+        assert json_or_none(value) == json.dumps(value)
+    assert json_or_none(None) is None
