@@ -54,6 +54,7 @@ import realtime
 import signing
 from config import EVENT_TYPE
 from models import InboundEvent, Partner
+from store_history import inbound_write
 from store_processes import OFFERS_CHANNEL
 from web import (
     ApiError,
@@ -62,6 +63,7 @@ from web import (
     client_address,
     context,
     db,
+    group_commit,
     invalid,
     new_id,
     page_json,
@@ -124,10 +126,11 @@ async def _receive(request: Request) -> JSONResponse:
         _check_timestamp(payload.get("timestamp"), now, tolerance_s)
     dedupe_key = f"id:{signed.msg_id}" if signed.standard else _dedupe_key(request, canonical_body)
 
-    stored, created = await db(ctx.store.add_inbound, inbound_id=new_id("inb_"), partner_id=partner.id,
-                               event_type=event_type, dedupe_key=dedupe_key, body=canonical_body, now=now)
+    stored, created = await group_commit(ctx.store, inbound_write(InboundEvent(
+        id=new_id("inb_"), partner_id=partner.id, type=event_type, dedupe_key=dedupe_key, body=canonical_body,
+        received_at=now)))
     ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
-    logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
+    logger.debug("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,
                        "duplicate": not created})
     after = None

@@ -346,24 +346,34 @@ class History:
         now: float,
     ) -> tuple[InboundEvent, bool]:
         """Store an inbound event once per (partner, dedupe key). Returns ``(event, created)``."""
-
-        def work(db: Any) -> tuple[InboundEvent, bool]:
-            created = db.execute(
-                """INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at)
-                   VALUES (:id, :partner_id, :type, :key, :body, :now)
-                   ON CONFLICT (partner_id, dedupe_key) DO NOTHING""",
-                {"id": inbound_id, "partner_id": partner_id, "type": event_type, "key": dedupe_key,
-                 "body": body, "now": now},
-            ).rowcount > 0
-            row = db.execute(
-                "SELECT * FROM inbound_events WHERE partner_id = :p AND dedupe_key = :k",
-                {"p": partner_id, "k": dedupe_key},
-            ).fetchone()
-            return inbound_from_row(row), created
-
-        return self._in_group_commit(work)
+        return self._in_group_commit(inbound_write(InboundEvent(
+            id=inbound_id, partner_id=partner_id, type=event_type, dedupe_key=dedupe_key, body=body, received_at=now)))
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:
         return self._newest_first("inbound_events", INBOUND_FILTERS, inbound_from_row, limit,
                                   {"cursor": cursor, "partner_id": partner_id, "event": event})
+
+
+def inbound_write(event: InboundEvent) -> Callable[[Any], tuple[InboundEvent, bool]]:
+    """The group commit's work that stores ``event`` once per (partner, dedupe key): ``(event,
+    True)`` when it is new, else the one stored first and False (a resend). A route on the
+    event loop queues it with ``Store.queue_group_write``, ``History.add_inbound`` waits for it."""
+
+    def work(db: Any) -> tuple[InboundEvent, bool]:
+        created = db.execute(
+            """INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at)
+               VALUES (:id, :partner_id, :type, :key, :body, :now)
+               ON CONFLICT (partner_id, dedupe_key) DO NOTHING""",
+            {"id": event.id, "partner_id": event.partner_id, "type": event.type, "key": event.dedupe_key,
+             "body": event.body, "now": event.received_at},
+        ).rowcount > 0
+        if created:  # the row is what was just written: no need to read it back
+            return event, True
+        row = db.execute(
+            "SELECT * FROM inbound_events WHERE partner_id = :p AND dedupe_key = :k",
+            {"p": event.partner_id, "k": event.dedupe_key},
+        ).fetchone()
+        return inbound_from_row(row), False
+
+    return work

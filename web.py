@@ -273,6 +273,40 @@ def _call_by(deadline: float, fn: Callable[..., Any], args: tuple, kwargs: dict[
         return fn(*args, **kwargs)
 
 
+async def group_commit(store: Store, work: Callable[[Any], Any]) -> Any:
+    """``work(db)`` in the store's next group commit, awaited on the event loop itself: the writer
+    thread settles this future (``loop.call_soon_threadsafe``) once the commit is on disk, so the
+    request holds no store thread while it waits and takes no hop through one (what ``db`` around
+    ``store._in_group_commit`` costs). The same deadline as ``db``: a write still queued after
+    ``DB_DEADLINE_S`` is given up, unwritten, with ``DatabaseBusy`` (a 503); one the writer took is
+    waited for, as ``Store._in_group_commit`` does."""
+    loop = asyncio.get_running_loop()
+    answer = loop.create_future()
+    request = store.queue_group_write(work, deadline=time.monotonic() + DB_DEADLINE_S,
+                                      on_done=lambda done: loop.call_soon_threadsafe(_settle, answer, done))
+    timer = loop.call_later(DB_DEADLINE_S, _give_up_queued, answer, request)
+    try:
+        return await answer
+    finally:
+        timer.cancel()
+
+
+def _settle(answer: asyncio.Future, request: Any) -> None:
+    """On the event loop: the group commit's outcome, unless the caller went away (cancelled)."""
+    if answer.done():
+        return
+    if request.error is not None:
+        answer.set_exception(request.error)
+    else:
+        answer.set_result(request.result)
+
+
+def _give_up_queued(answer: asyncio.Future, request: Any) -> None:
+    """``group_commit``'s deadline: a write the writer has not taken is dropped, with a 503."""
+    if not answer.done() and request.give_up():
+        answer.set_exception(DatabaseBusy(f"the write waited {DB_DEADLINE_S:g} s behind other writes and was not made"))
+
+
 def client_address(request: Request) -> str:
     """The client's address: the peer's, or behind a trusted proxy the one it forwarded (``RealClient``)."""
     return request.client.host if request.client else "unknown"
