@@ -11,7 +11,8 @@ Read top to bottom, one inbound event:
    suspended (403, said only once its own signature verified), the partner's own rate
    (429), and a fresh timestamp (401).
 2. **Store once.** The canonical body is stored once per (partner, ``webhook-id``,
-   ``X-Webhook-Id`` or body hash), through the store's group commit.
+   ``X-Webhook-Id`` or body hash), through the store's group commit, awaited on the event
+   loop itself (``web.group_written``): no worker thread sits waiting for the disk.
 3. **200.** ``{"status": "received"}`` goes out only after the commit.
 4. **Offer on /ws.** After the 200, a ``tour.promoted`` is pushed to the users connected
    on ``/ws`` (``realtime.py``): the user the payload names, or everyone. A user's page
@@ -54,7 +55,6 @@ import realtime
 import signing
 from config import EVENT_TYPE
 from models import InboundEvent, Partner
-from store_history import inbound_write
 from store_processes import OFFERS_CHANNEL
 from web import (
     ApiError,
@@ -63,7 +63,7 @@ from web import (
     client_address,
     context,
     db,
-    group_commit,
+    group_written,
     invalid,
     new_id,
     page_json,
@@ -126,9 +126,10 @@ async def _receive(request: Request) -> JSONResponse:
         _check_timestamp(payload.get("timestamp"), now, tolerance_s)
     dedupe_key = f"id:{signed.msg_id}" if signed.standard else _dedupe_key(request, canonical_body)
 
-    stored, created = await group_commit(ctx.store, inbound_write(InboundEvent(
-        id=new_id("inb_"), partner_id=partner.id, type=event_type, dedupe_key=dedupe_key, body=canonical_body,
-        received_at=now)))
+    arrived = InboundEvent(id=new_id("inb_"), partner_id=partner.id, type=event_type, dedupe_key=dedupe_key,
+                           body=canonical_body, received_at=now)
+    stored, created = await group_written(
+        lambda deadline, on_done: ctx.store.add_inbound_soon(arrived, deadline=deadline, on_done=on_done))
     ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
     logger.debug("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,

@@ -175,23 +175,21 @@ def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]
 class _GroupWrite:
     """One request waiting for the group-commit writer: its work, then its result or error;
     ``announce``: a channel to notify once it is committed (other processes have work);
-    ``deadline``: when its caller stops waiting (``answer_by``), or None; ``on_done``: called
-    on the writer's thread once the outcome is known (``Store.queue_group_write``: a caller on
-    an event loop, which waits for no thread), else ``done`` is set for a thread that waits.
+    ``deadline``: when its caller stops waiting (``answer_by``), or None.
 
     Exactly one of two things happens to a request: the writer takes it (``take``), and then its
     caller waits for the commit's outcome, or its caller gives it up before that (``give_up``),
     and then the writer skips it. So a caller that gave up knows nothing of it was written."""
 
     def __init__(self, work: Callable[[Any], Any], announce: str | None = None, deadline: float | None = None,
-                 on_done: Callable[[_GroupWrite], None] | None = None):
+                 on_done: Callable[[], None] | None = None):
         self.work = work
         self.announce = announce
         self.deadline = deadline
-        self.on_done = on_done
+        self.on_done = on_done  # called in the writer's thread once it is finished (a caller on an event loop)
         self.result: Any = None
         self.error: BaseException | None = None
-        self.done = threading.Event() if on_done is None else None
+        self.done = threading.Event()
         self._lock = threading.Lock()
         self._taken = self._given_up = False
 
@@ -209,10 +207,12 @@ class _GroupWrite:
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
+        self.done.set()
         if self.on_done is not None:
-            self.on_done(self)
-        else:
-            self.done.set()
+            try:
+                self.on_done()
+            except Exception:  # the caller's loop is gone (a stop): nobody waits for this answer
+                logger.exception("telling a caller its write is committed failed")
 
 
 # --- The store ------------------------------------------------------------------------------------
@@ -372,7 +372,8 @@ class Store(Partners, History, Processes, abc.ABC):
         writer has taken is waited for, bounded by the writer's own waits (a connection, and
         PostgreSQL's lock and statement timeouts).
         """
-        request = self.queue_group_write(work, announce=announce, deadline=current_deadline())
+        request = _GroupWrite(work, announce, current_deadline())
+        self._group_queue.put(request)
         wait = None if request.deadline is None else max(0.0, request.deadline - time.monotonic())
         if not request.done.wait(wait):
             if request.give_up():
@@ -382,15 +383,14 @@ class Store(Partners, History, Processes, abc.ABC):
             raise request.error
         return request.result
 
-    def queue_group_write(self, work: Callable[[Any], Any], *, announce: str | None = None,
-                          deadline: float | None = None,
-                          on_done: Callable[[_GroupWrite], None] | None = None) -> _GroupWrite:
-        """Queue ``work(db)`` for the group-commit writer's next transaction and return at once:
-        ``_in_group_commit`` without the wait. ``on_done(request)`` runs on the writer's thread
-        after the commit (or the failure), so a caller on the event loop waits for no thread of
-        its own (``web.group_commit``); a caller that gives up by ``deadline`` calls
-        ``request.give_up()`` as ``_in_group_commit`` does."""
-        request = _GroupWrite(work, announce, deadline, on_done)
+    def _in_group_commit_soon(self, work: Callable[[Any], Any], deadline: float,
+                              on_done: Callable[[], None]) -> _GroupWrite:
+        """``_in_group_commit`` for a caller on an event loop, which must not block: ``work`` is
+        queued and its request returned at once; the writer's thread calls ``on_done()`` once it
+        is committed or failed (then the request's ``result`` or ``error``). Until the writer
+        takes it, a caller past its ``deadline`` may ``give_up`` it, and nothing of it is written
+        (``web.group_written`` does both)."""
+        request = _GroupWrite(work, None, deadline, on_done)
         self._group_queue.put(request)
         return request
 

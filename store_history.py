@@ -12,7 +12,7 @@ limit (``DELIVERY_FILTERS`` says how); each retention purge deletes in small bat
 never holds the writer for long.
 
 ``History`` is a part of ``store.Store`` (a mixin): it uses the store's ``_transaction``,
-``_reader``, ``_in_group_commit`` and ``_announce_work``.
+``_reader``, ``_in_group_commit`` (and ``_in_group_commit_soon``) and ``_announce_work``.
 """
 
 from __future__ import annotations
@@ -349,6 +349,11 @@ class History:
         return self._in_group_commit(inbound_write(InboundEvent(
             id=inbound_id, partner_id=partner_id, type=event_type, dedupe_key=dedupe_key, body=body, received_at=now)))
 
+    def add_inbound_soon(self, event: InboundEvent, *, deadline: float, on_done: Callable[[], None]) -> Any:
+        """``add_inbound`` for a route on the event loop: queued for the group commit and returned
+        at once (``Store._in_group_commit_soon``; ``web.group_written`` awaits it)."""
+        return self._in_group_commit_soon(inbound_write(event), deadline, on_done)
+
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:
         return self._newest_first("inbound_events", INBOUND_FILTERS, inbound_from_row, limit,
@@ -357,8 +362,7 @@ class History:
 
 def inbound_write(event: InboundEvent) -> Callable[[Any], tuple[InboundEvent, bool]]:
     """The group commit's work that stores ``event`` once per (partner, dedupe key): ``(event,
-    True)`` when it is new, else the one stored first and False (a resend). A route on the
-    event loop queues it with ``Store.queue_group_write``, ``History.add_inbound`` waits for it."""
+    True)`` when it is new, else the one stored first and False (a resend)."""
 
     def work(db: Any) -> tuple[InboundEvent, bool]:
         created = db.execute(

@@ -265,46 +265,37 @@ async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await answer
 
 
+async def group_written(start: Callable[[float, Callable[[], None]], Any]) -> Any:
+    """A group-commit write queued from the event loop, its result awaited without a worker thread
+    (``Store.publish_soon``): ``start(deadline, on_done)`` queues it; its answer comes within
+    ``DB_DEADLINE_S`` as ``db()``'s does. Still queued at the deadline, it is given up unwritten
+    (``DatabaseBusy``, a 503); taken by the writer, it is waited for (it may be writing)."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    request = start(time.monotonic() + DB_DEADLINE_S, lambda: loop.call_soon_threadsafe(_settle, finished, True))
+    timer = loop.call_later(DB_DEADLINE_S, _settle, finished, False)
+    in_time = await finished
+    timer.cancel()
+    if not in_time:
+        if request.give_up():
+            raise DatabaseBusy(f"the write waited {DB_DEADLINE_S:g} s behind other writes and was not made")
+        await asyncio.to_thread(request.done.wait)
+    if request.error is not None:
+        raise request.error
+    return request.result
+
+
+def _settle(future: asyncio.Future, value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 def _call_by(deadline: float, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
     """``fn(*args, **kwargs)`` on a store thread, its waits bounded by ``deadline``."""
     if time.monotonic() >= deadline:  # it queued past its deadline: its caller has given up
         raise DatabaseBusy(f"every thread for store calls was busy for {DB_DEADLINE_S:g} s")
     with answer_by(deadline):
         return fn(*args, **kwargs)
-
-
-async def group_commit(store: Store, work: Callable[[Any], Any]) -> Any:
-    """``work(db)`` in the store's next group commit, awaited on the event loop itself: the writer
-    thread settles this future (``loop.call_soon_threadsafe``) once the commit is on disk, so the
-    request holds no store thread while it waits and takes no hop through one (what ``db`` around
-    ``store._in_group_commit`` costs). The same deadline as ``db``: a write still queued after
-    ``DB_DEADLINE_S`` is given up, unwritten, with ``DatabaseBusy`` (a 503); one the writer took is
-    waited for, as ``Store._in_group_commit`` does."""
-    loop = asyncio.get_running_loop()
-    answer = loop.create_future()
-    request = store.queue_group_write(work, deadline=time.monotonic() + DB_DEADLINE_S,
-                                      on_done=lambda done: loop.call_soon_threadsafe(_settle, answer, done))
-    timer = loop.call_later(DB_DEADLINE_S, _give_up_queued, answer, request)
-    try:
-        return await answer
-    finally:
-        timer.cancel()
-
-
-def _settle(answer: asyncio.Future, request: Any) -> None:
-    """On the event loop: the group commit's outcome, unless the caller went away (cancelled)."""
-    if answer.done():
-        return
-    if request.error is not None:
-        answer.set_exception(request.error)
-    else:
-        answer.set_result(request.result)
-
-
-def _give_up_queued(answer: asyncio.Future, request: Any) -> None:
-    """``group_commit``'s deadline: a write the writer has not taken is dropped, with a 503."""
-    if not answer.done() and request.give_up():
-        answer.set_exception(DatabaseBusy(f"the write waited {DB_DEADLINE_S:g} s behind other writes and was not made"))
 
 
 def client_address(request: Request) -> str:
