@@ -346,13 +346,13 @@ class History:
         now: float,
     ) -> tuple[InboundEvent, bool]:
         """Store an inbound event once per (partner, dedupe key). Returns ``(event, created)``."""
-        return self._in_group_commit(inbound_write(InboundEvent(
+        return self._in_group_commit(InboundWrite(InboundEvent(
             id=inbound_id, partner_id=partner_id, type=event_type, dedupe_key=dedupe_key, body=body, received_at=now)))
 
     def add_inbound_soon(self, event: InboundEvent, *, deadline: float, on_done: Callable[[], None]) -> Any:
         """``add_inbound`` for a route on the event loop: queued for the group commit and returned
         at once (``Store._in_group_commit_soon``; ``web.group_written`` awaits it)."""
-        return self._in_group_commit_soon(inbound_write(event), deadline, on_done)
+        return self._in_group_commit_soon(InboundWrite(event), deadline, on_done)
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:
@@ -360,24 +360,42 @@ class History:
                                   {"cursor": cursor, "partner_id": partner_id, "event": event})
 
 
-def inbound_write(event: InboundEvent) -> Callable[[Any], tuple[InboundEvent, bool]]:
-    """The group commit's work that stores ``event`` once per (partner, dedupe key): ``(event,
-    True)`` when it is new, else the one stored first and False (a resend)."""
+class InboundWrite:
+    """The group commit's work that stores one inbound event once per (partner, dedupe key): ``(the
+    event, True)`` when it is new, else (the one stored first, False): a resend.
 
-    def work(db: Any) -> tuple[InboundEvent, bool]:
-        created = db.execute(
-            """INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at)
-               VALUES (:id, :partner_id, :type, :key, :body, :now)
-               ON CONFLICT (partner_id, dedupe_key) DO NOTHING""",
-            {"id": event.id, "partner_id": event.partner_id, "type": event.type, "key": event.dedupe_key,
-             "body": event.body, "now": event.received_at},
-        ).rowcount > 0
-        if created:  # the row is what was just written: no need to read it back
-            return event, True
-        row = db.execute(
-            "SELECT * FROM inbound_events WHERE partner_id = :p AND dedupe_key = :k",
-            {"p": event.partner_id, "k": event.dedupe_key},
-        ).fetchone()
-        return inbound_from_row(row), False
+    ``together`` writes every inbound event of a group commit in one ``INSERT`` (``store.work_together``
+    calls it): one statement per batch, not one per event, so the writer thread takes the GIL back
+    from a busy event loop once rather than once per event. Its row count says when every event
+    was new (nearly always); when not, the ids found tell the new ones from the resends."""
 
-    return work
+    def __init__(self, event: InboundEvent):
+        self.event = event
+
+    def __call__(self, db: Any) -> tuple[InboundEvent, bool]:
+        return self.together(db, [self])[0]
+
+    @staticmethod
+    def together(db: Any, writes: list[InboundWrite]) -> list[tuple[InboundEvent, bool]]:
+        events = [write.event for write in writes]
+        params: dict[str, Any] = {}
+        for n, e in enumerate(events):
+            params.update({f"id{n}": e.id, f"partner{n}": e.partner_id, f"type{n}": e.type, f"key{n}": e.dedupe_key,
+                           f"body{n}": e.body, f"now{n}": e.received_at})
+        rows = ", ".join(f"(:id{n}, :partner{n}, :type{n}, :key{n}, :body{n}, :now{n})" for n in range(len(events)))
+        inserted = db.execute(
+            f"""INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at) VALUES {rows}
+                ON CONFLICT (partner_id, dedupe_key) DO NOTHING""", params).rowcount
+        if inserted == len(events):  # every one new: the rows are what was just written
+            return [(e, True) for e in events]
+        ids = [e.id for e in events]
+        new = {row["id"] for row in db.execute(f"SELECT id FROM inbound_events WHERE id IN ({placeholders('id', ids)})",
+                                               numbered("id", ids))}
+        return [(e, True) if e.id in new else (_stored_first(db, e), False) for e in events]
+
+
+def _stored_first(db: Any, event: InboundEvent) -> InboundEvent:
+    """The inbound event stored first under ``event``'s (partner, dedupe key)."""
+    row = db.execute("SELECT * FROM inbound_events WHERE partner_id = :p AND dedupe_key = :k",
+                     {"p": event.partner_id, "k": event.dedupe_key}).fetchone()
+    return inbound_from_row(row)
