@@ -141,18 +141,11 @@ EXCEPTION_HANDLERS = {ApiError: _on_api_error, HTTPException: _on_http_exception
 _BASE36 = string.digits + string.ascii_lowercase  # in sorting order
 
 
-_BASE36_PAIRS = [high + low for high in _BASE36 for low in _BASE36]  # "00" … "zz": two digits a step
-
-
 def _base36(number: int, width: int) -> str:
-    """``number``'s last ``width`` base-36 digits, two at a time (ids are made on the hot path)."""
-    pairs, odd = divmod(width, 2)
     digits = []
-    for _ in range(pairs):
-        number, pair = divmod(number, 1296)
-        digits.append(_BASE36_PAIRS[pair])
-    if odd:
-        digits.append(_BASE36[number % 36])
+    for _ in range(width):
+        number, digit = divmod(number, 36)
+        digits.append(_BASE36[digit])
     return "".join(reversed(digits))
 
 
