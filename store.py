@@ -243,7 +243,7 @@ class Store(Partners, History, Processes, abc.ABC):
 
     Which calls may run on the event loop: only ``get_partner``, ``all_partners``, ``paces`` and
     ``partners_accepting_inbound``, which read the in-memory copy of the partners table
-    and never touch the database. Every other method blocks on it, so it is called
+    and never touch the database, and ``add_inbound_soon``, which only queues for the group commit. Every other method blocks on it, so it is called
     from a thread: a route writes ``await db(store.method, ...)``, the delivery loop
     ``asyncio.to_thread``, and its sender and recorder threads call it directly.
     """
