@@ -126,10 +126,9 @@ async def _receive(request: Request) -> JSONResponse:
         _check_timestamp(payload.get("timestamp"), now, tolerance_s)
     dedupe_key = f"id:{signed.msg_id}" if signed.standard else _dedupe_key(request, canonical_body)
 
-    arrived = InboundEvent(id=new_id("inb_"), partner_id=partner.id, type=event_type, dedupe_key=dedupe_key,
-                           body=canonical_body, received_at=now)
-    stored, created = await group_written(
-        lambda deadline, on_done: ctx.store.add_inbound_soon(arrived, deadline=deadline, on_done=on_done))
+    stored, created = await group_written(lambda deadline, on_done: ctx.store.add_inbound_soon(
+        deadline=deadline, on_done=on_done, inbound_id=new_id("inb_"), partner_id=partner.id, event_type=event_type,
+        dedupe_key=dedupe_key, body=canonical_body, now=now))
     ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
     logger.debug("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,

@@ -172,6 +172,7 @@ def take_batch(waiting: queue.SimpleQueue, limit: int) -> tuple[list[Any], bool]
             break
     return [item for item in batch if item is not None], None in batch
 
+
 def work_together(db: Any, works: list[Callable[[Any], Any]]) -> list[Any]:
     """A group commit's works run in its transaction, their results in order. Works that can be
     written many at once (a ``together(db, works)`` attribute, e.g. ``store_history.InboundWrite``)
@@ -367,6 +368,17 @@ class Store(Partners, History, Processes, abc.ABC):
         return self._in_group_commit(
             lambda db: self._insert_event(db, event, now, max_attempts, new_delivery_id, passed), announce=WORK_CHANNEL)
 
+    def _group_commit_soon(self, work: Callable[[Any], Any], announce: str | None, deadline: float,
+                           on_done: Callable[[], None]) -> _GroupWrite:
+        """``work`` queued for the group commit, not waited for: ``_in_group_commit`` for a caller on
+        an event loop, which must not block (``web.group_written`` awaits it). The writer's thread
+        calls ``on_done()`` once it is committed or failed (then the request's ``result`` or
+        ``error``); until the writer takes it, a caller past its ``deadline`` may ``give_up`` it,
+        and nothing of it is written."""
+        request = _GroupWrite(work, announce, deadline, on_done)
+        self._group_queue.put(request)
+        return request
+
     def publish_batch(self, events: list[NewEvent], *, now: float, max_attempts: int,
                       new_delivery_id: Callable[[], str]) -> list[tuple[Event, bool]]:
         """``publish`` for many events, in one transaction and one durable commit."""
@@ -401,17 +413,6 @@ class Store(Partners, History, Processes, abc.ABC):
         if request.error is not None:
             raise request.error
         return request.result
-
-    def _in_group_commit_soon(self, work: Callable[[Any], Any], deadline: float,
-                              on_done: Callable[[], None]) -> _GroupWrite:
-        """``_in_group_commit`` for a caller on an event loop, which must not block: ``work`` is
-        queued and its request returned at once; the writer's thread calls ``on_done()`` once it
-        is committed or failed (then the request's ``result`` or ``error``). Until the writer
-        takes it, a caller past its ``deadline`` may ``give_up`` it, and nothing of it is written
-        (``web.group_written`` does both)."""
-        request = _GroupWrite(work, None, deadline, on_done)
-        self._group_queue.put(request)
-        return request
 
     def _group_writer(self) -> None:
         while True:

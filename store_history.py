@@ -12,7 +12,7 @@ limit (``DELIVERY_FILTERS`` says how); each retention purge deletes in small bat
 never holds the writer for long.
 
 ``History`` is a part of ``store.Store`` (a mixin): it uses the store's ``_transaction``,
-``_reader``, ``_in_group_commit`` (and ``_in_group_commit_soon``) and ``_announce_work``.
+``_reader``, ``_in_group_commit`` (and ``_group_commit_soon``) and ``_announce_work``.
 """
 
 from __future__ import annotations
@@ -341,18 +341,21 @@ class History:
 
     # --- Inbound partner events --------------------------------------------------------
 
-    def add_inbound(
-        self, *, inbound_id: str, partner_id: str, event_type: str, dedupe_key: str, body: bytes,
-        now: float,
-    ) -> tuple[InboundEvent, bool]:
-        """Store an inbound event once per (partner, dedupe key). Returns ``(event, created)``."""
-        return self._in_group_commit(InboundWrite(InboundEvent(
-            id=inbound_id, partner_id=partner_id, type=event_type, dedupe_key=dedupe_key, body=body, received_at=now)))
+    def add_inbound(self, **fields: Any) -> tuple[InboundEvent, bool]:
+        """Store an inbound event once per (partner, dedupe key): ``inbound_id``, ``partner_id``,
+        ``event_type``, ``dedupe_key``, ``body``, ``now``. Returns ``(event, created)``."""
+        return self._in_group_commit(self._inbound_write(**fields))
 
-    def add_inbound_soon(self, event: InboundEvent, *, deadline: float, on_done: Callable[[], None]) -> Any:
-        """``add_inbound`` for a route on the event loop: queued for the group commit and returned
-        at once (``Store._in_group_commit_soon``; ``web.group_written`` awaits it)."""
-        return self._in_group_commit_soon(InboundWrite(event), deadline, on_done)
+    def add_inbound_soon(self, *, deadline: float, on_done: Callable[[], None], **fields: Any) -> Any:
+        """``add_inbound`` for a caller on an event loop: queued, not waited for (``web.group_written``)."""
+        return self._group_commit_soon(self._inbound_write(**fields), None, deadline, on_done)
+
+    @staticmethod
+    def _inbound_write(*, inbound_id: str, partner_id: str, event_type: str, dedupe_key: str, body: bytes,
+                       now: float) -> InboundWrite:
+        """The group commit's work of one inbound event."""
+        return InboundWrite(InboundEvent(id=inbound_id, partner_id=partner_id, type=event_type, dedupe_key=dedupe_key,
+                                         body=body, received_at=now))
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:

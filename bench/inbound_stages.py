@@ -31,7 +31,7 @@ RULES: list[tuple[str, str]] = [
     ("headers and their checks", r"^(_signed_headers|check_content_type|_signed_type|_declared_length|"
                                  r"Headers\.\w+) "),
     ("body read", r"^(read_body|Request\.stream|Request\.body) "),
-    ("group commit: queue, await, settle", r"^(group_written\S*|_settle|\w+\._in_group_commit_soon|"
+    ("group commit: queue, await, settle", r"^(group_written\S*|_settle|\w+\._group_commit_soon|"
                                            r"\w+\.add_inbound_soon) "),
     ("/ws offer", r"\(realtime\.py|^push_offer "),
     ("store thread hop (web.db: submit, wait, wake)", r"^(db|_call_by) \(web\.py"),
