@@ -491,6 +491,26 @@ def test_group_commit_isolates_a_failing_request_from_the_others_in_its_batch(st
     assert len(store.list_deliveries(limit=50).items) == 19
 
 
+def test_a_failing_inbound_event_written_in_one_statement_with_others_fails_alone(store):
+    """A batch's inbound events are one INSERT; when it fails (here an event of a partner that does
+    not exist), the group commit writes each request again on its own: only that one fails."""
+    from models import InboundEvent
+    from store import _GroupWrite
+    from store_history import InboundWrite
+
+    p = _partner(store)
+
+    def request(inbound_id, partner_id):
+        return _GroupWrite(InboundWrite(InboundEvent(id=inbound_id, partner_id=partner_id, type="tour.purchased",
+                                                     dedupe_key=f"id:{inbound_id}", body=b"{}", received_at=1.0)))
+
+    batch = [request("inb_g1", p.id), request("inb_g2", "partner_nosuchpartner00"), request("inb_g3", p.id)]
+    store._write_together(batch)
+    assert [r.error is None for r in batch] == [True, False, True]
+    assert [r.result[0].id for r in (batch[0], batch[2])] == ["inb_g1", "inb_g3"]
+    assert sorted(i.id for i in store.list_inbound(limit=10).items) == ["inb_g1", "inb_g3"]
+
+
 def test_the_in_memory_partners_follow_every_write(store):
     p = _partner(store)
     assert store.get_partner(p.id).secret == "sk_live_s"
