@@ -11,7 +11,8 @@ Read top to bottom, one inbound event:
    suspended (403, said only once its own signature verified), the partner's own rate
    (429), and a fresh timestamp (401).
 2. **Store once.** The canonical body is stored once per (partner, ``webhook-id``,
-   ``X-Webhook-Id`` or body hash), through the store's group commit.
+   ``X-Webhook-Id`` or body hash), through the store's group commit, awaited on the event
+   loop itself (``web.group_written``): no worker thread sits waiting for the disk.
 3. **200.** ``{"status": "received"}`` goes out only after the commit.
 4. **Offer on /ws.** After the 200, a ``tour.promoted`` is pushed to the users connected
    on ``/ws`` (``realtime.py``): the user the payload names, or everyone. A user's page
@@ -129,7 +130,7 @@ async def _receive(request: Request) -> JSONResponse:
         deadline=deadline, on_done=on_done, inbound_id=new_id("inb_"), partner_id=partner.id, event_type=event_type,
         dedupe_key=dedupe_key, body=canonical_body, now=now))
     ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
-    logger.info("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
+    logger.debug("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,
                        "duplicate": not created})
     after = None

@@ -12,7 +12,7 @@ limit (``DELIVERY_FILTERS`` says how); each retention purge deletes in small bat
 never holds the writer for long.
 
 ``History`` is a part of ``store.Store`` (a mixin): it uses the store's ``_transaction``,
-``_reader``, ``_in_group_commit`` and ``_announce_work``.
+``_reader``, ``_in_group_commit`` (and ``_group_commit_soon``) and ``_announce_work``.
 """
 
 from __future__ import annotations
@@ -347,31 +347,58 @@ class History:
         return self._in_group_commit(self._inbound_write(**fields))
 
     def add_inbound_soon(self, *, deadline: float, on_done: Callable[[], None], **fields: Any) -> Any:
-        """``add_inbound`` for a caller on an event loop: queued, not waited for (``Store.publish_soon``)."""
+        """``add_inbound`` for a caller on an event loop: queued, not waited for (``web.group_written``)."""
         return self._group_commit_soon(self._inbound_write(**fields), None, deadline, on_done)
 
     @staticmethod
     def _inbound_write(*, inbound_id: str, partner_id: str, event_type: str, dedupe_key: str, body: bytes,
-                       now: float) -> Callable[[Any], tuple[InboundEvent, bool]]:
+                       now: float) -> InboundWrite:
         """The group commit's work of one inbound event."""
-
-        def work(db: Any) -> tuple[InboundEvent, bool]:
-            created = db.execute(
-                """INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at)
-                   VALUES (:id, :partner_id, :type, :key, :body, :now)
-                   ON CONFLICT (partner_id, dedupe_key) DO NOTHING""",
-                {"id": inbound_id, "partner_id": partner_id, "type": event_type, "key": dedupe_key,
-                 "body": body, "now": now},
-            ).rowcount > 0
-            row = db.execute(
-                "SELECT * FROM inbound_events WHERE partner_id = :p AND dedupe_key = :k",
-                {"p": partner_id, "k": dedupe_key},
-            ).fetchone()
-            return inbound_from_row(row), created
-
-        return work
+        return InboundWrite(InboundEvent(id=inbound_id, partner_id=partner_id, type=event_type, dedupe_key=dedupe_key,
+                                         body=body, received_at=now))
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:
         return self._newest_first("inbound_events", INBOUND_FILTERS, inbound_from_row, limit,
                                   {"cursor": cursor, "partner_id": partner_id, "event": event})
+
+
+class InboundWrite:
+    """The group commit's work that stores one inbound event once per (partner, dedupe key): ``(the
+    event, True)`` when it is new, else (the one stored first, False): a resend.
+
+    ``together`` writes every inbound event of a group commit in one ``INSERT`` (``store.work_together``
+    calls it): one statement per batch, not one per event, so the writer thread takes the GIL back
+    from a busy event loop once rather than once per event. Its row count says when every event
+    was new (nearly always); when not, the ids found tell the new ones from the resends."""
+
+    def __init__(self, event: InboundEvent):
+        self.event = event
+
+    def __call__(self, db: Any) -> tuple[InboundEvent, bool]:
+        return self.together(db, [self])[0]
+
+    @staticmethod
+    def together(db: Any, writes: list[InboundWrite]) -> list[tuple[InboundEvent, bool]]:
+        events = [write.event for write in writes]
+        params: dict[str, Any] = {}
+        for n, e in enumerate(events):
+            params.update({f"id{n}": e.id, f"partner{n}": e.partner_id, f"type{n}": e.type, f"key{n}": e.dedupe_key,
+                           f"body{n}": e.body, f"now{n}": e.received_at})
+        rows = ", ".join(f"(:id{n}, :partner{n}, :type{n}, :key{n}, :body{n}, :now{n})" for n in range(len(events)))
+        inserted = db.execute(
+            f"""INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at) VALUES {rows}
+                ON CONFLICT (partner_id, dedupe_key) DO NOTHING""", params).rowcount
+        if inserted == len(events):  # every one new: the rows are what was just written
+            return [(e, True) for e in events]
+        ids = [e.id for e in events]
+        new = {row["id"] for row in db.execute(f"SELECT id FROM inbound_events WHERE id IN ({placeholders('id', ids)})",
+                                               numbered("id", ids))}
+        return [(e, True) if e.id in new else (_stored_first(db, e), False) for e in events]
+
+
+def _stored_first(db: Any, event: InboundEvent) -> InboundEvent:
+    """The inbound event stored first under ``event``'s (partner, dedupe key)."""
+    row = db.execute("SELECT * FROM inbound_events WHERE partner_id = :p AND dedupe_key = :k",
+                     {"p": event.partner_id, "k": event.dedupe_key}).fetchone()
+    return inbound_from_row(row)

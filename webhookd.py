@@ -386,8 +386,10 @@ async def health(request: Request) -> JSONResponse:
 # 4. The route table — who may call each route — and the application
 # =====================================================================================
 
+# Starlette tries the routes in this order, so the ones called most, with fixed paths, come first.
 ROUTES = [
     route("GET", "/health", health, PUBLIC),
+    route("POST", "/webhooks/partners", receive_partner_event, SIGNED),
     route("POST", "/partners/register", register_partner, REGISTRATION),
     route("GET", "/partners", list_partners, ADMIN),
     route("GET", "/partners/{partner_id}", get_partner, CALLER),
@@ -408,7 +410,6 @@ ROUTES = [
     route("GET", "/deliveries", list_deliveries, CALLER),
     route("GET", "/deliveries/{delivery_id}", get_delivery, CALLER),
     route("POST", "/deliveries/{delivery_id}/retry", retry_delivery, CALLER),
-    route("POST", "/webhooks/partners", receive_partner_event, SIGNED),
     route("GET", "/inbound", list_inbound, ADMIN),
     route("POST", "/realtime/tokens", mint_realtime_token, ADMIN),
     route("GET", "/metrics", prometheus_metrics, METRICS),

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import inbound_stages  # noqa: E402
 import loadgen  # noqa: E402
 import run  # noqa: E402
 import stages  # noqa: E402
@@ -83,8 +84,9 @@ def summarize(collapsed: Path, top: int = 25) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="py-spy profile of webhookd serve during a throughput run")
-    parser.add_argument("--scenario", choices=["throughput", "inbound"], default="throughput",
-                        help="throughput: run.py's webhookd throughput run; inbound: POST /webhooks/partners load")
+    parser.add_argument("--scenario", choices=["throughput", "inbound", "health"], default="throughput",
+                        help="throughput: run.py's webhookd throughput run; inbound: POST /webhooks/partners load "
+                             "(run.py's (c)); health: GET /health load on the same kind of server")
     parser.add_argument("--deliveries", type=int, default=20000, help="throughput: deliveries; inbound: requests")
     parser.add_argument("--gil", action="store_true", help="sample only the GIL holder")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
@@ -134,13 +136,18 @@ def main() -> int:
         else:
             wd = run.start_inbound_webhookd(bench)
             try:
+                build = run.inbound_requests(wd) if args.scenario == "inbound" else (
+                    lambda i: ("GET", "/health", None, {}))
+                loadgen.closed_loop(wd.port, threads=bench.params.inbound_threads, total=300, time_limit_s=30,
+                                    build=build)  # warm-up, as run.py's (c) does
                 with recording(wd):
                     res = loadgen.closed_loop(wd.port, threads=bench.params.inbound_threads, total=args.deliveries,
-                                              time_limit_s=60, build=run.inbound_requests(wd))
+                                              time_limit_s=60, build=build)
             finally:
                 wd.stop()
-            print(f"webhookd: {res.ok:,} of {res.sent:,} inbound requests answered 2xx at {res.rate:,.0f}/s "
+            print(f"webhookd: {res.ok:,} of {res.sent:,} {args.scenario} requests answered 2xx at {res.rate:,.0f}/s "
                   f"while profiled ({mode})")
+            print(f"\nby stage (bench/inbound_stages.py):\n{inbound_stages.table(raw, args.rate, res.ok)}\n")
     finally:
         procs.stop_all()
         if server is not None:

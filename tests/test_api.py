@@ -273,3 +273,19 @@ def test_a_batch_event_may_nest_as_deep_as_it_could_alone(webhookd_factory):
     assert hub.publish(event).status_code == 202
     r = hub.http.post("/events/batch", headers=hub.admin, json={"events": [event]})
     assert r.status_code == 202 and r.json()["accepted"] == 1
+
+
+def test_ids_are_base36_time_then_random_and_sort_by_creation():
+    """``web.new_id``: the prefix, 9 base-36 digits of the time in ms, 12 random ones; each width's
+    digits read back as the number they were made from (two digits a step, one left over)."""
+    import random as _random
+
+    import web
+
+    for width in (1, 2, 9, 12):
+        for number in [0, 36**width - 1] + [_random.getrandbits(80) for _ in range(500)]:
+            digits = web._base36(number, width)
+            assert len(digits) == width and int(digits, 36) == number % 36**width
+    first, second = web.new_id("inb_"), web.new_id("inb_")
+    assert first.startswith("inb_") and len(first) == 4 + 9 + 12
+    assert first[4:13] <= second[4:13]

@@ -120,3 +120,30 @@ def test_parse_json_keeps_unicode_and_floats():
         "name": "Juan Pérez", "amount": 150.0}
 
 
+
+
+def test_parse_json_walks_only_what_could_fail_and_still_refuses_it():
+    """The walk that checks depth and lone surrogates is skipped when a bracket count and a scan for
+    surrogate escapes say it cannot fail: a value exactly as deep as allowed, brackets inside a
+    string, an escaped emoji (a surrogate pair, which is valid) still parse; one level more, or a
+    lone surrogate among many other escapes, is still refused."""
+    assert signing.parse_json(b"[" * 4 + b"]" * 4, max_depth=4) == [[[[]]]]
+    assert signing.parse_json(b'{"a": "[[[[[{{{{{"}', max_depth=2) == {"a": "[[[[[{{{{{"}
+    assert signing.parse_json(b'{"e": "\\ud83d\\ude00 \\u00eda"}') == {"e": "\U0001F600 \u00eda"}
+    with pytest.raises(signing.BadJSON, match="nested too deeply"):
+        signing.parse_json(b"[" * 5 + b"]" * 5, max_depth=4)
+    with pytest.raises(signing.BadJSON, match="surrogate"):
+        signing.parse_json(b'{"a": "\\u00ed\\u00e1 \\uDBFF x"}')
+
+
+def test_verify_a_canonical_body_with_one_comparison_and_a_raw_one_with_both():
+    """A body that already is canonical is one comparison (the same bytes twice); a raw body that is
+    not still verifies under either signature, and a wrong one under neither."""
+    raw = b'{ "b": 1, "a": 2 }'
+    parsed = signing.parse_json(raw)
+    canonical = signing.canonical(parsed)
+    assert signing.verify(SECRET, canonical, parsed, signing.sign_hex(SECRET, canonical))
+    assert signing.verify(SECRET, raw, parsed, signing.sign_hex(SECRET, raw))
+    assert signing.verify(SECRET, raw, parsed, signing.sign_hex(SECRET, canonical))
+    assert not signing.verify(SECRET, raw, parsed, signing.sign_hex("sk_live_other", raw))
+    assert not signing.verify(SECRET, canonical, parsed, signing.sign_hex("sk_live_other", canonical))

@@ -238,6 +238,35 @@ def test_inbound_is_stored_once_per_partner_and_key(store):
     assert created and not created_again and again.id == "inb_1" and again.received_at == 5.0
 
 
+def test_inbound_events_of_one_group_commit_are_written_in_one_statement_with_each_answer_right(store):
+    """The group commit writes a batch's inbound events together (``InboundWrite.together``): each
+    still gets its own answer, in order, beside a work of another kind — new, a resend of one stored
+    before, and two with one key in the same batch (the first is new, the second its resend)."""
+    from models import InboundEvent
+    from store import work_together
+    from store_history import InboundWrite
+
+    p = _partner(store)
+    store.add_inbound(inbound_id="inb_old", partner_id=p.id, event_type="tour.purchased", dedupe_key="id:old",
+                      body=b'{"n":0}', now=1.0)
+
+    def event(inbound_id, key):
+        return InboundEvent(id=inbound_id, partner_id=p.id, type="tour.purchased", dedupe_key=key,
+                            body=b'{"n":1}', received_at=2.0)
+
+    works = [InboundWrite(event("inb_a", "id:a")), lambda db: "another kind", InboundWrite(event("inb_b", "id:old")),
+             InboundWrite(event("inb_c", "id:c")), InboundWrite(event("inb_d", "id:c"))]
+    with store._transaction() as db:
+        results = work_together(db, works)
+    assert results[1] == "another kind"
+    answers = [(stored.id, created) for stored, created in results[:1] + results[2:]]
+    assert answers == [("inb_a", True), ("inb_old", False), ("inb_c", True), ("inb_c", False)]
+    assert results[2][0].received_at == 1.0 and results[2][0].body == b'{"n":0}'
+    with store._transaction() as db:
+        assert work_together(db, [InboundWrite(event("inb_e", "id:e"))])[0] == (event("inb_e", "id:e"), True)
+    assert sorted(i.id for i in store.list_inbound(limit=10).items) == ["inb_a", "inb_c", "inb_e", "inb_old"]
+
+
 def test_list_deliveries_pages_newest_first(store):
     _partner(store)
     for _ in range(5):
@@ -460,6 +489,26 @@ def test_group_commit_isolates_a_failing_request_from_the_others_in_its_batch(st
     assert sorted(v for k, v in results.items() if k != 7) == sorted(f"evt_g{n:03d}" for n in range(20) if n != 7)
     assert store.get_event("evt_g007") is None
     assert len(store.list_deliveries(limit=50).items) == 19
+
+
+def test_a_failing_inbound_event_written_in_one_statement_with_others_fails_alone(store):
+    """A batch's inbound events are one INSERT; when it fails (here an event of a partner that does
+    not exist), the group commit writes each request again on its own: only that one fails."""
+    from models import InboundEvent
+    from store import _GroupWrite
+    from store_history import InboundWrite
+
+    p = _partner(store)
+
+    def request(inbound_id, partner_id):
+        return _GroupWrite(InboundWrite(InboundEvent(id=inbound_id, partner_id=partner_id, type="tour.purchased",
+                                                     dedupe_key=f"id:{inbound_id}", body=b"{}", received_at=1.0)))
+
+    batch = [request("inb_g1", p.id), request("inb_g2", "partner_nosuchpartner00"), request("inb_g3", p.id)]
+    store._write_together(batch)
+    assert [r.error is None for r in batch] == [True, False, True]
+    assert [r.result[0].id for r in (batch[0], batch[2])] == ["inb_g1", "inb_g3"]
+    assert sorted(i.id for i in store.list_inbound(limit=10).items) == ["inb_g1", "inb_g3"]
 
 
 def test_the_in_memory_partners_follow_every_write(store):
