@@ -47,7 +47,8 @@ from starlette.responses import JSONResponse
 import signing
 from config import VERSION, Config
 from models import Job, Partner
-from sender import MAX_HEAD_BYTES, MAX_INTERIM, MAX_LINE, BadResponse, build_headers, classify_error, describe_error
+from sender import build_headers, classify_error, describe_error
+from sender_http import MAX_HEAD_BYTES, MAX_INTERIM, MAX_LINE, BadResponse
 from targets import Target, parse_target, resolve_target_async
 from web import RateLimiter, caller_of, context, invalid, new_id, owned_partner
 
@@ -161,8 +162,9 @@ class Prober:
                    body=signing.canonical(payload), attempt=1, max_attempts=1)
 
     def headers(self, job: Job, timestamp: int | None = None) -> dict[str, str]:
-        headers = build_headers(job, int(self.clock()) if timestamp is None else timestamp, self.user_agent)
-        return {**headers, CHECK_HEADER: "1", "Connection": "close"}
+        signed = build_headers(job, int(self.clock()) if timestamp is None else timestamp)
+        return {"Content-Type": "application/json", "User-Agent": self.user_agent, **signed,
+                CHECK_HEADER: "1", "Connection": "close"}
 
     async def send(self, job: Job, headers: dict[str, str]) -> Answer:
         """One probe, within the partner's timeout (lookup, connect, answer). Never raises for I/O."""
