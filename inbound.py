@@ -62,7 +62,6 @@ from web import (
     client_address,
     context,
     db,
-    group_written,
     invalid,
     new_id,
     page_json,
@@ -71,6 +70,7 @@ from web import (
     read_body,
     read_json_object,
 )
+from web_commit import group_written
 
 logger = logging.getLogger("webhookd")
 

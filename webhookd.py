@@ -18,7 +18,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
 
 =======================  ============================================================
 ``web.py``               what every route stands on: errors, credentials, access
-                         rules, rate limits, reading bodies, paging, ``db()``
+                         rules, rate limits, reading bodies, paging, ``db()``;
+                         ``web_commit.py`` a group-commit write awaited on the loop
 ``storage.py``           opens the store the config names: ``store_sqlite.py`` (the
                          default) or ``store_postgres.py``, each its schema,
                          migrations and publish → claim → finish
@@ -115,7 +116,6 @@ from web import (
     db,
     error_body,
     error_response,
-    group_written,
     invalid,
     known_partner,
     new_delivery_id,
@@ -126,6 +126,7 @@ from web import (
     read_json_object,
     route,
 )
+from web_commit import group_written
 
 __version__ = VERSION
 
