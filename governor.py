@@ -21,10 +21,10 @@ So with nobody publishing, or publishes that do not wait, deliveries get the who
 ``concurrency``; under a storm that slows the API they give way within a few windows, without an
 operator touching a knob. ``/stats`` (``delivery``) and ``/metrics`` show the bound and the wait.
 
-Why this gently: a publish also waits when something else takes the machine's CPU, and then fewer
-deliveries do not make it faster. Cutting to 80% and a floor of a tenth, measured on a shared
-2-core machine, held (d)'s ``POST /events`` p99 at 22 ms against 32 ms without, but took a third
-of its rate, and under other load sank to the floor for nothing.
+Why this gently: on a 2-core machine, (d) at 100 ms (docs/performance.md) had ``POST /events`` p99
+at ~41 ms with no bound, ~37 ms with this rule at 3% of the rate, and 28 ms with an 8 ms target at
+half the rate (the bound at its floor). And a publish also waits when other programs take the
+CPU: then fewer deliveries do not make it faster, and a sharp rule sinks to its floor for nothing.
 """
 
 from __future__ import annotations

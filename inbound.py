@@ -63,7 +63,6 @@ from web import (
     client_address,
     context,
     db,
-    group_written,
     invalid,
     new_id,
     page_json,
@@ -72,6 +71,7 @@ from web import (
     read_body,
     read_json_object,
 )
+from web_commit import group_written
 
 logger = logging.getLogger("webhookd")
 

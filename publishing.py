@@ -26,13 +26,13 @@ from web import (
     context,
     db,
     error_body,
-    group_written,
     invalid,
     known_partner,
     new_delivery_id,
     new_id,
     read_json_object,
 )
+from web_commit import group_written
 
 logger = logging.getLogger("webhookd")
 

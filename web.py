@@ -278,31 +278,6 @@ async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await answer
 
 
-async def group_written(start: Callable[[float, Callable[[], None]], Any]) -> Any:
-    """A group-commit write queued from the event loop, its result awaited without a worker thread
-    (``Store.publish_soon``): ``start(deadline, on_done)`` queues it; its answer comes within
-    ``DB_DEADLINE_S`` as ``db()``'s does. Still queued at the deadline, it is given up unwritten
-    (``DatabaseBusy``, a 503); taken by the writer, it is waited for (it may be writing)."""
-    loop = asyncio.get_running_loop()
-    finished = loop.create_future()
-    request = start(time.monotonic() + DB_DEADLINE_S, lambda: loop.call_soon_threadsafe(_settle, finished, True))
-    timer = loop.call_later(DB_DEADLINE_S, _settle, finished, False)
-    in_time = await finished
-    timer.cancel()
-    if not in_time:
-        if request.give_up():
-            raise DatabaseBusy(f"the write waited {DB_DEADLINE_S:g} s behind other writes and was not made")
-        await asyncio.to_thread(request.done.wait)
-    if request.error is not None:
-        raise request.error
-    return request.result
-
-
-def _settle(future: asyncio.Future, value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
 def _call_by(deadline: float, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
     """``fn(*args, **kwargs)`` on a store thread, its waits bounded by ``deadline``."""
     if time.monotonic() >= deadline:  # it queued past its deadline: its caller has given up

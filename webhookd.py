@@ -19,7 +19,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
 
 =======================  ============================================================
 ``web.py``               what every route stands on: errors, credentials, access
-                         rules, rate limits, reading bodies, paging, ``db()``
+                         rules, rate limits, reading bodies, paging, ``db()``;
+                         ``web_commit.py`` a group-commit write awaited on the loop
 ``publishing.py``        ``POST /events``: check, store with its deliveries, answer 202
 ``storage.py``           opens the store the config names: ``store_sqlite.py`` (the
                          default) or ``store_postgres.py``, each its schema,
