@@ -16,11 +16,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -112,6 +114,63 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def holding_the_write_lock(hub: Any, partner_id: str) -> Any:
+    """A transaction opened elsewhere and left open, holding what a publish or an inbound event of
+    ``partner_id`` needs to be written: on SQLite the file's one write lock (``BEGIN IMMEDIATE``),
+    on PostgreSQL the partner's row (``SELECT … FOR UPDATE``: the new rows point at it)."""
+    if hub.config.storage.url:
+        import psycopg
+
+        with psycopg.connect(hub.config.storage.url) as holder:
+            holder.execute("SELECT id FROM partners WHERE id = %s FOR UPDATE", (partner_id,))
+            yield
+            holder.rollback()
+    else:
+        import sqlite3
+
+        holder = sqlite3.connect(hub.config.storage.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+
+
+class ReceiverProcess:
+    """A receiver run as a subprocess in a session of its own, listening on 127.0.0.1:``port``, its
+    output kept in a file (``output()``); ``stop()`` ends it and whatever it started."""
+
+    def start(self, command: list[str], *, port: int, cwd: Path, env: dict[str, str], out_path: Path,
+              timeout: float = 15.0) -> None:
+        self.port = port
+        self.out = open(out_path, "w+")
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=self.out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(self.listening, timeout=timeout, interval=0.05)
+
+    def listening(self) -> bool:
+        assert self.proc.poll() is None, f"the receiver exited {self.proc.returncode}:\n{self.output()}"
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def output(self) -> str:
+        self.out.flush()
+        self.out.seek(0)
+        return self.out.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        self.out.close()
 
 
 class ShiftedClock:

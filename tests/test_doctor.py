@@ -13,8 +13,6 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import signal
-import subprocess
 
 import httpx
 import pytest
@@ -23,7 +21,7 @@ from test_examples import ExampleReceiver
 from test_tls import TlsReceiver
 
 import sitecustomize  # the loopback guard and its FAKE_DNS
-from conftest import ADMIN, ROOT, ShiftedClock, bearer, free_port, wait_for, webhookd_cli
+from conftest import ADMIN, ROOT, ReceiverProcess, ShiftedClock, bearer, free_port, wait_for, webhookd_cli
 
 CHECKS = ["accepts_signed", "accepts_retry", "rejects_bad_signature", "rejects_stale_timestamp",
           "verifies_raw_body", "answer_time", "https"]
@@ -110,7 +108,7 @@ def test_the_other_probes_wait_for_a_2xx_to_the_first(webhookd_factory, receiver
     assert wait_for(lambda: len(black_hole.accepted)) == 1     # one connection: no other probe was sent
 
 
-class SeedReceiver:
+class SeedReceiver(ReceiverProcess):
     """A receiver of the original partner guide (tests/seed_receivers/), started on 127.0.0.1:``port``."""
 
     def __init__(self, name: str, secret: str, port: int, tmp_path):
@@ -123,22 +121,7 @@ class SeedReceiver:
             command = ["php", "-S", f"127.0.0.1:{port}", name]
         env = {**os.environ, "PARTNER_SHARED_SECRET": secret,
                "NODE_PATH": str(ROOT / "examples" / "node" / "node_modules")}
-        self.port = port
-        self.out = open(tmp_path / f"{name}.out", "w+")
-        self.proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=self.out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        wait_for(lambda: ExampleReceiver._listening(self), timeout=15, interval=0.05)
-
-    def output(self) -> str:
-        self.out.flush()
-        self.out.seek(0)
-        return self.out.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        self.out.close()
+        self.start(command, port=port, cwd=tmp_path, env=env, out_path=tmp_path / f"{name}.out")
 
 
 @pytest.mark.parametrize("name", ["receiver.js", "receiver.php"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 import signing
-from conftest import GUARD_DIR, ROOT, free_port, wait_for
+from conftest import GUARD_DIR, ROOT, ReceiverProcess, free_port, wait_for
 from payloads import ALL_OUTBOUND, BOOKING_CANCELLED_WITH_URL, BOOKING_CONFIRMED, PAYMENT_FAILED, PAYMENT_SUCCESS
 
 EXAMPLES = ROOT / "examples"
@@ -37,49 +36,26 @@ def _command(language: str, port: int) -> list[str]:
     }[language]
 
 
-class ExampleReceiver:
+class ExampleReceiver(ReceiverProcess):
     """One example receiver as a subprocess on 127.0.0.1, with its output and RECEIVER_LOG in tmp."""
 
     def __init__(self, language: str, secret: str, port: int, tmp_path: Path):
-        self.port = port
         self.log_path = tmp_path / f"{language}-receiver.jsonl"
-        self.out = open(tmp_path / f"{language}-receiver.out", "w+")
         env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "PARTNER_SHARED_SECRET": secret,
                "RECEIVER_LOG": str(self.log_path), "WEBHOOK_SEEN_DIR": str(tmp_path / "seen")}
         if language == "python":
             env["PYTHONPATH"] = str(GUARD_DIR)  # the loopback guard, as in every Python subprocess
-        self.proc = subprocess.Popen(_command(language, port), cwd=EXAMPLES / language, env=env,
-                                     stdout=self.out, stderr=subprocess.STDOUT)
-        wait_for(self._listening, timeout=15, interval=0.05)
+        self.start(_command(language, port), port=port, cwd=EXAMPLES / language, env=env,
+                   out_path=tmp_path / f"{language}-receiver.out")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/webhooks/events"
 
-    def _listening(self) -> bool:
-        assert self.proc.poll() is None, f"receiver exited {self.proc.returncode}:\n{self.output()}"
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
     def records(self) -> list[dict]:
         if not self.log_path.exists():
             return []
         return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
-
-    def output(self) -> str:
-        self.out.flush()
-        self.out.seek(0)
-        return self.out.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.out.close()
 
 
 def _signed_headers(secret: str, body: bytes, webhook_id: str, *, timestamp: int | None = None,

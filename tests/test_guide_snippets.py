@@ -29,8 +29,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ import pytest
 
 import catalog
 import config
-from conftest import ADMIN, ADMIN_TOKEN, GUARD_DIR, ROOT, Receiver, free_port, wait_for
+from conftest import ADMIN, ADMIN_TOKEN, GUARD_DIR, ROOT, Receiver, ReceiverProcess, free_port, wait_for
 
 GUIDES = {"en": ROOT / "docs" / "partners.md", "es": ROOT / "docs" / "partners.es.md"}
 ILLUSTRATION = "<!-- illustration -->"
@@ -356,7 +354,7 @@ def receivers(guide: str) -> dict[str, Block]:
 RECEIVERS = list(receivers("en"))
 
 
-class StartedReceiver:
+class StartedReceiver(ReceiverProcess):
     """A guide's receiver saved under its name and started as the guide says, on ``port``."""
 
     def __init__(self, block: Block, name: str, port: int, secrets: dict[str, str], tmp_path: Path):
@@ -365,31 +363,8 @@ class StartedReceiver:
         env = {k: os.environ[k] for k in RUNTIME if k in os.environ}
         env.update(secrets, PYTHONPATH=str(GUARD_DIR), NODE_PATH=str(ROOT / "examples" / "node" / "node_modules"),
                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        self.port = port
-        self.out = open(tmp_path / f"{name}.out", "w+")
-        self.proc = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env, stdout=self.out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self.listening, timeout=30, interval=0.1)
-
-    def listening(self) -> bool:
-        assert self.proc.poll() is None, f"the receiver exited {self.proc.returncode}:\n{self.output()}"
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def output(self) -> str:
-        self.out.flush()
-        self.out.seek(0)
-        return self.out.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: bash and what it started
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        self.out.close()
+        self.start(["bash", "-c", command], port=port, cwd=tmp_path, env=env, out_path=tmp_path / f"{name}.out",
+                   timeout=30)
 
 
 @pytest.mark.parametrize("name", RECEIVERS)

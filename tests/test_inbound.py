@@ -1,10 +1,8 @@
 """POST /webhooks/partners: partners' signed events, as the guide's own sender sends them."""
 
-import contextlib
 import hashlib
 import hmac
 import json
-import sqlite3
 import time
 
 import pytest
@@ -12,7 +10,7 @@ import requests
 
 import guide_sender
 import signing
-from conftest import ShiftedClock
+from conftest import ShiftedClock, holding_the_write_lock
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
 
@@ -384,28 +382,6 @@ def test_many_hmacs_run_on_threads_of_their_own(hub):
 # --- The commit ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _holding_the_write(hub, partner_id):
-    """A transaction opened elsewhere and left open, holding what storing an inbound event needs:
-    on SQLite the file's one write lock (``BEGIN IMMEDIATE``), on PostgreSQL the partner's row
-    (``SELECT … FOR UPDATE``: the event's row refers to it)."""
-    if hub.config.storage.url:
-        import psycopg
-
-        with psycopg.connect(hub.config.storage.url) as holder:
-            holder.execute("SELECT id FROM partners WHERE id = %s FOR UPDATE", (partner_id,))
-            yield
-            holder.rollback()
-    else:
-        holder = sqlite3.connect(hub.config.storage.path, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-
-
 def test_an_event_that_cannot_be_stored_in_time_is_a_503_that_stored_nothing(hub, partner):
     """The commit is awaited on the event loop (no worker thread), within the same deadline as every
     route's store call: while a transaction elsewhere holds what the write needs, a signed event gets
@@ -414,7 +390,7 @@ def test_an_event_that_cannot_be_stored_in_time_is_a_503_that_stored_nothing(hub
     body = json.dumps({"event": "tour.purchased", "tour_id": "t-locked"}).encode()
     named = {"X-Partner-Id": partner["partner_id"], "X-Webhook-Id": "msg_locked"}
     signature = signing.sign_hex(partner["shared_secret"], body)
-    with _holding_the_write(hub, partner["partner_id"]):
+    with holding_the_write_lock(hub, partner["partner_id"]):
         locked = _post(hub, body, signature, **named)
     assert locked.status_code == 503 and locked.json()["error"]["code"] == "database_busy", locked.text
     assert hub.inbound() == []

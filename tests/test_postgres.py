@@ -4,7 +4,6 @@ Each test starts its own processes (``serve_factory``) on a fresh database of th
 throwaway PostgreSQL (``postgres_server``, tests/pg.py) and real receivers on 127.0.0.1.
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 import signing
-from conftest import ADMIN, ROOT, bearer, wait_for, wait_until_nothing_is_due
+from conftest import ADMIN, ROOT, bearer, holding_the_write_lock, wait_for, wait_until_nothing_is_due
 from payloads import PAYMENT_SUCCESS
 
 pytestmark = pytest.mark.slow
@@ -344,30 +343,6 @@ def _transaction_ids(receiver):
     return {r.json.get("transaction_id") for r in receiver.received}
 
 
-@contextlib.contextmanager
-def _holding_what_a_publish_needs(hub, partner_id):
-    """A transaction opened elsewhere and left open, holding what every publish needs: on
-    PostgreSQL the partner's row (``SELECT … FOR UPDATE``: the publish's deliveries point at it),
-    on SQLite the file's one write lock (``BEGIN IMMEDIATE``)."""
-    import sqlite3
-
-    import psycopg
-
-    if hub.config.storage.url:
-        with psycopg.connect(hub.config.storage.url) as holder:
-            holder.execute("SELECT id FROM partners WHERE id = %s FOR UPDATE", (partner_id,))
-            yield
-            holder.rollback()
-    else:
-        holder = sqlite3.connect(hub.config.storage.path, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-
-
 def test_a_lock_held_elsewhere_costs_the_publishes_a_503_and_no_other_route_waits(hub_factory, receiver_factory):
     """A transaction left open elsewhere holds what every publish needs. Twelve publishes and a
     partner update give up with a 503 within the promised 3 s (on PostgreSQL the lock timeout, cut to
@@ -382,7 +357,7 @@ def test_a_lock_held_elsewhere_costs_the_publishes_a_503_and_no_other_route_wait
     others = [("GET", "/health", {}, None), ("GET", "/me", own, None), ("GET", "/deliveries", ADMIN, None)] * 3
     update = [("PATCH", f"/partners/{pid}", ADMIN, {"max_rate_per_s": 50})]
     bound_s = PROMISED_S + LOAD_MARGIN_S
-    with _holding_what_a_publish_needs(hub, pid):
+    with holding_the_write_lock(hub, pid):
         answers = _call_all(hub.url, publishes + update + others, bound_s + 30)  # the bound is checked below
     for (method, path, _, _), (status, body, seconds) in zip(publishes + update + others, answers):
         assert status is not None, f"{method} {path} did not answer at all"
