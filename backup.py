@@ -241,5 +241,5 @@ def migrate_store(config: Config, to: str, history_days: float) -> str:
     finally:
         source.close()
         target.close()
-    return (f"copied into {target.engine.describe()}: " + ", ".join(f"{n} {table}" for table, n in copied.items())
+    return (f"copied into {target.engine.describe()}: " + ", ".join(f"{table} {n}" for table, n in copied.items())
             + "\nPartners keep their secrets and API keys. Start webhookd with storage.url set to that database.")

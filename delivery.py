@@ -150,7 +150,8 @@ class DeliveryLoop:
         self._wakeup = asyncio.Event()
         requeued = await asyncio.to_thread(self.store.requeue_expired_leases, self.clock())
         if requeued:
-            logger.warning("re-queued %d deliveries whose lease ran out (an earlier run stopped mid-send)", requeued)
+            logger.warning("deliveries re-queued because their lease ran out (an earlier run stopped mid-send): %d",
+                           requeued)
         self._recorder.start()
         self._run_task = asyncio.create_task(self.run(), name="webhookd-delivery-loop")
 

@@ -123,9 +123,9 @@ class Housekeeping:
         expired = await asyncio.to_thread(self.store.expire_pending, queued_before=now - max_age, now=now)
         for partner_id, count in sorted(expired.items()):
             self.metrics.deliveries.inc(count, partner=partner_id, outcome="expired")
-            logger.warning("partner %s: %d deliveries pending for over %d s ended expired; retry them by hand "
+            logger.warning("partner %s: deliveries pending for over %d s ended expired: %d; retry them by hand "
                            "(POST /partners/%s/recover?since=...) if they still matter",
-                           partner_id, count, int(max_age), partner_id)
+                           partner_id, int(max_age), count, partner_id)
         return sum(expired.values())
 
     async def purge_expired(self) -> tuple[int, int]:

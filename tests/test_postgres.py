@@ -252,7 +252,7 @@ def test_migrate_store_moves_partners_and_work_from_the_sqlite_file(webhookd_fac
 
     run = migrate()
     assert run.returncode == 0, run.stderr
-    assert "1 partners" in run.stdout and "3 deliveries" in run.stdout
+    assert "partners 1" in run.stdout and "deliveries 3" in run.stdout
     again = migrate()  # into a database that is no longer empty
     assert again.returncode != 0 and "not empty" in again.stderr
 
