@@ -57,6 +57,7 @@ def restore(config: Config, path: str, replace: bool) -> tuple[str, str]:
     import sqlite3
 
     from housekeeping import ALIVE_S
+    from serving import lock_holder, was_ever_locked
 
     _refuse_a_server(config, "pg_restore --clean --dbname=\"$URL\" webhookd.dump")
     backup_file, target = Path(path), Path(config.storage.path)
@@ -65,13 +66,12 @@ def restore(config: Config, path: str, replace: bool) -> tuple[str, str]:
     with _sqlite(backup_file, readonly=True) as src:
         if not _has_table(src, "schema_migrations"):
             raise Refused(f"{backup_file} is not a webhookd database (no schema_migrations table)")
+    holder = lock_holder(config)
+    if holder is not None:
+        raise Refused(f"a webhookd server ({holder}) is serving {target}: stop it first, then restore")
     if target.exists():
-        with _sqlite(target, readonly=True) as live:
-            seen = live.execute("SELECT MAX(seen_at) FROM processes").fetchone()[0] \
-                if _has_table(live, "processes") else None
-        if seen is not None and time.time() - seen < 2 * ALIVE_S:
-            raise Refused(f"a webhookd server is using {target} (its last heartbeat was {time.time() - seen:.0f} s "
-                          "ago): stop it first, then restore")
+        if not was_ever_locked(config):  # served before the lock existed, if ever: its heartbeat tells
+            _refuse_a_recent_heartbeat(target, ALIVE_S)
         if not replace:
             raise Refused(f"{target} (storage.path) exists: add --replace to overwrite it with the backup")
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -86,6 +86,15 @@ def restore(config: Config, path: str, replace: bool) -> tuple[str, str]:
     except sqlite3.Error as exc:
         raise Refused(f"the restore failed ({exc}); {target} is as it was") from None
     return f"restored {backup_file} into {target}: {counts}. Start webhookd on it: pending deliveries go out.", warning
+
+
+def _refuse_a_recent_heartbeat(target: Path, alive_s: float) -> None:
+    with _sqlite(target, readonly=True) as live:
+        seen = live.execute("SELECT MAX(seen_at) FROM processes").fetchone()[0] \
+            if _has_table(live, "processes") else None
+    if seen is not None and time.time() - seen < 2 * alive_s:
+        raise Refused(f"a webhookd server is using {target} (its last heartbeat was {time.time() - seen:.0f} s "
+                      "ago): stop it first, then restore")
 
 
 @contextmanager

@@ -71,6 +71,14 @@ def lock_database(config: Config, address: str) -> int | None:
 def running_server(config: Config) -> str | None:
     """The line naming the webhookd that holds the SQLite file's lock, or None when none does
     (creating nothing: this runs when start-up is already refused)."""
+    holder = lock_holder(config)
+    return None if holder is None else _another_server(holder, Path(config.storage.path))
+
+
+def lock_holder(config: Config) -> str | None:
+    """Who holds the SQLite file's lock ("pid 1234 on host, since …, at http://…"), or None when
+    nobody does: no lock file, or a stale one whose server is gone (``kill -9`` included: the
+    kernel drops a dead process's lock). Creates nothing."""
     if not config.storage.is_one_file:
         return None
     try:
@@ -81,9 +89,14 @@ def running_server(config: Config) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None  # nobody holds it: a stale file
     except OSError:
-        return _another_server(_holder(fd), Path(config.storage.path))
+        return _holder(fd)
     finally:
         os.close(fd)
+
+
+def was_ever_locked(config: Config) -> bool:
+    """Whether a webhookd that locks its file has served this database (the lock file stays after it stops)."""
+    return _lock_file(config).exists()
 
 
 def _lock_file(config: Config) -> Path:
