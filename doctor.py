@@ -19,10 +19,10 @@ Probes are not deliveries: no rows, no retries, no circuit breaker; each is sent
 connection of its own, under the rules every delivery obeys — ``targets.parse_target`` (scheme,
 host, allowed ports) and ``targets.resolve_target_async`` (the SSRF address rule), connecting to
 exactly the address that was checked, redirects never followed, ``delivery.timeout_s`` at most.
-The headers are the sender's own (``sender.build_headers``), so a probe is signed like a real
-webhook. A check is rate-limited per partner. Every finding carries a one-line fix, in English or
-Spanish (``?lang=``, else ``Accept-Language``), pointing at the partner guide's section that shows
-the right code.
+The request is the sender's own (``sender.plan_route``, ``build_headers``, ``request_bytes``), so a
+probe is signed and framed like a real webhook. A check is rate-limited per partner. Every finding
+carries a one-line fix, in English or Spanish (``?lang=``, else ``Accept-Language``), pointing at
+the partner guide's section that shows the right code.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -47,9 +47,9 @@ from starlette.responses import JSONResponse
 import signing
 from config import VERSION, Config
 from models import Job, Partner
-from sender import build_headers, classify_error, describe_error
+from sender import build_headers, classify_error, describe_error, plan_route, request_bytes
 from sender_http import MAX_HEAD_BYTES, MAX_INTERIM, MAX_LINE, BadResponse
-from targets import Target, parse_target, resolve_target_async
+from targets import Target, resolve_target_async
 from web import RateLimiter, caller_of, context, invalid, new_id, owned_partner
 
 logger = logging.getLogger("webhookd")
@@ -163,17 +163,16 @@ class Prober:
 
     def headers(self, job: Job, timestamp: int | None = None) -> dict[str, str]:
         signed = build_headers(job, int(self.clock()) if timestamp is None else timestamp)
-        return {"Content-Type": "application/json", "User-Agent": self.user_agent, **signed,
-                CHECK_HEADER: "1", "Connection": "close"}
+        return {**signed, CHECK_HEADER: "1", "Connection": "close"}
 
     async def send(self, job: Job, headers: dict[str, str]) -> Answer:
         """One probe, within the partner's timeout (lookup, connect, answer). Never raises for I/O."""
         started = time.monotonic()
         got: dict[str, Any] = {}
         try:
-            target = parse_target(job.url, self.config.security.allowed_ports)
+            route = plan_route(job.url, self.config.security.allowed_ports, self.user_agent)
             async with asyncio.timeout(self.timeout_s):
-                await self._exchange(target, _request(target, headers, job.body), got, started)
+                await self._exchange(route.target, request_bytes(route, headers, job.body), got, started)
         except Exception as exc:  # a bad endpoint is a finding, never an error of ours
             if "status" not in got:
                 return Answer(None, time.monotonic() - started, classify_error(exc),
@@ -202,18 +201,6 @@ class Prober:
         if self._tls is None:
             self._tls = ssl.create_default_context(cafile=self.config.delivery.ca_file or None)
         return self._tls
-
-
-def _request(target: Target, headers: dict[str, str], body: bytes) -> bytes:
-    """The whole HTTP/1.1 request, as the sender writes one (path encoded the same way)."""
-    if any(ord(c) < 33 or ord(c) == 127 for c in target.path):
-        raise ValueError("the URL's path holds spaces or control characters")
-    path = quote(target.path, safe="/%?=&:@!$'()*+,;~-._")
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    default_port = 443 if target.scheme == "https" else 80
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}" + ("" if target.port == default_port else f":{target.port}"),
-             f"Content-Length: {len(body)}", *(f"{name}: {value}" for name, value in headers.items()), "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
 
 
 async def _read_status(reader: asyncio.StreamReader) -> int:

@@ -13,7 +13,7 @@ One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answ
 1. ``targets.parse_target`` checks the URL and the allowed ports again (once per URL and
    process: ``Sender._route``);
 2. ``build_headers`` signs the stored bytes (``X-Webhook-Signature`` and the Standard
-   Webhooks headers), and ``_request_bytes`` writes the whole request in one buffer, behind
+   Webhooks headers), and ``request_bytes`` writes the whole request in one buffer, behind
    the request line and fixed headers its ``Route`` holds (built once per URL);
 3. a kept-alive connection to that origin is reused if it is fresh and the partner has
    not closed it, else a new one is opened to the address ``targets.resolve_target_async``
@@ -117,7 +117,7 @@ def plan_route(url: str, allowed_ports: tuple[int, ...], user_agent: str) -> Rou
     return Route(target, "\r\n".join(lines).encode("latin-1"))
 
 
-def _request_bytes(route: Route, headers: dict[str, str], body: bytes) -> bytes:
+def request_bytes(route: Route, headers: dict[str, str], body: bytes) -> bytes:
     """The whole HTTP/1.1 request, head and body, to be written in one ``sendall``.
 
     One buffer, one write: a head and a body in two writes would wait on Nagle's
@@ -301,7 +301,7 @@ class Sender:
             headers = build_headers(job, int(started))
             signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
             async with asyncio.timeout(self.settings.timeout_s):
-                await self._post(route.target, _request_bytes(route, headers, job.body), answer)
+                await self._post(route.target, request_bytes(route, headers, job.body), answer)
             error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)
         except Exception as exc:  # one bad endpoint must never take the sender down
             # Once the status has arrived it is the partner's answer: a body cut short by the

@@ -30,7 +30,7 @@ RULES: list[tuple[str, str | None, tuple[str, ...]]] = [
      ("Sender._post (", "Sender._checkout (", "_read_answer (", "_read_head", "_readline (", "_write (",
       "asyncio/streams.py", "/selector_events.py", "/selectors.py", "uvloop", "httptools", "(sender_http.py")),
     ("attempt setup (job, headers, HMAC, request)", "webhookd-sender",
-     ("_as_partner_is_now (", "build_headers (", "_request_bytes (", "parse_target (", "Pacer.", "Breakers.state (",
+     ("_as_partner_is_now (", "build_headers (", "request_bytes (", "parse_target (", "Pacer.", "Breakers.state (",
       "_start_attempts (", "DeliveryLoop._send (", "(timeouts.py", "Sender.attempt (", "DeliveryLoop._attempt (")),
     ("sender loop (tasks, wake-ups)", "webhookd-sender", ()),
     ("publish route (HTTP, JSON, ids)", None, ("publish_event (", "httptools_impl", "starlette", "(web.py")),
