@@ -167,7 +167,9 @@ def test_revoke_old_ends_every_old_secret_at_once(webhookd_factory, receiver_fac
     assert bad.status_code == 422
 
 
-@pytest.mark.parametrize("offset", [-301, 301, -10**6])
+# Past the 300 s window: 301 s old is refused however long the request takes; ahead of our clock,
+# a minute's margin (a timestamp 301 s ahead is inside the window again once a second has passed).
+@pytest.mark.parametrize("offset", [-301, 360, -10**6])
 def test_inbound_outside_the_replay_window_is_refused(hub, offset):
     partner = hub.register("http://127.0.0.1:9/x", ["payment.success"])
     body = json.dumps({"event": "tour.purchased", "timestamp": int(time.time()) + offset}).encode()
