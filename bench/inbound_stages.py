@@ -16,6 +16,8 @@ import collections
 import re
 from pathlib import Path
 
+from stages import samples
+
 # (stage, a pattern one frame must match). Frames look like "func (path/file.py:line)".
 RULES: list[tuple[str, str]] = [
     ("logging", r"\(.*logging/"),
@@ -66,10 +68,8 @@ def classify(stack: str) -> str:
 def table(collapsed: Path, rate_hz: int, requests: int) -> str:
     """µs per request by stage (samples / rate / requests), the stages in the order of a request."""
     counts: collections.Counter[str] = collections.Counter()
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if count_text.isdigit():
-            counts[classify(stack)] += int(count_text)
+    for stack, count in samples(collapsed):
+        counts[classify(stack)] += count
     total = sum(counts.values())
     lines = [f"{'stage':<56} {'µs/request':>11} {'share':>7}"]
     for stage in STAGES:

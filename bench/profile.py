@@ -47,11 +47,7 @@ def summarize(collapsed: Path, top: int = 25) -> str:
     self_time: collections.Counter[str] = collections.Counter()
     total_time: collections.Counter[str] = collections.Counter()
     samples = 0
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for stack, count in stages.samples(collapsed):
         frames = stack.split(";")
         samples += count
         thread = frames[0] if frames[0].startswith(("thread", "process")) else "?"

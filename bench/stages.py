@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 # (stage, thread name prefix or None for any thread, substrings of one frame). A sample goes to the
@@ -57,15 +58,20 @@ def classify(stack: str) -> str:
     return next((stage for stage, needles in rules if not needles), OTHER)
 
 
+def samples(collapsed: Path) -> Iterator[tuple[str, int]]:
+    """Each line of py-spy's collapsed output as (the stack, its sample count)."""
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if count_text.isdigit():
+            yield stack, int(count_text)
+
+
 def by_stage(collapsed: Path) -> tuple[collections.Counter[str], int]:
     counts: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit():
-            continue
-        counts[classify(stack)] += int(count_text)
-        total += int(count_text)
+    for stack, count in samples(collapsed):
+        counts[classify(stack)] += count
+        total += count
     return counts, total
 
 
