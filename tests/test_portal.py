@@ -101,9 +101,11 @@ def test_a_partner_signs_in_sees_only_its_own_retries_rotates_and_checks_a_signa
             tid("v-check").click()
             expect(tid("v-result")).to_contain_text("does NOT match")
 
-            # In Spanish, and it stays Spanish on the next visit.
+            # In Spanish, and it stays Spanish on the next visit; the note of the last refresh too, at once.
+            expect(tid("live-note")).to_contain_text("Updated at")
             tid("lang-es").click()
             expect(tid("send-test")).to_have_text("Enviar un evento de prueba")
+            assert tid("live-note").inner_text().startswith("Actualizado a las"), tid("live-note").inner_text()
             page.reload()
             expect(tid("send-test")).to_have_text("Enviar un evento de prueba")
             expect(tid("meta-channels")).to_have_text("tour_1 (lo fija el operador)")
