@@ -208,6 +208,7 @@ class History:
                 """UPDATE deliveries SET state = 'expired', leased_until = NULL, updated_at = :now
                    WHERE state = 'pending' AND (leased_until IS NULL OR leased_until <= :now)
                      AND COALESCE(queued_at, created_at) < :before
+                     AND partner_id NOT IN (SELECT id FROM partners WHERE webhook_url = '')  -- pulled, never sent
                    RETURNING partner_id""", {"before": queued_before, "now": now}).fetchall()
         expired: dict[str, int] = {}
         for row in rows:
