@@ -10,9 +10,11 @@ import json
 import os
 
 import pytest
+from test_cli import _ok, _run
 from test_guide_snippets import receivers
 
 from conftest import ADMIN_TOKEN, ShiftedClock, bearer, wait_for
+from payloads import PAYMENT_SUCCESS
 
 BOTH_ENGINES = True
 
@@ -141,3 +143,20 @@ def test_registration_says_what_a_pull_only_partner_may_not_send(hub):
     odd = hub.http.post("/partners/register", headers=hub.admin, json={**body, "delivery": "email"})
     assert odd.status_code == 422 and odd.json()["error"]["message"].startswith("'delivery'")
     assert os.environ.get("PARTNER_SHARED_SECRET") is None  # the guide's receivers read it; monkeypatch undid it
+
+
+def test_the_command_line_adds_a_pull_only_partner_and_reads_its_events(serve_factory):
+    serve = serve_factory()
+    added = json.loads(_ok(_run(serve, "partners", "add", "--name", "CLI Pull", "--pull", "--events",
+                                "payment.success", "--json")))
+    assert added["delivery"] == "pull" and added["webhook_url"] is None
+    event = json.loads(_ok(_run(serve, "publish", "payment.success", "--data", json.dumps(
+        {k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"}), "--json")))
+    table = _ok(_run(serve, "partners", "events", added["partner_id"]))
+    assert table.splitlines()[0].split() == ["DELIVERY_ID", "EVENT_ID", "EVENT", "PUBLISHED_AT", "DELIVERY_STATE"]
+    assert event["event_id"] in table and "pending" in table and "next_cursor: " in table
+    answer = json.loads(_ok(_run(serve, "partners", "events", added["partner_id"], "--limit", "1", "--json")))
+    assert answer["items"][0]["headers"]["webhook-id"] == event["event_id"]
+    after = json.loads(_ok(_run(serve, "partners", "events", added["partner_id"], "--cursor",
+                                answer["next_cursor"], "--json")))
+    assert after["items"] == [] and after["has_more"] is False
