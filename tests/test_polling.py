@@ -160,3 +160,9 @@ def test_the_command_line_adds_a_pull_only_partner_and_reads_its_events(serve_fa
     after = json.loads(_ok(_run(serve, "partners", "events", added["partner_id"], "--cursor",
                                 answer["next_cursor"], "--json")))
     assert after["items"] == [] and after["has_more"] is False
+
+
+def test_a_pull_only_partner_has_no_endpoint_to_check(hub):
+    partner = register_pull_only(hub)
+    r = hub.http.post(f"/partners/{partner['partner_id']}/check", headers=bearer(partner["api_key"]))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "partner_pulls"
