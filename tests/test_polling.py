@@ -166,3 +166,16 @@ def test_a_pull_only_partner_has_no_endpoint_to_check(hub):
     partner = register_pull_only(hub)
     r = hub.http.post(f"/partners/{partner['partner_id']}/check", headers=bearer(partner["api_key"]))
     assert r.status_code == 409 and r.json()["error"]["code"] == "partner_pulls"
+
+
+def test_a_poll_searches_an_index_of_its_partner_alone(webhookd_factory):
+    """SQLite keeps no statistics: a take reads the partner's own pending rows (the partial index
+    of pending rows), not every partner's; a read walks the partner's deliveries in id order."""
+    from polling import items_query
+
+    store = webhookd_factory().store
+    params = {"partner_id": "partner_x", "after": "dlv_", "n": 51}
+    assert "USING INDEX deliveries_pending_order (partner_id=?)" in store.engine.explain(items_query(store, True),
+                                                                                          params)
+    assert "USING INDEX deliveries_by_partner (partner_id=? AND id>?)" in store.engine.explain(
+        items_query(store, False), params)
