@@ -55,6 +55,7 @@ def test_a_pull_only_partner_takes_its_events_in_order_across_two_polls_and_veri
     hub.wait_until_nothing_is_due()  # the loop has nothing to send them to, and never tries
     waiting = hub.deliveries(partner_id=partner["partner_id"])
     assert {(d["state"], d["attempt_count"]) for d in waiting} == {("pending", 0)}
+    assert hub.store.oldest_pending(exclude="") is None  # waiting to be read is no backlog of the loop's
 
     first = poll(hub, partner, limit=3)
     second = poll(hub, partner, limit=3)  # no cursor: continues where the first ended
@@ -179,3 +180,15 @@ def test_a_poll_searches_an_index_of_its_partner_alone(webhookd_factory):
                                                                                           params)
     assert "USING INDEX deliveries_by_partner (partner_id=? AND id>?)" in store.engine.explain(
         items_query(store, False), params)
+
+
+def test_a_pull_only_partners_deliveries_never_expire_while_they_wait_to_be_read(hub_factory):
+    clock = ShiftedClock()
+    hub = hub_factory(clock=clock, delivery__max_pending_age_s=3600, retention__interval_s=0.1)
+    partner = register_pull_only(hub)
+    published = hub.publish_many(1)
+    clock.advance(3601)
+    hub.wait_for_a_retention_pass()
+    hub.wait_for_a_retention_pass()  # a whole pass, expiry included, after the clock moved
+    assert {d["state"] for d in hub.deliveries(partner_id=partner["partner_id"])} == {"pending"}
+    assert [i["event_id"] for i in poll(hub, partner)["items"]] == published
