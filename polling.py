@@ -112,12 +112,7 @@ async def partner_events(request: Request) -> JSONResponse:
     limit, cursor = read_cursor(request)
     partner = await owned_partner(request)
     ctx = context(request)
-    caller = caller_of(request)
-    takes = delivery_mode(partner) == "pull" and not caller.is_admin and partner.status == "active"
-    if cursor is None and delivery_mode(partner) == "pull" and not caller.is_admin and not takes:
-        raise ApiError(409, "partner_not_active", f"Partner {partner.id} is {partner.status}: no events are "
-                                                  "handed out until it is active again. Read what was handed out "
-                                                  "already with ?cursor=.")
+    takes = hands_over(partner, caller_of(request), cursor)
     if cursor is not None and cursor != START and not await db(delivery_exists, ctx.store, partner.id, cursor):
         return cursor_gone(cursor_text(START))
     now = ctx.clock()
@@ -126,15 +121,40 @@ async def partner_events(request: Request) -> JSONResponse:
     taken = sum(1 for row in rows if row["taken"])
     if taken:
         ctx.metrics.deliveries.inc(taken, partner=partner.id, outcome="delivered")
-    last = rows[-1]["id"] if rows else cursor or START
+    if rows:
+        last = rows[-1]["id"]
+    elif cursor is None and takes:  # nothing new: on from the newest delivery already handed over
+        last = await db(newest_delivery, ctx.store, partner.id) or START
+    else:
+        last = cursor or START
     return JSONResponse({"items": [item_json(row, partner, now) for row in rows], "next_cursor": cursor_text(last),
                          "has_more": has_more})
+
+
+def hands_over(partner: Partner, caller: Any, cursor: str | None) -> bool:
+    """Whether this read hands the events over (they become delivered): a pull-only partner's own
+    key, while the partner is active. Not active, its poll without a cursor is a 409; the admin's
+    reads and a push partner's change nothing."""
+    if delivery_mode(partner) != "pull" or caller.is_admin:
+        return False
+    if partner.status != "active" and cursor is None:
+        raise ApiError(409, "partner_not_active", f"Partner {partner.id} is {partner.status}: no events are "
+                                                  "handed out until it is active again. Read what was handed out "
+                                                  "already with ?cursor=.")
+    return partner.status == "active"
 
 
 def delivery_exists(store: Store, partner_id: str, delivery_id: str) -> bool:
     with store._reader() as conn:
         return conn.execute("SELECT 1 FROM deliveries WHERE id = :id AND partner_id = :partner_id",
                             {"id": delivery_id, "partner_id": partner_id}).fetchone() is not None
+
+
+def newest_delivery(store: Store, partner_id: str) -> str | None:
+    with store._reader() as conn:
+        row = conn.execute("SELECT MAX(id) FROM deliveries WHERE partner_id = :partner_id",
+                           {"partner_id": partner_id}).fetchone()
+    return row[0] if row else None
 
 
 def read_events(store: Store, partner_id: str, *, after: str, limit: int, pending_only: bool, mark_delivered: bool,

@@ -61,7 +61,9 @@ def test_a_pull_only_partner_takes_its_events_in_order_across_two_polls_and_veri
     second = poll(hub, partner, limit=3)  # no cursor: continues where the first ended
     assert [i["event_id"] for i in first["items"]] == published[:3] and first["has_more"] is True
     assert [i["event_id"] for i in second["items"]] == published[3:] and second["has_more"] is False
-    assert poll(hub, partner)["items"] == []
+    nothing_new = poll(hub, partner)
+    assert nothing_new["items"] == [] and nothing_new["has_more"] is False
+    assert poll(hub, partner, cursor=nothing_new["next_cursor"])["items"] == []  # on from the newest handed over
 
     signature_ok, standard = guide_verifiers(partner["shared_secret"], partner["standard_webhooks_secret"],
                                              monkeypatch)
@@ -192,3 +194,20 @@ def test_a_pull_only_partners_deliveries_never_expire_while_they_wait_to_be_read
     hub.wait_for_a_retention_pass()  # a whole pass, expiry included, after the clock moved
     assert {d["state"] for d in hub.deliveries(partner_id=partner["partner_id"])} == {"pending"}
     assert [i["event_id"] for i in poll(hub, partner)["items"]] == published
+
+
+def test_a_paused_pull_only_partner_is_handed_nothing_until_it_is_active_again(hub):
+    partner = register_pull_only(hub)
+    pid = partner["partner_id"]
+    hub.publish_many(1)
+    cursor = poll(hub, partner)["next_cursor"]
+    assert hub.http.patch(f"/partners/{pid}", headers=bearer(partner["api_key"]),
+                          json={"status": "paused"}).status_code == 200
+    later = hub.publish_many(1)
+    r = hub.http.get(f"/partners/{pid}/events", headers=bearer(partner["api_key"]))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "partner_not_active"
+    read = poll(hub, partner, cursor=cursor)  # reading on with a cursor still works, and changes nothing
+    assert [(i["event_id"], i["delivery_state"]) for i in read["items"]] == [(later[0], "pending")]
+    assert hub.http.patch(f"/partners/{pid}", headers=bearer(partner["api_key"]),
+                          json={"status": "active"}).status_code == 200
+    assert [i["event_id"] for i in poll(hub, partner)["items"]] == later
