@@ -211,3 +211,13 @@ def test_a_paused_pull_only_partner_is_handed_nothing_until_it_is_active_again(h
     assert hub.http.patch(f"/partners/{pid}", headers=bearer(partner["api_key"]),
                           json={"status": "active"}).status_code == 200
     assert [i["event_id"] for i in poll(hub, partner)["items"]] == later
+
+
+def test_an_event_whose_content_was_erased_shows_its_metadata_without_a_body(hub):
+    partner = register_pull_only(hub)
+    event_id = hub.publish_many(1)[0]
+    with hub.store._transaction() as db:  # what an erasure leaves: the row, without its content
+        db.execute("UPDATE events SET body = :empty WHERE id = :id", {"empty": b"", "id": event_id})
+    item = poll(hub, partner)["items"][0]
+    assert item["event_id"] == event_id and item["body"] is None and item["content_erased"] is True
+    assert item["headers"]["webhook-id"] == event_id and "webhook-signature" not in item["headers"]
