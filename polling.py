@@ -10,7 +10,8 @@ Top to bottom:
 
 1. **Who pulls.** A partner registered with ``"delivery": "pull"`` has no URL (kept internally
    as an empty string; the API shows ``"webhook_url": null``): the delivery loop never claims
-   its deliveries and the expiry sweep leaves them alone. They stay ``pending`` until pulled.
+   its deliveries (``store.PENDING_PARTNERS``), the expiry sweep and the backlog alert leave them
+   alone (``store_history.py``). They stay ``pending`` until pulled. Given a URL, it is push.
 2. **The cursor.** Opaque: base64 of the last delivery id read. Items come in delivery id
    order (ids sort by creation time). ``START`` is the cursor before every item. A cursor whose
    delivery is gone (purged by retention) answers 410 with ``START``: what came after it may
@@ -18,9 +19,10 @@ Top to bottom:
 3. **The read.** Without a cursor, a pull-only partner's own key *takes* its events: the oldest
    pending ones, which become ``delivered`` in the same transaction, so a second poll continues
    where the last one ended (the server keeps the place; a delivery committed late is still
-   pending and comes in the next poll, never skipped). With a cursor, anyone reads on from it;
-   the pull-only partner's key also marks the pending ones it reads delivered. Everyone else
-   (the admin, a push partner) only reads: no state changes, and no cursor means from the start.
+   pending and comes in the next poll, never skipped); while the partner is not active, that is
+   a 409. With a cursor, anyone reads on from it; the pull-only partner's key also marks the
+   pending ones it reads delivered. Everyone else (the admin, a push partner) only reads: no
+   state changes, and no cursor means from the start.
 4. **The item.** Metadata, signed headers, the body as a string; an event whose content was
    erased shows its metadata with ``"body": null`` and no signature.
 """
