@@ -135,6 +135,8 @@ async def update_partner(request: Request) -> JSONResponse:
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), audit=audit, **change)
     if partner is None:
         raise partner_not_found(partner_id)
+    if delivery_mode(before) == "pull" and change["webhook_url"]:
+        ctx.loop.wake()  # given a URL, its deliveries waiting to be pulled are the loop's to send now
     if status == "active":
         ctx.loop.partner_reactivated(partner_id)  # the other processes were told by the store
         if before.status == "disabled":
@@ -170,7 +172,7 @@ async def check_change(body: dict[str, Any], before: Partner, ctx: Context, call
 def changed_fields(before: Partner, body: dict[str, Any], change: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What a PATCH changes, ``{field: {"from": old, "to": new}}`` in the API's names, for the audit
     trail: the fields ``body`` sent that differ from ``before`` (a suspension's reason goes with it)."""
-    old = {"webhook_url": before.webhook_url, "events": list(before.events), "channels": list(before.channels),
+    old = {"webhook_url": before.webhook_url or None, "events": list(before.events), "channels": list(before.channels),
            "filter": before.payload_filter, "ordering": before.ordering, "status": before.status,
            "reason": before.suspended_reason, "max_rate_per_s": before.max_rate_per_s,
            "contact_email": before.contact_email}

@@ -221,3 +221,15 @@ def test_an_event_whose_content_was_erased_shows_its_metadata_without_a_body(hub
     item = poll(hub, partner)["items"][0]
     assert item["event_id"] == event_id and item["body"] is None and item["content_erased"] is True
     assert item["headers"]["webhook-id"] == event_id and "webhook-signature" not in item["headers"]
+
+
+def test_a_pull_only_partner_given_a_url_turns_push_and_its_waiting_events_are_posted(hub, receiver_factory):
+    receiver = receiver_factory()
+    partner = register_pull_only(hub)
+    pid = partner["partner_id"]
+    published = hub.publish_many(2)
+    r = hub.http.patch(f"/partners/{pid}", headers=bearer(partner["api_key"]), json={"webhook_url": receiver.url})
+    assert r.status_code == 200 and r.json()["delivery"] == "push"
+    wait_for(lambda: sorted(receiver.event_ids) == sorted(published), timeout=30)
+    audit = hub.http.get("/audit", headers=hub.admin, params={"partner_id": pid}).json()["items"]
+    assert {"from": None, "to": receiver.url} in [e["changes"].get("webhook_url") for e in audit]
