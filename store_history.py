@@ -352,10 +352,10 @@ class History:
 
     @staticmethod
     def _inbound_write(*, inbound_id: str, partner_id: str, event_type: str, dedupe_key: str, body: bytes,
-                       now: float) -> InboundWrite:
+                       now: float, traceparent: str | None = None, tracestate: str | None = None) -> InboundWrite:
         """The group commit's work of one inbound event."""
         return InboundWrite(InboundEvent(id=inbound_id, partner_id=partner_id, type=event_type, dedupe_key=dedupe_key,
-                                         body=body, received_at=now))
+                                         body=body, received_at=now, traceparent=traceparent, tracestate=tracestate))
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
                      event: str | None = None) -> Page:
@@ -384,10 +384,13 @@ class InboundWrite:
         params: dict[str, Any] = {}
         for n, e in enumerate(events):
             params.update({f"id{n}": e.id, f"partner{n}": e.partner_id, f"type{n}": e.type, f"key{n}": e.dedupe_key,
-                           f"body{n}": e.body, f"now{n}": e.received_at})
-        rows = ", ".join(f"(:id{n}, :partner{n}, :type{n}, :key{n}, :body{n}, :now{n})" for n in range(len(events)))
+                           f"body{n}": e.body, f"now{n}": e.received_at, f"tp{n}": e.traceparent,
+                           f"ts{n}": e.tracestate})
+        rows = ", ".join(f"(:id{n}, :partner{n}, :type{n}, :key{n}, :body{n}, :now{n}, :tp{n}, :ts{n})"
+                         for n in range(len(events)))
         inserted = db.execute(
-            f"""INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at) VALUES {rows}
+            f"""INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at, traceparent,
+                                            tracestate) VALUES {rows}
                 ON CONFLICT (partner_id, dedupe_key) DO NOTHING""", params).rowcount
         if inserted == len(events):  # every one new: the rows are what was just written
             return [(e, True) for e in events]
