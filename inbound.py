@@ -73,6 +73,7 @@ from web import (
     read_json_object,
 )
 from web_commit import group_written
+from windows import window_of
 
 logger = logging.getLogger("webhookd")
 
@@ -427,5 +428,5 @@ async def list_inbound(request: Request) -> JSONResponse:
     limit, cursor = page_params(request)
     q = request.query_params
     page = await db(context(request).store.list_inbound, limit=limit, cursor=cursor,
-                    partner_id=q.get("partner_id"), event=q.get("event"))
+                    partner_id=q.get("partner_id"), event=q.get("event"), window=window_of(request))
     return JSONResponse(page_json(page, inbound_json))

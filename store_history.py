@@ -60,6 +60,31 @@ DELIVERY_FILTERS = {
     "event_id": "d.id IN (SELECT id FROM deliveries WHERE event_id = :event_id)",
 }
 
+# The time windows (?since=&until=, ``windows.py``): each as a range of ids, so the index the other
+# filters read through (all end in the id) starts at the window's end and stops at its start, and
+# then as the row's own time, which decides. By table: the id's prefix and the time column.
+WINDOWED = {"deliveries": ("dlv_", "d.id", "d.created_at"), "audit_log": ("aud_", "id", "at"),
+            "inbound_events": ("inb_", "id", "received_at")}
+
+
+def window_filters(table: str) -> dict[str, str]:
+    """``since`` and ``until`` of ``table`` as conditions (``WINDOWED``)."""
+    _, id_column, time_column = WINDOWED[table]
+    return {"since": f"{id_column} >= :since_id AND {time_column} >= :since",
+            "until": f"{id_column} < :until_id AND {time_column} < :until"}
+
+
+def windowed_where(table: str, filters: dict[str, str], given: dict[str, Any],
+                   window: Any = None) -> tuple[str, dict[str, Any]]:
+    """The ``WHERE`` of the filters given and of the window's sides, with their parameters.
+    ``window``: a ``windows.Window`` (or None), taken as it comes: the store imports no route code."""
+    if not window:
+        return where_clause(filters, given)
+    where, params = where_clause({**filters, **window_filters(table)},
+                                 {**given, "since": window.since, "until": window.until})
+    return where, {**params, **window.id_range(WINDOWED[table][0])}
+
+
 # GET /audit's and GET /inbound's, built the same way (smaller tables: the partner's index only).
 AUDIT_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "action": "action = :action"}
 INBOUND_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "event": "type = :event"}
@@ -117,17 +142,20 @@ class History:
     def list_deliveries(
         self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
         state: str | None = None, event: str | None = None, event_id: str | None = None,
+        window: Any = None,
     ) -> Page:
-        """Deliveries newest first; each filter applies only when given (``DELIVERY_FILTERS``)."""
+        """Deliveries newest first; each filter applies only when given (``DELIVERY_FILTERS``), and
+        so does the window (``window_filters``: by when the delivery was created)."""
         sql, params = self._deliveries_query(limit=limit, cursor=cursor, partner_id=partner_id, state=state,
-                                             event=event, event_id=event_id)
+                                             event=event, event_id=event_id, window=window)
         with self._reader() as db:
             rows = db.execute(sql, params).fetchall()
         return page_of([delivery_from_row(r) for r in rows], limit)
 
-    def _deliveries_query(self, *, limit: int, **given: Any) -> tuple[str, dict[str, Any]]:
+    def _deliveries_query(self, *, limit: int, window: Any = None,
+                          **given: Any) -> tuple[str, dict[str, Any]]:
         """``list_deliveries``' statement for the filters ``given`` (None: not given), and its parameters."""
-        where, params = where_clause(DELIVERY_FILTERS, given)
+        where, params = windowed_where("deliveries", DELIVERY_FILTERS, given, window)
         return f"{self._delivery_select} {where} ORDER BY d.id DESC LIMIT :n", {**params, "n": limit + 1}
 
     def retry_delivery(self, delivery_id: str, now: float, audit: AuditEntry | None = None) -> Delivery | None:
@@ -326,14 +354,15 @@ class History:
     # --- The audit trail ---------------------------------------------------------------
 
     def list_audit(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
-                   action: str | None = None) -> Page:
-        """Audit entries newest first; each filter applies only when given."""
+                   action: str | None = None, window: Any = None) -> Page:
+        """Audit entries newest first; each filter applies only when given, the window by when written."""
         return self._newest_first("audit_log", AUDIT_FILTERS, audit_from_row, limit,
-                                  {"cursor": cursor, "partner_id": partner_id, "action": action})
+                                  {"cursor": cursor, "partner_id": partner_id, "action": action}, window)
 
-    def _newest_first(self, table: str, filters: Any, from_row: Any, limit: int, given: dict[str, Any]) -> Page:
+    def _newest_first(self, table: str, filters: Any, from_row: Any, limit: int, given: dict[str, Any],
+                      window: Any = None) -> Page:
         """One page of ``table``, newest first, with only the filters given (so an index serves it)."""
-        where, params = where_clause(filters, given)
+        where, params = windowed_where(table, filters, given, window)
         with self._reader() as db:
             rows = db.execute(f"SELECT * FROM {table} {where} ORDER BY id DESC LIMIT :n",
                               {**params, "n": limit + 1}).fetchall()
@@ -358,9 +387,10 @@ class History:
                                          body=body, received_at=now, traceparent=traceparent, tracestate=tracestate))
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
-                     event: str | None = None) -> Page:
+                     event: str | None = None, window: Any = None) -> Page:
+        """Inbound events newest first; each filter applies only when given, the window by when received."""
         return self._newest_first("inbound_events", INBOUND_FILTERS, inbound_from_row, limit,
-                                  {"cursor": cursor, "partner_id": partner_id, "event": event})
+                                  {"cursor": cursor, "partner_id": partner_id, "event": event}, window)
 
 
 class InboundWrite:

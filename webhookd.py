@@ -131,6 +131,7 @@ from web import (
     partner_not_found,
     route,
 )
+from windows import window_of
 
 __version__ = VERSION
 
@@ -223,7 +224,7 @@ async def list_deliveries(request: Request) -> JSONResponse:
     if state is not None and state not in DELIVERY_STATES:
         raise invalid("state", f"must be one of {', '.join(DELIVERY_STATES)}.")
     page = await db(context(request).store.list_deliveries, limit=limit, cursor=cursor, partner_id=partner_id,
-                    state=state, event=q.get("event"), event_id=q.get("event_id"))
+                    state=state, event=q.get("event"), event_id=q.get("event_id"), window=window_of(request))
     return JSONResponse(page_json(page, delivery_json))
 
 
@@ -267,7 +268,7 @@ async def list_audit(request: Request) -> JSONResponse:
     limit, cursor = page_params(request)
     q = request.query_params
     page = await db(context(request).store.list_audit, limit=limit, cursor=cursor, partner_id=q.get("partner_id"),
-                    action=q.get("action"))
+                    action=q.get("action"), window=window_of(request))
     return JSONResponse(page_json(page, audit_json))
 
 

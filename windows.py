@@ -14,8 +14,8 @@ the id) start at the window's end and stop at its start, and the time column the
 exactly. The id range is widened by ``ID_SLACK_S`` each side, as an id is made a moment
 after the time its row records (a publish waits for its commit).
 
-This module imports nothing of webhookd's: the routes turn a ``WindowError`` into their 422,
-and the store takes ``id_range`` from here.
+Every route reads its window with ``window_of`` (a 422 naming the parameter when it is wrong);
+the store is handed the ``Window`` and asks it for its ``id_range``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+
+from starlette.requests import Request
+
+from web import invalid
 
 ID_SLACK_S = 600.0   # an id's time may differ from its row's time by this much (a commit's wait, at most)
 _UNIX = re.compile(r"[0-9]{1,11}(\.[0-9]{1,6})?")
@@ -90,6 +94,14 @@ def window_from(params: Mapping[str, str]) -> Window:
     return Window(since, until)
 
 
+def window_of(request: Request) -> Window:
+    """The request's ``?since=&until=`` window; a 422 naming the parameter when it is wrong."""
+    try:
+        return window_from(request.query_params)
+    except WindowError as wrong:
+        raise invalid(wrong.name, wrong.message) from None
+
+
 def time_digits(t: float) -> str:
     """The 9 base-36 digits of the millisecond ``t`` falls in, as an id begins (``web.new_id``)."""
     number = min(max(math.floor(t * 1000), 0), 36 ** 9 - 1)
@@ -104,7 +116,7 @@ def _iso(name: str, text: str, given: str) -> datetime:
     moment = _iso_or_none(text)
     if moment is None:
         raise WindowError(name, f"is not a time ({given[:40]!r}). Give {EXAMPLES}.")
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _iso_or_none(text: str) -> datetime | None:
