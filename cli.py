@@ -381,7 +381,8 @@ def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
         print()
         _print_table(answer.get("attempts", []), ATTEMPT_COLUMNS)
         return 0
-    query = {"state": args.status, "partner_id": args.partner, "event": args.event, "limit": args.limit}
+    query = {"state": args.status, "partner_id": args.partner, "event": args.event, "limit": args.limit,
+             "since": args.since, "until": args.until}
     return _show(args, _api(config, "GET", "/deliveries", query=query), DELIVERY_COLUMNS)
 
 
@@ -409,7 +410,8 @@ AUDIT_COLUMNS = ["at", "actor", "action", "partner_id", "target", "changes"]
 
 
 def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
-    query = {"partner_id": args.partner, "action": args.action, "limit": args.limit}
+    query = {"partner_id": args.partner, "action": args.action, "limit": args.limit, "since": args.since,
+             "until": args.until}
     return _show(args, _api(config, "GET", "/audit", query=query), AUDIT_COLUMNS)
 
 

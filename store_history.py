@@ -107,6 +107,7 @@ class History:
 
     _delivery_select: str  # DELIVERY_SELECT in the engine's insertion order
     _UPDATED_MINUTE: str   # SQL: the minute (in seconds since the epoch) a delivery last changed
+    _UPDATED_HOUR: str     # SQL: the hour, the same way
 
     # --- Reading and retrying deliveries ---------------------------------------------
 
@@ -280,6 +281,16 @@ class History:
                    FROM deliveries WHERE state IN ('delivered', 'failed') AND updated_at >= :since
                    GROUP BY minute, state ORDER BY minute""", {"since": since}).fetchall()
         return [(int(row["minute"]), row["state"], row["n"]) for row in rows]
+
+    def outcomes_per_partner_hour(self, since: float) -> list[tuple[str, int, str, int]]:
+        """(partner, hour, final state, count) for deliveries that ended since ``since``: at most
+        partners x hours x 2 rows. The same scan of recently changed rows as ``outcomes_per_minute``."""
+        with self._reader() as db:
+            rows = db.execute(
+                f"""SELECT partner_id, {self._UPDATED_HOUR} * 3600 AS hour, state, COUNT(*) AS n
+                   FROM deliveries WHERE state IN ('delivered', 'failed') AND updated_at >= :since
+                   GROUP BY partner_id, hour, state ORDER BY partner_id, hour""", {"since": since}).fetchall()
+        return [(row["partner_id"], int(row["hour"]), row["state"], row["n"]) for row in rows]
 
     def oldest_pending(self, *, exclude: str) -> tuple[str, float] | None:
         """The partner and publish time of the oldest pending delivery of an active partner (but

@@ -544,6 +544,7 @@ class PostgresStore(Store):
     # PostgreSQL's planner picks the partial index of pending rows by itself: no index named.
     _pending_partners = PENDING_PARTNERS.format(order="seq", indexed="")
     _UPDATED_MINUTE = "FLOOR(updated_at / 60)"  # differs: a CAST to INTEGER rounds here, SQLite's truncates
+    _UPDATED_HOUR = "FLOOR(updated_at / 3600)"
 
     def _open_engine(self, target: str, *, lock_timeout_s: float, statement_timeout_s: float) -> PostgresEngine:
         return PostgresEngine(target, lock_timeout_s=lock_timeout_s, statement_timeout_s=statement_timeout_s)

@@ -437,6 +437,7 @@ class SQLiteStore(Store):
     # each step of the walk: it is told which index to take.
     _pending_partners = PENDING_PARTNERS.format(order="rowid", indexed="INDEXED BY deliveries_pending_order")
     _UPDATED_MINUTE = "CAST(updated_at / 60 AS INTEGER)"
+    _UPDATED_HOUR = "CAST(updated_at / 3600 AS INTEGER)"
 
     def _open_engine(self, target: str, *, lock_timeout_s: float, statement_timeout_s: float) -> SQLiteEngine:
         """The file at ``target``; the time bounds are PostgreSQL's (one writer has no row locks to wait for)."""

@@ -327,6 +327,7 @@ async def stats(request: Request) -> JSONResponse:
     counts = await db(ctx.store.partner_delivery_counts)
     now = ctx.clock()
     minutes = await db(ctx.store.outcomes_per_minute, now - 3600)
+    hours = await db(ctx.store.outcomes_per_partner_hour, now - now % 3600 - 23 * 3600)
     rows = []
     for p in partners:
         c = counts.get(p.id, {})
@@ -349,7 +350,17 @@ async def stats(request: Request) -> JSONResponse:
     return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
                          "delivery": ctx.loop.publish_first.describe(),
                          "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
+                         "per_partner_hour": per_partner_hour(hours),
                          "processes": processes, "now": int(now)})
+
+
+def per_partner_hour(hours: list[tuple[str, int, str, int]]) -> list[dict[str, Any]]:
+    """``/stats``' ``per_partner_hour``: for each partner, its delivered and failed deliveries by
+    the hour they ended, over the last 24 hours (this one included); hours with none are left out."""
+    partners: dict[str, dict[int, dict[str, int]]] = {}
+    for partner_id, hour, state, n in hours:
+        partners.setdefault(partner_id, {}).setdefault(hour, {"hour": hour, "delivered": 0, "failed": 0})[state] = n
+    return [{"partner_id": p, "hours": list(by_hour.values())} for p, by_hour in partners.items()]
 
 
 async def websocket_required(request: Request) -> JSONResponse:
