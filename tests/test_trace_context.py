@@ -5,11 +5,11 @@ id and a new span id per attempt, and shows in the trace view; an inbound tracep
 import json
 
 import pytest
+from test_realtime import _promote, _token, _wait_connected, _ws
 
 import trace_context
 from conftest import wait_for
 from payloads import PAYMENT_SUCCESS
-from test_realtime import _promote, _token, _wait_connected, _ws
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
 

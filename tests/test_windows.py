@@ -7,7 +7,6 @@ import pytest
 import windows
 from conftest import bearer, wait_for
 from models import AuditEntry, NewEvent
-from payloads import PAYMENT_SUCCESS
 from storage import open_store
 from store_rows import write_audit
 
