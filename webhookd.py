@@ -39,7 +39,9 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``partners.py``          the ``/partners`` routes and what a partner's fields may hold
 ``inbound.py``           the other direction: verify → store once → 200 → offer on
                          ``/ws``; ``realtime.py`` the ``/ws`` tokens and fan-out
-``timeline.py``          one event's story, from the rows the loop keeps
+``timeline.py``          one event's story, from the rows the loop keeps;
+                         ``trace_context.py`` the W3C ``traceparent`` passed on
+``windows.py``           ``since`` and ``until`` on the lists, as ranges of ids
 ``alerts.py``            webhookd's own signed alerts to the operator
 ``catalog.py``           the event catalog as partners read it: ``/event-types``
 ``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
