@@ -1,4 +1,4 @@
-"""Time windows in the pages, in real headless Chromium against a live webhookd: the dashboard's
+"""Time windows in the pages (and a trace id in the dashboard's story), in real headless Chromium against a live webhookd: the dashboard's
 From/to (the browser's own time zone, sent as UTC) and the portal's From/before days (UTC), in
 English and Spanish, each narrowing the deliveries list to the rows of its window. Deliveries are
 written through the store at controlled times (three days ago, yesterday) beside one published now.
@@ -19,6 +19,7 @@ from models import NewEvent
 from payloads import PAYMENT_SUCCESS
 
 DAY_S = 86400
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def _three_days(hub, receiver) -> tuple[dict, float]:
     for t in (midnight - 3 * DAY_S + 12 * 3600, midnight - DAY_S + 12 * 3600):
         hub.store.publish(NewEvent(id=id_at("evt_", t), type="payment.success", body=b'{"event":"payment.success"}'),
                           now=t, max_attempts=3, new_delivery_id=lambda t=t: id_at("dlv_", t))
-    assert hub.publish(PAYMENT_SUCCESS).status_code == 202
+    assert hub.publish(PAYMENT_SUCCESS, headers={"traceparent": TRACEPARENT}).status_code == 202
     wait_for(lambda: len(hub.deliveries(state="delivered")) == 3, timeout=60)
     return partner, midnight
 
@@ -96,6 +97,9 @@ def test_the_dashboards_window_narrows_the_list_in_the_browsers_time_zone(browse
     expect(page.locator("#list-error")).to_contain_text("'until' must not be before 'since'")
     tid("filter-clear").click()
     expect(rows).to_have_count(3)
+    rows.first.click()                                                  # today's, published with a traceparent
+    tid("story").locator("summary").first.click()
+    expect(tid("story-trace")).to_contain_text("4bf92f3577b34da6a3ce929d0e0e4736")
     assert errors == ["console: Failed to load resource: the server responded with a status of 422 "
                       "(Unprocessable Entity)"]  # the backwards window's, said above; nothing else
     print(f"screenshots: {tmp_path}")
