@@ -8,6 +8,7 @@ import windows
 from conftest import bearer, wait_for
 from models import AuditEntry, NewEvent
 from storage import open_store
+from store_history import AUDIT_FILTERS, INBOUND_FILTERS, windowed_where
 from store_rows import write_audit
 
 BOTH_ENGINES = True
@@ -20,6 +21,13 @@ _n = iter(range(10**9))
 def id_at(prefix: str, t: float) -> str:
     """An id made at ``t``, as ``web.new_id`` makes one (its time first)."""
     return f"{prefix}{windows.time_digits(t)}{next(_n):012d}"
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    s = open_store(str(tmp_path / "w.db"))
+    yield s
+    s.close()
 
 
 @pytest.fixture
@@ -77,6 +85,17 @@ def test_a_window_reads_through_the_index_of_the_filters_beside_it(store):
         else:
             assert "SCAN d" not in plan and "TEMP B-TREE" not in plan, (given, plan)
             assert "id>? AND id<?" in plan, (given, plan)
+
+
+def test_the_audit_trail_and_inbound_events_read_only_the_window_of_ids(sqlite_store):
+    """SQLite's plans (PostgreSQL's planner chooses by the table's size): the window bounds the walk."""
+    window = windows.Window(DAY, DAY + HOUR)
+    for table, filters, given, index in (("audit_log", AUDIT_FILTERS, {}, "sqlite_autoindex_audit_log_1"),
+                                         ("audit_log", AUDIT_FILTERS, {"partner_id": "p"}, "audit_by_partner"),
+                                         ("inbound_events", INBOUND_FILTERS, {"event": "x"}, "sqlite_autoindex_inbound")):
+        where, params = windowed_where(table, filters, given, window)
+        plan = sqlite_store.engine.explain(f"SELECT * FROM {table} {where} ORDER BY id DESC LIMIT 51", params)
+        assert f"USING INDEX {index}" in plan and "id>? AND id<?" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_times_in_every_form_and_the_422_that_names_the_parameter(hub):
