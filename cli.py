@@ -421,7 +421,7 @@ def _cmd_trace(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         return _show(args, story)
     print(f"{story['event_id']}  {story['event']}  published {_cell('at', int(story['published_at']))}"
-          f"  to {plural(story['fanout'], 'partner')}")
+          f"  to {plural(story['fanout'], 'partner')}" + (f"  trace {story['trace_id']}" if story.get("trace_id") else ""))
     for d in story["deliveries"]:
         print(f"\n{d['partner_id']}  {d['delivery_id']}  now {d['state']}")
         for step in d["steps"]:

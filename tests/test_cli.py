@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 
+import httpx
+
 from conftest import ADMIN, GUARD_DIR, ROOT, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
 
@@ -344,3 +346,6 @@ def test_deliveries_and_audit_take_a_time_window_from_the_command_line(serve_fac
     assert "partner.registered" not in _ok(_run(serve, "audit", "--since", "2099-01-01T00:00Z"))
     backwards = _run(serve, "audit", "--since", "2099-01-02T00:00Z", "--until", "2099-01-01T00:00Z")
     assert backwards.returncode == 1 and "'until' must not be before 'since'" in backwards.stderr
+    traced = httpx.post(serve.url + "/events", json=PAYMENT_SUCCESS, headers={
+        **ADMIN, "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    assert "trace 4bf92f3577b34da6a3ce929d0e0e4736" in _ok(_run(serve, "trace", traced.json()["event_id"]))
