@@ -82,3 +82,13 @@ def test_the_contracts_rules_for_traceparent_and_tracestate():
     wide = ",".join(f"k{i}={'v' * 100}" for i in range(10))
     assert len(trace_context.parse_tracestate(wide)) <= 512
     assert trace_context.from_headers({"tracestate": "a=1"}) == (None, None)      # no traceparent: no tracestate
+
+
+def test_a_batchs_traceparent_goes_with_each_of_its_events(hub):
+    hub.register("http://127.0.0.1:9/x", ["payment.success"])
+    r = hub.http.post("/events/batch", headers={**hub.admin, "traceparent": PARENT},
+                      json={"events": [PAYMENT_SUCCESS, {**PAYMENT_SUCCESS, "transaction_id": "txn_2"}]})
+    assert r.status_code == 202 and r.json()["accepted"] == 2, r.text
+    for result in r.json()["results"]:
+        story = hub.http.get(f"/events/{result['event_id']}/trace", headers=hub.admin).json()
+        assert story["trace_id"] == TRACE_ID
