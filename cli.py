@@ -389,7 +389,8 @@ def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
         print()
         _print_table(answer.get("attempts", []), ATTEMPT_COLUMNS)
         return 0
-    query = {"state": args.status, "partner_id": args.partner, "event": args.event, "limit": args.limit}
+    query = {"state": args.status, "partner_id": args.partner, "event": args.event, "limit": args.limit,
+             "since": args.since, "until": args.until}
     return _show(args, _api(config, "GET", "/deliveries", query=query), DELIVERY_COLUMNS)
 
 
@@ -417,7 +418,8 @@ AUDIT_COLUMNS = ["at", "actor", "action", "partner_id", "target", "changes"]
 
 
 def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
-    query = {"partner_id": args.partner, "action": args.action, "limit": args.limit}
+    query = {"partner_id": args.partner, "action": args.action, "limit": args.limit, "since": args.since,
+             "until": args.until}
     return _show(args, _api(config, "GET", "/audit", query=query), AUDIT_COLUMNS)
 
 
@@ -427,7 +429,7 @@ def _cmd_trace(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         return _show(args, story)
     print(f"{story['event_id']}  {story['event']}  published {_cell('at', int(story['published_at']))}"
-          f"  to {plural(story['fanout'], 'partner')}")
+          f"  to {plural(story['fanout'], 'partner')}" + (f"  trace {story['trace_id']}" if story.get("trace_id") else ""))
     for d in story["deliveries"]:
         print(f"\n{d['partner_id']}  {d['delivery_id']}  now {d['state']}")
         for step in d["steps"]:

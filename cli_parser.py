@@ -147,6 +147,8 @@ def _delivery_commands(command, as_json: argparse.ArgumentParser) -> None:
     deliveries.add_argument("--partner", help="only this partner id")
     deliveries.add_argument("--event", help="only this event type")
     deliveries.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
+    deliveries.add_argument("--since", type=when, metavar="TIME", help=f"only those created at or after: {TIMES}")
+    deliveries.add_argument("--until", type=when, metavar="TIME", help=f"...and before: {TIMES}")
 
     retry = command("retry", "give a failed or expired delivery one more attempt, now", as_json)
     retry.add_argument("delivery_id", help="the delivery (dlv_...), from 'webhookd deliveries'")
@@ -164,6 +166,8 @@ def _delivery_commands(command, as_json: argparse.ArgumentParser) -> None:
     audit.add_argument("--partner", help="only this partner id")
     audit.add_argument("--action", help="only this action, e.g. partner.suspended")
     audit.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
+    audit.add_argument("--since", type=when, metavar="TIME", help=f"only entries written at or after: {TIMES}")
+    audit.add_argument("--until", type=when, metavar="TIME", help=f"...and before: {TIMES}")
 
 
 def _database_commands(command) -> None:

@@ -419,7 +419,7 @@ class DeliveryLoop:
         # Built field by field: dataclasses.replace() costs three times as much, once per attempt.
         return Job(job.delivery_id, job.event_id, job.event, job.partner_id, partner.webhook_url,
                    tuple(partner.valid_secrets(self.clock())), job.body, job.attempt, job.max_attempts,
-                   job.partner_failing_since, job.created_at, partner.max_rate_per_s)
+                   job.partner_failing_since, job.created_at, partner.max_rate_per_s, job.traceparent, job.tracestate)
 
     def _outcome(self, job: Job, sent: Sent, rate: float | None) -> Outcome:
         """What the attempt means: the pace, the delivery's next state, the partner's health."""

@@ -53,6 +53,7 @@ from starlette.websockets import WebSocket
 
 import realtime
 import signing
+import trace_context
 from config import EVENT_TYPE
 from models import InboundEvent, Partner
 from store_processes import OFFERS_CHANNEL
@@ -72,6 +73,7 @@ from web import (
     read_json_object,
 )
 from web_commit import group_written
+from windows import window_of
 
 logger = logging.getLogger("webhookd")
 
@@ -125,17 +127,18 @@ async def _receive(request: Request) -> JSONResponse:
     if not signed.standard:  # the guide's events may carry their time in the body
         _check_timestamp(payload.get("timestamp"), now, tolerance_s)
     dedupe_key = f"id:{signed.msg_id}" if signed.standard else _dedupe_key(request, canonical_body)
+    traceparent, tracestate = trace_context.from_headers(request.headers)  # an invalid one is ignored
 
     stored, created = await group_written(lambda deadline, on_done: ctx.store.add_inbound_soon(
         deadline=deadline, on_done=on_done, inbound_id=new_id("inb_"), partner_id=partner.id, event_type=event_type,
-        dedupe_key=dedupe_key, body=canonical_body, now=now))
+        dedupe_key=dedupe_key, body=canonical_body, now=now, traceparent=traceparent, tracestate=tracestate))
     ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
     logger.debug("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,
                        "duplicate": not created})
     after = None
     if created and event_type in INBOUND_ACTIONS:
-        after = BackgroundTask(INBOUND_ACTIONS[event_type], ctx, partner.id, payload)
+        after = BackgroundTask(INBOUND_ACTIONS[event_type], ctx, partner.id, payload, traceparent)
     return JSONResponse({"status": "received", "timestamp": int(stored.received_at)}, background=after)
 
 
@@ -330,11 +333,11 @@ def _dedupe_key(request: Request, canonical_body: bytes) -> str:
 # --- What a stored event sets off ---------------------------------------------------------
 
 
-async def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any]) -> None:
+async def push_offer(ctx: Context, partner_id: str, payload: dict[str, Any], traceparent: str | None = None) -> None:
     """A promoted tour reaches our users live (after the partner's 200 went out): those connected
     to this process at once, those connected to the others on the same PostgreSQL through a
-    ``NOTIFY`` (``relay_offer`` there)."""
-    offer = realtime.offer_from(partner_id, payload)
+    ``NOTIFY`` (``relay_offer`` there). The partner's ``traceparent``, if any, goes with it."""
+    offer = realtime.offer_from(partner_id, payload, traceparent)
     if offer is None:
         logger.warning("offer from %s names no valid user_id; sent to nobody", partner_id)
         return
@@ -367,7 +370,8 @@ def relay_offer(ctx: Context, note: str) -> None:
 
 
 # What an inbound event sets off once it is stored, by type. Other types are only stored.
-INBOUND_ACTIONS: dict[str, Callable[[Context, str, dict[str, Any]], Awaitable[None]]] = {"tour.promoted": push_offer}
+INBOUND_ACTIONS: dict[str, Callable[[Context, str, dict[str, Any], str | None], Awaitable[None]]] = {
+    "tour.promoted": push_offer}
 
 
 # --- Live offers over WebSocket ---------------------------------------------------------------
@@ -415,7 +419,8 @@ async def live_notifications(websocket: WebSocket) -> None:
 
 def inbound_json(item: InboundEvent) -> dict[str, Any]:
     return {"inbound_id": item.id, "partner_id": item.partner_id, "event": item.type,
-            "payload": json.loads(item.body), "received_at": int(item.received_at)}
+            "payload": json.loads(item.body), "received_at": int(item.received_at),
+            "traceparent": item.traceparent, "tracestate": item.tracestate}
 
 
 async def list_inbound(request: Request) -> JSONResponse:
@@ -423,5 +428,5 @@ async def list_inbound(request: Request) -> JSONResponse:
     limit, cursor = page_params(request)
     q = request.query_params
     page = await db(context(request).store.list_inbound, limit=limit, cursor=cursor,
-                    partner_id=q.get("partner_id"), event=q.get("event"))
+                    partner_id=q.get("partner_id"), event=q.get("event"), window=window_of(request))
     return JSONResponse(page_json(page, inbound_json))

@@ -71,6 +71,8 @@ class Event:
     idempotency_key: str | None = None
     request_hash: str | None = None
     audience: dict[str, list[str]] | None = None  # {"partners": [...], "channels": [...]} when targeted
+    traceparent: str | None = None      # W3C trace context the publisher sent (trace_context.py)
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class NewEvent:
     request_hash: str | None = None     # sha256 of the request, to spot a reused key
     only_partner: str | None = None     # one partner whatever its subscriptions (webhook.test)
     audience: dict[str, list[str]] | None = None  # "partners" and/or "channels": only subscribers among them
+    traceparent: str | None = None      # W3C trace context to pass on (trace_context.py)
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class Job:
     partner_failing_since: float | None = None
     created_at: float = 0.0   # when the delivery was created (publish time)
     max_rate_per_s: float | None = None  # the partner's pace when the attempt starts
+    traceparent: str | None = None  # the event's trace context: each attempt sends a new span of it
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,8 @@ class InboundEvent:
     dedupe_key: str
     body: bytes
     received_at: float
+    traceparent: str | None = None  # the partner's W3C trace context, if it sent one
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True)

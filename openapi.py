@@ -168,6 +168,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "idempotency_key": {"type": ["string", "null"]}, "audience": {"type": ["object", "null"]},
             "body": {"type": "string", "description": "the exact bytes every partner was sent (and signed)"},
             "fanout": {"type": "integer"},
+            "trace_id": {"type": ["string", "null"], "description": "the W3C trace id the publisher sent, if any"},
+            "traceparent": {"type": ["string", "null"]}, "tracestate": {"type": ["string", "null"]},
             "deliveries": {"type": "array", "items": _obj({
                 "delivery_id": STRING, "partner_id": STRING, "state": {"enum": STATES},
                 "steps": {"type": "array", "items": {
@@ -220,13 +222,20 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "AuditList": _list_of("AuditEntry"),
         "InboundAck": _obj({"status": {"const": "received"}, "timestamp": TIME}),
         "Inbound": _obj({"inbound_id": STRING, "partner_id": STRING, "event": STRING,
-                         "payload": {"type": "object"}, "received_at": TIME}),
+                         "payload": {"type": "object"}, "received_at": TIME,
+                         "traceparent": {"type": ["string", "null"], "description": "the partner's W3C trace context"},
+                         "tracestate": {"type": ["string", "null"]}}),
         "InboundList": _list_of("Inbound"),
         "TokenRequest": _obj({"user_id": {"type": "string", "minLength": 1, "maxLength": 200}}),
         "Token": _obj({"token": STRING, "expires_at": TIME}),
         "Health": _obj({"status": {"const": "ok"}}),
         "Stats": _obj({"partners": {"type": "array", "items": {"type": "object"}}, "totals": {"type": "object"},
                        "per_minute": {"type": "array", "items": {"type": "object"}},
+                       "per_partner_hour": {"type": "array", "description": (
+                           "each partner's deliveries that ended delivered or failed, by hour (Unix seconds of its "
+                           "start), over the last 24 hours; hours with none are left out"), "items": _obj({
+                               "partner_id": STRING, "hours": {"type": "array", "items": _obj({
+                                   "hour": TIME, "delivered": {"type": "integer"}, "failed": {"type": "integer"}})}})},
                        "delivery": _obj({k: {"type": "number"} for k in (
                            "in_flight_bound", "in_flight_max", "in_flight_floor", "publish_wait_p90_ms",
                            "publish_wait_usual_ms")}),
@@ -273,6 +282,25 @@ PARTNER = _path("partner_id", "a partner id")
 QUEUE = _query("queue", {"enum": ["true", "false"]}, "true: queue it even though the partner is "
                "not active (otherwise a 409 partner_held)")
 DELIVERY = _path("delivery_id", "a delivery id")
+_TIME_FORMS = ("ISO 8601 with Z or an offset (2026-12-07T09:30:00Z), a date (2026-12-07: midnight UTC) or Unix "
+               "seconds; 422 invalid_field naming the parameter otherwise")
+
+
+def window(what: str) -> list[dict[str, Any]]:
+    """``since`` and ``until`` of a list: [since, until) on ``what``."""
+    schema = {"type": "string", "maxLength": 40}
+    return [_query("since", schema, f"only rows {what} at or after this time (inclusive): {_TIME_FORMS}"),
+            _query("until", schema, f"only rows {what} before this time (exclusive; not before since, or 422): "
+                                    f"{_TIME_FORMS}")]
+
+
+TRACE_HEADERS = [
+    {"name": "traceparent", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 512},
+     "description": "W3C Trace Context: kept with the event; each delivery attempt sends the same trace id with "
+                    "a new span id. An invalid one is ignored (no trace context is kept), never refused"},
+    {"name": "tracestate", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 8192},
+     "description": "W3C Trace Context: passed on as received (at most 32 members, 512 characters), only with a "
+                    "valid traceparent"}]
 
 
 def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]:
@@ -349,13 +377,13 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                                     "example (the admin token or any partner's API key)", 200, "EventTypes")},
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",
                                    params=[{"name": "Idempotency-Key", "in": "header", "required": False,
-                                            "schema": {"type": "string", "maxLength": 255}}])}},
+                                            "schema": {"type": "string", "maxLength": 255}}, *TRACE_HEADERS])}},
         "/events/batch": {"post": {**_op(
             "Publish many events in one request and one durable commit; one result per event", 202,
             "BatchAccepted", body="EventBatch",
             params=[{"name": "Idempotency-Key", "in": "header", "required": False,
                      "schema": {"type": "string", "maxLength": 255},
-                     "description": "event i gets a key of its own, made of this one and i"}])}},
+                     "description": "event i gets a key of its own, made of this one and i"}, *TRACE_HEADERS])}},
         "/events/{event_id}": {"get": _op("An event and its deliveries", 200, "Event",
                                           params=[_path("event_id", "an event id")])},
         "/events/{event_id}/trace": {"get": _op(
@@ -363,22 +391,25 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             "came next and why", 200, "Trace", params=[_path("event_id", "an event id")])},
         "/deliveries": {"get": _op("Deliveries, newest first", 200, "DeliveryList", params=[
             *PAGE, _query("partner_id", STRING, "only this partner"), _query("state", states, "only this state"),
-            _query("event", STRING, "only this event type"), _query("event_id", STRING, "only this event")])},
+            _query("event", STRING, "only this event type"), _query("event_id", STRING, "only this event"),
+            *window("created")])},
         "/deliveries/{delivery_id}": {"get": _op("A delivery with its attempts", 200, "DeliveryDetail",
                                                  params=[DELIVERY])},
         "/deliveries/{delivery_id}/retry": {"post": _op("One more attempt of a failed or expired delivery", 202,
                                                         "Delivery",
                                                         params=[DELIVERY, QUEUE])},
         "/webhooks/partners": {"post": _op("Receive a partner's signed event", 200, "InboundAck", auth=False,
-                                           body="EventPayload", params=inbound_headers)},
+                                           body="EventPayload", params=[*inbound_headers, *TRACE_HEADERS])},
         "/inbound": {"get": _op("Received partner events, newest first", 200, "InboundList", params=[
-            *PAGE, _query("partner_id", STRING, "only this partner"), _query("event", STRING, "only this type")])},
+            *PAGE, _query("partner_id", STRING, "only this partner"), _query("event", STRING, "only this type"),
+            *window("received")])},
         "/realtime/tokens": {"post": _op("A short-lived token for GET /ws", 201, "Token", body="TokenRequest")},
         "/metrics": {"get": _op("Prometheus metrics", 200, None, media="text/plain")},
         "/stats": {"get": _op("What the dashboard draws", 200, "Stats")},
         "/audit": {"get": _op("The audit trail: every admin and partner write, newest first", 200, "AuditList",
                               params=[*PAGE, _query("partner_id", STRING, "only this partner"),
-                                      _query("action", STRING, "only this action, e.g. partner.suspended")])},
+                                      _query("action", STRING, "only this action, e.g. partner.suspended"),
+                                      *window("written")])},
         "/dashboard": {"get": _op("The operator's dashboard (a static page)", 200, None, auth=False,
                                   media="text/html")},
         "/portal": {"get": _op("The partners' own page, in English or Spanish (a static page)", 200, None,
@@ -400,7 +431,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             "403 partner_suspended until the admin lifts the suspension. "
             "Live offers: open a WebSocket on `/ws` offering the subprotocols `webhookd` and "
             "`token.<token from POST /realtime/tokens>` (or `/ws?token=<token>`); a bad or expired "
-            "token, or one an admin token signed before it was revoked, is closed with code 1008.")},
+            "token, or one an admin token signed before it was revoked, is closed with code 1008. An offer carries "
+            "the partner's `traceparent` when it sent a valid one.")},
         "paths": paths,
         "components": {"schemas": _schemas(catalog),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

@@ -4,6 +4,8 @@ A payload is checked against the event catalog (every problem listed at once, in
 ``partners`` and ``channels`` are taken out of it, as they say whom the event is for and are not
 sent; the event and one delivery per partner it reaches are stored in one transaction, and the
 202 comes only after that commit. When the event reached no partner, the 202 says why.
+A ``traceparent`` (and ``tracestate``) header is kept with the event and passed on to each
+attempt (``trace_context.py``); an invalid one is ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 import signing
+import trace_context
 from config import FIELD_TYPES
 from models import Event, NewEvent
 from partners import check_channels
@@ -93,7 +96,8 @@ async def take_audience(payload: dict[str, Any], ctx: Context) -> dict[str, list
 
 
 def new_event(payload: dict[str, Any], ctx: Context, key: str | None,
-              audience: dict[str, list[str]] | None = None) -> NewEvent:
+              audience: dict[str, list[str]] | None = None,
+              trace: tuple[str | None, str | None] = (None, None)) -> NewEvent:
     """A checked payload (422 otherwise) as the event to store: ``timestamp`` filled in when
     absent, canonical bytes, and the hash that tells a reused ``Idempotency-Key`` apart (the
     audience is part of the request it hashes)."""
@@ -102,7 +106,7 @@ def new_event(payload: dict[str, Any], ctx: Context, key: str | None,
     request_hash = hashlib.sha256(signing.canonical(request)).hexdigest()
     payload.setdefault("timestamp", int(ctx.clock()))
     return NewEvent(id=new_id("evt_"), type=event_type, body=signing.canonical(payload), idempotency_key=key,
-                    request_hash=request_hash, audience=audience)
+                    request_hash=request_hash, audience=audience, traceparent=trace[0], tracestate=trace[1])
 
 
 def key_reused(event: Event, created: bool, new: NewEvent) -> bool:
@@ -123,7 +127,7 @@ async def publish_event(request: Request) -> JSONResponse:
     ctx = context(request)
     key = idempotency_key(request)
     payload = await read_json_object(request)
-    new = new_event(payload, ctx, key, await take_audience(payload, ctx))
+    new = new_event(payload, ctx, key, await take_audience(payload, ctx), trace_context.from_headers(request.headers))
     now, began = ctx.clock(), time.monotonic()
     event, created = await group_written(lambda deadline, on_done: ctx.store.publish_soon(
         new, now=now, max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id,
@@ -178,12 +182,13 @@ async def publish_batch(request: Request) -> JSONResponse:
         raise invalid("events", f"must be a list of 1 to {most} events, each what POST /events takes.")
     results: list[dict[str, Any]] = [{} for _ in items]
     checked: list[tuple[int, NewEvent]] = []
+    trace = trace_context.from_headers(request.headers)  # the batch's, for each of its events
     for i, payload in enumerate(items):
         try:
             if not isinstance(payload, dict):
                 raise ApiError(400, "not_an_object", "The event must be a JSON object, like {\"event\": ...}.")
             audience = await take_audience(payload, ctx)
-            checked.append((i, new_event(payload, ctx, f"{key}\x1f{i}" if key else None, audience)))
+            checked.append((i, new_event(payload, ctx, f"{key}\x1f{i}" if key else None, audience, trace)))
         except ApiError as refused:
             results[i] = _refused(refused)
     stored = await db(ctx.store.publish_batch, [new for _, new in checked], now=ctx.clock(),

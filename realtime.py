@@ -164,13 +164,17 @@ class Notifier:
 EVERYONE = None
 
 
-def offer_from(partner_id: str, payload: dict[str, Any]) -> tuple[dict[str, Any], str | None] | None:
+def offer_from(partner_id: str, payload: dict[str, Any],
+               traceparent: str | None = None) -> tuple[dict[str, Any], str | None] | None:
     """The notification for an inbound ``tour.promoted`` and whom it is for: the user named
     by ``user_id``, or ``EVERYONE`` when the payload names nobody. A ``user_id`` that is
     present but names no one (null, empty, an object) reaches nobody: a mistaken target
-    must not turn into a broadcast of someone's offer. Returns None then."""
+    must not turn into a broadcast of someone's offer. Returns None then. The partner's
+    ``traceparent`` (W3C trace context), when it sent a valid one, rides along for the client's logs."""
     message = {"type": "offer", "message": "Nueva oferta disponible", "partner_id": partner_id,
                "tour_id": payload.get("tour_id"), "data": payload}
+    if traceparent:
+        message["traceparent"] = traceparent
     if "user_id" not in payload:
         return message, EVERYONE
     user_id = payload["user_id"]

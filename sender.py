@@ -51,6 +51,7 @@ from typing import Any
 from urllib.parse import quote
 
 import signing
+import trace_context
 from config import DeliverySettings
 from models import Attempt, Job
 from sender_http import MAX_LINE, Answer, BadResponse, answer_reader
@@ -82,8 +83,9 @@ SIGNATURE_HEADERS = ("X-Webhook-Signature", "webhook-signature")  # kept with ea
 
 def build_headers(job: Job, timestamp: int) -> dict[str, str]:
     """The headers of an outgoing webhook that change from one request to the next, as the partner
-    guide lists them (the fixed ones, ``Content-Type`` and ``User-Agent``, are in its ``Route``)."""
-    return {
+    guide lists them (the fixed ones, ``Content-Type`` and ``User-Agent``, are in its ``Route``); with
+    the event's trace context, a ``traceparent`` of a new span per attempt and its ``tracestate``."""
+    headers = {
         "X-Webhook-Event": job.event,
         "X-Webhook-Signature": signing.sign_hex(job.secrets[0], job.body),
         "X-Webhook-Id": job.event_id,
@@ -92,6 +94,11 @@ def build_headers(job: Job, timestamp: int) -> dict[str, str]:
         "webhook-timestamp": str(timestamp),
         "webhook-signature": signing.standard_signature_header(job.secrets, job.event_id, timestamp, job.body),
     }
+    if job.traceparent:  # nothing to do (and nothing spent) for an event without one
+        headers["traceparent"] = trace_context.new_span(job.traceparent)
+        if job.tracestate:
+            headers["tracestate"] = job.tracestate
+    return headers
 
 
 @dataclass(frozen=True)
@@ -300,6 +307,8 @@ class Sender:
             route = self._route(job.url)
             headers = build_headers(job, int(started))
             signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
+            if job.traceparent:  # kept beside them: the trace view shows each attempt's span
+                signatures["traceparent"] = headers["traceparent"]
             async with asyncio.timeout(self.settings.timeout_s):
                 await self._post(route.target, request_bytes(route, headers, job.body), answer)
             error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)

@@ -60,6 +60,31 @@ DELIVERY_FILTERS = {
     "event_id": "d.id IN (SELECT id FROM deliveries WHERE event_id = :event_id)",
 }
 
+# The time windows (?since=&until=, ``windows.py``): each as a range of ids, so the index the other
+# filters read through (all end in the id) starts at the window's end and stops at its start, and
+# then as the row's own time, which decides. By table: the id's prefix and the time column.
+WINDOWED = {"deliveries": ("dlv_", "d.id", "d.created_at"), "audit_log": ("aud_", "id", "at"),
+            "inbound_events": ("inb_", "id", "received_at")}
+
+
+def window_filters(table: str) -> dict[str, str]:
+    """``since`` and ``until`` of ``table`` as conditions (``WINDOWED``)."""
+    _, id_column, time_column = WINDOWED[table]
+    return {"since": f"{id_column} >= :since_id AND {time_column} >= :since",
+            "until": f"{id_column} < :until_id AND {time_column} < :until"}
+
+
+def windowed_where(table: str, filters: dict[str, str], given: dict[str, Any],
+                   window: Any = None) -> tuple[str, dict[str, Any]]:
+    """The ``WHERE`` of the filters given and of the window's sides, with their parameters.
+    ``window``: a ``windows.Window`` (or None), taken as it comes: the store imports no route code."""
+    if not window:
+        return where_clause(filters, given)
+    where, params = where_clause({**filters, **window_filters(table)},
+                                 {**given, "since": window.since, "until": window.until})
+    return where, {**params, **window.id_range(WINDOWED[table][0])}
+
+
 # GET /audit's and GET /inbound's, built the same way (smaller tables: the partner's index only).
 AUDIT_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "action": "action = :action"}
 INBOUND_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "event": "type = :event"}
@@ -82,6 +107,7 @@ class History:
 
     _delivery_select: str  # DELIVERY_SELECT in the engine's insertion order
     _UPDATED_MINUTE: str   # SQL: the minute (in seconds since the epoch) a delivery last changed
+    _UPDATED_HOUR: str     # SQL: the hour, the same way
 
     # --- Reading and retrying deliveries ---------------------------------------------
 
@@ -117,17 +143,20 @@ class History:
     def list_deliveries(
         self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
         state: str | None = None, event: str | None = None, event_id: str | None = None,
+        window: Any = None,
     ) -> Page:
-        """Deliveries newest first; each filter applies only when given (``DELIVERY_FILTERS``)."""
+        """Deliveries newest first; each filter applies only when given (``DELIVERY_FILTERS``), and
+        so does the window (``window_filters``: by when the delivery was created)."""
         sql, params = self._deliveries_query(limit=limit, cursor=cursor, partner_id=partner_id, state=state,
-                                             event=event, event_id=event_id)
+                                             event=event, event_id=event_id, window=window)
         with self._reader() as db:
             rows = db.execute(sql, params).fetchall()
         return page_of([delivery_from_row(r) for r in rows], limit)
 
-    def _deliveries_query(self, *, limit: int, **given: Any) -> tuple[str, dict[str, Any]]:
+    def _deliveries_query(self, *, limit: int, window: Any = None,
+                          **given: Any) -> tuple[str, dict[str, Any]]:
         """``list_deliveries``' statement for the filters ``given`` (None: not given), and its parameters."""
-        where, params = where_clause(DELIVERY_FILTERS, given)
+        where, params = windowed_where("deliveries", DELIVERY_FILTERS, given, window)
         return f"{self._delivery_select} {where} ORDER BY d.id DESC LIMIT :n", {**params, "n": limit + 1}
 
     def retry_delivery(self, delivery_id: str, now: float, audit: AuditEntry | None = None) -> Delivery | None:
@@ -254,6 +283,16 @@ class History:
                    GROUP BY minute, state ORDER BY minute""", {"since": since}).fetchall()
         return [(int(row["minute"]), row["state"], row["n"]) for row in rows]
 
+    def outcomes_per_partner_hour(self, since: float) -> list[tuple[str, int, str, int]]:
+        """(partner, hour, final state, count) for deliveries that ended since ``since``: at most
+        partners x hours x 2 rows. The same scan of recently changed rows as ``outcomes_per_minute``."""
+        with self._reader() as db:
+            rows = db.execute(
+                f"""SELECT partner_id, {self._UPDATED_HOUR} * 3600 AS hour, state, COUNT(*) AS n
+                   FROM deliveries WHERE state IN ('delivered', 'failed') AND updated_at >= :since
+                   GROUP BY partner_id, hour, state ORDER BY partner_id, hour""", {"since": since}).fetchall()
+        return [(row["partner_id"], int(row["hour"]), row["state"], row["n"]) for row in rows]
+
     def oldest_pending(self, *, exclude: str) -> tuple[str, float] | None:
         """The partner and publish time of the oldest pending delivery of an active partner (but
         ``exclude``): what the backlog alert watches. A scan of the pending rows. A pull-only
@@ -329,14 +368,15 @@ class History:
     # --- The audit trail ---------------------------------------------------------------
 
     def list_audit(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
-                   action: str | None = None) -> Page:
-        """Audit entries newest first; each filter applies only when given."""
+                   action: str | None = None, window: Any = None) -> Page:
+        """Audit entries newest first; each filter applies only when given, the window by when written."""
         return self._newest_first("audit_log", AUDIT_FILTERS, audit_from_row, limit,
-                                  {"cursor": cursor, "partner_id": partner_id, "action": action})
+                                  {"cursor": cursor, "partner_id": partner_id, "action": action}, window)
 
-    def _newest_first(self, table: str, filters: Any, from_row: Any, limit: int, given: dict[str, Any]) -> Page:
+    def _newest_first(self, table: str, filters: Any, from_row: Any, limit: int, given: dict[str, Any],
+                      window: Any = None) -> Page:
         """One page of ``table``, newest first, with only the filters given (so an index serves it)."""
-        where, params = where_clause(filters, given)
+        where, params = windowed_where(table, filters, given, window)
         with self._reader() as db:
             rows = db.execute(f"SELECT * FROM {table} {where} ORDER BY id DESC LIMIT :n",
                               {**params, "n": limit + 1}).fetchall()
@@ -355,15 +395,16 @@ class History:
 
     @staticmethod
     def _inbound_write(*, inbound_id: str, partner_id: str, event_type: str, dedupe_key: str, body: bytes,
-                       now: float) -> InboundWrite:
+                       now: float, traceparent: str | None = None, tracestate: str | None = None) -> InboundWrite:
         """The group commit's work of one inbound event."""
         return InboundWrite(InboundEvent(id=inbound_id, partner_id=partner_id, type=event_type, dedupe_key=dedupe_key,
-                                         body=body, received_at=now))
+                                         body=body, received_at=now, traceparent=traceparent, tracestate=tracestate))
 
     def list_inbound(self, *, limit: int, cursor: str | None = None, partner_id: str | None = None,
-                     event: str | None = None) -> Page:
+                     event: str | None = None, window: Any = None) -> Page:
+        """Inbound events newest first; each filter applies only when given, the window by when received."""
         return self._newest_first("inbound_events", INBOUND_FILTERS, inbound_from_row, limit,
-                                  {"cursor": cursor, "partner_id": partner_id, "event": event})
+                                  {"cursor": cursor, "partner_id": partner_id, "event": event}, window)
 
 
 class InboundWrite:
@@ -387,10 +428,13 @@ class InboundWrite:
         params: dict[str, Any] = {}
         for n, e in enumerate(events):
             params.update({f"id{n}": e.id, f"partner{n}": e.partner_id, f"type{n}": e.type, f"key{n}": e.dedupe_key,
-                           f"body{n}": e.body, f"now{n}": e.received_at})
-        rows = ", ".join(f"(:id{n}, :partner{n}, :type{n}, :key{n}, :body{n}, :now{n})" for n in range(len(events)))
+                           f"body{n}": e.body, f"now{n}": e.received_at, f"tp{n}": e.traceparent,
+                           f"ts{n}": e.tracestate})
+        rows = ", ".join(f"(:id{n}, :partner{n}, :type{n}, :key{n}, :body{n}, :now{n}, :tp{n}, :ts{n})"
+                         for n in range(len(events)))
         inserted = db.execute(
-            f"""INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at) VALUES {rows}
+            f"""INSERT INTO inbound_events (id, partner_id, type, dedupe_key, body, received_at, traceparent,
+                                            tracestate) VALUES {rows}
                 ON CONFLICT (partner_id, dedupe_key) DO NOTHING""", params).rowcount
         if inserted == len(events):  # every one new: the rows are what was just written
             return [(e, True) for e in events]

@@ -364,6 +364,7 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
     ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS event_type TEXT",
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     ("urls_redacted", [common.redact_stored_urls]),
+    ("trace_context", common.TRACE_CONTEXT_COLUMNS),  # traceparent and tracestate, passed on
 ]
 
 
@@ -389,8 +390,9 @@ _FILTERS_POSTGRES = ("JOIN partners p ON p.id = s.partner_id "
 _PUBLISH_POSTGRES = """
     WITH subscriber AS ({subscribers}),
     event AS (
-        INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, audience, created_at)
-        SELECT :id, :type, :body, :key, :hash, COUNT(*), :audience, :now FROM subscriber
+        INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, audience, created_at,
+                            traceparent, tracestate)
+        SELECT :id, :type, :body, :key, :hash, COUNT(*), :audience, :now, :traceparent, :tracestate FROM subscriber
         ON CONFLICT DO NOTHING
         RETURNING *
     ), fanout AS (
@@ -479,7 +481,7 @@ _CLAIM = """
                   deliveries.max_attempts, deliveries.created_at
     )
     SELECT leased.id, leased.event_id, e.type, leased.partner_id, p.failing_since, e.body,
-           leased.attempt_count, leased.max_attempts, leased.created_at
+           leased.attempt_count, leased.max_attempts, leased.created_at, e.traceparent, e.tracestate
     FROM leased JOIN events e ON e.id = leased.event_id JOIN partners p ON p.id = leased.partner_id
 """
 
@@ -543,6 +545,7 @@ class PostgresStore(Store):
     # PostgreSQL's planner picks the partial index of pending rows by itself: no index named.
     _pending_partners = PENDING_PARTNERS.format(order="seq", indexed="")
     _UPDATED_MINUTE = "FLOOR(updated_at / 60)"  # differs: a CAST to INTEGER rounds here, SQLite's truncates
+    _UPDATED_HOUR = "FLOOR(updated_at / 3600)"
 
     def _open_engine(self, target: str, *, lock_timeout_s: float, statement_timeout_s: float) -> PostgresEngine:
         return PostgresEngine(target, lock_timeout_s=lock_timeout_s, statement_timeout_s=statement_timeout_s)
@@ -569,6 +572,7 @@ class PostgresStore(Store):
         row = db.execute(sql, {
             **params, "id": event.id, "body": event.body, "key": event.idempotency_key,
             "hash": event.request_hash, "now": now, "max_attempts": max_attempts,
+            "traceparent": event.traceparent, "tracestate": event.tracestate,
             "id_prefix": new_delivery_id()[:-12]}).fetchone()
         if row is not None:
             return event_from_row(row), True

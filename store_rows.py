@@ -40,6 +40,7 @@ def event_from_row(row: Any) -> Event:
         id=row["id"], type=row["type"], body=bytes(row["body"]), fanout=row["fanout"],
         created_at=row["created_at"], idempotency_key=row["idempotency_key"],
         request_hash=row["request_hash"], audience=json.loads(row["audience"]) if row["audience"] else None,
+        traceparent=row["traceparent"], tracestate=row["tracestate"],
     )
 
 
@@ -67,6 +68,7 @@ def inbound_from_row(row: Any) -> InboundEvent:
     return InboundEvent(
         id=row["id"], partner_id=row["partner_id"], type=row["type"], dedupe_key=row["dedupe_key"],
         body=bytes(row["body"]), received_at=row["received_at"],
+        traceparent=row["traceparent"], tracestate=row["tracestate"],
     )
 
 def job_from_row(row: Any) -> Job:
@@ -78,6 +80,7 @@ def job_from_row(row: Any) -> Job:
         partner_id=row["partner_id"], url="", secrets=(),
         body=bytes(row["body"]), attempt=row["attempt_count"] + 1, max_attempts=row["max_attempts"],
         partner_failing_since=row["failing_since"], created_at=row["created_at"],
+        traceparent=row["traceparent"], tracestate=row["tracestate"],
     )
 
 

@@ -28,6 +28,10 @@ AUDIT_INDEX = "CREATE INDEX IF NOT EXISTS audit_by_partner ON audit_log (partner
 
 # The indexes of GET /deliveries' filters that the tables above lack (see the migration
 # "deliveries.event_type"); the partner's and the event's are deliveries_by_partner and deliveries_by_event.
+# W3C trace context kept with a published event and an inbound one (``trace_context.py``).
+TRACE_CONTEXT_COLUMNS = ["ALTER TABLE events ADD COLUMN traceparent TEXT", "ALTER TABLE events ADD COLUMN tracestate TEXT",
+                         "ALTER TABLE inbound_events ADD COLUMN traceparent TEXT",
+                         "ALTER TABLE inbound_events ADD COLUMN tracestate TEXT"]
 DELIVERIES_READ_INDEXES = ["CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state, id)",
                            "CREATE INDEX IF NOT EXISTS deliveries_by_type ON deliveries (event_type, id)"]
 DELIVERIES_EVENT_TYPE_BACKFILL = ("UPDATE deliveries SET event_type = "

@@ -348,6 +348,7 @@ MIGRATIONS: list[common.Migration] = [
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
     ("urls_redacted", [common.redact_stored_urls]),
+    ("trace_context", common.TRACE_CONTEXT_COLUMNS),  # traceparent and tracestate, passed on
 ]
 
 
@@ -390,7 +391,7 @@ def _read_jobs(db: Any, ids: list[str]) -> list[Job]:
         return []
     rows = db.execute(
         f"""SELECT d.id, d.event_id, e.type, d.partner_id, p.failing_since, e.body,
-                   d.attempt_count, d.max_attempts, d.created_at
+                   d.attempt_count, d.max_attempts, d.created_at, e.traceparent, e.tracestate
             FROM deliveries d JOIN events e ON e.id = d.event_id
                               JOIN partners p ON p.id = d.partner_id
             WHERE d.id IN ({placeholders("id", ids)})""",
@@ -436,6 +437,7 @@ class SQLiteStore(Store):
     # each step of the walk: it is told which index to take.
     _pending_partners = PENDING_PARTNERS.format(order="rowid", indexed="INDEXED BY deliveries_pending_order")
     _UPDATED_MINUTE = "CAST(updated_at / 60 AS INTEGER)"
+    _UPDATED_HOUR = "CAST(updated_at / 3600 AS INTEGER)"
 
     def _open_engine(self, target: str, *, lock_timeout_s: float, statement_timeout_s: float) -> SQLiteEngine:
         """The file at ``target``; the time bounds are PostgreSQL's (one writer has no row locks to wait for)."""
@@ -460,10 +462,12 @@ class SQLiteStore(Store):
         # The key's check above and this insert are one transaction of the file's one writer (even
         # across processes: BEGIN IMMEDIATE), so no other publish can store the same key between them.
         db.execute(
-            """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, audience, created_at)
-               VALUES (:id, :type, :body, :key, :hash, :fanout, :audience, :now)""",
+            """INSERT INTO events (id, type, body, idempotency_key, request_hash, fanout, audience, created_at,
+                                   traceparent, tracestate)
+               VALUES (:id, :type, :body, :key, :hash, :fanout, :audience, :now, :traceparent, :tracestate)""",
             {"id": event.id, "type": event.type, "body": event.body, "key": event.idempotency_key,
-             "hash": event.request_hash, "fanout": len(partner_ids), "audience": params["audience"], "now": now},
+             "hash": event.request_hash, "fanout": len(partner_ids), "audience": params["audience"], "now": now,
+             "traceparent": event.traceparent, "tracestate": event.tracestate},
         )
         db.executemany(
             """INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts,
@@ -475,7 +479,7 @@ class SQLiteStore(Store):
         # The event as stored, without reading it back: every column is one written just above.
         return Event(id=event.id, type=event.type, body=event.body, fanout=len(partner_ids), created_at=now,
                      idempotency_key=event.idempotency_key, request_hash=event.request_hash,
-                     audience=event.audience or None), True
+                     audience=event.audience or None, traceparent=event.traceparent, tracestate=event.tracestate), True
 
     # --- Claim ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import trace_context
 from models import Attempt, AuditEntry, Delivery, Event
 
 # What each signature scheme signs (``signing.py``): how a partner recomputes the signature.
@@ -35,7 +36,8 @@ def event_story(event: Event, deliveries: list[Delivery], retries: dict[str, lis
     return {
         "event_id": event.id, "event": event.type, "published_at": event.created_at,
         "idempotency_key": event.idempotency_key, "audience": event.audience, "body": body,
-        "fanout": event.fanout,
+        "fanout": event.fanout, "trace_id": trace_context.trace_id(event.traceparent),
+        "traceparent": event.traceparent, "tracestate": event.tracestate,
         "deliveries": [_delivery_story(event, d, retries.get(d.id, []), body, user_agent) for d in deliveries],
     }
 
@@ -70,7 +72,7 @@ def _attempt_step(event: Event, a: Attempt, body: str, user_agent: str) -> dict[
                "webhook-timestamp": timestamp, **signatures}
     signed = {name: {"scheme": SCHEMES[name],
                      "string_to_sign": body if name == "X-Webhook-Signature" else f"{event.id}.{timestamp}.{body}"}
-              for name in signatures}
+              for name in signatures if name in SCHEMES}
     return {"at": a.started_at, "step": "attempt", "attempt": a.attempt, "url": a.url, "request_headers": headers,
             "signed": signed, "status_code": a.status_code, "duration_ms": a.duration_ms, "error": a.error,
             "error_detail": a.error_detail, "response_snippet": a.response_snippet, "next": a.decision,

@@ -39,7 +39,9 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``partners.py``          the ``/partners`` routes and what a partner's fields may hold
 ``inbound.py``           the other direction: verify → store once → 200 → offer on
                          ``/ws``; ``realtime.py`` the ``/ws`` tokens and fan-out
-``timeline.py``          one event's story, from the rows the loop keeps
+``timeline.py``          one event's story, from the rows the loop keeps;
+                         ``trace_context.py`` the W3C ``traceparent`` passed on
+``windows.py``           ``since`` and ``until`` on the lists, as ranges of ids
 ``alerts.py``            webhookd's own signed alerts to the operator
 ``catalog.py``           the event catalog as partners read it: ``/event-types``
 ``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
@@ -133,6 +135,7 @@ from web import (
     partner_not_found,
     route,
 )
+from windows import window_of
 
 __version__ = VERSION
 
@@ -225,7 +228,7 @@ async def list_deliveries(request: Request) -> JSONResponse:
     if state is not None and state not in DELIVERY_STATES:
         raise invalid("state", f"must be one of {', '.join(DELIVERY_STATES)}.")
     page = await db(context(request).store.list_deliveries, limit=limit, cursor=cursor, partner_id=partner_id,
-                    state=state, event=q.get("event"), event_id=q.get("event_id"))
+                    state=state, event=q.get("event"), event_id=q.get("event_id"), window=window_of(request))
     return JSONResponse(page_json(page, delivery_json))
 
 
@@ -269,7 +272,7 @@ async def list_audit(request: Request) -> JSONResponse:
     limit, cursor = page_params(request)
     q = request.query_params
     page = await db(context(request).store.list_audit, limit=limit, cursor=cursor, partner_id=q.get("partner_id"),
-                    action=q.get("action"))
+                    action=q.get("action"), window=window_of(request))
     return JSONResponse(page_json(page, audit_json))
 
 
@@ -328,6 +331,7 @@ async def stats(request: Request) -> JSONResponse:
     counts = await db(ctx.store.partner_delivery_counts)
     now = ctx.clock()
     minutes = await db(ctx.store.outcomes_per_minute, now - 3600)
+    hours = await db(ctx.store.outcomes_per_partner_hour, now - now % 3600 - 23 * 3600)
     rows = []
     for p in partners:
         c = counts.get(p.id, {})
@@ -350,7 +354,17 @@ async def stats(request: Request) -> JSONResponse:
     return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
                          "delivery": ctx.loop.publish_first.describe(),
                          "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
+                         "per_partner_hour": per_partner_hour(hours),
                          "processes": processes, "now": int(now)})
+
+
+def per_partner_hour(hours: list[tuple[str, int, str, int]]) -> list[dict[str, Any]]:
+    """``/stats``' ``per_partner_hour``: for each partner, its delivered and failed deliveries by
+    the hour they ended, over the last 24 hours (this one included); hours with none are left out."""
+    partners: dict[str, dict[int, dict[str, int]]] = {}
+    for partner_id, hour, state, n in hours:
+        partners.setdefault(partner_id, {}).setdefault(hour, {"hour": hour, "delivered": 0, "failed": 0})[state] = n
+    return [{"partner_id": p, "hours": list(by_hour.values())} for p, by_hour in partners.items()]
 
 
 async def websocket_required(request: Request) -> JSONResponse:

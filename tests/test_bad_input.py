@@ -77,6 +77,23 @@ def b64(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
+WINDOW_VALUES = [("since", "yesterday"), ("since", "2026-12-07T09:30"), ("until", "2026-02-30"),
+                 ("until", "1e10"), ("since", "9" * 5000), ("since", "%00"), ("until", "%FF"),
+                 ("since", "2026-12-07T09:30:00Z&until=2026-12-06"), ("until", "'; DROP TABLE audit_log; --")]
+
+
+def window_rows(admin: dict[str, str]) -> list[Row]:
+    """``since``/``until`` that are not times, or a window that ends before it starts, on every list."""
+    rows = []
+    for path in ("/deliveries", "/inbound", "/audit"):
+        for name, value in WINDOW_VALUES:
+            shown = value if value.startswith("%") or "&" in value else q(value)
+            field = "until" if "&until" in value else name
+            rows.append(Row(f"{path[1:]}: {name}={value[:30]!r}", "GET", f"{path}?{name}={shown}", admin, None, 422,
+                            "invalid_field", field))
+    return rows
+
+
 def q(text: str) -> str:
     """``text`` percent-encoded for a path segment or a query value (nothing left as a delimiter)."""
     return quote(text, safe="")
@@ -412,6 +429,12 @@ def build_rows(w: World) -> list[Row]:
         Row("audit: cursor SQL injection", "GET", f"/audit?cursor={q(SQLI)}", ADM, None, 422, "invalid_field",
             "cursor"),
         Row("audit: DELETE", "DELETE", "/audit", ADM, None, 405, "method_not_allowed"),
+        *window_rows(ADM),
+        Row("deliveries: since garbage with my key", "GET", "/deliveries?since=soon", KA, None, 422,
+            "invalid_field", "since"),
+        Row("publish: bad traceparent and no event", "POST", "/events",
+            {**ADM, "traceparent": "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "tracestate": "=" * 9000}, j({}), 422,
+            "invalid_field", "event"),
         Row("patch: empty object", "PATCH", f"/partners/{A}", KA, b"{}", 422, "invalid_field"),
         Row("patch: status disabled", "PATCH", f"/partners/{A}", KA, j({"status": "disabled"}), 422,
             "invalid_field", "status"),

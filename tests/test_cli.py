@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 
+import httpx
+
 from conftest import ADMIN, GUARD_DIR, ROOT, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
 
@@ -329,3 +331,21 @@ def test_replay_from_the_command_line_leaves_cancelled_deliveries_out_unless_ask
     _ok(_run(serve, "partners", "resume", late))
     assert json.loads(_ok(_run(serve, *replay))) == {"replayed": 0}  # cancelled: left out
     assert json.loads(_ok(_run(serve, *replay, "--include-cancelled"))) == {"replayed": 1}
+
+
+def test_deliveries_and_audit_take_a_time_window_from_the_command_line(serve_factory):
+    serve = serve_factory()
+    added = json.loads(_ok(_run(serve, "partners", "add", "--name", "Window Tours", "--url", "http://127.0.0.1:9/x",
+                                "--events", "payment.success", "--json")))
+    _ok(_run(serve, "publish", "payment.success", "--data", json.dumps(
+        {k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"})))
+    recent = json.loads(_ok(_run(serve, "deliveries", "--since", "1h", "--json")))["items"]
+    assert [d["partner_id"] for d in recent] == [added["partner_id"]]
+    assert json.loads(_ok(_run(serve, "deliveries", "--until", "2020-01-01T00:00Z", "--json")))["items"] == []
+    assert "partner.registered" in _ok(_run(serve, "audit", "--since", "1d", "--until", "2099-01-01T00:00Z"))
+    assert "partner.registered" not in _ok(_run(serve, "audit", "--since", "2099-01-01T00:00Z"))
+    backwards = _run(serve, "audit", "--since", "2099-01-02T00:00Z", "--until", "2099-01-01T00:00Z")
+    assert backwards.returncode == 1 and "'until' must not be before 'since'" in backwards.stderr
+    traced = httpx.post(serve.url + "/events", json=PAYMENT_SUCCESS, headers={
+        **ADMIN, "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    assert "trace 4bf92f3577b34da6a3ce929d0e0e4736" in _ok(_run(serve, "trace", traced.json()["event_id"]))
