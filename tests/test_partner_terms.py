@@ -9,12 +9,13 @@ import json
 import logging
 import secrets
 
+import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 import partner_terms
 import sender
-from conftest import ADMIN, ADMIN_TOKEN, Receiver, ShiftedClock, bearer, wait_for
+from conftest import ADMIN, ADMIN_TOKEN, Receiver, ShiftedClock, bearer, wait_for, webhookd_cli
 from payloads import PAYMENT_SUCCESS
 
 BOTH_ENGINES = True  # these tests touch storage: each runs on SQLite and on PostgreSQL (conftest.hub)
@@ -246,3 +247,32 @@ def test_the_extra_headers_are_in_the_urls_prebuilt_head_once_per_url_and_header
     assert route.head.endswith(b"User-Agent: webhookd/test\r\nAuthorization: Bearer x\r\n")
     assert partner_terms.header_lines((("A", "1"), ("B", "2"))) == ["A: 1", "B: 2"]
     assert ADMIN_TOKEN not in route.head.decode()
+
+
+# --- From the command line ---------------------------------------------------------------------
+
+
+def test_the_command_line_sets_and_resets_a_partners_terms_and_never_prints_a_value(serve_factory,
+                                                                                   receiver_factory, tmp_path):
+    receiver = receiver_factory()
+    serve = serve_factory()
+    headers_file = tmp_path / "headers.json"
+    headers_file.write_text(json.dumps({"Authorization": "Bearer cli-secret-value-0123456789"}))
+
+    def run(*args: str) -> str:
+        done = webhookd_cli({**serve.env, "WEBHOOKD_SERVER_PORT": str(serve.port)}, "partners", *args)
+        assert done.returncode == 0, done.stderr
+        assert "cli-secret-value" not in done.stdout + done.stderr
+        return done.stdout
+
+    added = json.loads(run("add", "--name", "CLI Terms", "--url", receiver.url, "--events", "payment.success",
+                           "--retry", '{"schedule": [2, 4]}', "--headers", f"@{headers_file}", "--json"))
+    pid = added["partner_id"]
+    assert added["retry"]["schedule"] == [2, 4] and added["retry"]["max_attempts"] == 3
+    assert [h["name"] for h in added["extra_headers"]] == ["Authorization"]
+    shown = run("retry", pid, "--retry", '{"timeout_s": 12}')
+    assert '"timeout_s": 12.0' in shown and '"own": ["timeout_s"]' in shown
+    assert json.loads(run("retry", pid, "--json"))["retry"]["own"] == []
+    assert json.loads(run("headers", pid, "--json"))["extra_headers"] == []
+    r = httpx.get(f"{serve.url}/partners/{pid}", headers=ADMIN)
+    assert r.json()["extra_headers"] == [] and r.json()["retry"]["own"] == []
