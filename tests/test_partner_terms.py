@@ -276,3 +276,48 @@ def test_the_command_line_sets_and_resets_a_partners_terms_and_never_prints_a_va
     assert json.loads(run("headers", pid, "--json"))["extra_headers"] == []
     r = httpx.get(f"{serve.url}/partners/{pid}", headers=ADMIN)
     assert r.json()["extra_headers"] == [] and r.json()["retry"]["own"] == []
+
+
+# --- The portal ----------------------------------------------------------------------------------
+
+
+def test_the_portal_shows_the_partner_its_schedule_and_header_names_in_both_languages(browser_ready, hub,
+                                                                                   receiver_factory):
+    from playwright.sync_api import expect, sync_playwright
+
+    from conftest import CHROMIUM, CHROMIUM_ARGS
+
+    receiver = receiver_factory()
+    token = "Bearer portal-secret-" + secrets.token_hex(12)
+    partner = register(hub, receiver.url, retry={"timeout_s": 10, "schedule": [5, 30, 300, 3600]},
+                       extra_headers={"Authorization": token})
+    plain = register(hub, receiver.url)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(locale="en-US")
+            page.set_default_timeout(10_000)
+            expect.set_options(timeout=10_000)
+            tid = page.get_by_test_id
+            page.goto(hub.url + "/portal")
+            tid("key-input").fill(partner["api_key"])
+            tid("key-submit").click()
+            expect(tid("meta-retryTerms")).to_have_text(
+                "after a failure, webhookd waits 5, 30, 300, 3,600 s, in that order; at most 5 attempts, 10 s to "
+                "answer each (your own, set by the operator)")
+            expect(tid("meta-extraHeaders")).to_have_text(
+                f"Authorization Bear… ({len(token)} characters) (set by the operator)")
+            tid("lang-es").click()
+            expect(tid("meta-retryTerms")).to_contain_text("tras un fallo, webhookd espera 5, 30, 300")
+            expect(tid("meta-retryTerms")).to_contain_text("(propios, los fija el operador)")
+            expect(tid("meta-extraHeaders")).to_have_text(
+                f"Authorization Bear… ({len(token)} caracteres) (lo fija el operador)")
+            assert token.split("-")[-1] not in page.content()
+
+            tid("sign-out").click()
+            tid("key-input").fill(plain["api_key"])
+            tid("key-submit").click()
+            expect(tid("meta-retryTerms")).to_contain_text("(los valores por defecto del servidor)")
+            expect(tid("meta-extraHeaders")).to_have_text("ninguno (lo fija el operador)")
+        finally:
+            browser.close()
