@@ -30,7 +30,7 @@ import random
 import re
 from typing import Any
 
-from config import DeliveryConfig
+from config import DeliveryConfig, DeliverySettings
 from models import Partner, RetryTerms
 
 TIMEOUT_MIN_S, TIMEOUT_MAX_S = 0.5, 30.0  # a partner's own timeout_s: an attempt's whole deadline
@@ -265,7 +265,7 @@ def _backoff(terms: RetryTerms, settings: DeliveryConfig) -> tuple[float, float]
             terms.max_s if terms.max_s is not None else settings.backoff_max_s)
 
 
-def lease_s(settings: Any, longest_own_timeout_s: float) -> float:
+def lease_s(settings: DeliverySettings, longest_own_timeout_s: float) -> float:
     """How long a claim holds its rows: ``DeliverySettings.lease_s``, or longer when a partner's own
     timeout is longer than the server's (an attempt must never outlive its lease: it would be sent twice)."""
     return max(settings.lease_s, 2 * longest_own_timeout_s + 10)
