@@ -115,14 +115,24 @@ def check_retry(value: Any, settings: DeliveryConfig) -> RetryTerms:
         return RetryTerms(timeout, attempts or len(schedule) + 1, schedule=schedule)
     terms = RetryTerms(timeout, attempts, _number(value, "base_s", WAIT_MIN_S, MAX_S_MAX),
                        _number(value, "max_s", WAIT_MIN_S, MAX_S_MAX))
+    _check_backoff(terms, settings, sent=[name for name in ("max_s", "base_s", "max_attempts") if name in value])
+    return terms
+
+
+def _check_backoff(terms: RetryTerms, settings: DeliveryConfig, sent: list[str]) -> None:
+    """A backoff (the partner's own ``base_s``/``max_s``, or the server's with its own number of
+    attempts) whose ``max_s`` caps ``base_s`` and whose waits together stay within 3 days. The 422
+    names a setting the request sent: the server's own policy is never refused."""
+    if not sent:
+        return
     base, ceiling = _backoff(terms, settings)
     if ceiling < base:
-        raise invalid("retry.max_s", f"must be at least base_s ({base:g} s): it caps the doubled waits.")
+        raise invalid(f"retry.{sent[0]}", f"leaves max_s ({ceiling:g} s) under base_s ({base:g} s): max_s caps the "
+                                          "doubled waits, so send a max_s at least base_s.")
     total = sum(min(ceiling, base * 2 ** (n - 1)) for n in range(1, _attempts(terms, settings)))
     if total > TOTAL_MAX_S:
-        raise invalid("retry.max_s", f"lets one delivery wait {total / 3600:.0f} h in all; at most "
-                                     f"{TOTAL_MAX_S / 3600:.0f} h: lower max_s, base_s or max_attempts.")
-    return terms
+        raise invalid(f"retry.{sent[0]}", f"lets one delivery wait {total / 3600:.0f} h in all; at most "
+                                          f"{TOTAL_MAX_S / 3600:.0f} h: lower max_s, base_s or max_attempts.")
 
 
 def _number(value: dict[str, Any], name: str, low: float, high: float) -> float | None:

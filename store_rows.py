@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner, RetryTerms
+from partner_terms import own_terms_json
 from targets import redacted_url
 
 # --- Rows to objects ------------------------------------------------------------------------
@@ -39,13 +40,8 @@ def partner_from_row(row: Any, events: tuple[str, ...], channels: tuple[str, ...
 def terms_columns(terms: RetryTerms) -> dict[str, Any]:
     """The columns of a partner's own retry policy (``partner_terms.py``): ``retry_policy``, the JSON
     of its own settings, and ``max_attempts``, its own number of attempts (a publish's statement reads it)."""
-    own = {name: getattr(terms, name) for name in RETRY_COLUMNS if getattr(terms, name) is not None}
-    if "schedule" in own:
-        own["schedule"] = list(own["schedule"])
+    own = own_terms_json(terms)
     return {"retry_policy": json.dumps(own, sort_keys=True) if own else None, "max_attempts": terms.max_attempts}
-
-
-RETRY_COLUMNS = ("timeout_s", "max_attempts", "base_s", "max_s", "schedule")
 
 
 def terms_from_column(text: str | None) -> RetryTerms:
