@@ -105,6 +105,32 @@ def test_own_timeout_and_backoff_apply_and_a_reset_brings_the_servers_back(hub, 
                                          "to": None}
 
 
+def test_a_new_policy_counts_from_a_pending_deliverys_next_attempt_and_keeps_its_attempts(hub_factory,
+                                                                                          receiver_factory):
+    clock = ShiftedClock()
+    hub = hub_factory(clock=clock, delivery__backoff_base_s=1000, delivery__backoff_max_s=1000,
+                      delivery__breaker_threshold=100)
+    down = receiver_factory(default=(500, 0.0))
+    partner = register(hub, down.url)
+    hub.publish(PAYMENT_SUCCESS)
+    (delivery,) = wait_for(lambda: hub.deliveries(partner_id=partner["partner_id"]))
+    wait_for(lambda: len(attempts_of(hub, delivery["delivery_id"])) == 1)
+    r = hub.http.patch(f"/partners/{partner['partner_id']}", headers=ADMIN, json={"retry": {"schedule": [7]}})
+    assert r.status_code == 200 and r.json()["retry"]["max_attempts"] == 2, r.text
+
+    clock.advance(1000)   # the wait drawn before the change (500-1000 s) stands
+    hub.app.state.ctx.loop.wake()
+    wait_for(lambda: len(attempts_of(hub, delivery["delivery_id"])) == 2, timeout=30)
+    second = attempts_of(hub, delivery["delivery_id"])[1]
+    steps = hub.http.get(f"/events/{delivery['event_id']}/trace", headers=ADMIN).json()["deliveries"][0]["steps"]
+    assert [s["next"]["why"] for s in steps if s["step"] == "attempt"][1] == (
+        "the partner's own schedule after attempt 2 of 3: 7 s (its waits: 7 s)")   # its 3 attempts, the new wait
+    clock.advance(7)
+    hub.app.state.ctx.loop.wake()
+    wait_for(lambda: hub.delivery(delivery["delivery_id"])["state"] == "failed", timeout=30)
+    assert len(attempts_of(hub, delivery["delivery_id"])) == 3 and second["attempt"] == 2
+
+
 def test_a_partners_own_max_attempts_reaches_its_new_deliveries(hub, receiver_factory):
     down = receiver_factory(default=(500, 0.0))
     own = register(hub, down.url, retry={"max_attempts": 5})
