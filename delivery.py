@@ -270,8 +270,7 @@ class DeliveryLoop:
         began = time.monotonic()
         jobs = await asyncio.to_thread(
             self.store.claim_due, now=now, lease_s=lease_s(self.settings, self.store.longest_own_timeout_s()),
-            limit=free,
-            per_partner=self.partner_limits.start, room=self._room(now))
+            limit=free, per_partner=self.partner_limits.start, room=self._room(now))
         self.metrics.claim_rows.observe(len(jobs))
         self.metrics.claim_seconds.observe(time.monotonic() - began)
         if not jobs:
