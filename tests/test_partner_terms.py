@@ -1,7 +1,8 @@
 """Each partner on its own terms (partner_terms.py): its own retry schedule, timeout and backoff,
 followed and told in the trace; extra headers that reach its endpoint and nothing else — no log
 line, API answer, trace or audit entry holds a value; names and values that would break or hijack
-the request refused with a 422 that changes nothing; and only the admin sets either."""
+the request refused with a 422 that changes nothing; a claim that outlives a partner's longer own
+timeout; and only the admin sets either."""
 
 from __future__ import annotations
 
@@ -129,6 +130,15 @@ def test_a_new_policy_counts_from_a_pending_deliverys_next_attempt_and_keeps_its
     hub.app.state.ctx.loop.wake()
     wait_for(lambda: hub.delivery(delivery["delivery_id"])["state"] == "failed", timeout=30)
     assert len(attempts_of(hub, delivery["delivery_id"])) == 3 and second["attempt"] == 2
+
+
+def test_an_attempt_within_a_partners_longer_own_timeout_outlives_its_lease_and_is_sent_once(hub,
+                                                                                            receiver_factory):
+    slow = receiver_factory(default=(200, 13.0))   # past the lease the server's 1 s timeout gives (12 s)
+    partner = register(hub, slow.url, retry={"timeout_s": 15})
+    hub.publish(PAYMENT_SUCCESS)
+    wait_for(lambda: hub.deliveries(partner_id=partner["partner_id"], state="delivered"), timeout=60)
+    assert len(slow.received) == 1
 
 
 def test_a_partners_own_max_attempts_reaches_its_new_deliveries(hub, receiver_factory):
