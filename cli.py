@@ -307,7 +307,9 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
                        **({"delivery": "pull"} if args.pull else {"webhook_url": args.url}),
                        "max_rate_per_s": args.max_rate, "contact_email": args.email,
                        "channels": _names(args.channels or ""), "ordering": args.ordering or "concurrent",
-                       "filter": _read_json_argument(args.filter) if args.filter else None})
+                       "filter": _read_json_argument(args.filter) if args.filter else None,
+                       **({"retry": _read_json_argument(args.retry)} if args.retry else {}),
+                       **({"extra_headers": _read_json_argument(args.headers)} if args.headers else {})})
         if not args.json:
             print("Save shared_secret and api_key now: they are not shown again.", file=sys.stderr)
         return _show(args, answer)
@@ -343,6 +345,11 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         return _show(args, _api(config, "PATCH", path, {"ordering": args.ordering}))
     if action == "contact":
         return _show(args, _api(config, "PATCH", path, {"contact_email": args.email or None}))
+    if action == "retry":
+        return _show(args, _api(config, "PATCH", path, {"retry": _read_json_argument(args.retry) if args.retry else None}))
+    if action == "headers":
+        return _show(args, _api(config, "PATCH", path,
+                                {"extra_headers": _read_json_argument(args.headers) if args.headers else None}))
     if action == "cancel-pending":
         return _show(args, _api(config, "POST", path + "/cancel-pending"))
     if action == "suspend":

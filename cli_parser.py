@@ -90,11 +90,12 @@ def _service_commands(command) -> None:
 
 def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
     partners = command("partners", "manage partners: list, show, add, pause, resume, suspend, rotate, api-key, "
-                                   "pace, channels, filter, ordering, contact, cancel-pending, delete, events",
-                       as_json)
+                                   "pace, channels, filter, ordering, contact, retry, headers, cancel-pending, delete, "
+                                   "events", as_json)
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
                                              "api-key", "pace", "channels", "filter", "ordering", "contact",
-                                             "cancel-pending", "delete", "events"], help="what to do (see above)")
+                                             "retry", "headers", "cancel-pending", "delete", "events"],
+                          help="what to do (see above)")
     partners.add_argument("--ordering", choices=["concurrent", "fifo"],
                           help="add, ordering: fifo sends one at a time, in publish order (default concurrent)")
     partners.add_argument("--channels", help="comma-separated channels it listens on (add, channels; "
@@ -104,6 +105,13 @@ def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
                                            "(add, filter; filter without it removes it). The admin's to set: a "
                                            "partner's own key cannot")
     partners.add_argument("--email", help="contact email (add, contact; contact without it removes it)")
+    partners.add_argument("--retry", help='its own retry policy as JSON or @file, e.g. \'{"timeout_s": 10, '
+                                          '"schedule": [5, 30, 300, 3600]}\' (add, retry; retry without it: the '
+                                          "server's policy again). The admin's to set")
+    partners.add_argument("--headers", help='extra headers as JSON or @file, e.g. @headers.json holding '
+                                            '{"Authorization": "Bearer ..."}; a name set to null is removed (add, '
+                                            "headers; headers without it removes them all). Values are secrets: "
+                                            "a file keeps them out of the shell's history. The admin's to set")
     partners.add_argument("partner_id", nargs="?", help="the partner (every action but list and add)")
     partners.add_argument("--yes", action="store_true", help="delete: yes, delete it (it cannot be undone)")
     partners.add_argument("--reason", help="suspend: why (shown to the partner; only the admin can lift it)")

@@ -49,6 +49,7 @@ from config import DeliverySettings
 from governor import WINDOW_S, PartnerLimits, PublishFirst
 from metrics import Metrics
 from models import Job, Outcome, Partner
+from partner_terms import lease_s, wait_after
 from sender import Sender, Sent
 from store import DatabaseUnavailable, Store, take_batch
 
@@ -68,31 +69,19 @@ REFUSED = "the delivery no longer expected this attempt (cancelled, or taken ove
 NOT_WRITTEN = "the database did not take the result; the delivery is sent again when its lease runs out"
 
 
-def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Seconds to wait after failed attempt number ``attempt`` (from 1).
-
-    Exponential (base, 2·base, 4·base, …, capped at ``max_s``) with "equal jitter":
-    a random point in the upper half, so retries of many deliveries that failed
-    together spread out, yet none comes back at once.
-    """
-    delay = min(max_s, base_s * 2 ** (attempt - 1))
-    return delay / 2 + rng.uniform(0, delay / 2)
-
-
 def decide(job: Job, sent: Sent, settings: DeliverySettings, rng: random.Random, now: float) -> tuple[str, float, str]:
-    """The delivery's next state and due time after one attempt, and why, in words (its trace)."""
+    """The delivery's next state and due time after one attempt, and why, in words (its trace).
+    The wait is the server's backoff, or the partner's own terms (``partner_terms.wait_after``)."""
     if sent.attempt.error is None:
         return "delivered", now, "the partner answered 2xx"
     if job.attempt >= job.max_attempts:
         return "failed", now, f"attempt {job.attempt} of {job.max_attempts} failed: no attempt left"
-    delay = backoff_delay(job.attempt, settings.backoff_base_s, settings.backoff_max_s, rng)
+    delay, why = wait_after(job.attempt, job.max_attempts, job.retry, settings, rng)
     if (sent.retry_after_s or 0.0) > delay:
         return "pending", now + sent.retry_after_s, (  # type: ignore[operator]
-            f"the partner's Retry-After asked for {sent.retry_after_s:.0f} s, longer than the backoff ({delay:.1f} s)")
-    ceiling = min(settings.backoff_max_s, settings.backoff_base_s * 2 ** (job.attempt - 1))
-    return "pending", now + delay, (f"backoff after attempt {job.attempt} of {job.max_attempts}: "
-                                    f"{ceiling / 2:g}-{ceiling:g} s (base {settings.backoff_base_s:g} s doubled per "
-                                    f"attempt, at most {settings.backoff_max_s:g} s), drawn {delay:.1f} s")
+            f"the partner's Retry-After asked for {sent.retry_after_s:.0f} s, longer than the "
+            f"{'schedule' if job.retry and job.retry.schedule else 'backoff'} ({delay:.1f} s)")
+    return "pending", now + delay, why
 
 
 # --- The loop -------------------------------------------------------------------------
@@ -210,7 +199,8 @@ class DeliveryLoop:
         self.wake()
         if self._run_task is not None:
             await asyncio.gather(self._run_task, return_exceptions=True)
-        grace = self.settings.timeout_s + 1 if grace_s is None else grace_s
+        longest = max(self.settings.timeout_s, self.store.longest_own_timeout_s())  # a partner's own may be longer
+        grace = longest + 1 if grace_s is None else grace_s
         await asyncio.to_thread(self._all_done.wait, grace)
         with self._lock:
             released = [job.delivery_id for job in self._released]
@@ -279,8 +269,8 @@ class DeliveryLoop:
         now = self.clock()
         began = time.monotonic()
         jobs = await asyncio.to_thread(
-            self.store.claim_due, now=now, lease_s=self.settings.lease_s, limit=free,
-            per_partner=self.partner_limits.start, room=self._room(now))
+            self.store.claim_due, now=now, lease_s=lease_s(self.settings, self.store.longest_own_timeout_s()),
+            limit=free, per_partner=self.partner_limits.start, room=self._room(now))
         self.metrics.claim_rows.observe(len(jobs))
         self.metrics.claim_seconds.observe(time.monotonic() - began)
         if not jobs:
@@ -411,15 +401,16 @@ class DeliveryLoop:
     def _as_partner_is_now(self, job: Job) -> Job | None:
         """The job with its partner's URL and secrets as they are now, or None if the partner is
         no longer active. A change answered 200 before this moment — a new URL, a rotation,
-        a pause — so reaches every attempt that begins after it, even of jobs claimed
-        before it (memory only: the store's copy of partners)."""
+        a pause, its own retry terms and headers — so reaches every attempt that begins after
+        it, even of jobs claimed before it (memory only: the store's copy of partners)."""
         partner = self.store.get_partner(job.partner_id)
         if partner is None or partner.status != "active":
             return None
         # Built field by field: dataclasses.replace() costs three times as much, once per attempt.
         return Job(job.delivery_id, job.event_id, job.event, job.partner_id, partner.webhook_url,
                    tuple(partner.valid_secrets(self.clock())), job.body, job.attempt, job.max_attempts,
-                   job.partner_failing_since, job.created_at, partner.max_rate_per_s, job.traceparent, job.tracestate)
+                   job.partner_failing_since, job.created_at, partner.max_rate_per_s, job.traceparent, job.tracestate,
+                   partner.retry, partner.extra_headers)
 
     def _outcome(self, job: Job, sent: Sent, rate: float | None) -> Outcome:
         """What the attempt means: the pace, the delivery's next state, the partner's health."""

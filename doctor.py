@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+import partner_terms
 import signing
 from config import VERSION, Config
 from models import Job, Partner
@@ -152,7 +153,7 @@ class Prober:
 
     def __init__(self, partner: Partner, config: Config, clock: Callable[[], float]):
         self.partner, self.config, self.clock = partner, config, clock
-        self.timeout_s = config.delivery.timeout_s
+        self.timeout_s = partner_terms.timeout_s(partner.retry, config.delivery)  # its own, if it has one
         self.user_agent = f"webhookd/{VERSION} (endpoint check)"
         self._tls: ssl.SSLContext | None = None
 
@@ -174,7 +175,7 @@ class Prober:
         started = time.monotonic()
         got: dict[str, Any] = {}
         try:
-            route = plan_route(job.url, self.config.security.allowed_ports, self.user_agent)
+            route = plan_route(job.url, self.config.security.allowed_ports, self.user_agent, self.partner.extra_headers)
             async with asyncio.timeout(self.timeout_s):
                 await self._exchange(route.target, request_bytes(route, headers, job.body), got, started)
         except Exception as exc:  # a bad endpoint is a finding, never an error of ours

@@ -18,6 +18,18 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class RetryTerms:
+    """A partner's own retry policy (``partner_terms.py``); a field left None is the server's
+    (``[delivery]`` in the config). ``schedule``: the wait after each failed attempt, in order."""
+
+    timeout_s: float | None = None
+    max_attempts: int | None = None
+    base_s: float | None = None
+    max_s: float | None = None
+    schedule: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Partner:
     id: str
     name: str
@@ -38,6 +50,9 @@ class Partner:
     channels: tuple[str, ...] = ()        # events published to channels reach it only through one of these
     payload_filter: dict[str, list[Any]] | None = None  # {field: [values]}: only events whose field is one of them
     ordering: str = "concurrent"          # or "fifo": one attempt at a time, in publish order
+    retry: RetryTerms = field(default_factory=lambda: RetryTerms())  # its own retry policy (partner_terms.py)
+    # Sent with every request to it, e.g. ("Authorization", "Bearer …"): secrets, like ``secret``.
+    extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
@@ -140,6 +155,8 @@ class Job:
     max_rate_per_s: float | None = None  # the partner's pace when the attempt starts
     traceparent: str | None = None  # the event's trace context: each attempt sends a new span of it
     tracestate: str | None = None
+    retry: RetryTerms | None = None      # the partner's own retry policy when the attempt starts
+    extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # its extra headers (secrets)
 
 
 @dataclass(frozen=True)

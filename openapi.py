@@ -33,6 +33,43 @@ ORDERING = {"enum": ["concurrent", "fifo"],
 STATES = ["pending", "delivered", "failed", "expired", "cancelled"]
 RATE = {"type": ["number", "null"], "minimum": 0.01, "maximum": 10000,
         "description": "at most this many attempts started per second; null: no pace"}
+# A partner's own terms (partner_terms.py, with these bounds; docs/partner-terms.md).
+TERMS_BY_ADMIN = (" The admin sets it; from anyone else (a partner's API key, an open registration) it is a "
+                  "403 terms_admin_only.")
+WAIT = {"type": "number", "minimum": 1, "maximum": 86400}
+RETRY_IN = {"type": ["object", "null"], "additionalProperties": False, "properties": {
+    "timeout_s": {"type": "number", "minimum": 0.5, "maximum": 30, "description": "an attempt's whole deadline"},
+    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 25},
+    "base_s": {**WAIT, "description": "a backoff of its own: base_s doubled per attempt, with jitter"},
+    "max_s": {**WAIT, "description": "the backoff's longest wait, at least base_s"},
+    "schedule": {"type": "array", "minItems": 1, "maxItems": 24, "items": {"type": "number", "minimum": 1},
+                 "description": "the waits themselves after attempt 1, 2, …, followed exactly; not with base_s "
+                                "or max_s"}},
+            "description": "the partner's own retry policy; a setting left out is the server's; all the waits "
+                           "of one delivery at most 3 days; null or {}: the server's policy. A PATCH replaces it "
+                           "whole." + TERMS_BY_ADMIN}
+RETRY_OUT = {"type": "object", "additionalProperties": False, "properties": {
+    "timeout_s": {"type": "number"}, "max_attempts": {"type": "integer"},
+    "base_s": {"type": ["number", "null"]}, "max_s": {"type": ["number", "null"]},
+    "schedule": {"type": ["array", "null"], "items": {"type": "number"}},
+    "own": {"type": "array", "items": {"enum": ["timeout_s", "max_attempts", "base_s", "max_s", "schedule"]},
+            "description": "the settings that are the partner's own; the others are the server's"}},
+    "required": ["timeout_s", "max_attempts", "base_s", "max_s", "schedule", "own"],
+    "description": "the retry policy in force: base_s and max_s null under a schedule"}
+HEADERS_IN = {"type": ["object", "null"], "maxProperties": 10,
+              "propertyNames": {"pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$"},
+              "additionalProperties": {"type": ["string", "null"], "minLength": 1, "maxLength": 4096,
+                                       "pattern": "^[\\x21-\\x7e]([\\x20-\\x7e\\t]*[\\x21-\\x7e])?$"},
+              "description": "extra headers sent with every request to the partner, e.g. {\"Authorization\": "
+                             "\"Bearer …\"}; values are secrets, never shown again. Reserved names (Host, "
+                             "Content-*, hop-by-hop, User-Agent, traceparent, webhook-*, X-Webhook-*, Proxy-*): 422. "
+                             "With PATCH a name set to null is removed, the others stay; null removes them all."
+                             + TERMS_BY_ADMIN}
+HEADERS_OUT = {"type": "array", "items": {
+    "type": "object", "additionalProperties": False, "required": ["name", "hint"],
+    "properties": {"name": {"type": "string"},
+                   "hint": {"type": "string", "description": "its length, and its first 4 characters when it has "
+                                                             "24 or more: never the value"}}}}
 ADMIN_SETS = (" The admin sets it; from anyone else (a partner's API key, an open registration) it is a "
               "403 audience_admin_only.")
 
@@ -69,7 +106,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "suspended_reason": {"type": ["string", "null"], "description": "why the admin suspended it"},
         "max_rate_per_s": {"type": ["number", "null"], "description": "attempts started per second, at most"},
         "contact_email": {"type": ["string", "null"], "description": "whom the operator writes to"},
-        "ordering": ORDERING,
+        "ordering": ORDERING, "retry": RETRY_OUT, "extra_headers": HEADERS_OUT,
         "channels": {"type": "array", "items": STRING}, "filter": {**FILTER, "additionalProperties": {
             "type": "array", "items": SCALAR}, "description": "as sent, each value as a list"},
         "circuit": _obj({
@@ -110,7 +147,9 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
             "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": _admin_sets(CHANNEL_LIST),
-            "filter": _admin_sets(FILTER), "ordering": ORDERING, "delivery": DELIVERY_MODE,
+            "filter": _admin_sets(FILTER), "ordering": ORDERING, "delivery": DELIVERY_MODE, "retry": RETRY_IN,
+            "extra_headers": {**HEADERS_IN, "additionalProperties": {**HEADERS_IN["additionalProperties"],
+                                                                     "type": "string"}},
         }, required=["partner_name", "events"]),
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
@@ -127,7 +166,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                              "description": "why, with status suspended"},
                                   "max_rate_per_s": RATE, "contact_email": EMAIL,
                                   "channels": _admin_sets(CHANNEL_LIST), "filter": _admin_sets(FILTER),
-                                  "ordering": ORDERING}, required=[]),
+                                  "ordering": ORDERING, "retry": RETRY_IN, "extra_headers": HEADERS_IN},
+                                 required=[]),
                           "minProperties": 1},
         "PartnerList": _list_of("Partner"),
         "EventPayload": {**_obj({

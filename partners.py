@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+import partner_terms
 import signing
 import targets
 from config import SecurityConfig
-from models import NewEvent, Partner
+from models import NewEvent, Partner, RetryTerms
 from polling import check_delivery, delivery_mode
 from web import (
     ApiError,
@@ -77,8 +78,10 @@ async def register_partner(request: Request) -> JSONResponse:
     if caller is None or not caller.is_admin:  # open registration: limit each client address
         await ctx.registration_limit.check(client_address(request), "registrations")
     body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s",
-                                                    "contact_email", "channels", "filter", "ordering", "delivery"})
+                                                    "contact_email", "channels", "filter", "ordering", "delivery",
+                                                    *partner_terms.ADMIN_ONLY})
     check_audience_setter(body, caller)  # an open registration cannot pick its own audience
+    terms = check_terms(body, caller, ctx)  # nor its own retry policy and headers
     name = check_partner_name(body.get("partner_name"))
     delivery = check_delivery(body.get("delivery", "push"), body.get("webhook_url"))
     url = "" if delivery == "pull" else await check_webhook_url(body.get("webhook_url"), ctx.config.security)
@@ -88,16 +91,19 @@ async def register_partner(request: Request) -> JSONResponse:
     channels = check_channels(body.get("channels", []))
     payload_filter = check_filter(body.get("filter"))
     ordering = check_ordering(body.get("ordering", "concurrent"))
+    retry, extra_headers = terms["retry"] or RetryTerms(), terms["extra_headers"] or ()
     shared_secret, api_key = new_shared_secret(), new_api_key()
     partner_id = new_id("partner_", unpredictable=True)
     audit = audit_entry(request, "partner.registered", partner_id,
                         {"partner_name": name, "webhook_url": url or None, "delivery": delivery, "events": events,
-                         "max_rate_per_s": rate, "contact_email": email, "channels": channels, "filter": payload_filter or None,
-                         "ordering": ordering})
+                         "max_rate_per_s": rate, "contact_email": email, "channels": channels,
+                         "filter": payload_filter or None, "ordering": ordering,
+                         "retry": partner_terms.own_terms_json(retry),
+                         "extra_headers": [name for name, _ in extra_headers]})
     partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
                        secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
                        max_rate_per_s=rate, contact_email=email, channels=channels, payload_filter=payload_filter,
-                       ordering=ordering, audit=audit)
+                       ordering=ordering, retry=retry, extra_headers=extra_headers, audit=audit)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
                         status_code=201)
@@ -145,15 +151,18 @@ async def update_partner(request: Request) -> JSONResponse:
     return JSONResponse(partner_json(partner, ctx))
 
 
-PATCHABLE = {"webhook_url", "events", "channels", "filter", "ordering", "status", "max_rate_per_s", "contact_email"}
+PATCHABLE = {"webhook_url", "events", "channels", "filter", "ordering", "status", "max_rate_per_s", "contact_email",
+             *partner_terms.ADMIN_ONLY}
 STATUS_ACTIONS = {"active": "partner.activated", "paused": "partner.paused", "suspended": "partner.suspended"}
 
 
 async def check_change(body: dict[str, Any], before: Partner, ctx: Context, caller: Any) -> dict[str, Any]:
     """The fields a PATCH sent, checked, as ``Store.update_partner`` takes them: None for a field
     not sent; a removal as the store's "remove" value (a pace of 0, an empty filter, an empty
-    address). A partner's own key that sends ``channels`` or ``filter`` gets a 403."""
+    address). A partner's own key that sends ``channels``, ``filter``, ``retry`` or
+    ``extra_headers`` gets a 403."""
     check_audience_setter(body, caller)
+    terms = check_terms(body, caller, ctx, before)
     sent = body.get
     return {
         "webhook_url": await check_webhook_url(sent("webhook_url"), ctx.config.security)
@@ -166,6 +175,7 @@ async def check_change(body: dict[str, Any], before: Partner, ctx: Context, call
         "reason": check_status_change(before, body, caller),
         "max_rate_per_s": (check_max_rate(sent("max_rate_per_s")) or 0.0) if "max_rate_per_s" in body else None,
         "contact_email": (check_contact_email(sent("contact_email")) or "") if "contact_email" in body else None,
+        **terms,
     }
 
 
@@ -175,11 +185,15 @@ def changed_fields(before: Partner, body: dict[str, Any], change: dict[str, Any]
     old = {"webhook_url": before.webhook_url or None, "events": list(before.events), "channels": list(before.channels),
            "filter": before.payload_filter, "ordering": before.ordering, "status": before.status,
            "reason": before.suspended_reason, "max_rate_per_s": before.max_rate_per_s,
-           "contact_email": before.contact_email}
+           "contact_email": before.contact_email, "retry": partner_terms.own_terms_json(before.retry)}
     new = {**change, "filter": change["payload_filter"] or None, "max_rate_per_s": change["max_rate_per_s"] or None,
-           "contact_email": change["contact_email"] or None}
-    return {name: {"from": old[name], "to": new[name]} for name in old
-            if (name in body or name == "reason" and "status" in body) and old[name] != new[name]}
+           "contact_email": change["contact_email"] or None,
+           "retry": partner_terms.own_terms_json(change["retry"]) if change["retry"] is not None else None}
+    changed = {name: {"from": old[name], "to": new[name]} for name in old
+               if (name in body or name == "reason" and "status" in body) and old[name] != new[name]}
+    if change["extra_headers"] is not None:  # names only: a value is a secret
+        changed["extra_headers"] = partner_terms.headers_audit(before.extra_headers, change["extra_headers"])
+    return changed
 
 
 async def rotate_secret(request: Request) -> JSONResponse:
@@ -285,7 +299,7 @@ async def send_test_event(request: Request) -> JSONResponse:
                "message": "This is a test webhook from webhookd."}
     ping = NewEvent(id=new_id("evt_"), type=TEST_EVENT, body=signing.canonical(payload), only_partner=partner_id)
     event, _ = await db(ctx.store.publish, ping, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
-                        new_delivery_id=new_delivery_id)
+                        new_delivery_id=new_delivery_id)  # a partner's own max_attempts: the statement's
     ctx.loop.wake()
     return JSONResponse({"event_id": event.id, "deliveries": event.fanout}, status_code=202)
 
@@ -298,9 +312,10 @@ async def recover_failed(request: Request) -> JSONResponse:
     since_text = request.query_params.get("since", "")
     if not is_small_number(since_text):
         raise invalid("since", "must be unix seconds, e.g. ?since=1704186000.")
-    refuse_if_held(request, await owned_partner(request))  # an unknown partner: 404, after the 422 for 'since'
+    partner = await owned_partner(request)  # an unknown partner: 404, after the 422 for 'since'
+    refuse_if_held(request, partner)
     count = await db(ctx.store.recover_failed, partner_id, since=int(since_text),
-                     extra_attempts=ctx.config.delivery.max_attempts, now=ctx.clock(),
+                     extra_attempts=partner_terms.max_attempts(partner, ctx.config.delivery), now=ctx.clock(),
                      audit=audit_entry(request, "partner.recovered", partner_id, {"since": int(since_text)}))
     await probe_everywhere(ctx, partner_id)
     logger.info("partner %s: re-queued %d failed deliveries since %s", partner_id, count, since_text)
@@ -329,12 +344,14 @@ async def replay_events(request: Request) -> JSONResponse:
         raise invalid("event", "must be an event type, like payment.success.")
     limit, cursor = page_params(request, most=1000, default=100)
     include_cancelled = check_include_cancelled(request)
-    refuse_if_held(request, await owned_partner(request))
+    partner = await owned_partner(request)
+    refuse_if_held(request, partner)
     audit = audit_entry(request, "partner.replayed", partner_id,
                         {"since": int(since), "until": int(until), "event": event_type,
                          "include_cancelled": include_cancelled})
     replayed, last = await db(ctx.store.replay, partner_id, since=int(since), until=int(until), event_type=event_type,
-                              after=cursor, limit=limit, now=ctx.clock(), max_attempts=ctx.config.delivery.max_attempts,
+                              after=cursor, limit=limit, now=ctx.clock(),
+                              max_attempts=partner_terms.max_attempts(partner, ctx.config.delivery),
                               new_delivery_id=new_delivery_id, include_cancelled=include_cancelled, audit=audit)
     ctx.loop.wake()
     logger.info("partner %s: replayed %d events from %s to %s", partner_id, replayed, since, until)
@@ -368,6 +385,8 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
             "channels": list(partner.channels), "filter": partner.payload_filter, "ordering": partner.ordering,
             "max_rate_per_s": partner.max_rate_per_s, "contact_email": partner.contact_email,
+            "retry": partner_terms.retry_json(partner.retry, ctx.config.delivery),
+            "extra_headers": partner_terms.headers_json(partner.extra_headers),
             "circuit": ctx.loop.circuit(partner, ctx.clock()),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
@@ -519,6 +538,20 @@ def check_filter(payload_filter: Any) -> dict[str, list[Any]]:
 # them, not even to narrow them: one rule, with no comparison of old and new values to get wrong.
 # A partner that wants fewer events asks the operator, or ignores what it does not need.
 AUDIENCE_FIELDS = ("channels", "filter")
+
+
+def check_terms(body: dict[str, Any], caller: Any, ctx: Context, before: Partner | None = None) -> dict[str, Any]:
+    """A partner's own terms as a request sent them (``partner_terms.py``: the admin's alone),
+    checked, as ``Store.update_partner`` takes them: ``retry`` and ``extra_headers``, None when not
+    sent. ``before``: the partner a PATCH changes (its headers are changed, not replaced)."""
+    try:
+        partner_terms.check_terms_setter(body, caller)
+        retry = partner_terms.check_retry(body["retry"], ctx.config.delivery) if "retry" in body else None
+        headers = partner_terms.check_extra_headers(body["extra_headers"], before.extra_headers if before else (),
+                                                    patching=before is not None) if "extra_headers" in body else None
+    except partner_terms.Refused as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None
+    return {"retry": retry, "extra_headers": headers}
 
 
 def check_audience_setter(body: dict[str, Any], caller: Any) -> None:

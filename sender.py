@@ -54,6 +54,7 @@ import signing
 import trace_context
 from config import DeliverySettings
 from models import Attempt, Job
+from partner_terms import header_lines, timeout_s
 from sender_http import MAX_LINE, Answer, BadResponse, answer_reader
 from targets import Target, TargetRefused, parse_target, resolve_target_async
 
@@ -105,14 +106,17 @@ def build_headers(job: Job, timestamp: int) -> dict[str, str]:
 class Route:
     """What every request to one URL shares, worked out once per URL (``Sender._route``): where it
     goes (the URL checked by ``targets.parse_target``), and the request line and the fixed headers
-    as bytes. Built per request they cost more than the signature."""
+    as bytes — a partner's extra headers among them (``partner_terms.py``). Built per request they
+    cost more than the signature."""
 
     target: Target
     head: bytes
 
 
-def plan_route(url: str, allowed_ports: tuple[int, ...], user_agent: str) -> Route:
-    """The ``Route`` of ``url``, or ``TargetRefused``/``ValueError`` saying why no request goes there."""
+def plan_route(url: str, allowed_ports: tuple[int, ...], user_agent: str,
+               extra_headers: tuple[tuple[str, str], ...] = ()) -> Route:
+    """The ``Route`` of ``url`` with a partner's ``extra_headers``, or ``TargetRefused``/``ValueError``
+    saying why no request goes there."""
     target = parse_target(url, allowed_ports)
     if any(ord(c) < 33 or ord(c) == 127 for c in target.path):
         raise ValueError("the URL's path holds spaces or control characters")
@@ -120,7 +124,7 @@ def plan_route(url: str, allowed_ports: tuple[int, ...], user_agent: str) -> Rou
     host = f"[{target.host}]" if ":" in target.host else target.host
     default_port = 443 if target.scheme == "https" else 80
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}" + ("" if target.port == default_port else f":{target.port}"),
-             "Content-Type: application/json", f"User-Agent: {user_agent}", ""]
+             "Content-Type: application/json", f"User-Agent: {user_agent}", *header_lines(extra_headers), ""]
     return Route(target, "\r\n".join(lines).encode("latin-1"))
 
 
@@ -255,7 +259,7 @@ class Sender:
         self.settings = settings
         self.clock = clock
         self._idle: dict[tuple, list[_Connection]] = {}   # per origin, the most recent last
-        self._routes: dict[str, Route] = {}   # per URL: the target and the request's fixed head
+        self._routes: dict[Any, Route] = {}   # per URL (and extra headers): the target and the fixed head
         self._read_answer = answer_reader(settings.native_speedups)   # llhttp's, or webhookd's own
         self._last_sweep = time.monotonic()
         # Built once (it costs milliseconds): the system's CAs, or delivery.ca_file for a private CA.
@@ -304,12 +308,12 @@ class Sender:
         retry_after: float | None = None
         signatures = None
         try:
-            route = self._route(job.url)
+            route = self._route(job.url, job.extra_headers)
             headers = build_headers(job, int(started))
             signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
             if job.traceparent:  # kept beside them: the trace view shows each attempt's span
                 signatures["traceparent"] = headers["traceparent"]
-            async with asyncio.timeout(self.settings.timeout_s):
+            async with asyncio.timeout(timeout_s(job.retry, self.settings)):
                 await self._post(route.target, request_bytes(route, headers, job.body), answer)
             error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)
         except Exception as exc:  # one bad endpoint must never take the sender down
@@ -320,7 +324,7 @@ class Sender:
             if cut_short:
                 error, detail = status_error(answer.status), describe_status(answer.status, cut_short=True)
             else:
-                error, detail = classify_error(exc), describe_error(exc, self.settings.timeout_s)
+                error, detail = classify_error(exc), describe_error(exc, timeout_s(job.retry, self.settings))
         if answer.status in (429, 503):
             retry_after = parse_retry_after(answer.retry_after, self.clock(), self.settings.retry_after_max_s)
         attempt = Attempt(attempt=job.attempt, started_at=started, duration_ms=int((self.clock() - started) * 1000),
@@ -328,15 +332,18 @@ class Sender:
                           error_detail=detail, signatures=signatures)
         return Sent(attempt, retry_after)
 
-    def _route(self, url: str) -> Route:
-        """The URL's ``Route``, from the ones already worked out (a URL refused is checked again
-        each time: it raises). At most ``ROUTES_KEPT`` are kept; past that they are worked out anew."""
-        route = self._routes.get(url)
+    def _route(self, url: str, extra_headers: tuple[tuple[str, str], ...] = ()) -> Route:
+        """The ``Route`` of the URL and a partner's extra headers, from the ones already worked out
+        (a URL refused is checked again each time: it raises). At most ``ROUTES_KEPT`` are kept;
+        past that they are worked out anew. New headers make a new ``Route``: the old one is
+        forgotten with the others."""
+        key = (url, extra_headers) if extra_headers else url
+        route = self._routes.get(key)
         if route is None:
-            route = plan_route(url, self.settings.allowed_ports, self.settings.user_agent)
+            route = plan_route(url, self.settings.allowed_ports, self.settings.user_agent, extra_headers)
             if len(self._routes) >= ROUTES_KEPT:
                 self._routes.clear()
-            self._routes[url] = route
+            self._routes[key] = route
         return route
 
     async def _post(self, target: Target, request: bytes, answer: Answer) -> None:

@@ -28,9 +28,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from models import AuditEntry, NewEvent, Page, Partner
+from models import AuditEntry, NewEvent, Page, Partner, RetryTerms
 from store_processes import PARTNERS_CHANNEL
-from store_rows import numbered, page_of, partner_from_row, placeholders, rewrite_audit_urls, write_audit
+from store_rows import (
+    headers_column,
+    numbered,
+    page_of,
+    partner_from_row,
+    placeholders,
+    rewrite_audit_urls,
+    terms_columns,
+    write_audit,
+)
 from targets import url_origin
 
 logger = logging.getLogger("webhookd.store")
@@ -43,6 +52,7 @@ class Partners:
         self._partners: dict[str, Partner] = {}  # see _reload_partners
         self._paces: dict[str, float] = {}       # partner -> max_rate_per_s, for the partners that set one
         self._filtered: list[Partner] = []       # the partners with a payload filter
+        self._longest_own_timeout_s = 0.0        # the longest timeout_s a partner has of its own
         self.partners_stale = False              # a reload after a write failed (see below)
         self._partners_read_at = 0.0             # when the last reload began (time.monotonic)
         self._partners_lock = threading.Lock()
@@ -61,6 +71,11 @@ class Partners:
         """``max_rate_per_s`` of every partner that set one (memory only; the delivery loop asks
         before each claim, so it is kept ready rather than computed)."""
         return self._paces
+
+    def longest_own_timeout_s(self) -> float:
+        """The longest ``timeout_s`` of a partner's own retry policy, 0 if none has one (memory
+        only: the delivery loop's leases must outlast it)."""
+        return self._longest_own_timeout_s
 
     def partners_accepting_inbound(self) -> list[Partner]:
         """Partners whose secrets may verify an inbound event: all but the disabled and the suspended
@@ -107,7 +122,8 @@ class Partners:
         self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
         api_key_hash: str, now: float, max_rate_per_s: float | None = None, contact_email: str | None = None,
         channels: list[str] | None = None, payload_filter: dict[str, list[Any]] | None = None,
-        ordering: str = "concurrent", audit: AuditEntry | None = None,
+        ordering: str = "concurrent", retry: RetryTerms | None = None,
+        extra_headers: tuple[tuple[str, str], ...] = (), audit: AuditEntry | None = None,
     ) -> Partner:
         with self._partner_write(partner_id) as db:
             db.execute(
@@ -122,6 +138,7 @@ class Partners:
             )
             _write_subscriptions(db, partner_id, events)
             _write_channels(db, partner_id, channels or [])
+            _write_terms(db, partner_id, retry, extra_headers)
             write_audit(db, audit)
             return _read_partner(db, partner_id)  # type: ignore[return-value]
 
@@ -130,11 +147,13 @@ class Partners:
                        max_rate_per_s: float | None = None, reason: str | None = None,
                        contact_email: str | None = None, channels: list[str] | None = None,
                        payload_filter: dict[str, list[Any]] | None = None, ordering: str | None = None,
+                       retry: RetryTerms | None = None, extra_headers: tuple[tuple[str, str], ...] | None = None,
                        audit: AuditEntry | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
         partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace,
         ``contact_email`` "" the address, and ``payload_filter`` {} the filter.
-        ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner)."""
+        ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner).
+        ``retry`` and ``extra_headers`` replace the partner's own terms (``RetryTerms()`` and ``()``: none)."""
         with self._partner_write(partner_id, "reactivated" if status == "active" else "changed") as db:
             if _read_partner(db, partner_id) is None:
                 return None
@@ -156,6 +175,7 @@ class Partners:
             if ordering is not None:
                 db.execute("UPDATE partners SET ordering = :ordering WHERE id = :id",
                            {"id": partner_id, "ordering": ordering})
+            _write_terms(db, partner_id, retry, extra_headers)
             if status is not None:
                 db.execute(
                     """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL,
@@ -209,6 +229,7 @@ class Partners:
                     """UPDATE partners SET status = 'deleted', secret = '', previous_secret = NULL,
                                            previous_secret_until = NULL, api_key_hash = :tombstone,
                                            webhook_url = '', contact_email = NULL, payload_filter = NULL,
+                                           extra_headers = NULL,
                                            failing_since = NULL, paused_until = NULL,
                                            updated_at = :now
                        WHERE id = :id AND status <> 'deleted'""",
@@ -301,6 +322,7 @@ class Partners:
                                                            tuple(channels.get(row["id"], ()))) for row in rows}
             self._filtered = [p for p in self._partners.values() if p.payload_filter]
             self._paces = {p.id: p.max_rate_per_s for p in self._partners.values() if p.max_rate_per_s}
+            self._longest_own_timeout_s = max((p.retry.timeout_s or 0.0 for p in self._partners.values()), default=0.0)
             self.partners_stale = False
 
 
@@ -350,6 +372,17 @@ def _write_channels(db: Any, partner_id: str, channels: list[str]) -> None:
     db.execute("DELETE FROM partner_channels WHERE partner_id = :id", {"id": partner_id})
     db.executemany("INSERT INTO partner_channels (partner_id, channel) VALUES (:id, :channel)",
                    [{"id": partner_id, "channel": c} for c in sorted(set(channels))])
+
+
+def _write_terms(db: Any, partner_id: str, retry: RetryTerms | None,
+                 extra_headers: tuple[tuple[str, str], ...] | None) -> None:
+    """A partner's own terms (``partner_terms.py``), each written if given."""
+    if retry is not None:
+        db.execute("UPDATE partners SET retry_policy = :retry_policy, max_attempts = :max_attempts WHERE id = :id",
+                   {"id": partner_id, **terms_columns(retry)})
+    if extra_headers is not None:
+        db.execute("UPDATE partners SET extra_headers = :headers WHERE id = :id",
+                   {"id": partner_id, "headers": headers_column(extra_headers)})
 
 
 def _filter_json(payload_filter: dict[str, list[Any]] | None) -> str | None:

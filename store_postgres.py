@@ -365,6 +365,9 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     ("urls_redacted", [common.redact_stored_urls]),
     ("trace_context", common.TRACE_CONTEXT_COLUMNS),  # traceparent and tracestate, passed on
+    ("partners.terms", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS retry_policy TEXT",
+                        "ALTER TABLE partners ADD COLUMN IF NOT EXISTS max_attempts INTEGER",
+                        "ALTER TABLE partners ADD COLUMN IF NOT EXISTS extra_headers TEXT"]),
 ]
 
 
@@ -399,7 +402,9 @@ _PUBLISH_POSTGRES = """
         INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts, next_attempt_at,
                                 created_at, updated_at)
         SELECT :id_prefix || substr(md5(random()::text || subscriber.partner_id), 1, 12), event.id, event.type,
-               subscriber.partner_id, 'pending', :max_attempts, :now, :now, :now
+               subscriber.partner_id, 'pending',
+               COALESCE((SELECT p.max_attempts FROM partners p WHERE p.id = subscriber.partner_id), :max_attempts),
+               :now, :now, :now
         FROM event CROSS JOIN subscriber
     )
     SELECT * FROM event

@@ -17,7 +17,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner
+from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner, RetryTerms
+from partner_terms import own_terms_json
 from targets import redacted_url
 
 # --- Rows to objects ------------------------------------------------------------------------
@@ -32,7 +33,29 @@ def partner_from_row(row: Any, events: tuple[str, ...], channels: tuple[str, ...
         max_rate_per_s=row["max_rate_per_s"], paused_until=row["paused_until"],
         suspended_reason=row["suspended_reason"], contact_email=row["contact_email"], channels=channels,
         payload_filter=json.loads(row["payload_filter"]) if row["payload_filter"] else None, ordering=row["ordering"],
+        retry=terms_from_column(row["retry_policy"]), extra_headers=headers_from_column(row["extra_headers"]),
     )
+
+
+def terms_columns(terms: RetryTerms) -> dict[str, Any]:
+    """The columns of a partner's own retry policy (``partner_terms.py``): ``retry_policy``, the JSON
+    of its own settings, and ``max_attempts``, its own number of attempts (a publish's statement reads it)."""
+    own = own_terms_json(terms)
+    return {"retry_policy": json.dumps(own, sort_keys=True) if own else None, "max_attempts": terms.max_attempts}
+
+
+def terms_from_column(text: str | None) -> RetryTerms:
+    own = json.loads(text) if text else {}
+    return RetryTerms(**{**own, "schedule": tuple(own["schedule"]) if own.get("schedule") else None})
+
+
+def headers_column(headers: tuple[tuple[str, str], ...]) -> str | None:
+    """A partner's extra headers as stored: a JSON object, in the partners table beside its secret."""
+    return json.dumps(dict(headers)) if headers else None
+
+
+def headers_from_column(text: str | None) -> tuple[tuple[str, str], ...]:
+    return tuple(json.loads(text).items()) if text else ()
 
 
 def event_from_row(row: Any) -> Event:

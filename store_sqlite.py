@@ -349,6 +349,11 @@ MIGRATIONS: list[common.Migration] = [
     # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
     ("urls_redacted", [common.redact_stored_urls]),
     ("trace_context", common.TRACE_CONTEXT_COLUMNS),  # traceparent and tracestate, passed on
+    # A partner's own terms (partner_terms.py): its retry policy (JSON; max_attempts apart, for the
+    # publish's statement) and its extra headers (JSON; secrets, kept beside its secret).
+    ("partners.terms", ["ALTER TABLE partners ADD COLUMN retry_policy TEXT",
+                        "ALTER TABLE partners ADD COLUMN max_attempts INTEGER",
+                        "ALTER TABLE partners ADD COLUMN extra_headers TEXT"]),
 ]
 
 
@@ -472,7 +477,9 @@ class SQLiteStore(Store):
         db.executemany(
             """INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts,
                                        next_attempt_at, created_at, updated_at)
-               VALUES (:id, :event_id, :type, :partner_id, 'pending', :max_attempts, :now, :now, :now)""",
+               VALUES (:id, :event_id, :type, :partner_id, 'pending',
+                       COALESCE((SELECT max_attempts FROM partners WHERE id = :partner_id), :max_attempts),
+                       :now, :now, :now)""",
             [{"id": new_delivery_id(), "event_id": event.id, "type": event.type, "partner_id": pid,
               "max_attempts": max_attempts, "now": now} for pid in partner_ids],
         )

@@ -33,6 +33,7 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          thread → recorder; backoff; ``attempt_log.py`` its log lines;
                          ``governor.py`` its in-flight bound (publishes first)
 ``breakers.py``          a partner's circuit breaker, failing streak and pace
+``partner_terms.py``     a partner's own retry policy and extra headers (the admin's)
 ``sender.py``            one HTTP attempt; ``sender_http.py`` reads the answer;
                          ``signing.py`` signs it, ``targets.py`` says where it may go
 ``housekeeping.py``      heartbeats, and the sweeper's expiry and retention passes

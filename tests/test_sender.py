@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-import delivery
+import partner_terms
 import sender
 from config import DeliverySettings
 from conftest import wait_for
@@ -354,7 +354,7 @@ def test_backoff_doubles_with_equal_jitter_within_its_bounds(attempt):
 
     base, cap = 30.0, 3600.0
     d = min(cap, base * 2 ** (attempt - 1))
-    waits = [delivery.backoff_delay(attempt, base, cap, random.Random(seed)) for seed in range(2000)]
+    waits = [partner_terms.backoff_delay(attempt, base, cap, random.Random(seed)) for seed in range(2000)]
     assert all(d / 2 <= w <= d for w in waits)
     assert min(waits) < d / 2 + d * 0.01 and max(waits) > d - d * 0.01
 
