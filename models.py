@@ -71,6 +71,7 @@ class Event:
     idempotency_key: str | None = None
     request_hash: str | None = None
     audience: dict[str, list[str]] | None = None  # {"partners": [...], "channels": [...]} when targeted
+    erased_at: float | None = None  # its content erased (erasure.py): body empty, metadata kept
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Delivery:
     updated_at: float
     attempts: tuple[Attempt, ...] = field(default=())
     held_behind: str | None = None   # FIFO partner: the delivery that must end before this one goes
+    event_erased_at: float | None = None  # when its event's content was erased (erasure.py)
 
 
 @dataclass(frozen=True)

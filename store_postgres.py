@@ -364,6 +364,8 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
     ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS event_type TEXT",
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     ("urls_redacted", [common.redact_stored_urls]),
+    ("events.erased_at", common.EVENTS_ERASED),
+    ("server_keys", [common.SERVER_KEYS_TABLE]),
 ]
 
 

@@ -348,6 +348,9 @@ MIGRATIONS: list[common.Migration] = [
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
     ("urls_redacted", [common.redact_stored_urls]),
+    # An event's content erased on request or by its type's retention (erasure.py).
+    ("events.erased_at", common.EVENTS_ERASED),
+    ("server_keys", [common.SERVER_KEYS_TABLE]),  # the portal links' signing key (portal_links.py)
 ]
 
 
