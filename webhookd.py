@@ -76,6 +76,7 @@ import erasure
 import housekeeping
 import metrics
 import openapi
+import portal_links
 import realtime
 import timeline
 from alerts import Alerts
@@ -127,9 +128,11 @@ from web import (
     invalid,
     known_partner,
     new_id,
+    owned_partner,
     page_json,
     page_params,
     partner_not_found,
+    read_json_object,
     route,
 )
 
@@ -336,6 +339,29 @@ async def portal(request: Request) -> Response:
     return static_page("portal.html")
 
 
+async def create_portal_link(request: Request) -> JSONResponse:
+    """``POST /partners/{id}/portal-link`` (admin): a link to ``/portal`` as this partner alone, for
+    ``lifetime_s`` (60 s to 7 days; 1 hour), read-only if asked (``portal_links.py``). The token is
+    in the link's fragment, never sent to a server; it is audited and logged without it."""
+    ctx = context(request)
+    partner = await owned_partner(request)
+    fields = await read_json_object(request, allowed={"lifetime_s", "read_only"}) if await request.body() else {}
+    try:
+        lifetime, read_only = portal_links.lifetime_and_access(fields)
+    except ValueError as problem:
+        raise invalid(*problem.args) from None
+    expires_at = int(ctx.clock()) + lifetime
+    token = await db(portal_links.mint, ctx.store, partner.id, expires_at=expires_at, read_only=read_only,
+                     audit=audit_entry(request, "partner.portal_link_created", partner.id,
+                                       {"lifetime_s": lifetime, "read_only": read_only, "expires_at": expires_at}))
+    if token is None:
+        raise partner_not_found(partner.id)
+    logger.info("partner %s: a %sportal link valid %d s was minted", partner.id, "read-only " if read_only else "",
+                lifetime)
+    return JSONResponse({"partner_id": partner.id, "url": f"{str(request.base_url).rstrip('/')}/portal#token={token}",
+                         "expires_at": expires_at, "read_only": read_only}, status_code=201)
+
+
 async def who_am_i(request: Request) -> JSONResponse:
     """``GET /me``: the partner whose API key this is (the portal's first call). The admin token is
     not a partner: 403, pointing at the dashboard."""
@@ -450,6 +476,7 @@ ROUTES = [
     route("GET", "/audit", list_audit, ADMIN),
     route("GET", "/dashboard", dashboard, PUBLIC),
     route("GET", "/portal", portal, PUBLIC),
+    route("POST", "/partners/{partner_id}/portal-link", create_portal_link, ADMIN),
     route("GET", "/me", who_am_i, CALLER),
     route("GET", "/openapi.json", openapi_document, PUBLIC),
     WebSocketRoute("/ws", live_notifications),
