@@ -40,8 +40,12 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``inbound.py``           the other direction: verify → store once → 200 → offer on
                          ``/ws``; ``realtime.py`` the ``/ws`` tokens and fan-out
 ``timeline.py``          one event's story, from the rows the loop keeps
+``erasure.py``           an event's content erased (``DELETE /events/{id}/content``), and
+                         each event type's own retention
 ``alerts.py``            webhookd's own signed alerts to the operator
 ``catalog.py``           the event catalog as partners read it: ``/event-types``
+``portal_links.py``      the portal links the admin mints for a partner: signed tokens
+                         in a URL fragment (``POST /partners/{id}/portal-link``)
 ``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
 ``config.py``            every config key and its default (``config_template.py``: the
                          file ``webhookd init`` writes); ``cli.py`` the command line,

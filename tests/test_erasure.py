@@ -152,3 +152,24 @@ def test_a_types_own_retention_deletes_what_ended_and_erases_what_is_kept(hub_fa
     assert where_found(hub, "kept-but-erased") == []
     other = hub.http.get(f"/events/{other_id}", headers=hub.admin).json()
     assert other["payload"]["transaction_id"] == PAYMENT_SUCCESS["transaction_id"] and other["erased_at"] is None
+
+
+def test_retention_days_in_the_catalog_is_read_apart_from_the_fields_and_only_shortens(tmp_path):
+    import pytest
+
+    from config import ConfigError, load_config
+
+    def loaded(days: str):
+        path = tmp_path / "webhookd.toml"
+        path.write_text(f'[events."payment.success"]\namount = "number"\nretention_days = {days}\n')
+        return load_config(path, environ={})
+
+    config = loaded("7")
+    assert config.events == {"payment.success": {"amount": "number"}}
+    assert config.event_retention_s == {"payment.success": 7 * 86400.0}
+    assert loaded("0.5").event_retention_s == {"payment.success": 43200.0}
+    for bad, says in [("30", "not shorter than retention.max_age_s"), ("0", "Expected a number of days"),
+                      ("-1", "Expected a number of days"), ("true", "Expected a number of days"),
+                      ("inf", "Expected a number of days")]:
+        with pytest.raises(ConfigError, match=says):
+            loaded(bad)
