@@ -179,3 +179,37 @@ def test_retention_days_in_the_catalog_is_read_apart_from_the_fields_and_only_sh
                       ("inf", "Expected a number of days")]:
         with pytest.raises(ConfigError, match=says):
             loaded(bad)
+
+
+def test_the_dashboard_tells_an_erased_events_story_without_its_body(browser_ready, webhookd_factory,
+                                                                      receiver_factory):
+    from playwright.sync_api import expect, sync_playwright
+
+    from conftest import ADMIN_TOKEN, CHROMIUM, CHROMIUM_ARGS
+
+    hub = webhookd_factory()
+    up = receiver_factory()
+    hub.register(up.url, ["payment.success"])
+    event_id = hub.publish({**PAYMENT_SUCCESS, "user_id": "dashboard-marker"}).json()["event_id"]
+    (delivered,) = wait_for(lambda: hub.deliveries(event_id=event_id, state="delivered"))
+    assert hub.http.delete(f"/events/{event_id}/content", headers=hub.admin).status_code == 200
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(10_000)
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            tid = page.get_by_test_id
+            page.goto(hub.url + "/dashboard")
+            tid("token-input").fill(ADMIN_TOKEN)
+            tid("token-submit").click()
+            page.locator(f'[data-testid=delivery-row][data-delivery-id="{delivered["delivery_id"]}"]').click()
+            detail = tid("delivery-detail")
+            detail.get_by_test_id("story").locator("summary").click()
+            expect(detail.get_by_test_id("story-erased")).to_contain_text("The content was erased at")
+            expect(detail.get_by_test_id("story-step")).not_to_have_count(0)
+            assert "dashboard-marker" not in page.content()
+        finally:
+            browser.close()
+    assert errors == []
