@@ -9,7 +9,9 @@ delivery loop, and never in its way:
 * **the sweep**, every ``retention.interval_s``, by one process only when several share a
   database (the one holding the ``sweeper`` role, which passes to another if it stops renewing
   it): deliveries pending too long end ``expired``, then what is older than the retention goes —
-  delivered events, inbound events, the tombstones of deleted partners, old audit entries — and,
+  delivered events (and, for a type with a shorter retention of its own, its older events go or
+  have their content erased: ``erasure.py``), inbound events, the tombstones of deleted partners,
+  old audit entries — and,
   on a shared database, the rate limits' buckets that are full again.
 
 Each pass deletes in batches with a pause between them, so other writers get the lock.

@@ -4,6 +4,7 @@ and revoked by a key reissue."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from urllib.parse import urlsplit
@@ -156,3 +157,27 @@ def test_a_link_opens_the_portal_in_chromium_as_its_partner_read_only_expired_an
             browser.close()
     # The fragment never reached the server: no request the pages made carried a token.
     assert sent_urls and not any("ptl_" in url for url in sent_urls)
+
+
+def test_the_command_line_mints_links_and_erases_events(serve_factory):
+    import httpx
+    from test_cli import _ok, _run
+
+    serve = serve_factory()
+    pid = json.loads(_ok(_run(serve, "partners", "add", "--name", "CLI Tours", "--url", "http://127.0.0.1:9/x",
+                              "--events", "payment.success", "--json")))["partner_id"]
+    link = json.loads(_ok(_run(serve, "partners", "portal-link", pid, "--lifetime", "120", "--read-only", "--json")))
+    assert link["read_only"] is True and link["url"].startswith(serve.url + "/portal#token=ptl_")
+    token = token_of(link)
+    assert httpx.get(serve.url + "/me", headers=bearer(token)).json()["partner_id"] == pid
+    assert httpx.post(f"{serve.url}/partners/{pid}/test", headers=bearer(token)).status_code == 403
+    too_short = _run(serve, "partners", "portal-link", pid, "--lifetime", "30")
+    assert too_short.returncode == 1 and "lifetime_s" in too_short.stderr
+
+    _ok(_run(serve, "partners", "pause", pid))                     # its delivery waits, pending
+    data = json.dumps({k: v for k, v in PAYMENT_SUCCESS.items() if k != "event"})
+    event_id = json.loads(_ok(_run(serve, "publish", "payment.success", "--data", data, "--json")))["event_id"]
+    unconfirmed = _run(serve, "events", "erase", event_id)
+    assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+    erased = json.loads(_ok(_run(serve, "events", "erase", event_id, "--yes", "--json")))
+    assert erased["event_id"] == event_id and erased["cancelled_deliveries"] == 1
