@@ -213,3 +213,19 @@ def test_the_dashboard_tells_an_erased_events_story_without_its_body(browser_rea
         finally:
             browser.close()
     assert errors == []
+
+
+def test_a_pull_only_partner_never_takes_an_erased_event_and_reads_it_without_a_body(hub_factory):
+    from test_polling import poll, register_pull_only
+
+    from polling import START
+    from web import cursor_text
+
+    hub = hub_factory()
+    partner = register_pull_only(hub)
+    erased_id, kept_id = hub.publish_many(2)
+    assert hub.http.delete(f"/events/{erased_id}/content", headers=hub.admin).json()["cancelled_deliveries"] == 1
+    taken = poll(hub, partner)                                      # a take: only what is still pending
+    assert [i["event_id"] for i in taken["items"]] == [kept_id]
+    (read,) = [i for i in poll(hub, partner, cursor=cursor_text(START))["items"] if i["event_id"] == erased_id]
+    assert read["delivery_state"] == "cancelled" and read["body"] is None and read["content_erased"] is True
