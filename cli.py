@@ -334,6 +334,9 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
             raise UsageError(f"'partners delete' erases {args.partner_id}'s secrets and API key and cancels its "
                            "pending deliveries, at once and for good: add --yes to do it")
         return _show(args, _api(config, "DELETE", path))
+    if action == "portal-link":
+        fields = {"read_only": args.read_only, **({"lifetime_s": args.lifetime} if args.lifetime else {})}
+        return _show(args, _api(config, "POST", path + "/portal-link", fields))
     if action == "channels":
         return _show(args, _api(config, "PATCH", path, {"channels": _names(args.channels or "")}))
     if action == "filter":
@@ -399,6 +402,13 @@ def _cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
     query = {"state": args.status, "partner_id": args.partner, "event": args.event, "limit": args.limit,
              "since": args.since, "until": args.until}
     return _show(args, _api(config, "GET", "/deliveries", query=query), DELIVERY_COLUMNS)
+
+
+def _cmd_events(args: argparse.Namespace, config: Config) -> int:
+    if not args.yes:
+        raise UsageError(f"'events erase' drops {args.event_id}'s payload, signatures and answers for good and "
+                         "cancels its pending deliveries: add --yes to do it")
+    return _show(args, _api(config, "DELETE", f"/events/{args.event_id}/content"))
 
 
 def _cmd_retry(args: argparse.Namespace, config: Config) -> int:
@@ -518,7 +528,7 @@ def configure_logging(log_format: str) -> None:
 COMMANDS = {
     "serve": _cmd_serve, "init": _cmd_init, "token": _cmd_token, "migrate": _cmd_migrate,
     "partners": _cmd_partners, "recover": _cmd_recover, "replay": _cmd_replay, "check": _cmd_check,
-    "publish": _cmd_publish, "deliveries": _cmd_deliveries, "retry": _cmd_retry, "trace": _cmd_trace,
+    "publish": _cmd_publish, "deliveries": _cmd_deliveries, "retry": _cmd_retry, "events": _cmd_events, "trace": _cmd_trace,
     "audit": _cmd_audit, "catalog": _cmd_catalog, "backup": _cmd_backup, "restore": _cmd_restore,
     "migrate-store": _cmd_migrate_store, "sign": _cmd_sign, "listen": _cmd_listen,
 }

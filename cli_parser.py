@@ -91,11 +91,11 @@ def _service_commands(command) -> None:
 def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
     partners = command("partners", "manage partners: list, show, add, pause, resume, suspend, rotate, api-key, "
                                    "pace, channels, filter, ordering, contact, retry, headers, cancel-pending, delete, "
-                                   "events", as_json)
+                                   "events, portal-link", as_json)
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
                                              "api-key", "pace", "channels", "filter", "ordering", "contact",
-                                             "retry", "headers", "cancel-pending", "delete", "events"],
-                          help="what to do (see above)")
+                                             "retry", "headers", "cancel-pending", "delete", "events",
+                                             "portal-link"], help="what to do (see above)")
     partners.add_argument("--ordering", choices=["concurrent", "fifo"],
                           help="add, ordering: fifo sends one at a time, in publish order (default concurrent)")
     partners.add_argument("--channels", help="comma-separated channels it listens on (add, channels; "
@@ -123,6 +123,9 @@ def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
     partners.add_argument("--cursor", help="events: read on from this next_cursor (default: the oldest kept)")
     partners.add_argument("--events", default="", help="comma-separated event types (add)")
     partners.add_argument("--limit", type=int, default=50, help="how many to list (list, events; default 50)")
+    partners.add_argument("--lifetime", type=int, metavar="SECONDS",
+                          help="portal-link: how long the link works, 60 to 604800 (default 3600)")
+    partners.add_argument("--read-only", action="store_true", help="portal-link: the link may read, never change")
     partners.add_argument("--revoke-old", action="store_true",
                           help="rotate: revoke every old secret at once, no overlap (a leaked secret)")
 
@@ -157,6 +160,12 @@ def _delivery_commands(command, as_json: argparse.ArgumentParser) -> None:
     deliveries.add_argument("--limit", type=int, default=50, help="how many (default 50, at most 200)")
     deliveries.add_argument("--since", type=when, metavar="TIME", help=f"only those created at or after: {TIMES}")
     deliveries.add_argument("--until", type=when, metavar="TIME", help=f"...and before: {TIMES}")
+
+    events = command("events", "erase an event's content: its payload, signatures and answers go, its "
+                               "metadata stays, its pending deliveries are cancelled", as_json)
+    events.add_argument("action", choices=["erase"], help="what to do (see above)")
+    events.add_argument("event_id", help="the event (evt_...)")
+    events.add_argument("--yes", action="store_true", help="erase: yes, erase it (it cannot be undone)")
 
     retry = command("retry", "give a failed or expired delivery one more attempt, now", as_json)
     retry.add_argument("delivery_id", help="the delivery (dlv_...), from 'webhookd deliveries'")

@@ -175,6 +175,7 @@ class Config:
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     events: dict[str, dict[str, str]] = field(default_factory=lambda: dict(GUIDE_CATALOG))  # type -> field -> JSON type
+    event_retention_s: dict[str, float] = field(default_factory=dict)  # type -> its own retention (retention_days)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ class DeliverySettings(DeliveryConfig):
     purge_batch: int = 500
     purge_interval_s: float = 300.0
     audit_retention_s: float = 31536000.0
+    type_retention_s: tuple[tuple[str, float], ...] = ()  # (type, seconds): the catalog's retention_days
     allow_private_targets: bool = False
     allowed_ports: tuple[int, ...] = ()
     user_agent: str = "webhookd"
@@ -198,6 +200,7 @@ class DeliverySettings(DeliveryConfig):
             purge_batch=config.retention.batch_size,
             purge_interval_s=config.retention.interval_s,
             audit_retention_s=config.retention.audit_max_age_s,
+            type_retention_s=tuple(sorted(config.event_retention_s.items())),
             allow_private_targets=config.security.allow_private_targets,
             allowed_ports=config.security.allowed_ports,
             user_agent=user_agent,
@@ -305,7 +308,8 @@ def load_config(path: str | os.PathLike | None, environ: dict[str, str] | None =
             raise ConfigError(f"Config 'delivery.ca_file' is {ca_file!r}, which is not a readable PEM file of "
                               f"CA certificates ({exc}). Point it at one, or leave it empty for the system's.") from None
         sections["delivery"] = dataclasses.replace(sections["delivery"], ca_file=str(ca_path))
-    return Config(**sections, events=_check_catalog(raw.get("events", GUIDE_CATALOG)))
+    catalog, kept = _check_catalog(raw.get("events", GUIDE_CATALOG), sections["retention"].max_age_s)
+    return Config(**sections, events=catalog, event_retention_s=kept)
 
 
 def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -435,22 +439,43 @@ def _check_alerts(alerts: AlertsConfig) -> None:
                           "alerts are signed with it, as partners' webhooks are with theirs (WEBHOOKD_ALERTS_SECRET).")
 
 
-def _check_catalog(raw: Any) -> dict[str, dict[str, str]]:
+# In a catalog table, the one key that is not a field: the type's own retention, in days.
+RETENTION_KEY = "retention_days"
+
+
+def _check_catalog(raw: Any, max_age_s: float) -> tuple[dict[str, dict[str, str]], dict[str, float]]:
+    """The catalog (type -> field -> JSON type) and the types' own retentions (type -> seconds)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"Config 'events' has value {raw!r}. Expected tables like [events.\"payment.success\"].")
     catalog: dict[str, dict[str, str]] = {}
+    kept: dict[str, float] = {}
     for event_type, fields in raw.items():
         if not EVENT_TYPE.match(event_type):
             raise ConfigError(f"Config 'events' has the event type {event_type!r}. Expected the form word.word.")
         if not isinstance(fields, dict):
             raise ConfigError(f"Config 'events.{event_type}' has value {fields!r}. Expected a table of field = type.")
+        fields = dict(fields)
+        if RETENTION_KEY in fields and not isinstance(fields[RETENTION_KEY], str):
+            kept[event_type] = _type_retention(event_type, fields.pop(RETENTION_KEY), max_age_s)
         for name, kind in fields.items():
             if kind not in FIELD_TYPES:
                 raise ConfigError(
                     f"Config 'events.{event_type}.{name}' has value {kind!r}. "
                     f"Expected one of: {', '.join(FIELD_TYPES)}.")
-        catalog[event_type] = dict(fields)
-    return catalog
+        catalog[event_type] = fields
+    return catalog, kept
+
+
+def _type_retention(event_type: str, days: Any, max_age_s: float) -> float:
+    """A type's ``retention_days`` in seconds: a positive number of days, shorter than everyone's
+    retention (it can only shorten it: the global purge takes every type at ``max_age_s``)."""
+    key = f"events.{event_type}.{RETENTION_KEY}"
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or not 0 < days < math.inf:
+        raise ConfigError(f"Config '{key}' has value {days!r}. Expected a number of days, like 7.")
+    if days * 86400 >= max_age_s:
+        raise ConfigError(f"Config '{key}' is {days} days, not shorter than retention.max_age_s ({max_age_s:g} s): "
+                          "a type's retention can only shorten everyone's. Lower it, or remove it.")
+    return days * 86400.0
 
 
 # --- The admin token -----------------------------------------------------------------------

@@ -45,6 +45,8 @@ secret = ""                          # their signing secret, at least 16 charact
 # The event catalog: what POST /events accepts. Each table is an event type; each key a
 # required field and its JSON type (string, number, integer, boolean, object, array).
 # Fields not listed are allowed and delivered as sent.
+# retention_days = 7 in a table keeps that type's events 7 days instead of retention.max_age_s
+# (shorter only; docs/privacy.md): older ones are deleted, or their content erased if still kept.
 [events."payment.success"]
 transaction_id = "string"
 amount = "number"

@@ -9,7 +9,9 @@ delivery loop, and never in its way:
 * **the sweep**, every ``retention.interval_s``, by one process only when several share a
   database (the one holding the ``sweeper`` role, which passes to another if it stops renewing
   it): deliveries pending too long end ``expired``, then what is older than the retention goes —
-  delivered events, inbound events, the tombstones of deleted partners, old audit entries — and,
+  delivered events (and, for a type with a shorter retention of its own, its older events go or
+  have their content erased: ``erasure.py``), inbound events, the tombstones of deleted partners,
+  old audit entries — and,
   on a shared database, the rate limits' buckets that are full again.
 
 Each pass deletes in batches with a pause between them, so other writers get the lock.
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import erasure
 from config import DeliverySettings
 from metrics import Metrics
 from store import Store
@@ -149,10 +152,35 @@ class Housekeeping:
             purged = self.store.purge_audit(before=self.clock() - self.settings.audit_retention_s, batch=size)
             return purged, purged == size
 
-        counts = await self._in_batches(events_batch), await self._in_batches(inbound_batch)
+        counts = await self._in_batches(events_batch) + await self.purge_types(), await self._in_batches(inbound_batch)
         await asyncio.to_thread(self.store.purge_deleted_partners, before=cutoff)
         await self._in_batches(audit_batch)
         return counts
+
+    async def purge_types(self) -> int:
+        """Each type with a retention of its own (``retention_days`` in the catalog, shorter than
+        everyone's): its older events deleted as above, then the content of those kept erased
+        (``erasure.py``). Returns how many events were deleted."""
+        return sum([await self._purge_type(event_type, max_age) for event_type, max_age in self.settings.type_retention_s])
+
+    async def _purge_type(self, event_type: str, max_age: float) -> int:
+        now, size = self.clock(), self.settings.purge_batch
+        cutoff, cursor = now - max_age, None
+
+        def events_batch() -> tuple[int, bool]:
+            nonlocal cursor
+            purged, cursor = self.store.purge_delivered(before=cutoff, batch=size, after=cursor, event_type=event_type)
+            return purged, cursor is not None
+
+        def erase_batch() -> tuple[int, bool]:
+            return erasure.erase_past_retention(self.store, event_type, before=cutoff, now=now, batch=size)
+
+        deleted = await self._in_batches(events_batch)
+        erased = await self._in_batches(erase_batch)
+        if erased:
+            logger.info("retention: erased the content of %d %s events older than %d s (its own retention)",
+                        erased, event_type, int(max_age))
+        return deleted
 
     async def _in_batches(self, batch: Callable[[], tuple[int, bool]]) -> int:
         """Run ``batch`` (in a thread) until it says nothing is left; the total it purged."""

@@ -88,6 +88,7 @@ class Event:
     audience: dict[str, list[str]] | None = None  # {"partners": [...], "channels": [...]} when targeted
     traceparent: str | None = None      # W3C trace context the publisher sent (trace_context.py)
     tracestate: str | None = None
+    erased_at: float | None = None  # its content erased (erasure.py): body empty, metadata kept
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class Delivery:
     updated_at: float
     attempts: tuple[Attempt, ...] = field(default=())
     held_behind: str | None = None   # FIFO partner: the delivery that must end before this one goes
+    event_erased_at: float | None = None  # when its event's content was erased (erasure.py)
 
 
 @dataclass(frozen=True)

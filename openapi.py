@@ -124,6 +124,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "next_attempt_at": MAYBE_TIME, "created_at": TIME, "updated_at": TIME,
         "held_behind": {"type": ["string", "null"],
                         "description": "a FIFO partner's pending delivery: the one that must end before it goes"},
+        "event_erased_at": {**MAYBE_TIME, "description": "when its event's content was erased (never sent again)"},
     }
     attempt = {
         "attempt": {"type": "integer"}, "started_at": TIME, "duration_ms": {"type": "integer"},
@@ -196,7 +197,9 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                 _obj({"error": _obj({"code": STRING, "message": STRING, "problems": {"type": "array", "items": PROBLEM}},
                                     required=["code", "message"]), "status": {"type": "integer"}}),
             ]}}}),
-        "Event": _obj({"event_id": STRING, "event": STRING, "payload": {"type": "object"}, "created_at": TIME,
+        "Event": _obj({"event_id": STRING, "event": STRING, "created_at": TIME,
+                       "payload": {"type": ["object", "null"], "description": "null once its content was erased"},
+                       "erased_at": {**MAYBE_TIME, "description": "when its content was erased (DELETE .../content)"},
                        "partners": {"type": ["array", "null"], "items": STRING, "description": "whom it was for"},
                        "channels": {"type": ["array", "null"], "items": STRING},
                        "fanout": {"type": "integer", "description": "deliveries made at publish time"},
@@ -206,8 +209,9 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "Trace": _obj({
             "event_id": STRING, "event": STRING, "published_at": {"type": "number"},
             "idempotency_key": {"type": ["string", "null"]}, "audience": {"type": ["object", "null"]},
-            "body": {"type": "string", "description": "the exact bytes every partner was sent (and signed)"},
-            "fanout": {"type": "integer"},
+            "body": {"type": ["string", "null"], "description": "the exact bytes every partner was sent (and "
+                     "signed); null once erased, and the attempts' signed strings with it"},
+            "fanout": {"type": "integer"}, "erased_at": {"type": ["number", "null"]},
             "trace_id": {"type": ["string", "null"], "description": "the W3C trace id the publisher sent, if any"},
             "traceparent": {"type": ["string", "null"]}, "tracestate": {"type": ["string", "null"]},
             "deliveries": {"type": "array", "items": _obj({
@@ -251,6 +255,17 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "has_more": {"type": "boolean", "description": "more events are waiting now"}}),
         "PartnerDeleted": _obj({"partner_id": STRING, "deleted": {"const": True},
                                 "cancelled_deliveries": {"type": "integer"}}),
+        "EventErased": _obj({"event_id": STRING, "event": STRING, "erased_at": TIME,
+                             "cancelled_deliveries": {"type": "integer", "description": "by this call (0 the "
+                                                      "second time)"}}),
+        "PortalLinkRequest": _obj({
+            "lifetime_s": {"type": "integer", "minimum": 60, "maximum": 604800, "default": 3600,
+                           "description": "how long the link works"},
+            "read_only": {"type": "boolean", "default": False, "description": "true: it reads, every write is "
+                                                                             "403 read_only_link"}}),
+        "PortalLink": _obj({"partner_id": STRING, "read_only": {"type": "boolean"}, "expires_at": TIME,
+                            "url": {"type": "string", "description": "/portal#token=ptl_...: the token in the "
+                                    "fragment, which no server or proxy sees"}}),
         "PendingCancelled": _obj({"partner_id": STRING, "cancelled_deliveries": {"type": "integer"}}),
         "AuditEntry": _obj({
             "audit_id": STRING, "at": TIME,
@@ -426,6 +441,10 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                      "description": "event i gets a key of its own, made of this one and i"}, *TRACE_HEADERS])}},
         "/events/{event_id}": {"get": _op("An event and its deliveries", 200, "Event",
                                           params=[_path("event_id", "an event id")])},
+        "/events/{event_id}/content": {"delete": _op(
+            "Erase the event's content: its payload, the signatures sent and the partners' answers go, its "
+            "metadata stays, its pending deliveries end cancelled; again: the same answer", 200, "EventErased",
+            params=[_path("event_id", "an event id")])},
         "/events/{event_id}/trace": {"get": _op(
             "The event's whole story: each attempt's request, signatures and strings signed, answer, and what "
             "came next and why", 200, "Trace", params=[_path("event_id", "an event id")])},
@@ -454,12 +473,17 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                                   media="text/html")},
         "/portal": {"get": _op("The partners' own page, in English or Spanish (a static page)", 200, None,
                                auth=False, media="text/html")},
+        "/partners/{partner_id}/portal-link": {"post": _op(
+            "A short-lived link to /portal as this partner alone, optionally read-only; a reissue of its API key "
+            "revokes it (expired: 401 portal_link_expired; altered or revoked: 401 portal_link_invalid)", 201,
+            "PortalLink", body="PortalLinkRequest", params=[PARTNER])},
         "/me": {"get": _op("The partner whose API key this is (the admin token: 403 not_a_partner)", 200,
                            "Partner")},
         "/openapi.json": {"get": _op("This document", 200, None, auth=False)},
         "/ws": {"get": _op("Live offers: a WebSocket (over plain HTTP, a 426 that says so)", 426, "Error",
                            auth=False)},
     }
+    paths["/partners/{partner_id}/portal-link"]["post"]["requestBody"]["required"] = False
     paths["/openapi.json"]["get"]["responses"]["200"]["content"] = {"application/json": {"schema": {"type": "object"}}}
     paths["/webhooks/partners"]["post"]["requestBody"]["content"]["application/json"]["schema"] = {
         "type": "object", "description": "your event; any type of the form word.word"}
@@ -468,7 +492,8 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
         "info": {"title": "webhookd", "version": version, "description": (
             "Signed, durable webhooks. Authenticate with `Authorization: Bearer <admin token | partner API key>`. "
             "A suspended partner's API key is read-only: it reads its record and deliveries, and any write answers "
-            "403 partner_suspended until the admin lifts the suspension. "
+            "403 partner_suspended until the admin lifts the suspension. A portal link's token (ptl_...) is a partner's "
+            "bearer too, read-only if minted so (403 read_only_link on a write). "
             "Live offers: open a WebSocket on `/ws` offering the subprotocols `webhookd` and "
             "`token.<token from POST /realtime/tokens>` (or `/ws?token=<token>`); a bad or expired "
             "token, or one an admin token signed before it was revoked, is closed with code 1008. An offer carries "

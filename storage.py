@@ -44,6 +44,7 @@ _COPY = [
                     OR EXISTS (SELECT 1 FROM events e WHERE e.id = d.event_id AND e.created_at >= :since)"""),
     ("inbound_events", "SELECT * FROM inbound_events WHERE received_at >= :since"),
     ("audit_log", "SELECT * FROM audit_log"),
+    ("server_keys", "SELECT * FROM server_keys"),  # the portal links minted before keep working
 ]
 
 

@@ -37,7 +37,7 @@ from store_rows import (
 # partner's queue (its ``held_behind`` when that is another delivery). ``{order}`` is the
 # insertion order: rowid on SQLite, the seq column on PostgreSQL.
 DELIVERY_SELECT = """
-    SELECT d.*, e.type AS event,
+    SELECT d.*, e.type AS event, e.erased_at AS event_erased_at,
            CASE WHEN d.state = 'pending' AND p.ordering = 'fifo' THEN (
                SELECT h.id FROM deliveries h WHERE h.partner_id = d.partner_id AND h.state = 'pending'
                ORDER BY h.{order} LIMIT 1) END AS head
@@ -89,11 +89,12 @@ def windowed_where(table: str, filters: dict[str, str], given: dict[str, Any],
 AUDIT_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "action": "action = :action"}
 INBOUND_FILTERS = {"cursor": "id < :cursor", "partner_id": "partner_id = :partner_id", "event": "type = :event"}
 
-# A replay's window and filters, and the events it leaves out: those the partner never had a delivery
-# of, those it has one pending of, and (unless asked) those whose latest delivery to it was cancelled.
+# A replay's window and filters, and the events it leaves out: those erased (nothing left to send),
+# those the partner never had a delivery of, those it has one pending of, and (unless asked) those whose latest delivery to it was cancelled.
 REPLAY_FILTERS = {"since": "e.created_at >= :since", "until": "e.created_at < :until", "type": "e.type = :type",
                   "after": "e.id > :after"}
 REPLAY_SKIPS = """
+    AND e.erased_at IS NULL
     AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id)
     AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.partner_id = :partner_id
                                                 AND d.state = 'pending')"""
@@ -161,14 +162,16 @@ class History:
 
     def retry_delivery(self, delivery_id: str, now: float, audit: AuditEntry | None = None) -> Delivery | None:
         """Queue one more attempt of a ``failed`` or ``expired`` delivery and return it as queued (read
-        in the same transaction, so before any process can send it); None if it is neither. Its age
+        in the same transaction, so before any process can send it); None if it is neither, or if its
+        event's content was erased (nothing is left to send). Its age
         for ``max_pending_age_s`` starts again now."""
         with self._transaction() as db:
             retried = db.execute(
                 """UPDATE deliveries
                    SET state = 'pending', max_attempts = attempt_count + 1, queued_at = :now,
                        next_attempt_at = :now, leased_until = NULL, updated_at = :now
-                   WHERE id = :id AND state IN ('failed', 'expired')""",
+                   WHERE id = :id AND state IN ('failed', 'expired') AND event_id NOT IN (
+                         SELECT id FROM events WHERE erased_at IS NOT NULL)""",
                 {"id": delivery_id, "now": now},
             ).rowcount > 0
             if not retried:
@@ -182,14 +185,15 @@ class History:
     def recover_failed(self, partner_id: str, *, since: float, extra_attempts: int, now: float,
                        audit: AuditEntry | None = None) -> int:
         """Give every ``failed`` or ``expired`` delivery of the partner created at or after ``since``
-        a fresh round of ``extra_attempts``. Returns how many were re-queued."""
+        (but those of erased events) a fresh round of ``extra_attempts``. Returns how many were re-queued."""
         with self._transaction() as db:
             db.execute("UPDATE partners SET paused_until = NULL WHERE id = :id", {"id": partner_id})
             requeued = db.execute(
                 """UPDATE deliveries
                    SET state = 'pending', max_attempts = attempt_count + :extra, queued_at = :now,
                        next_attempt_at = :now, leased_until = NULL, updated_at = :now
-                   WHERE partner_id = :partner_id AND state IN ('failed', 'expired') AND created_at >= :since""",
+                   WHERE partner_id = :partner_id AND state IN ('failed', 'expired') AND created_at >= :since
+                     AND event_id NOT IN (SELECT id FROM events WHERE erased_at IS NOT NULL)""",
                 {"partner_id": partner_id, "since": since, "extra": extra_attempts, "now": now},
             ).rowcount
             write_audit(db, audit, requeued=requeued)
@@ -306,8 +310,8 @@ class History:
 
     # --- Retention ---------------------------------------------------------------------
 
-    def purge_delivered(self, *, before: float, batch: int,
-                        after: tuple[float, str] | None = None) -> tuple[int, tuple[float, str] | None]:
+    def purge_delivered(self, *, before: float, batch: int, after: tuple[float, str] | None = None,
+                        event_type: str | None = None) -> tuple[int, tuple[float, str] | None]:
         """Look at the next ``batch`` events published before ``before`` (oldest first, from
         ``after``) and delete those whose every delivery ended — delivered or cancelled, or
         any state for a deleted partner — before ``before`` (deliveries age by when they ended,
@@ -317,7 +321,8 @@ class History:
 
         Returns how many events went, and where the next batch starts (None: no older event
         is left to look at). A batch looks at ``batch`` events, purgeable or not, so a year
-        of kept failures is walked once per pass, not once per batch."""
+        of kept failures is walked once per pass, not once per batch. With ``event_type``, only
+        that type's events (its own, shorter retention: ``erasure.py``)."""
         with self._transaction(durable=False) as db:
             rows = db.execute(
                 """SELECT id, created_at, NOT EXISTS (
@@ -327,9 +332,10 @@ class History:
                           AS purgeable
                    FROM events e
                    WHERE created_at < :before AND (CAST(:after_at AS DOUBLE PRECISION) IS NULL OR (created_at, id) > (:after_at, :after_id))
+                     AND (CAST(:type AS TEXT) IS NULL OR type = :type)
                    ORDER BY created_at, id LIMIT :batch""",
                 {"before": before, "batch": batch, "after_at": after[0] if after else None,
-                 "after_id": after[1] if after else None}).fetchall()
+                 "after_id": after[1] if after else None, "type": event_type}).fetchall()
             ids = [r["id"] for r in rows if r["purgeable"]]
             for event_id in ids:
                 db.execute("""DELETE FROM attempts WHERE delivery_id IN

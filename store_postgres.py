@@ -368,6 +368,8 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
     ("partners.terms", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS retry_policy TEXT",
                         "ALTER TABLE partners ADD COLUMN IF NOT EXISTS max_attempts INTEGER",
                         "ALTER TABLE partners ADD COLUMN IF NOT EXISTS extra_headers TEXT"]),
+    ("events.erased_at", common.EVENTS_ERASED),
+    ("server_keys", [common.SERVER_KEYS_TABLE]),
 ]
 
 

@@ -64,6 +64,7 @@ def event_from_row(row: Any) -> Event:
         created_at=row["created_at"], idempotency_key=row["idempotency_key"],
         request_hash=row["request_hash"], audience=json.loads(row["audience"]) if row["audience"] else None,
         traceparent=row["traceparent"], tracestate=row["tracestate"],
+        erased_at=row["erased_at"],
     )
 
 
@@ -73,7 +74,7 @@ def delivery_from_row(row: Any, attempts: tuple[Attempt, ...] = ()) -> Delivery:
         state=row["state"], attempt_count=row["attempt_count"], max_attempts=row["max_attempts"],
         next_attempt_at=row["next_attempt_at"], leased_until=row["leased_until"],
         created_at=row["created_at"], updated_at=row["updated_at"], attempts=attempts,
-        held_behind=row["head"] if row["head"] != row["id"] else None,
+        held_behind=row["head"] if row["head"] != row["id"] else None, event_erased_at=row["event_erased_at"],
     )
 
 

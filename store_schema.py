@@ -76,3 +76,16 @@ AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS audit_log (
     target     TEXT,                       -- a delivery id, when the action was on one
     changes    TEXT NOT NULL               -- JSON
 )"""
+
+# An event whose content was erased (``erasure.py``): when, its body emptied; the per-type
+# retention finds a type's oldest events through the second index.
+EVENTS_ERASED = ["ALTER TABLE events ADD COLUMN erased_at DOUBLE PRECISION",
+                 "CREATE INDEX IF NOT EXISTS events_by_type_age ON events (type, created_at)"]
+
+# Keys webhookd makes for itself and every process on the database shares (``portal_links.py``:
+# the key that signs portal links), each made once, at first use.
+SERVER_KEYS_TABLE = """CREATE TABLE IF NOT EXISTS server_keys (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+)"""

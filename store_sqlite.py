@@ -354,6 +354,9 @@ MIGRATIONS: list[common.Migration] = [
     ("partners.terms", ["ALTER TABLE partners ADD COLUMN retry_policy TEXT",
                         "ALTER TABLE partners ADD COLUMN max_attempts INTEGER",
                         "ALTER TABLE partners ADD COLUMN extra_headers TEXT"]),
+    # An event's content erased on request or by its type's retention (erasure.py).
+    ("events.erased_at", common.EVENTS_ERASED),
+    ("server_keys", [common.SERVER_KEYS_TABLE]),  # the portal links' signing key (portal_links.py)
 ]
 
 

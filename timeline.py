@@ -31,18 +31,19 @@ WAITED_LONGER_S = 1.0  # an attempt that began this much later than its backoff 
 def event_story(event: Event, deliveries: list[Delivery], retries: dict[str, list[AuditEntry]],
                 user_agent: str) -> dict[str, Any]:
     """The trace of ``event``: its publish, then one timeline per delivery (``retries``: the
-    operators' ``delivery.retried`` audit entries, by delivery id)."""
-    body = event.body.decode("utf-8")
+    operators' ``delivery.retried`` audit entries, by delivery id). An erased event's story has
+    no body and no signed strings: only what happened, and when its content was erased."""
+    body = None if event.erased_at is not None else event.body.decode("utf-8")
     return {
         "event_id": event.id, "event": event.type, "published_at": event.created_at,
         "idempotency_key": event.idempotency_key, "audience": event.audience, "body": body,
-        "fanout": event.fanout, "trace_id": trace_context.trace_id(event.traceparent),
+        "fanout": event.fanout, "erased_at": event.erased_at, "trace_id": trace_context.trace_id(event.traceparent),
         "traceparent": event.traceparent, "tracestate": event.tracestate,
         "deliveries": [_delivery_story(event, d, retries.get(d.id, []), body, user_agent) for d in deliveries],
     }
 
 
-def _delivery_story(event: Event, d: Delivery, retries: list[AuditEntry], body: str,
+def _delivery_story(event: Event, d: Delivery, retries: list[AuditEntry], body: str | None,
                     user_agent: str) -> dict[str, Any]:
     steps: list[dict[str, Any]] = [{"at": d.created_at, "step": "queued", "detail":
                                     "published: one delivery for this partner, due at once"}]
@@ -62,7 +63,7 @@ def _delivery_story(event: Event, d: Delivery, retries: list[AuditEntry], body: 
     return {"delivery_id": d.id, "partner_id": d.partner_id, "state": d.state, "steps": steps}
 
 
-def _attempt_step(event: Event, a: Attempt, body: str, user_agent: str) -> dict[str, Any]:
+def _attempt_step(event: Event, a: Attempt, body: str | None, user_agent: str) -> dict[str, Any]:
     """One attempt: the request as sent (the timestamp headers are its start second), the answer,
     and the decision that followed."""
     timestamp = str(int(a.started_at))
@@ -72,17 +73,19 @@ def _attempt_step(event: Event, a: Attempt, body: str, user_agent: str) -> dict[
                "webhook-timestamp": timestamp, **signatures}
     signed = {name: {"scheme": SCHEMES[name],
                      "string_to_sign": body if name == "X-Webhook-Signature" else f"{event.id}.{timestamp}.{body}"}
-              for name in signatures if name in SCHEMES}
+              for name in signatures if name in SCHEMES} if body is not None else None
     return {"at": a.started_at, "step": "attempt", "attempt": a.attempt, "url": a.url, "request_headers": headers,
             "signed": signed, "status_code": a.status_code, "duration_ms": a.duration_ms, "error": a.error,
             "error_detail": a.error_detail, "response_snippet": a.response_snippet, "next": a.decision,
-            **({} if signatures else {"detail": "not sent: the URL was refused before any request was made"})}
+            **({} if signatures or body is None else
+               {"detail": "not sent: the URL was refused before any request was made"})}
 
 
 def _end(d: Delivery) -> str:
     return {"delivered": "the partner answered 2xx",
             "failed": "out of attempts: retry it by hand, or recover the partner's failed deliveries",
             "expired": "pending longer than delivery.max_pending_age_s: retry it by hand if it still matters",
-            "cancelled": "cancelled by the admin, or its partner was deleted: never sent again",
+            "cancelled": "cancelled by the admin, its partner was deleted, or its event's content was erased: "
+                         "never sent again",
             "pending": "waiting: due at " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(d.next_attempt_at)) + (
                 f", behind {d.held_behind} (FIFO)" if d.held_behind else "")}.get(d.state, d.state)

@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+import portal_links
 import realtime
 import signing
 from config import admin_tokens
@@ -388,6 +389,7 @@ class Caller:
     is_admin: bool
     partner_id: str | None = None
     suspended_reason: str | None = None  # set for a suspended partner's key: it may read, never write
+    read_only: bool = False              # a read-only portal link (portal_links.py): it may read, never write
 
 
 async def authenticate(request: Request) -> Caller:
@@ -407,6 +409,12 @@ async def authenticate(request: Request) -> Caller:
             partner_id, status, reason = owner
             suspended = (reason or "no reason given") if status == "suspended" else None
             return Caller(is_admin=False, partner_id=partner_id, suspended_reason=suspended)
+    if token.startswith(portal_links.PREFIX):  # a portal link's token: its partner, perhaps read-only
+        try:
+            link = await db(portal_links.check, ctx.store, token, ctx.clock())
+        except portal_links.Refused as refused:  # expired, or not valid (altered, revoked by a key reissue)
+            raise ApiError(401, refused.code, refused.message) from None
+        return Caller(is_admin=False, partner_id=link.partner_id, suspended_reason=link.suspended, read_only=link.read_only)
     raise ApiError(401, "invalid_credentials", "The bearer token is not valid. Check the admin token or API key.")
 
 
@@ -438,6 +446,8 @@ async def check_access(request: Request, who: str) -> Caller | None:
         raise ApiError(403, "admin_only", "This route needs the admin token; a partner API key is not enough.")
     if not caller.is_admin and request.method not in READS:
         refuse_if_suspended(caller)
+        if caller.read_only:
+            raise ApiError(403, *portal_links.READ_ONLY)
         await context(request).partner_write_limit.check(caller.partner_id or "", "writes with this API key")
     return caller
 

@@ -43,8 +43,12 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``timeline.py``          one event's story, from the rows the loop keeps;
                          ``trace_context.py`` the W3C ``traceparent`` passed on
 ``windows.py``           ``since`` and ``until`` on the lists, as ranges of ids
+``erasure.py``           an event's content erased (``DELETE /events/{id}/content``), and
+                         each event type's own retention
 ``alerts.py``            webhookd's own signed alerts to the operator
 ``catalog.py``           the event catalog as partners read it: ``/event-types``
+``portal_links.py``      the portal links the admin mints for a partner: signed tokens
+                         in a URL fragment (``POST /partners/{id}/portal-link``)
 ``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
 ``polling.py``           pulling instead of receiving: ``GET /partners/{id}/events``
 ``config.py``            every config key and its default (``config_template.py``: the
@@ -76,9 +80,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import WebSocketRoute
 
 import delivery
+import erasure
 import housekeeping
 import metrics
 import openapi
+import portal_links
 import realtime
 import timeline
 from alerts import Alerts
@@ -131,9 +137,11 @@ from web import (
     invalid,
     known_partner,
     new_id,
+    owned_partner,
     page_json,
     page_params,
     partner_not_found,
+    read_json_object,
     route,
 )
 from windows import window_of
@@ -152,7 +160,8 @@ def delivery_json(d: Delivery, with_attempts: bool = False) -> dict[str, Any]:
            "state": d.state, "attempt_count": d.attempt_count,
            "next_attempt_at": int(d.next_attempt_at) if d.state == "pending" else None,
            "held_behind": d.held_behind,
-           "created_at": int(d.created_at), "updated_at": int(d.updated_at)}
+           "created_at": int(d.created_at), "updated_at": int(d.updated_at),
+           "event_erased_at": int(d.event_erased_at) if d.event_erased_at is not None else None}
     if with_attempts:
         out["attempts"] = [{"attempt": a.attempt, "started_at": int(a.started_at), "duration_ms": a.duration_ms,
                             "status_code": a.status_code, "error": a.error,
@@ -169,9 +178,10 @@ def audit_json(entry: AuditEntry) -> dict[str, Any]:
 
 def event_json(event: Event) -> dict[str, Any]:
     audience = event.audience or {}
-    return {"event_id": event.id, "event": event.type, "payload": json.loads(event.body),
+    erased = event.erased_at is not None  # its content erased: no payload left to show
+    return {"event_id": event.id, "event": event.type, "payload": None if erased else json.loads(event.body),
             "partners": audience.get("partners"), "channels": audience.get("channels"),
-            "created_at": int(event.created_at)}
+            "created_at": int(event.created_at), "erased_at": int(event.erased_at) if erased else None}
 
 
 # =====================================================================================
@@ -205,6 +215,32 @@ async def trace_event(request: Request) -> JSONResponse:
     for entry in await db(ctx.store.audit_for, [d.id for d in deliveries]):
         retries.setdefault(entry.target or "", []).append(entry)
     return JSONResponse(timeline.event_story(event, deliveries, retries, user_agent=f"webhookd/{__version__}"))
+
+
+async def erase_event(request: Request) -> JSONResponse:
+    """``DELETE /events/{id}/content`` (admin): the event's payload, the signatures sent and the
+    partners' answers go; its metadata stays, its pending deliveries end ``cancelled``
+    (``erasure.py``). Erasing again answers the same, and changes nothing."""
+    ctx = context(request)
+    event_id = request.path_params["event_id"]
+    erased = await db(erasure.erase_content, ctx.store, event_id, now=ctx.clock(),
+                      audit=audit_entry(request, "event.erased", None, target=event_id))
+    if erased is None:
+        raise ApiError(404, "event_not_found", f"No event with id {event_id!r}.")
+    for partner_id, cancelled in erased.cancelled.items():
+        ctx.metrics.deliveries.inc(cancelled, partner=partner_id, outcome="cancelled")
+    if erased.first:
+        logger.warning("event %s (%s): content erased by the admin; %d pending deliveries cancelled",
+                       event_id, erased.event_type, sum(erased.cancelled.values()))
+    return JSONResponse({"event_id": event_id, "event": erased.event_type, "erased_at": int(erased.erased_at),
+                         "cancelled_deliveries": sum(erased.cancelled.values())})
+
+
+def refuse_if_erased(d: Delivery) -> None:
+    """409 for a delivery of an erased event: nothing is left to send."""
+    if d.event_erased_at is not None:
+        raise ApiError(409, "event_erased", f"The content of event {d.event_id} was erased: nothing is left to "
+                                            "send. Publish a new event if it is still needed.")
 
 
 # =====================================================================================
@@ -252,6 +288,7 @@ async def retry_delivery(request: Request) -> JSONResponse:
     (409 otherwise)."""
     ctx = context(request)
     found = await _owned_delivery(request)
+    refuse_if_erased(found)
     partner = await known_partner(ctx.store, found.partner_id)
     if partner is None:
         raise ApiError(409, "partner_deleted", f"Delivery {found.id} was for partner {found.partner_id}, which "
@@ -261,6 +298,7 @@ async def retry_delivery(request: Request) -> JSONResponse:
                       audit=audit_entry(request, "delivery.retried", found.partner_id,
                                         {"state": {"from": found.state, "to": "pending"}}, target=found.id))
     if queued is None:
+        refuse_if_erased(await _owned_delivery(request))  # erased meanwhile
         raise ApiError(409, "not_failed", f"Delivery {found.id} is {found.state}; only a failed or expired "
                                           "delivery can be retried.")
     await probe_everywhere(ctx, found.partner_id)
@@ -309,6 +347,29 @@ async def portal(request: Request) -> Response:
     """``GET /portal``: the partners' own page (English or Spanish). It asks for a partner API key
     and calls the API with it, so it sees what that key may see: its partner, nothing else."""
     return static_page("portal.html")
+
+
+async def create_portal_link(request: Request) -> JSONResponse:
+    """``POST /partners/{id}/portal-link`` (admin): a link to ``/portal`` as this partner alone, for
+    ``lifetime_s`` (60 s to 7 days; 1 hour), read-only if asked (``portal_links.py``). The token is
+    in the link's fragment, never sent to a server; it is audited and logged without it."""
+    ctx = context(request)
+    partner = await owned_partner(request)
+    fields = await read_json_object(request, allowed={"lifetime_s", "read_only"}) if await request.body() else {}
+    try:
+        lifetime, read_only = portal_links.lifetime_and_access(fields)
+    except ValueError as problem:
+        raise invalid(*problem.args) from None
+    expires_at = int(ctx.clock()) + lifetime
+    token = await db(portal_links.mint, ctx.store, partner.id, expires_at=expires_at, read_only=read_only,
+                     audit=audit_entry(request, "partner.portal_link_created", partner.id,
+                                       {"lifetime_s": lifetime, "read_only": read_only, "expires_at": expires_at}))
+    if token is None:
+        raise partner_not_found(partner.id)
+    logger.info("partner %s: a %sportal link valid %d s was minted", partner.id, "read-only " if read_only else "",
+                lifetime)
+    return JSONResponse({"partner_id": partner.id, "url": f"{str(request.base_url).rstrip('/')}/portal#token={token}",
+                         "expires_at": expires_at, "read_only": read_only}, status_code=201)
 
 
 async def who_am_i(request: Request) -> JSONResponse:
@@ -426,6 +487,7 @@ ROUTES = [
     route("POST", "/events/batch", publish_batch, ADMIN),
     route("GET", "/events/{event_id}", get_event, ADMIN),
     route("GET", "/events/{event_id}/trace", trace_event, ADMIN),
+    route("DELETE", "/events/{event_id}/content", erase_event, ADMIN),
     route("GET", "/deliveries", list_deliveries, CALLER),
     route("GET", "/deliveries/{delivery_id}", get_delivery, CALLER),
     route("POST", "/deliveries/{delivery_id}/retry", retry_delivery, CALLER),
@@ -436,6 +498,7 @@ ROUTES = [
     route("GET", "/audit", list_audit, ADMIN),
     route("GET", "/dashboard", dashboard, PUBLIC),
     route("GET", "/portal", portal, PUBLIC),
+    route("POST", "/partners/{partner_id}/portal-link", create_portal_link, ADMIN),
     route("GET", "/me", who_am_i, CALLER),
     route("GET", "/openapi.json", openapi_document, PUBLIC),
     WebSocketRoute("/ws", live_notifications),

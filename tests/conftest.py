@@ -416,6 +416,7 @@ def make_config(tmp_path: Path, **overrides: Any):
     retention: dict[str, Any] = {}
     alerts: dict[str, Any] = {}
     catalog = overrides.pop("events", cfg.events)
+    type_retention = overrides.pop("event_retention_s", {})  # type -> seconds (the catalog's retention_days)
     for key, value in overrides.items():
         section, name = key.split("__")
         {"security": security, "delivery": deliveryc, "storage": storage, "retention": retention,
@@ -423,6 +424,7 @@ def make_config(tmp_path: Path, **overrides: Any):
     return dataclasses.replace(
         cfg,
         events=catalog,
+        event_retention_s=type_retention,
         alerts=dataclasses.replace(cfg.alerts, **alerts),
         retention=dataclasses.replace(cfg.retention, **retention),
         storage=config.StorageConfig(**storage),
