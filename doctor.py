@@ -50,6 +50,7 @@ from models import Job, Partner
 from sender import build_headers, classify_error, describe_error, plan_route, request_bytes
 from sender_http import MAX_HEAD_BYTES, MAX_INTERIM, MAX_LINE, BadResponse
 from targets import Target, resolve_target_async
+from verification import refuse_if_unverified
 from web import RateLimiter, caller_of, context, invalid, new_id, owned_partner
 
 logger = logging.getLogger("webhookd")
@@ -82,6 +83,7 @@ AWKWARD_BODIES: dict[str, dict[str, Any]] = {
 async def check_endpoint(request: Request) -> JSONResponse:
     """``POST /partners/{id}/check?lang=en|es``: probe the partner's endpoint, answer the report."""
     partner = await owned_partner(request)
+    refuse_if_unverified(partner)  # probes are requests too: none to an endpoint not yet proved
     lang = chosen_language(request.query_params.get("lang"), request.headers.get("accept-language", ""))
     ctx = context(request)
     await _check_limit(request).check(partner.id, "endpoint checks of this partner")

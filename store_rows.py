@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner
+from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner, Verification
 from targets import redacted_url
 
 # --- Rows to objects ------------------------------------------------------------------------
@@ -32,7 +32,17 @@ def partner_from_row(row: Any, events: tuple[str, ...], channels: tuple[str, ...
         max_rate_per_s=row["max_rate_per_s"], paused_until=row["paused_until"],
         suspended_reason=row["suspended_reason"], contact_email=row["contact_email"], channels=channels,
         payload_filter=json.loads(row["payload_filter"]) if row["payload_filter"] else None, ordering=row["ordering"],
+        verification=verification_from_row(row),
     )
+
+
+def verification_from_row(row: Any) -> Verification | None:
+    """A partner's endpoint verification (None: never asked for), without its challenge."""
+    if row["verification"] is None:
+        return None
+    return Verification(state=row["verification"], attempts=row["verification_attempts"],
+                        due_at=row["verification_due_at"], tried_at=row["verification_tried_at"],
+                        error=row["verification_error"], verified_at=row["verified_at"])
 
 
 def event_from_row(row: Any) -> Event:

@@ -72,3 +72,17 @@ AUDIT_TABLE = """CREATE TABLE IF NOT EXISTS audit_log (
     target     TEXT,                       -- a delivery id, when the action was on one
     changes    TEXT NOT NULL               -- JSON
 )"""
+
+
+# Proof that a partner's endpoint is its own (verification.py): its state (null: never asked; else
+# unverified or verified), the challenge the endpoint must echo, the requests sent for it, when the
+# next goes, when the last went and why it failed, when it passed. The claim skips an unverified partner.
+VERIFICATION_COLUMNS = [
+    "ALTER TABLE partners ADD COLUMN verification TEXT",
+    "ALTER TABLE partners ADD COLUMN verification_challenge TEXT",
+    "ALTER TABLE partners ADD COLUMN verification_attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE partners ADD COLUMN verification_due_at DOUBLE PRECISION",
+    "ALTER TABLE partners ADD COLUMN verification_tried_at DOUBLE PRECISION",
+    "ALTER TABLE partners ADD COLUMN verification_error TEXT",
+    "ALTER TABLE partners ADD COLUMN verified_at DOUBLE PRECISION",
+]

@@ -77,6 +77,7 @@ import metrics
 import openapi
 import realtime
 import timeline
+import verification
 from alerts import Alerts
 from catalog import list_event_types
 from config import VERSION, Config, DeliverySettings, admin_token
@@ -401,6 +402,7 @@ ROUTES = [
     route("POST", "/partners/{partner_id}/cancel-pending", cancel_pending, ADMIN),
     route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
     route("POST", "/partners/{partner_id}/check", check_endpoint, CALLER),
+    route("POST", "/partners/{partner_id}/verify", verification.request_verification, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
     route("POST", "/partners/{partner_id}/replay", replay_events, CALLER),
     route("GET", "/event-types", list_event_types, CALLER),
@@ -442,6 +444,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
         await ctx.housekeeping.start()
         await ctx.loop.start()
         await ctx.alerts.start(wake=ctx.loop.wake)
+        app.state.verifier = verification.Verifier(ctx.store, ctx.loop.sender, ctx.loop.settings, ctx.loop.wake, clock)
+        await app.state.verifier.start(config)
         log_stale_subscriptions(ctx.store, config.events)
         stop_listening = _listen_to_other_processes(ctx)
         logger.info("webhookd %s ready; database %s", __version__, ctx.store.engine.describe())
@@ -450,6 +454,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
         finally:
             await asyncio.to_thread(stop_listening)
             await ctx.alerts.stop()
+            await app.state.verifier.stop()
             await ctx.loop.stop()
             await ctx.housekeeping.stop()
             ctx.store.close()
