@@ -43,6 +43,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``alerts.py``            webhookd's own signed alerts to the operator
 ``catalog.py``           the event catalog as partners read it: ``/event-types``
 ``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
+``verification.py``      proof the endpoint is the partner's: a challenge it must echo before
+                         anything else is sent; its rows in ``store_verification.py``
 ``config.py``            every config key and its default (``config_template.py``: the
                          file ``webhookd init`` writes); ``cli.py`` the command line,
                          ``cli_parser.py`` its grammar, ``serving.py`` ``webhookd

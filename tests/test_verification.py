@@ -15,8 +15,6 @@ import time
 from typing import Any
 
 import pytest
-from conftest import ADMIN, ThreadServer, bearer, wait_for
-from payloads import PAYMENT_SUCCESS
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -24,6 +22,8 @@ from starlette.routing import Route
 
 import signing
 import verification
+from conftest import ADMIN, ThreadServer, bearer, wait_for
+from payloads import PAYMENT_SUCCESS
 
 ON = {"security__verify_endpoints": True}
 
