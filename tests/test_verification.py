@@ -289,3 +289,50 @@ def test_the_request_body_is_canonical_json_naming_the_event():
     body = verification.request_body("partner_x", "abc", 1700000000.5)
     assert body == signing.canonical(json.loads(body))
     assert json.loads(body)["event"] == "webhook.verification" and json.loads(body)["challenge"] == "abc"
+
+
+# --- The portal --------------------------------------------------------------------------------------
+
+
+def test_the_portal_shows_an_unverified_partner_how_to_answer_and_sends_a_new_challenge(
+        browser_ready, hub_factory, receivers, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from conftest import CHROMIUM, CHROMIUM_ARGS
+
+    hub = hub_factory(**ON)
+    receiver = receivers("ignore")
+    partner = register(hub, receiver)
+    pid = partner["partner_id"]
+    wait_for(lambda: verification_of(hub, pid)["attempts"] >= 1, timeout=30)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000}, locale="en-US")
+            page.set_default_timeout(10_000)
+            expect.set_options(timeout=10_000)
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            tid = page.get_by_test_id
+            page.goto(hub.url + "/portal")
+            tid("key-input").fill(partner["api_key"])
+            tid("key-submit").click()
+            expect(tid("verification-state")).to_have_text("not verified yet: nothing else is sent to your URL")
+            expect(tid("verification-how")).to_contain_text('{"challenge": "…"}')
+            expect(tid("verification-error")).to_contain_text("without the challenge")
+            expect(tid("check")).to_be_disabled()  # the endpoint check probes nothing unproved
+            tid("lang-es").click()
+            expect(tid("verification-state")).to_have_text("sin verificar todavía: no se envía nada más a tu URL")
+            expect(tid("verification-how")).to_contain_text("devolviendo el reto")
+            page.screenshot(path=tmp_path / "portal-unverified-es.png", full_page=True)
+
+            receiver.mode = "echo"  # the partner fixes its receiver, then asks for a new challenge
+            tid("verify-again").click()
+            expect(tid("endpoint-notice")).to_contain_text("webhook.verification")
+            expect(tid("verification-state")).to_have_text("verificado", timeout=30_000)
+            expect(tid("verify-again")).to_be_hidden()
+            expect(tid("check")).to_be_enabled()
+            assert errors == []
+        finally:
+            browser.close()
+    assert verification_of(hub, pid)["state"] == "verified"
