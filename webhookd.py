@@ -337,6 +337,7 @@ async def stats(request: Request) -> JSONResponse:
                      "disabled_reason": p.disabled_reason,
                      "failing_since": int(p.failing_since) if p.failing_since else None,
                      "circuit": ctx.loop.circuit(p, now), "max_rate_per_s": p.max_rate_per_s,
+                     "verification": verification.verification_json(p),
                      "concurrency": ctx.loop.partner_limits.limit(p.id),
                      "delivered": c.get("delivered", 0),
                      "failed": c.get("failed", 0), "pending": c.get("pending", 0),

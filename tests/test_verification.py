@@ -336,3 +336,33 @@ def test_the_portal_shows_an_unverified_partner_how_to_answer_and_sends_a_new_ch
         finally:
             browser.close()
     assert verification_of(hub, pid)["state"] == "verified"
+
+
+def test_the_dashboard_marks_an_unverified_partner(browser_ready, webhookd_factory, receivers):
+    from playwright.sync_api import expect, sync_playwright
+
+    from conftest import ADMIN_TOKEN, CHROMIUM, CHROMIUM_ARGS
+
+    hub = webhookd_factory(**ON)
+    silent, echoing = receivers("ignore"), receivers("echo")
+    waiting = register(hub, silent)
+    proved = register(hub, echoing)
+    wait_for(lambda: verification_of(hub, waiting["partner_id"])["attempts"] >= 1
+             and verification_of(hub, proved["partner_id"])["state"] == "verified", timeout=30)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            tid = page.get_by_test_id
+            page.goto(hub.url + "/dashboard")
+            tid("token-input").fill(ADMIN_TOKEN)
+            tid("token-submit").click()
+            rows = tid("partner-row")
+            expect(rows).to_have_count(2, timeout=10_000)
+            unproved = page.locator(f'[data-partner-id="{waiting["partner_id"]}"]')
+            expect(unproved.get_by_test_id("partner-unverified")).to_contain_text("unverified", timeout=10_000)
+            assert "without the challenge" in unproved.get_by_test_id("partner-unverified").get_attribute("title")
+            expect(page.locator(f'[data-partner-id="{proved["partner_id"]}"]').get_by_test_id(
+                "partner-unverified")).to_have_count(0)
+        finally:
+            browser.close()
