@@ -96,7 +96,8 @@ async def register_partner(request: Request) -> JSONResponse:
     partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
                        secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
                        max_rate_per_s=rate, contact_email=email, channels=channels, payload_filter=payload_filter,
-                       ordering=ordering, audit=audit, verification_challenge=verification.challenge_for(url, ctx.config))
+                       ordering=ordering, audit=audit,
+                       verification_challenge=verification.challenge_for(url, ctx.config))  # None: not asked
     verification.wake(request)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
@@ -368,7 +369,8 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "failing_since": int(partner.failing_since) if partner.failing_since else None,
             "channels": list(partner.channels), "filter": partner.payload_filter, "ordering": partner.ordering,
             "max_rate_per_s": partner.max_rate_per_s, "contact_email": partner.contact_email,
-            "circuit": ctx.loop.circuit(partner, ctx.clock()), "verification": verification.verification_json(partner),
+            "circuit": ctx.loop.circuit(partner, ctx.clock()),
+            "verification": verification.verification_json(partner),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
 
@@ -387,7 +389,7 @@ def refuse_if_held(request: Request, partner: Partner | None) -> None:
     first, then = "Make it active first", "once active"
     if partner.status == "active":  # active, but its endpoint is not proved yet
         why = "its endpoint has not answered its verification challenge yet (see 'verification' on the partner)"
-        first, then = "Answer the challenge first (POST /partners/{id}/verify sends a new one)", "once verified"
+        first, then = f"Answer the challenge first (POST /partners/{partner.id}/verify sends a new one)", "once verified"
     raise ApiError(409, "partner_held", f"Nothing is sent to partner {partner.id} now: {why}. {first}, or add "
                                         f"?queue=true to queue this anyway (it goes out {then}).")
 

@@ -134,7 +134,8 @@ class Partners:
                        max_rate_per_s: float | None = None, reason: str | None = None,
                        contact_email: str | None = None, channels: list[str] | None = None,
                        payload_filter: dict[str, list[Any]] | None = None, ordering: str | None = None,
-                       audit: AuditEntry | None = None, verification_challenge: str | None = None) -> Partner | None:
+                       audit: AuditEntry | None = None,
+                       verification_challenge: str | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
         partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace,
         ``contact_email`` "" the address, and ``payload_filter`` {} the filter.

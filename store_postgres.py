@@ -364,7 +364,7 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
     ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS event_type TEXT",
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     ("urls_redacted", [common.redact_stored_urls]),
-    ("partners.verification", [c.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS") for c in common.VERIFICATION_COLUMNS]),  # proof the endpoint is the partner's
+    ("partners.verification", common.if_not_exists(common.VERIFICATION_COLUMNS)),  # proof the endpoint is theirs
 ]
 
 

@@ -86,3 +86,8 @@ VERIFICATION_COLUMNS = [
     "ALTER TABLE partners ADD COLUMN verification_error TEXT",
     "ALTER TABLE partners ADD COLUMN verified_at DOUBLE PRECISION",
 ]
+
+
+def if_not_exists(statements: list[str]) -> list[str]:
+    """PostgreSQL's migrations add a column only if it is missing (``ADD COLUMN IF NOT EXISTS``)."""
+    return [s.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS") for s in statements]

@@ -348,7 +348,8 @@ MIGRATIONS: list[common.Migration] = [
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
     ("urls_redacted", [common.redact_stored_urls]),
-    ("partners.verification", list(common.VERIFICATION_COLUMNS)),  # proof the endpoint is the partner's
+    # Proof the endpoint is the partner's (verification.py): its state, challenge and requests.
+    ("partners.verification", list(common.VERIFICATION_COLUMNS)),
 ]
 
 
