@@ -422,6 +422,7 @@ _PUBLISH_TO_ONE = _PUBLISH_POSTGRES.format(subscribers="SELECT CAST(:only AS TEX
 _LOCK_PARTNERS = """
     SELECT id, ordering FROM partners
     WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
+      AND (verification IS NULL OR verification <> 'unverified')
     ORDER BY id COLLATE "C"
     FOR NO KEY UPDATE SKIP LOCKED
 """

@@ -366,3 +366,46 @@ def test_the_dashboard_marks_an_unverified_partner(browser_ready, webhookd_facto
                 "partner-unverified")).to_have_count(0)
         finally:
             browser.close()
+
+
+# --- The gate in the store and the delivery loop, on each engine ------------------------------------------
+
+
+def test_an_unverified_partner_is_passed_by_the_claim_and_a_job_claimed_before_is_given_back(store_target):
+    """A job claimed just before the URL changed begins with the partner as it is now: unverified, it is
+    not sent (``DeliveryLoop._as_partner_is_now``); the claim and the loop's next due time pass the partner
+    by until its endpoint echoes the challenge, then take its deliveries again."""
+    import delivery
+    from config import DeliverySettings
+    from models import AuditEntry, NewEvent
+    from storage import open_store
+
+    store = open_store(store_target)
+    try:
+        partner = store.add_partner(partner_id="partner_1", name="P", webhook_url="http://127.0.0.1:9/old",
+                                    events=["payment.success"], secret="sk_live_1", api_key_hash="h", now=100.0)
+        assert partner.verification is None
+        for n in (1, 2):
+            store.publish(NewEvent(id=f"evt_{n}", type="payment.success", body=b"{}"), now=100.0, max_attempts=3,
+                          new_delivery_id=lambda n=n: f"dlv_{n}")
+        (job,) = store.claim_due(now=100.0, lease_s=30, limit=1, per_partner=1)
+        store.update_partner(partner.id, webhook_url="http://127.0.0.1:9/new", verification_challenge="c_1", now=101.0)
+        loop = delivery.DeliveryLoop(store, DeliverySettings(), clock=lambda: 102.0)
+        assert loop._as_partner_is_now(job) is None
+        store.release_claims([job.delivery_id], 102.0)
+        assert store.claim_due(now=103.0, lease_s=30, limit=10, per_partner=10) == []
+        assert store.next_due_at(now=103.0) is None  # nothing the loop may take: it does not spin on them
+
+        (due,) = store.claim_verifications(now=103.0, lease_s=30, limit=10)
+        assert (due.url, due.challenge, due.attempt, due.secrets) == ("http://127.0.0.1:9/new", "c_1", 1, ("sk_live_1",))
+        assert store.claim_verifications(now=103.0, lease_s=30, limit=10) == []  # leased: one sender at a time
+        audit = AuditEntry(id="aud_1", at=104.0, actor="webhookd", action="partner.verified", partner_id=partner.id,
+                           changes={})
+        assert not store.record_verification(partner.id, challenge="c_0", now=104.0, error=None, due_at=None,
+                                             audit=audit)  # an answer to another challenge proves nothing
+        assert store.record_verification(partner.id, challenge="c_1", now=104.0, error=None, due_at=None, audit=audit)
+        assert store.get_partner(partner.id).verification.state == "verified"
+        claimed = store.claim_due(now=105.0, lease_s=30, limit=10, per_partner=10)
+        assert sorted(j.event_id for j in claimed) == ["evt_1", "evt_2"]
+    finally:
+        store.close()
