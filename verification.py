@@ -12,9 +12,10 @@ new partner's URL, and every new URL a partner is given, must first answer a cha
 2. The endpoint verifies the signature as it does for any webhook and answers 2xx with the
    challenge in the body: ``{"challenge": "<the challenge>"}`` (any other fields beside it), or the
    challenge alone as plain text or as a JSON string. It is compared in constant time.
-3. Until it does, the partner is ``unverified``: the claim passes it by (``store.PENDING_PARTNERS``),
-   an attempt claimed before its URL changed is given back (``delivery.py``), a retry, recover or
-   replay by hand gets a 409 (``partners.refuse_if_held``) and the receiver doctor probes nothing.
+3. Until it does, the partner is ``unverified``: the claim passes it by (``store.PENDING_PARTNERS``;
+   on PostgreSQL ``_LOCK_PARTNERS`` too), an attempt claimed before its URL changed is given back
+   (``delivery.py``), a retry, recover or replay by hand gets a 409 (``partners.refuse_if_held``),
+   the receiver doctor probes nothing, and the backlog alert leaves its waiting deliveries out.
    Its deliveries wait like a paused partner's, and like them end ``expired`` after
    ``delivery.max_pending_age_s`` (``POST /partners/{id}/recover`` brings those back).
 4. A request that fails is sent again after the deliveries' backoff (``delivery.backoff_base_s``
