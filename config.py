@@ -115,6 +115,7 @@ class SecurityConfig:
     partner_writes_per_min: float = 30.0     # writes a partner makes with its own key (test events, patches, ...)
     metrics_public: bool = False             # true: GET /metrics without the admin token
     partner_self_delete: bool = False        # true: a partner may DELETE itself with its own key
+    verify_endpoints: bool = False           # true: a new webhook URL receives nothing until it echoes a challenge
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ open_registration = false            # true lets anyone call POST /partners/regi
 allow_private_targets = false        # true only to try webhookd with receivers on this machine (webhookd listen):
 #                                    # it lets partners' URLs reach loopback and private networks
 allowed_ports = []                   # e.g. [443, 8443]; empty: any port
+verify_endpoints = false             # true: a new webhook URL gets nothing until it echoes a signed challenge
 
 [delivery]
 timeout_s = 5                        # per attempt: lookup, connect and answer together

@@ -404,7 +404,7 @@ class DeliveryLoop:
         a pause, its own retry terms and headers — so reaches every attempt that begins after
         it, even of jobs claimed before it (memory only: the store's copy of partners)."""
         partner = self.store.get_partner(job.partner_id)
-        if partner is None or partner.status != "active":
+        if partner is None or partner.status != "active" or partner.unverified:  # a new URL not yet proved
             return None
         # Built field by field: dataclasses.replace() costs three times as much, once per attempt.
         return Job(job.delivery_id, job.event_id, job.event, job.partner_id, partner.webhook_url,

@@ -52,6 +52,7 @@ from polling import delivery_mode
 from sender import build_headers, classify_error, describe_error, plan_route, request_bytes
 from sender_http import MAX_HEAD_BYTES, MAX_INTERIM, MAX_LINE, BadResponse
 from targets import Target, resolve_target_async
+from verification import refuse_if_unverified
 from web import ApiError, RateLimiter, caller_of, context, invalid, new_id, owned_partner
 
 logger = logging.getLogger("webhookd")
@@ -87,6 +88,7 @@ async def check_endpoint(request: Request) -> JSONResponse:
     if delivery_mode(partner) == "pull":
         raise ApiError(409, "partner_pulls", f"Partner {partner.id} is pull-only: it has no endpoint to check. "
                                              f"It reads its events with GET /partners/{partner.id}/events.")
+    refuse_if_unverified(partner)  # probes are requests too: none to an endpoint not yet proved
     lang = chosen_language(request.query_params.get("lang"), request.headers.get("accept-language", ""))
     ctx = context(request)
     await _check_limit(request).check(partner.id, "endpoint checks of this partner")

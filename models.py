@@ -53,9 +53,15 @@ class Partner:
     retry: RetryTerms = field(default_factory=lambda: RetryTerms())  # its own retry policy (partner_terms.py)
     # Sent with every request to it, e.g. ("Authorization", "Bearer …"): secrets, like ``secret``.
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    verification: Verification | None = None  # proof the endpoint is the partner's (verification.py); None: not asked
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
+
+    @property
+    def unverified(self) -> bool:
+        """Its endpoint has not proved yet that it is its own: nothing but the challenge goes to it."""
+        return self.verification is not None and self.verification.state == "unverified"
 
     def accepts(self, payload: dict[str, Any]) -> bool:
         """Whether an event with this payload passes the partner's filter: every field it names is
@@ -63,6 +69,20 @@ class Partner:
         the payload lacks rules the event out: a filter only ever narrows what a partner gets."""
         return all(field in payload and any(_same(payload[field], v) for v in values)
                    for field, values in (self.payload_filter or {}).items())
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Where a partner stands on proving its endpoint is its own (``verification.py``): ``state``
+    "unverified" (nothing else is sent to it) or "verified". The challenge itself is never here:
+    it stays in the store, so no answer of the API can show it."""
+
+    state: str
+    attempts: int = 0                 # verification requests sent for the current challenge
+    due_at: float | None = None       # when the next one goes (None: none planned)
+    tried_at: float | None = None     # when the last one went
+    error: str | None = None          # why the last one failed, in words a partner can act on
+    verified_at: float | None = None
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -92,6 +92,16 @@ def _list_of(name: str) -> dict[str, Any]:
     return _obj({"items": {"type": "array", "items": _ref(name)}, "next_cursor": {"type": ["string", "null"]}})
 
 
+# Proof the endpoint is the partner's (security.verify_endpoints): the other keys are absent for not_requested.
+VERIFICATION = _obj({
+    "state": {"enum": ["not_requested", "unverified", "verified"],
+              "description": "unverified: nothing but the webhook.verification challenge is sent to the partner"},
+    "attempts": {"type": "integer", "description": "requests sent for the current challenge"},
+    "max_attempts": {"type": "integer"}, "last_attempt_at": MAYBE_TIME, "next_attempt_at": MAYBE_TIME,
+    "last_error": {"type": ["string", "null"], "description": "why the last request failed, in words"},
+    "verified_at": MAYBE_TIME}, required=["state"])
+
+
 def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
     events = sorted(catalog)
     partner = {
@@ -116,6 +126,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "opened_at": MAYBE_TIME, "next_probe_at": MAYBE_TIME,
             "recent_failures": {"type": "integer", "description": "failed attempts in the current failing streak"},
         }),
+        "verification": VERIFICATION,
         "created_at": TIME, "updated_at": TIME,
     }
     delivery = {
@@ -226,6 +237,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "DeliveryDetail": _obj({**delivery, "attempts": {"type": "array", "items": _obj(attempt)}}),
         "DeliveryList": _list_of("Delivery"),
         "Recovered": _obj({"requeued": {"type": "integer"}}),
+        "VerificationRequested": _obj({"partner_id": STRING, "verification": VERIFICATION}),
         "CheckReport": _obj({
             "partner_id": STRING, "lang": {"enum": ["en", "es"]}, "checked_at": TIME,
             "result": {"enum": ["pass", "warn", "fail"], "description": "the worst of the checks' results"},
@@ -269,8 +281,9 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "PendingCancelled": _obj({"partner_id": STRING, "cancelled_deliveries": {"type": "integer"}}),
         "AuditEntry": _obj({
             "audit_id": STRING, "at": TIME,
-            "actor": {"enum": ["admin", "partner", "anonymous"],
-                      "description": "partner: the partner itself, with its API key; anonymous: open registration"},
+            "actor": {"enum": ["admin", "partner", "anonymous", "webhookd"],
+                      "description": "partner: the partner itself, with its API key; anonymous: open registration; "
+                                     "webhookd: its own endpoint verification"},
             "address": {"type": ["string", "null"]}, "action": STRING, "partner_id": {"type": ["string", "null"]},
             "target": {"type": ["string", "null"], "description": "the delivery, for delivery.retried"},
             "changes": {"type": "object", "description": "what changed (never a secret or a key)"}}),
@@ -404,6 +417,11 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
             "(429 rate_limited with Retry-After)", 200, "CheckReport", params=[
                 PARTNER, _query("lang", {"enum": ["en", "es"]}, "the report's language; without it, the first of "
                                 "Accept-Language's that is en or es; else English")])},
+        "/partners/{partner_id}/verify": {"post": _op(
+            "Send the partner's endpoint a new signed webhook.verification challenge (security.verify_endpoints); "
+            "unverified, so sent nothing else, until it answers 2xx echoing it (409 verification_off when the "
+            "option is off, nothing_to_verify without a webhook URL)", 202, "VerificationRequested",
+            params=[PARTNER])},
         "/partners/{partner_id}/recover": {"post": _op(
             "Re-queue failed and expired deliveries created since `since`", 200, "Recovered",
             params=[PARTNER, _query("since", {"type": "integer", "minimum": 0}, "unix seconds", True), QUEUE])},

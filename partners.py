@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 import partner_terms
 import signing
 import targets
+import verification
 from config import SecurityConfig
 from models import NewEvent, Partner, RetryTerms
 from polling import check_delivery, delivery_mode
@@ -103,7 +104,9 @@ async def register_partner(request: Request) -> JSONResponse:
     partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
                        secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
                        max_rate_per_s=rate, contact_email=email, channels=channels, payload_filter=payload_filter,
-                       ordering=ordering, retry=retry, extra_headers=extra_headers, audit=audit)
+                       ordering=ordering, retry=retry, extra_headers=extra_headers, audit=audit,
+                       verification_challenge=verification.challenge_for(url, ctx.config))  # None: not asked
+    verification.wake(request)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
     return JSONResponse({**partner_json(partner, ctx), **secret_json(shared_secret), "api_key": api_key},
                         status_code=201)
@@ -135,6 +138,8 @@ async def update_partner(request: Request) -> JSONResponse:
         raise ApiError(422, "invalid_field", f"Send at least one of {', '.join(sorted(PATCHABLE))}.")
     before = await owned_partner(request)
     change = await check_change(body, before, ctx, caller_of(request))
+    if change["webhook_url"] not in (None, before.webhook_url):  # a new endpoint proves itself again
+        change["verification_challenge"] = verification.challenge_for(change["webhook_url"], ctx.config)
     status = change["status"]
     action = STATUS_ACTIONS[status] if status not in (None, before.status) else "partner.updated"
     audit = audit_entry(request, action, partner_id, changed_fields(before, body, change))
@@ -143,6 +148,7 @@ async def update_partner(request: Request) -> JSONResponse:
         raise partner_not_found(partner_id)
     if delivery_mode(before) == "pull" and change["webhook_url"]:
         ctx.loop.wake()  # given a URL, its deliveries waiting to be pulled are the loop's to send now
+    verification.wake(request)
     if status == "active":
         ctx.loop.partner_reactivated(partner_id)  # the other processes were told by the store
         if before.status == "disabled":
@@ -388,13 +394,14 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "retry": partner_terms.retry_json(partner.retry, ctx.config.delivery),
             "extra_headers": partner_terms.headers_json(partner.extra_headers),
             "circuit": ctx.loop.circuit(partner, ctx.clock()),
+            "verification": verification.verification_json(partner),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
 
 
 def refuse_if_held(request: Request, partner: Partner | None) -> None:
     """A retry or a recover for a partner that is not active sends nothing until it is: say so
     (409, naming why) unless the caller asks to queue it anyway (``?queue=true``)."""
-    if partner is None or partner.status == "active":
+    if partner is None or partner.status == "active" and not partner.unverified:
         return
     queue = request.query_params.get("queue", "false")
     if queue not in ("true", "false"):
@@ -403,8 +410,12 @@ def refuse_if_held(request: Request, partner: Partner | None) -> None:
         return
     why = {"paused": "it is paused", "disabled": f"it was disabled ({partner.disabled_reason})",
            "suspended": f"the admin suspended it ({partner.suspended_reason})"}.get(partner.status, partner.status)
-    raise ApiError(409, "partner_held", f"Nothing is sent to partner {partner.id} now: {why}. Make it active "
-                                        "first, or add ?queue=true to queue this anyway (it goes out once active).")
+    first, then = "Make it active first", "once active"
+    if partner.status == "active":  # active, but its endpoint is not proved yet
+        why = "its endpoint has not answered its verification challenge yet (see 'verification' on the partner)"
+        first, then = f"Answer the challenge first (POST /partners/{partner.id}/verify sends a new one)", "once verified"
+    raise ApiError(409, "partner_held", f"Nothing is sent to partner {partner.id} now: {why}. {first}, or add "
+                                        f"?queue=true to queue this anyway (it goes out {then}).")
 
 
 async def probe_everywhere(ctx: Context, partner_id: str) -> None:

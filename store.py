@@ -67,6 +67,7 @@ from store_partners import Partners
 from store_processes import WORK_CHANNEL, Processes
 from store_rows import event_from_row, numbered, placeholders
 from store_schema import Migration
+from store_verification import Verifications
 
 T = TypeVar("T")
 
@@ -242,7 +243,7 @@ class _GroupWrite:
 # --- The store ------------------------------------------------------------------------------------
 
 
-class Store(Partners, History, Processes, abc.ABC):
+class Store(Partners, History, Processes, Verifications, abc.ABC):
     """The store both engines are: ``store_sqlite.SQLiteStore`` and ``store_postgres.PostgresStore``
     (``storage.open_store`` opens one). Thread-safe: each engine serializes or pools its connections.
 
@@ -591,6 +592,7 @@ PENDING_PARTNERS = """
                  AND leased_until > :now) END AS leased_until
     FROM pending JOIN partners p ON p.id = pending.partner_id
     WHERE p.status = 'active' AND p.webhook_url <> ''  -- a pull-only partner (no URL) takes its own (polling.py)
+      AND (p.verification IS NULL OR p.verification <> 'unverified')
 """
 
 

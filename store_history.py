@@ -299,12 +299,14 @@ class History:
 
     def oldest_pending(self, *, exclude: str) -> tuple[str, float] | None:
         """The partner and publish time of the oldest pending delivery of an active partner (but
-        ``exclude``): what the backlog alert watches. A scan of the pending rows. A pull-only
+        ``exclude``, and those whose endpoint is not verified yet: theirs wait by design, like a paused
+        partner's): what the backlog alert watches. A scan of the pending rows. A pull-only
         partner's (no URL) wait for it to read them, whenever it likes: no backlog of ours."""
         with self._reader() as db:
             row = db.execute("""SELECT d.partner_id, d.created_at FROM deliveries d JOIN partners p ON p.id = d.partner_id
                                 WHERE d.state = 'pending' AND p.status = 'active' AND d.partner_id <> :exclude
                                   AND p.webhook_url <> ''
+                                  AND (p.verification IS NULL OR p.verification <> 'unverified')
                                 ORDER BY d.created_at LIMIT 1""", {"exclude": exclude}).fetchone()
         return (row["partner_id"], row["created_at"]) if row else None
 

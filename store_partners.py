@@ -124,17 +124,22 @@ class Partners:
         channels: list[str] | None = None, payload_filter: dict[str, list[Any]] | None = None,
         ordering: str = "concurrent", retry: RetryTerms | None = None,
         extra_headers: tuple[tuple[str, str], ...] = (), audit: AuditEntry | None = None,
+        verification_challenge: str | None = None,
     ) -> Partner:
+        """A new partner, active; with ``verification_challenge``, unverified until its endpoint
+        echoes it (``verification.py``), in this same transaction: no event can reach it before."""
         with self._partner_write(partner_id) as db:
             db.execute(
                 """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
                                          max_rate_per_s, contact_email, payload_filter, ordering, created_at,
-                                         updated_at)
+                                         updated_at, verification, verification_challenge, verification_due_at)
                    VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :rate, :email, :filter, :ordering,
-                           :now, :now)""",
+                           :now, :now, :verification, :challenge, :due)""",
                 {"id": partner_id, "name": name, "url": webhook_url, "secret": secret,
                  "api_key_hash": api_key_hash, "rate": max_rate_per_s, "email": contact_email,
-                 "filter": _filter_json(payload_filter), "ordering": ordering, "now": now},
+                 "filter": _filter_json(payload_filter), "ordering": ordering, "now": now,
+                 "verification": "unverified" if verification_challenge else None,
+                 "challenge": verification_challenge, "due": now if verification_challenge else None},
             )
             _write_subscriptions(db, partner_id, events)
             _write_channels(db, partner_id, channels or [])
@@ -148,17 +153,21 @@ class Partners:
                        contact_email: str | None = None, channels: list[str] | None = None,
                        payload_filter: dict[str, list[Any]] | None = None, ordering: str | None = None,
                        retry: RetryTerms | None = None, extra_headers: tuple[tuple[str, str], ...] | None = None,
-                       audit: AuditEntry | None = None) -> Partner | None:
+                       audit: AuditEntry | None = None,
+                       verification_challenge: str | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
         partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace,
         ``contact_email`` "" the address, and ``payload_filter`` {} the filter.
         ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner).
-        ``retry`` and ``extra_headers`` replace the partner's own terms (``RetryTerms()`` and ``()``: none)."""
+        ``retry`` and ``extra_headers`` replace the partner's own terms (``RetryTerms()`` and ``()``: none).
+        ``verification_challenge`` (with a new URL): unverified from this commit on."""
         with self._partner_write(partner_id, "reactivated" if status == "active" else "changed") as db:
             if _read_partner(db, partner_id) is None:
                 return None
             if webhook_url is not None:
                 db.execute("UPDATE partners SET webhook_url = :url WHERE id = :id", {"id": partner_id, "url": webhook_url})
+            if verification_challenge is not None:
+                restart_verification(db, partner_id, verification_challenge, now)
             if max_rate_per_s is not None:
                 db.execute("UPDATE partners SET max_rate_per_s = :rate WHERE id = :id",
                            {"id": partner_id, "rate": max_rate_per_s or None})
@@ -324,6 +333,14 @@ class Partners:
             self._paces = {p.id: p.max_rate_per_s for p in self._partners.values() if p.max_rate_per_s}
             self._longest_own_timeout_s = max((p.retry.timeout_s or 0.0 for p in self._partners.values()), default=0.0)
             self.partners_stale = False
+
+
+def restart_verification(db: Any, partner_id: str, challenge: str, now: float) -> None:
+    """Make the partner unverified with a new challenge, its first request due now (``verification.py``)."""
+    db.execute("""UPDATE partners SET verification = 'unverified', verification_challenge = :challenge,
+                                      verification_attempts = 0, verification_due_at = :now,
+                                      verification_error = NULL, verified_at = NULL
+                  WHERE id = :id""", {"id": partner_id, "challenge": challenge, "now": now})
 
 
 def _read_partner(db: Any, partner_id: str) -> Partner | None:

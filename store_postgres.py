@@ -370,6 +370,7 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
                         "ALTER TABLE partners ADD COLUMN IF NOT EXISTS extra_headers TEXT"]),
     ("events.erased_at", common.EVENTS_ERASED),
     ("server_keys", [common.SERVER_KEYS_TABLE]),
+    ("partners.verification", common.if_not_exists(common.VERIFICATION_COLUMNS)),  # proof the endpoint is theirs
 ]
 
 
@@ -431,6 +432,7 @@ _LOCK_PARTNERS = """
     SELECT id, ordering FROM partners
     WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
       AND webhook_url <> ''  -- a pull-only partner (no URL) takes its own (polling.py)
+      AND (verification IS NULL OR verification <> 'unverified')
     ORDER BY id COLLATE "C"
     FOR NO KEY UPDATE SKIP LOCKED
 """

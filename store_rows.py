@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner, RetryTerms
+from models import Attempt, AuditEntry, Delivery, Event, InboundEvent, Job, Page, Partner, RetryTerms, Verification
 from partner_terms import own_terms_json
 from targets import redacted_url
 
@@ -34,6 +34,7 @@ def partner_from_row(row: Any, events: tuple[str, ...], channels: tuple[str, ...
         suspended_reason=row["suspended_reason"], contact_email=row["contact_email"], channels=channels,
         payload_filter=json.loads(row["payload_filter"]) if row["payload_filter"] else None, ordering=row["ordering"],
         retry=terms_from_column(row["retry_policy"]), extra_headers=headers_from_column(row["extra_headers"]),
+        verification=verification_from_row(row),
     )
 
 
@@ -56,6 +57,15 @@ def headers_column(headers: tuple[tuple[str, str], ...]) -> str | None:
 
 def headers_from_column(text: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(json.loads(text).items()) if text else ()
+
+
+def verification_from_row(row: Any) -> Verification | None:
+    """A partner's endpoint verification (None: never asked for), without its challenge."""
+    if row["verification"] is None:
+        return None
+    return Verification(state=row["verification"], attempts=row["verification_attempts"],
+                        due_at=row["verification_due_at"], tried_at=row["verification_tried_at"],
+                        error=row["verification_error"], verified_at=row["verified_at"])
 
 
 def event_from_row(row: Any) -> Event:

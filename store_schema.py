@@ -89,3 +89,21 @@ SERVER_KEYS_TABLE = """CREATE TABLE IF NOT EXISTS server_keys (
     value      TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL
 )"""
+
+# Proof that a partner's endpoint is its own (verification.py): its state (null: never asked; else
+# unverified or verified), the challenge the endpoint must echo, the requests sent for it, when the
+# next goes, when the last went and why it failed, when it passed. The claim skips an unverified partner.
+VERIFICATION_COLUMNS = [
+    "ALTER TABLE partners ADD COLUMN verification TEXT",
+    "ALTER TABLE partners ADD COLUMN verification_challenge TEXT",
+    "ALTER TABLE partners ADD COLUMN verification_attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE partners ADD COLUMN verification_due_at DOUBLE PRECISION",
+    "ALTER TABLE partners ADD COLUMN verification_tried_at DOUBLE PRECISION",
+    "ALTER TABLE partners ADD COLUMN verification_error TEXT",
+    "ALTER TABLE partners ADD COLUMN verified_at DOUBLE PRECISION",
+]
+
+
+def if_not_exists(statements: list[str]) -> list[str]:
+    """PostgreSQL's migrations add a column only if it is missing (``ADD COLUMN IF NOT EXISTS``)."""
+    return [s.replace("ADD COLUMN", "ADD COLUMN IF NOT EXISTS") for s in statements]

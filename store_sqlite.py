@@ -357,6 +357,8 @@ MIGRATIONS: list[common.Migration] = [
     # An event's content erased on request or by its type's retention (erasure.py).
     ("events.erased_at", common.EVENTS_ERASED),
     ("server_keys", [common.SERVER_KEYS_TABLE]),  # the portal links' signing key (portal_links.py)
+    # Proof the endpoint is the partner's (verification.py): its state, challenge and requests.
+    ("partners.verification", list(common.VERIFICATION_COLUMNS)),
 ]
 
 

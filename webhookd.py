@@ -51,6 +51,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          in a URL fragment (``POST /partners/{id}/portal-link``)
 ``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
 ``polling.py``           pulling instead of receiving: ``GET /partners/{id}/events``
+``verification.py``      proof the endpoint is the partner's: a challenge it must echo before
+                         anything else is sent; its rows in ``store_verification.py``
 ``config.py``            every config key and its default (``config_template.py``: the
                          file ``webhookd init`` writes); ``cli.py`` the command line,
                          ``cli_parser.py`` its grammar, ``serving.py`` ``webhookd
@@ -87,6 +89,7 @@ import openapi
 import portal_links
 import realtime
 import timeline
+import verification
 from alerts import Alerts
 from catalog import list_event_types
 from config import VERSION, Config, DeliverySettings, admin_token
@@ -402,6 +405,7 @@ async def stats(request: Request) -> JSONResponse:
                      "disabled_reason": p.disabled_reason,
                      "failing_since": int(p.failing_since) if p.failing_since else None,
                      "circuit": ctx.loop.circuit(p, now), "max_rate_per_s": p.max_rate_per_s,
+                     "verification": verification.verification_json(p),
                      "concurrency": ctx.loop.partner_limits.limit(p.id),
                      "delivered": c.get("delivered", 0),
                      "failed": c.get("failed", 0), "pending": c.get("pending", 0),
@@ -479,6 +483,7 @@ ROUTES = [
     route("POST", "/partners/{partner_id}/cancel-pending", cancel_pending, ADMIN),
     route("POST", "/partners/{partner_id}/test", send_test_event, CALLER),
     route("POST", "/partners/{partner_id}/check", check_endpoint, CALLER),
+    route("POST", "/partners/{partner_id}/verify", verification.request_verification, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
     route("POST", "/partners/{partner_id}/replay", replay_events, CALLER),
     route("GET", "/partners/{partner_id}/events", partner_events, CALLER),
@@ -523,6 +528,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
         await ctx.housekeeping.start()
         await ctx.loop.start()
         await ctx.alerts.start(wake=ctx.loop.wake)
+        app.state.verifier = verification.Verifier(ctx.store, ctx.loop.sender, ctx.loop.settings, ctx.loop.wake, clock)
+        await app.state.verifier.start(config)
         log_stale_subscriptions(ctx.store, config.events)
         stop_listening = _listen_to_other_processes(ctx)
         logger.info("webhookd %s ready; database %s", __version__, ctx.store.engine.describe())
@@ -531,6 +538,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.time,
         finally:
             await asyncio.to_thread(stop_listening)
             await ctx.alerts.stop()
+            await app.state.verifier.stop()
             await ctx.loop.stop()
             await ctx.housekeeping.stop()
             ctx.store.close()

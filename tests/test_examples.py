@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 import signing
-from conftest import GUARD_DIR, ROOT, ReceiverProcess, free_port, wait_for
+from conftest import ADMIN, GUARD_DIR, ROOT, ReceiverProcess, free_port, wait_for
 from payloads import ALL_OUTBOUND, BOOKING_CANCELLED_WITH_URL, BOOKING_CONFIRMED, PAYMENT_FAILED, PAYMENT_SUCCESS
 
 EXAMPLES = ROOT / "examples"
@@ -135,6 +135,41 @@ def test_example_receiver_verifies_every_delivery_and_rejects_bad_signatures(
         r = httpx.post(receiver.url, content=body, headers=_signed_headers(secret, body, "msg_new_1"), timeout=5)
         assert r.status_code == 200 and receiver.records()[-1]["duplicate"] is False
         assert all(rec["status"] in (200, 401) for rec in receiver.records())
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.parametrize("language", ["python", "node", "php"])
+def test_example_receiver_answers_the_endpoint_verification_and_only_when_signed(
+        language, example_runtimes, webhookd_factory, tmp_path):
+    """On a hub that asks endpoints to prove themselves, the example is verified (its echo of the
+    challenge is accepted) and then gets its events; a verification request with a forged signature
+    gets 401 and no challenge back."""
+    hub = webhookd_factory(security__verify_endpoints=True)
+    port = free_port()
+    partner = hub.register(f"http://127.0.0.1:{port}/webhooks/events", ALL_OUTBOUND, name=f"{language} example")
+    secret = partner["shared_secret"]
+    receiver = ExampleReceiver(language, secret, port, tmp_path)
+    try:
+        def state() -> str:
+            return hub.http.get(f"/partners/{partner['partner_id']}", headers=ADMIN).json()["verification"]["state"]
+
+        wait_for(lambda: state() == "verified", timeout=30)
+        r = hub.publish(PAYMENT_SUCCESS)
+        assert r.status_code == 202, r.text
+        event_id = r.json()["event_id"]
+        wait_for(lambda: [d["state"] for d in hub.deliveries(event_id=event_id)] == ["delivered"], timeout=30)
+        verifications = [rec for rec in receiver.records() if rec["event"] == "webhook.verification"]
+        assert verifications and verifications[-1]["status"] == 200, receiver.records()
+
+        body = signing.canonical({"event": "webhook.verification", "challenge": "c_forged_0123456789"})
+        forged = {**_signed_headers("sk_live_not_the_secret", body, "evt_forged_verification"),
+                  "X-Webhook-Event": "webhook.verification"}
+        r = httpx.post(receiver.url, content=body, headers=forged, timeout=5)
+        assert r.status_code == 401 and "c_forged_0123456789" not in r.text, (r.status_code, r.text)
+        signed = {**_signed_headers(secret, body, "evt_signed_verification"), "X-Webhook-Event": "webhook.verification"}
+        r = httpx.post(receiver.url, content=body, headers=signed, timeout=5)
+        assert r.status_code == 200 and r.json() == {"challenge": "c_forged_0123456789"}, r.text
     finally:
         receiver.stop()
 

@@ -369,8 +369,11 @@ class StartedReceiver(ReceiverProcess):
 
 @pytest.mark.parametrize("name", RECEIVERS)
 @pytest.mark.parametrize("guide", GUIDES)
-def test_each_receiver_verifies_what_webhookd_sends_and_refuses_a_forgery(guide, name, example_runtimes, hub,
-                                                                          tmp_path):
+def test_each_receiver_verifies_what_webhookd_sends_and_refuses_a_forgery(guide, name, example_runtimes,
+                                                                          webhookd_factory, tmp_path):
+    """On a hub that asks endpoints to prove themselves (section 14): nothing is delivered unless the
+    receiver answers the ``webhook.verification`` challenge too."""
+    hub = webhookd_factory(security__verify_endpoints=True)
     block = receivers(guide)[name]
     port = free_port()
     url = f"http://127.0.0.1:{port}/webhooks/events"
@@ -385,6 +388,8 @@ def test_each_receiver_verifies_what_webhookd_sends_and_refuses_a_forgery(guide,
                              and all(d["state"] != "pending" for d in items) and items, timeout=30)
         assert {d["state"] for d in delivered} == {"delivered"}, (delivered, receiver.output())
         assert len(delivered) == len(hub.config.events)
+        shown = hub.http.get(f"/partners/{partner['partner_id']}", headers=ADMIN).json()["verification"]
+        assert shown["state"] == "verified", shown
 
         forged = {"Content-Type": "application/json", "X-Webhook-Id": "evt_forged", "webhook-id": "evt_forged",
                   "X-Webhook-Signature": "0" * 64, "webhook-timestamp": "1795811341",

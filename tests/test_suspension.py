@@ -48,6 +48,7 @@ def write_requests(partner: dict, delivery_id: str, elsewhere: str) -> dict[tupl
                                                             dict(headers=own)),
         ("POST", "/partners/{partner_id}/test"): (f"/partners/{pid}/test", dict(headers=own)),
         ("POST", "/partners/{partner_id}/check"): (f"/partners/{pid}/check", dict(headers=own)),
+        ("POST", "/partners/{partner_id}/verify"): (f"/partners/{pid}/verify", dict(headers=own)),
         ("POST", "/deliveries/{delivery_id}/retry"): (f"/deliveries/{delivery_id}/retry?queue=true",
                                                        dict(headers=own)),
         ("POST", "/partners/{partner_id}/recover"): (f"/partners/{pid}/recover?since=0&queue=true",

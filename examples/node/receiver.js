@@ -14,8 +14,10 @@
 //   2. Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature): base64
 //      HMAC-SHA256 of "{id}.{timestamp}.{body}" with the same key, timestamp at most 5 minutes
 //      from our clock (so a captured request cannot be replayed later).
-//   Both must pass, else 401. Then it deduplicates on X-Webhook-Id (webhookd delivers at least
-//   once: a retry carries the same id) and answers 200 {"status": "received"}.
+//   Both must pass, else 401. A webhook.verification event (webhookd asking this endpoint to prove
+//   it is yours) is answered 200 {"challenge": <the challenge from its body>}. Any other event is
+//   deduplicated on X-Webhook-Id (webhookd delivers at least once: a retry carries the same id)
+//   and answered 200 {"status": "received"}.
 
 const crypto = require("crypto");
 const fs = require("fs");
@@ -81,6 +83,17 @@ app.post("/webhooks/events", express.raw({ type: "application/json", limit: "1mb
   if (!(hexOk && standardOk)) {
     status = 401;
     answer = { error: { code: "invalid_signature", message: "The webhook signature does not verify." } };
+  } else if (eventType === "webhook.verification") {
+    // Prove this endpoint is yours: echo the challenge of the (verified) body. Not deduplicated:
+    // each request has an id of its own, and answering one twice is harmless.
+    let challenge;
+    try { challenge = JSON.parse(body.toString("utf8")).challenge; } catch (err) { challenge = undefined; }
+    if (typeof challenge === "string") {
+      answer = { challenge };
+    } else {
+      status = 400;
+      answer = { error: { code: "bad_json", message: "A verification without a challenge." } };
+    }
   } else {
     duplicate = seenIds.has(webhookId); // Node runs one handler at a time: check-and-add is safe
     seenIds.add(webhookId);

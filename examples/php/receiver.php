@@ -16,8 +16,10 @@
 //   2. Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature): base64
 //      HMAC-SHA256 of "{id}.{timestamp}.{body}" with the same key, timestamp at most 5 minutes
 //      from our clock (so a captured request cannot be replayed later).
-//   Both must pass, else 401. Then it deduplicates on X-Webhook-Id (webhookd delivers at least
-//   once: a retry carries the same id) and answers 200 {"status": "received"}.
+//   Both must pass, else 401. A webhook.verification event (webhookd asking this endpoint to prove
+//   it is yours) is answered 200 {"challenge": <the challenge from its body>}. Any other event is
+//   deduplicated on X-Webhook-Id (webhookd delivers at least once: a retry carries the same id)
+//   and answered 200 {"status": "received"}.
 
 $secret = getenv('PARTNER_SHARED_SECRET') ?: '';
 $receiverLog = getenv('RECEIVER_LOG');   // optional: one JSON line per request, for tests
@@ -98,6 +100,17 @@ $duplicate = false;
 if (!($hexOk && $standardOk)) {
     $status = 401;
     $reply = ['error' => ['code' => 'invalid_signature', 'message' => 'The webhook signature does not verify.']];
+} elseif ($eventType === 'webhook.verification') {
+    // Prove this endpoint is yours: echo the challenge of the (verified) body. Not deduplicated:
+    // each request has an id of its own, and answering one twice is harmless.
+    $payload = json_decode($body, true);
+    if (is_array($payload) && is_string($payload['challenge'] ?? null)) {
+        $status = 200;
+        $reply = ['challenge' => $payload['challenge']];
+    } else {
+        $status = 400;
+        $reply = ['error' => ['code' => 'bad_json', 'message' => 'A verification without a challenge.']];
+    }
 } else {
     $duplicate = already_seen($webhookId);
     $status = 200;

@@ -13,8 +13,10 @@ What it checks, for every POST /webhooks/events:
   2. Standard Webhooks headers (webhook-id, webhook-timestamp, webhook-signature): base64
      HMAC-SHA256 of "{id}.{timestamp}.{body}" with the same key, and a timestamp at most
      5 minutes away from our clock, so a captured request cannot be replayed later.
-  Both must pass, else 401. Then it deduplicates on X-Webhook-Id (webhookd delivers at least
-  once: a retry carries the same id) and answers 200 {"status": "received"}.
+  Both must pass, else 401. A webhook.verification event (webhookd asking this endpoint to prove
+  it is yours) is answered 200 {"challenge": <the challenge from its body>}. Any other event is
+  deduplicated on X-Webhook-Id (webhookd delivers at least once: a retry carries the same id) and
+  answered 200 {"status": "received"}.
 """
 
 import base64
@@ -73,6 +75,17 @@ def handle_event(event_type: str, payload: dict) -> None:
         pass  # e.g. prepare the tour package for payload["booking_id"]
 
 
+def challenge_answer(body: bytes) -> tuple[int, dict]:
+    """webhookd's verification request holds {"challenge": "..."}: answer it back, as is."""
+    try:
+        challenge = json.loads(body).get("challenge")
+    except (ValueError, AttributeError):
+        challenge = None
+    if not isinstance(challenge, str):
+        return 400, {"error": {"code": "bad_json", "message": "A verification without a challenge."}}
+    return 200, {"challenge": challenge}
+
+
 class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         if self.path.split("?")[0] != "/webhooks/events":
@@ -92,6 +105,10 @@ class Handler(BaseHTTPRequestHandler):
         if not (hex_ok and standard_ok):
             status, answer = 401, {"error": {"code": "invalid_signature",
                                              "message": "The webhook signature does not verify."}}
+        elif event_type == "webhook.verification":
+            # Prove this endpoint is yours: echo the challenge of the (verified) body. Not deduplicated:
+            # each request has an id of its own, and answering one twice is harmless.
+            status, answer = challenge_answer(body)
         else:
             with lock:  # check-and-add in one step, so two concurrent retries cannot both pass
                 duplicate = webhook_id in seen_ids
