@@ -38,6 +38,8 @@ class Partner:
     channels: tuple[str, ...] = ()        # events published to channels reach it only through one of these
     payload_filter: dict[str, list[Any]] | None = None  # {field: [values]}: only events whose field is one of them
     ordering: str = "concurrent"          # or "fifo": one attempt at a time, in publish order
+    client_cert: str | None = None        # PEM: the TLS client certificate its endpoint demands (egress.py)
+    client_key: str | None = field(default=None, repr=False)  # PEM: its private key, a secret like the others
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
@@ -134,6 +136,8 @@ class Job:
     partner_failing_since: float | None = None
     created_at: float = 0.0   # when the delivery was created (publish time)
     max_rate_per_s: float | None = None  # the partner's pace when the attempt starts
+    client_cert: str | None = None       # the partner's client certificate and key (PEM), if it has one
+    client_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

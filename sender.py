@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import egress
 import signing
 from config import DeliverySettings
 from models import Attempt, Job
@@ -135,6 +136,10 @@ def classify_error(exc: BaseException) -> str:
     """A short, stable class for an attempt that got no HTTP response."""
     if isinstance(exc, TargetRefused):
         return "ssrf_blocked"
+    if isinstance(exc, egress.ConfigurationError):
+        return "configuration_error"   # fails at once: a retry would fail the same way (delivery.decide)
+    if isinstance(exc, egress.ProxyError):
+        return "proxy_error"
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -253,6 +258,8 @@ class Sender:
         self._last_sweep = time.monotonic()
         # Built once (it costs milliseconds): the system's CAs, or delivery.ca_file for a private CA.
         self._tls = ssl.create_default_context(cafile=settings.ca_file or None)
+        self._client_certs = egress.ClientCertificates(settings.ca_file)   # partners' own, built on first use
+        self._proxy = egress.Proxy.from_url(settings.proxy_url) if settings.proxy_url else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -298,10 +305,12 @@ class Sender:
         signatures = None
         try:
             route = self._route(job.url)
+            tls = self._tls if job.client_cert is None else \
+                self._client_certs.context(job.client_cert, job.client_key or "", started)
             headers = build_headers(job, int(started))
             signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
             async with asyncio.timeout(self.settings.timeout_s):
-                await self._post(route.target, request_bytes(route, headers, job.body), answer)
+                await self._post(route.target, tls, request_bytes(route, headers, job.body), answer)
             error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)
         except Exception as exc:  # one bad endpoint must never take the sender down
             # Once the status has arrived it is the partner's answer: a body cut short by the
@@ -330,9 +339,10 @@ class Sender:
             self._routes[url] = route
         return route
 
-    async def _post(self, target: Target, request: bytes, answer: Answer) -> None:
-        """Write ``request`` to ``target`` and read the answer into ``answer``."""
-        conn, reused = await self._checkout(target)
+    async def _post(self, target: Target, tls: ssl.SSLContext, request: bytes, answer: Answer) -> None:
+        """Write ``request`` to ``target`` (over ``tls`` for https) and read the answer into ``answer``."""
+        origin = _origin(target, tls)
+        conn, reused = await self._checkout(target, tls, origin)
         try:
             try:
                 await _write(conn, request)
@@ -344,21 +354,22 @@ class Sender:
                 # a connection that closes without an answer fails the attempt instead (the
                 # partner may have acted on it); the next attempt comes after a backoff.
                 conn.close()
-                conn, reused = await self._checkout(target, fresh=True)
+                conn, reused = await self._checkout(target, tls, origin, fresh=True)
                 await _write(conn, request)
             reusable = await self._read_answer(conn.reader, answer)
         except BaseException:  # an error, the deadline (a cancellation) or a stop
             conn.close()
             raise
         if reusable:
-            self._keep(target, conn)
+            self._keep(origin, conn)
         else:
             conn.close()
 
-    async def _checkout(self, target: Target, fresh: bool = False) -> tuple[_Connection, bool]:
+    async def _checkout(self, target: Target, tls: ssl.SSLContext, origin: tuple,
+                        fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection to the origin: the most recent idle one if fresh, else a new one
-        (resolved, checked and pinned to that address)."""
-        idle = [] if fresh else self._idle.get(_origin(target), [])
+        (resolved, checked and pinned to that address; through the egress proxy if there is one)."""
+        idle = [] if fresh else self._idle.get(origin, [])
         while idle:
             conn = idle.pop()
             if time.monotonic() - conn.last_used < self.settings.idle_connection_s and not conn.dropped():
@@ -366,13 +377,14 @@ class Sender:
             conn.close()
         ip = await resolve_target_async(target.host, target.port, self.settings.allow_private_targets,
                                         self.settings.timeout_s)
-        tls = {"ssl": self._tls, "server_hostname": target.host} if target.scheme == "https" else {}
-        reader, writer = await asyncio.open_connection(ip, target.port, limit=MAX_LINE, **tls)
+        reader, writer = await egress.open_connection(
+            ip, target.port, tls=tls if target.scheme == "https" else None, server_hostname=target.host,
+            proxy=self._proxy, limit=MAX_LINE)
         return _Connection(reader, writer), False
 
-    def _keep(self, target: Target, conn: _Connection) -> None:
+    def _keep(self, origin: tuple, conn: _Connection) -> None:
         conn.last_used = time.monotonic()
-        self._idle.setdefault(_origin(target), []).append(conn)
+        self._idle.setdefault(origin, []).append(conn)
         if conn.last_used - self._last_sweep > self.settings.idle_connection_s:
             self._sweep_idle(conn.last_used)
 
@@ -398,8 +410,10 @@ class Sender:
         self._idle.clear()
 
 
-def _origin(target: Target) -> tuple[str, str, int]:
-    return target.scheme, target.host, target.port
+def _origin(target: Target, tls: ssl.SSLContext) -> tuple[str, str, int, ssl.SSLContext | None]:
+    """What a kept connection may be reused for: the URL's origin and, for https, the TLS context it
+    was made with (a partner's client certificate is its own: never lent to another's requests)."""
+    return target.scheme, target.host, target.port, tls if target.scheme == "https" else None
 
 
 async def _write(conn: _Connection, request: bytes) -> None:

@@ -107,18 +107,20 @@ class Partners:
         self, *, partner_id: str, name: str, webhook_url: str, events: list[str], secret: str,
         api_key_hash: str, now: float, max_rate_per_s: float | None = None, contact_email: str | None = None,
         channels: list[str] | None = None, payload_filter: dict[str, list[Any]] | None = None,
-        ordering: str = "concurrent", audit: AuditEntry | None = None,
+        ordering: str = "concurrent", client_cert: str | None = None, client_key: str | None = None,
+        audit: AuditEntry | None = None,
     ) -> Partner:
         with self._partner_write(partner_id) as db:
             db.execute(
                 """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
-                                         max_rate_per_s, contact_email, payload_filter, ordering, created_at,
-                                         updated_at)
+                                         max_rate_per_s, contact_email, payload_filter, ordering, client_cert,
+                                         client_key, created_at, updated_at)
                    VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :rate, :email, :filter, :ordering,
-                           :now, :now)""",
+                           :cert, :key, :now, :now)""",
                 {"id": partner_id, "name": name, "url": webhook_url, "secret": secret,
                  "api_key_hash": api_key_hash, "rate": max_rate_per_s, "email": contact_email,
-                 "filter": _filter_json(payload_filter), "ordering": ordering, "now": now},
+                 "filter": _filter_json(payload_filter), "ordering": ordering, "cert": client_cert,
+                 "key": client_key, "now": now},
             )
             _write_subscriptions(db, partner_id, events)
             _write_channels(db, partner_id, channels or [])
@@ -130,11 +132,13 @@ class Partners:
                        max_rate_per_s: float | None = None, reason: str | None = None,
                        contact_email: str | None = None, channels: list[str] | None = None,
                        payload_filter: dict[str, list[Any]] | None = None, ordering: str | None = None,
+                       client_cert: str | None = None, client_key: str | None = None,
                        audit: AuditEntry | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
         partner starts with a clean failure record. ``max_rate_per_s`` 0 removes the pace,
         ``contact_email`` "" the address, and ``payload_filter`` {} the filter.
-        ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner)."""
+        ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner).
+        ``client_cert`` and ``client_key`` go together; "" for both removes them."""
         with self._partner_write(partner_id, "reactivated" if status == "active" else "changed") as db:
             if _read_partner(db, partner_id) is None:
                 return None
@@ -156,6 +160,9 @@ class Partners:
             if ordering is not None:
                 db.execute("UPDATE partners SET ordering = :ordering WHERE id = :id",
                            {"id": partner_id, "ordering": ordering})
+            if client_cert is not None:
+                db.execute("UPDATE partners SET client_cert = :cert, client_key = :key WHERE id = :id",
+                           {"id": partner_id, "cert": client_cert or None, "key": client_key or None})
             if status is not None:
                 db.execute(
                     """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL,
@@ -209,6 +216,7 @@ class Partners:
                     """UPDATE partners SET status = 'deleted', secret = '', previous_secret = NULL,
                                            previous_secret_until = NULL, api_key_hash = :tombstone,
                                            webhook_url = '', contact_email = NULL, payload_filter = NULL,
+                                           client_cert = NULL, client_key = NULL,
                                            failing_since = NULL, paused_until = NULL,
                                            updated_at = :now
                        WHERE id = :id AND status <> 'deleted'""",

@@ -364,6 +364,8 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
     ("deliveries.event_type", ["ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS event_type TEXT",
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     ("urls_redacted", [common.redact_stored_urls]),
+    ("partners.client_cert", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS client_cert TEXT",
+                              "ALTER TABLE partners ADD COLUMN IF NOT EXISTS client_key TEXT"]),
 ]
 
 

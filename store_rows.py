@@ -32,6 +32,7 @@ def partner_from_row(row: Any, events: tuple[str, ...], channels: tuple[str, ...
         max_rate_per_s=row["max_rate_per_s"], paused_until=row["paused_until"],
         suspended_reason=row["suspended_reason"], contact_email=row["contact_email"], channels=channels,
         payload_filter=json.loads(row["payload_filter"]) if row["payload_filter"] else None, ordering=row["ordering"],
+        client_cert=row["client_cert"], client_key=row["client_key"],
     )
 
 

@@ -348,6 +348,9 @@ MIGRATIONS: list[common.Migration] = [
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
     ("urls_redacted", [common.redact_stored_urls]),
+    # A partner's TLS client certificate and its private key (PEM; the key a secret like the others).
+    ("partners.client_cert", ["ALTER TABLE partners ADD COLUMN client_cert TEXT",
+                              "ALTER TABLE partners ADD COLUMN client_key TEXT"]),
 ]
 
 
