@@ -13,15 +13,16 @@ import asyncio
 import base64
 import datetime
 import logging
+import ssl
 import threading
 
 import pytest
 import trustme
+from test_tls import TlsReceiver
 
 import sitecustomize  # the loopback guard, with its FAKE_DNS resolver
 from conftest import ADMIN, ShiftedClock, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
-from test_tls import TlsReceiver
 
 HOST = "hooks.partner.example"
 PROXY_PASSWORD = "pr0xy-s3cret-Pa55"
@@ -125,7 +126,7 @@ def pki(tmp_path):
 def mtls_receiver(server_ca: trustme.CA, client_ca: trustme.CA) -> TlsReceiver:
     """A TLS receiver for HOST that demands a client certificate issued by ``client_ca``."""
     receiver = TlsReceiver(server_ca.issue_cert(HOST))
-    receiver.context.verify_mode = __import__("ssl").CERT_REQUIRED
+    receiver.context.verify_mode = ssl.CERT_REQUIRED
     client_ca.configure_trust(receiver.context)
     return receiver
 
