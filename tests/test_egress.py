@@ -333,3 +333,21 @@ def test_a_proxy_that_wants_credentials_is_a_proxy_error_that_never_shows_them(w
     assert "407" in attempts[0]["error_detail"] and receiver.received == []
     texts = [attempts[0]["error_detail"], hub.http.get("/audit", headers=ADMIN).text, caplog.text]
     assert not [text for text in texts if PROXY_PASSWORD in text]
+
+
+def test_the_endpoint_check_goes_through_the_proxy_with_the_client_certificate(webhookd_factory, tmp_path, pki,
+                                                                              servers):
+    """``POST /partners/{id}/check`` connects as a delivery does: the same tunnel, the same certificate."""
+    server_ca, client_ca = pki
+    proxy = servers(ConnectProxy())
+    receiver = servers(mtls_receiver(server_ca, client_ca))
+    sitecustomize.FAKE_DNS[HOST] = ["127.0.0.1"]
+    hub = webhookd_factory(delivery__ca_file=str(tmp_path / "ca.pem"),
+                           delivery__proxy_url=f"http://127.0.0.1:{proxy.port}")
+    partner = register(hub, f"https://{HOST}:{receiver.port}/in", **pem_pair(client_ca.issue_cert("c.example")))
+    r = hub.http.post(f"/partners/{partner['partner_id']}/check", headers=ADMIN, timeout=90)
+    assert r.status_code == 200, r.text
+    checks = {c["name"]: c for c in r.json()["checks"]}
+    assert checks["accepts_signed"]["result"] == "pass", checks
+    assert receiver.requests and len(proxy.targets) >= len(receiver.requests)
+    assert set(proxy.targets) == {f"127.0.0.1:{receiver.port}"}
