@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import json
 import logging
 import ssl
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -21,7 +24,7 @@ import trustme
 from test_tls import TlsReceiver
 
 import sitecustomize  # the loopback guard, with its FAKE_DNS resolver
-from conftest import ADMIN, ShiftedClock, free_port, wait_for
+from conftest import ADMIN, ROOT, ShiftedClock, free_port, wait_for
 from payloads import PAYMENT_SUCCESS
 
 HOST = "hooks.partner.example"
@@ -351,3 +354,28 @@ def test_the_endpoint_check_goes_through_the_proxy_with_the_client_certificate(w
     assert checks["accepts_signed"]["result"] == "pass", checks
     assert receiver.requests and len(proxy.targets) >= len(receiver.requests)
     assert set(proxy.targets) == {f"127.0.0.1:{receiver.port}"}
+
+
+def test_the_command_line_sets_and_removes_a_client_certificate(serve_factory, tmp_path, pki):
+    _server_ca, client_ca = pki
+    cert = client_ca.issue_cert("c.example")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    serve = serve_factory()
+
+    def run(*args):
+        env = {**serve.env, "WEBHOOKD_SERVER_PORT": str(serve.port)}
+        done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--config", str(ROOT / "webhookd.toml"),
+                               *args, "--json"], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    added = run("partners", "add", "--name", "CLI mTLS", "--url", "http://127.0.0.1:9/x", "--events",
+                "payment.success", "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key"))
+    assert added["client_certificate"]["key_set"] is True
+    assert "PRIVATE KEY" not in json.dumps(added)
+    pid = added["partner_id"]
+    assert run("partners", "client-cert", pid)["client_certificate"] is None
+    again = run("partners", "client-cert", pid, "--cert", str(tmp_path / "client.pem"), "--key",
+                str(tmp_path / "client.key"))
+    assert again["client_certificate"]["fingerprint_sha256"] == added["client_certificate"]["fingerprint_sha256"]
