@@ -169,10 +169,10 @@ def check_pair(cert_pem: Any, key_pem: Any, now: float) -> CertificateInfo:
         raise CertificateProblem("client_certificate", "must be the PEM text of a certificate (and its chain, at "
                                                        f"most {CERT_MAX_CHARS // 1024} KiB), without its key: the "
                                                        "key goes in client_key.")
+    info = inspect(cert_pem)
     if not isinstance(key_pem, str) or not 0 < len(key_pem) <= KEY_MAX_CHARS or "PRIVATE KEY-----" not in key_pem:
         raise CertificateProblem("client_key", "must be the PEM text of the certificate's private key "
                                                "(-----BEGIN PRIVATE KEY----- …), unencrypted.")
-    info = inspect(cert_pem)
     load_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert_pem, key_pem)
     if now >= info.not_after:
         raise CertificateProblem("client_certificate", f"expired on {day(info.not_after)}: send a current one.")
