@@ -157,11 +157,12 @@ def deliver_once(hub) -> tuple[dict, list[dict]]:
 
 
 def test_a_receiver_that_demands_a_client_certificate_accepts_ours_and_refuses_a_delivery_without(
-        webhookd_factory, tmp_path, pki, servers):
+        hub_factory, tmp_path, pki, servers):
+    """On both engines: the certificate and key are kept by each, and reach the sender."""
     server_ca, client_ca = pki
     receiver = servers(mtls_receiver(server_ca, client_ca))
     sitecustomize.FAKE_DNS[HOST] = ["127.0.0.1"]
-    hub = webhookd_factory(delivery__ca_file=str(tmp_path / "ca.pem"), delivery__max_attempts=1)
+    hub = hub_factory(delivery__ca_file=str(tmp_path / "ca.pem"), delivery__max_attempts=1)
     url = f"https://{HOST}:{receiver.port}/in"
     pair = pem_pair(client_ca.issue_cert("webhookd.client.example", common_name="webhookd.client.example"))
     partner = register(hub, url, **pair)
@@ -174,6 +175,8 @@ def test_a_receiver_that_demands_a_client_certificate_accepts_ours_and_refuses_a
 
     # The same receiver, a partner without a certificate: the handshake is refused, nothing arrives.
     hub.http.delete(f"/partners/{partner['partner_id']}", headers=ADMIN)
+    assert hub.rows("SELECT client_cert, client_key FROM partners WHERE id = :id",
+                    {"id": partner["partner_id"]}) == [(None, None)]      # erased with the secrets
     register(hub, url)
     hub.publish(PAYMENT_SUCCESS)
     failed = wait_for(lambda: [x for x in hub.deliveries() if x["state"] == "failed"], timeout=30)[0]
@@ -207,13 +210,13 @@ def test_an_expired_client_certificate_fails_the_delivery_at_once_as_a_configura
 
 
 def test_a_client_certificate_that_no_longer_loads_fails_at_once_and_shows_on_the_partner(
-        webhookd_factory, tmp_path, pki, servers):
+        hub_factory, tmp_path, pki, servers):
     """A key that does not match its certificate, written to the database behind the API's back (a
     restore, a hand edit): the first attempt fails as a configuration error, the partner shows it."""
     server_ca, client_ca = pki
     receiver = servers(mtls_receiver(server_ca, client_ca))
     sitecustomize.FAKE_DNS[HOST] = ["127.0.0.1"]
-    hub = webhookd_factory(delivery__ca_file=str(tmp_path / "ca.pem"), delivery__max_attempts=5)
+    hub = hub_factory(delivery__ca_file=str(tmp_path / "ca.pem"), delivery__max_attempts=5)
     partner = register(hub, f"https://{HOST}:{receiver.port}/in")
     pair = pem_pair(client_ca.issue_cert("webhookd.client.example"))
     other_key = client_ca.issue_cert("other.example").private_key_pem.bytes().decode()
@@ -228,9 +231,9 @@ def test_a_client_certificate_that_no_longer_loads_fails_at_once_and_shows_on_th
     assert receiver.requests == []
 
 
-def test_setting_a_certificate_checks_it_and_never_shows_the_key(webhookd_factory, pki, caplog):
+def test_setting_a_certificate_checks_it_and_never_shows_the_key(hub_factory, pki, caplog):
     _server_ca, client_ca = pki
-    hub = webhookd_factory()
+    hub = hub_factory()
     pair = pem_pair(client_ca.issue_cert("webhookd.client.example"))
     other = pem_pair(client_ca.issue_cert("other.example"))
     now = datetime.datetime.now(datetime.UTC)
