@@ -277,6 +277,8 @@ class ClientCertificates:
         except CertificateProblem as exc:
             identity = _Identity(key_pem, None, f"the partner's client certificate does not load: {exc.field} {exc} "
                                                 "The admin must set it again.")
+            if len(_LOAD_PROBLEMS) >= CONTEXTS_KEPT:
+                _LOAD_PROBLEMS.clear()
             _LOAD_PROBLEMS[info.fingerprint] = identity.problem  # type: ignore[assignment]
         with self._lock:
             if len(self._identities) >= CONTEXTS_KEPT:

@@ -17,7 +17,9 @@ One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answ
    the request line and fixed headers its ``Route`` holds (built once per URL);
 3. a kept-alive connection to that origin is reused if it is fresh and the partner has
    not closed it, else a new one is opened to the address ``targets.resolve_target_async``
-   checked (pinned: TLS still checks the URL's host name); a request is written again
+   checked (pinned: TLS still checks the URL's host name) — through the egress proxy's tunnel to
+   that address if ``delivery.proxy_url`` is set, and with the partner's client certificate if it
+   has one (``egress.py``; kept connections are kept per certificate); a request is written again
    on a new connection only if the kept one broke before the whole request went out —
    once written, the partner may have acted on it;
 4. ``sender_http.py`` reads the answer: the status, the first 1 KiB of the body, and a
@@ -260,6 +262,9 @@ class Sender:
         self._tls = ssl.create_default_context(cafile=settings.ca_file or None)
         self._client_certs = egress.ClientCertificates(settings.ca_file)   # partners' own, built on first use
         self._proxy = egress.Proxy.from_url(settings.proxy_url) if settings.proxy_url else None
+        if self._proxy is not None:  # named without its credentials
+            logger.info("deliveries leave through the egress proxy at %s: partners allow-list its address",
+                        self._proxy.where)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()

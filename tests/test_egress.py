@@ -281,17 +281,19 @@ def test_setting_a_certificate_checks_it_and_never_shows_the_key(hub_factory, pk
 # --- The egress proxy ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["uvloop", "asyncio"])
 def test_every_delivery_goes_through_the_proxy_to_the_checked_address(webhookd_factory, tmp_path, pki, servers,
-                                                                      receiver_factory):
+                                                                      receiver_factory, native):
     """https (with a client certificate) and plain http partners, both named: the proxy is asked for
     the address webhookd resolved and checked, never the name; TLS and Host still carry the name; the
-    receivers' peers are the proxy's onward connections."""
+    receivers' peers are the proxy's onward connections. On both of the sender's loops (TLS starts
+    inside the tunnel: ``start_tls``)."""
     server_ca, client_ca = pki
     proxy = servers(ConnectProxy(credentials=("webhookd", PROXY_PASSWORD)))
     tls = servers(mtls_receiver(server_ca, client_ca))
     plain = receiver_factory()
     sitecustomize.FAKE_DNS.update({HOST: ["127.0.0.1"], "plain.partner.example": ["127.0.0.1"]})
-    hub = webhookd_factory(delivery__ca_file=str(tmp_path / "ca.pem"),
+    hub = webhookd_factory(delivery__ca_file=str(tmp_path / "ca.pem"), delivery__native_speedups=native,
                            delivery__proxy_url=f"http://webhookd:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}")
     register(hub, f"https://{HOST}:{tls.port}/in", **pem_pair(client_ca.issue_cert("webhookd.client.example")))
     plain_port = plain.url.split(":")[2].split("/")[0]
@@ -339,6 +341,7 @@ def test_a_proxy_that_wants_credentials_is_a_proxy_error_that_never_shows_them(w
     assert "407" in attempts[0]["error_detail"] and receiver.received == []
     texts = [attempts[0]["error_detail"], hub.http.get("/audit", headers=ADMIN).text, caplog.text]
     assert not [text for text in texts if PROXY_PASSWORD in text]
+    assert f"deliveries leave through the egress proxy at 127.0.0.1:{proxy.port}" in caplog.text
 
 
 def test_the_endpoint_check_goes_through_the_proxy_with_the_client_certificate(webhookd_factory, tmp_path, pki,
