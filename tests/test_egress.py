@@ -385,3 +385,22 @@ def test_the_command_line_sets_and_removes_a_client_certificate(serve_factory, t
     again = run("partners", "client-cert", pid, "--cert", str(tmp_path / "client.pem"), "--key",
                 str(tmp_path / "client.key"))
     assert again["client_certificate"]["fingerprint_sha256"] == added["client_certificate"]["fingerprint_sha256"]
+
+
+def test_the_key_reaches_ssl_through_files_only_this_process_reads_and_that_are_gone_after(monkeypatch):
+    """Linux: anonymous memory files, nothing on disk. Elsewhere (no ``memfd_create``): 0600 files in a
+    0700 folder, removed when the block ends."""
+    import os
+    import stat
+
+    import egress
+    with egress._private_files("cert text", "key text") as paths:
+        assert all(p.startswith("/proc/self/fd/") for p in paths)
+        assert [open(p).read() for p in paths] == ["cert text", "key text"]
+    monkeypatch.delattr(os, "memfd_create")
+    with egress._private_files("cert text", "key text") as paths:
+        folder = os.path.dirname(paths[0])
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+        assert [stat.S_IMODE(os.stat(p).st_mode) for p in paths] == [0o600, 0o600]
+        assert [open(p).read() for p in paths] == ["cert text", "key text"]
+    assert not os.path.exists(folder)
