@@ -249,6 +249,7 @@ class ClientCertificates:
         self.ca_file = ca_file
         self._identities: dict[str, _Identity] = {}
         self._lock = threading.Lock()
+        self.loads = 0   # certificates loaded so far: once each, whatever the number of attempts
 
     def context(self, cert_pem: str, key_pem: str, now: float) -> ssl.SSLContext:
         """The context to connect with, or ``ConfigurationError`` saying what the admin must change."""
@@ -269,6 +270,7 @@ class ClientCertificates:
         return identity.context  # type: ignore[return-value]
 
     def _load(self, info: CertificateInfo, cert_pem: str, key_pem: str) -> _Identity:
+        self.loads += 1
         context = ssl.create_default_context(cafile=self.ca_file or None)
         try:
             load_identity(context, cert_pem, key_pem)

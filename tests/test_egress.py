@@ -207,6 +207,7 @@ def test_an_expired_client_certificate_fails_the_delivery_at_once_as_a_configura
     assert shown["problem"].startswith("expired on ")
     trace = hub.http.get(f"/events/{d['event_id']}/trace", headers=ADMIN)
     assert "not retried" in trace.text, trace.text
+    assert "PRIVATE KEY" not in trace.text and "PRIVATE KEY" not in hub.http.get("/audit", headers=ADMIN).text
 
 
 def test_a_client_certificate_that_no_longer_loads_fails_at_once_and_shows_on_the_partner(
@@ -300,6 +301,7 @@ def test_every_delivery_goes_through_the_proxy_to_the_checked_address(webhookd_f
     register(hub, f"http://plain.partner.example:{plain_port}/webhooks/events", partner_name="Plain")
     hub.publish_many(3)
     wait_for(lambda: len(hub.deliveries(state="delivered")) == 6, timeout=30)
+    assert hub.app.state.ctx.loop.sender._client_certs.loads == 1   # one context, whatever the attempts
     assert set(proxy.targets) == {f"127.0.0.1:{tls.port}", f"127.0.0.1:{plain_port}"}
     assert len(tls.requests) == 3 and set(tls.server_names) == {HOST}
     assert all(f"Host: {HOST}:{tls.port}" in r.decode().split("\r\n") for r in tls.requests)
