@@ -176,6 +176,7 @@ def check_pair(cert_pem: Any, key_pem: Any, now: float) -> CertificateInfo:
     load_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), cert_pem, key_pem)
     if now >= info.not_after:
         raise CertificateProblem("client_certificate", f"expired on {day(info.not_after)}: send a current one.")
+    _LOAD_PROBLEMS.pop(info.fingerprint, None)  # this pair loads: what the partner showed is fixed
     return info
 
 

@@ -230,6 +230,13 @@ def test_a_client_certificate_that_no_longer_loads_fails_at_once_and_shows_on_th
     shown = hub.http.get(f"/partners/{partner['partner_id']}", headers=ADMIN).json()["client_certificate"]
     assert "does not load" in shown["problem"]
     assert receiver.requests == []
+    # The admin sets the pair again: the partner shows no problem, and the failed delivery goes out.
+    fixed = hub.http.patch(f"/partners/{partner['partner_id']}", headers=ADMIN, json=pair)
+    assert fixed.status_code == 200 and fixed.json()["client_certificate"]["problem"] is None, fixed.text
+    r = hub.http.post(f"/partners/{partner['partner_id']}/recover", headers=ADMIN, params={"since": 0})
+    assert r.status_code in (200, 202), r.text
+    wait_for(lambda: hub.deliveries()[0]["state"] == "delivered", timeout=30)
+    assert len(receiver.requests) == 1
 
 
 def test_setting_a_certificate_checks_it_and_never_shows_the_key(hub_factory, pki, caplog):
