@@ -324,7 +324,7 @@ class Proxy:
     @property
     def where(self) -> str:
         """How errors and logs name it: host and port, never the credentials."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @classmethod
     def from_url(cls, url: str) -> Proxy:
@@ -340,11 +340,16 @@ class Proxy:
 
     def connect_request(self, ip: str, port: int) -> bytes:
         """``CONNECT`` to the checked address (an IPv6 one in brackets), never to a name."""
-        target = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        target = host_port(ip, port)
         lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
         if self.authorization:
             lines.append(f"Proxy-Authorization: {self.authorization}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets: ``[2001:db8::1]:443``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def open_connection(ip: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str,
@@ -379,8 +384,8 @@ async def _tunnel(proxy: Proxy, ip: str, port: int, limit: int) -> tuple[asyncio
             raise ProxyError(f"the egress proxy at {proxy.where} wants credentials (407): put user:password in "
                              "delivery.proxy_url")
         if not 200 <= status < 300:
-            raise ProxyError(f"the egress proxy at {proxy.where} did not open a tunnel to {ip}:{port}: it "
-                             f"answered {status}")
+            raise ProxyError(f"the egress proxy at {proxy.where} did not open a tunnel to {host_port(ip, port)}: "
+                             f"it answered {status}")
         if reader._buffer:  # noqa: SLF001 - bytes before we spoke: not a clean tunnel
             raise ProxyError(f"the egress proxy at {proxy.where} sent bytes after its answer to CONNECT")
     except BaseException:

@@ -413,3 +413,13 @@ def test_the_key_reaches_ssl_through_files_only_this_process_reads_and_that_are_
         assert [stat.S_IMODE(os.stat(p).st_mode) for p in paths] == [0o600, 0o600]
         assert [open(p).read() for p in paths] == ["cert text", "key text"]
     assert not os.path.exists(folder)
+
+
+def test_the_proxy_is_asked_for_an_address_ipv6_in_brackets_and_its_credentials_are_never_shown():
+    import egress
+    proxy = egress.Proxy.from_url(f"http://web%40hookd:{PROXY_PASSWORD}@127.0.0.1:3128")
+    token = base64.b64encode(f"web@hookd:{PROXY_PASSWORD}".encode()).decode()
+    assert proxy.connect_request("2001:db8::1", 443) == (
+        b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\nHost: [2001:db8::1]:443\r\n"
+        + f"Proxy-Authorization: Basic {token}\r\n\r\n".encode())
+    assert PROXY_PASSWORD not in repr(proxy) and proxy.where == "127.0.0.1:3128"
