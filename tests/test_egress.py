@@ -286,6 +286,51 @@ def test_setting_a_certificate_checks_it_and_never_shows_the_key(hub_factory, pk
     assert any(e["changes"].get("client_certificate", {}).get("to") for e in audit)
 
 
+class KeepAliveTlsReceiver(TlsReceiver):
+    """A TLS receiver that keeps connections alive, asks for a client certificate without demanding
+    one, and records for each request its path and the certificate's subject (None: none shown)."""
+
+    def __init__(self, cert: trustme.LeafCert, client_ca: trustme.CA):
+        super().__init__(cert)
+        self.context.verify_mode = ssl.CERT_OPTIONAL
+        client_ca.configure_trust(self.context)
+        self.seen: list[tuple[str, object]] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                peer = writer.get_extra_info("peercert")
+                self.seen.append((head.split(b" ")[1].decode(), peer.get("subject") if peer else None))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_kept_connection_made_with_one_partners_certificate_never_carries_anothers_request(
+        webhookd_factory, tmp_path, pki, servers):
+    """Two partners on one origin, one with a certificate and one without, over kept-alive
+    connections: each request arrives with its own partner's identity, never the other's."""
+    server_ca, client_ca = pki
+    receiver = servers(KeepAliveTlsReceiver(server_ca.issue_cert(HOST), client_ca))
+    sitecustomize.FAKE_DNS[HOST] = ["127.0.0.1"]
+    hub = webhookd_factory(delivery__ca_file=str(tmp_path / "ca.pem"))
+    register(hub, f"https://{HOST}:{receiver.port}/with", partner_name="With",
+             **pem_pair(client_ca.issue_cert("c.example", common_name="c.example")))
+    register(hub, f"https://{HOST}:{receiver.port}/without", partner_name="Without")
+    for _ in range(4):
+        hub.publish_many(2)
+        wait_for(lambda: not hub.deliveries(state="pending"), timeout=30)
+    assert len(receiver.seen) == 16
+    assert {path for path, subject in receiver.seen if subject} == {"/with"}
+    assert {path for path, subject in receiver.seen if not subject} == {"/without"}
+
+
 # --- The egress proxy ----------------------------------------------------------------------------------
 
 
