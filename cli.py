@@ -292,6 +292,7 @@ def _show(args: argparse.Namespace, answer: Any, columns: list[str] | None = Non
 PARTNER_COLUMNS = ["partner_id", "partner_name", "status", "circuit", "max_rate_per_s", "events_subscribed",
                    "webhook_url"]
 DELIVERY_COLUMNS = ["delivery_id", "event", "partner_id", "state", "attempt_count", "updated_at"]
+PULLED_COLUMNS = ["delivery_id", "event_id", "event", "published_at", "delivery_state"]
 ATTEMPT_COLUMNS = ["attempt", "started_at", "duration_ms", "status_code", "error", "error_detail"]
 
 
@@ -302,7 +303,8 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
     if action == "add":
         events = _names(args.events)
         answer = _api(config, "POST", "/partners/register",
-                      {"partner_name": args.name, "webhook_url": args.url, "events": events,
+                      {"partner_name": args.name, "events": events,
+                       **({"delivery": "pull"} if args.pull else {"webhook_url": args.url}),
                        "max_rate_per_s": args.max_rate, "contact_email": args.email,
                        "channels": _names(args.channels or ""), "ordering": args.ordering or "concurrent",
                        "filter": _read_json_argument(args.filter) if args.filter else None,
@@ -315,6 +317,12 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
     path = f"/partners/{args.partner_id}"
     if action == "show":
         return _show(args, _api(config, "GET", path))
+    if action == "events":  # the admin reads: it changes nothing (docs/polling.md)
+        answer = _api(config, "GET", path + "/events", query={"cursor": args.cursor, "limit": args.limit})
+        _show(args, answer, PULLED_COLUMNS)
+        if not args.json:
+            print(f"next_cursor: {answer['next_cursor']}" + ("  (more waiting)" if answer["has_more"] else ""))
+        return 0
     if action in ("pause", "resume"):
         status = "paused" if action == "pause" else "active"
         return _show(args, _api(config, "PATCH", path, {"status": status}))

@@ -90,11 +90,12 @@ def _service_commands(command) -> None:
 
 def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
     partners = command("partners", "manage partners: list, show, add, pause, resume, suspend, rotate, api-key, "
-                                   "pace, channels, filter, ordering, contact, client-cert, cancel-pending, delete",
-                       as_json)
+                                   "pace, channels, filter, ordering, contact, client-cert, cancel-pending, delete, "
+                                   "events", as_json)
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
                                              "api-key", "pace", "channels", "filter", "ordering", "contact",
-                                             "client-cert", "cancel-pending", "delete"], help="what to do (see above)")
+                                             "client-cert", "cancel-pending", "delete", "events"],
+                          help="what to do (see above)")
     partners.add_argument("--ordering", choices=["concurrent", "fifo"],
                           help="add, ordering: fifo sends one at a time, in publish order (default concurrent)")
     partners.add_argument("--channels", help="comma-separated channels it listens on (add, channels; "
@@ -114,8 +115,11 @@ def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
     partners.add_argument("--max-rate", type=float, help="requests per second at most (add, pace; 0 removes)")
     partners.add_argument("--name", help="partner name (add)")
     partners.add_argument("--url", help="webhook URL (add)")
+    partners.add_argument("--pull", action="store_true",
+                          help="add: pull-only, no --url: the partner reads GET /partners/{id}/events")
+    partners.add_argument("--cursor", help="events: read on from this next_cursor (default: the oldest kept)")
     partners.add_argument("--events", default="", help="comma-separated event types (add)")
-    partners.add_argument("--limit", type=int, default=50, help="how many to list (default 50)")
+    partners.add_argument("--limit", type=int, default=50, help="how many to list (list, events; default 50)")
     partners.add_argument("--revoke-old", action="store_true",
                           help="rotate: revoke every old secret at once, no overlap (a leaked secret)")
 

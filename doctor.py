@@ -50,10 +50,11 @@ import egress
 import signing
 from config import VERSION, Config
 from models import Job, Partner
+from polling import delivery_mode
 from sender import build_headers, classify_error, describe_error, plan_route, request_bytes
 from sender_http import MAX_HEAD_BYTES, MAX_INTERIM, MAX_LINE, BadResponse
 from targets import Target, resolve_target_async
-from web import RateLimiter, caller_of, context, invalid, new_id, owned_partner
+from web import ApiError, RateLimiter, caller_of, context, invalid, new_id, owned_partner
 
 logger = logging.getLogger("webhookd")
 
@@ -85,6 +86,9 @@ AWKWARD_BODIES: dict[str, dict[str, Any]] = {
 async def check_endpoint(request: Request) -> JSONResponse:
     """``POST /partners/{id}/check?lang=en|es``: probe the partner's endpoint, answer the report."""
     partner = await owned_partner(request)
+    if delivery_mode(partner) == "pull":
+        raise ApiError(409, "partner_pulls", f"Partner {partner.id} is pull-only: it has no endpoint to check. "
+                                             f"It reads its events with GET /partners/{partner.id}/events.")
     lang = chosen_language(request.query_params.get("lang"), request.headers.get("accept-language", ""))
     ctx = context(request)
     await _check_limit(request).check(partner.id, "endpoint checks of this partner")

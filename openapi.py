@@ -25,6 +25,9 @@ FILTER = {"type": ["object", "null"], "maxProperties": 20,
                          "a field the event lacks rules it out; null: no filter"}
 CHANNEL_LIST = {"type": "array", "maxItems": 50, "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,100}$"},
                 "description": "an event published to channels reaches the partner only through one of these"}
+DELIVERY_MODE = {"enum": ["push", "pull"],
+                 "description": "push (default): POSTed to webhook_url; pull: no webhook_url, the partner reads "
+                                "GET /partners/{partner_id}/events"}
 ORDERING = {"enum": ["concurrent", "fifo"],
             "description": "fifo: one attempt at a time, in publish order; a failing delivery holds the ones behind"}
 STATES = ["pending", "delivered", "failed", "expired", "cancelled"]
@@ -71,7 +74,8 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
     events = sorted(catalog)
     partner = {
         "partner_id": {"type": "string", "pattern": "^partner_[a-z0-9]{12,}$"},
-        "partner_name": STRING, "webhook_url": STRING,
+        "partner_name": STRING, "webhook_url": {"type": ["string", "null"], "description": "null: pull-only"},
+        "delivery": DELIVERY_MODE,
         "status": {"enum": ["active", "paused", "disabled", "suspended"]},
         "events_subscribed": {"type": "array", "items": STRING},
         "stale_subscriptions": {"type": "array", "items": STRING,
@@ -111,16 +115,19 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                       "message": {"type": "string", "minLength": 1},
                                       "problems": {"type": "array", "items": PROBLEM, "description": (
                                           "a payload refused for its fields (invalid_field): every problem "
-                                          "found, the first being the message")}},
+                                          "found, the first being the message")},
+                                      "start_cursor": {"type": "string", "description": (
+                                          "cursor_expired: the cursor to read again from, before the oldest "
+                                          "events kept")}},
                                      required=["code", "message"])}),
         "Registration": _obj({
             "partner_name": {"type": "string", "minLength": 1, "maxLength": 200},
             "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048},
             "events": {"type": "array", "minItems": 1, "items": {"enum": events}},
             "max_rate_per_s": RATE, "contact_email": EMAIL, "channels": _admin_sets(CHANNEL_LIST),
-            "filter": _admin_sets(FILTER), "ordering": ORDERING,
+            "filter": _admin_sets(FILTER), "ordering": ORDERING, "delivery": DELIVERY_MODE,
             "client_certificate": CLIENT_CERTIFICATE, "client_key": CLIENT_KEY,
-        }, required=["partner_name", "webhook_url", "events"]),
+        }, required=["partner_name", "events"]),
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
                                 "api_key": STRING}),
@@ -207,6 +214,19 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "Replayed": _obj({"replayed": {"type": "integer", "description": "events queued again for the partner"},
                           "next_cursor": {"type": ["string", "null"],
                                           "description": "more events are in the window: call again with it"}}),
+        "PulledEvents": _obj({
+            "items": {"type": "array", "items": _obj({
+                "delivery_id": STRING, "event_id": STRING, "event": STRING, "published_at": TIME,
+                "delivery_state": {"enum": STATES, "description": "after this read (a pull-only partner's own "
+                                                                  "poll makes pending ones delivered)"},
+                "headers": {"type": "object", "additionalProperties": STRING,
+                            "description": "the headers its push would carry, signed now"},
+                "body": {"type": ["string", "null"], "description": "the exact bytes signed, as UTF-8 text; null: "
+                                                                    "its content was erased"},
+                "content_erased": {"const": True}}, required=["delivery_id", "event_id", "event", "published_at",
+                                                              "delivery_state", "headers", "body"])},
+            "next_cursor": {"type": "string", "description": "read on from here"},
+            "has_more": {"type": "boolean", "description": "more events are waiting now"}}),
         "PartnerDeleted": _obj({"partner_id": STRING, "deleted": {"const": True},
                                 "cancelled_deliveries": {"type": "integer"}}),
         "PendingCancelled": _obj({"partner_id": STRING, "cancelled_deliveries": {"type": "integer"}}),
@@ -336,6 +356,15 @@ def document(catalog: dict[str, dict[str, str]], version: str) -> dict[str, Any]
                 _query("include_cancelled", {"enum": ["true", "false"]}, "true (admin only; 403 admin_only for a "
                        "partner's key): also the events whose latest delivery to the partner was cancelled"),
                 QUEUE])},
+        "/partners/{partner_id}/events": {"get": _op(
+            "The partner's events in order, each with the headers its push would carry and its exact body. "
+            "Without a cursor, a pull-only partner's own key takes the events not yet taken (they become "
+            "delivered; 409 partner_not_active while it is not active); anyone else reads from the oldest kept. "
+            "A cursor whose events retention purged: 410 cursor_expired with start_cursor", 200, "PulledEvents",
+            params=[PARTNER, _query("limit", {"type": "integer", "minimum": 1, "maximum": 200},
+                                    "events per call (default 50)"),
+                    _query("cursor", {"type": "string"}, "next_cursor from the previous call: reads on from "
+                                                         "there (again, if already read)")])},
         "/event-types": {"get": _op("Every event type of the catalog, with a JSON Schema of its payload and an "
                                     "example (the admin token or any partner's API key)", 200, "EventTypes")},
         "/events": {"post": {**_op("Publish an event to its subscribers", 202, "EventAccepted", body="EventPayload",

@@ -32,6 +32,7 @@ import signing
 import targets
 from config import SecurityConfig
 from models import NewEvent, Partner
+from polling import check_delivery, delivery_mode
 from web import (
     ApiError,
     Context,
@@ -77,11 +78,12 @@ async def register_partner(request: Request) -> JSONResponse:
     if caller is None or not caller.is_admin:  # open registration: limit each client address
         await ctx.registration_limit.check(client_address(request), "registrations")
     body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s",
-                                                    "contact_email", "channels", "filter", "ordering",
+                                                    "contact_email", "channels", "filter", "ordering", "delivery",
                                                     *CERT_FIELDS})
     check_audience_setter(body, caller)  # an open registration cannot pick its own audience
     name = check_partner_name(body.get("partner_name"))
-    url = await check_webhook_url(body.get("webhook_url"), ctx.config.security)
+    delivery = check_delivery(body.get("delivery", "push"), body.get("webhook_url"))
+    url = "" if delivery == "pull" else await check_webhook_url(body.get("webhook_url"), ctx.config.security)
     events = check_events(body.get("events"), ctx.config.events)
     rate = check_max_rate(body.get("max_rate_per_s"))
     email = check_contact_email(body.get("contact_email"))
@@ -92,8 +94,8 @@ async def register_partner(request: Request) -> JSONResponse:
     shared_secret, api_key = new_shared_secret(), new_api_key()
     partner_id = new_id("partner_", unpredictable=True)
     audit = audit_entry(request, "partner.registered", partner_id,
-                        {"partner_name": name, "webhook_url": url, "events": events, "max_rate_per_s": rate,
-                         "contact_email": email, "channels": channels, "filter": payload_filter or None,
+                        {"partner_name": name, "webhook_url": url or None, "delivery": delivery, "events": events,
+                         "max_rate_per_s": rate, "contact_email": email, "channels": channels, "filter": payload_filter or None,
                          "ordering": ordering, "client_certificate": fingerprint(identity.get("client_cert"))})
     partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
                        secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
@@ -136,6 +138,8 @@ async def update_partner(request: Request) -> JSONResponse:
     partner = await db(ctx.store.update_partner, partner_id, now=ctx.clock(), audit=audit, **change)
     if partner is None:
         raise partner_not_found(partner_id)
+    if delivery_mode(before) == "pull" and change["webhook_url"]:
+        ctx.loop.wake()  # given a URL, its deliveries waiting to be pulled are the loop's to send now
     if status == "active":
         ctx.loop.partner_reactivated(partner_id)  # the other processes were told by the store
         if before.status == "disabled":
@@ -173,7 +177,7 @@ async def check_change(body: dict[str, Any], before: Partner, ctx: Context, call
 def changed_fields(before: Partner, body: dict[str, Any], change: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What a PATCH changes, ``{field: {"from": old, "to": new}}`` in the API's names, for the audit
     trail: the fields ``body`` sent that differ from ``before`` (a suspension's reason goes with it)."""
-    old = {"webhook_url": before.webhook_url, "events": list(before.events), "channels": list(before.channels),
+    old = {"webhook_url": before.webhook_url or None, "events": list(before.events), "channels": list(before.channels),
            "filter": before.payload_filter, "ordering": before.ordering, "status": before.status,
            "reason": before.suspended_reason, "max_rate_per_s": before.max_rate_per_s,
            "contact_email": before.contact_email}
@@ -365,7 +369,8 @@ def check_include_cancelled(request: Request) -> bool:
 
 def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
     """A partner as the API shows it, with its circuit as the delivery loop sees it now."""
-    return {"partner_id": partner.id, "partner_name": partner.name, "webhook_url": partner.webhook_url,
+    return {"partner_id": partner.id, "partner_name": partner.name, "webhook_url": partner.webhook_url or None,
+            "delivery": delivery_mode(partner),
             "status": partner.status, "events_subscribed": list(partner.events),
             "stale_subscriptions": stale_subscriptions(partner, ctx.config.events),
             "disabled_reason": partner.disabled_reason, "suspended_reason": partner.suspended_reason,

@@ -590,7 +590,7 @@ PENDING_PARTNERS = """
                WHERE partner_id = p.id AND state = 'pending' AND next_attempt_at > :now
                  AND leased_until > :now) END AS leased_until
     FROM pending JOIN partners p ON p.id = pending.partner_id
-    WHERE p.status = 'active'
+    WHERE p.status = 'active' AND p.webhook_url <> ''  -- a pull-only partner (no URL) takes its own (polling.py)
 """
 
 

@@ -208,6 +208,7 @@ class History:
                 """UPDATE deliveries SET state = 'expired', leased_until = NULL, updated_at = :now
                    WHERE state = 'pending' AND (leased_until IS NULL OR leased_until <= :now)
                      AND COALESCE(queued_at, created_at) < :before
+                     AND partner_id NOT IN (SELECT id FROM partners WHERE webhook_url = '')  -- pulled, never sent
                    RETURNING partner_id""", {"before": queued_before, "now": now}).fetchall()
         expired: dict[str, int] = {}
         for row in rows:
@@ -255,10 +256,12 @@ class History:
 
     def oldest_pending(self, *, exclude: str) -> tuple[str, float] | None:
         """The partner and publish time of the oldest pending delivery of an active partner (but
-        ``exclude``): what the backlog alert watches. A scan of the pending rows."""
+        ``exclude``): what the backlog alert watches. A scan of the pending rows. A pull-only
+        partner's (no URL) wait for it to read them, whenever it likes: no backlog of ours."""
         with self._reader() as db:
             row = db.execute("""SELECT d.partner_id, d.created_at FROM deliveries d JOIN partners p ON p.id = d.partner_id
                                 WHERE d.state = 'pending' AND p.status = 'active' AND d.partner_id <> :exclude
+                                  AND p.webhook_url <> ''
                                 ORDER BY d.created_at LIMIT 1""", {"exclude": exclude}).fetchone()
         return (row["partner_id"], row["created_at"]) if row else None
 

@@ -423,6 +423,7 @@ _PUBLISH_TO_ONE = _PUBLISH_POSTGRES.format(subscribers="SELECT CAST(:only AS TEX
 _LOCK_PARTNERS = """
     SELECT id, ordering FROM partners
     WHERE status = 'active' AND (paused_until IS NULL OR paused_until <= :now)
+      AND webhook_url <> ''  -- a pull-only partner (no URL) takes its own (polling.py)
     ORDER BY id COLLATE "C"
     FOR NO KEY UPDATE SKIP LOCKED
 """

@@ -44,6 +44,7 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``alerts.py``            webhookd's own signed alerts to the operator
 ``catalog.py``           the event catalog as partners read it: ``/event-types``
 ``doctor.py``            the receiver doctor: ``POST /partners/{id}/check`` probes an endpoint
+``polling.py``           pulling instead of receiving: ``GET /partners/{id}/events``
 ``config.py``            every config key and its default (``config_template.py``: the
                          file ``webhookd init`` writes); ``cli.py`` the command line,
                          ``cli_parser.py`` its grammar, ``serving.py`` ``webhookd
@@ -101,6 +102,7 @@ from partners import (
     send_test_event,
     update_partner,
 )
+from polling import partner_events
 from publishing import publish_batch, publish_event
 from storage import open_store
 from store import Store
@@ -404,6 +406,7 @@ ROUTES = [
     route("POST", "/partners/{partner_id}/check", check_endpoint, CALLER),
     route("POST", "/partners/{partner_id}/recover", recover_failed, CALLER),
     route("POST", "/partners/{partner_id}/replay", replay_events, CALLER),
+    route("GET", "/partners/{partner_id}/events", partner_events, CALLER),
     route("GET", "/event-types", list_event_types, CALLER),
     route("POST", "/events", publish_event, ADMIN),
     route("POST", "/events/batch", publish_batch, ADMIN),

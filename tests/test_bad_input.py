@@ -425,6 +425,28 @@ def build_rows(w: World) -> list[Row]:
             "admin_only"),
         Row("cancel-pending: unknown id", "POST", f"/partners/{q(SQLI)}/cancel-pending", ADM, None, 404,
             "partner_not_found"),
+        # ---- GET /partners/{id}/events (pulling) -------------------------------------------
+        Row("events: another partner's id with my key", "GET", f"/partners/{B}/events", KA, None, 404,
+            "partner_not_found"),
+        Row("events: unknown id", "GET", f"/partners/{q(SQLI)}/events", ADM, None, 404, "partner_not_found"),
+        Row("events: no credentials", "GET", f"/partners/{A}/events", {}, None, 401, "missing_credentials"),
+        Row("events: POST", "POST", f"/partners/{A}/events", KA, None, 405, "method_not_allowed"),
+        Row("events: limit=0", "GET", f"/partners/{A}/events?limit=0", KA, None, 422, "invalid_field", "limit"),
+        Row("events: limit=201", "GET", f"/partners/{A}/events?limit=201", KA, None, 422, "invalid_field", "limit"),
+        Row("events: limit=-1", "GET", f"/partners/{A}/events?limit=-1", KA, None, 422, "invalid_field", "limit"),
+        Row("events: limit=abc", "GET", f"/partners/{A}/events?limit=abc", KA, None, 422, "invalid_field", "limit"),
+        Row("events: cursor garbage", "GET", f"/partners/{A}/events?cursor=!!!", KA, None, 422, "invalid_field",
+            "cursor"),
+        Row("events: cursor SQL injection", "GET", f"/partners/{A}/events?cursor={q(SQLI)}", KA, None, 422,
+            "invalid_field", "cursor"),
+        Row("events: cursor = base64 of a partner id", "GET", f"/partners/{A}/events?cursor={b64(A)}", KA, None,
+            422, "invalid_field", "cursor"),
+        Row("events: cursor = base64 of a traversal", "GET", f"/partners/{A}/events?cursor={b64(TRAVERSAL)}", KA,
+            None, 422, "invalid_field", "cursor"),
+        Row("events: cursor 20000 chars", "GET", f"/partners/{A}/events?cursor=" + "A" * 20_000, KA, None, 422,
+            "invalid_field", "cursor"),
+        Row("events: cursor of a delivery never given", "GET",
+            f"/partners/{A}/events?cursor={b64('dlv_' + 'z' * 21)}", KA, None, 410, "cursor_expired"),
         Row("audit: a partner key", "GET", "/audit", KA, None, 403, "admin_only"),
         Row("audit: limit=0", "GET", "/audit?limit=0", ADM, None, 422, "invalid_field", "limit"),
         Row("audit: cursor SQL injection", "GET", f"/audit?cursor={q(SQLI)}", ADM, None, 422, "invalid_field",
@@ -868,8 +890,11 @@ def problems_with(row: Row, r: httpx.Response, secrets_issued: list[str]) -> lis
     error = body.get("error") if isinstance(body, dict) else None
     # A payload refused for its fields lists every problem too (the first is the message).
     listed = isinstance(error, dict) and error.get("code") == "invalid_field" and "problems" in error
+    # A cursor whose events were purged says where to read again from.
+    restart = isinstance(error, dict) and error.get("code") == "cursor_expired"
     if not (isinstance(body, dict) and set(body) == {"error"} and isinstance(error, dict)
-            and set(error) == {"code", "message"} | ({"problems"} if listed else set())):
+            and set(error) == {"code", "message"} | ({"problems"} if listed else set())
+            | ({"start_cursor"} if restart else set())):
         return found + [f"not the error shape: {r.text[:300]!r}"]
     if listed and not (isinstance(error["problems"], list) and error["problems"]
                        and error["problems"][0].get("message") == error["message"]):
