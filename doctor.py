@@ -189,7 +189,7 @@ class Prober:
     async def _exchange(self, target: Target, request: bytes, got: dict[str, Any], started: float) -> None:
         ip = await resolve_target_async(target.host, target.port, self.config.security.allow_private_targets,
                                         self.timeout_s)
-        tls = self.tls() if target.scheme == "https" else None
+        tls = await self.tls() if target.scheme == "https" else None
         proxy_url = self.config.delivery.proxy_url
         reader, writer = await egress.open_connection(
             ip, target.port, tls=tls, server_hostname=target.host, limit=MAX_LINE,
@@ -206,14 +206,14 @@ class Prober:
         finally:
             writer.close()
 
-    def tls(self) -> ssl.SSLContext:
+    async def tls(self) -> ssl.SSLContext:
         """The deliveries' trust: the system's CAs, or ``delivery.ca_file``; with the partner's client
         certificate if it has one (an expired one is an ``egress.ConfigurationError``, as in a delivery)."""
         if self._tls is None:
             ca_file = self.config.delivery.ca_file
             if self.partner.client_cert:
-                self._tls = egress.ClientCertificates(ca_file).context(self.partner.client_cert,
-                                                                       self.partner.client_key or "", self.clock())
+                self._tls = await egress.ClientCertificates(ca_file).context(
+                    self.partner.client_cert, self.partner.client_key or "", self.clock())
             else:
                 self._tls = ssl.create_default_context(cafile=ca_file or None)
         return self._tls

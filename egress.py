@@ -244,15 +244,17 @@ _LOAD_PROBLEMS: dict[str, str] = {}
 class ClientCertificates:
     """One ``ssl.SSLContext`` per client certificate, built on first use and kept (keyed by the
     certificate's fingerprint): the sender's trust (``delivery.ca_file`` or the system's CAs) plus the
-    partner's certificate and key. Building one costs milliseconds; an attempt costs a lookup."""
+    partner's certificate and key. Building one costs about 30 ms (reading the system's CAs), so it is
+    built in a thread, once, whatever the attempts waiting for it; an attempt costs a lookup."""
 
     def __init__(self, ca_file: str = ""):
         self.ca_file = ca_file
         self._identities: dict[str, _Identity] = {}
+        self._building: dict[str, asyncio.Future] = {}   # fingerprint -> its context being built
         self._lock = threading.Lock()
         self.loads = 0   # certificates loaded so far: once each, whatever the number of attempts
 
-    def context(self, cert_pem: str, key_pem: str, now: float) -> ssl.SSLContext:
+    async def context(self, cert_pem: str, key_pem: str, now: float) -> ssl.SSLContext:
         """The context to connect with, or ``ConfigurationError`` saying what the admin must change."""
         try:
             info = inspect(cert_pem)
@@ -260,7 +262,7 @@ class ClientCertificates:
             raise ConfigurationError(f"the partner's client certificate {exc}") from None
         identity = self._identities.get(info.fingerprint)
         if identity is None or identity.key_pem != key_pem:
-            identity = self._load(info, cert_pem, key_pem)
+            identity = await self._built(info, cert_pem, key_pem)
         if identity.problem is not None:
             raise ConfigurationError(identity.problem)
         if now >= info.not_after:
@@ -270,8 +272,20 @@ class ClientCertificates:
             raise ConfigurationError(f"the partner's client certificate is valid only from {day(info.not_before)}")
         return identity.context  # type: ignore[return-value]
 
+    async def _built(self, info: CertificateInfo, cert_pem: str, key_pem: str) -> _Identity:
+        """The identity of a certificate not built yet (or whose key changed): built in a thread,
+        off the event loop; attempts that need it meanwhile wait for the same build."""
+        building = self._building.get(info.fingerprint)
+        if building is None:
+            building = asyncio.ensure_future(asyncio.to_thread(self._load, info, cert_pem, key_pem))
+            self._building[info.fingerprint] = building
+            building.add_done_callback(lambda _: self._building.pop(info.fingerprint, None))
+        identity = await asyncio.shield(building)
+        return identity if identity.key_pem == key_pem else await asyncio.to_thread(self._load, info, cert_pem, key_pem)
+
     def _load(self, info: CertificateInfo, cert_pem: str, key_pem: str) -> _Identity:
-        self.loads += 1
+        with self._lock:
+            self.loads += 1
         context = ssl.create_default_context(cafile=self.ca_file or None)
         try:
             load_identity(context, cert_pem, key_pem)

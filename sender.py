@@ -311,7 +311,7 @@ class Sender:
         try:
             route = self._route(job.url)
             tls = self._tls if job.client_cert is None else \
-                self._client_certs.context(job.client_cert, job.client_key or "", started)
+                await self._client_certs.context(job.client_cert, job.client_key or "", started)
             headers = build_headers(job, int(started))
             signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
             async with asyncio.timeout(self.settings.timeout_s):
