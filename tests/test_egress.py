@@ -85,7 +85,15 @@ class ConnectProxy:
         return self
 
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
+        """Close the listener and every tunnel still open, then the loop."""
+        async def shut_down() -> None:
+            self._server.close()
+            tunnels = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for tunnel in tunnels:
+                tunnel.cancel()
+            await asyncio.gather(*tunnels, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut_down(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 
