@@ -309,7 +309,8 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
                        "channels": _names(args.channels or ""), "ordering": args.ordering or "concurrent",
                        "filter": _read_json_argument(args.filter) if args.filter else None,
                        **({"retry": _read_json_argument(args.retry)} if args.retry else {}),
-                       **({"extra_headers": _read_json_argument(args.headers)} if args.headers else {})})
+                       **({"extra_headers": _read_json_argument(args.headers)} if args.headers else {}),
+                       **_client_certificate(args, removing=False)})
         if not args.json:
             print("Save shared_secret and api_key now: they are not shown again.", file=sys.stderr)
         return _show(args, answer)
@@ -353,6 +354,8 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
     if action == "headers":
         return _show(args, _api(config, "PATCH", path,
                                 {"extra_headers": _read_json_argument(args.headers) if args.headers else None}))
+    if action == "client-cert":
+        return _show(args, _api(config, "PATCH", path, _client_certificate(args, removing=True)))
     if action == "cancel-pending":
         return _show(args, _api(config, "POST", path + "/cancel-pending"))
     if action == "suspend":
@@ -366,6 +369,26 @@ def _cmd_partners(args: argparse.Namespace, config: Config) -> int:
         rate = args.max_rate or None  # 0 (or none given) removes the pace
         return _show(args, _api(config, "PATCH", path, {"max_rate_per_s": rate}))
     raise CliError(f"unknown action {action!r}")
+
+
+def _client_certificate(args: argparse.Namespace, removing: bool) -> dict[str, Any]:
+    """``--cert`` and ``--key`` as the API takes them (read from their files); neither given: nothing
+    for ``add``, the removal for ``client-cert``. ``--key`` may be left out for a renewal on the same key."""
+    if args.cert is None:
+        if args.key is not None:
+            raise UsageError("--key goes with --cert (the certificate the key belongs to)")
+        return {"client_certificate": None} if removing else {}
+    fields = {"client_certificate": _read_file(args.cert)}
+    if args.key is not None:
+        fields["client_key"] = _read_file(args.key)
+    return fields
+
+
+def _read_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
 
 
 def _names(text: str) -> list[str]:

@@ -90,11 +90,11 @@ def _service_commands(command) -> None:
 
 def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
     partners = command("partners", "manage partners: list, show, add, pause, resume, suspend, rotate, api-key, "
-                                   "pace, channels, filter, ordering, contact, retry, headers, cancel-pending, delete, "
-                                   "events, portal-link", as_json)
+                                   "pace, channels, filter, ordering, contact, retry, headers, client-cert, "
+                                   "cancel-pending, delete, events, portal-link", as_json)
     partners.add_argument("action", choices=["list", "show", "add", "pause", "resume", "suspend", "rotate",
                                              "api-key", "pace", "channels", "filter", "ordering", "contact",
-                                             "retry", "headers", "cancel-pending", "delete", "events",
+                                             "retry", "headers", "client-cert", "cancel-pending", "delete", "events",
                                              "portal-link"], help="what to do (see above)")
     partners.add_argument("--ordering", choices=["concurrent", "fifo"],
                           help="add, ordering: fifo sends one at a time, in publish order (default concurrent)")
@@ -112,6 +112,10 @@ def _partner_commands(command, as_json: argparse.ArgumentParser) -> None:
                                             '{"Authorization": "Bearer ..."}; a name set to null is removed (add, '
                                             "headers; headers without it removes them all). Values are secrets: "
                                             "a file keeps them out of the shell's history. The admin's to set")
+    partners.add_argument("--cert", metavar="PEM_FILE", help="add, client-cert: the TLS client certificate its "
+                                                             "endpoint demands (client-cert without it removes it)")
+    partners.add_argument("--key", metavar="PEM_FILE", help="add, client-cert: that certificate's private key, "
+                                                            "unencrypted (never shown again)")
     partners.add_argument("partner_id", nargs="?", help="the partner (every action but list and add)")
     partners.add_argument("--yes", action="store_true", help="delete: yes, delete it (it cannot be undone)")
     partners.add_argument("--reason", help="suspend: why (shown to the partner; only the admin can lift it)")

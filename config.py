@@ -28,6 +28,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # --- The event catalog ------------------------------------------------------------------
 
@@ -136,6 +137,8 @@ class DeliveryConfig:
     max_pending_age_s: float = 604800.0          # a delivery pending longer ends "expired" (7 days)
     ca_file: str = ""                            # PEM file of the CAs partners' certificates chain to; empty: the system's
     native_speedups: bool = True                 # the sender on uvloop, answers parsed by llhttp (httptools), if installed
+    proxy_url: str = ""                          # http://[user:password@]host:port: every delivery leaves through this
+                                                 # CONNECT proxy (one egress address); empty: straight out
 
 
 @dataclass(frozen=True)
@@ -419,6 +422,7 @@ def _check_values(sections: dict[str, Any]) -> None:
         raise ConfigError("Config 'storage.url' is not a PostgreSQL URL. Expected postgresql://user:password@host/db "
                           "(or leave it empty for the SQLite file in storage.path).")
     _check_alerts(sections["alerts"])
+    _check_proxy_url(sections["delivery"].proxy_url)
     if url and not sections["security"].admin_token:
         # Several processes, maybe on several machines, must agree on one token; a file
         # written beside each one's storage.path would give each its own.
@@ -438,6 +442,25 @@ def _check_alerts(alerts: AlertsConfig) -> None:
     if len(alerts.secret) < 16:
         raise ConfigError("Config 'alerts.secret' must be at least 16 characters when 'alerts.url' is set: the "
                           "alerts are signed with it, as partners' webhooks are with theirs (WEBHOOKD_ALERTS_SECRET).")
+
+
+def _check_proxy_url(url: str) -> None:
+    """``delivery.proxy_url``: empty, or ``http://[user:password@]host:port`` and nothing more. The
+    message never repeats the URL: it may hold the proxy's password."""
+    if not url:
+        return
+    shape = ("Expected http://host:port of an HTTP CONNECT proxy, with user:password@ if it asks for them "
+             "(like http://egress.internal:3128), or empty to send straight out.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"Config 'delivery.proxy_url' is not a valid URL. {shape}") from None
+    if parts.scheme != "http":
+        raise ConfigError(f"Config 'delivery.proxy_url' must start with http:// (the tunnel carries TLS itself). "
+                          f"{shape}")
+    if not parts.hostname or not port or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"Config 'delivery.proxy_url' must name a host and a port, and nothing after them. {shape}")
 
 
 # In a catalog table, the one key that is not a field: the type's own retention, in days.

@@ -35,6 +35,8 @@ verify_endpoints = false             # true: a new webhook URL gets nothing unti
 timeout_s = 5                        # per attempt: lookup, connect and answer together
 max_attempts = 3
 backoff_base_s = 30                  # waits 15-30 s, then 30-60 s, ... (exponential, with jitter)
+# proxy_url = "http://egress.internal:3128"  # every delivery leaves through this CONNECT proxy: partners
+#                                    # allow-list its address (docs/egress.md); unset: straight out
 
 [retention]
 max_age_s = 2592000                  # delivered events and inbound events older than 30 days are purged

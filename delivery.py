@@ -74,6 +74,9 @@ def decide(job: Job, sent: Sent, settings: DeliverySettings, rng: random.Random,
     The wait is the server's backoff, or the partner's own terms (``partner_terms.wait_after``)."""
     if sent.attempt.error is None:
         return "delivered", now, "the partner answered 2xx"
+    if sent.attempt.error == "configuration_error":  # an expired client certificate: retrying cannot help
+        return "failed", now, ("a configuration error, not retried (each retry would fail alike): once the admin "
+                               "fixes it, POST /partners/{id}/recover sends the failed deliveries again")
     if job.attempt >= job.max_attempts:
         return "failed", now, f"attempt {job.attempt} of {job.max_attempts} failed: no attempt left"
     delay, why = wait_after(job.attempt, job.max_attempts, job.retry, settings, rng)
@@ -410,7 +413,7 @@ class DeliveryLoop:
         return Job(job.delivery_id, job.event_id, job.event, job.partner_id, partner.webhook_url,
                    tuple(partner.valid_secrets(self.clock())), job.body, job.attempt, job.max_attempts,
                    job.partner_failing_since, job.created_at, partner.max_rate_per_s, job.traceparent, job.tracestate,
-                   partner.retry, partner.extra_headers)
+                   partner.retry, partner.extra_headers, partner.client_cert, partner.client_key)
 
     def _outcome(self, job: Job, sent: Sent, rate: float | None) -> Outcome:
         """What the attempt means: the pace, the delivery's next state, the partner's health."""

@@ -18,7 +18,9 @@ answer the way a careful reviewer of the receiver's code would:
 Probes are not deliveries: no rows, no retries, no circuit breaker; each is sent once, on a
 connection of its own, under the rules every delivery obeys — ``targets.parse_target`` (scheme,
 host, allowed ports) and ``targets.resolve_target_async`` (the SSRF address rule), connecting to
-exactly the address that was checked, redirects never followed, ``delivery.timeout_s`` at most.
+exactly the address that was checked (through ``delivery.proxy_url``'s tunnel, with the partner's
+client certificate, as ``egress.py`` connects a delivery), redirects never followed,
+``delivery.timeout_s`` at most.
 The request is the sender's own (``sender.plan_route``, ``build_headers``, ``request_bytes``), so a
 probe is signed and framed like a real webhook. A check is rate-limited per partner. Every finding
 carries a one-line fix, in English or Spanish (``?lang=``, else ``Accept-Language``), pointing at
@@ -44,6 +46,7 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+import egress
 import partner_terms
 import signing
 from config import VERSION, Config
@@ -189,8 +192,11 @@ class Prober:
     async def _exchange(self, target: Target, request: bytes, got: dict[str, Any], started: float) -> None:
         ip = await resolve_target_async(target.host, target.port, self.config.security.allow_private_targets,
                                         self.timeout_s)
-        tls = {"ssl": self.tls(), "server_hostname": target.host} if target.scheme == "https" else {}
-        reader, writer = await asyncio.open_connection(ip, target.port, limit=MAX_LINE, **tls)
+        tls = await self.tls() if target.scheme == "https" else None
+        proxy_url = self.config.delivery.proxy_url
+        reader, writer = await egress.open_connection(
+            ip, target.port, tls=tls, server_hostname=target.host, limit=MAX_LINE,
+            proxy=egress.Proxy.from_url(proxy_url) if proxy_url else None)
         try:
             cert = writer.get_extra_info("peercert") if tls else None
             if cert and cert.get("notAfter"):
@@ -203,10 +209,16 @@ class Prober:
         finally:
             writer.close()
 
-    def tls(self) -> ssl.SSLContext:
-        """The deliveries' trust: the system's CAs, or ``delivery.ca_file``."""
+    async def tls(self) -> ssl.SSLContext:
+        """The deliveries' trust: the system's CAs, or ``delivery.ca_file``; with the partner's client
+        certificate if it has one (an expired one is an ``egress.ConfigurationError``, as in a delivery)."""
         if self._tls is None:
-            self._tls = ssl.create_default_context(cafile=self.config.delivery.ca_file or None)
+            ca_file = self.config.delivery.ca_file
+            if self.partner.client_cert:
+                self._tls = await egress.ClientCertificates(ca_file).context(
+                    self.partner.client_cert, self.partner.client_key or "", self.clock())
+            else:
+                self._tls = ssl.create_default_context(cafile=ca_file or None)
         return self._tls
 
 

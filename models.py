@@ -54,6 +54,8 @@ class Partner:
     # Sent with every request to it, e.g. ("Authorization", "Bearer …"): secrets, like ``secret``.
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     verification: Verification | None = None  # proof the endpoint is the partner's (verification.py); None: not asked
+    client_cert: str | None = None        # PEM: the TLS client certificate its endpoint demands (egress.py)
+    client_key: str | None = field(default=None, repr=False)  # PEM: its private key, a secret like the others
 
     def valid_secrets(self, now: float) -> list[str]:
         return valid_secrets(self.secret, self.previous_secret, self.previous_secret_until, now)
@@ -179,6 +181,8 @@ class Job:
     tracestate: str | None = None
     retry: RetryTerms | None = None      # the partner's own retry policy when the attempt starts
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # its extra headers (secrets)
+    client_cert: str | None = None       # the partner's client certificate and key (PEM), if it has one
+    client_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,21 @@ HEADERS_OUT = {"type": "array", "items": {
     "properties": {"name": {"type": "string"},
                    "hint": {"type": "string", "description": "its length, and its first 4 characters when it has "
                                                              "24 or more: never the value"}}}}
+CLIENT_CERTIFICATE = {"type": "string", "minLength": 1, "maxLength": 65536,
+                      "description": "PEM: the TLS client certificate (and its chain) the partner's endpoint demands; "
+                                     "valid now, and loading with client_key. The admin's alone (403 otherwise)"}
+CLIENT_KEY = {"type": "string", "minLength": 1, "maxLength": 16384,
+              "description": "PEM: the certificate's private key, unencrypted; never shown again. May be left out "
+                             "when a renewed certificate keeps the key already set"}
+CERTIFICATE_SHOWN = {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+    "subject": {"type": ["string", "null"]}, "issuer": {"type": ["string", "null"]},
+    "fingerprint_sha256": {"type": ["string", "null"], "description": "as openssl x509 -fingerprint -sha256 prints it"},
+    "not_before": MAYBE_TIME, "not_after": MAYBE_TIME,
+    "key_set": {"type": "boolean", "description": "a key is set (it is never shown)"},
+    "problem": {"type": ["string", "null"], "description": "why deliveries fail now (expired, not yet valid, does "
+                                                          "not load): configuration_error, not retried"}},
+    "required": ["subject", "issuer", "fingerprint_sha256", "not_before", "not_after", "key_set", "problem"],
+    "additionalProperties": False}], "description": "the partner's TLS client certificate (docs/egress.md); null: none"}
 ADMIN_SETS = (" The admin sets it; from anyone else (a partner's API key, an open registration) it is a "
               "403 audience_admin_only.")
 
@@ -116,7 +131,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
         "suspended_reason": {"type": ["string", "null"], "description": "why the admin suspended it"},
         "max_rate_per_s": {"type": ["number", "null"], "description": "attempts started per second, at most"},
         "contact_email": {"type": ["string", "null"], "description": "whom the operator writes to"},
-        "ordering": ORDERING, "retry": RETRY_OUT, "extra_headers": HEADERS_OUT,
+        "ordering": ORDERING, "retry": RETRY_OUT, "extra_headers": HEADERS_OUT, "client_certificate": CERTIFICATE_SHOWN,
         "channels": {"type": "array", "items": STRING}, "filter": {**FILTER, "additionalProperties": {
             "type": "array", "items": SCALAR}, "description": "as sent, each value as a list"},
         "circuit": _obj({
@@ -162,6 +177,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
             "filter": _admin_sets(FILTER), "ordering": ORDERING, "delivery": DELIVERY_MODE, "retry": RETRY_IN,
             "extra_headers": {**HEADERS_IN, "additionalProperties": {**HEADERS_IN["additionalProperties"],
                                                                      "type": "string"}},
+            "client_certificate": CLIENT_CERTIFICATE, "client_key": CLIENT_KEY,
         }, required=["partner_name", "events"]),
         "Partner": _obj(partner),
         "PartnerCreated": _obj({**partner, "shared_secret": STRING, "standard_webhooks_secret": STRING,
@@ -178,8 +194,11 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                              "description": "why, with status suspended"},
                                   "max_rate_per_s": RATE, "contact_email": EMAIL,
                                   "channels": _admin_sets(CHANNEL_LIST), "filter": _admin_sets(FILTER),
-                                  "ordering": ORDERING, "retry": RETRY_IN, "extra_headers": HEADERS_IN},
-                                 required=[]),
+                                  "ordering": ORDERING, "retry": RETRY_IN, "extra_headers": HEADERS_IN,
+                                  "client_certificate": {**CLIENT_CERTIFICATE, "type": ["string", "null"],
+                                                         "description": CLIENT_CERTIFICATE["description"]
+                                                         + "; null removes it and its key"},
+                                  "client_key": CLIENT_KEY}, required=[]),
                           "minProperties": 1},
         "PartnerList": _list_of("Partner"),
         "EventPayload": {**_obj({

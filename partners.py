@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+import egress
 import partner_terms
 import signing
 import targets
@@ -80,7 +81,7 @@ async def register_partner(request: Request) -> JSONResponse:
         await ctx.registration_limit.check(client_address(request), "registrations")
     body = await read_json_object(request, allowed={"partner_name", "webhook_url", "events", "max_rate_per_s",
                                                     "contact_email", "channels", "filter", "ordering", "delivery",
-                                                    *partner_terms.ADMIN_ONLY})
+                                                    *partner_terms.ADMIN_ONLY, *CERT_FIELDS})
     check_audience_setter(body, caller)  # an open registration cannot pick its own audience
     terms = check_terms(body, caller, ctx)  # nor its own retry policy and headers
     name = check_partner_name(body.get("partner_name"))
@@ -93,6 +94,7 @@ async def register_partner(request: Request) -> JSONResponse:
     payload_filter = check_filter(body.get("filter"))
     ordering = check_ordering(body.get("ordering", "concurrent"))
     retry, extra_headers = terms["retry"] or RetryTerms(), terms["extra_headers"] or ()
+    identity = check_client_certificate(body, None, caller, ctx.clock())
     shared_secret, api_key = new_shared_secret(), new_api_key()
     partner_id = new_id("partner_", unpredictable=True)
     audit = audit_entry(request, "partner.registered", partner_id,
@@ -100,11 +102,12 @@ async def register_partner(request: Request) -> JSONResponse:
                          "max_rate_per_s": rate, "contact_email": email, "channels": channels,
                          "filter": payload_filter or None, "ordering": ordering,
                          "retry": partner_terms.own_terms_json(retry),
-                         "extra_headers": [name for name, _ in extra_headers]})
+                         "extra_headers": [name for name, _ in extra_headers],
+                         "client_certificate": fingerprint(identity.get("client_cert"))})
     partner = await db(ctx.store.add_partner, partner_id=partner_id, name=name, webhook_url=url, events=events,
                        secret=shared_secret, api_key_hash=hash_api_key(api_key), now=ctx.clock(),
                        max_rate_per_s=rate, contact_email=email, channels=channels, payload_filter=payload_filter,
-                       ordering=ordering, retry=retry, extra_headers=extra_headers, audit=audit,
+                       ordering=ordering, retry=retry, extra_headers=extra_headers, audit=audit, **identity,
                        verification_challenge=verification.challenge_for(url, ctx.config))  # None: not asked
     verification.wake(request)
     logger.info("registered partner %s for %s", partner.id, ",".join(events))
@@ -158,7 +161,7 @@ async def update_partner(request: Request) -> JSONResponse:
 
 
 PATCHABLE = {"webhook_url", "events", "channels", "filter", "ordering", "status", "max_rate_per_s", "contact_email",
-             *partner_terms.ADMIN_ONLY}
+             *partner_terms.ADMIN_ONLY, "client_certificate", "client_key"}
 STATUS_ACTIONS = {"active": "partner.activated", "paused": "partner.paused", "suspended": "partner.suspended"}
 
 
@@ -182,6 +185,7 @@ async def check_change(body: dict[str, Any], before: Partner, ctx: Context, call
         "max_rate_per_s": (check_max_rate(sent("max_rate_per_s")) or 0.0) if "max_rate_per_s" in body else None,
         "contact_email": (check_contact_email(sent("contact_email")) or "") if "contact_email" in body else None,
         **terms,
+        **check_client_certificate(body, before, caller, ctx.clock()),
     }
 
 
@@ -199,6 +203,9 @@ def changed_fields(before: Partner, body: dict[str, Any], change: dict[str, Any]
                if (name in body or name == "reason" and "status" in body) and old[name] != new[name]}
     if change["extra_headers"] is not None:  # names only: a value is a secret
         changed["extra_headers"] = partner_terms.headers_audit(before.extra_headers, change["extra_headers"])
+    if "client_cert" in change:  # the certificates' fingerprints; the key is never written anywhere but its column
+        changed["client_certificate"] = {"from": fingerprint(before.client_cert),
+                                         "to": fingerprint(change["client_cert"]), "key_replaced": "client_key" in body}
     return changed
 
 
@@ -393,6 +400,7 @@ def partner_json(partner: Partner, ctx: Context) -> dict[str, Any]:
             "max_rate_per_s": partner.max_rate_per_s, "contact_email": partner.contact_email,
             "retry": partner_terms.retry_json(partner.retry, ctx.config.delivery),
             "extra_headers": partner_terms.headers_json(partner.extra_headers),
+            "client_certificate": egress.describe(partner.client_cert, bool(partner.client_key), ctx.clock()),
             "circuit": ctx.loop.circuit(partner, ctx.clock()),
             "verification": verification.verification_json(partner),
             "created_at": int(partner.created_at), "updated_at": int(partner.updated_at)}
@@ -576,6 +584,41 @@ def check_audience_setter(body: dict[str, Any], caller: Any) -> None:
                            f"'{field}' is set by the admin only: a partner's channels and filter decide which "
                            "events reach it, and that is the operator's decision. Leave it out of the request, "
                            "and ask the operator to change it.")
+
+
+CERT_FIELDS = ("client_certificate", "client_key")
+
+
+def check_client_certificate(body: dict[str, Any], before: Partner | None, caller: Any, now: float) -> dict[str, str]:
+    """``client_certificate`` and ``client_key`` (PEM) as the store takes them: ``{}`` if neither was
+    sent, ``""`` for both to remove them (``client_certificate: null``). The admin's alone (403). A new
+    certificate may come alone when the partner's key is the one it was made for (a renewal); either
+    way the pair must load together and the certificate be valid now (``egress.check_pair``)."""
+    if not body.keys() & set(CERT_FIELDS):
+        return {}
+    if caller is None or not caller.is_admin:
+        raise ApiError(403, "admin_only", "A partner's client certificate is set by the admin only: send it to the "
+                                          "operator, who sets it (PATCH /partners/{id}); the key is never shown "
+                                          "again.")
+    if "client_certificate" in body and body["client_certificate"] is None:
+        if body.get("client_key") is not None:
+            raise invalid("client_key", "goes with a client_certificate: null removes both.")
+        return {"client_cert": "", "client_key": ""}
+    cert = body.get("client_certificate", before.client_cert if before else None)
+    key = body.get("client_key", before.client_key if before else None)
+    try:
+        egress.check_pair(cert, key, now)
+    except egress.CertificateProblem as exc:
+        raise invalid(exc.field, str(exc)) from None
+    return {"client_cert": cert, "client_key": key}
+
+
+def fingerprint(cert_pem: str | None) -> str | None:
+    """How the audit trail names a client certificate: its SHA-256 fingerprint (never the key)."""
+    try:
+        return egress.inspect(cert_pem).fingerprint if cert_pem else None
+    except egress.CertificateProblem:
+        return "unreadable"
 
 
 def check_ordering(ordering: Any) -> str:

@@ -17,7 +17,9 @@ One attempt, step by step, all of it within ``timeout_s`` (lookup, connect, answ
    the request line and fixed headers its ``Route`` holds (built once per URL);
 3. a kept-alive connection to that origin is reused if it is fresh and the partner has
    not closed it, else a new one is opened to the address ``targets.resolve_target_async``
-   checked (pinned: TLS still checks the URL's host name); a request is written again
+   checked (pinned: TLS still checks the URL's host name) — through the egress proxy's tunnel to
+   that address if ``delivery.proxy_url`` is set, and with the partner's client certificate if it
+   has one (``egress.py``; kept connections are kept per certificate); a request is written again
    on a new connection only if the kept one broke before the whole request went out —
    once written, the partner may have acted on it;
 4. ``sender_http.py`` reads the answer: the status, the first 1 KiB of the body, and a
@@ -50,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import egress
 import signing
 import trace_context
 from config import DeliverySettings
@@ -146,6 +149,10 @@ def classify_error(exc: BaseException) -> str:
     """A short, stable class for an attempt that got no HTTP response."""
     if isinstance(exc, TargetRefused):
         return "ssrf_blocked"
+    if isinstance(exc, egress.ConfigurationError):
+        return "configuration_error"   # fails at once: a retry would fail the same way (delivery.decide)
+    if isinstance(exc, egress.ProxyError):
+        return "proxy_error"
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -264,6 +271,11 @@ class Sender:
         self._last_sweep = time.monotonic()
         # Built once (it costs milliseconds): the system's CAs, or delivery.ca_file for a private CA.
         self._tls = ssl.create_default_context(cafile=settings.ca_file or None)
+        self._client_certs = egress.ClientCertificates(settings.ca_file)   # partners' own, built on first use
+        self._proxy = egress.Proxy.from_url(settings.proxy_url) if settings.proxy_url else None
+        if self._proxy is not None:  # named without its credentials
+            logger.info("deliveries leave through the egress proxy at %s: partners allow-list its address",
+                        self._proxy.where)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -309,12 +321,14 @@ class Sender:
         signatures = None
         try:
             route = self._route(job.url, job.extra_headers)
+            tls = self._tls if job.client_cert is None else \
+                await self._client_certs.context(job.client_cert, job.client_key or "", started)
             headers = build_headers(job, int(started))
             signatures = {name: headers[name] for name in SIGNATURE_HEADERS}
             if job.traceparent:  # kept beside them: the trace view shows each attempt's span
                 signatures["traceparent"] = headers["traceparent"]
             async with asyncio.timeout(timeout_s(job.retry, self.settings)):
-                await self._post(route.target, request_bytes(route, headers, job.body), answer)
+                await self._post(route.target, tls, request_bytes(route, headers, job.body), answer)
             error, detail = status_error(answer.status), describe_status(answer.status, cut_short=False)
         except Exception as exc:  # one bad endpoint must never take the sender down
             # Once the status has arrived it is the partner's answer: a body cut short by the
@@ -346,9 +360,10 @@ class Sender:
             self._routes[key] = route
         return route
 
-    async def _post(self, target: Target, request: bytes, answer: Answer) -> None:
-        """Write ``request`` to ``target`` and read the answer into ``answer``."""
-        conn, reused = await self._checkout(target)
+    async def _post(self, target: Target, tls: ssl.SSLContext, request: bytes, answer: Answer) -> None:
+        """Write ``request`` to ``target`` (over ``tls`` for https) and read the answer into ``answer``."""
+        origin = _origin(target, tls)
+        conn, reused = await self._checkout(target, tls, origin)
         try:
             try:
                 await _write(conn, request)
@@ -360,21 +375,22 @@ class Sender:
                 # a connection that closes without an answer fails the attempt instead (the
                 # partner may have acted on it); the next attempt comes after a backoff.
                 conn.close()
-                conn, reused = await self._checkout(target, fresh=True)
+                conn, reused = await self._checkout(target, tls, origin, fresh=True)
                 await _write(conn, request)
             reusable = await self._read_answer(conn.reader, answer)
         except BaseException:  # an error, the deadline (a cancellation) or a stop
             conn.close()
             raise
         if reusable:
-            self._keep(target, conn)
+            self._keep(origin, conn)
         else:
             conn.close()
 
-    async def _checkout(self, target: Target, fresh: bool = False) -> tuple[_Connection, bool]:
+    async def _checkout(self, target: Target, tls: ssl.SSLContext, origin: tuple,
+                        fresh: bool = False) -> tuple[_Connection, bool]:
         """A connection to the origin: the most recent idle one if fresh, else a new one
-        (resolved, checked and pinned to that address)."""
-        idle = [] if fresh else self._idle.get(_origin(target), [])
+        (resolved, checked and pinned to that address; through the egress proxy if there is one)."""
+        idle = [] if fresh else self._idle.get(origin, [])
         while idle:
             conn = idle.pop()
             if time.monotonic() - conn.last_used < self.settings.idle_connection_s and not conn.dropped():
@@ -382,13 +398,14 @@ class Sender:
             conn.close()
         ip = await resolve_target_async(target.host, target.port, self.settings.allow_private_targets,
                                         self.settings.timeout_s)
-        tls = {"ssl": self._tls, "server_hostname": target.host} if target.scheme == "https" else {}
-        reader, writer = await asyncio.open_connection(ip, target.port, limit=MAX_LINE, **tls)
+        reader, writer = await egress.open_connection(
+            ip, target.port, tls=tls if target.scheme == "https" else None, server_hostname=target.host,
+            proxy=self._proxy, limit=MAX_LINE)
         return _Connection(reader, writer), False
 
-    def _keep(self, target: Target, conn: _Connection) -> None:
+    def _keep(self, origin: tuple, conn: _Connection) -> None:
         conn.last_used = time.monotonic()
-        self._idle.setdefault(_origin(target), []).append(conn)
+        self._idle.setdefault(origin, []).append(conn)
         if conn.last_used - self._last_sweep > self.settings.idle_connection_s:
             self._sweep_idle(conn.last_used)
 
@@ -414,8 +431,10 @@ class Sender:
         self._idle.clear()
 
 
-def _origin(target: Target) -> tuple[str, str, int]:
-    return target.scheme, target.host, target.port
+def _origin(target: Target, tls: ssl.SSLContext) -> tuple[str, str, int, ssl.SSLContext | None]:
+    """What a kept connection may be reused for: the URL's origin and, for https, the TLS context it
+    was made with (a partner's client certificate is its own: never lent to another's requests)."""
+    return target.scheme, target.host, target.port, tls if target.scheme == "https" else None
 
 
 async def _write(conn: _Connection, request: bytes) -> None:

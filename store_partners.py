@@ -123,21 +123,23 @@ class Partners:
         api_key_hash: str, now: float, max_rate_per_s: float | None = None, contact_email: str | None = None,
         channels: list[str] | None = None, payload_filter: dict[str, list[Any]] | None = None,
         ordering: str = "concurrent", retry: RetryTerms | None = None,
-        extra_headers: tuple[tuple[str, str], ...] = (), audit: AuditEntry | None = None,
-        verification_challenge: str | None = None,
+        extra_headers: tuple[tuple[str, str], ...] = (), client_cert: str | None = None,
+        client_key: str | None = None, audit: AuditEntry | None = None, verification_challenge: str | None = None,
     ) -> Partner:
         """A new partner, active; with ``verification_challenge``, unverified until its endpoint
         echoes it (``verification.py``), in this same transaction: no event can reach it before."""
         with self._partner_write(partner_id) as db:
             db.execute(
                 """INSERT INTO partners (id, name, webhook_url, status, secret, api_key_hash,
-                                         max_rate_per_s, contact_email, payload_filter, ordering, created_at,
-                                         updated_at, verification, verification_challenge, verification_due_at)
+                                         max_rate_per_s, contact_email, payload_filter, ordering, client_cert,
+                                         client_key, created_at, updated_at, verification, verification_challenge,
+                                         verification_due_at)
                    VALUES (:id, :name, :url, 'active', :secret, :api_key_hash, :rate, :email, :filter, :ordering,
-                           :now, :now, :verification, :challenge, :due)""",
+                           :cert, :key, :now, :now, :verification, :challenge, :due)""",
                 {"id": partner_id, "name": name, "url": webhook_url, "secret": secret,
                  "api_key_hash": api_key_hash, "rate": max_rate_per_s, "email": contact_email,
-                 "filter": _filter_json(payload_filter), "ordering": ordering, "now": now,
+                 "filter": _filter_json(payload_filter), "ordering": ordering, "cert": client_cert,
+                 "key": client_key, "now": now,
                  "verification": "unverified" if verification_challenge else None,
                  "challenge": verification_challenge, "due": now if verification_challenge else None},
             )
@@ -153,6 +155,7 @@ class Partners:
                        contact_email: str | None = None, channels: list[str] | None = None,
                        payload_filter: dict[str, list[Any]] | None = None, ordering: str | None = None,
                        retry: RetryTerms | None = None, extra_headers: tuple[tuple[str, str], ...] | None = None,
+                       client_cert: str | None = None, client_key: str | None = None,
                        audit: AuditEntry | None = None,
                        verification_challenge: str | None = None) -> Partner | None:
         """Change what is given; None if there is no such partner. Made active again, a
@@ -160,7 +163,8 @@ class Partners:
         ``contact_email`` "" the address, and ``payload_filter`` {} the filter.
         ``reason`` goes with ``status="suspended"`` (the admin's why, shown to the partner).
         ``retry`` and ``extra_headers`` replace the partner's own terms (``RetryTerms()`` and ``()``: none).
-        ``verification_challenge`` (with a new URL): unverified from this commit on."""
+        ``verification_challenge`` (with a new URL): unverified from this commit on.
+        ``client_cert`` and ``client_key`` go together; "" for both removes them."""
         with self._partner_write(partner_id, "reactivated" if status == "active" else "changed") as db:
             if _read_partner(db, partner_id) is None:
                 return None
@@ -185,6 +189,9 @@ class Partners:
                 db.execute("UPDATE partners SET ordering = :ordering WHERE id = :id",
                            {"id": partner_id, "ordering": ordering})
             _write_terms(db, partner_id, retry, extra_headers)
+            if client_cert is not None:
+                db.execute("UPDATE partners SET client_cert = :cert, client_key = :key WHERE id = :id",
+                           {"id": partner_id, "cert": client_cert or None, "key": client_key or None})
             if status is not None:
                 db.execute(
                     """UPDATE partners SET status = :status, failing_since = NULL, disabled_reason = NULL,
@@ -239,6 +246,7 @@ class Partners:
                                            previous_secret_until = NULL, api_key_hash = :tombstone,
                                            webhook_url = '', contact_email = NULL, payload_filter = NULL,
                                            extra_headers = NULL,
+                                           client_cert = NULL, client_key = NULL,
                                            failing_since = NULL, paused_until = NULL,
                                            updated_at = :now
                        WHERE id = :id AND status <> 'deleted'""",

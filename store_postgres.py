@@ -371,6 +371,8 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
     ("events.erased_at", common.EVENTS_ERASED),
     ("server_keys", [common.SERVER_KEYS_TABLE]),
     ("partners.verification", common.if_not_exists(common.VERIFICATION_COLUMNS)),  # proof the endpoint is theirs
+    ("partners.client_cert", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS client_cert TEXT",
+                              "ALTER TABLE partners ADD COLUMN IF NOT EXISTS client_key TEXT"]),
 ]
 
 

@@ -35,6 +35,7 @@ def partner_from_row(row: Any, events: tuple[str, ...], channels: tuple[str, ...
         payload_filter=json.loads(row["payload_filter"]) if row["payload_filter"] else None, ordering=row["ordering"],
         retry=terms_from_column(row["retry_policy"]), extra_headers=headers_from_column(row["extra_headers"]),
         verification=verification_from_row(row),
+        client_cert=row["client_cert"], client_key=row["client_key"],
     )
 
 

@@ -359,6 +359,9 @@ MIGRATIONS: list[common.Migration] = [
     ("server_keys", [common.SERVER_KEYS_TABLE]),  # the portal links' signing key (portal_links.py)
     # Proof the endpoint is the partner's (verification.py): its state, challenge and requests.
     ("partners.verification", list(common.VERIFICATION_COLUMNS)),
+    # A partner's TLS client certificate and its private key (PEM; the key a secret like the others).
+    ("partners.client_cert", ["ALTER TABLE partners ADD COLUMN client_cert TEXT",
+                              "ALTER TABLE partners ADD COLUMN client_key TEXT"]),
 ]
 
 

@@ -35,7 +35,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
 ``breakers.py``          a partner's circuit breaker, failing streak and pace
 ``partner_terms.py``     a partner's own retry policy and extra headers (the admin's)
 ``sender.py``            one HTTP attempt; ``sender_http.py`` reads the answer;
-                         ``signing.py`` signs it, ``targets.py`` says where it may go
+                         ``signing.py`` signs it, ``targets.py`` says where it may go,
+                         ``egress.py`` how it leaves (proxy, client certificates)
 ``housekeeping.py``      heartbeats, and the sweeper's expiry and retention passes
 ``partners.py``          the ``/partners`` routes and what a partner's fields may hold
 ``inbound.py``           the other direction: verify → store once → 200 → offer on

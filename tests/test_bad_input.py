@@ -50,6 +50,24 @@ IDEMPOTENCY_KEY = "bad-input-idem-0001"
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
+def _client_pems() -> dict[str, str]:
+    """Client certificates for the rows of client_certificate and client_key: a good one, a key of
+    another certificate, an expired one."""
+    import datetime
+
+    import trustme
+    ca, now = trustme.CA(), datetime.datetime.now(datetime.UTC)
+    good, other = ca.issue_cert("m.example"), ca.issue_cert("other.example")
+    old = ca.issue_cert("old.example", not_before=now - datetime.timedelta(days=9),
+                        not_after=now - datetime.timedelta(days=1))
+    return {"cert": good.cert_chain_pems[0].bytes().decode(), "other_key": other.private_key_pem.bytes().decode(),
+            "old_cert": old.cert_chain_pems[0].bytes().decode(), "old_key": old.private_key_pem.bytes().decode()}
+
+
+PEMS = _client_pems()
+BROKEN_PEM = "-----BEGIN CERTIFICATE-----\nMIIB!!notbase64\n-----END CERTIFICATE-----\n"
+
+
 class Raw(str):
     """A request target sent exactly as written (no dot-segment removal, no re-encoding)."""
 
@@ -299,6 +317,28 @@ def build_rows(w: World) -> list[Row]:
             over_limit(b'{"partner_name": "'), 413, "body_too_large"),
         Row("register: body over max_body_bytes (chunked)", "POST", "/partners/register", ADM,
             chunked(b'{"partner_name": "'), 413, "body_too_large"),
+        Row("register: client_certificate a number", "POST", "/partners/register", ADM,
+            reg(client_certificate=5, client_key=PEMS["other_key"]), 422, "invalid_field", "client_certificate"),
+        Row("register: client_certificate not PEM", "POST", "/partners/register", ADM,
+            reg(client_certificate="hello", client_key=PEMS["other_key"]), 422, "invalid_field", "client_certificate"),
+        Row("register: client_certificate SQL injection", "POST", "/partners/register", ADM,
+            reg(client_certificate=SQLI, client_key=SQLI), 422, "invalid_field", "client_certificate"),
+        Row("register: client_certificate 100k chars", "POST", "/partners/register", ADM,
+            reg(client_certificate=HUGE, client_key=PEMS["other_key"]), 422, "invalid_field", "client_certificate"),
+        Row("register: client_certificate PEM of broken base64", "POST", "/partners/register", ADM,
+            reg(client_certificate=BROKEN_PEM, client_key=PEMS["other_key"]), 422, "invalid_field",
+            "client_certificate"),
+        Row("register: client_key without a certificate", "POST", "/partners/register", ADM,
+            reg(client_key=PEMS["other_key"]), 422, "invalid_field", "client_certificate"),
+        Row("register: client_key of another certificate", "POST", "/partners/register", ADM,
+            reg(client_certificate=PEMS["cert"], client_key=PEMS["other_key"]), 422, "invalid_field", "client_key"),
+        Row("register: client_key path traversal", "POST", "/partners/register", ADM,
+            reg(client_certificate=PEMS["cert"], client_key=TRAVERSAL), 422, "invalid_field", "client_key"),
+        Row("register: client_key a list", "POST", "/partners/register", ADM,
+            reg(client_certificate=PEMS["cert"], client_key=[PEMS["other_key"]]), 422, "invalid_field", "client_key"),
+        Row("register: expired client_certificate", "POST", "/partners/register", ADM,
+            reg(client_certificate=PEMS["old_cert"], client_key=PEMS["old_key"]), 422, "invalid_field",
+            "client_certificate"),
         Row("register: partner_name a number", "POST", "/partners/register", ADM, reg(partner_name=5), 422,
             "invalid_field", "partner_name"),
         Row("register: partner_name a list", "POST", "/partners/register", ADM, reg(partner_name=["A"]), 422,
@@ -522,6 +562,18 @@ def build_rows(w: World) -> list[Row]:
             "invalid_field", "partner_id"),
         Row("patch: unknown field api_key_hash", "PATCH", f"/partners/{A}", ADM, j({"api_key_hash": "00"}), 422,
             "invalid_field", "api_key_hash"),
+        Row("patch: client_certificate with a partner's own key", "PATCH", f"/partners/{A}", KA,
+            j({"client_certificate": PEMS["old_cert"], "client_key": PEMS["old_key"]}), 403, "admin_only"),
+        Row("patch: client_key alone, no certificate set", "PATCH", f"/partners/{A}", ADM,
+            j({"client_key": PEMS["other_key"]}), 422, "invalid_field", "client_certificate"),
+        Row("patch: client_certificate null with a client_key", "PATCH", f"/partners/{A}", ADM,
+            j({"client_certificate": None, "client_key": PEMS["other_key"]}), 422, "invalid_field", "client_key"),
+        Row("patch: expired client_certificate", "PATCH", f"/partners/{A}", ADM,
+            j({"client_certificate": PEMS["old_cert"], "client_key": PEMS["old_key"]}), 422, "invalid_field",
+            "client_certificate"),
+        Row("patch: client_certificate a key", "PATCH", f"/partners/{A}", ADM,
+            j({"client_certificate": PEMS["other_key"], "client_key": PEMS["other_key"]}), 422, "invalid_field",
+            "client_certificate"),
         Row("patch: partner_name is not patchable", "PATCH", f"/partners/{A}", ADM, j({"partner_name": SQLI}),
             422, "invalid_field", "partner_name"),
         Row("patch: truncated JSON", "PATCH", f"/partners/{A}", KA, b'{"status": "pau', 400, "malformed_json"),

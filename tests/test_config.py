@@ -42,11 +42,27 @@ def test_environment_overrides_every_section():
     ({"WEBHOOKD_DELIVERY_TIMEOUT_S": "nan"}, "Config 'delivery.timeout_s' has value nan"),
     ({"WEBHOOKD_DELIVERY_BACKOFF_BASE_S": "inf"}, "Config 'delivery.backoff_base_s' has value inf"),
     ({"WEBHOOKD_STORAGE_PATH": ":memory:"}, "Config 'storage.path' has value ':memory:'"),
+    ({"WEBHOOKD_DELIVERY_PROXY_URL": "https://proxy.example:3128"}, "'delivery.proxy_url' must start with http://"),
+    ({"WEBHOOKD_DELIVERY_PROXY_URL": "http://proxy.example"}, "'delivery.proxy_url' must name a host and a port"),
+    ({"WEBHOOKD_DELIVERY_PROXY_URL": "http://proxy.example:3128/path"}, "'delivery.proxy_url' must name a host"),
+    ({"WEBHOOKD_DELIVERY_PROXY_URL": "http://:3128"}, "'delivery.proxy_url' must name a host and a port"),
+    ({"WEBHOOKD_DELIVERY_PROXY_URL": "http://u:p@proxy.example:99999"}, "'delivery.proxy_url' is not a valid URL"),
+    ({"WEBHOOKD_DELIVERY_PROXY_URL": "socks5://proxy.example:1080"}, "'delivery.proxy_url' must start with http://"),
 ])
 def test_bad_values_name_the_key_and_the_value(environ, fragment):
     with pytest.raises(config.ConfigError) as caught:
         config.load_config(ROOT / "webhookd.toml", environ=environ)
     assert fragment in str(caught.value)
+
+
+def test_a_proxy_url_error_never_repeats_the_password():
+    with pytest.raises(config.ConfigError) as caught:
+        config.load_config(ROOT / "webhookd.toml", environ={
+            "WEBHOOKD_DELIVERY_PROXY_URL": "https://egress:hunter2-secret@proxy.example:3128"})
+    assert "hunter2-secret" not in str(caught.value) and "delivery.proxy_url" in str(caught.value)
+    loaded = config.load_config(ROOT / "webhookd.toml", environ={
+        "WEBHOOKD_DELIVERY_PROXY_URL": "http://egress:hunter2-secret@proxy.example:3128"})
+    assert loaded.delivery.proxy_url.endswith("@proxy.example:3128")
 
 
 @pytest.mark.parametrize("text, fragment", [
