@@ -272,19 +272,24 @@ class Verifier:
     async def _verify(self, due: DueVerification) -> None:
         """Send one request and record what it proved. Never raises: its lease brings it back."""
         try:
-            sent = await asyncio.wrap_future(self.sender.submit(self.sender.attempt(self._job(due))))
+            partner = await asyncio.to_thread(self.store.get_partner, due.partner_id)
+            sent = await asyncio.wrap_future(self.sender.submit(self.sender.attempt(self._job(due, partner))))
             await asyncio.to_thread(self._record, due, sent)
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("partner %s: sending the endpoint verification failed; it is tried again", due.partner_id)
 
-    def _job(self, due: DueVerification) -> Job:
+    def _job(self, due: DueVerification, partner: Partner | None) -> Job:
         """The request as the sender sends a delivery: a fresh event id each time, so a receiver that
-        deduplicates on ``X-Webhook-Id`` never takes a repeated request for one it has answered."""
+        deduplicates on ``X-Webhook-Id`` never takes a repeated request for one it has answered. It
+        goes on the partner's own terms, as its deliveries will: its timeout, its extra headers (a
+        gateway in front of the endpoint may demand one) and its client certificate."""
+        own = {} if partner is None else {"retry": partner.retry, "extra_headers": partner.extra_headers,
+                                          "client_cert": partner.client_cert, "client_key": partner.client_key}
         return Job(delivery_id="", event_id=new_id("evt_"), event=VERIFICATION_EVENT, partner_id=due.partner_id,
                    url=due.url, secrets=due.secrets, body=request_body(due.partner_id, due.challenge, self.clock()),
-                   attempt=due.attempt, max_attempts=MAX_ATTEMPTS)
+                   attempt=due.attempt, max_attempts=MAX_ATTEMPTS, **own)
 
     def _record(self, due: DueVerification, sent: Sent) -> None:
         """Write the result (in a thread): verified, or the reason and when the next request goes."""

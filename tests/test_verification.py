@@ -26,13 +26,15 @@ from conftest import ADMIN, ThreadServer, bearer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 ON = {"security__verify_endpoints": True}
+GATEWAY_TOKEN = "Bearer gw-3f9a0c1d2e4b5a6c7d8e9f00"
 
 
 class ChallengeReceiver:
     """A partner endpoint that records every request (its signature is checked by ``signed``) and answers a
     ``webhook.verification`` as ``mode`` says: ``echo`` ({"challenge": ...}), ``plain`` (the
     challenge as text), ``ignore`` (200 {"status": "received"}, like a receiver that never heard of
-    it) or ``wrong`` (another challenge). It records every request."""
+    it) or ``wrong`` (another challenge); ``gateway`` echoes like ``echo`` behind a gateway that answers
+    401 to a request without its bearer header. It records every request."""
 
     def __init__(self, mode: str = "echo"):
         self.mode = mode
@@ -52,9 +54,11 @@ class ChallengeReceiver:
             self.received.append({"event": request.headers.get("x-webhook-event"),
                                   "id": request.headers.get("x-webhook-id"), "payload": payload,
                                   "headers": dict(request.headers), "body": body})
+        if self.mode == "gateway" and request.headers.get("authorization") != GATEWAY_TOKEN:
+            return JSONResponse({"error": "the gateway wants its bearer token"}, status_code=401)
         if payload.get("event") != verification.VERIFICATION_EVENT:
             return JSONResponse({"status": "received"})
-        if self.mode == "echo":
+        if self.mode in ("echo", "gateway"):
             return JSONResponse({"challenge": payload["challenge"]})
         if self.mode == "plain":
             return PlainTextResponse(payload["challenge"] + "\n")
@@ -127,6 +131,22 @@ def test_an_endpoint_that_echoes_the_challenge_is_verified_then_gets_its_events(
     assert [d["state"] for d in hub.deliveries(event_id=event_id)] == ["delivered"]
     shown = verification_of(hub, partner["partner_id"])
     assert shown["attempts"] == 1 and shown["last_error"] is None and shown["verified_at"] is not None
+
+
+def test_an_endpoint_behind_a_gateway_gets_the_partners_extra_headers_on_its_challenge_too(hub_factory, receivers):
+    """The challenge goes on the partner's own terms, as its deliveries will: a gateway that demands a
+    bearer header answers 401 to a request without it, and the endpoint could never prove itself."""
+    hub = hub_factory(**ON)
+    receiver = receivers("gateway")
+    r = hub.http.post("/partners/register", headers=hub.admin, json={
+        "partner_name": "Gateway Tours", "webhook_url": receiver.url, "events": ["payment.success"],
+        "extra_headers": {"Authorization": GATEWAY_TOKEN}})
+    assert r.status_code == 201, r.text
+    partner = r.json()
+    receiver.secret = partner["shared_secret"]
+    wait_for(lambda: verification_of(hub, partner["partner_id"])["state"] == "verified", timeout=30)
+    first = receiver.of("webhook.verification")[0]
+    assert first["headers"]["authorization"] == GATEWAY_TOKEN and receiver.signed(first)
 
 
 def test_the_verification_request_is_signed_like_any_delivery(hub_factory, receivers):
