@@ -233,3 +233,30 @@ def test_a_pull_only_partner_given_a_url_turns_push_and_its_waiting_events_are_p
     wait_for(lambda: sorted(receiver.event_ids) == sorted(published), timeout=30)
     audit = hub.http.get("/audit", headers=hub.admin, params={"partner_id": pid}).json()["items"]
     assert {"from": None, "to": receiver.url} in [e["changes"].get("webhook_url") for e in audit]
+
+
+def test_the_portal_says_a_pull_only_partner_pulls_in_english_and_spanish(browser_ready, webhookd_factory, tmp_path):
+    """A pull-only partner has no URL: its portal says how its events reach it instead of an empty row.
+    Opened through a portal link, as an operator would hand it over."""
+    from playwright.sync_api import expect, sync_playwright
+    from test_portal import TIMEOUT_MS
+
+    from conftest import CHROMIUM, CHROMIUM_ARGS
+
+    hub = webhookd_factory()
+    partner = register_pull_only(hub)
+    r = hub.http.post(f"/partners/{partner['partner_id']}/portal-link", headers=hub.admin, json={"lifetime_s": 600})
+    assert r.status_code == 201, r.text
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            for locale, words, (width, height) in (("en-US", "you pull your events", (1280, 800)),
+                                                   ("es-ES", "recoges tus eventos", (390, 844))):
+                page = browser.new_context(viewport={"width": width, "height": height}, locale=locale).new_page()
+                page.set_default_timeout(TIMEOUT_MS)
+                page.goto(r.json()["url"])
+                expect(page.get_by_test_id("meta-url")).to_contain_text(words, timeout=TIMEOUT_MS)
+                expect(page.get_by_test_id("check")).to_be_hidden()  # no endpoint to check
+                page.screenshot(path=tmp_path / f"pull-only-{width}x{height}.png", full_page=True)
+        finally:
+            browser.close()
