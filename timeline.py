@@ -82,6 +82,8 @@ def _attempt_step(event: Event, a: Attempt, body: str | None, user_agent: str) -
 
 
 def _end(d: Delivery) -> str:
+    if d.state == "delivered" and not d.attempts:  # nothing was sent: a pull-only partner took it (polling.py)
+        return "taken by the partner's poll (GET /partners/{id}/events): pulled, not pushed"
     return {"delivered": "the partner answered 2xx",
             "failed": "out of attempts: retry it by hand, or recover the partner's failed deliveries",
             "expired": "pending longer than delivery.max_pending_age_s: retry it by hand if it still matters",

@@ -75,6 +75,8 @@ def test_a_pull_only_partner_takes_its_events_in_order_across_two_polls_and_veri
         assert not signature_ok(body.replace(b"txn_", b"TXN_"), item["headers"]["X-Webhook-Signature"])
     states = {d["state"] for d in hub.deliveries(partner_id=partner["partner_id"])}
     assert states == {"delivered"}
+    story = hub.http.get(f"/events/{published[0]}/trace", headers=hub.admin).json()  # the trace says how
+    assert story["deliveries"][0]["steps"][-1]["detail"].startswith("taken by the partner's poll"), story
 
     again = poll(hub, partner, cursor=first["next_cursor"])  # an explicit cursor re-reads from there
     assert [i["event_id"] for i in again["items"]] == published[3:]
