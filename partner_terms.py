@@ -8,10 +8,10 @@ set, at registration or with ``PATCH /partners/{id}``; ``docs/partner-terms.md``
 
 Top to bottom:
 
-1. the checks: who may set the two fields (``check_terms_setter``), ``check_retry`` and
-   ``check_extra_headers``, each raising ``Refused``: the ``422 invalid_field`` that names the field
-   (never a header's value), or a 403 (``partners.check_terms`` answers it as the API's error;
-   this module stays below ``web.py``, since the sender and the delivery loop use part 3);
+1. the checks: ``check_retry`` and ``check_extra_headers``, each raising ``Refused``: the
+   ``422 invalid_field`` that names the field (never a header's value), which
+   ``partners.check_terms`` answers as the API's error (this module stays below ``web.py``, since
+   the sender and the delivery loop use part 3; who may set the fields is ``partners.py``'s rule);
 2. their JSON: in a partner's JSON (a header's name and a short hint, never its value) and in the
    audit trail (``store_rows.py`` writes and reads their columns);
 3. what a delivery uses: the timeout, the number of attempts and the wait after a failed attempt,
@@ -72,19 +72,6 @@ def invalid(field_name: str, message: str) -> Refused:
 # =====================================================================================
 # 1. The checks
 # =====================================================================================
-
-
-def check_terms_setter(body: dict[str, Any], caller: Any) -> None:
-    """The 403 for ``retry`` or ``extra_headers`` sent by anyone but the admin (``caller`` None: an
-    anonymous open registration). How often and how long webhookd knocks on an endpoint, and what
-    credentials go with each request, are the operator's decisions, like a partner's audience."""
-    if caller is not None and caller.is_admin:
-        return
-    for name in ADMIN_ONLY:
-        if name in body:
-            raise Refused(403, "terms_admin_only",
-                           f"'{name}' is set by the admin only: a partner's retry policy and extra headers are "
-                           "the operator's to decide. Leave it out of the request, and ask the operator.")
 
 
 def check_retry(value: Any, settings: DeliveryConfig) -> RetryTerms:

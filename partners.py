@@ -563,8 +563,9 @@ def check_terms(body: dict[str, Any], caller: Any, ctx: Context, before: Partner
     """A partner's own terms as a request sent them (``partner_terms.py``: the admin's alone),
     checked, as ``Store.update_partner`` takes them: ``retry`` and ``extra_headers``, None when not
     sent. ``before``: the partner a PATCH changes (its headers are changed, not replaced)."""
+    refuse_unless_admin(body, caller, partner_terms.ADMIN_ONLY, "terms_admin_only",
+                        "a partner's retry policy and extra headers are the operator's to decide.")
     try:
-        partner_terms.check_terms_setter(body, caller)
         retry = partner_terms.check_retry(body["retry"], ctx.config.delivery) if "retry" in body else None
         headers = partner_terms.check_extra_headers(body["extra_headers"], before.extra_headers if before else (),
                                                     patching=before is not None) if "extra_headers" in body else None
@@ -573,17 +574,22 @@ def check_terms(body: dict[str, Any], caller: Any, ctx: Context, before: Partner
     return {"retry": retry, "extra_headers": headers}
 
 
-def check_audience_setter(body: dict[str, Any], caller: Any) -> None:
-    """The 403 for ``channels`` or ``filter`` sent by anyone but the admin (``caller`` None: an
-    anonymous open registration)."""
+def refuse_unless_admin(body: dict[str, Any], caller: Any, fields: tuple[str, ...], code: str, why: str) -> None:
+    """The 403 ``code`` for any of ``fields`` sent by anyone but the admin (``caller`` None: an
+    anonymous open registration): who gets which events, how often and with what credentials
+    webhookd knocks, are the operator's decisions, never the partner's."""
     if caller is not None and caller.is_admin:
         return
-    for field in AUDIENCE_FIELDS:
+    for field in fields:
         if field in body:
-            raise ApiError(403, "audience_admin_only",
-                           f"'{field}' is set by the admin only: a partner's channels and filter decide which "
-                           "events reach it, and that is the operator's decision. Leave it out of the request, "
-                           "and ask the operator to change it.")
+            raise ApiError(403, code, f"'{field}' is set by the admin only: {why} Leave it out of the request, "
+                                      "and ask the operator.")
+
+
+def check_audience_setter(body: dict[str, Any], caller: Any) -> None:
+    refuse_unless_admin(body, caller, AUDIENCE_FIELDS, "audience_admin_only",
+                        "a partner's channels and filter decide which events reach it, and that is the "
+                        "operator's decision.")
 
 
 CERT_FIELDS = ("client_certificate", "client_key")
@@ -596,10 +602,8 @@ def check_client_certificate(body: dict[str, Any], before: Partner | None, calle
     way the pair must load together and the certificate be valid now (``egress.check_pair``)."""
     if not body.keys() & set(CERT_FIELDS):
         return {}
-    if caller is None or not caller.is_admin:
-        raise ApiError(403, "admin_only", "A partner's client certificate is set by the admin only: send it to the "
-                                          "operator, who sets it (PATCH /partners/{id}); the key is never shown "
-                                          "again.")
+    refuse_unless_admin(body, caller, CERT_FIELDS, "admin_only", "send the certificate and its key to the "
+                        "operator, who sets them (PATCH /partners/{id}); the key is never shown again.")
     if "client_certificate" in body and body["client_certificate"] is None:
         if body.get("client_key") is not None:
             raise invalid("client_key", "goes with a client_certificate: null removes both.")

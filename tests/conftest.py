@@ -80,6 +80,18 @@ def browser_ready() -> None:
         pytest.fail(f"Playwright is not importable after scripts/ensure-browser.sh: {exc}")
 
 
+@pytest.fixture(scope="module")
+def browser(browser_ready):
+    """One headless Chromium for a module's page tests; each test opens its own contexts in it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=10_000)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
 @pytest.fixture(scope="session")
 def example_runtimes() -> None:
     """Run scripts/ensure-example-deps.sh once (examples/ and the partner guides' receivers); fail,

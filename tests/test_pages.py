@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
-from conftest import ADMIN_TOKEN, CHROMIUM, CHROMIUM_ARGS, wait_for
+from conftest import ADMIN_TOKEN, wait_for
 from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
 
 TIMEOUT_MS = 10_000
@@ -57,15 +55,6 @@ def catalog_missing(message) -> bool:
     return "status of 404" in message.text and message.location.get("url", "").endswith("/event-types")
 
 
-@pytest.fixture(scope="module")
-def browser(browser_ready):
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=TIMEOUT_MS)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def open_page(browser, url: str, errors: list[str], locale: str = "en-US"):

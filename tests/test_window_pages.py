@@ -10,11 +10,10 @@ import time
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
-import pytest
 from test_pages import LAPTOP, PHONE, TIMEOUT_MS, sign_in_portal
 from test_windows import id_at
 
-from conftest import ADMIN_TOKEN, CHROMIUM, CHROMIUM_ARGS, wait_for
+from conftest import ADMIN_TOKEN, wait_for
 from models import NewEvent
 from payloads import PAYMENT_SUCCESS
 
@@ -22,15 +21,6 @@ DAY_S = 86400
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-@pytest.fixture(scope="module")
-def browser(browser_ready):
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=TIMEOUT_MS)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def _three_days(hub, receiver) -> tuple[dict, float]:
