@@ -294,7 +294,9 @@ def test_the_session_parses_into_commands_and_their_output():
 
 
 def test_the_readme_session_prints_what_the_readme_shows(curl_ready, serve_factory, tmp_path):
-    serve = serve_factory()
+    # The bundled config's delivery policy, which the README's answers show (a partner's "retry").
+    serve = serve_factory(WEBHOOKD_DELIVERY_TIMEOUT_S="5", WEBHOOKD_DELIVERY_BACKOFF_BASE_S="30",
+                          WEBHOOKD_DELIVERY_BACKOFF_MAX_S="3600")
     venv_webhookd(tmp_path)
     session = Session(env={**serve.env, "WEBHOOKD_SERVER_PORT": str(serve.port)}, cwd=tmp_path,
                       listen_port=free_port(), server=f"127.0.0.1:{serve.port}")

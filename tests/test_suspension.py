@@ -65,7 +65,8 @@ def read_requests(partner: dict, delivery_id: str) -> dict[tuple[str, str], str]
     pid = partner["partner_id"]
     return {("GET", "/partners/{partner_id}"): f"/partners/{pid}", ("GET", "/deliveries"): "/deliveries",
             ("GET", "/deliveries/{delivery_id}"): f"/deliveries/{delivery_id}", ("GET", "/me"): "/me",
-            ("GET", "/event-types"): "/event-types"}
+            ("GET", "/event-types"): "/event-types",
+            ("GET", "/partners/{partner_id}/events"): f"/partners/{pid}/events"}  # a push partner's pull reads only
 
 
 @pytest.fixture
