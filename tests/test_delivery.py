@@ -190,14 +190,16 @@ def test_timestamp_is_added_when_absent(hub, receiver_factory):
 
 
 def test_healthy_partners_get_kept_alive_connections(hub, receiver_factory):
+    """100 deliveries in 10 waves of 10, each wave settled before the next: a wave needs at most 10
+    connections at once, and the next one finds them idle in the pool. Without keep-alive, 100
+    connections; with it, about one wave's worth (twice that allows for one the receiver dropped)."""
     receiver = receiver_factory()
     partner = hub.register(receiver.url, ["payment.success"])
-    hub.publish_many(100)
-    wait_for(lambda: len(receiver.received) == 100)
-    wait_for(lambda: all(d["state"] == "delivered" for d in hub.all_deliveries(partner["partner_id"])))
-    # One connection per sending thread at most, not one per delivery.
-    assert len(receiver.connections) <= hub.config.delivery.concurrency
-    assert len(receiver.connections) < 100 / 4
+    for wave in range(1, 11):
+        hub.publish_many(10)
+        wait_for(lambda: len(receiver.received) == 10 * wave)
+        wait_for(lambda: all(d["state"] == "delivered" for d in hub.all_deliveries(partner["partner_id"])))
+    assert len(receiver.connections) <= 20, len(receiver.connections)
 
 
 def test_slow_partners_get_many_attempts_in_flight_and_none_exceeds_its_cap(webhookd_factory, receiver_factory):
