@@ -372,7 +372,7 @@ MIGRATIONS: list[common.Migration] = [
 # the event passed it (``:passed``, judged in Python by ``Partner.accepts``). Lists are JSON
 # arrays on SQLite and arrays on PostgreSQL, so the text is the same whatever their length.
 _SUBSCRIBERS = """
-    SELECT s.partner_id FROM subscriptions s JOIN partners p ON p.id = s.partner_id
+    SELECT s.partner_id, p.max_attempts FROM subscriptions s JOIN partners p ON p.id = s.partner_id
     WHERE s.event_type = :type
       AND (CAST(:recipients AS TEXT) IS NULL OR s.partner_id IN (SELECT value FROM json_each(:recipients)))
       AND (CAST(:channels AS TEXT) IS NULL OR EXISTS (
@@ -468,10 +468,12 @@ class SQLiteStore(Store):
             if row:
                 return event_from_row(row), False
         params = _as_json(audience_params(event, passed or []))
+        # Each subscriber with its own number of attempts, if it has one (partner_terms.py).
         if event.only_partner is not None:
-            partner_ids = [event.only_partner]
+            own = db.execute("SELECT max_attempts FROM partners WHERE id = :id", {"id": event.only_partner}).fetchone()
+            subscribers = [(event.only_partner, own[0] if own else None)]
         else:
-            partner_ids = [r["partner_id"] for r in db.execute(_SUBSCRIBERS, params)]
+            subscribers = [(r["partner_id"], r["max_attempts"]) for r in db.execute(_SUBSCRIBERS, params)]
         # The key's check above and this insert are one transaction of the file's one writer (even
         # across processes: BEGIN IMMEDIATE), so no other publish can store the same key between them.
         db.execute(
@@ -479,20 +481,18 @@ class SQLiteStore(Store):
                                    traceparent, tracestate)
                VALUES (:id, :type, :body, :key, :hash, :fanout, :audience, :now, :traceparent, :tracestate)""",
             {"id": event.id, "type": event.type, "body": event.body, "key": event.idempotency_key,
-             "hash": event.request_hash, "fanout": len(partner_ids), "audience": params["audience"], "now": now,
+             "hash": event.request_hash, "fanout": len(subscribers), "audience": params["audience"], "now": now,
              "traceparent": event.traceparent, "tracestate": event.tracestate},
         )
         db.executemany(
             """INSERT INTO deliveries (id, event_id, event_type, partner_id, state, max_attempts,
                                        next_attempt_at, created_at, updated_at)
-               VALUES (:id, :event_id, :type, :partner_id, 'pending',
-                       COALESCE((SELECT max_attempts FROM partners WHERE id = :partner_id), :max_attempts),
-                       :now, :now, :now)""",
+               VALUES (:id, :event_id, :type, :partner_id, 'pending', :max_attempts, :now, :now, :now)""",
             [{"id": new_delivery_id(), "event_id": event.id, "type": event.type, "partner_id": pid,
-              "max_attempts": max_attempts, "now": now} for pid in partner_ids],
+              "max_attempts": own or max_attempts, "now": now} for pid, own in subscribers],
         )
         # The event as stored, without reading it back: every column is one written just above.
-        return Event(id=event.id, type=event.type, body=event.body, fanout=len(partner_ids), created_at=now,
+        return Event(id=event.id, type=event.type, body=event.body, fanout=len(subscribers), created_at=now,
                      idempotency_key=event.idempotency_key, request_hash=event.request_hash,
                      audience=event.audience or None, traceparent=event.traceparent, tracestate=event.tracestate), True
 

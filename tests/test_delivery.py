@@ -197,7 +197,7 @@ def test_healthy_partners_get_kept_alive_connections(hub, receiver_factory):
     partner = hub.register(receiver.url, ["payment.success"])
     for wave in range(1, 11):
         hub.publish_many(10)
-        wait_for(lambda: len(receiver.received) == 10 * wave)
+        wait_for(lambda n=10 * wave: len(receiver.received) == n)
         wait_for(lambda: all(d["state"] == "delivered" for d in hub.all_deliveries(partner["partner_id"])))
     assert len(receiver.connections) <= 20, len(receiver.connections)
 

@@ -149,6 +149,10 @@ def test_a_partners_own_max_attempts_reaches_its_new_deliveries(hub, receiver_fa
     wait_for(lambda: len(hub.deliveries(state="failed")) == 2, timeout=30)
     counts = {d["partner_id"]: d["attempt_count"] for d in hub.deliveries(state="failed")}
     assert counts == {own["partner_id"]: 5, plain["partner_id"]: 3}
+    # A delivery made for one partner alone (its test event) takes its own number too.
+    assert hub.http.post(f"/partners/{own['partner_id']}/test", headers=hub.admin).status_code == 202
+    wait_for(lambda: len(hub.deliveries(state="failed")) == 3, timeout=30)
+    assert [d["attempt_count"] for d in hub.deliveries(state="failed", partner_id=own["partner_id"])] == [5, 5]
 
 
 # --- Extra headers -----------------------------------------------------------------------------
