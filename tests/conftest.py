@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import hashlib
@@ -24,6 +25,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -245,6 +247,47 @@ def guide_python_verify(secret: str, body: bytes, signature: str) -> bool:
 def raw_body_verify(secret: str, body: bytes, signature: str) -> bool:
     expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(signature.encode(), expected.encode())
+
+
+class StreamServer:
+    """An ``asyncio`` streams server on 127.0.0.1 (TLS with ``ssl_context``) in a thread of its own,
+    for peers that speak raw bytes (a TLS receiver, a CONNECT proxy): a subclass writes
+    ``_handle(reader, writer)``. ``stop`` closes the listener, cancels what is still being handled
+    and ends the loop."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None):
+        self.ssl_context = ssl_context
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port, ssl=self.ssl_context))
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        self._thread.start()
+        assert self._started.wait(10)
+        return self
+
+    def stop(self) -> None:
+        async def shut_down() -> None:
+            self._server.close()
+            handling = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in handling:
+                task.cancel()
+            await asyncio.gather(*handling, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut_down(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
 
 
 @dataclass

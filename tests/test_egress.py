@@ -17,14 +17,13 @@ import logging
 import ssl
 import subprocess
 import sys
-import threading
 
 import pytest
 import trustme
 from test_tls import TlsReceiver
 
 import sitecustomize  # the loopback guard, with its FAKE_DNS resolver
-from conftest import ADMIN, ROOT, ShiftedClock, free_port, wait_for
+from conftest import ADMIN, ROOT, ShiftedClock, StreamServer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 HOST = "hooks.partner.example"
@@ -34,7 +33,7 @@ PROXY_PASSWORD = "pr0xy-s3cret-Pa55"
 # --- A CONNECT proxy of the test's own ----------------------------------------------------------------
 
 
-class ConnectProxy:
+class ConnectProxy(StreamServer):
     """An HTTP CONNECT proxy on 127.0.0.1: records each CONNECT target and the local address of each
     connection it opens onward (what the receiver sees as its peer); tunnels only to loopback
     addresses (502 for anything else); with ``credentials``, answers 407 to a CONNECT without them."""
@@ -44,16 +43,7 @@ class ConnectProxy:
         self.targets: list[str] = []
         self.onward: set[tuple[str, int]] = set()
         self.heads: list[bytes] = []
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
-        self._started.set()
-        self._loop.run_forever()
+        super().__init__()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -78,24 +68,6 @@ class ConnectProxy:
             pass
         finally:
             writer.close()
-
-    def start(self) -> ConnectProxy:
-        self._thread.start()
-        assert self._started.wait(10)
-        return self
-
-    def stop(self) -> None:
-        """Close the listener and every tunnel still open, then the loop."""
-        async def shut_down() -> None:
-            self._server.close()
-            tunnels = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for tunnel in tunnels:
-                tunnel.cancel()
-            await asyncio.gather(*tunnels, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shut_down(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -11,19 +11,18 @@ import asyncio
 import datetime
 import re
 import ssl
-import threading
 
 import pytest
 import trustme
 
 import sitecustomize  # the loopback guard, with its FAKE_DNS resolver
-from conftest import free_port, wait_for
+from conftest import StreamServer, wait_for
 from payloads import PAYMENT_SUCCESS
 
 HOST = "hooks.partner.example"
 
 
-class TlsReceiver:
+class TlsReceiver(StreamServer):
     """A minimal HTTPS server on 127.0.0.1 with ``cert``: records the SNI names it was asked for and
     the requests it read, answers each with 200."""
 
@@ -33,17 +32,7 @@ class TlsReceiver:
         self.server_names: list[str | None] = []
         self.context.sni_callback = lambda sslobj, name, ctx: self.server_names.append(name)
         self.requests: list[bytes] = []
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port, ssl=self.context))
-        self._started.set()
-        self._loop.run_forever()
+        super().__init__(self.context)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -57,15 +46,6 @@ class TlsReceiver:
         finally:
             writer.close()
 
-    def start(self) -> "TlsReceiver":
-        self._thread.start()
-        assert self._started.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
 
 
 @pytest.fixture
