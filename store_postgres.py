@@ -365,14 +365,11 @@ MIGRATIONS_POSTGRES: list[common.Migration] = [
                                common.DELIVERIES_EVENT_TYPE_BACKFILL, *common.DELIVERIES_READ_INDEXES]),
     ("urls_redacted", [common.redact_stored_urls]),
     ("trace_context", common.TRACE_CONTEXT_COLUMNS),  # traceparent and tracestate, passed on
-    ("partners.terms", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS retry_policy TEXT",
-                        "ALTER TABLE partners ADD COLUMN IF NOT EXISTS max_attempts INTEGER",
-                        "ALTER TABLE partners ADD COLUMN IF NOT EXISTS extra_headers TEXT"]),
+    ("partners.terms", common.if_not_exists(common.TERMS_COLUMNS)),
     ("events.erased_at", common.EVENTS_ERASED),
     ("server_keys", [common.SERVER_KEYS_TABLE]),
     ("partners.verification", common.if_not_exists(common.VERIFICATION_COLUMNS)),  # proof the endpoint is theirs
-    ("partners.client_cert", ["ALTER TABLE partners ADD COLUMN IF NOT EXISTS client_cert TEXT",
-                              "ALTER TABLE partners ADD COLUMN IF NOT EXISTS client_key TEXT"]),
+    ("partners.client_cert", common.if_not_exists(common.CLIENT_CERT_COLUMNS)),
 ]
 
 

@@ -32,6 +32,14 @@ AUDIT_INDEX = "CREATE INDEX IF NOT EXISTS audit_by_partner ON audit_log (partner
 TRACE_CONTEXT_COLUMNS = ["ALTER TABLE events ADD COLUMN traceparent TEXT", "ALTER TABLE events ADD COLUMN tracestate TEXT",
                          "ALTER TABLE inbound_events ADD COLUMN traceparent TEXT",
                          "ALTER TABLE inbound_events ADD COLUMN tracestate TEXT"]
+# A partner's own terms (partner_terms.py): its retry policy (JSON; max_attempts apart, for the
+# publish's statement) and its extra headers (JSON; secrets, kept beside its secret).
+TERMS_COLUMNS = ["ALTER TABLE partners ADD COLUMN retry_policy TEXT",
+                 "ALTER TABLE partners ADD COLUMN max_attempts INTEGER",
+                 "ALTER TABLE partners ADD COLUMN extra_headers TEXT"]
+# A partner's TLS client certificate and its private key (PEM; the key a secret like the others).
+CLIENT_CERT_COLUMNS = ["ALTER TABLE partners ADD COLUMN client_cert TEXT",
+                       "ALTER TABLE partners ADD COLUMN client_key TEXT"]
 DELIVERIES_READ_INDEXES = ["CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state, id)",
                            "CREATE INDEX IF NOT EXISTS deliveries_by_type ON deliveries (event_type, id)"]
 DELIVERIES_EVENT_TYPE_BACKFILL = ("UPDATE deliveries SET event_type = "

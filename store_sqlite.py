@@ -349,19 +349,13 @@ MIGRATIONS: list[common.Migration] = [
     # Attempts and audit entries keep a URL without its query (it may hold a partner's token).
     ("urls_redacted", [common.redact_stored_urls]),
     ("trace_context", common.TRACE_CONTEXT_COLUMNS),  # traceparent and tracestate, passed on
-    # A partner's own terms (partner_terms.py): its retry policy (JSON; max_attempts apart, for the
-    # publish's statement) and its extra headers (JSON; secrets, kept beside its secret).
-    ("partners.terms", ["ALTER TABLE partners ADD COLUMN retry_policy TEXT",
-                        "ALTER TABLE partners ADD COLUMN max_attempts INTEGER",
-                        "ALTER TABLE partners ADD COLUMN extra_headers TEXT"]),
+    ("partners.terms", common.TERMS_COLUMNS),  # a partner's own retry policy and extra headers
     # An event's content erased on request or by its type's retention (erasure.py).
     ("events.erased_at", common.EVENTS_ERASED),
     ("server_keys", [common.SERVER_KEYS_TABLE]),  # the portal links' signing key (portal_links.py)
     # Proof the endpoint is the partner's (verification.py): its state, challenge and requests.
     ("partners.verification", list(common.VERIFICATION_COLUMNS)),
-    # A partner's TLS client certificate and its private key (PEM; the key a secret like the others).
-    ("partners.client_cert", ["ALTER TABLE partners ADD COLUMN client_cert TEXT",
-                              "ALTER TABLE partners ADD COLUMN client_key TEXT"]),
+    ("partners.client_cert", common.CLIENT_CERT_COLUMNS),  # its TLS client certificate and key (egress.py)
 ]
 
 
