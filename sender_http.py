@@ -268,6 +268,18 @@ async def read_answer_llhttp(reader: asyncio.StreamReader, answer: Answer) -> bo
     ``read_answer_python`` (see the module's docstring). Returns whether the connection may
     carry the next request."""
     parse = _Parse(answer)
+    try:
+        return await _feed_llhttp(parse, reader, answer)
+    finally:
+        # The parser holds ``parse``'s bound methods and ``parse`` holds the parser: a reference
+        # cycle per answer, which only the garbage collector frees. Thousands of answers a second
+        # made its full collections run every half second, each holding the GIL for ~50 ms
+        # (docs/performance.md). Cut, every object of the answer is freed as soon as it returns.
+        parse.parser = None
+
+
+async def _feed_llhttp(parse: _Parse, reader: asyncio.StreamReader, answer: Answer) -> bool:
+    """The bytes of one answer, fed to llhttp as they arrive (``read_answer_llhttp``)."""
     read = bytearray()  # given back to the stream if llhttp refuses the answer
     while not parse.complete:
         if len(read) > READ_AT_MOST:  # a head that never ends (a header llhttp buffers whole), endless chunk lines
