@@ -60,6 +60,8 @@ Where the rest lives: first in the order a published event meets it, then the ot
                          serve``, ``backup.py`` backup, restore and migrate-store
 ``models.py``            the nouns; ``metrics.py`` the Prometheus text; ``openapi.py``
                          the API's description, served at ``/openapi.json``
+``garbage.py``           the garbage collector kept short: the start-up heap set aside,
+                         every pause counted
 =======================  ============================================================
 
 ``docs/architecture.md`` draws the whole path, with every thread and task.
@@ -84,6 +86,7 @@ from starlette.routing import WebSocketRoute
 
 import delivery
 import erasure
+import garbage
 import housekeeping
 import metrics
 import openapi
@@ -609,6 +612,8 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
                    "Attempts claimed and not finished: being sent, or answered and not yet recorded.",
                    lambda: {(): float(loop.in_flight)})
     loop.publish_first.add_gauges(counters)  # the in-flight bound, and how long publishes wait
+    garbage.PAUSES.install()
+    garbage.PAUSES.add_gauges(counters)  # the garbage collector's pauses
     counters.gauge("webhookd_circuit_breakers_open", "Partners whose circuit is open or half-open.",
                    lambda: {(): float(loop.breakers.open_count(clock()))})
     counters.gauge("webhookd_partner_circuit_open", "1 while a partner's circuit is open or half-open, else 0.",

@@ -117,3 +117,37 @@ def test_a_result_the_store_refuses_is_logged_and_counted_as_what_was_recorded(h
                                       "(cancel-pending, or its partner deleted)")
     assert hub.rows("SELECT state FROM deliveries") == [("cancelled",)]
     assert hub.rows("SELECT COUNT(*) FROM attempts") == [(0,)]
+
+
+def test_the_served_process_sets_its_start_up_heap_aside_and_counts_the_collectors_pauses(serve_factory,
+                                                                                          receiver_factory):
+    """``webhookd serve`` freezes what is alive once it has started (garbage.py), so full collections
+    walk only what changed since; /metrics shows that and every collection's GIL time."""
+    import httpx
+
+    from conftest import ADMIN_TOKEN
+
+    serve = serve_factory()
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def samples():
+        r = httpx.get(serve.url + "/metrics", headers=admin, timeout=10)
+        assert r.status_code == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    receiver = receiver_factory()
+    r = httpx.post(serve.url + "/partners/register", headers=admin, timeout=10,
+                   json={"partner_name": "Tours", "webhook_url": receiver.url, "events": ["payment.success"]})
+    assert r.status_code == 201, r.text
+    before = samples()
+    assert _value(before, "webhookd_gc_frozen_objects") > 10_000  # the modules, the app: tens of thousands
+    for i in range(50):  # each allocates: young collections follow
+        assert httpx.post(serve.url + "/events", headers=admin, timeout=10,
+                          json={**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
+    wait_for(lambda: len(receiver.received) == 50)
+    after = samples()
+    assert _value(after, "webhookd_gc_collections_total", generation="0") > _value(
+        before, "webhookd_gc_collections_total", generation="0")
+    assert _value(after, "webhookd_gc_pause_seconds_total", generation="0") > 0
+    assert 0 < _value(after, "webhookd_gc_longest_pause_seconds") < 60
