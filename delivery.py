@@ -46,7 +46,7 @@ from alerts import Alerts
 from attempt_log import CANCELLED_IN_FLIGHT, SUMMARY_EVERY_S, AttemptLog
 from breakers import Breakers, Pacer
 from config import DeliverySettings
-from governor import WINDOW_S, PartnerLimits, PublishFirst
+from governor import WINDOW_S, GiveWay, PartnerLimits, PublishFirst
 from metrics import Metrics
 from models import Job, Outcome, Partner
 from partner_terms import lease_s, wait_after
@@ -115,6 +115,8 @@ class DeliveryLoop:
         self.pacer = Pacer()
         self.publish_first = PublishFirst(settings.concurrency)  # the in-flight bound: publishes first
         self.partner_limits = PartnerLimits(settings.per_partner_concurrency)  # each partner's, by how it answers
+        self.give_way = GiveWay()  # the GIL: the sender and the recorder step aside while a publish waits
+        self._sender_turn, self._recorder_turn = self.give_way.turn(), self.give_way.turn()
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._recorder = threading.Thread(target=self._record_results, name="webhookd-recorder", daemon=True)
@@ -370,6 +372,7 @@ class DeliveryLoop:
         """Send ``job`` once and queue its outcome for the recorder. Never dies on one delivery.
         The job keeps its place in flight until the recorder has written the outcome."""
         outcome: Outcome | None = None
+        self._sender_turn.give_way()  # a publish waiting for its commit goes first (governor.GiveWay)
         try:
             outcome = await self._send(job)
         except Exception:  # its lease brings it back
@@ -397,6 +400,7 @@ class DeliveryLoop:
             await asyncio.to_thread(self.store.release_claims, [job.delivery_id], now)
             return None
         sent = await self.sender.attempt(current)
+        self._sender_turn.give_way()
         if self.breakers.needs_history(current, sent):  # a read of the store: not on this loop
             return await asyncio.to_thread(self._outcome, current, sent, rate)
         return self._outcome(current, sent, rate)
@@ -463,6 +467,7 @@ class DeliveryLoop:
         stopping = False
         while not stopping:
             batch, stopping = take_batch(self._results, RECORD_BATCH, timeout=SUMMARY_EVERY_S)
+            self._recorder_turn.give_way()
             if batch:
                 try:
                     self._record(batch)

@@ -325,7 +325,7 @@ def _schemas(catalog: dict[str, dict[str, str]]) -> dict[str, Any]:
                                    "hour": TIME, "delivered": {"type": "integer"}, "failed": {"type": "integer"}})}})},
                        "delivery": _obj({k: {"type": "number"} for k in (
                            "in_flight_bound", "in_flight_max", "in_flight_floor", "publish_wait_p90_ms",
-                           "publish_wait_usual_ms")}),
+                           "publish_wait_usual_ms", "gave_way", "gave_way_ms")}),
                        "processes": {"type": "array", "items": _obj({
                            "id": STRING, "host": STRING, "pid": {"type": "integer"}, "started_at": TIME,
                            "seen_at": TIME, "this": {"type": "boolean"}})},

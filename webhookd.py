@@ -422,7 +422,7 @@ async def stats(request: Request) -> JSONResponse:
                   "seen_at": int(p["seen_at"]), "this": p["id"] == ctx.housekeeping.process_id}
                  for p in ctx.housekeeping.processes]
     return JSONResponse({"partners": rows, "totals": {**totals, "in_flight": ctx.loop.in_flight},
-                         "delivery": ctx.loop.publish_first.describe(),
+                         "delivery": {**ctx.loop.publish_first.describe(), **ctx.loop.give_way.describe()},
                          "per_minute": sorted(per_minute.values(), key=lambda m: m["minute"]),
                          "per_partner_hour": per_partner_hour(hours),
                          "processes": processes, "now": int(now)})
@@ -612,6 +612,7 @@ def _add_gauges(counters: metrics.Metrics, store: Store, loop: delivery.Delivery
                    "Attempts claimed and not finished: being sent, or answered and not yet recorded.",
                    lambda: {(): float(loop.in_flight)})
     loop.publish_first.add_gauges(counters)  # the in-flight bound, and how long publishes wait
+    loop.give_way.add_gauges(counters)       # how long deliveries stepped aside for them
     garbage.PAUSES.install()
     garbage.PAUSES.add_gauges(counters)  # the garbage collector's pauses
     counters.gauge("webhookd_circuit_breakers_open", "Partners whose circuit is open or half-open.",

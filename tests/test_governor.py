@@ -107,3 +107,69 @@ def test_a_slow_healthy_partner_gets_more_than_its_starting_bound_and_stats_show
     assert receiver.max_in_flight > 25, receiver.max_in_flight
     (row,) = [p for p in hub.http.get("/stats", headers=hub.admin).json()["partners"] if p["partner_id"] == pid]
     assert row["concurrency"] > 25
+
+
+# --- The GIL: publishes first (GiveWay) -------------------------------------------------------------
+
+
+def _in_a_thread(fn):
+    import threading
+
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_thread_steps_aside_while_a_publish_waits_and_goes_on_once_it_is_answered():
+    from governor import GiveWay
+
+    gate = GiveWay(at_most_s=60)
+    turn = gate.turn()
+    turn.give_way()                                  # nobody publishing: no wait at all
+    assert gate.times == 0
+    waiting = gate.waiting()
+    waiting.__enter__()                              # a publish waits for its commit
+    thread = _in_a_thread(turn.give_way)
+    wait_for(lambda: gate._answered._cond._waiters)  # the thread is blocked on it
+    assert thread.is_alive()
+    waiting.__exit__(None, None, None)               # answered: the thread goes on
+    wait_for(lambda: not thread.is_alive())
+    assert gate.times == 1 and gate.pending == 0
+
+
+def test_a_stream_of_publishes_slows_the_threads_down_but_never_stops_them():
+    """Each wait is bounded, and after one a thread runs RUN_AT_LEAST_S before stepping aside again."""
+    from governor import GiveWay
+
+    clock = Clock()
+    gate = GiveWay(clock=clock, at_most_s=0.01, run_s=0.002)
+    turn = gate.turn()
+    with gate.waiting():                             # a publish that is never answered
+        thread = _in_a_thread(turn.give_way)
+        wait_for(lambda: not thread.is_alive())      # the wait ran out by itself
+        assert gate.times == 1
+        clock.now += 0.001
+        turn.give_way()                              # within its run: no wait
+        assert gate.times == 1
+        clock.now += 0.002
+        thread = _in_a_thread(turn.give_way)         # its run is over: it steps aside again
+        wait_for(lambda: not thread.is_alive())
+        assert gate.times == 2
+
+
+def test_deliveries_go_on_while_publishes_wait_and_stats_show_them_stepping_aside(webhookd_factory,
+                                                                                 receiver_factory):
+    """A publish that waits for ever (held open by the test) slows the sender and the recorder to
+    their turns, yet every delivery is made; /stats and /metrics show the time they gave way."""
+    hub = webhookd_factory()
+    receiver = receiver_factory()
+    hub.register(receiver.url, ["payment.success"])
+    gate = hub.app.state.ctx.loop.give_way
+    with gate.waiting():
+        hub.publish_many(20)
+        wait_for(lambda: len(hub.deliveries(state="delivered")) == 20, timeout=60)
+    loop = hub.app.state.ctx.loop
+    assert loop._sender_turn.times > 0 and loop._recorder_turn.times > 0     # each thread stepped aside
+    shown = hub.http.get("/stats", headers=hub.admin).json()["delivery"]
+    assert shown["gave_way"] == loop._sender_turn.times + loop._recorder_turn.times and shown["gave_way_ms"] > 0
+    assert "webhookd_deliveries_gave_way_seconds_total" in hub.http.get("/metrics", headers=hub.admin).text
