@@ -171,6 +171,34 @@ def test_a_late_finish_after_the_lease_was_taken_over_records_once(store):
     assert len(store.get_delivery(first.delivery_id).attempts) == 1
 
 
+def test_a_batch_of_results_records_those_still_expected_and_names_the_others(store):
+    """One batch: results of deliveries that still expect them, one whose delivery was cancelled
+    meanwhile and one already recorded. The first are written with their attempts, whatever the
+    order; the other two are named as not recorded and leave their rows as they were."""
+    _partner(store)
+    for _ in range(4):
+        _publish(store)
+    jobs = store.claim_due(now=1000.0, lease_s=30, limit=4, per_partner=100)
+    assert len(jobs) == 4
+    ok = Attempt(attempt=1, started_at=1000.0, duration_ms=5, status_code=200, error=None, response_snippet="ok")
+    assert _finish(store, jobs[3].delivery_id, ok, "delivered", now=1001.0)      # recorded once already
+    with store._transaction() as db:
+        db.execute("UPDATE deliveries SET state = 'cancelled' WHERE id = :id", {"id": jobs[1].delivery_id})
+
+    def outcome(job, state):
+        return Outcome(delivery_id=job.delivery_id, partner_id=job.partner_id, attempt=ok, state=state,
+                       next_attempt_at=1005.0)
+
+    batch = [outcome(jobs[0], "delivered"), outcome(jobs[1], "delivered"), outcome(jobs[2], "pending"),
+             outcome(jobs[3], "delivered")]
+    assert sorted(store.finish_attempts(batch, now=1002.0)) == sorted([jobs[1].delivery_id, jobs[3].delivery_id])
+    states = {j.delivery_id: store.get_delivery(j.delivery_id) for j in jobs}
+    assert [states[j.delivery_id].state for j in jobs] == ["delivered", "cancelled", "pending", "delivered"]
+    assert [len(states[j.delivery_id].attempts) for j in jobs] == [1, 0, 1, 1]
+    assert states[jobs[2].delivery_id].next_attempt_at == 1005.0 and states[jobs[2].delivery_id].attempt_count == 1
+    assert states[jobs[3].delivery_id].updated_at == 1001.0   # untouched by the batch
+
+
 def test_requeue_expired_leases_counts_and_clears_them(store):
     _partner(store)
     _publish(store)
