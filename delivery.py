@@ -115,7 +115,8 @@ class DeliveryLoop:
         self.pacer = Pacer()
         self.publish_first = PublishFirst(settings.concurrency)  # the in-flight bound: publishes first
         self.partner_limits = PartnerLimits(settings.per_partner_concurrency)  # each partner's, by how it answers
-        self.give_way = GiveWay()  # the GIL: the sender and the recorder step aside while a publish waits
+        # The GIL: the sender and the recorder step aside while a publish waits (on SQLite: see there).
+        self.give_way = GiveWay(enabled=not store.shared)
         self._sender_turn, self._recorder_turn = self.give_way.turn(), self.give_way.turn()
         self._tasks: set[asyncio.Task] = set()  # the attempts running on the sender's loop
         self._results: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()

@@ -173,3 +173,16 @@ def test_deliveries_go_on_while_publishes_wait_and_stats_show_them_stepping_asid
     shown = hub.http.get("/stats", headers=hub.admin).json()["delivery"]
     assert shown["gave_way"] == loop._sender_turn.times + loop._recorder_turn.times and shown["gave_way_ms"] > 0
     assert "webhookd_deliveries_gave_way_seconds_total" in hub.http.get("/metrics", headers=hub.admin).text
+
+
+def test_on_a_shared_database_nothing_steps_aside():
+    """On PostgreSQL (``enabled`` off) a commit waits on the database server, not on this process's
+    GIL: publishes mark nothing, and the threads never wait."""
+    from governor import GiveWay
+
+    gate = GiveWay(at_most_s=60, enabled=False)
+    turn = gate.turn()
+    with gate.waiting():
+        assert gate.pending == 0
+        turn.give_way()        # returns at once: were it waiting, the test would hang for 60 s
+    assert gate.times == 0
