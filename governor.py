@@ -170,8 +170,8 @@ class GiveWay:
     write it, twice, and the event loop to answer — and each time it competes with the sender
     and the recorder, which want it all the time under load: each hand-off can cost the
     interpreter's switch interval (5 ms), and a few of them were most of a ``POST /events``'s
-    time in bench (d). So a route marks the wait (``waiting()``), and those two threads look at
-    safe points (``Turn.give_way``: an attempt starting or answered, a batch of results to
+    time in bench (d). So a route's wait for its commit is marked (``waiting()``, in
+    ``web_commit.group_written``), and those two threads look at safe points (``Turn.give_way``: an attempt starting or answered, a batch of results to
     write): while a publish waits, they block on an event — holding nothing, the GIL released
     — until it is answered, at most ``GIVE_WAY_AT_MOST_S``, then run at least
     ``RUN_AT_LEAST_S`` before they step aside again. A stream of publishes therefore slows
@@ -196,7 +196,7 @@ class GiveWay:
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
-        """Around a route's wait for its commit (on the event loop)."""
+        """Around a route's wait for its commit (on the event loop: ``web_commit.group_written``)."""
         if not self.enabled:
             yield
             return

@@ -129,11 +129,10 @@ async def _receive(request: Request) -> JSONResponse:
     dedupe_key = f"id:{signed.msg_id}" if signed.standard else _dedupe_key(request, canonical_body)
     traceparent, tracestate = trace_context.from_headers(request.headers)  # an invalid one is ignored
 
-    with ctx.loop.give_way.waiting():  # deliveries' threads step aside meanwhile (governor.GiveWay)
-        stored, created = await group_written(lambda deadline, on_done: ctx.store.add_inbound_soon(
-            deadline=deadline, on_done=on_done, inbound_id=new_id("inb_"), partner_id=partner.id,
-            event_type=event_type, dedupe_key=dedupe_key, body=canonical_body, now=now, traceparent=traceparent,
-            tracestate=tracestate))
+    stored, created = await group_written(lambda deadline, on_done: ctx.store.add_inbound_soon(
+        deadline=deadline, on_done=on_done, inbound_id=new_id("inb_"), partner_id=partner.id, event_type=event_type,
+        dedupe_key=dedupe_key, body=canonical_body, now=now, traceparent=traceparent, tracestate=tracestate),
+        ctx.loop.give_way)
     ctx.metrics.inbound.inc(result="accepted" if created else "duplicate")
     logger.debug("inbound %s %s from %s%s", stored.id, event_type, partner.id, "" if created else " (duplicate)",
                 extra={"inbound_id": stored.id, "event": event_type, "partner_id": partner.id,

@@ -129,10 +129,9 @@ async def publish_event(request: Request) -> JSONResponse:
     payload = await read_json_object(request)
     new = new_event(payload, ctx, key, await take_audience(payload, ctx), trace_context.from_headers(request.headers))
     now, began = ctx.clock(), time.monotonic()
-    with ctx.loop.give_way.waiting():  # deliveries' threads step aside meanwhile (governor.GiveWay)
-        event, created = await group_written(lambda deadline, on_done: ctx.store.publish_soon(
-            new, now=now, max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id,
-            deadline=deadline, on_done=on_done))
+    event, created = await group_written(lambda deadline, on_done: ctx.store.publish_soon(
+        new, now=now, max_attempts=ctx.config.delivery.max_attempts, new_delivery_id=new_delivery_id,
+        deadline=deadline, on_done=on_done), ctx.loop.give_way)
     ctx.loop.publish_first.publish_waited(time.monotonic() - began)  # deliveries give way if this grows
     if key_reused(event, created, new):
         raise ApiError(409, "idempotency_key_reused", KEY_REUSED)

@@ -14,15 +14,22 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from governor import GiveWay
 from store import DatabaseBusy
 from web import DB_DEADLINE_S
 
 
-async def group_written(start: Callable[[float, Callable[[], None]], Any]) -> Any:
+async def group_written(start: Callable[[float, Callable[[], None]], Any], give_way: GiveWay) -> Any:
     """A group-commit write queued from the event loop, its result awaited without a worker thread
     (``Store.publish_soon``): ``start(deadline, on_done)`` queues it; its answer comes within
     ``DB_DEADLINE_S`` as ``db()``'s does. Still queued at the deadline, it is given up unwritten
-    (``DatabaseBusy``, a 503); taken by the writer, it is waited for (it may be writing)."""
+    (``DatabaseBusy``, a 503); taken by the writer, it is waited for (it may be writing). While it
+    waits, the delivery loop's threads step aside (``give_way``, the loop's ``governor.GiveWay``)."""
+    with give_way.waiting():
+        return await _committed(start)
+
+
+async def _committed(start: Callable[[float, Callable[[], None]], Any]) -> Any:
     loop = asyncio.get_running_loop()
     finished = loop.create_future()
     request = start(time.monotonic() + DB_DEADLINE_S, lambda: loop.call_soon_threadsafe(_settle, finished, True))
