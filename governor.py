@@ -171,8 +171,8 @@ class GiveWay:
     and the recorder, which want it all the time under load: each hand-off can cost the
     interpreter's switch interval (5 ms), and a few of them were most of a ``POST /events``'s
     time in bench (d). So a route's wait for its commit is marked (``waiting()``, in
-    ``web_commit.group_written``), and those two threads look at safe points (``Turn.give_way``: an attempt starting or answered, a batch of results to
-    write): while a publish waits, they block on an event — holding nothing, the GIL released
+    ``web_commit.group_written``), and those two threads look at safe points (``Turn.give_way``:
+    an attempt starting or answered, a batch of results to write): while a publish waits, they block on an event — holding nothing, the GIL released
     — until it is answered, at most ``GIVE_WAY_AT_MOST_S``, then run at least
     ``RUN_AT_LEAST_S`` before they step aside again. A stream of publishes therefore slows
     deliveries by half at most, never stops them. Measured in (d) at 100 ms (docs/performance.md):
