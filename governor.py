@@ -172,9 +172,9 @@ class GiveWay:
     interpreter's switch interval (5 ms), and a few of them were most of a ``POST /events``'s
     time in bench (d). So a route's wait for its commit is marked (``waiting()``, in
     ``web_commit.group_written``), and those two threads look at safe points (``Turn.give_way``:
-    an attempt starting or answered, a batch of results to write): while a publish waits, they block on an event — holding nothing, the GIL released
-    — until it is answered, at most ``GIVE_WAY_AT_MOST_S``, then run at least
-    ``RUN_AT_LEAST_S`` before they step aside again. A stream of publishes therefore slows
+    an attempt starting or answered, a batch of results to write): while a publish waits, they
+    block on an event — holding nothing, the GIL released — until it is answered, at most
+    ``GIVE_WAY_AT_MOST_S``, then run at least ``RUN_AT_LEAST_S`` before they step aside again. A stream of publishes therefore slows
     deliveries by half at most, never stops them. Measured in (d) at 100 ms (docs/performance.md):
     ``POST /events`` p99 from ~28 ms to ~15 ms at the same delivery rate; the throughput row's
     rate and CPU per delivery did not move.
