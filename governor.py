@@ -174,10 +174,10 @@ class GiveWay:
     ``web_commit.group_written``), and those two threads look at safe points (``Turn.give_way``:
     an attempt starting or answered, a batch of results to write): while a publish waits, they
     block on an event — holding nothing, the GIL released — until it is answered, at most
-    ``GIVE_WAY_AT_MOST_S``, then run at least ``RUN_AT_LEAST_S`` before they step aside again. A stream of publishes therefore slows
-    deliveries by half at most, never stops them. Measured in (d) at 100 ms (docs/performance.md):
-    ``POST /events`` p99 from ~28 ms to ~15 ms at the same delivery rate; the throughput row's
-    rate and CPU per delivery did not move.
+    ``GIVE_WAY_AT_MOST_S``, then run at least ``RUN_AT_LEAST_S`` before they step aside again.
+    A stream of publishes therefore slows deliveries by half at most, never stops them. Measured
+    in (d) at 100 ms (docs/performance.md): ``POST /events`` p99 from ~28 ms to ~15 ms at the same
+    delivery rate; the throughput row's rate and CPU per delivery did not move.
 
     On SQLite only (``enabled``): on PostgreSQL a commit's wait is mostly the database server's
     round trips and flush, which no thread of this process shortens by stepping aside, and the
