@@ -68,8 +68,15 @@ def test_a_failing_partner_gives_one_circuit_alert_and_one_grouped_failed_alert(
     broken = receiver_factory(default=(500, 0.0))
     partner = hub.register(broken.url, ["payment.success"], name="Broken Bus")
     watch = AlertsWatch(hub)
+    # One failure at a time, 10 ms apart on the breaker's clock: the circuit opens on a streak that
+    # has lasted breaker_span_s, and six failures sent together could all land within it.
     for i in range(6):
         assert hub.publish({**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
+        wait_for(lambda i=i: alerts_of(alarm, "circuit_opened") or
+                 len(hub.deliveries(partner_id=partner["partner_id"], state="failed")) > i, timeout=15)
+        if alerts_of(alarm, "circuit_opened"):
+            break
+        clock.advance(0.01)
     wait_for(lambda: alerts_of(alarm, "circuit_opened"), timeout=15)
     failed = wait_for(lambda: hub.deliveries(partner_id=partner["partner_id"], state="failed"))
 
