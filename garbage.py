@@ -12,7 +12,14 @@ in flight. At 4,500 deliveries/s that walk took 25–54 ms every half second or 
   no garbage there;
 * ``freeze_startup_heap()``, once ``webhookd serve`` has started, moves every object alive then
   into the collector's permanent generation, which no collection walks again (``gc.freeze``: the
-  standard library's answer for exactly this). A full collection then walks what changed since.
+  standard library's answer for exactly this). A full collection then walks what changed since;
+* ``FullCollections``: what changed since is mostly the attempts in flight, about 40 objects each
+  (a task, its coroutines, a connection's stream). With partners half a second away thousands are
+  in flight, and the collector's own rule (a full collection every hundred young ones or so) ran
+  one a second, each holding the GIL for up to 74 ms. ``webhookd serve`` turns that rule off and
+  collects fully once every ``FULL_COLLECTION_EVERY_S`` instead. Young collections go on as
+  before and free the cycles that die young (an exception's traceback, say); only a cycle that
+  lived long enough to be promoted waits for the next full collection, at most a minute.
 
 ``PAUSES`` counts the collections and the time they held the GIL, by generation, for ``/metrics``
 (``webhookd_gc_collections_total``, ``webhookd_gc_pause_seconds_total``, the longest pause).
@@ -20,6 +27,7 @@ in flight. At 4,500 deliveries/s that walk took 25–54 ms every half second or 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 import time
@@ -33,6 +41,38 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+FULL_COLLECTION_EVERY_S = 60.0
+NEVER = 2**31 - 1  # the oldest generation's threshold that turns the collector's own full collections off
+
+
+class FullCollections:
+    """A full collection every ``every_s`` on ``loop``, instead of whenever the collector's own
+    rule calls for one (``start`` turns that off; ``stop`` gives it back)."""
+
+    def __init__(self, every_s: float = FULL_COLLECTION_EVERY_S):
+        self.every_s = every_s
+        self._handle: asyncio.TimerHandle | None = None
+        self._thresholds: tuple[int, int, int] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._thresholds = gc.get_threshold()
+        young, middle, _ = self._thresholds
+        gc.set_threshold(young, middle, NEVER)
+        self._handle = loop.call_later(self.every_s, self._collect, loop)
+
+    def _collect(self, loop: asyncio.AbstractEventLoop) -> None:
+        gc.collect()
+        self._handle = loop.call_later(self.every_s, self._collect, loop)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._thresholds is not None:
+            gc.set_threshold(*self._thresholds)
+            self._thresholds = None
 
 
 class Pauses:

@@ -259,13 +259,17 @@ class Sender:
 
     A connection is reused only while healthy: it is closed after any error, when the
     partner says ``Connection: close``, when a response is too large to drain, and
-    when it has been idle longer than ``idle_connection_s`` (servers drop idle ones).
+    when it has been idle longer than ``idle_connection_s`` (servers drop idle ones). At most
+    ``concurrency`` are kept idle, all origins together, so the sockets open never pass twice
+    ``concurrency`` (what ``serving.fit_open_files`` budgets for) however the work moves
+    between partners.
     """
 
     def __init__(self, settings: DeliverySettings, clock: Callable[[], float] = time.time):
         self.settings = settings
         self.clock = clock
         self._idle: dict[tuple, list[_Connection]] = {}   # per origin, the most recent last
+        self._idle_count = 0                                  # all origins together
         self._routes: dict[Any, Route] = {}   # per URL (and extra headers): the target and the fixed head
         self._read_answer = answer_reader(settings.native_speedups)   # llhttp's, or webhookd's own
         self._last_sweep = time.monotonic()
@@ -393,6 +397,7 @@ class Sender:
         idle = [] if fresh else self._idle.get(origin, [])
         while idle:
             conn = idle.pop()
+            self._idle_count -= 1
             if time.monotonic() - conn.last_used < self.settings.idle_connection_s and not conn.dropped():
                 return conn, True
             conn.close()
@@ -404,8 +409,12 @@ class Sender:
         return _Connection(reader, writer), False
 
     def _keep(self, origin: tuple, conn: _Connection) -> None:
+        if self._idle_count >= self.settings.concurrency:
+            conn.close()
+            return
         conn.last_used = time.monotonic()
         self._idle.setdefault(origin, []).append(conn)
+        self._idle_count += 1
         if conn.last_used - self._last_sweep > self.settings.idle_connection_s:
             self._sweep_idle(conn.last_used)
 
@@ -423,12 +432,14 @@ class Sender:
                 self._idle[origin] = fresh
             else:
                 del self._idle[origin]
+        self._idle_count = sum(map(len, self._idle.values()))
 
     async def _close_idle(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
         self._idle.clear()
+        self._idle_count = 0
 
 
 def _origin(target: Target, tls: ssl.SSLContext) -> tuple[str, str, int, ssl.SSLContext | None]:

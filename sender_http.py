@@ -267,9 +267,15 @@ async def read_answer_llhttp(reader: asyncio.StreamReader, answer: Answer) -> bo
     """``read_answer_python``'s job done by llhttp; an answer llhttp refuses is read again by
     ``read_answer_python`` (see the module's docstring). Returns whether the connection may
     carry the next request."""
+    first = await reader.read(READ_BYTES)
+    if not first:
+        raise http.client.RemoteDisconnected("the partner closed the connection without an answer")
+    # The parser only once the answer has begun: an attempt waiting for a slow partner holds no
+    # parser and no callbacks. Thousands may wait at once, and a full collection walks every object
+    # they hold (garbage.py).
     parse = _Parse(answer)
     try:
-        return await _feed_llhttp(parse, reader, answer)
+        return await _feed_llhttp(parse, reader, answer, first)
     finally:
         # The parser holds ``parse``'s bound methods and ``parse`` holds the parser: a reference
         # cycle per answer, which only the garbage collector frees. Thousands of answers a second
@@ -278,22 +284,11 @@ async def read_answer_llhttp(reader: asyncio.StreamReader, answer: Answer) -> bo
         parse.parser = None
 
 
-async def _feed_llhttp(parse: _Parse, reader: asyncio.StreamReader, answer: Answer) -> bool:
-    """The bytes of one answer, fed to llhttp as they arrive (``read_answer_llhttp``)."""
+async def _feed_llhttp(parse: _Parse, reader: asyncio.StreamReader, answer: Answer, data: bytes) -> bool:
+    """The bytes of one answer, from its first ``data``, fed to llhttp as they arrive
+    (``read_answer_llhttp``)."""
     read = bytearray()  # given back to the stream if llhttp refuses the answer
-    while not parse.complete:
-        if len(read) > READ_AT_MOST:  # a head that never ends (a header llhttp buffers whole), endless chunk lines
-            if parse.final:
-                break
-            raise BadResponse(f"response head too large: more than {MAX_HEAD_BYTES // 1024} KiB of status line "
-                              "and headers")
-        data = await reader.read(READ_BYTES)
-        if not data:  # the partner closed: a body that ends at the close, or an answer cut short
-            if parse.final:
-                break
-            if not read:
-                raise http.client.RemoteDisconnected("the partner closed the connection without an answer")
-            return await _read_again(reader, read, answer)
+    while True:
         read += data
         try:
             parse.parser.feed_data(data)
@@ -304,6 +299,18 @@ async def _feed_llhttp(parse: _Parse, reader: asyncio.StreamReader, answer: Answ
         except httptools.HttpParserError:
             if parse.complete:  # bytes nobody asked for after the answer: it stands, the connection goes
                 parse.extra = True
+                break
+            return await _read_again(reader, read, answer)
+        if parse.complete:
+            break
+        if len(read) > READ_AT_MOST:  # a head that never ends (a header llhttp buffers whole), endless chunk lines
+            if parse.final:
+                break
+            raise BadResponse(f"response head too large: more than {MAX_HEAD_BYTES // 1024} KiB of status line "
+                              "and headers")
+        data = await reader.read(READ_BYTES)
+        if not data:  # the partner closed: a body that ends at the close, or an answer cut short
+            if parse.final:
                 break
             return await _read_again(reader, read, answer)
     answer.snippet = parse.snippet.decode("utf-8", "replace")

@@ -11,18 +11,24 @@ In the order they run, each refusing in one line before the next step does any w
 2. **the port**: bound here, before the database is touched, and handed to uvicorn, so a busy
    port is named with the setting to change rather than found after the delivery loop started;
 3. **the database**: migrations, then the admin token file;
-4. **start-up**: once the app is ready, where to go: the API, ``/dashboard``, ``/portal``, and
+4. **open files**: every attempt in flight holds a socket, and so may as many kept alive: the
+   soft limit on open files is raised to what ``delivery.concurrency`` needs (``fit_open_files``);
+   if the hard limit is lower, fewer attempts are let in flight and the log says so;
+5. **start-up**: once the app is ready, where to go: the API, ``/dashboard``, ``/portal``, and
    how to get the admin token (never the token itself).
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import errno
 import fcntl
 import ipaddress
 import json
 import logging
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -153,7 +159,7 @@ def busy_port_line(host: str, port: int, exc: OSError, setting: str) -> str:
     return f"cannot listen on {host} port {port} ({exc.strerror}): change {setting}"
 
 
-# --- 3 and 4. The database, then start-up ----------------------------------------------------
+# --- 3 and 5. The database, then start-up ----------------------------------------------------
 
 
 def serve(config: Config, config_path: str | None, host: str, port: int) -> int:
@@ -168,6 +174,7 @@ def serve(config: Config, config_path: str | None, host: str, port: int) -> int:
     lock = lock_database(config, base)  # a refusal ends the process, which closes the socket
     where, _ = migrate(config)  # a database newer than this code: one line that says which version to run
     admin_token(config)  # created now, so `webhookd token` works at once
+    config = fit_open_files(config)
     if not _is_loopback(host) and config.security.allow_private_targets:
         logger.warning("listening on %s with allow_private_targets = true: partners could reach your "
                        "internal network. Set [security] allow_private_targets = false.", host)
@@ -193,14 +200,21 @@ class _AnnouncingServer(uvicorn.Server):
     def __init__(self, settings: uvicorn.Config, lines: list[str]):
         super().__init__(settings)
         self.lines = lines
+        self.full_collections = garbage.FullCollections()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
-            frozen = garbage.freeze_startup_heap()  # the collector's pauses stay short (garbage.py)
+            frozen = garbage.freeze_startup_heap()  # the collector's pauses stay short and rare (garbage.py)
+            self.full_collections.start(asyncio.get_running_loop())
             logger.debug("start-up heap set aside from the garbage collector: %d objects", frozen)
             for line in self.lines:
                 logger.info(line)
+
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.full_collections.stop()
+        await super().shutdown(sockets=sockets)
 
 
 def where_to_go(config: Config, config_path: str | None, base: str) -> list[str]:
@@ -255,3 +269,33 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+# --- 4. Open files -----------------------------------------------------------------------
+
+FILES_BESIDE_DELIVERIES = 256  # the API's connections, SQLite's files, the log: what is not a partner's socket
+
+
+def fit_open_files(config: Config) -> Config:
+    """``config`` with a ``delivery.concurrency`` this process can open sockets for.
+
+    Each attempt in flight holds a socket, and the sender keeps up to as many idle for the next
+    ones: twice ``concurrency``, plus ``FILES_BESIDE_DELIVERIES``. Linux starts most processes
+    with a soft limit of 1,024 (systemd's default) under a far higher hard one, which a process
+    may raise itself, as Go's runtime does at start: webhookd raises it to what it needs, no
+    further. Past the hard limit, the attempts in flight are fewer and a warning says how to
+    give more (``LimitNOFILE=`` in a systemd unit, ``ulimit -n`` in a shell)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * config.delivery.concurrency + FILES_BESIDE_DELIVERIES
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return config
+    soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft >= needed:
+        return config
+    fits = max(1, (soft - FILES_BESIDE_DELIVERIES) // 2)
+    logger.warning("delivery.concurrency = %d needs %d open files, and this process may open %d (its hard "
+                   "limit): at most %d attempts will be in flight. Raise the limit (LimitNOFILE= in a systemd "
+                   "unit, ulimit -Hn in a shell) or lower delivery.concurrency.",
+                   config.delivery.concurrency, needed, soft, fits)
+    return dataclasses.replace(config, delivery=dataclasses.replace(config.delivery, concurrency=fits))

@@ -561,7 +561,7 @@ PROBE_PAYLOAD = json.dumps({"event": "booking.cancelled", "booking_id": "probe",
 
 def fanout_total(p: Params, delay_s: float) -> int:
     """Deliveries per run: fewer when each takes longer, so a run stays within its time limit."""
-    return max(p.fanout_partners, int(p.fanout_deliveries * min(1.0, 0.25 / delay_s) * 2) // 2)
+    return max(p.fanout_partners, int(p.fanout_deliveries * min(1.0, 0.5 / delay_s) * 2) // 2)
 
 
 PROBE_EVERY_S = 0.01    # a probe's publish and health check, then this pause: ~200 of each in a 4 s run,

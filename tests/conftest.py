@@ -659,8 +659,10 @@ def pytest_generate_tests(metafunc):
 class ServeProcess:
     """``webhookd serve`` in its own process, with the loopback guard loaded through PYTHONPATH."""
 
-    def __init__(self, tmp_path: Path, port: int, extra_env: dict[str, str] | None = None):
+    def __init__(self, tmp_path: Path, port: int, extra_env: dict[str, str] | None = None,
+                 open_files: tuple[int, int] | None = None):
         self.port = port
+        self.open_files = open_files  # (soft, hard) RLIMIT_NOFILE to start it with; None: this process's
         self.log = open(tmp_path / f"serve-{port}-{time.time_ns()}.log", "w+")
         self.env = {
             **os.environ,
@@ -686,9 +688,15 @@ class ServeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "cli.py"), "--config", str(ROOT / "webhookd.toml"),
              "serve", "--port", str(self.port)],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT), preexec_fn=self._limit)
         wait_for(self._responds, timeout=20, interval=0.1)
         return self
+
+    def _limit(self) -> None:
+        if self.open_files is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def _responds(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, self.output()
@@ -726,8 +734,8 @@ def webhookd_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subpr
 def serve_factory(tmp_path):
     started: list[ServeProcess] = []
 
-    def make(port: int | None = None, **env: str) -> ServeProcess:
-        p = ServeProcess(tmp_path, port or free_port(), env).start()
+    def make(port: int | None = None, open_files: tuple[int, int] | None = None, **env: str) -> ServeProcess:
+        p = ServeProcess(tmp_path, port or free_port(), env, open_files).start()
         started.append(p)
         return p
 

@@ -151,3 +151,29 @@ def test_the_served_process_sets_its_start_up_heap_aside_and_counts_the_collecto
         before, "webhookd_gc_collections_total", generation="0")
     assert _value(after, "webhookd_gc_pause_seconds_total", generation="0") > 0
     assert 0 < _value(after, "webhookd_gc_longest_pause_seconds") < 60
+
+
+def test_full_collections_run_on_their_own_clock_instead_of_the_collectors_rule():
+    """``garbage.FullCollections`` turns the collector's own full collections off (the oldest
+    generation's threshold) and runs one every ``every_s`` on the loop; ``stop`` gives the rule back."""
+    import asyncio
+    import gc
+
+    import garbage
+
+    thresholds = gc.get_threshold()
+    loop = asyncio.new_event_loop()
+    full = garbage.FullCollections(every_s=0.05)
+    try:
+        full.start(loop)
+        assert gc.get_threshold() == (thresholds[0], thresholds[1], garbage.NEVER)
+        started = gc.get_stats()[2]["collections"]
+        for _ in range(200):  # 0.05 s turns of the loop: 10 s at most
+            loop.run_until_complete(asyncio.sleep(0.05))
+            if gc.get_stats()[2]["collections"] >= started + 2:
+                break
+        assert gc.get_stats()[2]["collections"] >= started + 2
+    finally:
+        full.stop()
+        loop.close()
+    assert gc.get_threshold() == thresholds

@@ -371,6 +371,30 @@ def test_a_connection_idle_longer_than_idle_connection_s_is_not_reused(webhookd_
     assert receiver.connections == 2
 
 
+def test_no_more_connections_are_kept_idle_than_concurrency_all_origins_together(raw_receiver_factory):
+    """Each kept connection is an open file: with ``concurrency`` 1, a connection to a second
+    partner while one to the first is kept idle is closed after its answer, not kept (so the
+    sockets open never pass twice ``concurrency``: serving.fit_open_files). Without the bound,
+    the second partner would see one connection, not two."""
+    first, second = raw_receiver_factory(["answer"] * 3), raw_receiver_factory(["answer"] * 3)
+    the_sender = sender.Sender(DeliverySettings(concurrency=1, allowed_ports=(first.port, second.port),
+                                                allow_private_targets=True))
+
+    def job(url: str, n: int) -> Job:
+        return Job(delivery_id=f"dlv_{n}", event_id=f"evt_{n}", event="payment.success", partner_id="partner_1",
+                   url=url, secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
+
+    try:
+        statuses = [the_sender.send(job(url, n)).attempt.status_code
+                    for n, url in enumerate([first.url, second.url, first.url, second.url])]
+        kept = the_sender._idle_count
+    finally:
+        the_sender.close()
+    assert statuses == [200] * 4
+    assert (first.connections, second.connections) == (1, 2)
+    assert kept == 1
+
+
 @pytest.mark.parametrize("attempt", [1, 2, 3, 6, 12])
 def test_backoff_doubles_with_equal_jitter_within_its_bounds(attempt):
     """After failed attempt n the wait is in [d/2, d], d = min(max, base·2^(n-1)): never at once,

@@ -87,3 +87,35 @@ def test_start_up_says_where_the_api_dashboard_and_portal_are_and_how_to_get_the
     wait_for(lambda: "configuration" in with_token.output())
     assert "security.admin_token in the config" in with_token.output()
     assert ADMIN_TOKEN not in with_token.output()
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    """A process's (soft, hard) limit on open files, as /proc shows it."""
+    with open(f"/proc/{pid}/limits") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_serve_raises_its_open_files_limit_to_what_delivery_concurrency_needs(serve_factory):
+    """Started with the soft limit most Linux processes get (1,024 under a higher hard limit),
+    ``delivery.concurrency`` 1,000 needs 2 x 1,000 + 256 sockets and files: the soft limit is raised
+    to that, no further, and the whole concurrency is the delivery loop's."""
+    serve = serve_factory(open_files=(1024, 8192), WEBHOOKD_DELIVERY_CONCURRENCY="1000")
+    assert _open_files_limit(serve.proc.pid) == (2256, 8192)
+    stats = httpx.get(serve.url + "/stats", headers=ADMIN, timeout=10).json()
+    assert stats["delivery"]["in_flight_max"] == 1000
+    assert "open files" not in serve.output()
+
+
+def test_serve_under_a_low_hard_limit_delivers_with_fewer_in_flight_and_says_how_to_give_more(serve_factory):
+    """A hard limit of 600 files fits (600 - 256) / 2 = 172 attempts in flight, not 1,000: the
+    delivery loop is given that, and a warning names the setting and the limit to raise (without
+    it, attempts past the limit would fail to open their sockets)."""
+    serve = serve_factory(open_files=(300, 600), WEBHOOKD_DELIVERY_CONCURRENCY="1000")
+    assert _open_files_limit(serve.proc.pid) == (600, 600)
+    stats = httpx.get(serve.url + "/stats", headers=ADMIN, timeout=10).json()
+    assert stats["delivery"]["in_flight_max"] == 172
+    [warning] = [line for line in serve.output().splitlines() if "open files" in line]
+    assert "delivery.concurrency = 1000 needs 2256 open files" in warning
+    assert "at most 172 attempts will be in flight" in warning and "LimitNOFILE=" in warning
