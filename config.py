@@ -125,7 +125,7 @@ class DeliveryConfig:
     max_attempts: int = 3
     backoff_base_s: float = 30.0
     backoff_max_s: float = 3600.0
-    concurrency: int = 1000                      # attempts in flight at once, all partners together
+    concurrency: int = 4000                      # attempts in flight at once, all partners together
     per_partner_concurrency: int = 500           # at most; each partner starts at 25 (governor.PartnerLimits)
     breaker_threshold: int = 5
     breaker_span_s: float = 10.0

@@ -3,7 +3,7 @@
     .venv/bin/python bench/inflight_memory.py [--runs 3]
 
 50 partners on bench/slow_receiver.py answering after 3 s (under the 5 s timeout), the bundled
-config (``concurrency`` 1,000, 25 per partner). One event is published and delivered first, so
+config (``concurrency`` 4,000, 25 per partner). One event is published and delivered first, so
 the code paths and the first connections exist; then 20 events (1,000 deliveries) are published
 and, once the receiver holds them all, VmRSS is read again. Prints the figure of each run and the
 median: (RSS while waiting − RSS before) / attempts the receiver held.

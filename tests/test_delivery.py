@@ -203,7 +203,7 @@ def test_healthy_partners_get_kept_alive_connections(hub, receiver_factory):
 
 
 def test_slow_partners_get_many_attempts_in_flight_and_none_exceeds_its_cap(webhookd_factory, receiver_factory):
-    """25 partners answering after 0.5 s, 8 deliveries each, 1,000 in flight (the default) and 4 per
+    """25 partners answering after 0.5 s, 8 deliveries each, 4,000 in flight (the default) and 4 per
     partner: the receiver itself counts far more than the 16 requests at once that sender threads
     allowed, and never more than 4 at once on any partner's path."""
     hub = webhookd_factory(delivery__per_partner_concurrency=4)
