@@ -212,6 +212,8 @@ def _published(ctx: Context, events: list[Event]) -> None:
     if not events:
         return
     ctx.loop.wake()
+    each = logger.isEnabledFor(logging.DEBUG)  # a line per event only at DEBUG: the events list has them all
     for event in events:
         ctx.metrics.events_published.inc(event=event.type)
-        logger.info("published %s %s to %s", event.id, event.type, _partners(event.fanout))
+        if each:
+            logger.debug("published %s %s to %s", event.id, event.type, _partners(event.fanout))
