@@ -294,8 +294,12 @@ def fit_open_files(config: Config) -> Config:
     if soft >= needed:
         return config
     fits = max(1, (soft - FILES_BESIDE_DELIVERIES) // 2)
-    logger.warning("delivery.concurrency = %d needs %d open files, and this process may open %d (its hard "
-                   "limit): at most %d attempts will be in flight. Raise the limit (LimitNOFILE= in a systemd "
-                   "unit, ulimit -Hn in a shell) or lower delivery.concurrency.",
-                   config.delivery.concurrency, needed, soft, fits)
+    logger.warning(fewer_in_flight(config.delivery.concurrency, soft, fits))
     return dataclasses.replace(config, delivery=dataclasses.replace(config.delivery, concurrency=fits))
+
+
+def fewer_in_flight(concurrency: int, hard_limit: int, fits: int) -> str:
+    """The start-up warning of ``fit_open_files`` (docs/operations.md shows one)."""
+    return (f"delivery.concurrency = {concurrency} needs {2 * concurrency + FILES_BESIDE_DELIVERIES} open files, "
+            f"and this process may open {hard_limit} (its hard limit): at most {fits} attempts will be in flight. "
+            "Raise the limit (LimitNOFILE= in a systemd unit, ulimit -Hn in a shell) or lower delivery.concurrency.")

@@ -119,3 +119,10 @@ def test_serve_under_a_low_hard_limit_delivers_with_fewer_in_flight_and_says_how
     [warning] = [line for line in serve.output().splitlines() if "open files" in line]
     assert "delivery.concurrency = 1000 needs 2256 open files" in warning
     assert "at most 172 attempts will be in flight" in warning and "LimitNOFILE=" in warning
+
+
+def test_the_operations_page_shows_the_open_files_warning_as_serve_writes_it():
+    from serving import fewer_in_flight
+
+    page = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    assert f"`{fewer_in_flight(4000, 4096, 1920)}`" in page
