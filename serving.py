@@ -211,7 +211,6 @@ class _AnnouncingServer(uvicorn.Server):
             for line in self.lines:
                 logger.info(line)
 
-
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.full_collections.stop()
         await super().shutdown(sockets=sockets)
@@ -284,9 +283,9 @@ def fit_open_files(config: Config) -> Config:
     with a soft limit of 1,024 (systemd's default) under a far higher hard one, which a process
     may raise itself, as Go's runtime does at start: webhookd raises it to what it needs, no
     further. Past the hard limit, the attempts in flight are fewer and a warning says how to
-    give more (``LimitNOFILE=`` in a systemd unit, ``ulimit -n`` in a shell)."""
+    give more (``LimitNOFILE=`` in a systemd unit, ``ulimit -Hn`` in a shell)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = 2 * config.delivery.concurrency + FILES_BESIDE_DELIVERIES
+    needed = files_needed(config.delivery.concurrency)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return config
     soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
@@ -298,8 +297,12 @@ def fit_open_files(config: Config) -> Config:
     return dataclasses.replace(config, delivery=dataclasses.replace(config.delivery, concurrency=fits))
 
 
+def files_needed(concurrency: int) -> int:
+    return 2 * concurrency + FILES_BESIDE_DELIVERIES
+
+
 def fewer_in_flight(concurrency: int, hard_limit: int, fits: int) -> str:
     """The start-up warning of ``fit_open_files`` (docs/operations.md shows one)."""
-    return (f"delivery.concurrency = {concurrency} needs {2 * concurrency + FILES_BESIDE_DELIVERIES} open files, "
+    return (f"delivery.concurrency = {concurrency} needs {files_needed(concurrency)} open files, "
             f"and this process may open {hard_limit} (its hard limit): at most {fits} attempts will be in flight. "
             "Raise the limit (LimitNOFILE= in a systemd unit, ulimit -Hn in a shell) or lower delivery.concurrency.")
