@@ -288,8 +288,12 @@ def fit_open_files(config: Config) -> Config:
     needed = files_needed(config.delivery.concurrency)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return config
-    soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    except (ValueError, OSError):  # a kernel that caps it lower than it says (macOS' OPEN_MAX): keep what we have
+        pass
     if soft >= needed:
         return config
     fits = max(1, (soft - FILES_BESIDE_DELIVERIES) // 2)
@@ -301,8 +305,8 @@ def files_needed(concurrency: int) -> int:
     return 2 * concurrency + FILES_BESIDE_DELIVERIES
 
 
-def fewer_in_flight(concurrency: int, hard_limit: int, fits: int) -> str:
+def fewer_in_flight(concurrency: int, limit: int, fits: int) -> str:
     """The start-up warning of ``fit_open_files`` (docs/operations.md shows one)."""
     return (f"delivery.concurrency = {concurrency} needs {files_needed(concurrency)} open files, "
-            f"and this process may open {hard_limit} (its hard limit): at most {fits} attempts will be in flight. "
+            f"and this process may open {limit}: at most {fits} attempts will be in flight. "
             "Raise the limit (LimitNOFILE= in a systemd unit, ulimit -Hn in a shell) or lower delivery.concurrency.")
