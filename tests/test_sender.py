@@ -81,6 +81,32 @@ def test_reading_an_answer_leaves_nothing_for_the_garbage_collector(receiver_fac
     assert left == []
 
 
+
+def test_an_attempt_waiting_for_its_answer_holds_no_parser(receiver_factory):
+    """llhttp's parser (and its callbacks, its owner, the answer's reader state) is made once the
+    answer begins: thousands of attempts may wait on slow partners at once, and the collector walks
+    every object they hold. While the receiver holds the request, no ``_Parse`` exists; then the
+    answer is read as usual."""
+    import gc
+
+    import sender_http
+
+    receiver = receiver_factory(default=(200, 5.0))
+    the_sender = sender.Sender(DeliverySettings(allowed_ports=(receiver.server.port,), allow_private_targets=True,
+                                                native_speedups=True, timeout_s=60))
+    job = Job(delivery_id="dlv_1", event_id="evt_1", event="payment.success", partner_id="partner_1",
+              url=receiver.url, secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
+    try:
+        pending = the_sender.submit(the_sender.attempt(job))
+        wait_for(lambda: receiver.in_flight == 1)
+        parsers = [o for o in gc.get_objects() if isinstance(o, sender_http._Parse)]
+        sent = pending.result(timeout=60)
+    finally:
+        the_sender.close()
+    assert parsers == []
+    assert sent.attempt.status_code == 200 and sent.attempt.error is None
+
+
 # --- Kept-alive connections and what a partner may have read ----------------------------------
 
 
