@@ -56,6 +56,12 @@ def test_the_sender_runs_on_the_loop_and_reader_the_config_asks_for(webhookd_fac
     assert used._read_answer is (sender_http.read_answer_llhttp if speedups else sender_http.read_answer_python)
 
 
+def _job(url: str, n: int = 1) -> Job:
+    """The n-th job of one partner to ``url``, signed with one secret."""
+    return Job(delivery_id=f"dlv_{n}", event_id=f"evt_{n}", event="payment.success", partner_id="partner_1",
+               url=url, secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
+
+
 def test_reading_an_answer_leaves_nothing_for_the_garbage_collector(receiver_factory, speedups):
     """Every object of an attempt is freed when it returns, by reference counting alone: a cycle
     per answer (llhttp's parser holding its callbacks' owner, which held the parser) left thousands
@@ -67,8 +73,7 @@ def test_reading_an_answer_leaves_nothing_for_the_garbage_collector(receiver_fac
     receiver = receiver_factory()
     the_sender = sender.Sender(DeliverySettings(allowed_ports=(receiver.server.port,), allow_private_targets=True,
                                                 native_speedups=speedups))
-    job = Job(delivery_id="dlv_1", event_id="evt_1", event="payment.success", partner_id="partner_1",
-              url=receiver.url, secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
+    job = _job(receiver.url)
     gc.collect()
     gc.disable()
     try:
@@ -81,7 +86,6 @@ def test_reading_an_answer_leaves_nothing_for_the_garbage_collector(receiver_fac
     assert left == []
 
 
-
 def test_an_attempt_waiting_for_its_answer_holds_no_parser(receiver_factory):
     """llhttp's parser (and its callbacks, its owner, the answer's reader state) is made once the
     answer begins: thousands of attempts may wait on slow partners at once, and the collector walks
@@ -91,11 +95,11 @@ def test_an_attempt_waiting_for_its_answer_holds_no_parser(receiver_factory):
 
     import sender_http
 
+    gc.collect()  # nothing another test left behind
     receiver = receiver_factory(default=(200, 5.0))
     the_sender = sender.Sender(DeliverySettings(allowed_ports=(receiver.server.port,), allow_private_targets=True,
                                                 native_speedups=True, timeout_s=60))
-    job = Job(delivery_id="dlv_1", event_id="evt_1", event="payment.success", partner_id="partner_1",
-              url=receiver.url, secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
+    job = _job(receiver.url)
     try:
         pending = the_sender.submit(the_sender.attempt(job))
         wait_for(lambda: receiver.in_flight == 1)
@@ -280,9 +284,7 @@ def test_a_partner_that_drips_its_answer_is_cut_off_at_the_attempt_deadline(webh
 def test_the_sender_checks_the_url_again_before_connecting(url, error):
     """targets.parse_target runs at send time too: a URL that registration would refuse never
     gets a connection (the attempt has no status code)."""
-    job = Job(delivery_id="dlv_1", event_id="evt_1", event="payment.success", partner_id="partner_1", url=url,
-              secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
-    sent = sender.Sender(DeliverySettings(allowed_ports=(443,))).send(job)
+    sent = sender.Sender(DeliverySettings(allowed_ports=(443,))).send(_job(url))
     assert (sent.attempt.error, sent.attempt.status_code, sent.attempt.url) == (error, None, url)
 
 
@@ -405,13 +407,8 @@ def test_no_more_connections_are_kept_idle_than_concurrency_all_origins_together
     first, second = raw_receiver_factory(["answer"] * 3), raw_receiver_factory(["answer"] * 3)
     the_sender = sender.Sender(DeliverySettings(concurrency=1, allowed_ports=(first.port, second.port),
                                                 allow_private_targets=True))
-
-    def job(url: str, n: int) -> Job:
-        return Job(delivery_id=f"dlv_{n}", event_id=f"evt_{n}", event="payment.success", partner_id="partner_1",
-                   url=url, secrets=("sk_live_s",), body=b"{}", attempt=1, max_attempts=3)
-
     try:
-        statuses = [the_sender.send(job(url, n)).attempt.status_code
+        statuses = [the_sender.send(_job(url, n)).attempt.status_code
                     for n, url in enumerate([first.url, second.url, first.url, second.url])]
         kept = the_sender._idle_count
     finally:
