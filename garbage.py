@@ -116,6 +116,10 @@ class Pauses:
                                                                        for g in self.GENERATIONS})
         metrics.gauge("webhookd_gc_longest_pause_seconds", "The longest collection since the process started.",
                       lambda: {(): self.longest_s})
+        metrics.gauge("webhookd_gc_threshold", "The collector's thresholds by generation; the oldest at "
+                      f"{NEVER}: its own full collections are off, and `webhookd serve` runs one every "
+                      f"{FULL_COLLECTION_EVERY_S:.0f} s.", lambda: {(("generation", str(g)),): float(t)
+                                                              for g, t in enumerate(gc.get_threshold())})
         metrics.gauge("webhookd_gc_frozen_objects", "Objects set aside at start-up, which no collection walks "
                       "(`webhookd serve` freezes its start-up heap).", lambda: {(): float(gc.get_freeze_count())})
 

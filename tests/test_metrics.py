@@ -122,9 +122,11 @@ def test_a_result_the_store_refuses_is_logged_and_counted_as_what_was_recorded(h
 def test_the_served_process_sets_its_start_up_heap_aside_and_counts_the_collectors_pauses(serve_factory,
                                                                                           receiver_factory):
     """``webhookd serve`` freezes what is alive once it has started (garbage.py), so full collections
-    walk only what changed since; /metrics shows that and every collection's GIL time."""
+    walk only what changed since, and runs them on a clock; /metrics shows that and every
+    collection's GIL time."""
     import httpx
 
+    import garbage
     from conftest import ADMIN_TOKEN
 
     serve = serve_factory()
@@ -142,6 +144,7 @@ def test_the_served_process_sets_its_start_up_heap_aside_and_counts_the_collecto
     assert r.status_code == 201, r.text
     before = samples()
     assert _value(before, "webhookd_gc_frozen_objects") > 10_000  # the modules, the app: tens of thousands
+    assert _value(before, "webhookd_gc_threshold", generation="2") == garbage.NEVER  # full collections on a clock
     for i in range(50):  # each allocates: young collections follow
         assert httpx.post(serve.url + "/events", headers=admin, timeout=10,
                           json={**PAYMENT_SUCCESS, "transaction_id": f"t{i}"}).status_code == 202
