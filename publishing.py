@@ -208,10 +208,11 @@ def _refused(error: ApiError) -> dict[str, Any]:
 
 
 def _published(ctx: Context, events: list[Event]) -> None:
-    """After the commit: wake the delivery loop, count, log."""
+    """After the commit: wake the delivery loop (if there is something to deliver), count, log."""
     if not events:
         return
-    ctx.loop.wake()
+    if any(event.fanout for event in events):  # an event that went to nobody gives the loop no work
+        ctx.loop.wake()
     each = logger.isEnabledFor(logging.DEBUG)  # a line per event only at DEBUG: the events list has them all
     for event in events:
         ctx.metrics.events_published.inc(event=event.type)

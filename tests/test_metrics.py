@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import signing
 from conftest import wait_for
-from payloads import PAYMENT_SUCCESS
+from payloads import BOOKING_CONFIRMED, PAYMENT_SUCCESS
 
 
 def _samples(hub):
@@ -117,6 +117,23 @@ def test_a_result_the_store_refuses_is_logged_and_counted_as_what_was_recorded(h
                                       "(cancel-pending, or its partner deleted)")
     assert hub.rows("SELECT state FROM deliveries") == [("cancelled",)]
     assert hub.rows("SELECT COUNT(*) FROM attempts") == [(0,)]
+
+
+
+def test_an_event_that_went_to_nobody_does_not_wake_the_delivery_loop(hub, receiver_factory):
+    """A publish wakes the delivery loop only when it made deliveries: 30 events of a type nobody
+    subscribes to, then one that goes to a partner. Each wake-up costs a claim (two store calls on
+    worker threads); the claims counted while all 31 are handled stay a handful, not 30 or more."""
+    receiver = receiver_factory()
+    hub.register(receiver.url, ["payment.success"])
+    wait_for(lambda: _value(_samples(hub), "webhookd_claim_rows_count") >= 1)  # the loop has started
+    before = _value(_samples(hub), "webhookd_claim_rows_count")
+    for i in range(30):
+        assert hub.publish({**BOOKING_CONFIRMED, "booking_id": f"b{i}"}).json()["deliveries"] == 0
+    assert hub.publish({**PAYMENT_SUCCESS, "transaction_id": "t1"}).json()["deliveries"] == 1
+    wait_for(lambda: len(receiver.received) == 1)
+    claims = _value(_samples(hub), "webhookd_claim_rows_count") - before
+    assert 1 <= claims <= 5, claims
 
 
 def test_the_served_process_sets_its_start_up_heap_aside_and_counts_the_collectors_pauses(serve_factory,
